@@ -157,6 +157,456 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     return o, (S if output_final_state else None)
 
 
+# ==============================================================================================
+# The chunked form in Triton.
+#
+# Equations (3)-(4) split naturally into work that is parallel over chunks and a short sequential
+# scan that only carries the state. The forward is three kernels:
+#
+#   1. _prepare_kernel   one program per (chunk, batch*head).  From the chunk's own k, v, g, beta:
+#                        gamma (cumulative log decay), Tm = (I + L)^{-1} by forward substitution,
+#                        W = Tm (beta e^gamma K) and U0 = Tm (beta V).  No state involved, so all
+#                        T/C chunks of all heads run at once.
+#   2. _state_kernel     one program per (value block, batch*head), looping over the chunks in
+#                        order: U = U0 - W S (the true deltas), then S <- e^{gamma_C} S + Kdec^T U.
+#                        It writes the state entering every chunk (h) and U.  This is the only
+#                        sequential part: T/C steps, each two [C, Dk] x [Dk, BV]-sized products.
+#   3. _output_kernel    one program per (chunk, value block, batch*head):
+#                        O = scale [e^gamma * (Q S_n) + (Q K^T * D) U], parallel over chunks again.
+#
+# The backward mirrors it (derivation above _bwd_state_kernel): the forward's scan is re-run to
+# rebuild h and U (cheaper than keeping [B, H, T/C, Dk, Dv] of states alive between forward and
+# backward), a reverse scan carries dS from the last chunk to the first, and one parallel kernel
+# per chunk turns dS, dU and dO into dq, dk, dv, dg, dbeta.
+#
+# Saved for backward (in ctx): q, k, v, g, beta, the initial state, and from kernel 1 gamma [B,T,H]
+# fp32, Tm [B,T,H,C] fp32, W [B,T,H,Dk] and U0 [B,T,H,Dv] (inputs' dtype). Nothing of size T*D^2.
+#
+# Tensor cores: every tl.dot below takes operands in the inputs' dtype (bf16/fp16 -> the mma /
+# wgmma tensor-core path, fp32 accumulators) or, for fp32 inputs, exact fp32 ("ieee", no TF32) so
+# that fp32 runs can be checked tightly against the recurrence.  Kept in fp32 throughout: g, gamma
+# and every exp() of it, beta, the triangular solve, the carried states S and dS, every
+# accumulator, and the output o (returned in fp32, like the PyTorch form).
+# ==============================================================================================
+
+import math
+import os
+import warnings
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                      # CPU-only installs: the PyTorch form serves everything
+    triton = None
+
+CHUNK = 64          # tokens per chunk: the tensor-core tile size along time (M, N, K all >= 16)
+MAX_HEAD_DIM = 128  # largest Dk, Dv the kernels hold in one tile; beyond it we fall back (warning)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _decay(gamma, i, STRICT: tl.constexpr):
+        """D_ij = exp(gamma_i - gamma_j) for j <= i (j < i if STRICT), else 0.  The upper triangle
+        is masked *before* exp: there gamma_i - gamma_j > 0 and exp could overflow."""
+        if STRICT:
+            keep = i[:, None] > i[None, :]
+        else:
+            keep = i[:, None] >= i[None, :]
+        return tl.where(keep, tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
+
+    @triton.jit
+    def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gamma_ptr, tm_ptr, w_ptr, u0_ptr,
+                        T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                        BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+        # One chunk of one head.  Everything here depends on that chunk alone (equation 3).
+        n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        i = tl.arange(0, C)
+        t = n * C + i
+        live = t < T                                   # the tail chunk may be short
+        row = (b * T + t).to(tl.int64) * H + h         # row of token t, head h in [B*T*H, D]
+        dk = tl.arange(0, BK)
+        dv = tl.arange(0, BV)
+        # Absent tokens load as k = v = 0, g = beta = 0: no write, no decay (as in the torch form).
+        k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & (dk[None, :] < DK), other=0.0)
+        v = tl.load(v_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & (dv[None, :] < DV), other=0.0)
+        g = tl.load(g_ptr + row, mask=live, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + row, mask=live, other=0.0).to(tl.float32)
+        gamma = tl.cumsum(g, 0)                        # fp32: decays multiply, log decays add
+        tl.store(gamma_ptr + row, gamma, mask=live)
+
+        # L_ij = beta_i exp(gamma_i - gamma_j) (k_i . k_j), strictly lower.  k k^T on tensor cores.
+        kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+        L = beta[:, None] * _decay(gamma, i, True) * kk
+
+        # Tm = (I + L)^{-1} by forward substitution, in fp32 on the CUDA cores.  Row r of
+        # (I + L) Tm = I reads  Tm_r = e_r - sum_{m<r} L_rm Tm_m : it needs only rows above it,
+        # which are final by then.  C - 1 steps, each a [C, C] multiply-and-reduce.  The inverse
+        # (not just a solve) is kept because the backward needs Tm^T too.
+        is_row = i[:, None] == i[None, :]
+        Tm = tl.where(is_row, 1.0, 0.0)
+        for r in range(1, C):
+            l_r = tl.sum(tl.where(i[:, None] == r, L, 0.0), 0)             # row r of L, over m
+            x_r = tl.where(i == r, 1.0, 0.0) - tl.sum(l_r[:, None] * Tm, 0)
+            Tm = tl.where(i[:, None] == r, x_r[None, :], Tm)
+        tl.store(tm_ptr + row[:, None] * C + i[None, :], Tm, mask=live[:, None])
+
+        # The WY factors: W = Tm diag(beta e^gamma) K,  U0 = Tm diag(beta) V  (tensor cores).
+        DT = k_ptr.dtype.element_ty
+        kb = (k * (beta * tl.exp(gamma))[:, None]).to(DT)
+        vb = (v * beta[:, None]).to(DT)
+        w = tl.dot(Tm.to(DT), kb, input_precision=PREC)
+        u0 = tl.dot(Tm.to(DT), vb, input_precision=PREC)
+        tl.store(w_ptr + row[:, None] * DK + dk[None, :], w.to(DT), mask=live[:, None] & (dk[None, :] < DK))
+        tl.store(u0_ptr + row[:, None] * DV + dv[None, :], u0.to(DT), mask=live[:, None] & (dv[None, :] < DV))
+
+    @triton.jit
+    def _state_kernel(k_ptr, w_ptr, u0_ptr, gamma_ptr, h0_ptr, h_ptr, u_ptr, ht_ptr, T, NT,
+                      H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                      BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                      STORE_HT: tl.constexpr, PREC: tl.constexpr):
+        # The sequential scan, for one head and one block of BV value columns.  Columns of S are
+        # independent in (3)-(4) (every product mixes rows of S, never columns), so splitting Dv
+        # across programs is exact and gives the scan more parallelism.
+        iv = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        i = tl.arange(0, C)
+        dk = tl.arange(0, BK)
+        dv = iv * BV + tl.arange(0, BV)
+        kmask = dk < DK
+        vmask = dv < DV
+        smask = kmask[:, None] & vmask[None, :]
+        s_off = dk[:, None] * DV + dv[None, :]
+        DT = k_ptr.dtype.element_ty
+        if HAS_H0:
+            S = tl.load(h0_ptr + bh.to(tl.int64) * DK * DV + s_off, mask=smask, other=0.0)
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+        for n in range(NT):
+            # h[b, h, n] = the state entering chunk n, kept in fp32.
+            tl.store(h_ptr + (bh.to(tl.int64) * NT + n) * DK * DV + s_off, S, mask=smask)
+            t = n * C + i
+            live = t < T
+            row = (b * T + t).to(tl.int64) * H + h
+            w = tl.load(w_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+            k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+            u0 = tl.load(u0_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & vmask[None, :], other=0.0)
+            gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+            g_last = tl.sum(tl.where(i == tl.minimum(T - n * C, C) - 1, gamma, 0.0), 0)
+            # (3): the true deltas of this chunk, given the state that entered it.
+            u = u0.to(tl.float32) - tl.dot(w, S.to(DT), input_precision=PREC)
+            tl.store(u_ptr + row[:, None] * DV + dv[None, :], u.to(DT), mask=live[:, None] & vmask[None, :])
+            # (4): decay the old state to the chunk's end and add every write, each decayed from
+            # its own token to the end: exp(gamma_C - gamma_j) <= 1.
+            kdec = k * tl.exp(g_last - gamma)[:, None]
+            S = S * tl.exp(g_last) + tl.dot(tl.trans(kdec.to(DT)), u.to(DT), input_precision=PREC)
+        if STORE_HT:
+            tl.store(ht_ptr + bh.to(tl.int64) * DK * DV + s_off, S, mask=smask)
+
+    @triton.jit
+    def _output_kernel(q_ptr, k_ptr, u_ptr, gamma_ptr, h_ptr, o_ptr, scale, T, NT,
+                       H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
+                       BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+        # O = scale [ e^gamma * (Q S_n)  +  (Q K^T * D) U ]: the inter-chunk term reads the state
+        # that entered the chunk, the intra-chunk term is causal "attention" with decay inside it.
+        n = tl.program_id(0)
+        iv = tl.program_id(1)
+        bh = tl.program_id(2)
+        b = bh // H
+        h = bh % H
+        i = tl.arange(0, C)
+        t = n * C + i
+        live = t < T
+        row = (b * T + t).to(tl.int64) * H + h
+        dk = tl.arange(0, BK)
+        dv = iv * BV + tl.arange(0, BV)
+        kmask = dk < DK
+        vmask = dv < DV
+        DT = k_ptr.dtype.element_ty
+        q = tl.load(q_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+        k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+        u = tl.load(u_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & vmask[None, :], other=0.0)
+        gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+        S = tl.load(h_ptr + (bh.to(tl.int64) * NT + n) * DK * DV + dk[:, None] * DV + dv[None, :],
+                    mask=kmask[:, None] & vmask[None, :], other=0.0)
+        A = tl.dot(q, tl.trans(k), input_precision=PREC) * _decay(gamma, i, False)
+        o = tl.exp(gamma)[:, None] * tl.dot(q, S.to(DT), input_precision=PREC)
+        o += tl.dot(A.to(DT), u, input_precision=PREC)
+        tl.store(o_ptr + row[:, None] * DV + dv[None, :], o * scale, mask=live[:, None] & vmask[None, :])
+
+    # ------------------------------------------------------------------------------------------
+    # Backward.  Per chunk, with S the state entering it, S' the state leaving it, and dS' the
+    # gradient arriving at S' (from the next chunk, or from the caller for the final state):
+    #
+    #   dU  = scale (Q K^T * D)^T dO  +  Kdec dS'                      Kdec = e^{gamma_C - gamma} K
+    #   dS  = e^{gamma_C} dS'  +  scale (e^gamma Q)^T dO  -  W^T dU     (U = U0 - W S feeds back)
+    #
+    # That is again a sequential scan, now from the last chunk to the first (_bwd_state_kernel);
+    # it stores dS' for every chunk (dh) and dU.  The rest is local to a chunk (_bwd_chunk_kernel):
+    #
+    #   output:     dP = scale dO U^T (lower),   dQ = (dP*D) K + scale e^gamma (dO S^T),
+    #               dK = (dP*D)^T Q,             dgamma_i += sum_j G_ij - sum_j G_ji, G = dP*D*QK^T
+    #               dgamma_i += scale e^gamma_i q_i . (S dO_i)
+    #   state out:  dK += e^{gamma_C-gamma} (U dS'^T),  dgamma_C += e^{gamma_C} <S, dS'> + sum_j r_j,
+    #               dgamma_j -= r_j,  r_j = e^{gamma_C-gamma_j} k_j . (dS' u_j)
+    #   U = U0-W S: dU0 = dU,  dW = -dU S^T
+    #   WY factors: with Kb = diag(beta e^gamma) K, Vb = diag(beta) V:  dKb = Tm^T dW, dVb = Tm^T dU0,
+    #               and d(I+L)^{-1} gives dL = -(dKb W^T + dVb U0^T), strictly lower.
+    #   L = diag(beta) (D * K K^T):  dbeta_i += sum_j dL_ij D_ij (k_i.k_j),  dK += (M + M^T) K
+    #               with M = dL * D * beta_i,  dgamma from L as from the output's G.
+    #   finally dg = reverse cumulative sum of dgamma within the chunk (gamma_i = g_1 + .. + g_i).
+    # ------------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _bwd_state_kernel(q_ptr, k_ptr, w_ptr, gamma_ptr, do_ptr, dht_ptr, dh_ptr, du_ptr, dh0_ptr,
+                          scale, T, NT, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                          HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, PREC: tl.constexpr):
+        # Reverse scan for one head and one block of value columns (again exact: dS columns are
+        # independent, as S's were).
+        iv = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        i = tl.arange(0, C)
+        dk = tl.arange(0, BK)
+        dv = iv * BV + tl.arange(0, BV)
+        kmask = dk < DK
+        vmask = dv < DV
+        smask = kmask[:, None] & vmask[None, :]
+        s_off = dk[:, None] * DV + dv[None, :]
+        DT = k_ptr.dtype.element_ty
+        if HAS_DHT:
+            dS = tl.load(dht_ptr + bh.to(tl.int64) * DK * DV + s_off, mask=smask, other=0.0)
+        else:
+            dS = tl.zeros([BK, BV], dtype=tl.float32)
+        for nn in range(NT):
+            n = NT - 1 - nn
+            tl.store(dh_ptr + (bh.to(tl.int64) * NT + n) * DK * DV + s_off, dS, mask=smask)
+            t = n * C + i
+            live = t < T
+            row = (b * T + t).to(tl.int64) * H + h
+            q = tl.load(q_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+            k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+            w = tl.load(w_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
+            do = tl.load(do_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & vmask[None, :], other=0.0)
+            gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+            g_last = tl.sum(tl.where(i == tl.minimum(T - n * C, C) - 1, gamma, 0.0), 0)
+            do = do.to(DT)
+            A = tl.dot(q, tl.trans(k), input_precision=PREC) * _decay(gamma, i, False)
+            kdec = k * tl.exp(g_last - gamma)[:, None]
+            du = scale * tl.dot(tl.trans(A.to(DT)), do, input_precision=PREC)
+            du += tl.dot(kdec.to(DT), dS.to(DT), input_precision=PREC)
+            tl.store(du_ptr + row[:, None] * DV + dv[None, :], du, mask=live[:, None] & vmask[None, :])
+            qs = q * (scale * tl.exp(gamma))[:, None]
+            dS = dS * tl.exp(g_last) + tl.dot(tl.trans(qs.to(DT)), do, input_precision=PREC)
+            dS -= tl.dot(tl.trans(w), du.to(DT), input_precision=PREC)
+        if STORE_DH0:
+            tl.store(dh0_ptr + bh.to(tl.int64) * DK * DV + s_off, dS, mask=smask)
+
+    @triton.jit
+    def _bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, beta_ptr, gamma_ptr, tm_ptr, w_ptr, u0_ptr, u_ptr,
+                          h_ptr, dh_ptr, du_ptr, do_ptr, dq_ptr, dk_ptr, dv_ptr, dg_ptr, dbeta_ptr,
+                          scale, T, NT, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+                          C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+        # Everything local to one chunk of one head (all of Dk and Dv in one program, since dK
+        # sums over value columns).  Follows the list above, top to bottom.
+        n = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        i = tl.arange(0, C)
+        t = n * C + i
+        live = t < T
+        row = (b * T + t).to(tl.int64) * H + h
+        dk = tl.arange(0, BK)
+        dv = tl.arange(0, BV)
+        km = live[:, None] & (dk[None, :] < DK)
+        vm = live[:, None] & (dv[None, :] < DV)
+        sm = (dk[:, None] < DK) & (dv[None, :] < DV)
+        DT = k_ptr.dtype.element_ty
+        kofs = row[:, None] * DK + dk[None, :]
+        vofs = row[:, None] * DV + dv[None, :]
+        sofs = (bh.to(tl.int64) * NT + n) * DK * DV + dk[:, None] * DV + dv[None, :]
+        q = tl.load(q_ptr + kofs, mask=km, other=0.0)
+        k = tl.load(k_ptr + kofs, mask=km, other=0.0)
+        v = tl.load(v_ptr + vofs, mask=vm, other=0.0)
+        w = tl.load(w_ptr + kofs, mask=km, other=0.0)
+        u0 = tl.load(u0_ptr + vofs, mask=vm, other=0.0)
+        u = tl.load(u_ptr + vofs, mask=vm, other=0.0)
+        du = tl.load(du_ptr + vofs, mask=vm, other=0.0)
+        do = tl.load(do_ptr + vofs, mask=vm, other=0.0).to(DT)
+        S = tl.load(h_ptr + sofs, mask=sm, other=0.0)
+        dS = tl.load(dh_ptr + sofs, mask=sm, other=0.0)
+        Tm = tl.load(tm_ptr + row[:, None] * C + i[None, :], mask=live[:, None], other=0.0)
+        gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+        beta = tl.load(beta_ptr + row, mask=live, other=0.0).to(tl.float32)
+        last = tl.minimum(T - n * C, C) - 1
+        g_last = tl.sum(tl.where(i == last, gamma, 0.0), 0)
+        eg = tl.exp(gamma)
+
+        # Output, intra-chunk part.
+        D = _decay(gamma, i, False)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        dA = scale * tl.dot(do, tl.trans(u), input_precision=PREC) * D      # d(QK^T) = dP * D
+        G = dA * qk
+        dgamma = tl.sum(G, 1) - tl.sum(G, 0)
+        dq = tl.dot(dA.to(DT), k, input_precision=PREC)
+        dkk = tl.dot(tl.trans(dA.to(DT)), q, input_precision=PREC)
+        # Output, inter-chunk part: o_i += scale e^gamma_i S^T q_i.
+        dq_inter = (scale * eg)[:, None] * tl.dot(do, tl.trans(S.to(DT)), input_precision=PREC)
+        dgamma += tl.sum(dq_inter * q.to(tl.float32), 1)
+        dq += dq_inter
+        # The state leaving the chunk: S' = e^{gamma_C} S + Kdec^T U.
+        kd = tl.where(live, tl.exp(g_last - gamma), 0.0)
+        udS = tl.dot(u, tl.trans(dS.to(DT)), input_precision=PREC)                    # [C, Dk]
+        r = kd * tl.sum(udS * k.to(tl.float32), 1)
+        dkk += kd[:, None] * udS
+        dgamma -= r
+        dgamma += tl.where(i == last, tl.sum(r, 0) + tl.exp(g_last) * tl.sum(tl.sum(S * dS, 1), 0), 0.0)
+        # U = U0 - W S, then through the WY factors W = Tm Kb, U0 = Tm Vb.
+        dw = -tl.dot(du.to(DT), tl.trans(S.to(DT)), input_precision=PREC)              # [C, Dk]
+        TmT = tl.trans(Tm.to(DT))
+        dkb = tl.dot(TmT, dw.to(DT), input_precision=PREC)
+        dvb = tl.dot(TmT, du.to(DT), input_precision=PREC)
+        dL = -(tl.dot(dkb.to(DT), tl.trans(w), input_precision=PREC)
+               + tl.dot(dvb.to(DT), tl.trans(u0), input_precision=PREC))
+        kf = k.to(tl.float32)
+        t1 = tl.sum(kf * dkb, 1)
+        dkk += (beta * eg)[:, None] * dkb
+        dbeta = eg * t1 + tl.sum(v.to(tl.float32) * dvb, 1)
+        dgamma += beta * eg * t1
+        dvv = beta[:, None] * dvb
+        # L = diag(beta) (D_strict * K K^T).
+        Ds = _decay(gamma, i, True)
+        kk = tl.dot(k, tl.trans(k), input_precision=PREC)
+        G2 = dL * Ds * kk
+        dbeta += tl.sum(G2, 1)
+        G2 = beta[:, None] * G2
+        dgamma += tl.sum(G2, 1) - tl.sum(G2, 0)
+        M = (dL * Ds * beta[:, None]).to(DT)
+        dkk += tl.dot(M, k, input_precision=PREC) + tl.dot(tl.trans(M), k, input_precision=PREC)
+        # gamma_i = g_1 + ... + g_i, so dg_m = sum_{i >= m} dgamma_i.
+        dg = tl.sum(dgamma, 0) - tl.cumsum(dgamma, 0) + dgamma
+        tl.store(dq_ptr + kofs, dq, mask=km)
+        tl.store(dk_ptr + kofs, dkk, mask=km)
+        tl.store(dv_ptr + vofs, dvv, mask=vm)
+        tl.store(dg_ptr + row, dg, mask=live)
+        tl.store(dbeta_ptr + row, dbeta, mask=live)
+
+
+def _p2(x):
+    return max(16, 1 << (int(x) - 1).bit_length())
+
+
+def _launch_meta(q, v):
+    B, T, H, DK = q.shape
+    DV = v.shape[-1]
+    BK, BVF = _p2(DK), _p2(DV)
+    return dict(B=B, T=T, H=H, DK=DK, DV=DV, NT=triton.cdiv(T, CHUNK), BK=BK, BVF=BVF,
+                BV=min(64, BVF), PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _run_states(k, w, u0, gamma, h0, want_ht, m):
+    """Kernel 2: the forward scan.  Returns h [B,H,NT,Dk,Dv] fp32, U, and the final state."""
+    B, T, H, DK, DV, NT = m["B"], m["T"], m["H"], m["DK"], m["DV"], m["NT"]
+    h = k.new_empty(B, H, NT, DK, DV, dtype=torch.float32)
+    u = torch.empty_like(u0)
+    ht = k.new_empty(B, H, DK, DV, dtype=torch.float32) if want_ht else None
+    grid = (triton.cdiv(DV, m["BV"]), B * H)
+    _state_kernel[grid](k, w, u0, gamma, h0 if h0 is not None else h, h, u, ht if want_ht else h, T, NT,
+                        H, DK, DV, CHUNK, m["BK"], m["BV"], h0 is not None, want_ht, m["PREC"], num_warps=4)
+    return h, u, ht
+
+
+class _ChunkGatedDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, scale, h0, output_final_state):
+        m = _launch_meta(q, v)
+        B, T, H, DK, DV, NT = m["B"], m["T"], m["H"], m["DK"], m["DV"], m["NT"]
+        gamma = q.new_empty(B, T, H, dtype=torch.float32)
+        tm = q.new_empty(B, T, H, CHUNK, dtype=torch.float32)
+        w, u0 = torch.empty_like(k), torch.empty_like(v)
+        _prepare_kernel[(NT, B * H)](k, v, g, beta, gamma, tm, w, u0, T, H, DK, DV, CHUNK,
+                                     m["BK"], m["BVF"], m["PREC"], num_warps=4)
+        h, u, ht = _run_states(k, w, u0, gamma, h0, output_final_state, m)
+        o = q.new_empty(B, T, H, DV, dtype=torch.float32)
+        _output_kernel[(NT, triton.cdiv(DV, m["BV"]), B * H)](q, k, u, gamma, h, o, scale, T, NT, H, DK, DV,
+                                                              CHUNK, m["BK"], m["BV"], m["PREC"], num_warps=4)
+        ctx.save_for_backward(q, k, v, g, beta, h0, gamma, tm, w, u0)
+        ctx.scale, ctx.m = scale, m
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, beta, h0, gamma, tm, w, u0 = ctx.saved_tensors
+        m, scale = ctx.m, ctx.scale
+        B, T, H, DK, DV, NT = m["B"], m["T"], m["H"], m["DK"], m["DV"], m["NT"]
+        do = do.contiguous()
+        h, u, _ = _run_states(k, w, u0, gamma, h0, False, m)       # recompute, don't store
+        dh = torch.empty_like(h)
+        du = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+        dh0 = torch.empty_like(h0, dtype=torch.float32) if h0 is not None else None
+        if dht is not None:
+            dht = dht.float().contiguous()
+        _bwd_state_kernel[(triton.cdiv(DV, m["BV"]), B * H)](
+            q, k, w, gamma, do, dht if dht is not None else dh, dh, du, dh0 if dh0 is not None else dh,
+            scale, T, NT, H, DK, DV, CHUNK, m["BK"], m["BV"], dht is not None, dh0 is not None, m["PREC"],
+            num_warps=4)
+        dq = torch.empty(B, T, H, DK, dtype=torch.float32, device=q.device)
+        dk = torch.empty_like(dq)
+        dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
+        dg = torch.empty(B, T, H, dtype=torch.float32, device=q.device)
+        dbeta = torch.empty_like(dg)
+        _bwd_chunk_kernel[(NT, B * H)](q, k, v, beta, gamma, tm, w, u0, u, h, dh, du, do, dq, dk, dv, dg, dbeta,
+                                       scale, T, NT, H, DK, DV, CHUNK, m["BK"], m["BVF"], m["PREC"], num_warps=8)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype), dbeta.to(beta.dtype), None,
+                None if h0 is None else dh0.to(h0.dtype), None)
+
+
+def _triton_usable(q, v):
+    return (q.shape[-1] <= MAX_HEAD_DIM and v.shape[-1] <= MAX_HEAD_DIM)
+
+
+def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
+    """The Triton kernels behind an autograd Function.  Works on CUDA tensors, and on CPU tensors
+    under TRITON_INTERPRET=1 (the tests).  Returns o [B, T, H, Dv] in fp32 and, on request, the final
+    state [B, H, Dk, Dv] in fp32, exactly like chunk_gated_delta_rule_torch."""
+    if triton is None:
+        raise RuntimeError("chunk_gated_delta_rule_triton needs triton; use chunk_gated_delta_rule_torch")
+    _check(q, k, v, g, beta, initial_state)
+    if not _triton_usable(q, v):
+        raise ValueError(f"the Triton kernel holds head dims up to {MAX_HEAD_DIM}; got Dk={q.shape[-1]}, "
+                         f"Dv={v.shape[-1]} (chunk_gated_delta_rule falls back to the PyTorch form)")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    # One dtype for q, k, v (the tensor-core operands); fp64 is computed in fp32 here.
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    dt = torch.float32 if dt == torch.float64 else dt
+    q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
+    g, beta = g.contiguous(), beta.contiguous()
+    h0 = None if initial_state is None else initial_state.contiguous()
+    if h0 is not None and h0.dtype != torch.float32:
+        h0 = h0.float()
+    if q.shape[1] == 0:                                  # nothing to scan
+        o = q.new_zeros(*v.shape, dtype=torch.float32)
+        B, _, H, DK = q.shape
+        S = (h0 if h0 is not None else q.new_zeros(B, H, DK, v.shape[-1], dtype=torch.float32)) + 0 * o.sum()
+        return o, (S if output_final_state else None)
+    return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, h0, bool(output_final_state))
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-    """The entry point gdn.py calls: same math and signature on every device."""
+    """The entry point gdn.py calls: same math and signature on every device.  CUDA tensors with
+    Triton installed go to the Triton kernels; anything else (CPU, no Triton, head dims the kernel
+    does not hold) to the PyTorch chunked form."""
+    if triton is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+        if _triton_usable(q, v):
+            return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
+        warnings.warn(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} exceed the Triton kernel's "
+                      f"{MAX_HEAD_DIM}: using the (slower) PyTorch chunked form", stacklevel=2)
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state)
