@@ -1,0 +1,241 @@
+"""
+gdn.py -- the Gated DeltaNet (GDN) attention layer, and the surgery that puts it into a teacher.
+
+A hybrid keeps a few of the teacher's softmax-attention layers and replaces every other one with a
+GDN layer. Everything else (embeddings, MLPs, norms, LM head, the teacher's own HF model class) is
+untouched: `GatedDeltaNet` has the call signature of an HF attention module, so the decoder layer
+around it runs unchanged.
+
+Per token t and head h, with x_t the decoder layer's normalised input:
+
+    q_t = SiLU(W_q x_t),  k_t = SiLU(W_k x_t),  v_t = SiLU(W_v x_t)     (optionally a short causal
+                                                                         conv before each SiLU)
+    q_t, k_t <- q_t / ||q_t||, k_t / ||k_t||                             (per head: keeps the delta
+                                                                         rule's step I - beta k k^T
+                                                                         a contraction)
+    g_t    = -exp(A_log) * softplus(W_a x_t + dt_bias)                   (log decay, alpha = e^g)
+    beta_t = sigmoid(W_b x_t)                                            (write strength)
+    S_t    = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T   (gdn_kernel.py)
+    o_t    = S_t^T q_t / sqrt(head_dim)
+    y_t    = W_o concat_h[ RMSNorm(o_t,h) * w_norm * SiLU(W_g x_t)_h ]
+
+The gate parametrisation is Mamba-2's: exp(A_log) sets a per-head decay rate and softplus(. + dt_bias)
+a per-token time step, so a head's memory half-life is ln2 / (exp(A_log) * softplus(dt_bias)) tokens
+when W_a x is small. calibrate.py sets these from what the teacher's heads actually attend to.
+
+Shapes follow the teacher: num_heads = its query heads, head_dim = its head_dim; its k and v heads
+(fewer, under grouped-query attention) are repeated up to the query heads. There is no RoPE: the
+decay is the position signal. Teacher q/k norms (Qwen3) and q/k/v biases (Qwen2) have no place here
+and are dropped (logged).
+
+Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN layer's cache is its
+state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: a fixed size, whatever
+the context length. Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
+carries them without knowing. HF reads the context length off the cache's per-layer key tensors, so
+each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T x 1): position
+bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version.
+"""
+
+import logging
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gdn_kernel import chunk_gated_delta_rule, gated_delta_rule_step
+
+log = logging.getLogger("gdn")
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
+
+
+class GatedDeltaNet(nn.Module):
+    """One GDN attention layer. Drop-in for an HF attention module: forward(hidden_states, ...)
+    returns (output, None)."""
+
+    def __init__(self, hidden_size, num_heads, head_dim, layer_idx, conv_size=0, norm_eps=1e-6,
+                 o_bias=False):
+        super().__init__()
+        self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
+        self.layer_idx, self.conv_size, self.norm_eps = layer_idx, conv_size, norm_eps
+        inner = num_heads * head_dim
+        self.q_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(hidden_size, inner, bias=False)
+        self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)   # per-token time step
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)   # write strength beta
+        self.g_proj = nn.Linear(hidden_size, inner, bias=False)       # output gate
+        self.o_proj = nn.Linear(inner, hidden_size, bias=o_bias)
+        self.A_log = nn.Parameter(torch.zeros(num_heads))
+        self.dt_bias = nn.Parameter(torch.zeros(num_heads))
+        self.o_norm = nn.Parameter(torch.ones(head_dim))              # RMSNorm weight, shared by heads
+        if conv_size > 0:
+            # Depthwise causal convs over q, k, v (one filter per channel), concatenated.
+            self.conv = nn.Conv1d(3 * inner, 3 * inner, conv_size, groups=3 * inner, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self, std=0.02):
+        """The standard GDN random init (METHOD section 2): projections N(0, std);
+        A ~ U(0, 16), A_log = log A; dt = exp(U(log 1e-3, log 0.1)) >= 1e-4, dt_bias = softplus^-1(dt)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj, self.o_proj):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                lin.bias.zero_()
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
+        dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
+        self.o_norm.fill_(1.0)
+        if self.conv_size > 0:
+            self.reset_conv()
+
+    @torch.no_grad()
+    def reset_conv(self):
+        """Identity filters (last tap 1, the rest 0): with them the layer computes exactly what it
+        would without the conv, so adding one changes nothing at the start of training."""
+        self.conv.weight.zero_()
+        self.conv.weight[:, 0, -1] = 1.0
+
+    def gates(self, x):
+        """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H] for inputs x [B, T, d]."""
+        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
+        return g, torch.sigmoid(self.b_proj(x).float())
+
+    def qkv(self, x, conv_state=None):
+        """SiLU(conv(W x)) for q, k, v, with q and k L2-normalised per head. conv_state [B, 3*inner,
+        conv_size-1] holds the inputs of the previous tokens (zeros at the start). Returns q, k, v
+        [B, T, H, D] and the new conv state."""
+        B, T, _ = x.shape
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        if self.conv_size > 0:
+            qkv = qkv.transpose(1, 2)                                             # [B, C, T]
+            if conv_state is None:
+                conv_state = qkv.new_zeros(B, qkv.shape[1], self.conv_size - 1)
+            qkv = torch.cat([conv_state.to(qkv.dtype), qkv], dim=-1)
+            conv_state = qkv[..., qkv.shape[-1] - (self.conv_size - 1):]
+            qkv = self.conv(qkv).transpose(1, 2)                                  # causal: no padding
+        q, k, v = F.silu(qkv).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, conv_state
+
+    def readout(self, o, x):
+        """W_o concat_h[RMSNorm(o_h) * w_norm * SiLU(W_g x)_h]: the per-head norm makes the output
+        scale independent of how much the state has accumulated; the gate lets each head switch off."""
+        B, T = x.shape[:2]
+        o = o.float()
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm.float()
+        gate = F.silu(self.g_proj(x)).view(B, T, self.num_heads, self.head_dim)
+        return self.o_proj((o.to(x.dtype) * gate).reshape(B, T, -1))
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
+                cache=None, **kwargs):
+        # transformers renamed the cache argument (past_key_values -> cache); accept either.
+        cache = cache if cache is not None else past_key_values
+        x = hidden_states
+        B, T, _ = x.shape
+        states = getattr(cache, "gdn_state", None) if cache is not None else None
+        if cache is not None and states is None:
+            states = cache.gdn_state = {}
+        S, conv_state = states.get(self.layer_idx, (None, None)) if states is not None else (None, None)
+        q, k, v, conv_state = self.qkv(x, conv_state)
+        g, beta = self.gates(x)
+        if T == 1 and S is not None:                                          # decoding: one step
+            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S)
+            o = o[:, None]
+        else:
+            o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=S, output_final_state=cache is not None)
+        if cache is not None:
+            states[self.layer_idx] = (S, conv_state)
+            stub = x.new_zeros(B, 1, T, 1)                                     # see the module docstring
+            cache.update(stub, stub, self.layer_idx)
+        return self.readout(o, x), None
+
+
+# ----------------------------------------------------------------------------------------------
+# Surgery: teacher -> hybrid.
+# ----------------------------------------------------------------------------------------------
+
+def decoder_layers(model):
+    """The list of decoder layers of a supported HF causal LM."""
+    model_type = model.config.model_type
+    if model_type not in SUPPORTED:
+        raise ValueError(f"unsupported architecture '{model_type}': supported are {', '.join(SUPPORTED)}")
+    return model.model.layers
+
+
+def gdn_from_attention(attn, layer_idx, conv_size=0, norm_eps=1e-6):
+    """A GDN layer shaped like the teacher attention module `attn`, its W_q, W_k, W_v, W_o copied from
+    it (k and v heads repeated up to the query heads) and its gates at the standard random init:
+    the naive conversion of METHOD section 2."""
+    hidden = attn.q_proj.in_features
+    head_dim = attn.head_dim
+    num_heads = attn.q_proj.out_features // head_dim
+    num_kv = attn.k_proj.out_features // head_dim
+    rep = num_heads // num_kv
+    w = attn.q_proj.weight
+    gdn = GatedDeltaNet(hidden, num_heads, head_dim, layer_idx, conv_size, norm_eps,
+                        o_bias=attn.o_proj.bias is not None).to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        gdn.q_proj.weight.copy_(attn.q_proj.weight)
+        # kv head j serves query heads j*rep .. (j+1)*rep - 1 (HF's repeat_kv order).
+        gdn.k_proj.weight.copy_(attn.k_proj.weight.view(num_kv, head_dim, hidden).repeat_interleave(rep, 0).view(-1, hidden))
+        gdn.v_proj.weight.copy_(attn.v_proj.weight.view(num_kv, head_dim, hidden).repeat_interleave(rep, 0).view(-1, hidden))
+        gdn.o_proj.weight.copy_(attn.o_proj.weight)
+        if attn.o_proj.bias is not None:
+            gdn.o_proj.bias.copy_(attn.o_proj.bias)
+    dropped = [n for n in ("q_norm", "k_norm") if getattr(attn, n, None) is not None]
+    dropped += [f"{n}.bias" for n in ("q_proj", "k_proj", "v_proj") if getattr(attn, n).bias is not None]
+    if dropped:
+        log.info("layer %d: teacher %s have no place in GDN and are dropped", layer_idx, ", ".join(dropped))
+    return gdn
+
+
+def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6):
+    """Replace the attention module of every layer in `gdn_layers` by a GDN layer copied from it, in
+    place, and record the hybrid's shape in model.config.hybrid (saved with the config)."""
+    layers = decoder_layers(model)
+    gdn_layers = sorted(set(int(i) for i in gdn_layers))
+    bad = [i for i in gdn_layers if not 0 <= i < len(layers)]
+    if bad:
+        raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    for i in gdn_layers:
+        layers[i].self_attn = gdn_from_attention(layers[i].self_attn, i, conv_size, norm_eps)
+    model.config.hybrid = {"gdn_layers": gdn_layers, "conv_size": conv_size, "norm_eps": norm_eps}
+    return model
+
+
+def gdn_modules(model):
+    """{layer index: GatedDeltaNet} of a hybrid."""
+    return {i: l.self_attn for i, l in enumerate(decoder_layers(model)) if isinstance(l.self_attn, GatedDeltaNet)}
+
+
+def save_hybrid(model, tokenizer, path):
+    """Weights (safetensors) and config through transformers, plus the tokenizer. `path` must be a
+    fresh folder (convert.py writes into a temporary one and renames it when all is written)."""
+    if not getattr(model.config, "hybrid", None):
+        raise ValueError("save_hybrid: the model has no GDN layers (model.config.hybrid is unset); run hybridize first")
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def load_hybrid(path, device="cpu", dtype=None):
+    """Rebuild a hybrid saved by save_hybrid: the teacher's architecture from the config, GDN modules
+    swapped in, then every weight loaded (strictly: a missing or extra tensor is an error)."""
+    import os
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import load_state_dict
+    config = AutoConfig.from_pretrained(path)
+    hyb = getattr(config, "hybrid", None)
+    if not hyb or "gdn_layers" not in hyb:
+        raise ValueError(f"{path} is not a hybrid saved by convert.py (its config.json has no 'hybrid' entry)")
+    model = AutoModelForCausalLM.from_config(config)
+    hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6))
+    state = {}
+    for f in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+        state.update(load_state_dict(os.path.join(path, f)))
+    if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]          # saved once when tied
+    model.load_state_dict(state, strict=True)
+    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model.eval()
