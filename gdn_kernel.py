@@ -216,6 +216,15 @@ if triton is not None:
         return tl.where(keep, tl.exp(tl.where(keep, gamma[:, None] - gamma[None, :], 0.0)), 0.0)
 
     @triton.jit
+    def _load_gamma(gamma_ptr, row, live, i, n, T, C: tl.constexpr):
+        """gamma of chunk n, and gamma_C at its last real token.  Rows past the end of the sequence
+        get gamma_C too (no decay after the end), as if the tail were padded with g = 0: a zero
+        there would put exp(0 - gamma_j), which can overflow, into the decay matrix."""
+        gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+        g_last = tl.sum(tl.where(i == tl.minimum(T - n * C, C) - 1, gamma, 0.0), 0)
+        return tl.where(live, gamma, g_last), g_last
+
+    @triton.jit
     def _prepare_kernel(k_ptr, v_ptr, g_ptr, beta_ptr, gamma_ptr, tm_ptr, w_ptr, u0_ptr,
                         T, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, C: tl.constexpr,
                         BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
@@ -296,8 +305,7 @@ if triton is not None:
             w = tl.load(w_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
             k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
             u0 = tl.load(u0_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & vmask[None, :], other=0.0)
-            gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
-            g_last = tl.sum(tl.where(i == tl.minimum(T - n * C, C) - 1, gamma, 0.0), 0)
+            gamma, g_last = _load_gamma(gamma_ptr, row, live, i, n, T, C)
             # (3): the true deltas of this chunk, given the state that entered it.
             u = u0.to(tl.float32) - tl.dot(w, S.to(DT), input_precision=PREC)
             tl.store(u_ptr + row[:, None] * DV + dv[None, :], u.to(DT), mask=live[:, None] & vmask[None, :])
@@ -331,7 +339,7 @@ if triton is not None:
         q = tl.load(q_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
         k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
         u = tl.load(u_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & vmask[None, :], other=0.0)
-        gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+        gamma, g_last = _load_gamma(gamma_ptr, row, live, i, n, T, C)
         S = tl.load(h_ptr + (bh.to(tl.int64) * NT + n) * DK * DV + dk[:, None] * DV + dv[None, :],
                     mask=kmask[:, None] & vmask[None, :], other=0.0)
         A = tl.dot(q, tl.trans(k), input_precision=PREC) * _decay(gamma, i, False)
@@ -395,8 +403,7 @@ if triton is not None:
             k = tl.load(k_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
             w = tl.load(w_ptr + row[:, None] * DK + dk[None, :], mask=live[:, None] & kmask[None, :], other=0.0)
             do = tl.load(do_ptr + row[:, None] * DV + dv[None, :], mask=live[:, None] & vmask[None, :], other=0.0)
-            gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
-            g_last = tl.sum(tl.where(i == tl.minimum(T - n * C, C) - 1, gamma, 0.0), 0)
+            gamma, g_last = _load_gamma(gamma_ptr, row, live, i, n, T, C)
             do = do.to(DT)
             A = tl.dot(q, tl.trans(k), input_precision=PREC) * _decay(gamma, i, False)
             kdec = k * tl.exp(g_last - gamma)[:, None]
@@ -444,10 +451,9 @@ if triton is not None:
         S = tl.load(h_ptr + sofs, mask=sm, other=0.0)
         dS = tl.load(dh_ptr + sofs, mask=sm, other=0.0)
         Tm = tl.load(tm_ptr + row[:, None] * C + i[None, :], mask=live[:, None], other=0.0)
-        gamma = tl.load(gamma_ptr + row, mask=live, other=0.0)
+        gamma, g_last = _load_gamma(gamma_ptr, row, live, i, n, T, C)
         beta = tl.load(beta_ptr + row, mask=live, other=0.0).to(tl.float32)
         last = tl.minimum(T - n * C, C) - 1
-        g_last = tl.sum(tl.where(i == last, gamma, 0.0), 0)
         eg = tl.exp(gamma)
 
         # Output, intra-chunk part.
@@ -610,3 +616,231 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         warnings.warn(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} exceed the Triton kernel's "
                       f"{MAX_HEAD_DIM}: using the (slower) PyTorch chunked form", stacklevel=2)
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+# ==============================================================================================
+# `python gdn_kernel.py`: check every path against the recurrence, and on a GPU benchmark them.
+# Results go to results/kernel_bench.json and results/kernel_bench.md (or $GDN_RESULTS_DIR),
+# rewritten atomically after every row so an interrupted run still leaves what it measured.
+# ==============================================================================================
+
+def _rel(a, b):
+    """Relative Frobenius error ||a - b|| / ||b||, in fp64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _inputs(B, T, H, DK, DV, dtype, device, seed):
+    """Inputs shaped like the model's: q, k L2-normalised, g <= 0 mostly slow decays with some
+    fast ones, beta in (0, 1), a small random initial state."""
+    gen = torch.Generator().manual_seed(seed)
+    F = torch.nn.functional
+    q = F.normalize(torch.randn(B, T, H, DK, generator=gen), dim=-1)
+    k = F.normalize(torch.randn(B, T, H, DK, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, DV, generator=gen)
+    g = F.logsigmoid(2 * torch.randn(B, T, H, generator=gen) + 3)
+    beta = torch.rand(B, T, H, generator=gen)
+    h0 = 0.1 * torch.randn(B, H, DK, DV, generator=gen)
+    cast = lambda x, dt: x.to(device=device, dtype=dt)
+    f = torch.float64 if dtype == torch.float64 else torch.float32     # g and the state: >= fp32
+    return [cast(q, dtype), cast(k, dtype), cast(v, dtype), cast(g, f), cast(beta, dtype), cast(h0, f)]
+
+
+def _run_with_grads(fn, xs, seed):
+    """o, final state and the gradients of (q, k, v, g, beta, h0) for a fixed random loss."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    o, S = fn(*xs[:5], initial_state=xs[5], output_final_state=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    wo = torch.randn(o.shape, generator=gen).to(o.device)
+    ws = torch.randn(S.shape, generator=gen).to(S.device)
+    grads = torch.autograd.grad((o.float() * wo).sum() + (S.float() * ws).sum(), xs)
+    return [o, S] + list(grads)
+
+
+_NAMES = ["o", "S", "dq", "dk", "dv", "dg", "dbeta", "dh0"]
+
+
+def _compare(fn, ref_fn, xs, seed, ref_dtype=torch.float64):
+    got = _run_with_grads(fn, xs, seed)
+    ref = _run_with_grads(ref_fn, [x.to(ref_dtype) for x in xs], seed)
+    return {n: _rel(a, b) for n, a, b in zip(_NAMES, got, ref)}
+
+
+def _fla():
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule as f
+        import fla
+        return f, getattr(fla, "__version__", "?")
+    except Exception as e:                    # noqa: BLE001  (a peer, never a dependency)
+        return None, f"not importable: {type(e).__name__}: {e}"
+
+
+def _write_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _self_check(device):
+    """Every path against the sequential recurrence; returns rows of (case, errors, tolerance)."""
+    rows = []
+    fp32_cases = [(1, 1, 1, 16, 16), (2, 100, 2, 64, 64), (1, 129, 2, 128, 64), (1, 200, 2, 128, 128)]
+    paths = [("torch_chunk fp64", chunk_gated_delta_rule_torch, torch.float64, 1e-9)]
+    if device == "cuda" and triton is not None:
+        paths.append(("triton fp32", chunk_gated_delta_rule_triton, torch.float32, 1e-4))
+    for name, fn, dt, tol in paths:
+        for i, (B, T, H, DK, DV) in enumerate(fp32_cases):
+            xs = _inputs(B, T, H, DK, DV, dt, device, seed=i)
+            err = _compare(fn, recurrent_gated_delta_rule, xs, seed=i)
+            rows.append(dict(path=name, shape=[B, T, H, DK, DV], errors=err, tol=tol,
+                             ok=all(e < tol for e in err.values())))
+    if device == "cuda":
+        # bf16 at realistic sizes; the reference is the PyTorch chunked form in fp64 on the same
+        # (bf16-rounded) inputs, itself checked against the recurrence just above.
+        peers = [("triton bf16", chunk_gated_delta_rule_triton)]
+        fla_fn, _ = _fla()
+        if fla_fn is not None:
+            peers.append(("fla bf16", lambda q, k, v, g, b, initial_state=None, output_final_state=False:
+                          fla_fn(q, k, v, g, b, initial_state=initial_state, output_final_state=output_final_state)))
+        for DK, DV in ((64, 64), (128, 128), (128, 64)):
+            xs = _inputs(2, 2049, 4, DK, DV, torch.bfloat16, device, seed=DK + DV)
+            for name, fn in peers:
+                try:
+                    err = _compare(fn, chunk_gated_delta_rule_torch, xs, seed=1)
+                except Exception as e:        # noqa: BLE001  (report a peer's failure, don't die)
+                    rows.append(dict(path=name, shape=[2, 2049, 4, DK, DV], errors={}, tol=2e-2, ok=False,
+                                     error=f"{type(e).__name__}: {e}"[:300]))
+                    continue
+                rows.append(dict(path=name, shape=[2, 2049, 4, DK, DV], errors=err, tol=2e-2,
+                                 ok=all(e < 2e-2 for e in err.values())))
+    return rows
+
+
+def _bench(device, results, save):
+    from triton.testing import do_bench
+    from tqdm import tqdm
+    fla_fn, fla_version = _fla()
+    results["fla"] = fla_version
+    F = torch.nn.functional
+    B, H = 4, 8
+    methods = ["triton", "torch_chunk", "fla", "sdpa"]
+    configs = [(D, T) for D in (64, 128) for T in (1024, 4096, 16384, 32768)]
+    bar = tqdm(total=len(configs) * len(methods), desc="bench", mininterval=2)
+    for D, T in configs:
+        xs = _inputs(B, T, H, D, D, torch.bfloat16, device, seed=0)[:5]
+        do = torch.randn(B, T, H, D, device=device)
+        row = dict(D=D, T=T, B=B, H=H)
+        for m in methods:
+            bar.set_postfix_str(f"D={D} T={T} {m}")
+            bar.update(1)
+            if m == "torch_chunk" and T > 4096:
+                row[m] = dict(skipped="T > 4096: the Python loop over T/64 chunks and its autograd graph "
+                                      "make it too slow to be worth timing")
+                continue
+            if m == "fla" and fla_fn is None:
+                row[m] = dict(skipped=fla_version)
+                continue
+            if m == "sdpa":
+                qs, ks, vs = (x.transpose(1, 2).contiguous() for x in xs[:3])
+                args = [qs, ks, vs]
+                fn = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                dout = do.to(torch.bfloat16).transpose(1, 2).contiguous()
+            else:
+                args = list(xs)
+                f = dict(triton=chunk_gated_delta_rule_triton, torch_chunk=chunk_gated_delta_rule_torch,
+                         fla=fla_fn)[m]
+                fn = lambda *a, f=f: f(*a)[0]
+                dout = do if m != "fla" else do.to(torch.bfloat16)
+            try:
+                fwd = do_bench(lambda: fn(*args), warmup=10, rep=50, return_mode="median")
+                gargs = [a.detach().clone().requires_grad_() for a in args]
+                def fb():
+                    o = fn(*gargs)
+                    torch.autograd.grad(o, gargs, dout.to(o.dtype))
+                fwdbwd = do_bench(fb, warmup=10, rep=50, return_mode="median")
+                row[m] = dict(fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwdbwd, 4))
+            except torch.cuda.OutOfMemoryError:
+                row[m] = dict(skipped="out of GPU memory")
+            except Exception as e:          # noqa: BLE001  (a peer failing is a result, not a crash)
+                row[m] = dict(skipped=f"{type(e).__name__}: {e}"[:300])
+            torch.cuda.empty_cache()
+        results["bench"].append(row)
+        save()
+    bar.close()
+
+
+def _markdown(results):
+    lines = [f"# Gated delta rule kernels: {results['device']}", "",
+             f"command: `{results['command']}`; git {results['git_commit']}; torch {results['torch']}, "
+             f"triton {results['triton']}, fla {results['fla']}; seed {results['seed']}", ""]
+    if results["checks"]:
+        lines += ["## Checks (relative Frobenius error vs reference)", "",
+                  "| path | B,T,H,Dk,Dv | " + " | ".join(_NAMES) + " | ok |",
+                  "|---|---|" + "---|" * len(_NAMES) + "---|"]
+        for r in results["checks"]:
+            errs = " | ".join(f"{r['errors'].get(n, float('nan')):.1e}" for n in _NAMES)
+            lines.append(f"| {r['path']} | {','.join(map(str, r['shape']))} | {errs} | "
+                         f"{'yes' if r['ok'] else 'NO ' + r.get('error', '')} |")
+        lines.append("")
+    if results["bench"]:
+        lines += ["## Milliseconds (median, triton.testing.do_bench), bf16, B=4, H=8; fwd / fwd+bwd", "",
+                  "| D | T | ours (Triton) | PyTorch chunk | fla | SDPA causal | ours/fla fwd | ours/fla fwd+bwd |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in results["bench"]:
+            cell = lambda m: (f"{r[m]['fwd_ms']:.3f} / {r[m]['fwd_bwd_ms']:.3f}" if "fwd_ms" in r.get(m, {})
+                              else "skipped")
+            ratio = lambda key: (f"{r['triton'][key] / r['fla'][key]:.2f}x"
+                                 if key in r.get("fla", {}) and key in r.get("triton", {}) else "-")
+            lines.append(f"| {r['D']} | {r['T']} | {cell('triton')} | {cell('torch_chunk')} | {cell('fla')} | "
+                         f"{cell('sdpa')} | {ratio('fwd_ms')} | {ratio('fwd_bwd_ms')} |")
+        skipped = {s for r in results["bench"] for m in ("torch_chunk", "fla")
+                   for s in [r.get(m, {}).get("skipped")] if s}
+        lines += [""] + [f"- skipped: {s}" for s in sorted(skipped)]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    import json
+    import subprocess
+    import sys
+    import time
+    seed = 0
+    torch.manual_seed(seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except Exception:                         # noqa: BLE001  (the device copy has no .git)
+        commit = os.environ.get("GDN_GIT_COMMIT", "unknown")
+    results = dict(command="python " + " ".join(sys.argv), git_commit=commit, seed=seed,
+                   device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   torch=torch.__version__, triton=getattr(triton, "__version__", None), fla=None,
+                   checks=[], bench=[])
+    out_dir = os.environ.get("GDN_RESULTS_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+
+    def save():
+        if device != "cuda":                  # numbers in results/ come from the GPU run only
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        _write_atomic(os.path.join(out_dir, "kernel_bench.json"), json.dumps(results, indent=1))
+        _write_atomic(os.path.join(out_dir, "kernel_bench.md"), _markdown(results))
+
+    t0 = time.time()
+    results["checks"] = _self_check(device)
+    for r in results["checks"]:
+        worst = max(r["errors"].items(), key=lambda kv: kv[1]) if r["errors"] else ("-", float("nan"))
+        print(f"check {r['path']:18s} {str(r['shape']):24s} worst {worst[0]}={worst[1]:.2e} "
+              f"(tol {r['tol']:.0e}) {'ok' if r['ok'] else 'FAIL ' + r.get('error', '')}")
+    save()
+    if device == "cuda":
+        _bench(device, results, save)
+        print(_markdown(results))
+    n_bad = sum(not r["ok"] for r in results["checks"])
+    print(f"{len(results['checks'])} checks, {n_bad} failed; {time.time() - t0:.0f} s"
+          + (f"; results in {out_dir}" if device == "cuda" else "; no GPU: benchmark skipped"))
+    return 1 if n_bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

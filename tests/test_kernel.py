@@ -1,0 +1,191 @@
+"""Tests of gdn_kernel.py: every implementation of the gated delta rule against the sequential
+recurrence, forward and all gradients, plus bad input.
+
+The Triton tests need CUDA or the Triton interpreter on the CPU; the interpreter is chosen when the
+kernels are defined, so run them as   TRITON_INTERPRET=1 python -m pytest -q tests
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import gdn_kernel as gk  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_triton = pytest.mark.skipif(
+    gk.triton is None or not (torch.cuda.is_available() or INTERPRET),
+    reason="Triton path needs triton plus CUDA or TRITON_INTERPRET=1 (set before Python starts)")
+
+# fp32 in, fp32 out: the kernels use exact fp32 products for fp32 inputs, so only summation order
+# differs from the recurrence. Relative Frobenius error bound:
+TOL_FP32 = 2e-5
+TOL_FP64 = 1e-10
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def inputs(B, T, H, DK, DV, dtype=torch.float32, device=DEVICE, seed=0):
+    return gk._inputs(B, T, H, DK, DV, dtype, device, seed)
+
+
+def all_outputs(fn, xs, with_h0=True, final=True, seed=0):
+    """o, final state (if asked), and grads of q, k, v, g, beta (and h0) for a random loss."""
+    xs = [x.detach().clone().requires_grad_() for x in xs]
+    h0 = xs[5] if with_h0 else None
+    o, S = fn(*xs[:5], initial_state=h0, output_final_state=final)
+    gen = torch.Generator().manual_seed(seed + 7)
+    loss = (o * torch.randn(o.shape, generator=gen).to(o)).sum()
+    if final:
+        loss = loss + (S * torch.randn(S.shape, generator=gen).to(S)).sum()
+    wrt = xs if with_h0 else xs[:5]
+    return [o] + ([S] if final else []) + list(torch.autograd.grad(loss, wrt))
+
+
+def assert_close_all(got, ref, tol):
+    assert len(got) == len(ref)
+    for idx, (a, b) in enumerate(zip(got, ref)):
+        assert a.shape == b.shape, (idx, a.shape, b.shape)
+        assert torch.isfinite(a).all(), idx
+        e = rel(a, b)
+        assert e < tol, f"output #{idx}: relative error {e:.2e} >= {tol:.0e}"
+
+
+# --- Triton path (interpreter on CPU, compiled on CUDA) ---------------------------------------
+
+@needs_triton
+@pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 150])
+def test_triton_matches_recurrence(T):
+    xs = inputs(2, T, 2, 32, 16, seed=T)
+    got = all_outputs(gk.chunk_gated_delta_rule_triton, xs)
+    ref = all_outputs(gk.recurrent_gated_delta_rule, [x.double() for x in xs])
+    assert_close_all(got, ref, TOL_FP32)
+
+
+@needs_triton
+@pytest.mark.parametrize("DK,DV", [(16, 16), (24, 40), (64, 32)])
+def test_triton_head_dims(DK, DV):
+    """Non-power-of-two and unequal key/value dims (padded tiles, masked loads)."""
+    xs = inputs(1, 70, 3, DK, DV, seed=DK + DV)
+    got = all_outputs(gk.chunk_gated_delta_rule_triton, xs)
+    ref = all_outputs(gk.recurrent_gated_delta_rule, [x.double() for x in xs])
+    assert_close_all(got, ref, TOL_FP32)
+
+
+@needs_triton
+def test_triton_without_state():
+    """No initial state, no final state: o and grads of q, k, v, g, beta only."""
+    xs = inputs(1, 100, 2, 32, 32, seed=3)
+    got = all_outputs(gk.chunk_gated_delta_rule_triton, xs, with_h0=False, final=False)
+    ref = all_outputs(gk.recurrent_gated_delta_rule, [x.double() for x in xs], with_h0=False, final=False)
+    assert_close_all(got, ref, TOL_FP32)
+    o, S = gk.chunk_gated_delta_rule_triton(*xs[:5])
+    assert S is None and o.dtype == torch.float32
+
+
+@needs_triton
+def test_triton_scale_and_strong_decay():
+    """A custom scale and decays strong enough that exp(gamma) underflows inside a chunk."""
+    xs = inputs(1, 90, 2, 16, 16, seed=5)
+    xs[3] = xs[3] * 40.0                                   # g down to about -40 per token
+    f = lambda *a, **kw: gk.chunk_gated_delta_rule_triton(*a, scale=0.3, **kw)
+    r = lambda *a, **kw: gk.recurrent_gated_delta_rule(*a, scale=0.3, **kw)
+    assert_close_all(all_outputs(f, xs), all_outputs(r, [x.double() for x in xs]), TOL_FP32)
+
+
+@needs_triton
+def test_triton_noncontiguous_inputs():
+    """Views with odd strides are made contiguous, not misread."""
+    xs = inputs(2, 40, 3, 16, 16, seed=9)
+    q, k, v, g, beta, h0 = xs
+    qt = q.transpose(0, 2).contiguous().transpose(0, 2)           # same values, permuted strides
+    vt = v.transpose(1, 2).contiguous().transpose(1, 2)
+    gt = g.transpose(0, 1).contiguous().transpose(0, 1)
+    assert not qt.is_contiguous() and not vt.is_contiguous() and not gt.is_contiguous()
+    o1, S1 = gk.chunk_gated_delta_rule_triton(qt, k, vt, gt, beta, initial_state=h0, output_final_state=True)
+    o2, S2 = gk.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert rel(o1, o2) < TOL_FP32 and rel(S1, S2) < TOL_FP32
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRET, reason="the Triton interpreter (3.9) returns garbage for bf16 tl.dot; "
+                                      "bf16 is checked on the GPU by `python gdn_kernel.py`")
+def test_triton_bf16_forward_close():
+    """bf16 operands on the tensor cores: a loose check (the tight ones run on the GPU)."""
+    xs = inputs(1, 80, 2, 32, 32, dtype=torch.bfloat16, seed=11)
+    o, S = gk.chunk_gated_delta_rule_triton(*xs[:5], initial_state=xs[5], output_final_state=True)
+    o2, S2 = gk.recurrent_gated_delta_rule(*[x.double() for x in xs[:5]], initial_state=xs[5].double(),
+                                            output_final_state=True)
+    assert rel(o, o2) < 2e-2 and rel(S, S2) < 2e-2
+
+
+@needs_triton
+def test_triton_rejects_big_head_dim():
+    xs = inputs(1, 4, 1, gk.MAX_HEAD_DIM + 16, 16, device="cpu")
+    with pytest.raises(ValueError, match="head dims"):
+        gk.chunk_gated_delta_rule_triton(*xs[:5])
+
+
+# --- PyTorch forms ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("C", [16, 32, 64])
+@pytest.mark.parametrize("T", [1, 31, 64, 100])
+def test_torch_chunk_matches_recurrence_fp64(C, T):
+    xs = inputs(2, T, 2, 16, 8, dtype=torch.float64, device="cpu", seed=T + C)
+    f = lambda *a, **kw: gk.chunk_gated_delta_rule_torch(*a, chunk_size=C, **kw)
+    assert_close_all(all_outputs(f, xs), all_outputs(gk.recurrent_gated_delta_rule, xs), TOL_FP64)
+
+
+def test_torch_chunk_gradcheck():
+    xs = [x.requires_grad_() for x in inputs(1, 7, 1, 4, 3, dtype=torch.float64, device="cpu", seed=1)]
+    f = lambda q, k, v, g, b, h0: gk.chunk_gated_delta_rule_torch(q, k, v, g, b, initial_state=h0,
+                                                                   output_final_state=True, chunk_size=4)
+    assert torch.autograd.gradcheck(f, xs)
+
+
+def test_step_matches_recurrence():
+    q, k, v, g, beta, h0 = inputs(2, 6, 3, 8, 4, dtype=torch.float64, device="cpu", seed=2)
+    S, outs = h0.float(), []
+    for t in range(6):
+        o, S = gk.gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
+        outs.append(o)
+    o_ref, S_ref = gk.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert rel(torch.stack(outs, 1), o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
+
+
+def test_dispatcher_cpu_is_torch_form():
+    xs = inputs(1, 70, 2, 16, 16, device="cpu", seed=4)
+    o1, S1 = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
+    o2, S2 = gk.chunk_gated_delta_rule_torch(*xs[:5], initial_state=xs[5], output_final_state=True)
+    assert torch.equal(o1, o2) and torch.equal(S1, S2)
+
+
+# --- bad input -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn", [gk.chunk_gated_delta_rule, gk.chunk_gated_delta_rule_torch,
+                                gk.recurrent_gated_delta_rule])
+@pytest.mark.parametrize("which,shape,msg", [
+    ("k", (1, 5, 2, 9), "q and k"),
+    ("v", (1, 4, 2, 8), "v must be"),
+    ("g", (1, 5, 3), "g must be"),
+    ("beta", (1, 5), "beta must be"),
+    ("h0", (1, 2, 8, 7), "initial_state must be"),
+])
+def test_bad_shapes_are_named(fn, which, shape, msg):
+    q, k, v, g, beta, h0 = inputs(1, 5, 2, 8, 8, device="cpu")
+    args = dict(q=q, k=k, v=v, g=g, beta=beta, h0=h0)
+    args[which] = torch.zeros(shape)
+    with pytest.raises(ValueError, match=msg):
+        fn(args["q"], args["k"], args["v"], args["g"], args["beta"], initial_state=args["h0"])
+
+
+@needs_triton
+def test_triton_bad_shapes_are_named():
+    q, k, v, g, beta, h0 = inputs(1, 5, 2, 8, 8, device="cpu")
+    with pytest.raises(ValueError, match="v must be"):
+        gk.chunk_gated_delta_rule_triton(q, k, v[:, :3], g, beta)
