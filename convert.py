@@ -150,7 +150,7 @@ def choose_layers(n_layers, keep, policy="uniform"):
     if kind == "list":
         bad = [i for i in value if not 0 <= i < n_layers]
         if bad:
-            raise ValueError(f"--keep names layers {bad}, but the teacher has {n_layers} layers (0..{n_layers - 1})")
+            raise ValueError(f"--keep names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
         return sorted(value)
     if policy == "uniform":
         return uniform_layers(n_layers, value)

@@ -59,7 +59,7 @@ def builtin_text(part):
     import inspect
     names = ["argparse", "collections", "functools", "itertools", "json", "logging", "pathlib",
              "subprocess", "textwrap", "unittest", "email.message", "http.client", "decimal",
-             "fractions", "statistics", "datetime", "calendar", "csv", "string", "re", "typing",
+             "fractions", "statistics", "datetime", "calendar", "csv", "string", "re", "enum",
              "asyncio.tasks", "threading", "multiprocessing.pool", "tarfile", "zipfile", "shutil",
              "os", "socket", "inspect", "pickle", "configparser", "heapq", "bisect", "random"]
     names = names[0::2] if part == "calib" else names[1::2]

@@ -1,0 +1,110 @@
+"""The GDN layer and the surgery: exact equalities that must hold for every supported family."""
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from convert import convert
+from gdn import GatedDeltaNet, gdn_modules, hybridize, load_hybrid, save_hybrid
+from gdn_kernel import chunk_gated_delta_rule_torch, gated_delta_rule_step, recurrent_gated_delta_rule
+
+
+def random_inputs(B, T, H, Dk, Dv, dtype=torch.float64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=dtype)
+    q, k = r(B, T, H, Dk), torch.nn.functional.normalize(r(B, T, H, Dk), dim=-1)
+    v = r(B, T, H, Dv)
+    g = -torch.rand(B, T, H, generator=gen, dtype=dtype)            # log decay in (-1, 0]
+    beta = torch.rand(B, T, H, generator=gen, dtype=dtype)
+    return q, k, v, g, beta, r(B, H, Dk, Dv)
+
+
+@pytest.mark.parametrize("T", [1, 37, 64, 130])
+@pytest.mark.parametrize("chunk", [16, 32, 64])
+def test_chunked_equals_recurrence(T, chunk):
+    q, k, v, g, beta, s0 = random_inputs(2, T, 3, 8, 6)
+    o1, s1 = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    o2, s2 = chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=s0, output_final_state=True, chunk_size=chunk)
+    torch.testing.assert_close(o2, o1, rtol=1e-10, atol=1e-10)     # fp64: equal up to rounding
+    torch.testing.assert_close(s2, s1, rtol=1e-10, atol=1e-10)
+    # and in fp32, at fp32 tolerance
+    o3, _ = chunk_gated_delta_rule_torch(*(x.float() for x in (q, k, v, g, beta)), chunk_size=chunk)
+    o4, _ = recurrent_gated_delta_rule(q, k, v, g, beta)
+    torch.testing.assert_close(o3, o4.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_step_equals_recurrence():
+    q, k, v, g, beta, s0 = random_inputs(2, 5, 3, 8, 6)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    s = s0.float()                                   # the decoding state is kept in fp32
+    for t in range(5):
+        o, s = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
+        torch.testing.assert_close(o.double(), o_ref[:, t], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_shapes_are_named():
+    q, k, v, g, beta, s0 = random_inputs(1, 4, 2, 8, 8)
+    with pytest.raises(ValueError, match="beta must be"):
+        chunk_gated_delta_rule_torch(q, k, v, g, beta[:, :3])
+    with pytest.raises(ValueError, match="initial_state"):
+        chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=s0[:, :1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_keep_every_layer_is_the_teacher(family):
+    teacher = tiny_model(family)
+    student, _ = convert(teacher, kept=list(range(4)))
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(student(ids).logits, teacher(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_save_load_identical_logits(family, tmp_path):
+    teacher = tiny_model(family)
+    student, _ = convert(teacher, kept=[1], init="zero-gate", conv_size=4)
+    assert sorted(gdn_modules(student)) == [0, 2, 3]
+    save_hybrid(student, None, tmp_path / "h")
+    again = load_hybrid(tmp_path / "h")
+    assert sorted(gdn_modules(again)) == [0, 2, 3]
+    ids = torch.randint(0, 128, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, student(ids).logits)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_decode_equals_full_forward(family):
+    """Layer 0 is GDN (the hardest case for HF's position bookkeeping), convs are random (not the
+    identity), prompts longer than Gemma3's sliding window."""
+    torch.manual_seed(0)
+    model = hybridize(tiny_model(family), [0, 2, 3], conv_size=4)
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        out = model(ids[:, :12], use_cache=True)
+        steps = [out.logits]
+        cache = out.past_key_values
+        for t in range(12, 20):
+            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            steps.append(out.logits)
+        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
+        gen = model.generate(ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), max_new_tokens=10,
+                             do_sample=False, pad_token_id=0)
+        seq = ids[:, :5]
+        for _ in range(10):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(gen, seq)
+
+
+def test_gqa_heads_are_repeated_in_order():
+    teacher = tiny_model("llama")
+    student, _ = convert(teacher, kept=[])
+    attn, gdn = teacher.model.layers[1].self_attn, student.model.layers[1].self_attn
+    assert isinstance(gdn, GatedDeltaNet)
+    kv = attn.k_proj.weight.view(2, 16, 64)
+    got = gdn.k_proj.weight.view(4, 16, 64)
+    # query heads 0, 1 read kv head 0; heads 2, 3 read kv head 1 (HF's repeat_kv)
+    assert torch.equal(got[0], kv[0]) and torch.equal(got[1], kv[0]) and torch.equal(got[3], kv[1])
