@@ -95,6 +95,12 @@ def load_teacher(spec, device="cpu", dtype=torch.float32):
     return model.to(device=device, dtype=dtype).eval(), tokenizer, described
 
 
+def teacher_spec(spec):
+    """The --teacher argument in a form load_teacher accepts from any working directory (local paths
+    made absolute): recorded in conversion.json so distill.py can reload the teacher."""
+    return os.path.abspath(spec) if spec != "default" and os.path.exists(spec) else spec
+
+
 def check_family(config, spec):
     if config.model_type not in SUPPORTED:
         raise ValueError(f"teacher '{spec}' is a '{config.model_type}' model; supported families are "
@@ -287,7 +293,8 @@ def run_convert(args):
         ppl_t = distill.perplexity(teacher, ids, desc="teacher ppl", **ev)
         ppl_s = distill.perplexity(student, ids, desc="student ppl", **ev)
         text = None if args.no_sample else sample(student, tokenizer)
-        record = {"teacher": source, "family": teacher.config.model_type, "layers": n, **info,
+        record = {"teacher": source, "teacher_spec": teacher_spec(args.teacher),
+                  "family": teacher.config.model_type, "layers": n, **info,
                   "conv_size": args.conv_size, "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
                   "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
                   "convert_seconds": convert_seconds, "total_seconds": time.time() - t_start,
