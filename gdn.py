@@ -34,6 +34,16 @@ the context length. Both live on the same Cache object (attribute `gdn_state`), 
 carries them without knowing. HF reads the context length off the cache's per-layer key tensors, so
 each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T x 1): position
 bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version.
+Once a state exists it is updated in place (copy_), so its memory address never changes: a captured
+CUDA graph of a decoding step can replay against it.
+
+Left padding (batched prompts of different lengths). HF hands an attention module only the 4-D
+mask it built, whose form depends on the attention backend; the plain 2-D padding mask is what a
+recurrent layer needs. So `hybridize` puts a pre-hook on the decoder stack that gives every GDN
+layer the current tokens' padding mask. A pad token's input is zeroed (so k = v = 0: it writes
+nothing, and the short conv sees the zeros it would see before the first token) and its decay is
+set to 1 (g = 0), so the state after the pads is exactly the empty state an unpadded prompt starts
+from.
 """
 
 import logging
@@ -133,21 +143,35 @@ class GatedDeltaNet(nn.Module):
         cache = cache if cache is not None else past_key_values
         x = hidden_states
         B, T, _ = x.shape
+        pad = getattr(self, "pad_mask", None)                                  # [B, T] bool, True = pad
+        pad = pad if pad is not None and pad.shape == (B, T) and bool(pad.any()) else None
         states = getattr(cache, "gdn_state", None) if cache is not None else None
         if cache is not None and states is None:
             states = cache.gdn_state = {}
-        S, conv_state = states.get(self.layer_idx, (None, None)) if states is not None else (None, None)
-        q, k, v, conv_state = self.qkv(x, conv_state)
+        S0, conv0 = states.get(self.layer_idx, (None, None)) if states is not None else (None, None)
+        q, k, v, conv_state = self.qkv(x if pad is None else x.masked_fill(pad[..., None], 0), conv0)
         g, beta = self.gates(x)
-        if T == 1 and S is not None:                                          # decoding: one step
-            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S)
+        if pad is not None:
+            g = g.masked_fill(pad[..., None], 0.0)
+        if T == 1 and S0 is not None:                                          # decoding: one step
+            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0)
             o = o[:, None]
         else:
-            o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=S, output_final_state=cache is not None)
+            o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=S0, output_final_state=cache is not None)
         if cache is not None:
+            if S0 is not None:                                                 # in place: graph-safe
+                S0.copy_(S)
+                S = S0
+                if conv0 is not None:
+                    conv0.copy_(conv_state)
+                    conv_state = conv0
             states[self.layer_idx] = (S, conv_state)
-            stub = x.new_zeros(B, 1, T, 1)                                     # see the module docstring
-            cache.update(stub, stub, self.layer_idx)
+            # A growing cache reads the context length off its keys: append the placeholder (see the
+            # module docstring). A static cache (fixed max_cache_len) is told positions explicitly.
+            layers = getattr(cache, "layers", None)
+            if layers is None or not hasattr(layers[self.layer_idx], "max_cache_len"):
+                stub = x.new_zeros(B, 1, T, 1)
+                cache.update(stub, stub, self.layer_idx)
         return self.readout(o, x), None
 
 
@@ -201,7 +225,23 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6):
     for i in gdn_layers:
         layers[i].self_attn = gdn_from_attention(layers[i].self_attn, i, conv_size, norm_eps)
     model.config.hybrid = {"gdn_layers": gdn_layers, "conv_size": conv_size, "norm_eps": norm_eps}
+    if not getattr(model.model, "gdn_pad_hook", None):
+        model.model.gdn_pad_hook = model.model.register_forward_pre_hook(share_padding_mask, with_kwargs=True)
     return model
+
+
+def share_padding_mask(stack, args, kwargs):
+    """Pre-hook on the decoder stack: hand each GDN layer the padding mask of the tokens about to be
+    processed (the last T columns of the 2-D attention mask), or None when there is none."""
+    mask = kwargs.get("attention_mask")
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    x = ids if ids is not None else kwargs.get("inputs_embeds")
+    pad = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x is not None:
+        pad = mask[:, -x.shape[1]:] == 0
+    for layer in stack.layers:
+        if isinstance(layer.self_attn, GatedDeltaNet):
+            layer.self_attn.pad_mask = pad
 
 
 def gdn_modules(model):

@@ -108,3 +108,23 @@ def test_gqa_heads_are_repeated_in_order():
     got = gdn.k_proj.weight.view(4, 16, 64)
     # query heads 0, 1 read kv head 0; heads 2, 3 read kv head 1 (HF's repeat_kv)
     assert torch.equal(got[0], kv[0]) and torch.equal(got[1], kv[0]) and torch.equal(got[3], kv[1])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_left_padded_batch_generates_like_single_prompts(family):
+    """Batch 2 with left padding: each row's greedy continuation equals that prompt alone."""
+    torch.manual_seed(0)
+    model = hybridize(tiny_model(family), [0, 1, 3], conv_size=4)
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    long, short = torch.randint(1, 128, (1, 11)), torch.randint(1, 128, (1, 6))
+    batch = torch.cat([long, torch.cat([torch.full((1, 5), 7), short], 1)])     # pad id 7: not inert
+    mask = torch.cat([torch.ones(1, 11), torch.cat([torch.zeros(1, 5), torch.ones(1, 6)], 1)]).long()
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        last = model(batch, attention_mask=mask).logits[:, -1]
+        torch.testing.assert_close(last[1], model(short).logits[0, -1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(last[0], model(long).logits[0, -1], rtol=1e-4, atol=1e-4)
+        both = model.generate(batch, attention_mask=mask, **kw)[:, 11:]
+        alone = [model.generate(p, attention_mask=torch.ones_like(p), **kw)[:, p.shape[1]:] for p in (long, short)]
+    assert torch.equal(both[0], alone[0][0]) and torch.equal(both[1], alone[1][0])
