@@ -10,7 +10,9 @@ convert.py -- teacher in, hybrid out: the command line that chains the other fil
    (--init, calibrate.py);
 4. save the hybrid (safetensors + config + tokenizer + conversion.json) atomically: everything is
    written into a temporary folder that is renamed to --out only when complete;
-5. measure teacher and student perplexity on --eval-data and print a greedy sample.
+5. measure teacher and student perplexity on --eval-data and print a greedy sample;
+6. with --distill-tokens 10M,30M: distill.py's Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2,
+   each evaluated as it goes and at the end (see distill.py).
 
 `--table` is the measurement mode: it converts the teacher once per (keep, policy, init) cell,
 measures each student's zero-shot perplexity, and writes a JSON and a markdown table to results/.
@@ -259,12 +261,24 @@ def parse_args(argv):
     p.add_argument("--policies", default="uniform", help="--table: policies")
     p.add_argument("--inits", default="naive,zero-gate", help="--table: inits")
     p.add_argument("--results", default="results/zeroshot", help="--table: output path stem (.json and .md)")
+    d = p.add_argument_group("distillation after conversion (distill.py), optional")
+    d.add_argument("--distill-tokens", help="token budgets 'STAGE1,STAGE2' (e.g. 10M,30M; 0 skips a stage): runs "
+                                            "Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2")
+    d.add_argument("--distill-data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
+                                                          "data", "corpus"), help="training text (file or folder)")
+    d.add_argument("--distill-args", default="", help="further distill.py options for both stages, one string "
+                                                      "(e.g. '--micro-batch 4 --eval-every 2M')")
     args = p.parse_args(argv)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
+    if args.distill_tokens:
+        budgets = [distill.parse_tokens(t) for t in args.distill_tokens.split(",")]
+        if len(budgets) != 2 or args.table:
+            p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M), and no --table")
+        args.distill_tokens = budgets
     return args
 
 
@@ -368,6 +382,24 @@ def table_markdown(r):
     return "\n".join(lines) + "\n"
 
 
+def run_distill_chain(args):
+    """teacher -> init (already in --out) -> Stage 1 -> Stage 2 -> evaluation: distill.py once per
+    stage, each in its own run folder beside --out, each starting from the previous student."""
+    import shlex
+    student = args.out
+    for stage, tokens in zip((1, 2), args.distill_tokens):
+        if not tokens:
+            continue
+        out = f"{os.path.abspath(args.out)}-stage{stage}"
+        argv = ["--student", student, "--stage", str(stage), "--tokens", str(tokens), "--data", args.distill_data,
+                "--out", out, "--seed", str(args.seed), "--device", args.device]
+        code = distill.main(argv + (["--overwrite"] if args.overwrite else []) + shlex.split(args.distill_args))
+        if code:
+            return code
+        student = out
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
@@ -376,7 +408,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return run_distill_chain(args) if args.distill_tokens else 0
 
 
 if __name__ == "__main__":
