@@ -12,16 +12,54 @@ count and token count, because perplexities over different windows are not compa
 
 WikiText-2 raw is read as the HF dataset presents it: each line of the file is one row, keeping its
 newline, whitespace-only lines become empty rows, and the text is "\\n\\n".join(rows).
+
+Distillation (METHOD section 5), run after the init, the same for every init:
+
+    python distill.py --student HYBRID --stage 1 --tokens 10M --data ../shared/data/corpus --out S1
+    python distill.py --student S1     --stage 2 --tokens 30M --data ../shared/data/corpus --out S2
+    torchrun --nproc_per_node 8 distill.py ...        (several GPUs of one node: DDP)
+
+Stage 1, per-layer alignment. Teacher forcing: one teacher forward (no grad) records, for every
+converted layer l, the input x_l of its attention module and that module's output y_T,l (after W_o).
+The student's GDN layer l gets the *same* x_l, and
+
+    L1 = (1/|G|) sum_{l in G} mean_{b,t} ||y_T,l(b,t) - GDN_l(x_l)(b,t)||_2 / sqrt(d)
+
+where G are the converted layers and d the hidden size. Only GDN parameters train. The student's
+own forward is never run in Stage 1: with teacher forcing, layer l's input does not depend on the
+student's other layers, so the GDN layers are independent problems, solved side by side, and the
+cost is one teacher forward plus the GDN layers (no student MLPs, no LM head, no logits).
+
+Stage 2, end-to-end: the student runs on its own outputs, and at every position t
+
+    L2 = mean_{b,t} KL(p_T(.|x_<=t) || p_S(.|x_<=t)) = mean_{b,t} sum_v p_T,v (log p_T,v - log p_S,v)
+
+at temperature 1. Every parameter trains, attention (softmax and GDN) at one learning rate, the
+rest (MLPs, norms, embeddings, LM head) at a much smaller one.
+
+Token budgets count real tokens: the corpus is packed into full sequences (documents joined by
+EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budget of N tokens
+gives floor(N / (batch * seq)) steps. The run folder (--out) holds metrics.jsonl (one line per
+step and per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
+--ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
+and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
+distill.json, written last, which marks the run complete.
 """
 
+import argparse
+import contextlib
 import json
+import math
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -149,3 +187,776 @@ def write_atomic(path, text):
 
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Training data: packed sequences in a seeded order
+# ----------------------------------------------------------------------------------------------
+
+def parse_tokens(text):
+    """'30M', '1.5k', '2G' or '123456' -> an int number of tokens."""
+    t = str(text).strip().upper()
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(t[-1:], 1)
+    try:
+        n = float(t[:-1] if scale > 1 else t) * scale
+    except ValueError:
+        raise ValueError(f"'{text}' is not a token count (examples: 30M, 500k, 123456)") from None
+    if n < 0 or n != n:
+        raise ValueError(f"'{text}' is not a token count (examples: 30M, 500k, 123456)")
+    return int(n)
+
+
+def text_files(path):
+    """A text file, or every .txt file under a folder (sorted: the order is part of the run)."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
+        if not files:
+            raise ValueError(f"--data folder '{path}' holds no .txt files")
+        return files
+    if os.path.isfile(path):
+        return [path]
+    raise ValueError(f"--data '{path}' is neither a text file nor a folder of .txt files")
+
+
+def corpus_ids(tokenizer, path):
+    """Every document tokenised on its own, the documents joined by EOS: one 1-D id tensor."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    parts = []
+    for f in tqdm(text_files(path), desc="tokenising", leave=False):
+        parts += [tokenize(tokenizer, read_text(f, "plain")), torch.tensor(eos, dtype=torch.long)]
+    return torch.cat(parts)
+
+
+class Batches:
+    """The corpus cut into [N, seq] full sequences (every token real, no padding), served `batch`
+    at a time in the order of a permutation seeded by (seed, epoch). The position (epoch, index) is
+    all a checkpoint needs to continue the exact same stream; a batch never straddles two epochs."""
+
+    def __init__(self, ids, seq, batch, seed):
+        n = ids.numel() // seq
+        if n < batch:
+            raise ValueError(f"the data has {ids.numel()} tokens = {n} sequences of {seq}, fewer than one batch "
+                             f"of {batch} sequences: give more text, or a smaller --batch / --seq")
+        self.seqs = ids[: n * seq].view(n, seq)
+        self.batch, self.seed = batch, seed
+        self.epoch, self.index = 0, 0
+        self._order = (None, None)
+
+    def order(self, epoch):
+        if self._order[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._order = (epoch, torch.randperm(len(self.seqs), generator=g))
+        return self._order[1]
+
+    def next(self):
+        if self.index + self.batch > len(self.seqs):
+            self.epoch, self.index = self.epoch + 1, 0
+        rows = self.order(self.epoch)[self.index: self.index + self.batch]
+        self.index += self.batch
+        return self.seqs[rows]
+
+
+# ----------------------------------------------------------------------------------------------
+# The two losses
+# ----------------------------------------------------------------------------------------------
+
+def stage1_loss(y_teacher, y_student):
+    """Mean over converted layers of mean_{b,t} ||y_T - y_S||_2 / sqrt(d). Lists of [B, T, d].
+    The norm (not its square) per token: a layer far off does not drown the others, and the
+    1/sqrt(d) makes it an RMS error, comparable across model widths. Computed in fp32."""
+    per_layer = [torch.linalg.vector_norm(yt.float() - ys.float(), dim=-1).mean() / math.sqrt(yt.shape[-1])
+                 for yt, ys in zip(y_teacher, y_student)]
+    return torch.stack(per_layer).mean()
+
+
+def stage2_loss(teacher_logits, student_logits):
+    """mean_{b,t} KL(p_T || p_S) = mean sum_v p_T,v (log p_T,v - log p_S,v), temperature 1, fp32.
+    Every position predicts a next token, so every position counts."""
+    log_t = F.log_softmax(teacher_logits.float(), dim=-1)
+    log_s = F.log_softmax(student_logits.float(), dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+
+
+class TeacherTaps:
+    """Forward hooks on the teacher's attention modules of the converted layers: after a teacher
+    forward, io[l] = (x_l, y_l), the module's input hidden states and its output (after W_o)."""
+
+    def __init__(self, teacher, layers):
+        from gdn import decoder_layers
+        self.io = {}
+        blocks = decoder_layers(teacher)
+        self.handles = [blocks[i].self_attn.register_forward_hook(self._hook(i), with_kwargs=True) for i in layers]
+
+    def _hook(self, i):
+        def hook(module, args, kwargs, output):
+            x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.io[i] = (x.detach(), output[0].detach())
+        return hook
+
+
+class GDNStack(nn.Module):
+    """The student's GDN layers side by side (the same module objects, so training them trains the
+    student): forward({l: x_l}) -> [GDN_l(x_l)]. The unit Stage 1 trains (and DDP wraps)."""
+
+    def __init__(self, student):
+        super().__init__()
+        from gdn import gdn_modules
+        self.layers = nn.ModuleDict({str(i): m for i, m in gdn_modules(student).items()})
+
+    def forward(self, xs):
+        return [self.layers[str(i)](x)[0] for i, x in xs.items()]
+
+
+def stage1_step(stack, teacher, taps, ids):
+    """L1 on one micro-batch: teacher forward (no grad, only its decoder: no logits), then every GDN
+    layer on its teacher-forced input."""
+    with torch.no_grad():
+        teacher.model(input_ids=ids, use_cache=False)
+    layers = sorted(taps.io)
+    y_student = stack({i: taps.io[i][0] for i in layers})
+    return stage1_loss([taps.io[i][1] for i in layers], y_student)
+
+
+def stage2_step(student, teacher, ids):
+    """L2 on one micro-batch."""
+    with torch.no_grad():
+        t = teacher(input_ids=ids, use_cache=False).logits
+    return stage2_loss(t, student(input_ids=ids, use_cache=False).logits)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference hyperparameters (METHOD section 5): every one an option of the command line
+# ----------------------------------------------------------------------------------------------
+
+STAGE_DEFAULTS = {
+    1: dict(seq=512, batch=96, lr=1e-3, lr_rest=0.0, schedule="cosine", grad_ckpt=0, micro_cap=16),
+    2: dict(seq=4096, batch=32, lr=1e-4, lr_rest=7e-6, schedule="constant", grad_ckpt=1, micro_cap=2),
+}
+
+
+def lr_factor(step, total, schedule, warmup=0, min_ratio=0.0):
+    """Multiplier of the base learning rate at step `step` (0-based) of `total`: linear warm-up,
+    then constant or cosine from 1 down to min_ratio. A pure function of the step, so resuming needs
+    nothing but the step count."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(student, stage, lr, lr_rest):
+    """Stage 1: the GDN parameters only (everything else frozen). Stage 2: every attention module's
+    parameters (softmax and GDN) at lr, the rest at lr_rest. Names fix the order, so a resumed run
+    rebuilds exactly the same groups."""
+    from gdn import gdn_modules
+    if stage == 1:
+        for p in student.parameters():
+            p.requires_grad_(False)
+        params = [p for _, m in sorted(gdn_modules(student).items()) for p in m.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        return [{"params": params, "lr": lr, "name": "gdn"}]
+    attn, rest = [], []
+    for name, p in student.named_parameters():
+        p.requires_grad_(True)
+        (attn if ".self_attn." in name else rest).append(p)
+    return [{"params": attn, "lr": lr, "name": "attention"}, {"params": rest, "lr": lr_rest, "name": "rest"}]
+
+
+def matmul_params(module, skip=()):
+    """Weights of every nn.Linear inside (a tied LM head counted: its matmul runs anyway)."""
+    return sum(m.weight.numel() for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in skip)
+
+
+def flops_per_token(stage, student, teacher, stack=None):
+    """Model FLOPs per trained token, the usual 2N forward / 6N forward+backward count over matmul
+    weights. Leaves out attention scores and the GDN chunk products (small at these lengths), so
+    the MFU it gives is a slight underestimate."""
+    if stage == 1:
+        return 2 * matmul_params(teacher, skip=("lm_head",)) + 6 * matmul_params(stack)
+    return 2 * matmul_params(teacher) + 6 * matmul_params(student)
+
+
+# ----------------------------------------------------------------------------------------------
+# Several GPUs of one node (torchrun sets the environment; DDP from torch itself)
+# ----------------------------------------------------------------------------------------------
+
+class Dist:
+    """rank, world size and device of this process; a single process when not under torchrun."""
+
+    def __init__(self, device):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "cuda":
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+        self.main = self.rank == 0
+
+    def mean(self, x):
+        """The mean of a scalar tensor over all processes."""
+        if self.world > 1:
+            x = x.clone()
+            torch.distributed.all_reduce(x)
+            x /= self.world
+        return x
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: safetensors for weights (through transformers) and optimiser state, JSON for the rest
+# ----------------------------------------------------------------------------------------------
+
+def rng_state():
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    return state
+
+
+def save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
+    """checkpoints/step_N, written into a temporary folder and renamed; then the `latest` pointer
+    is rewritten atomically, then older checkpoints go. A kill at any moment leaves `latest`
+    pointing at a complete checkpoint."""
+    from safetensors.torch import save_file
+    from gdn import save_hybrid
+    root = os.path.join(folder, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:08d}"
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
+    save_hybrid(student, None, tmp)                                     # model.safetensors + config
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
+    # The training state sits in a subfolder: the checkpoint itself stays a folder load_hybrid reads.
+    os.makedirs(os.path.join(tmp, "train_state"))
+    save_file(tensors, os.path.join(tmp, "train_state", "optimizer.safetensors"))
+    save_file({f"rank{r}.{k}": v.contiguous() for r, states in enumerate(rngs) for k, v in states.items()},
+              os.path.join(tmp, "train_state", "rng.safetensors"))
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
+    write_json(os.path.join(tmp, "train_state", "state.json"), {**state, "param_groups": groups})
+    final = os.path.join(root, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic(os.path.join(root, "latest"), name + "\n")
+    old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
+    for d in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    for d in os.listdir(root):                                          # leftovers of a killed write
+        if d.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(folder):
+    path = os.path.join(folder, "checkpoints", "latest")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return os.path.join(folder, "checkpoints", f.read().strip())
+
+
+def load_checkpoint(path, opt, rank, world):
+    """Optimiser state and this process's RNG back from a checkpoint; returns its state.json.
+    (The weights are loaded by gdn.load_hybrid on the same folder.)"""
+    from transformers.modeling_utils import load_state_dict
+    path = os.path.join(path, "train_state")
+    with open(os.path.join(path, "state.json")) as f:
+        state = json.load(f)
+    flat = load_state_dict(os.path.join(path, "optimizer.safetensors"))
+    per = {}
+    for key, v in flat.items():
+        i, k = key.split(".", 1)
+        per.setdefault(int(i), {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in state["param_groups"]]
+    opt.load_state_dict({"state": per, "param_groups": groups})
+    if state["world"] == world:
+        rng = load_state_dict(os.path.join(path, "rng.safetensors"))
+        torch.set_rng_state(rng[f"rank{rank}.cpu"])
+        for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+            if f"rank{rank}.cuda{i}" in rng:
+                torch.cuda.set_rng_state(rng[f"rank{rank}.cuda{i}"], i)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder's metrics file
+# ----------------------------------------------------------------------------------------------
+
+class Metrics:
+    """metrics.jsonl: one JSON object a line, written (by the main process) as the run goes."""
+
+    def __init__(self, path, enabled, keep_until_step=None):
+        self.path, self.enabled = path, enabled
+        if enabled and keep_until_step is not None:
+            # Resuming: lines logged after the checkpoint are redone, so they are dropped first.
+            lines = []
+            if os.path.exists(path):
+                with open(path) as f:
+                    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= keep_until_step]
+            write_atomic(path, "".join(lines))
+
+    def log(self, record):
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------------------------
+# The training loop both stages share
+# ----------------------------------------------------------------------------------------------
+
+def train(run, student, teacher, data, model, step_fn, groups):
+    """Optimise `model` (the student, or Stage 1's GDN stack; DDP-wrapped under torchrun) with
+    step_fn(model, ids) -> loss. Global batch = run.batch sequences, split over processes, then
+    into micro-batches whose gradients accumulate. Evaluates, checkpoints, stops on a non-finite
+    loss. Returns the list of per-step records this process ran."""
+    a, dist = run.args, run.dist
+    opt = torch.optim.AdamW(groups, lr=a.lr, betas=(a.beta1, a.beta2), weight_decay=a.weight_decay)
+    base = [g["lr"] for g in opt.param_groups]
+    params = [p for g in groups for p in g["params"]]
+    start = 0
+    if run.resume_from:
+        state = load_checkpoint(run.resume_from, opt, dist.rank, dist.world)
+        start, data.epoch, data.index = state["step"], state["data_epoch"], state["data_index"]
+    metrics = Metrics(os.path.join(a.out, "metrics.jsonl"), dist.main, keep_until_step=start)
+    per_rank = a.batch // dist.world
+    tokens_per_step = a.batch * a.seq
+    last_ckpt = run.resume_from
+    records = []
+    bar = tqdm(range(start, run.steps), desc=f"stage {a.stage}", initial=start, total=run.steps,
+               disable=not dist.main)
+    if start == 0:
+        evaluate(run, student, 0, metrics)
+    for step in bar:
+        t0 = time.time()
+        rows = data.next().view(dist.world, per_rank, a.seq)[dist.rank]
+        micro = rows.split(a.micro_batch)
+        loss_sum = 0.0
+        for j, ids in enumerate(micro):
+            # DDP: all-reduce gradients only on the last micro-batch of the step.
+            quiet = dist.world > 1 and j < len(micro) - 1
+            with (model.no_sync() if quiet else contextlib.nullcontext()), run.autocast():
+                loss = step_fn(model, ids.to(dist.device))
+            (loss / len(micro)).backward()
+            loss_sum = loss_sum + loss.detach()
+        loss = dist.mean(loss_sum / len(micro)).item()
+        grad_norm = float(nn.utils.clip_grad_norm_(params, a.clip))
+        tokens = (step + 1) * tokens_per_step
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            raise Diverged(f"stage {a.stage}: loss {loss} / gradient norm {grad_norm} at step {step + 1} "
+                           f"({tokens} tokens): stopping without saving; {where} (resume it with --resume, "
+                           f"e.g. after lowering --lr)")
+        f = lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
+        for g, b in zip(opt.param_groups, base):
+            g["lr"] = b * f
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dt = time.time() - t0
+        rec = {"type": "train", "stage": a.stage, "step": step + 1, "tokens": tokens, "loss": loss,
+               "grad_norm": grad_norm, "lr": base[0] * f, "seconds": dt, "tokens_per_s": tokens_per_step / dt}
+        records.append(rec)
+        metrics.log(rec)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+        if a.eval_every and tokens // a.eval_every > (tokens - tokens_per_step) // a.eval_every \
+                and step + 1 < run.steps:
+            evaluate(run, student, step + 1, metrics)
+        if a.ckpt_every and (step + 1) % a.ckpt_every == 0 and step + 1 < run.steps:
+            rngs = dist.gather(rng_state())
+            if dist.main:
+                last_ckpt = save_checkpoint(a.out, step + 1, student, opt, rngs, {
+                    "step": step + 1, "tokens": tokens, "data_epoch": data.epoch, "data_index": data.index,
+                    "world": dist.world, "config": run.config}, keep=a.keep_checkpoints)
+            dist.barrier()
+        if a.stop_after_steps and step + 1 - start >= a.stop_after_steps and step + 1 < run.steps:
+            bar.close()
+            run.stopped = True
+            return records
+    bar.close()
+    evaluate(run, student, run.steps, metrics)
+    return records
+
+
+def evaluate(run, student, step, metrics):
+    """Validation perplexity (main process only), logged with the tokens seen in every stage."""
+    a = run.args
+    if run.eval_ids is not None and run.dist.main:
+        was = student.training
+        student.eval()
+        with run.autocast():
+            ppl = perplexity(student, run.eval_ids, a.eval_window, a.eval_max_windows or None,
+                             a.eval_batch_size, desc="eval ppl")
+        student.train(was)
+        tokens = step * a.batch * a.seq
+        rec = {"type": "eval", "stage": a.stage, "step": step, "tokens": tokens,
+               "tokens_by_stage": {**run.prior_tokens, str(a.stage): tokens}, "data": a.eval_data,
+               "ppl": ppl["ppl"], "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"],
+               "eval_tokens": ppl["tokens"]}
+        run.evals.append(rec)
+        metrics.log(rec)
+    run.dist.barrier()
+
+
+def stage1(run, student, teacher, data):
+    """Stage 1: per-layer alignment of every GDN layer to its teacher attention layer, teacher-forced."""
+    groups = param_groups(student, 1, run.args.lr, run.args.lr_rest)
+    stack = GDNStack(student).train()
+    taps = TeacherTaps(teacher, sorted(int(i) for i in stack.layers))
+    model = stack if run.dist.world == 1 else nn.parallel.DistributedDataParallel(stack)
+    run.flops_per_token = flops_per_token(1, student, teacher, stack)
+    try:
+        return train(run, student, teacher, data, model, lambda m, ids: stage1_step(m, teacher, taps, ids), groups)
+    finally:
+        for h in taps.handles:
+            h.remove()
+
+
+def stage2(run, student, teacher, data):
+    """Stage 2: end-to-end KL distillation of the whole student."""
+    groups = param_groups(student, 2, run.args.lr, run.args.lr_rest)
+    student.train()
+    if run.args.grad_ckpt:
+        # Recompute each (every n-th) decoder layer in the backward instead of keeping its activations:
+        # at seq 4096 the activations, not the weights, are what fill the GPU.
+        kw = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):
+            student.activation_checkpointing_enable(kw, every_n_layers=run.args.grad_ckpt)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    model = student if run.dist.world == 1 else nn.parallel.DistributedDataParallel(student)
+    run.flops_per_token = flops_per_token(2, student, teacher)
+    return train(run, student, teacher, data, model, lambda m, ids: stage2_step(m, teacher, ids), groups)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------------------------
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WIKI = os.path.join(HERE, "..", "shared", "data", "wikitext-2-raw")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Stage 1 / Stage 2 distillation of a hybrid from convert.py")
+    p.add_argument("--student", required=True, help="hybrid folder written by convert.py (or by a previous stage)")
+    p.add_argument("--stage", type=int, required=True, choices=[1, 2])
+    p.add_argument("--tokens", required=True, help="token budget of this stage (30M, 500k, 123456)")
+    p.add_argument("--data", required=True, help="training text: a file or a folder of .txt files")
+    p.add_argument("--out", required=True, help="run folder; ends up holding the distilled student")
+    p.add_argument("--teacher", help="teacher spec for convert.load_teacher (default: the one recorded in "
+                                     "the student's conversion.json)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    g = p.add_argument_group("hyperparameters (default: the reference's for the stage)")
+    g.add_argument("--seq", type=int, help="sequence length (1: 512, 2: 4096)")
+    g.add_argument("--batch", type=int, help="global batch in sequences (1: 96, 2: 32)")
+    g.add_argument("--micro-batch", type=int, help="sequences per forward per GPU (default: the largest "
+                                                   "divisor of batch/GPUs up to 16 (1) or 2 (2))")
+    g.add_argument("--lr", type=float, help="learning rate (1: 1e-3 on GDN; 2: 1e-4 on attention and GDN)")
+    g.add_argument("--lr-rest", type=float, help="stage 2: learning rate of everything else (7e-6)")
+    g.add_argument("--schedule", choices=["cosine", "constant"], help="1: cosine, 2: constant")
+    g.add_argument("--warmup-steps", type=int, default=0)
+    g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
+    g.add_argument("--beta1", type=float, default=0.9)
+    g.add_argument("--beta2", type=float, default=0.95)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch's default; the "
+                                                                    "reference does not state one)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    g.add_argument("--grad-ckpt", type=int, help="gradient checkpointing of every n-th decoder layer, 0: off "
+                                                 "(default: 0 in stage 1, 1 in stage 2)")
+    p.add_argument("--seed", type=int, default=0, help="data order and everything random")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--amp", type=int, choices=[0, 1], help="bf16 autocast (default: on for CUDA, off on CPU)")
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--eval-data", default=os.path.join(WIKI, "wiki.valid.raw"),
+                   help="validation text (default: WikiText-2 raw validation); 'none' to skip")
+    e.add_argument("--eval-every", default="0", help="evaluate every this many tokens (and at start and end)")
+    e.add_argument("--eval-window", type=int, default=2048)
+    e.add_argument("--eval-max-windows", type=int, default=0, help="0: all")
+    e.add_argument("--eval-batch-size", type=int, default=0, help="0: 1 on CPU, 8 on CUDA")
+    e.add_argument("--test-data", default=os.path.join(WIKI, "wiki.test.raw"),
+                   help="final-number text, evaluated once at the end (default: WikiText-2 test); 'none' to skip")
+    c = p.add_argument_group("checkpoints and measurement")
+    c.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every this many steps (0: never)")
+    c.add_argument("--keep-checkpoints", type=int, default=1)
+    c.add_argument("--stop-after-steps", type=int, default=0,
+                   help="stop after this many steps of this process, as if killed (tests; splitting a run into jobs)")
+    c.add_argument("--peak-tflops", type=float, default=989.0,
+                   help="per-GPU peak for MFU (H100 SXM dense bf16: 989)")
+    a = p.parse_args(argv)
+    for k, v in STAGE_DEFAULTS[a.stage].items():
+        if k != "micro_cap" and getattr(a, k) is None:
+            setattr(a, k, v)
+    a.tokens = parse_tokens(a.tokens)
+    a.eval_every = parse_tokens(a.eval_every)
+    if a.device == "auto":
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.amp is None:
+        a.amp = int(a.device == "cuda")
+    a.eval_batch_size = a.eval_batch_size or (8 if a.device == "cuda" else 1)
+    for name in ("eval_data", "test_data"):
+        v = getattr(a, name)
+        setattr(a, name, None if v in (None, "", "none") else os.path.abspath(v))
+    a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
+    return a
+
+
+def check_shapes(a, world):
+    """The batch arithmetic, checked before anything is loaded."""
+    if a.seq < 2 or a.batch < 1:
+        raise ValueError(f"--seq must be >= 2 and --batch >= 1 (got {a.seq}, {a.batch})")
+    if a.batch % world:
+        raise ValueError(f"--batch {a.batch} does not split over {world} processes")
+    per_rank = a.batch // world
+    if a.micro_batch is None:
+        cap = STAGE_DEFAULTS[a.stage]["micro_cap"]
+        a.micro_batch = max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
+    if a.micro_batch < 1 or per_rank % a.micro_batch:
+        raise ValueError(f"--micro-batch {a.micro_batch} does not divide the {per_rank} sequences per process")
+    step_tokens = a.batch * a.seq
+    if a.tokens < step_tokens:
+        raise ValueError(f"--tokens {a.tokens} is smaller than one step (batch {a.batch} x seq {a.seq} = "
+                         f"{step_tokens} tokens)")
+    return a.tokens // step_tokens
+
+
+def read_student(path):
+    """The student folder's conversion record; a clear error unless convert.py (or a stage) wrote it."""
+    from transformers import AutoConfig
+    record = os.path.join(path, "conversion.json")
+    if not os.path.isdir(path):
+        raise ValueError(f"--student '{path}' is not a folder")
+    if not os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(record):
+        raise ValueError(f"--student '{path}' is not a hybrid written by convert.py (no config.json + conversion.json)")
+    if not getattr(AutoConfig.from_pretrained(path), "hybrid", None):
+        raise ValueError(f"--student '{path}' is not a hybrid written by convert.py (its config has no 'hybrid' entry)")
+    with open(record) as f:
+        conversion = json.load(f)
+    prior = {}
+    if os.path.isfile(os.path.join(path, "distill.json")):
+        with open(os.path.join(path, "distill.json")) as f:
+            prior = json.load(f).get("tokens_by_stage", {})
+    return conversion, prior
+
+
+def teacher_spec(a, conversion):
+    if a.teacher:
+        return a.teacher
+    spec = conversion.get("teacher_spec")
+    if spec is None and str(conversion.get("teacher", "")).startswith("default"):
+        spec = "default"
+    if spec is None:
+        raise ValueError("the student's conversion.json does not say how to load its teacher: pass --teacher")
+    return spec
+
+
+def check_teacher(teacher, t_tok, s_config, s_tok):
+    """The teacher must speak the student's vocabulary and have its shape (same layers, same width)."""
+    if len(t_tok) != len(s_tok) or t_tok.get_vocab() != s_tok.get_vocab() \
+            or teacher.config.vocab_size != s_config.vocab_size:
+        raise ValueError(f"the teacher's tokenizer differs from the student's ({len(t_tok)} vs {len(s_tok)} "
+                         f"tokens, vocab_size {teacher.config.vocab_size} vs {s_config.vocab_size}): "
+                         f"distillation compares distributions over the same vocabulary; pass the student's teacher")
+    for k in ("num_hidden_layers", "hidden_size"):
+        if getattr(teacher.config, k) != getattr(s_config, k):
+            raise ValueError(f"the teacher's {k} ({getattr(teacher.config, k)}) differs from the student's "
+                             f"({getattr(s_config, k)}): not this student's teacher")
+
+
+def run_config(a, spec):
+    """What fixes a run's trajectory: a resumed run must agree on every item."""
+    keys = ("stage", "student", "data", "tokens", "seq", "batch", "lr", "lr_rest", "schedule", "warmup_steps",
+            "min_lr_ratio", "beta1", "beta2", "weight_decay", "clip", "seed", "amp", "eval_data", "eval_every",
+            "eval_window", "eval_max_windows")
+    return {"teacher": spec, **{k: getattr(a, k) for k in keys}}
+
+
+def prepare_run_folder(a, config, dist):
+    """A new run: --out must not exist (or --overwrite). --resume: --out's run.json must hold the same
+    configuration; returns the checkpoint to continue from (None: start at step 0)."""
+    run_json = os.path.join(a.out, "run.json")
+    if a.resume and os.path.isdir(a.out):
+        if not os.path.isfile(run_json):
+            raise ValueError(f"--resume: '{a.out}' is not a distill.py run folder (no run.json)")
+        with open(run_json) as f:
+            old = json.load(f)["config"]
+        diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config) if old.get(k) != config.get(k)}
+        if diff:
+            raise ValueError("--resume: the run in '" + a.out + "' has another configuration: " +
+                             "; ".join(f"{k}: {o!r} there, {n!r} now" for k, (o, n) in sorted(diff.items())))
+        return latest_checkpoint(a.out)
+    if os.path.exists(a.out) and not a.overwrite:
+        raise ValueError(f"--out '{a.out}' already exists: pass --resume to continue it, --overwrite to replace "
+                         f"it, or choose another folder")
+    dist.barrier()
+    if dist.main:
+        if os.path.exists(a.out):
+            shutil.rmtree(a.out)
+        os.makedirs(a.out)
+        write_json(run_json, {"config": config, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+    dist.barrier()
+    return None
+
+
+def save_student(student, tokenizer, a, extra_files):
+    """The final student: gdn.save_hybrid into a temporary folder, then its files renamed into --out
+    (distill.json, written after, marks the run complete)."""
+    from gdn import save_hybrid
+    tmp = tempfile.mkdtemp(dir=a.out, prefix=".final.tmp-")
+    save_hybrid(student, tokenizer, tmp)
+    for name, src in extra_files.items():
+        shutil.copyfile(src, os.path.join(tmp, name))
+    for f in os.listdir(tmp):
+        os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
+    os.rmdir(tmp)
+
+
+class Run:
+    """What the loop needs besides models and data."""
+
+    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens):
+        self.args, self.dist, self.steps, self.config = args, dist, steps, config
+        self.resume_from, self.eval_ids, self.prior_tokens = resume_from, eval_ids, prior_tokens
+        self.evals, self.stopped, self.flops_per_token = [], False, None
+
+    def autocast(self):
+        if self.args.amp and self.dist.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def throughput(run, records):
+    """Median step throughput after 2 warm-up steps (compilation, autotuning), and the MFU it means."""
+    times = sorted(r["tokens_per_s"] for r in records[2:]) or sorted(r["tokens_per_s"] for r in records)
+    if not times:
+        return None
+    tps = times[len(times) // 2]
+    out = {"tokens_per_s": tps, "steps_timed": len(times), "flops_per_token": run.flops_per_token,
+           "gpus": run.dist.world if run.dist.device.type == "cuda" else 0}
+    if run.dist.device.type == "cuda":
+        out["mfu"] = run.flops_per_token * tps / (run.args.peak_tflops * 1e12 * run.dist.world)
+        out["peak_tflops_per_gpu"] = run.args.peak_tflops
+    return out
+
+
+def distill(a):
+    """Everything `python distill.py` does; raises ValueError on bad input before writing anything."""
+    from transformers import AutoConfig, AutoTokenizer
+    from gdn import load_hybrid
+    t_start = time.time()
+    conversion, prior = read_student(a.student)
+    dist = Dist(a.device)
+    steps = check_shapes(a, dist.world)
+    spec = teacher_spec(a, conversion)
+    config = run_config(a, spec)
+    if a.resume and os.path.isfile(os.path.join(a.out, "distill.json")):
+        if dist.main:
+            print(f"{a.out} is complete already (distill.json); nothing to do")
+        return None
+    torch.manual_seed(a.seed)
+    s_tok = AutoTokenizer.from_pretrained(a.student)
+    data = Batches(corpus_ids(s_tok, a.data), a.seq, a.batch, a.seed)
+    eval_ids = None
+    if a.eval_data:
+        eval_ids = tokenize(s_tok, read_text(a.eval_data))
+        windows(eval_ids, a.eval_window)                              # too short: fail now
+    test_ids = None
+    if a.test_data:
+        test_ids = tokenize(s_tok, read_text(a.test_data))
+        windows(test_ids, a.eval_window)
+    from convert import load_teacher                                  # lazy: convert imports distill
+    dtype = torch.bfloat16 if (a.amp and a.device == "cuda") else torch.float32
+    teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
+    resume_from = prepare_run_folder(a, config, dist)                 # every check passed: now write
+    student = load_hybrid(resume_from or a.student, dist.device)      # fp32 master weights
+    run = Run(a, dist, steps, config, resume_from, eval_ids, prior)
+    if dist.main:
+        print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
+              f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences; "
+              f"{dist.world} process(es), micro-batch {a.micro_batch}, accumulation "
+              f"{a.batch // dist.world // a.micro_batch}" + (f"; resuming {resume_from}" if resume_from else ""))
+    records = (stage1 if a.stage == 1 else stage2)(run, student, teacher, data)
+    if run.stopped:
+        if dist.main:
+            print(f"stopped after step {records[-1]['step'] if records else '-'} (--stop-after-steps); "
+                  f"continue with --resume")
+        return None
+    student.eval()
+    if a.grad_ckpt and a.stage == 2:
+        getattr(student, "activation_checkpointing_disable", student.gradient_checkpointing_disable)()
+    test = None
+    if dist.main:
+        if test_ids is not None:
+            with run.autocast():
+                test = perplexity(student, test_ids, a.eval_window, None, a.eval_batch_size, desc="test ppl")
+        save_student(student, s_tok, a, {"conversion.json": os.path.join(a.student, "conversion.json")})
+        tokens = steps * a.batch * a.seq
+        losses = [r["loss"] for r in records]
+        record = {"stage": a.stage, "student_in": a.student, "teacher_spec": spec, "steps": steps,
+                  "tokens": tokens, "tokens_by_stage": {**prior, str(a.stage): tokens},
+                  "config": config, "micro_batch": a.micro_batch, "grad_ckpt": a.grad_ckpt,
+                  "processes": dist.world, "first_loss": losses[0] if losses else None,
+                  "last_loss": losses[-1] if losses else None, "evals": run.evals,
+                  "final_eval": run.evals[-1] if run.evals else None, "test": test, "test_data": a.test_data,
+                  "throughput": throughput(run, records), "resumed_from": resume_from,
+                  "seconds": time.time() - t_start, **run_info(a.seed)}
+        write_json(os.path.join(a.out, "distill.json"), record)
+        summary(record, a)
+    dist.barrier()
+    return run
+
+
+def summary(r, a):
+    loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"
+    print(f"\nstage {r['stage']} done: {r['steps']} steps, {r['tokens']:,} tokens, loss {loss}")
+    if r["evals"]:
+        e0, e1 = r["evals"][0], r["evals"][-1]
+        print(f"validation ppl ({e1['windows']} x {e1['window']} tokens): {e0['ppl']:.3f} at {e0['tokens']:,} "
+              f"tokens -> {e1['ppl']:.3f} at {e1['tokens']:,}")
+    if r["test"]:
+        print(f"test ppl ({r['test']['windows']} x {r['test']['window']} tokens): {r['test']['ppl']:.3f}")
+    t = r["throughput"]
+    if t:
+        print(f"throughput {t['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""))
+    print(f"wrote {a.out} ({r['seconds']:.0f} s)")
+
+
+def main(argv=None):
+    try:
+        a = parse_args(argv)
+        distill(a)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""distill.py: the two losses, the data stream, Stage 1 and Stage 2 end to end on a tiny hybrid,
+exact kill-and-resume, the NaN stop, bad inputs, and convert.py's --distill-tokens chain.
+
+The models here are tiny Llamas over a small BPE vocabulary trained on the spot (a few hundred
+tokens), so a training step costs milliseconds and the whole file runs in about a minute on CPU."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert
+import distill
+from conftest import tiny_model
+
+TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+        "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+        "it was the season of Darkness, it was the spring of hope, it was the winter of despair. ")
+
+
+def bpe_tokenizer(text, vocab_size):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def save_teacher(path, tokenizer, seed=0):
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A tiny teacher, its naive 1/2 hybrid written by convert.py, and text files."""
+    root = tmp_path_factory.mktemp("distill")
+    tok = bpe_tokenizer(TEXT * 4, 300)
+    teacher = save_teacher(root / "teacher", tok)
+    files = {}
+    for name, reps in (("train", 6), ("small", 2), ("valid", 3), ("test", 3)):
+        files[name] = root / f"{name}.txt"
+        files[name].write_text(TEXT * reps)
+    hybrid = root / "hybrid"
+    code = convert.main(["--teacher", teacher, "--keep", "1/2", "--out", str(hybrid), "--eval-data",
+                         str(files["valid"]), "--window", "32", "--max-windows", "1", "--no-sample",
+                         "--calib-seqs", "1", "--calib-len", "16", "--calib-data", str(files["train"])])
+    assert code == 0
+    return {"root": root, "tok": tok, "teacher": teacher, "hybrid": str(hybrid), **{k: str(v) for k, v in files.items()}}
+
+
+def args(s, out, stage=1, tokens=6 * 4 * 16, extra=()):
+    """A tiny run: seq 16, global batch 4 in micro-batches of 2 (gradient accumulation on)."""
+    return ["--student", s["hybrid"], "--stage", str(stage), "--tokens", str(tokens), "--data", s["train"],
+            "--out", str(out), "--seq", "16", "--batch", "4", "--micro-batch", "2", "--lr", "3e-3",
+            "--lr-rest", "3e-4", "--eval-data", s["valid"], "--eval-window", "32", "--eval-max-windows", "2",
+            "--eval-every", "128", "--test-data", s["test"], "--ckpt-every", "2", *extra]
+
+
+def lines(out, kind):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["type"] == kind]
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces
+# ----------------------------------------------------------------------------------------------
+
+def test_losses_are_the_formulas():
+    torch.manual_seed(0)
+    yt, ys = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)], [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
+    expect = sum(((a - b).pow(2).sum(-1).sqrt().mean() / 8 ** 0.5) for a, b in zip(yt, ys)) / 2
+    assert torch.allclose(distill.stage1_loss(yt, ys), expect)
+    assert distill.stage1_loss(yt, yt) == 0
+    t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / 10
+    assert torch.allclose(distill.stage2_loss(t, s), kl) and distill.stage2_loss(t, t).abs() < 1e-6
+
+
+def test_batches_are_seeded_packed_and_resumable():
+    ids = torch.arange(100)
+    a, b = distill.Batches(ids, 10, 3, seed=1), distill.Batches(ids, 10, 3, seed=1)
+    first = [a.next() for _ in range(7)]                       # 3 batches an epoch: crosses two epochs
+    assert all(x.shape == (3, 10) for x in first) and a.epoch == 2
+    assert len({int(r[0]) for x in first[:3] for r in x}) == 9       # an epoch never repeats a sequence
+    assert all(torch.equal(r, torch.arange(r[0], r[0] + 10)) for x in first for r in x)   # contiguous text
+    b.epoch, b.index = 1, 3                                    # a restored position continues the stream
+    assert torch.equal(b.next(), first[4])
+    assert not torch.equal(torch.cat(first[:3]), torch.cat(first[3:6]))   # each epoch its own order
+    with pytest.raises(ValueError, match="fewer than one batch"):
+        distill.Batches(torch.arange(25), 10, 3, seed=0)
+
+
+def test_parse_tokens_and_schedule():
+    assert distill.parse_tokens("30M") == 30_000_000 and distill.parse_tokens("1.5k") == 1500
+    assert distill.parse_tokens("123") == 123
+    with pytest.raises(ValueError):
+        distill.parse_tokens("lots")
+    assert distill.lr_factor(0, 10, "cosine") == 1.0 and distill.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+    assert distill.lr_factor(9, 10, "constant") == 1.0 and distill.lr_factor(0, 10, "cosine", warmup=4) == 0.25
+
+
+# ----------------------------------------------------------------------------------------------
+# Both stages train
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_reduces_its_loss(setup, tmp_path, stage):
+    """With a data file of exactly one batch, every step sees the same 4 sequences, so the loss of
+    the stage must fall; Stage 1 may only move GDN parameters, Stage 2 moves everything."""
+    s = setup
+    ids = distill.tokenize(s["tok"], TEXT * 6)
+    one_batch = tmp_path / "one.txt"
+    one_batch.write_text(s["tok"].decode(ids[: 4 * 16 + 8]))
+    assert distill.tokenize(s["tok"], one_batch.read_text()).numel() // 16 == 4
+    out = tmp_path / "run"
+    a = args(s, out, stage, tokens=10 * 64, extra=["--lr", "1e-2", "--lr-rest", "1e-3"])
+    a[a.index("--data") + 1] = str(one_batch)
+    assert distill.main(a) == 0
+    loss = [r["loss"] for r in lines(out, "train")]
+    assert len(loss) == 10 and loss[-1] < 0.8 * loss[0], loss
+    from gdn import load_hybrid
+    before, after = load_hybrid(s["hybrid"]).state_dict(), load_hybrid(out).state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    gdn = {k for k in before if ".self_attn." in k and int(k.split(".")[2]) in (1, 3)}
+    assert moved == gdn if stage == 1 else moved == set(before), sorted(moved ^ gdn)[:5]
+    record = json.load(open(out / "distill.json"))
+    assert record["tokens_by_stage"] == {str(stage): 640} and record["test"]["window"] == 32
+    assert record["seed"] == 0 and record["commit"]
+    evals = lines(out, "eval")
+    assert [e["tokens"] for e in evals] == [0, 128, 256, 384, 512, 640]      # every 128 tokens, start, end
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: kill and resume, NaN
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_continues_exactly(setup, tmp_path, stage):
+    """Uninterrupted 6 steps vs. stopped after 3 (last checkpoint at 2, so step 3 is redone) and
+    resumed: the same loss and gradient-norm trace, evaluations and final weights, bit for bit.
+    The data (15 sequences, 4 a step) wraps around an epoch, and Stage 1's cosine lr moves."""
+    s = {**setup, "train": setup["small"]}
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert distill.main(args(s, full, stage)) == 0
+    assert distill.main(args(s, cut, stage, extra=["--stop-after-steps", "3"])) == 0
+    assert not (cut / "distill.json").exists() and len(lines(cut, "train")) == 3
+    assert open(cut / "checkpoints" / "latest").read().strip() == "step_00000002"
+    assert distill.main(args(s, cut, stage, extra=["--resume"])) == 0
+    a, b = lines(full, "train"), lines(cut, "train")
+    key = lambda rs: [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rs]
+    assert key(a) == key(b) and len(a) == 6
+    assert [(e["step"], e["ppl"]) for e in lines(full, "eval")] == [(e["step"], e["ppl"]) for e in lines(cut, "eval")]
+    from gdn import load_hybrid
+    wa, wb = load_hybrid(full).state_dict(), load_hybrid(cut).state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert json.load(open(cut / "distill.json"))["test"] == json.load(open(full / "distill.json"))["test"]
+
+
+def test_nan_stops_and_keeps_the_last_checkpoint(setup, tmp_path, capsys):
+    """lr 1e30: the first update throws the weights to ~1e30, the next loss overflows. The run must
+    stop with a clear message, write no student, and leave the step-1 checkpoint as it was."""
+    out = tmp_path / "run"
+    code = distill.main(args(setup, out, 1, extra=["--lr", "1e30", "--ckpt-every", "1"]))
+    err = capsys.readouterr().err
+    assert code == 3 and "step 2" in err and "last good checkpoint" in err and "step_00000001" in err, err
+    assert not (out / "distill.json").exists() and not (out / "model.safetensors").exists()
+    assert os.listdir(out / "checkpoints") == ["latest", "step_00000001"] or \
+        sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000001"]
+    from gdn import load_hybrid
+    model = load_hybrid(out / "checkpoints" / "step_00000001")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert [r["step"] for r in lines(out, "train")] == [1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: a clear error, exit code 2, nothing written or overwritten
+# ----------------------------------------------------------------------------------------------
+
+def untouched(out):
+    return not os.path.exists(out)
+
+
+def test_student_that_is_not_a_hybrid(setup, tmp_path, capsys):
+    a = args(setup, tmp_path / "o")
+    a[a.index("--student") + 1] = setup["teacher"]
+    assert distill.main(a) == 2 and "not a hybrid" in capsys.readouterr().err and untouched(tmp_path / "o")
+
+
+def test_teacher_with_another_tokenizer(setup, tmp_path, capsys):
+    other = save_teacher(tmp_path / "other", bpe_tokenizer(TEXT * 4 + "zebra quagga okapi " * 20, 320))
+    code = distill.main(args(setup, tmp_path / "o", extra=["--teacher", other]))
+    assert code == 2 and "tokenizer differs" in capsys.readouterr().err and untouched(tmp_path / "o")
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--tokens", "63"], "smaller than one step"),
+    (["--batch", "64", "--tokens", "2048"], "fewer than one batch"),
+    (["--micro-batch", "3"], "does not divide"),
+])
+def test_budget_and_data_sizes(setup, tmp_path, capsys, change, message):
+    code = distill.main(args(setup, tmp_path / "o", extra=change))
+    assert code == 2 and message in capsys.readouterr().err and untouched(tmp_path / "o")
+
+
+def test_existing_out_and_resume_with_another_configuration(setup, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert distill.main(args(setup, out, extra=["--stop-after-steps", "2", "--eval-every", "0"])) == 0
+    before = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
+    capsys.readouterr()
+    assert distill.main(args(setup, out, extra=["--eval-every", "0"])) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume", "--lr", "5e-3"])) == 2
+    err = capsys.readouterr().err
+    assert "another configuration" in err and "lr: 0.003 there, 0.005 now" in err
+    after = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
+    assert before == after
+
+
+# ----------------------------------------------------------------------------------------------
+# One command: teacher -> init -> Stage 1 -> Stage 2 -> evaluation
+# ----------------------------------------------------------------------------------------------
+
+def test_convert_chains_both_stages(setup, tmp_path):
+    s = setup
+    out = tmp_path / "h"
+    more = (f"--seq 16 --batch 4 --eval-data {s['valid']} --eval-window 32 --eval-max-windows 1 "
+            f"--test-data {s['test']} --ckpt-every 0")
+    code = convert.main(["--teacher", s["teacher"], "--keep", "1/2", "--out", str(out), "--eval-data", s["valid"],
+                         "--window", "32", "--max-windows", "1", "--no-sample", "--calib-seqs", "1",
+                         "--calib-len", "16", "--calib-data", s["train"], "--distill-tokens", "128,64",
+                         "--distill-data", s["train"], "--distill-args", more])
+    assert code == 0
+    assert json.load(open(out / "conversion.json"))["teacher_spec"] == s["teacher"]
+    r1 = json.load(open(f"{out}-stage1/distill.json"))
+    r2 = json.load(open(f"{out}-stage2/distill.json"))
+    assert r1["tokens_by_stage"] == {"1": 128} and r2["tokens_by_stage"] == {"1": 128, "2": 64}
+    assert r2["student_in"] == f"{out}-stage1" and r2["test"]["ppl"] > 0
+    assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
