@@ -260,7 +260,12 @@ def parse_args(argv):
     p.add_argument("--keeps", default="1/4,1/2,3/4", help="--table: keep fractions")
     p.add_argument("--policies", default="uniform", help="--table: policies")
     p.add_argument("--inits", default="naive,zero-gate", help="--table: inits")
-    p.add_argument("--results", default="results/zeroshot", help="--table: output path stem (.json and .md)")
+    p.add_argument("--results", default="results/zeroshot", help="--table/--bench: output path stem (.json and .md)")
+    p.add_argument("--bench", action="store_true", help="measurement mode: prefill/decode speed and memory, teacher vs hybrids at --keeps")
+    p.add_argument("--contexts", default="1k,4k,16k,32k,64k", help="--bench: context lengths")
+    p.add_argument("--batches", default="1,8", help="--bench: batch sizes")
+    p.add_argument("--decode-steps", type=int, default=50, help="--bench: timed decoding steps per cell")
+    p.add_argument("--no-graphs", action="store_true", help="--bench: time the plain Python decode loop, no CUDA graph")
     d = p.add_argument_group("distillation after conversion (distill.py), optional")
     d.add_argument("--distill-tokens", help="token budgets 'STAGE1,STAGE2' (e.g. 10M,30M; 0 skips a stage): runs "
                                             "Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2")
@@ -400,10 +405,207 @@ def run_distill_chain(args):
     return 0
 
 
+
+# ----------------------------------------------------------------------------------------------
+# Inference benchmark (--bench): prefill latency, decode speed, memory, teacher vs hybrids.
+#
+# Decoding one token reads every weight once plus the whole cache: the KV cache of each softmax
+# layer grows with the context, a GDN layer's state does not. So the lower bound of one step is
+#     bytes(weights) + bytes(KV of the kept layers) + bytes(GDN states, read and written)
+#     ------------------------------------------------------------------------------------
+#                      memory bandwidth (measured on the card: a large copy)
+# and a hybrid keeping 1/4 of the layers reads about 1/4 of the teacher's cache. Small models are
+# far from that bound when every step is a Python loop over ~300 kernel launches, so on a GPU a
+# step is captured once as a CUDA graph and replayed (KV in HF's StaticCache, GDN states updated in
+# place, so every address the graph saw stays valid).
+# ----------------------------------------------------------------------------------------------
+
+def parse_sizes(text, name):
+    """'1k,4k,32768' -> [1024, 4096, 32768]; a clear error for anything else."""
+    out = []
+    for t in text.split(","):
+        t = t.strip().lower()
+        try:
+            out.append(int(t[:-1]) * 1024 if t.endswith("k") else int(t))
+        except ValueError:
+            raise ValueError(f"--{name} '{text}': '{t}' is not a size (examples: 1k,4k,32768)") from None
+        if out[-1] <= 0:
+            raise ValueError(f"--{name} '{text}': sizes must be positive")
+    return out
+
+
+def cache_bytes(model, cache):
+    """Bytes held by the cache: KV tensors of softmax layers and states of GDN layers."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    for S, conv in getattr(cache, "gdn_state", {}).values():
+        total += sum(t.numel() * t.element_size() for t in (S, conv) if t is not None)
+    return total
+
+
+def weight_bytes(model):
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def copy_bandwidth(device):
+    """Achievable memory bandwidth, bytes/s: a large device copy, bytes read + written."""
+    if device != "cuda":
+        return None
+    x = torch.empty(512 * 2**20, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 20 / (start.elapsed_time(end) / 1e3)
+
+
+def time_decode(model, cache, next_ids, pos, steps, graphs):
+    """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU."""
+    B = next_ids.shape[0]
+    kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
+                      use_cache=True)
+    cuda = next_ids.is_cuda
+    if cuda and graphs:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):                                      # warm-up, as capture requires
+                model(next_ids, **kw())
+                pos.add_(1)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(next_ids, **kw())
+            pos.add_(1)
+        step = graph.replay
+    else:
+        def step():
+            model(next_ids, **kw())
+            pos.add_(1)
+        for _ in range(2):
+            step()
+    times = []
+    for _ in range(steps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def bench_one(model, B, ctx, steps, graphs, device):
+    """Prefill ctx tokens for B sequences, then decode: a dict of the measurements."""
+    from transformers import StaticCache
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(100, model.config.vocab_size, (B, ctx), generator=gen).to(device)
+    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 8)
+    pos = torch.arange(ctx, device=device)
+    t0 = time.perf_counter()
+    out = model(ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
+    if cuda:
+        torch.cuda.synchronize()
+    prefill = time.perf_counter() - t0
+    next_ids = out.logits[:, -1:].argmax(-1)
+    step = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs)
+    kv = cache_bytes(model, cache)
+    states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
+    read = weight_bytes(model) + (kv - states) + 2 * states       # KV read once; states read and written
+    return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
+            "cache_bytes": kv, "bytes_per_step": read,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+
+
+def run_bench(args):
+    """--bench: teacher and hybrids side by side; JSON + markdown under results/."""
+    from tqdm import tqdm
+    contexts, batches = parse_sizes(args.contexts, "contexts"), parse_sizes(args.batches, "batches")
+    keeps = [parse_keep(k) for k in args.keeps.split(",")]
+    teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
+    n = teacher.config.num_hidden_layers
+    models = [("teacher", teacher)]
+    for keep in keeps:
+        student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
+        models.append((f"hybrid keep {fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
+    bw = copy_bandwidth(args.device)
+    rows, fits = [], {}
+    for name, model in models:
+        for B in batches:
+            for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
+                try:
+                    r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device)
+                except torch.cuda.OutOfMemoryError:
+                    largest = fits.get((name, B))
+                    msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
+                           f"that fits is {largest}" if largest else f"{name}, batch {B}: context {ctx} does not fit")
+                    print(msg)
+                    rows.append({"model": name, "batch": B, "context": ctx, "error": msg})
+                    torch.cuda.empty_cache()
+                    break
+                fits[(name, B)] = ctx
+                r["model"] = name
+                r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
+                rows.append(r)
+    record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
+              "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
+    distill.write_json(args.results + ".json", record)
+    distill.write_atomic(args.results + ".md", bench_markdown(record))
+    print(bench_markdown(record))
+
+
+def bench_markdown(r):
+    bw = r["bandwidth_bytes_s"]
+    lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
+             f"CUDA graphs {r['cuda_graphs']}, commit {str(r['commit'])[:10]}."
+             + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
+             "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
+             "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | cache MiB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for x in r["rows"]:
+        if "error" in x:
+            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['error']} | | | | | |")
+            continue
+        bound = f"{x['bound_step_s'] * 1e3:.3f}" if x.get("bound_step_s") else "-"
+        peak = f"{x['peak_memory_bytes'] / 2**20:.0f}" if x.get("peak_memory_bytes") else "-"
+        lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['prefill_s'] * 1e3:.1f} | "
+                     f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
+                     f"{x['cache_bytes'] / 2**20:.1f} | {peak} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(args.seed)
     try:
+        if args.bench:
+            run_bench(args)
+            return 0
         run_table(args) if args.table else run_convert(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
