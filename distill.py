@@ -539,7 +539,8 @@ def train(run, student, teacher, data, model, step_fn, groups):
     if run.resume_from:
         state = load_checkpoint(run.resume_from, opt, dist.rank, dist.world)
         start, data.epoch, data.index = state["step"], state["data_epoch"], state["data_index"]
-    metrics = Metrics(os.path.join(a.out, "metrics.jsonl"), dist.main, keep_until_step=start)
+    # Lines past the checkpoint are redone; at step 0 (no checkpoint yet) everything is.
+    metrics = Metrics(os.path.join(a.out, "metrics.jsonl"), dist.main, keep_until_step=start if start else -1)
     per_rank = a.batch // dist.world
     tokens_per_step = a.batch * a.seq
     last_ckpt = run.resume_from

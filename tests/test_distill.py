@@ -244,3 +244,30 @@ def test_convert_chains_both_stages(setup, tmp_path):
     assert r1["tokens_by_stage"] == {"1": 128} and r2["tokens_by_stage"] == {"1": 128, "2": 64}
     assert r2["student_in"] == f"{out}-stage1" and r2["test"]["ppl"] > 0
     assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes (torchrun, DDP over gloo on CPU): the same trajectory as one process
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_ddp_matches_one_process(setup, tmp_path, stage):
+    """Two processes with a micro-batch of 2 each vs. one process accumulating two micro-batches of 2:
+    the same global batch, so the same losses up to the order of float additions in the all-reduce."""
+    import subprocess
+    import sys
+    s = {**setup, "train": setup["small"]}
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--tokens", "256", "--eval-every", "0", "--test-data", "none", "--ckpt-every", "2", "--device", "cpu"]
+    assert distill.main(args(s, one, stage, extra=extra)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           distill.__file__, *args(s, two, stage, extra=extra)]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    a, b = lines(one, "train"), lines(two, "train")
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    assert json.load(open(two / "distill.json"))["processes"] == 2
+    assert lines(one, "eval")[-1]["ppl"] == pytest.approx(lines(two, "eval")[-1]["ppl"], rel=1e-4)
