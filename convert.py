@@ -516,22 +516,31 @@ def time_decode(model, cache, next_ids, pos, steps, graphs):
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device):
-    """Prefill ctx tokens for B sequences, then decode: a dict of the measurements."""
+def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048):
+    """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
+
+    Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
+    static cache for decoding is then filled in chunks: one whole-context pass into a static cache
+    would build a (context x cache length) mask, which at 64k tokens is larger than the model."""
     from transformers import StaticCache
     cuda = device == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size, (B, ctx), generator=gen).to(device)
-    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 8)
-    pos = torch.arange(ctx, device=device)
+    model(ids[:, :16], use_cache=False, logits_to_keep=1)                   # warm-up (kernel compilation)
+    sync()
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, cache_position=pos, use_cache=True, logits_to_keep=1)
-    if cuda:
-        torch.cuda.synchronize()
+    model(ids, use_cache=False, logits_to_keep=1)
+    sync()
     prefill = time.perf_counter() - t0
+    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 8)
+    for i in range(0, ctx, fill_chunk):
+        chunk = ids[:, i: i + fill_chunk]
+        out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
+                    use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
     step = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs)
     kv = cache_bytes(model, cache)

@@ -33,7 +33,8 @@ state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: 
 the context length. Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
 carries them without knowing. HF reads the context length off the cache's per-layer key tensors, so
 each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T x 1): position
-bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version.
+bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version
+and for growing and static caches alike.
 Once a state exists it is updated in place (copy_), so its memory address never changes: a captured
 CUDA graph of a decoding step can replay against it.
 
@@ -166,12 +167,8 @@ class GatedDeltaNet(nn.Module):
                     conv0.copy_(conv_state)
                     conv_state = conv0
             states[self.layer_idx] = (S, conv_state)
-            # A growing cache reads the context length off its keys: append the placeholder (see the
-            # module docstring). A static cache (fixed max_cache_len) is told positions explicitly.
-            layers = getattr(cache, "layers", None)
-            if layers is None or not hasattr(layers[self.layer_idx], "max_cache_len"):
-                stub = x.new_zeros(B, 1, T, 1)
-                cache.update(stub, stub, self.layer_idx)
+            stub = x.new_zeros(B, 1, T, 1)                                     # see the module docstring
+            cache.update(stub, stub, self.layer_idx)
         return self.readout(o, x), None
 
 

@@ -128,3 +128,22 @@ def test_left_padded_batch_generates_like_single_prompts(family):
         both = model.generate(batch, attention_mask=mask, **kw)[:, 11:]
         alone = [model.generate(p, attention_mask=torch.ones_like(p), **kw)[:, p.shape[1]:] for p in (long, short)]
     assert torch.equal(both[0], alone[0][0]) and torch.equal(both[1], alone[1][0])
+
+
+def test_static_cache_chunked_prefill_and_decode_equal_full_forward():
+    """The path --bench decodes with: HF StaticCache for softmax layers, prompt fed in chunks,
+    GDN states carried and updated in place."""
+    from transformers import StaticCache
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    ids = torch.randint(0, 128, (2, 23))
+    cache = StaticCache(config=model.config, max_cache_len=32)
+    logits = []
+    with torch.no_grad():
+        for a, b in [(0, 8), (8, 20), (20, 21), (21, 22), (22, 23)]:
+            out = model(ids[:, a:b], past_key_values=cache, cache_position=torch.arange(a, b), use_cache=True)
+            logits.append(out.logits)
+        full = model(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
