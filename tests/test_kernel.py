@@ -126,7 +126,7 @@ def test_triton_bf16_forward_close():
 
 @needs_triton
 def test_triton_rejects_big_head_dim():
-    xs = inputs(1, 4, 1, gk.MAX_HEAD_DIM + 16, 16, device="cpu")
+    xs = inputs(1, 4, 1, gk.MAX_HEAD_DIM_FP32 + 16, 16, device="cpu")
     with pytest.raises(ValueError, match="head dims"):
         gk.chunk_gated_delta_rule_triton(*xs[:5])
 
