@@ -159,13 +159,16 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
 def run_info(seed=None):
     """Commit, device, versions, seed and command: what anyone needs to reproduce a number."""
     import transformers
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or None
+        r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
+        commit = r.stdout.strip() if r.returncode == 0 else None
         dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip())
+                                    text=True, cwd=here).stdout.strip()) if commit else None
     except OSError:
         commit, dirty = None, None
+    if commit is None and os.environ.get("GIT_COMMIT"):   # a copy of the tree without .git (a GPU box)
+        commit, dirty = os.environ["GIT_COMMIT"], None
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -312,9 +315,9 @@ def stage1_step(stack, teacher, taps, ids):
     layer on its teacher-forced input."""
     with torch.no_grad():
         teacher.model(input_ids=ids, use_cache=False)
-    layers = sorted(taps.io)
-    y_student = stack({i: taps.io[i][0] for i in layers})
-    return stage1_loss([taps.io[i][1] for i in layers], y_student)
+    io, taps.io = taps.io, {}                           # drop the references once used
+    layers = sorted(io)
+    return stage1_loss([io[i][1] for i in layers], stack({i: io[i][0] for i in layers}))
 
 
 def stage2_step(student, teacher, ids):
@@ -526,7 +529,7 @@ class Diverged(RuntimeError):
 # The training loop both stages share
 # ----------------------------------------------------------------------------------------------
 
-def train(run, student, teacher, data, model, step_fn, groups):
+def train(run, student, data, model, step_fn, groups):
     """Optimise `model` (the student, or Stage 1's GDN stack; DDP-wrapped under torchrun) with
     step_fn(model, ids) -> loss. Global batch = run.batch sequences, split over processes, then
     into micro-batches whose gradients accumulate. Evaluates, checkpoints, stops on a non-finite
@@ -574,6 +577,8 @@ def train(run, student, teacher, data, model, step_fn, groups):
             g["lr"] = b * f
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if dist.device.type == "cuda":
+            torch.cuda.synchronize()                    # the step's time, not its launch time
         dt = time.time() - t0
         rec = {"type": "train", "stage": a.stage, "step": step + 1, "tokens": tokens, "loss": loss,
                "grad_norm": grad_norm, "lr": base[0] * f, "seconds": dt, "tokens_per_s": tokens_per_step / dt}
@@ -627,7 +632,7 @@ def stage1(run, student, teacher, data):
     model = stack if run.dist.world == 1 else nn.parallel.DistributedDataParallel(stack)
     run.flops_per_token = flops_per_token(1, student, teacher, stack)
     try:
-        return train(run, student, teacher, data, model, lambda m, ids: stage1_step(m, teacher, taps, ids), groups)
+        return train(run, student, data, model, lambda m, ids: stage1_step(m, teacher, taps, ids), groups)
     finally:
         for h in taps.handles:
             h.remove()
@@ -647,7 +652,7 @@ def stage2(run, student, teacher, data):
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model = student if run.dist.world == 1 else nn.parallel.DistributedDataParallel(student)
     run.flops_per_token = flops_per_token(2, student, teacher)
-    return train(run, student, teacher, data, model, lambda m, ids: stage2_step(m, teacher, ids), groups)
+    return train(run, student, data, model, lambda m, ids: stage2_step(m, teacher, ids), groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -956,6 +961,9 @@ def main(argv=None):
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 
