@@ -16,13 +16,15 @@ Expanding (1) gives the form every function below uses:
     u_t = beta_t (v_t - S'^T k_t)         (the error of what k_t recalls, scaled: the "delta")
     S_t = S' + k_t u_t^T                  (write the correction)
 
-This file holds three ways to compute (1) over a sequence, all with the same signature:
+This file holds several ways to compute (1) over a sequence, all with the same signature:
   * `recurrent_gated_delta_rule`: token by token, exactly as written above. Slow, obviously right:
     the reference everything else is tested against.
   * `chunk_gated_delta_rule_torch`: the chunked (WY) form in plain PyTorch. Exact (up to rounding),
     differentiable, and made of matrix products, so it is fast enough on a CPU.
-  * `chunk_gated_delta_rule`: the public entry point the model calls; it picks the fastest exact
-    implementation available for the tensors' device.
+  * `chunk_gated_delta_rule_triton`: the same chunked form as Triton kernels, forward and backward
+    (a torch.autograd.Function), for CUDA tensors (or the CPU under TRITON_INTERPRET=1, for tests).
+  * `chunk_gated_delta_rule`: the public entry point the model calls; it picks the Triton kernels
+    for CUDA tensors and the PyTorch form otherwise (same signature, same results up to rounding).
   * `gated_delta_rule_step`: one token with a carried state, for cached decoding.
 
 Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H];
