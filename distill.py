@@ -17,7 +17,13 @@ Distillation (METHOD section 5), run after the init, the same for every init:
 
     python distill.py --student HYBRID --stage 1 --tokens 10M --data ../shared/data/corpus --out S1
     python distill.py --student S1     --stage 2 --tokens 30M --data ../shared/data/corpus --out S2
-    torchrun --nproc_per_node 8 distill.py ...        (several GPUs of one node: DDP)
+    torchrun --standalone --nproc_per_node 8 distill.py ...    (several GPUs of one node: DDP)
+
+On CUDA: fp32 master weights under bf16 autocast (the teacher itself in bf16), the Triton GDN
+kernel (gdn_kernel.py, chosen by gdn.py for CUDA tensors), gradient checkpointing (Stage 2), and
+gradient accumulation over micro-batches. Several GPUs use torch's DDP: every GPU holds the whole
+teacher, student and optimiser state, which fits the paper's 1.5B-3B teachers on 80 GB cards; FSDP
+(for larger ones) is not implemented.
 
 Stage 1, per-layer alignment. Teacher forcing: one teacher forward (no grad) records, for every
 converted layer l, the input x_l of its attention module and that module's output y_T,l (after W_o).

@@ -84,6 +84,28 @@ def test_losses_are_the_formulas():
     assert torch.allclose(distill.stage2_loss(t, s), kl) and distill.stage2_loss(t, t).abs() < 1e-6
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
+def test_taps_record_teacher_forced_attention_io(family):
+    """Stage 1's hooks: x_l is layer l's normalised input in the teacher's own forward, y_l what its
+    attention module returned for it; and a GDN layer fed x_l by the stack gives what it gives alone."""
+    from gdn import decoder_layers, hybridize
+    teacher = tiny_model(family)
+    ids = torch.randint(0, 128, (2, 12))
+    taps = distill.TeacherTaps(teacher, [1, 3])
+    with torch.no_grad():
+        h = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
+    assert sorted(taps.io) == [1, 3]
+    for l in (1, 3):
+        x, y = taps.io[l]
+        assert torch.allclose(x, decoder_layers(teacher)[l].input_layernorm(h[l]), atol=1e-6)
+        assert y.shape == x.shape and not torch.equal(x, y)
+    import copy
+    student = hybridize(copy.deepcopy(teacher), [1, 3])
+    stack = distill.GDNStack(student)
+    out = stack({l: taps.io[l][0] for l in (1, 3)})
+    assert torch.allclose(out[1], decoder_layers(student)[3].self_attn(taps.io[3][0])[0])
+
+
 def test_batches_are_seeded_packed_and_resumable():
     ids = torch.arange(100)
     a, b = distill.Batches(ids, 10, 3, seed=1), distill.Batches(ids, 10, 3, seed=1)
