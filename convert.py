@@ -266,6 +266,8 @@ def parse_args(argv):
     p.add_argument("--batches", default="1,8", help="--bench: batch sizes")
     p.add_argument("--decode-steps", type=int, default=50, help="--bench: timed decoding steps per cell")
     p.add_argument("--no-graphs", action="store_true", help="--bench: time the plain Python decode loop, no CUDA graph")
+    p.add_argument("--decode-attention", default="grouped", choices=["grouped", "sdpa"],
+                   help="--bench: attention of the kept layers when decoding (grouped: reads the KV cache once)")
     d = p.add_argument_group("distillation after conversion (distill.py), optional")
     d.add_argument("--distill-tokens", help="token budgets 'STAGE1,STAGE2' (e.g. 10M,30M; 0 skips a stage): runs "
                                             "Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2")
@@ -474,6 +476,38 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 * 20 / (start.elapsed_time(end) / 1e3)
 
 
+def grouped_query_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention for one decoding query that reads every cached key and value exactly once.
+
+    Under grouped-query attention `rep` query heads share one KV head. For a single query token the
+    rep heads become the rows of one small matrix product against their shared K (and V), so the
+    cache is streamed once; HF's masked SDPA path may instead copy K and V rep times, and a masked
+    single-query kernel parallelises poorly over a long cache. Prompts (more than one query) go to
+    HF's SDPA unchanged. Registered as attention implementation "grouped_decode" by --bench."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    B, H, _, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    scores = torch.matmul(query.view(B, Hkv, H // Hkv, D), key.transpose(-1, -2)).float() * scaling
+    if attention_mask is not None:                       # [B, 1, 1, L]: bool (True = attend) or additive
+        m = attention_mask[..., -1:, :L]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
+    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)             # [B, Hkv, rep, Dv]
+    return out.reshape(B, H, 1, -1).transpose(1, 2).contiguous(), None
+
+
+def use_grouped_decode(model):
+    """Switch `model` (teacher or hybrid) to grouped_query_attention, masks built as for SDPA."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    AttentionInterface.register("grouped_decode", grouped_query_attention)
+    AttentionMaskInterface.register("grouped_decode", sdpa_mask)
+    model.config._attn_implementation = "grouped_decode"
+    return model
+
+
 def time_decode(model, cache, next_ids, pos, steps, graphs):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU."""
     B = next_ids.shape[0]
@@ -530,8 +564,8 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048):
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(100, model.config.vocab_size, (B, ctx), generator=gen).to(device)
-    model(ids[:, :16], use_cache=False, logits_to_keep=1)                   # warm-up (kernel compilation)
-    sync()
+    model(ids, use_cache=False, logits_to_keep=1)              # warm-up at full size: kernel compilation
+    sync()                                                      # and autotuning stay out of the timing
     t0 = time.perf_counter()
     model(ids, use_cache=False, logits_to_keep=1)
     sync()
@@ -562,6 +596,9 @@ def run_bench(args):
     for keep in keeps:
         student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
         models.append((f"hybrid keep {fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
+    if args.decode_attention == "grouped":
+        for _, model in models:
+            use_grouped_decode(model)
     bw = copy_bandwidth(args.device)
     rows, fits = [], {}
     for name, model in models:
@@ -582,6 +619,7 @@ def run_bench(args):
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
+              "decode_attention": args.decode_attention,
               "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
@@ -591,7 +629,7 @@ def run_bench(args):
 def bench_markdown(r):
     bw = r["bandwidth_bytes_s"]
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
-             f"CUDA graphs {r['cuda_graphs']}, commit {str(r['commit'])[:10]}."
+             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
              "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | cache MiB | peak MiB |",
