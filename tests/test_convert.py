@@ -138,3 +138,24 @@ def test_real_teacher_perplexity_is_sane_and_naive_is_worse():
     student, _ = convert(teacher, choose_layers(30, parse_keep("1/4")), "naive")
     s = distill.perplexity(student, ids, window=512, max_windows=3)
     assert s["ppl"] > 5 * t["ppl"], (t, s)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_grouped_decode_attention_equals_sdpa(family):
+    """--bench decodes the kept layers with grouped_query_attention: same logits as HF's SDPA."""
+    from transformers import StaticCache
+    from convert import use_grouped_decode
+    from gdn import hybridize
+    model = hybridize(tiny_model(family), [1, 3])
+    ids = torch.randint(0, 128, (2, 23))
+
+    def decode():
+        cache, logits = StaticCache(config=model.config, max_cache_len=32), []
+        with torch.no_grad():
+            for a, b in [(0, 20), (20, 21), (21, 22), (22, 23)]:
+                logits.append(model(ids[:, a:b], past_key_values=cache, cache_position=torch.arange(a, b),
+                                    use_cache=True).logits)
+        return torch.cat(logits, 1)
+    ref = decode()
+    use_grouped_decode(model)
+    torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
