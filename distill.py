@@ -574,10 +574,12 @@ def train(run, student, data, model, step_fn, groups):
         grad_norm = float(nn.utils.clip_grad_norm_(params, a.clip))
         tokens = (step + 1) * tokens_per_step
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+            where = (f"the last good checkpoint is {last_ckpt} (kept as it was; a folder gdn.load_hybrid reads)"
+                     if last_ckpt else "no checkpoint was written yet")
             raise Diverged(f"stage {a.stage}: loss {loss} / gradient norm {grad_norm} at step {step + 1} "
-                           f"({tokens} tokens): stopping without saving; {where} (resume it with --resume, "
-                           f"e.g. after lowering --lr)")
+                           f"({tokens} tokens): stopping without saving; {where}. The run is deterministic, so "
+                           f"--resume would meet the same step again: start a new run with other settings "
+                           f"(e.g. a lower --lr)")
         f = lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
