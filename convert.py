@@ -266,6 +266,7 @@ def parse_args(argv):
     p.add_argument("--batches", default="1,8", help="--bench: batch sizes")
     p.add_argument("--decode-steps", type=int, default=50, help="--bench: timed decoding steps per cell")
     p.add_argument("--no-graphs", action="store_true", help="--bench: time the plain Python decode loop, no CUDA graph")
+    p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
     p.add_argument("--decode-attention", default="grouped", choices=["grouped", "sdpa"],
                    help="--bench: attention of the kept layers when decoding (grouped: reads the KV cache once)")
     d = p.add_argument_group("distillation after conversion (distill.py), optional")
@@ -508,9 +509,13 @@ def use_grouped_decode(model):
     return model
 
 
-def time_decode(model, cache, next_ids, pos, steps, graphs):
-    """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU."""
+def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False):
+    """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
+    compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
+    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound."""
     B = next_ids.shape[0]
+    if compile_step:
+        model = torch.compile(model, dynamic=False)
     kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
     cuda = next_ids.is_cuda
@@ -550,7 +555,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs):
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048):
+def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False):
     """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
 
     Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
@@ -576,7 +581,7 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048):
         out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
-    step = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs)
+    step = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs, compile_step)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model) + (kv - states) + 2 * states       # KV read once; states read and written
@@ -605,7 +610,8 @@ def run_bench(args):
         for B in batches:
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
-                    r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device)
+                    r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
+                                  compile_step=args.compile)
                 except torch.cuda.OutOfMemoryError:
                     largest = fits.get((name, B))
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
@@ -619,7 +625,7 @@ def run_bench(args):
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
-              "decode_attention": args.decode_attention,
+              "decode_attention": args.decode_attention, "compiled_step": args.compile,
               "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
@@ -629,7 +635,7 @@ def run_bench(args):
 def bench_markdown(r):
     bw = r["bandwidth_bytes_s"]
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
-             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, commit {str(r['commit'])[:10]}."
+             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
              "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | cache MiB | peak MiB |",
