@@ -1,33 +1,476 @@
 """
-calibrate.py -- how a new GDN layer is initialised: the init registry.
+calibrate.py -- how a new GDN layer is initialised: Taylor-Calibrate, its ablations, and the registry.
 
 Every init takes a freshly hybridised student (gdn.hybridize: W_q, W_k, W_v, W_o copied from the
-teacher, gates at the standard random init) and sets its GDN layers in place:
+teacher) and sets its GDN layers in place. The names (`--init` in convert.py):
 
-  naive      nothing more: the copy plus random gates (METHOD section 2).
-  zero-gate  naive, then W_g = 0: SiLU(0) = 0 closes every output gate, so each GDN branch outputs
-             exactly 0 at the start and the hybrid is the teacher with those attention layers
-             removed (the residual stream passes through).
+  naive          the copy plus the standard random gates (METHOD section 2).
+  zero-gate      naive, then W_g = 0: SiLU(0) = 0 closes every output gate, so each GDN branch outputs
+                 exactly 0 and the hybrid starts as the teacher with those attention layers removed.
+  taylor-phase1  naive, then Phase 1: the closed-form settings below, from the teacher's statistics.
+  align-only     naive, then Phase 2: a short per-layer alignment to the teacher layer's output.
+  taylor         Taylor-Calibrate = Phase 1 + Phase 2.
+  taylor-plus    ours (beyond the paper): Phase 1 with gates that really take the values the
+                 statistics ask for and an output gate fitted instead of damped, then Phase 2 on
+                 the student's own inputs (see the section "Our own init" below).
 
-Signature shared by every entry of INITS: fn(student, teacher, calib_ids, opts) -> dict of what it
-measured (saved in the conversion JSON). calib_ids [N, L] are held-out calibration tokens; opts is a
-dict of the init's named options.
+Everything here works on one GDN layer at a time and needs, per layer, the teacher statistics of
+taylor_stats.collect_stats: distance d_h, concentration c_h, the teacher-forced input x [N, L, d],
+the teacher attention output y [N, L, d] (after W_o) and the per-head context T [N, L, H, D].
+
+Phase 1, for a layer with heads h (closed form, no gradient):
+
+  1. Memory timescale. A head that attends on average d_h tokens back should remember about that
+     long. With A_log = 0 the decay is alpha = exp(-softplus(W_a x + dt_bias)); at W_a x ~ 0 the
+     state halves every ln2 / softplus(dt_bias) tokens, so
+
+         gamma_h = clip(ln2 / d_h, gamma_min, gamma_max),   dt_bias_h = softplus^-1(gamma_h),  A_log = 0.
+
+  2. Write gate. Sharp heads (low entropy) overwrite their memory harder:
+         beta_h = beta_min + beta_span * c_h            (0.3 .. 0.7)
+     The reference's b_proj has no bias; it rescales each row to mean |W_b[h]| = |logit(beta_h)|/sqrt(d):
+         W_b[h] <- logit(beta_h) / sqrt(d) * W_b[h] / mean|W_b[h]|                 (write_gate=rescale)
+     This sets the *spread* of W_b x, not its centre: for random-sign W_b[h] the mean of W_b x over
+     tokens stays near 0, so beta stays near 0.5 whatever beta_h says. write_gate=fit (ours) instead
+     solves a ridge least squares for a W_b[h] with W_b[h] x_t ~ logit(beta_h) on every calibration
+     token: the normalised hidden states have a large shared mean component, so a bias-free
+     projection can carry a constant.
+
+  3. Value scale. Run the exact GDN recurrence with these gates: per-head readout G_h [N, L, D]
+     (o = S^T q / sqrt(D), before the norm). The least-squares scale against the teacher context,
+         sigma_h = <T_h, G_h> / ||G_h||^2   clipped to [sigma_min, sigma_max],
+     multiplies the rows of W_v for head h. (The readout's RMSNorm divides any common scale of o
+     back out, so sigma acts mainly through the SiLU on v and through step 4.)
+
+  4. Output gate. W_g <- kappa * W_v,   kappa = damping * RMS(T) / RMS(SiLU(W_v x)),   damping 0.01.
+     SiLU(u) ~ u/2 for small u, so each head's gate starts at ~ kappa/2 * (W_v x): proportional to its
+     values and small. (This damping is why Phase 1 alone barely moves zero-shot perplexity: the GDN
+     branches start nearly silent.)
+
+Phase 2, for each converted layer independently (teacher forcing: input x, target y, both fixed):
+
+     min  MSE( GDN(x), y )   over W_q, W_k, W_v (lr_qkv = 1e-4) and W_a, W_b, W_g, A_log, dt_bias
+                             (lr_gates = 1e-3); W_o, the norm weight, the conv and all else frozen.
+     AdamW (weight_decay 0.01), `steps` = 300 full-batch steps, gradient-norm clip 1.0, and the
+     parameters with the lowest loss seen are kept (keep_best). The loss before and after is recorded.
+
+Every constant is a named option in OPTIONS (override with convert.py --init-opt NAME=VALUE).
+Signature of every INITS entry: fn(student, teacher, calib_ids, opts) -> dict of what it measured
+(saved in the conversion JSON). calib_ids [N, L] are held-out calibration tokens.
 """
 
+import copy
+import math
+import time
+import warnings
+
 import torch
+import torch.nn.functional as F
 
 from gdn import gdn_modules
+from gdn_kernel import chunk_gated_delta_rule
+
+LN2 = math.log(2.0)
+
+# name: (default, what it is). Every number of METHOD sections 2-3 lives here.
+OPTIONS = {
+    "seed": (0, "seeds the standard random gates, per layer (so a layer's init does not depend on which others are converted)"),
+    # Phase 1, step 1
+    "gamma_min": (1e-3, "smallest time step: half-life at most ln2/1e-3 ~ 693 tokens"),
+    "gamma_max": (5.0, "largest time step: half-life at least ln2/5 ~ 0.14 tokens"),
+    # Phase 1, step 2
+    "beta_min": (0.3, "write strength of the layer's most diffuse head"),
+    "beta_span": (0.4, "beta_h = beta_min + beta_span * c_h: the sharpest head writes with 0.7"),
+    "write_gate": ("rescale", "rescale (reference: row rescaling of W_b) or fit (ours: ridge fit so W_b x ~ logit(beta_h))"),
+    "ridge": (1e-2, "write_gate=fit / out_gate=fit: ridge strength, relative to the mean eigenvalue of X^T X"),
+    # Phase 1, step 3
+    "sigma_min": (0.1, "lower clip of the least-squares value scale"),
+    "sigma_max": (10.0, "upper clip of the least-squares value scale"),
+    # Phase 1, step 4
+    "damping": (0.01, "kappa = damping * RMS(T) / RMS(SiLU(W_v x)): the output gate's start size"),
+    "out_gate": ("damped", "damped (reference) or fit (ours: per-head least-squares gate scale, line-searched)"),
+    # our own Phase 1 choices
+    "dt_from": ("distance", "statistic behind the time step: distance (reference) or distance_nosink (ours)"),
+    "a_proj": ("keep", "keep (reference: random W_a) or zero (ours: the time step is exactly gamma_h at start)"),
+    # Phase 2
+    "steps": (300, "Phase 2 full-batch AdamW steps per layer (0: skip)"),
+    "lr_qkv": (1e-4, "Phase 2 learning rate of W_q, W_k, W_v"),
+    "lr_gates": (1e-3, "Phase 2 learning rate of W_a, W_b, W_g, A_log, dt_bias"),
+    "weight_decay": (0.01, "Phase 2 AdamW weight decay"),
+    "clip": (1.0, "Phase 2 gradient-norm clip"),
+    "keep_best": (1, "Phase 2 keeps the lowest-loss parameters seen (1) or the last (0)"),
+    "phase2_input": ("teacher", "teacher (reference: teacher-forced x, y) or student (ours: the student's own input to the layer, target corrected by the residual-stream error)"),
+    "correction": (1.0, "phase2_input=student: weight of the residual-stream error added to the target"),
+}
+
+
+def parse_opts(pairs):
+    """['steps=100', 'write_gate=fit'] -> {'steps': 100, 'write_gate': 'fit'}, typed like the defaults."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ValueError(f"--init-opt '{pair}' is not NAME=VALUE")
+        k, v = pair.split("=", 1)
+        if k not in OPTIONS:
+            raise ValueError(f"unknown init option '{k}'; valid: {', '.join(OPTIONS)}")
+        default = OPTIONS[k][0]
+        try:
+            out[k] = type(default)(float(v)) if isinstance(default, (int, float)) else v
+        except ValueError:
+            raise ValueError(f"init option {k} wants a number, got '{v}'") from None
+    return out
+
+
+def resolve(opts, preset=None):
+    """Defaults, then the init's preset, then the user's options."""
+    o = {k: v for k, (v, _) in OPTIONS.items()}
+    o.update(preset or {})
+    o.update({k: v for k, v in (opts or {}).items() if not k.startswith("_")})
+    return o
+
+
+def softplus_inv(y):
+    """x with softplus(x) = y, for y > 0: x = y + log(1 - exp(-y)) (stable for small and large y)."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def logit(p):
+    return torch.log(p) - torch.log1p(-p)
+
+
+# ----------------------------------------------------------------------------------------------
+# The naive starting point, made per-layer deterministic
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def standard_gates(gdn, seed):
+    """The standard GDN random init of the gates (METHOD section 2) -- W_a, W_b, W_g ~ N(0, 0.02^2),
+    A ~ U(0, 16), A_log = log A, dt = exp(U(log 1e-3, log 0.1)) >= 1e-4, dt_bias = softplus^-1(dt)
+    -- drawn from a generator seeded by (seed, layer index). W_q, W_k, W_v, W_o keep the teacher copy.
+    Every init starts here, so the same layer starts the same in every hybrid it appears in."""
+    gen = torch.Generator().manual_seed(int(seed) * 100003 + gdn.layer_idx)
+    def draw(shape, fn):
+        return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
+    for lin in (gdn.a_proj, gdn.b_proj, gdn.g_proj):
+        lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, 0.02, generator=g)))
+    gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, 16, generator=g)).log())
+    dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(1e-3), math.log(0.1), generator=g)).exp()
+    gdn.dt_bias.copy_(softplus_inv(dt.clamp(min=1e-4)))
+    gdn.o_norm.fill_(1.0)
+    if gdn.conv_size > 0:
+        gdn.reset_conv()
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of a GDN layer's forward, evaluated on calibration inputs
+# ----------------------------------------------------------------------------------------------
+
+def readout_raw(gdn, x):
+    """The per-head recurrence output o = S_t^T q_t / sqrt(D) [N, L, H, D] (before norm and gate)."""
+    q, k, v, _ = gdn.qkv(x)
+    g, beta = gdn.gates(x)
+    o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
+    return o.float()
+
+
+def normed(gdn, o):
+    """RMSNorm(o) * w_norm per head, as gdn.readout applies it."""
+    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + gdn.norm_eps) * gdn.o_norm.float()
+
+
+def layer_mse(gdn, x, y):
+    """MSE between the GDN layer's output (after W_o) and the target y, in fp32."""
+    with torch.no_grad():
+        return F.mse_loss(gdn(x)[0].float(), y.float()).item()
+
+
+def ridge_fit(X, targets, ridge):
+    """W [k, d] minimising ||X W^T - targets||^2 + lam ||W||^2 for X [n, d], targets [n, k];
+    lam = ridge * trace(X^T X) / d (scale-free). Solved in float64."""
+    X = X.double()
+    A = X.T @ X
+    lam = ridge * A.diagonal().mean()
+    A = A + lam * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    return torch.linalg.solve(A, X.T @ targets.double()).T.float()
+
+
+def _at(t, gdn):
+    return t.to(device=gdn.A_log.device, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 1: closed-form settings from the statistics
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def phase1(gdn, st, o):
+    """Steps 1-4 of the module docstring on one GDN layer, in place. Returns what was set (lists)."""
+    H, D = gdn.num_heads, gdn.head_dim
+    d = gdn.hidden_size
+    x = _at(st["x"], gdn).to(gdn.q_proj.weight.dtype)
+    X = _at(st["x"], gdn).reshape(-1, d)
+    T = _at(st["ctx"], gdn)                                                     # [N, L, H, D]
+
+    # Statistics that are undefined for some head fall back to taylor_stats.DEFAULTS, with a warning.
+    from taylor_stats import DEFAULTS, _sanitize, concentration
+    dist = _sanitize(o["dt_from"], gdn.layer_idx, _at(st[o["dt_from"]], gdn), DEFAULTS[o["dt_from"]])
+    conc = st["concentration"]
+    if not torch.isfinite(_at(conc, gdn)).all():
+        conc = concentration(_sanitize("entropy", gdn.layer_idx, _at(st["entropy"], gdn), DEFAULTS["entropy"]))
+
+    # 1. timescale -> dt_bias, A_log.  half-life ln2/gamma = mean attention distance.
+    gamma = (LN2 / dist).clamp(o["gamma_min"], o["gamma_max"])
+    gdn.A_log.zero_()
+    gdn.dt_bias.copy_(softplus_inv(gamma))
+    if o["a_proj"] == "zero":
+        gdn.a_proj.weight.zero_()
+
+    # 2. entropy -> write gate.
+    beta = o["beta_min"] + o["beta_span"] * _at(conc, gdn)
+    Wb = gdn.b_proj.weight
+    if o["write_gate"] == "rescale":
+        scale = Wb.float().abs().mean(1, keepdim=True).clamp_min(1e-12)
+        Wb.copy_(logit(beta)[:, None] / math.sqrt(d) * Wb.float() / scale)
+    elif o["write_gate"] == "fit":
+        Wb.copy_(ridge_fit(X, logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
+    else:
+        raise ValueError(f"write_gate must be rescale or fit, not '{o['write_gate']}'")
+    beta_seen = gdn.gates(x)[1].mean((0, 1))                                   # what beta really is
+
+    # 3. value scale: least squares of the readout G against the teacher context T, per head.
+    G = readout_raw(gdn, x)
+    sigma = (T * G).sum((0, 1, 3)) / G.pow(2).sum((0, 1, 3)).clamp_min(1e-12)
+    sigma = torch.nan_to_num(sigma, nan=1.0).clamp(o["sigma_min"], o["sigma_max"])
+    Wv = gdn.v_proj.weight
+    Wv.copy_((Wv.float().view(H, D, d) * sigma[:, None, None]).view(H * D, d))
+
+    # 4. output gate from the scaled value projection.
+    v = F.silu(F.linear(X, Wv.float()))
+    kappa = o["damping"] * T.pow(2).mean().sqrt() / v.pow(2).mean().sqrt().clamp_min(1e-12)
+    gdn.g_proj.weight.copy_(kappa * Wv.float())
+    info = {"gamma": gamma.tolist(), "beta_target": beta.tolist(), "beta_mean": beta_seen.tolist(),
+            "sigma": sigma.tolist(), "kappa": float(kappa)}
+    if o["out_gate"] == "fit":
+        info.update(fit_out_gate(gdn, x, _at(st["y"], gdn), kappa))
+    elif o["out_gate"] != "damped":
+        raise ValueError(f"out_gate must be damped or fit, not '{o['out_gate']}'")
+    for p in gdn.parameters():                                                  # never NaN weights
+        if not torch.isfinite(p).all():
+            raise ValueError(f"layer {gdn.layer_idx}: Phase 1 produced non-finite weights")
+    return info
+
+
+@torch.no_grad()
+def fit_out_gate(gdn, x, y, kappa):
+    """Ours: the output gate's scale by least squares instead of a fixed damping.
+
+    With W_g = kappa_h W_v (per head) and SiLU(u) ~ u/2 for small u, head h contributes
+        W_o[:, h] ( n_h * kappa_h/2 * (W_v x)_h ),     n_h = RMSNorm(o_h) * w_norm,
+    linear in kappa_h. So the kappa [H] minimising ||sum_h kappa_h/2 Z_h - y||^2, Z_h = W_o[:, h]
+    (n_h * (W_v x)_h), is a least-squares problem with H unknowns. SiLU is not linear at larger u,
+    so the solution is then shrunk (1, 1/2, 1/4, ...) until the true layer MSE is the lowest seen,
+    never worse than the damped start."""
+    H, D = gdn.num_heads, gdn.head_dim
+    N, L, d = x.shape
+    n = normed(gdn, readout_raw(gdn, x))                                       # [N, L, H, D]
+    u = gdn.v_proj(x).float().view(N, L, H, D)
+    Wo = gdn.o_proj.weight.float().view(d, H, D)
+    Z = torch.einsum("nlhe,che->nlhc", n * u / 2, Wo).reshape(-1, H, d)        # [NL, H, d]
+    bias = gdn.o_proj.bias.float() if gdn.o_proj.bias is not None else 0.0
+    target = (y.float() - bias).reshape(-1, d)
+    A = torch.einsum("thc,tkc->hk", Z.double(), Z.double())
+    b = torch.einsum("thc,tc->h", Z.double(), target.double())
+    A += 1e-6 * A.diagonal().mean() * torch.eye(H, dtype=A.dtype, device=A.device)
+    k_ls = torch.linalg.solve(A, b).float()
+    Wv = gdn.v_proj.weight.float().view(H, D, -1)
+    best = (layer_mse(gdn, x, y), kappa * torch.ones(H, device=k_ls.device), 0.0)
+    for shrink in (1.0, 0.5, 0.25, 0.125, 0.0625):
+        kh = torch.nan_to_num(k_ls * shrink)
+        gdn.g_proj.weight.copy_((Wv * kh[:, None, None]).view(H * D, -1))
+        mse = layer_mse(gdn, x, y)
+        if mse < best[0]:
+            best = (mse, kh, shrink)
+    gdn.g_proj.weight.copy_((Wv * best[1][:, None, None]).view(H * D, -1).to(gdn.g_proj.weight.dtype))
+    return {"kappa_fit": best[1].tolist(), "kappa_shrink": best[2], "gate_fit_mse": best[0]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Phase 2: short per-layer alignment
+# ----------------------------------------------------------------------------------------------
+
+def phase2(gdn, x, y, o, desc="phase 2"):
+    """min MSE(GDN(x), y) with AdamW in two learning-rate groups, gradient clipping and keep-best,
+    on a float32 copy of the layer (bf16 weights would swallow 1e-4 updates); the result is copied
+    back into `gdn`. Returns {loss_before, loss_after, best_step, steps, seconds}."""
+    from tqdm import tqdm
+    t0 = time.time()
+    dev = gdn.A_log.device
+    x, y = x.to(dev, torch.float32), y.to(dev, torch.float32)
+    layer = copy.deepcopy(gdn).float().train()
+    qkv = [layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]
+    gates = [layer.a_proj.weight, layer.b_proj.weight, layer.g_proj.weight, layer.A_log, layer.dt_bias]
+    for p in layer.parameters():                                  # W_o, the norm, the conv: frozen
+        p.requires_grad_(False)
+    for p in qkv + gates:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW([{"params": qkv, "lr": o["lr_qkv"]}, {"params": gates, "lr": o["lr_gates"]}],
+                            weight_decay=o["weight_decay"])
+    trained = qkv + gates
+    best, best_step, best_state, first = float("inf"), -1, None, None
+    bar = tqdm(range(o["steps"] + 1), desc=desc, leave=False)
+    for step in bar:
+        loss = F.mse_loss(layer(x)[0], y)
+        value = loss.item()
+        first = value if first is None else first
+        if math.isfinite(value) and value < best:   # the loss of the parameters *before* this update
+            best, best_step = value, step
+            best_state = [p.detach().clone() for p in trained]
+        if step == o["steps"]:                     # the last pass only evaluates the final update
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, o["clip"])
+        opt.step()
+        if step % 20 == 0:
+            bar.set_postfix(loss=f"{value:.4g}", best=f"{best:.4g}")
+    if o["keep_best"] and best_state is not None:
+        with torch.no_grad():
+            for p, b in zip(trained, best_state):
+                p.copy_(b)
+    with torch.no_grad():
+        for name, p in gdn.named_parameters():
+            p.copy_(dict(layer.named_parameters())[name].to(p.dtype))
+    return {"loss_before": first, "loss_after": best if o["keep_best"] else value, "best_step": best_step,
+            "steps": o["steps"], "seconds": time.time() - t0}
+
+
+# ----------------------------------------------------------------------------------------------
+# Our own init's extra: Phase 2 on the student's own inputs
+# ----------------------------------------------------------------------------------------------
+
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def residual_and_input(model, ids, layer):
+    """(h, x) at decoder layer `layer` of `model` on ids: h the residual stream entering the layer,
+    x the attention module's input (after the layer's input norm). The forward stops there."""
+    from gdn import decoder_layers
+    dec = decoder_layers(model)[layer]
+    got = {}
+
+    def grab_h(module, args, kwargs):
+        got["h"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).float()
+
+    def grab_x(module, args, kwargs):
+        got["x"] = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).float()
+        raise _Stop
+
+    hs = [dec.register_forward_pre_hook(grab_h, with_kwargs=True),
+          dec.self_attn.register_forward_pre_hook(grab_x, with_kwargs=True)]
+    try:
+        model(ids.to(next(model.parameters()).device), use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in hs:
+            h.remove()
+    return got["h"], got["x"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The inits
+# ----------------------------------------------------------------------------------------------
+
+def teacher_stats(student, teacher, calib_ids, opts, name):
+    """The statistics of the student's GDN layers: opts['_stats'] if the caller collected them
+    already (convert.py's table and GA-S2 reuse one teacher pass), else one teacher pass now."""
+    if opts.get("_stats") is not None:
+        return opts["_stats"]
+    if calib_ids is None:
+        raise ValueError(f"init '{name}' needs calibration tokens (calib_ids)")
+    from taylor_stats import collect_stats
+    return collect_stats(teacher, calib_ids, layers=sorted(gdn_modules(student)))
+
+
+def run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phase2):
+    o = resolve(opts, preset)
+    layers = gdn_modules(student)
+    t0 = time.time()
+    stats = teacher_stats(student, teacher, calib_ids, opts, name) if (do_phase1 or do_phase2) else None
+    info = {"options": {k: o[k] for k in OPTIONS}, "stats_seconds": time.time() - t0, "layers": {}}
+    if stats is not None:
+        from taylor_stats import summary
+        info["stats"] = summary({i: stats[i] for i in layers})
+    for i, gdn in layers.items():
+        t_layer = time.time()
+        standard_gates(gdn, o["seed"])
+        rec = {}
+        if do_phase1:
+            rec["phase1"] = phase1(gdn, stats[i], o)
+        if do_phase2 and o["steps"] > 0:
+            x, y = stats[i]["x"], stats[i]["y"]
+            if o["phase2_input"] == "student":
+                # The layer will see the student's hidden states, not the teacher's: align on those.
+                # The target adds the residual-stream error, so that after this layer the student's
+                # stream h_s + GDN(x_s) is as close as it can be to the teacher's h_t + y_t.
+                if calib_ids is None:
+                    raise ValueError("phase2_input=student needs the calibration tokens")
+                h_s, x = residual_and_input(student, calib_ids, i)
+                y = y.to(h_s.device) + o["correction"] * (stats[i]["h"].to(h_s.device) - h_s)
+            elif o["phase2_input"] != "teacher":
+                raise ValueError(f"phase2_input must be teacher or student, not '{o['phase2_input']}'")
+            rec["phase2"] = phase2(gdn, x, y, o, desc=f"{name} layer {i}")
+        elif stats is not None:
+            rec["mse"] = layer_mse(gdn, _at(stats[i]["x"], gdn).to(gdn.q_proj.weight.dtype), _at(stats[i]["y"], gdn))
+        rec["seconds"] = time.time() - t_layer
+        info["layers"][i] = rec
+    return info
 
 
 def init_naive(student, teacher, calib_ids, opts):
+    o = resolve(opts)
+    for gdn in gdn_modules(student).values():
+        standard_gates(gdn, o["seed"])
     return {}
 
 
 @torch.no_grad()
 def init_zero_gate(student, teacher, calib_ids, opts):
+    init_naive(student, teacher, calib_ids, opts)
     for gdn in gdn_modules(student).values():
         gdn.g_proj.weight.zero_()
     return {}
 
 
-INITS = {"naive": init_naive, "zero-gate": init_zero_gate}
+def init_taylor_phase1(student, teacher, calib_ids, opts):
+    return run_init(student, teacher, calib_ids, opts, "taylor-phase1", {}, True, False)
+
+
+def init_align_only(student, teacher, calib_ids, opts):
+    return run_init(student, teacher, calib_ids, opts, "align-only", {}, False, True)
+
+
+def init_taylor(student, teacher, calib_ids, opts):
+    return run_init(student, teacher, calib_ids, opts, "taylor", {}, True, True)
+
+
+# Ours. Each choice is an option above, so each can be switched off alone to see what it is worth.
+PLUS = {"write_gate": "fit", "a_proj": "zero", "out_gate": "fit", "dt_from": "distance_nosink"}
+
+
+def init_taylor_plus(student, teacher, calib_ids, opts):
+    return run_init(student, teacher, calib_ids, opts, "taylor-plus", PLUS, True, True)
+
+
+INITS = {"naive": init_naive, "zero-gate": init_zero_gate, "taylor-phase1": init_taylor_phase1,
+         "align-only": init_align_only, "taylor": init_taylor, "taylor-plus": init_taylor_plus}
+
+PRESETS = {"taylor-plus": PLUS}
+
+
+def layerwise(name, opts=None):
+    """True when init `name` sets each layer independently from teacher-forced data: a layer's result
+    is then the same in every hybrid it appears in, and convert.py's table computes it once."""
+    return resolve(opts, PRESETS.get(name))["phase2_input"] == "teacher"

