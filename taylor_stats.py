@@ -129,7 +129,7 @@ def attention_pieces(attn, x, position_embeddings):
 def layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIST_FLOOR):
     """Sums over query rows [H] of distance, entropy (and the sink statistics), and the per-head
     context T [B, T, H, D] of one attention layer, softmax computed one block of query rows at a time."""
-    q, k, v = attention_pieces(attn, x.float() if x.dtype != torch.float64 else x, position_embeddings)
+    q, k, v = attention_pieces(attn, x, position_embeddings)              # in the module's own dtype
     q, k, v = q.float(), k.float(), v.float()
     B, H, T, D = q.shape
     scaling = float(attn.scaling)
