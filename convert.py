@@ -623,6 +623,31 @@ def fmt_keep(v):
     return str(Fraction(v).limit_denominator(16))
 
 
+def table_checks(cells, cols):
+    """The orderings the table is read for, computed from its cells (a failing cell is named)."""
+    by = {(c["keep"], c["policy"], c["init"]): c["ppl"]["ppl"] for c in cells}
+    out = []
+    def compare(a, b, what):
+        both = [(k, p) for k, p in cols if (k, p, a) in by and (k, p, b) in by]
+        if not both:
+            return
+        fails = [f"keep {fmt_keep(k)} {p} ({by[(k, p, a)]:.1f} vs {by[(k, p, b)]:.1f})" for k, p in both
+                 if not by[(k, p, a)] < by[(k, p, b)]]
+        out.append(f"- {what}: {len(both) - len(fails)} of {len(both)} cells" + (f"; fails in {', '.join(fails)}" if fails else ""))
+    compare("taylor", "naive", "taylor beats naive")
+    compare("taylor", "align-only", "taylor beats align-only (Phase 1 helps Phase 2, as the paper reports)")
+    compare("taylor-phase1", "zero-gate", "taylor-phase1 beats zero-gate")
+    compare("taylor-plus", "taylor", "taylor-plus (ours) beats taylor")
+    u = (0.25, "uniform")
+    if (*u, "naive") in by and (*u, "taylor") in by:
+        out.append(f"- naive / taylor at keep 1/4 uniform: {by[(*u, 'naive')] / by[(*u, 'taylor')]:.1f}x "
+                   f"(paper: 88x, Qwen2.5-3B with 27 of 36 layers GDN: naive 37,337 vs Taylor-Calibrate 424)")
+    if (*u, "taylor-plus") in by and (*u, "taylor") in by:
+        out.append(f"- taylor-plus / taylor at keep 1/4 uniform: {by[(*u, 'taylor-plus')] / by[(*u, 'taylor')]:.3f} "
+                   f"(goal: at most 0.5)")
+    return (["Checks (computed from the cells):"] + out) if out else []
+
+
 INIT_ORDER = ["naive", "zero-gate", "taylor-phase1", "align-only", "taylor", "taylor-plus"]
 
 
@@ -651,6 +676,7 @@ def table_markdown(r):
             c = by.get((k, p, init))
             row.append(f"{c['ppl']['ppl']:.2f} ({c['init_seconds']:.1f})" if c else "-")
         lines.append(f"| {init} | " + " | ".join(row) + " |")
+    lines += [""] + table_checks(r["cells"], cols)
     lines += ["", "Kept layers per column: " + "; ".join(
         f"{fmt_keep(k)} {p}: " + ",".join(map(str, next(c["kept_layers"] for c in r["cells"] if (c["keep"], c["policy"]) == (k, p) and c["init"] == init)))
         + (f" ({init})" if p == "ga-s2" else "")
