@@ -91,6 +91,10 @@ OPTIONS = {
     "out_gate": ("damped", "damped (reference) or fit (ours: per-head least-squares gate scale, line-searched)"),
     # our own Phase 1 choices
     "dt_from": ("distance", "statistic behind the time step: distance (reference) or distance_nosink (ours)"),
+    "gates_from": ("stats", "stats (reference: steps 1-2 set decay and write gate from the statistics) or naive (ours: keep the standard random, token-dependent gates; steps 3-4 still run)"),
+    "gate_search": (0, "ours: 1 = choose each head's (gamma, beta) on a grid by how well the GDN readout's direction matches the teacher context (overrides steps 1-2's targets)"),
+    "gamma_grid": ("0.003,0.01,0.03,0.1,0.3,1,3", "gate_search: candidate time steps gamma (comma-separated)"),
+    "beta_grid": ("0.1,0.3,0.5,0.7,0.9", "gate_search: candidate write strengths beta (comma-separated)"),
     "a_proj": ("keep", "keep (reference: random W_a) or zero (ours: the time step is exactly gamma_h at start)"),
     # Phase 2
     "steps": (300, "Phase 2 full-batch AdamW steps per layer (0: skip)"),
@@ -99,6 +103,7 @@ OPTIONS = {
     "weight_decay": (0.01, "Phase 2 AdamW weight decay"),
     "clip": (1.0, "Phase 2 gradient-norm clip"),
     "keep_best": (1, "Phase 2 keeps the lowest-loss parameters seen (1) or the last (0)"),
+    "val_rows": (0, "ours: hold out this many calibration sequences from Phase 2's fit and keep the parameters with the lowest loss on them (0: keep-best on the fit loss, the reference)"),
     "phase2_input": ("teacher", "teacher (reference: teacher-forced x, y) or student (ours: the student's own input to the layer, target corrected by the residual-stream error)"),
     "correction": (1.0, "phase2_input=student: weight of the residual-stream error added to the target"),
 }
@@ -220,15 +225,23 @@ def phase1(gdn, st, o):
 
     # 1. timescale -> dt_bias, A_log.  half-life ln2/gamma = mean attention distance.
     gamma = (LN2 / dist).clamp(o["gamma_min"], o["gamma_max"])
-    gdn.A_log.zero_()
-    gdn.dt_bias.copy_(softplus_inv(gamma))
+    beta = o["beta_min"] + o["beta_span"] * _at(conc, gdn)
+    search = None
+    if o["gate_search"]:
+        gamma, beta, search = gate_search(gdn, x, T, o)
+    if o["gates_from"] == "stats":
+        gdn.A_log.zero_()
+        gdn.dt_bias.copy_(softplus_inv(gamma))
+    elif o["gates_from"] != "naive":
+        raise ValueError(f"gates_from must be stats or naive, not '{o['gates_from']}'")
     if o["a_proj"] == "zero":
         gdn.a_proj.weight.zero_()
 
     # 2. entropy -> write gate.
-    beta = o["beta_min"] + o["beta_span"] * _at(conc, gdn)
     Wb = gdn.b_proj.weight
-    if o["write_gate"] == "rescale":
+    if o["gates_from"] == "naive":
+        pass
+    elif o["write_gate"] == "rescale":
         scale = Wb.float().abs().mean(1, keepdim=True).clamp_min(1e-12)
         Wb.copy_(logit(beta)[:, None] / math.sqrt(d) * Wb.float() / scale)
     elif o["write_gate"] == "fit":
@@ -250,6 +263,8 @@ def phase1(gdn, st, o):
     gdn.g_proj.weight.copy_(kappa * Wv.float())
     info = {"gamma": gamma.tolist(), "beta_target": beta.tolist(), "beta_mean": beta_seen.tolist(),
             "sigma": sigma.tolist(), "kappa": float(kappa)}
+    if search is not None:
+        info["gate_search"] = search
     if o["out_gate"] == "fit":
         info.update(fit_out_gate(gdn, x, _at(st["y"], gdn), kappa))
     elif o["out_gate"] != "damped":
@@ -258,6 +273,35 @@ def phase1(gdn, st, o):
         if not torch.isfinite(p).all():
             raise ValueError(f"layer {gdn.layer_idx}: Phase 1 produced non-finite weights")
     return info
+
+
+@torch.no_grad()
+def gate_search(gdn, x, T, o):
+    """Ours: each head's decay and write strength chosen by what the recurrence then reads out.
+
+    The mean attention distance is dominated by the diffuse long-range part of attention (and by the
+    sink), while what a head returns is mostly its sharp, local part; a memory as long as the mean
+    distance blurs that. So, with constant gates (W_a = 0: g = -gamma; beta constant), run the exact
+    recurrence for every (gamma, beta) on a small grid and score each head by the mean cosine
+    between its readout G_h(t) and the teacher context T_h(t). Cosine, because the readout's
+    RMSNorm removes the scale anyway. Heads are independent in GDN, so one run per grid point scores
+    all heads at once. Returns (gamma [H], beta [H], what was seen)."""
+    q, k, v, _ = gdn.qkv(x)
+    N, L, H, D = q.shape
+    gammas = [float(s) for s in str(o["gamma_grid"]).split(",")]
+    betas = [float(s) for s in str(o["beta_grid"]).split(",")]
+    score = torch.empty(len(gammas), len(betas), H)
+    for a, gm in enumerate(gammas):
+        for b, bt in enumerate(betas):
+            g = torch.full((N, L, H), -gm, device=q.device)
+            beta = torch.full((N, L, H), bt, device=q.device)
+            G, _ = chunk_gated_delta_rule(q, k, v, g.to(q.dtype) if q.dtype == torch.float64 else g, beta.to(q.dtype))
+            score[a, b] = F.cosine_similarity(G.float(), T, dim=-1, eps=1e-6).mean((0, 1)).cpu()
+    best = score.view(-1, H).argmax(0)
+    ga = torch.tensor(gammas)[best // len(betas)].to(x.device)
+    be = torch.tensor(betas)[best % len(betas)].to(x.device)
+    return ga.clamp(o["gamma_min"], o["gamma_max"]), be, {"gamma": ga.tolist(), "beta": be.tolist(),
+                                                          "cosine": score.view(-1, H).max(0).values.tolist()}
 
 
 @torch.no_grad()
@@ -313,17 +357,32 @@ def phase2(gdn, x, y, o, desc="phase 2"):
         p.requires_grad_(False)
     for p in qkv + gates:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW([{"params": qkv, "lr": o["lr_qkv"]}, {"params": gates, "lr": o["lr_gates"]}],
-                            weight_decay=o["weight_decay"])
+    groups = [{"params": qkv, "lr": o["lr_qkv"]}, {"params": gates, "lr": o["lr_gates"]}]
+    try:                                    # one fused kernel per step (CPU and CUDA); same math
+        opt = torch.optim.AdamW(groups, weight_decay=o["weight_decay"], fused=True)
+    except (RuntimeError, TypeError):
+        opt = torch.optim.AdamW(groups, weight_decay=o["weight_decay"])
     trained = qkv + gates
-    best, best_step, best_state, first = float("inf"), -1, None, None
+    # Held-out rows (ours, val_rows > 0): 4 x 256 tokens fit ~1M parameters easily, and the loss on
+    # tokens the fit never saw stops falling long before the fit loss does; keeping the parameters
+    # that do best on held-out rows is early stopping.
+    v = int(o["val_rows"])
+    if v and not 0 < v < x.shape[0]:
+        raise ValueError(f"val_rows={v} must leave at least one calibration sequence to fit (have {x.shape[0]})")
+    (x, y), (xv, yv) = ((x[:-v], y[:-v]), (x[-v:], y[-v:])) if v else ((x, y), (None, None))
+    best, best_step, best_state, first, first_val, best_val = float("inf"), -1, None, None, None, None
     bar = tqdm(range(o["steps"] + 1), desc=desc, leave=False)
     for step in bar:
         loss = F.mse_loss(layer(x)[0], y)
         value = loss.item()
         first = value if first is None else first
-        if math.isfinite(value) and value < best:   # the loss of the parameters *before* this update
-            best, best_step = value, step
+        crit = value
+        if v:
+            with torch.no_grad():
+                crit = F.mse_loss(layer(xv)[0], yv).item()
+            first_val = crit if first_val is None else first_val
+        if math.isfinite(crit) and crit < best:    # judged on the parameters *before* this update
+            best, best_step, best_fit = crit, step, value
             best_state = [p.detach().clone() for p in trained]
         if step == o["steps"]:                     # the last pass only evaluates the final update
             break
@@ -340,8 +399,11 @@ def phase2(gdn, x, y, o, desc="phase 2"):
     with torch.no_grad():
         for name, p in gdn.named_parameters():
             p.copy_(dict(layer.named_parameters())[name].to(p.dtype))
-    return {"loss_before": first, "loss_after": best if o["keep_best"] else value, "best_step": best_step,
-            "steps": o["steps"], "seconds": time.time() - t0}
+    out = {"loss_before": first, "loss_after": (best_fit if v else best) if o["keep_best"] else value,
+           "best_step": best_step, "steps": o["steps"], "seconds": time.time() - t0}
+    if v:
+        out.update(val_loss_before=first_val, val_loss_best=best, val_rows=v)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
