@@ -370,7 +370,7 @@ def parse_args(argv):
     p.add_argument("--teacher", default="default", help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--keep", default="1/4", help="fraction of layers kept as softmax (1/4, 0.25) or a list of indices (0,4,8)")
     p.add_argument("--policy", default="uniform", help=f"how a fraction picks layers: {', '.join(POLICIES)}")
-    p.add_argument("--init", default="naive", help=f"GDN init: {', '.join(INITS)}")
+    p.add_argument("--init", default="taylor", help=f"GDN init: {', '.join(INITS)} (default: Taylor-Calibrate, Phase 1 + Phase 2)")
     p.add_argument("--init-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="override an init constant (calibrate.OPTIONS), e.g. steps=300, damping=0.01; repeatable")
     p.add_argument("--probe-init", default="taylor-phase1",
