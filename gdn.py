@@ -145,7 +145,7 @@ class GatedDeltaNet(nn.Module):
         x = hidden_states
         B, T, _ = x.shape
         pad = getattr(self, "pad_mask", None)                                  # [B, T] bool, True = pad
-        pad = pad if pad is not None and pad.shape == (B, T) and bool(pad.any()) else None
+        pad = pad if pad is not None and pad.shape == (B, T) else None
         states = getattr(cache, "gdn_state", None) if cache is not None else None
         if cache is not None and states is None:
             states = cache.gdn_state = {}
@@ -236,6 +236,7 @@ def share_padding_mask(stack, args, kwargs):
     pad = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x is not None:
         pad = mask[:, -x.shape[1]:] == 0
+        pad = pad if bool(pad.any()) else None       # one check per forward, not one per GDN layer
     for layer in stack.layers:
         if isinstance(layer.self_attn, GatedDeltaNet):
             layer.self_attn.pad_mask = pad
