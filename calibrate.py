@@ -87,7 +87,6 @@ Signature of every INITS entry: fn(student, teacher, calib_ids, opts) -> dict of
 import copy
 import math
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F

@@ -191,7 +191,6 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 # accumulator, and the output o (returned in fp32, like the PyTorch form).
 # ==============================================================================================
 
-import math
 import os
 import warnings
 

@@ -36,7 +36,6 @@ nothing downstream ever sees NaN.
 """
 
 import logging
-import math
 import sys
 import warnings
 

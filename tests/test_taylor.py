@@ -205,7 +205,6 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     rec = json.loads((tmp_path / "ga-s2" / "conversion.json").read_text())
     assert rec["policy"]["name"] == "ga-s2" and len(rec["policy"]["scores"]) == 4
     assert "stats" in rec["init_info"] and "layers" in rec["init_info"]
-    mtime = scores.stat().st_mtime_ns
     assert convert.main(base + ["--policy", "ar", "--init", "naive", "--out", str(tmp_path / "again")]) == 0
     assert json.loads(scores.read_text()) == cached       # reused, nothing new computed
 
