@@ -159,3 +159,22 @@ def test_grouped_decode_attention_equals_sdpa(family):
     ref = decode()
     use_grouped_decode(model)
     torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
+    """--bench end to end on a tiny teacher: rows for teacher and hybrid, the hybrid's cache smaller."""
+    stem = tmp_path / "bench"
+    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96", "--batches", "1,2",
+                    "--decode-steps", "2", "--results", str(stem)], capsys)
+    assert code == 0, io.err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert len(rows) == 2 * 2 * 2 and all(r["decode_step_s"] > 0 and r["prefill_s"] > 0 for r in rows)
+    cache = {(r["model"], r["batch"], r["context"]): r["cache_bytes"] for r in rows}
+    assert cache[("hybrid keep 1/4", 2, 96)] < cache[("teacher", 2, 96)]
+    assert (tmp_path / "bench.md").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--contexts", "1x,4k"), ("--batches", "0"), ("--contexts", "")])
+def test_bench_bad_sizes(flag, value, tmp_path, capsys):
+    code, io = run(["--bench", f"{flag}={value}", "--results", str(tmp_path / "b")], capsys)
+    assert code == 2 and flag in io.err and not (tmp_path / "b.json").exists()
