@@ -146,10 +146,10 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         pad = getattr(self, "pad_mask", None)                                  # [B, T] bool, True = pad
         pad = pad if pad is not None and pad.shape == (B, T) else None
-        states = getattr(cache, "gdn_state", None) if cache is not None else None
-        if cache is not None and states is None:
-            states = cache.gdn_state = {}
-        S0, conv0 = states.get(self.layer_idx, (None, None)) if states is not None else (None, None)
+        if cache is not None and not hasattr(cache, "gdn_state"):
+            cache.gdn_state = {}
+        states = cache.gdn_state if cache is not None else {}
+        S0, conv0 = states.get(self.layer_idx, (None, None))
         q, k, v, conv_state = self.qkv(x if pad is None else x.masked_fill(pad[..., None], 0), conv0)
         g, beta = self.gates(x)
         if pad is not None:

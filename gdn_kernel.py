@@ -842,7 +842,7 @@ def main():
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 check=True).stdout.strip()
     except Exception:                         # noqa: BLE001  (the device copy has no .git)
-        commit = os.environ.get("GDN_GIT_COMMIT", "unknown")
+        commit = os.environ.get("GIT_COMMIT", os.environ.get("GDN_GIT_COMMIT", "unknown"))   # as distill.run_info
     results = dict(command="python " + " ".join(sys.argv), git_commit=commit, seed=seed,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    torch=torch.__version__, triton=getattr(triton, "__version__", None), fla=None,
