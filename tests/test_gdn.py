@@ -72,6 +72,26 @@ def test_save_load_identical_logits(family, tmp_path):
         assert torch.equal(again(ids).logits, student(ids).logits)
 
 
+@torch.no_grad()
+def decode_paths(model, ids, prompt, new_tokens):
+    """(logits decoded through the cache after a `prompt`-token prefill, logits of one full forward,
+    greedy generate() from the first `prompt // 2` tokens, the same greedy by full recomputation)."""
+    full = model(ids, use_cache=False).logits
+    out = model(ids[:, :prompt], use_cache=True)
+    steps, cache = [out.logits], out.past_key_values
+    for t in range(prompt, ids.shape[1]):
+        out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        steps.append(out.logits)
+    start = ids[:, :prompt // 2]
+    gen = model.generate(start, attention_mask=torch.ones_like(start), max_new_tokens=new_tokens,
+                         do_sample=False, pad_token_id=0)
+    seq = start
+    for _ in range(new_tokens):
+        seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return torch.cat(steps, 1), full, gen, seq
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_decode_equals_full_forward(family):
     """Layer 0 is GDN (the hardest case for HF's position bookkeeping), convs are random (not the
@@ -80,22 +100,8 @@ def test_cached_decode_equals_full_forward(family):
     model = hybridize(tiny_model(family), [0, 2, 3], conv_size=4)
     for m in gdn_modules(model).values():
         torch.nn.init.normal_(m.conv.weight, std=0.5)
-    ids = torch.randint(0, 128, (2, 20))
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :12], use_cache=True)
-        steps = [out.logits]
-        cache = out.past_key_values
-        for t in range(12, 20):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-        torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-4)
-        gen = model.generate(ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), max_new_tokens=10,
-                             do_sample=False, pad_token_id=0)
-        seq = ids[:, :5]
-        for _ in range(10):
-            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    inc, full, gen, seq = decode_paths(model, torch.randint(0, 128, (2, 20)), prompt=12, new_tokens=10)
+    torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
     assert torch.equal(gen, seq)
 
 
@@ -157,20 +163,8 @@ def test_cuda_cached_decode_equals_full_forward():
     model = hybridize(tiny_model("llama", vocab_size=512), [0, 2, 3], conv_size=4).cuda()
     for m in gdn_modules(model).values():
         torch.nn.init.normal_(m.conv.weight, std=0.5)
-    ids = torch.randint(0, 512, (2, 300), device="cuda")
-    with torch.no_grad():
-        full = model(ids, use_cache=False).logits
-        out = model(ids[:, :250], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(250, 300):
-            out = model(ids[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            steps.append(out.logits)
-        rel = (torch.cat(steps, 1) - full).norm() / full.norm()
-        assert rel < 1e-4, rel
-        gen = model.generate(ids[:, :40], attention_mask=torch.ones_like(ids[:, :40]), max_new_tokens=16,
-                             do_sample=False, pad_token_id=0)
-        seq = ids[:, :40]
-        for _ in range(16):
-            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    inc, full, gen, seq = decode_paths(model, torch.randint(0, 512, (2, 300), device="cuda"), prompt=250,
+                                       new_tokens=16)
+    rel = (inc - full).norm() / full.norm()
+    assert rel < 1e-4, rel
     assert torch.equal(gen, seq)
