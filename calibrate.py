@@ -126,6 +126,7 @@ OPTIONS = {
     "lr_gates": (1e-3, "Phase 2 learning rate of W_a, W_b, W_g, A_log, dt_bias"),
     "weight_decay": (0.01, "Phase 2 AdamW weight decay"),
     "clip": (1.0, "Phase 2 gradient-norm clip"),
+    "train_out": (0, "ours: 1 = Phase 2 also trains W_o and the readout norm weight (lr_qkv): the whole layer's output is aligned, not only what feeds the frozen W_o"),
     "keep_best": (1, "Phase 2 keeps the lowest-loss parameters seen (1) or the last (0)"),
     "val_rows": (0, "ours: hold out this many calibration sequences from Phase 2's fit and keep the parameters with the lowest loss on them (0: keep-best on the fit loss, the reference)"),
     "phase2_input": ("teacher", "teacher (reference: teacher-forced x, y) or student (ours: the student's own input to the layer, target corrected by the residual-stream error)"),
@@ -377,6 +378,8 @@ def phase2(gdn, x, y, o, desc="phase 2"):
     layer = copy.deepcopy(gdn).float().train()
     qkv = [layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]
     gates = [layer.a_proj.weight, layer.b_proj.weight, layer.g_proj.weight, layer.A_log, layer.dt_bias]
+    if o["train_out"]:
+        qkv += [layer.o_proj.weight, layer.o_norm]
     for p in layer.parameters():                                  # W_o, the norm, the conv: frozen
         p.requires_grad_(False)
     for p in qkv + gates:

