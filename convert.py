@@ -9,7 +9,7 @@ convert.py -- teacher in, hybrid out: the command line that chains the other fil
    score every layer on probe tokens, the block of the calibration text after the calibration
    tokens; --scores PATH caches the scores and reuses them);
 3. copy the teacher, swap every other attention module for a GDN layer (gdn.py) and initialise it
-   (--init naive|zero-gate|taylor-phase1|align-only|taylor|taylor-plus, --init-opt NAME=VALUE;
+   (--init naive|zero-gate|taylor-phase1|align-only|taylor|taylor-plus|align-plus, --init-opt NAME=VALUE;
    calibrate.py);
 4. save the hybrid (safetensors + config + tokenizer + conversion.json) atomically: everything is
    written into a temporary folder that is renamed to --out only when complete;
@@ -652,17 +652,20 @@ def table_checks(cells, cols):
     compare("taylor", "align-only", "taylor beats align-only (Phase 1 helps Phase 2, as the paper reports)")
     compare("taylor-phase1", "zero-gate", "taylor-phase1 beats zero-gate")
     compare("taylor-plus", "taylor", "taylor-plus (ours) beats taylor")
+    compare("align-plus", "taylor", "align-plus (ours) beats taylor")
+    compare("align-plus", "align-only", "align-plus (ours) beats align-only")
     u = (0.25, "uniform")
     if (*u, "naive") in by and (*u, "taylor") in by:
         out.append(f"- naive / taylor at keep 1/4 uniform: {by[(*u, 'naive')] / by[(*u, 'taylor')]:.1f}x "
                    f"(paper: 88x, Qwen2.5-3B with 27 of 36 layers GDN: naive 37,337 vs Taylor-Calibrate 424)")
-    if (*u, "taylor-plus") in by and (*u, "taylor") in by:
-        out.append(f"- taylor-plus / taylor at keep 1/4 uniform: {by[(*u, 'taylor-plus')] / by[(*u, 'taylor')]:.3f} "
-                   f"(goal: at most 0.5)")
+    for ours in ("taylor-plus", "align-plus"):
+        if (*u, ours) in by and (*u, "taylor") in by:
+            out.append(f"- {ours} / taylor at keep 1/4 uniform: {by[(*u, ours)] / by[(*u, 'taylor')]:.3f} "
+                       f"(goal: at most 0.5)")
     return (["Checks (computed from the cells):"] + out) if out else []
 
 
-INIT_ORDER = ["naive", "zero-gate", "taylor-phase1", "align-only", "taylor", "taylor-plus"]
+INIT_ORDER = ["naive", "zero-gate", "taylor-phase1", "align-only", "taylor", "taylor-plus", "align-plus"]
 
 
 def table_markdown(r):

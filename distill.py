@@ -164,8 +164,9 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
 
 def run_info(seed=None):
     """Commit, device, versions, seed and command: what anyone needs to reproduce a number."""
-    import transformers
     here = os.path.dirname(os.path.abspath(__file__))
+    if os.environ.get("GIT_COMMIT"):     # said explicitly: a copy of the tree (a GPU box) whose .git, if
+        return {**_machine(seed), "commit": os.environ["GIT_COMMIT"], "dirty": None}   # any, is stale
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
         commit = r.stdout.strip() if r.returncode == 0 else None
@@ -173,13 +174,16 @@ def run_info(seed=None):
                                     text=True, cwd=here).stdout.strip()) if commit else None
     except OSError:
         commit, dirty = None, None
-    if commit is None and os.environ.get("GIT_COMMIT"):   # a copy of the tree without .git (a GPU box)
-        commit, dirty = os.environ["GIT_COMMIT"], None
+    return {**_machine(seed), "commit": commit, "dirty": dirty}
+
+
+def _machine(seed):
+    import transformers
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
-    return {"commit": commit, "dirty": dirty, "device": device, "python": platform.python_version(),
+    return {"device": device, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "seed": seed,
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
 
@@ -558,7 +562,16 @@ def train(run, student, data, model, step_fn, groups):
                disable=not dist.main)
     if start == 0:
         evaluate(run, student, 0, metrics)
+    prof = None
     for step in bar:
+        if a.profile_steps and step == start + 2:     # after warm-up: compilation stays out of it
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if dist.device.type == "cuda" else []))
+            prof.__enter__()
+        if prof is not None and step == start + 2 + a.profile_steps:
+            prof.__exit__(None, None, None)
+            report_profile(prof, a, dist)
+            prof = None
         t0 = time.time()
         rows = data.next().view(dist.world, per_rank, a.seq)[dist.rank]
         micro = rows.split(a.micro_batch)
@@ -610,6 +623,19 @@ def train(run, student, data, model, step_fn, groups):
     bar.close()
     evaluate(run, student, run.steps, metrics)
     return records
+
+
+def report_profile(prof, a, dist):
+    """--profile-steps: where the profiled steps' time went, by operator (device time first on a
+    GPU), printed and saved as profile.txt in the run folder."""
+    if not dist.main:
+        return
+    key = "self_cuda_time_total" if dist.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    text = f"stage {a.stage}, {a.profile_steps} steps after 2 warm-up steps, by {key}:\n{table}\nby self CPU time:\n{cpu}"
+    write_atomic(os.path.join(a.out, "profile.txt"), text)
+    print(text)
 
 
 def evaluate(run, student, step, metrics):
@@ -716,6 +742,8 @@ def parse_args(argv):
     c.add_argument("--keep-checkpoints", type=int, default=1)
     c.add_argument("--stop-after-steps", type=int, default=0,
                    help="stop after this many steps of this process, as if killed (tests; splitting a run into jobs)")
+    c.add_argument("--profile-steps", type=int, default=0, help="profile this many steps (after 2 warm-up "
+                   "steps) with torch.profiler: the top operators go to the screen and to OUT/profile.txt")
     c.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM dense bf16: 989)")
     a = p.parse_args(argv)

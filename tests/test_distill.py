@@ -293,3 +293,10 @@ def test_ddp_matches_one_process(setup, tmp_path, stage):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
     assert json.load(open(two / "distill.json"))["processes"] == 2
     assert lines(one, "eval")[-1]["ppl"] == pytest.approx(lines(two, "eval")[-1]["ppl"], rel=1e-4)
+
+
+def test_profile_steps_writes_a_profile(setup, tmp_path):
+    out = tmp_path / "prof"
+    assert distill.main(args(setup, out, 1, tokens=6 * 64, extra=["--profile-steps", "2"])) == 0
+    text = (out / "profile.txt").read_text()
+    assert "2 steps after 2 warm-up steps" in text and "aten::" in text

@@ -111,7 +111,7 @@ def test_every_init_shapes_and_determinism(init):
         assert not torch.equal(other.model.layers[1].self_attn.a_proj.weight, outs[0]["model.layers.1.self_attn.a_proj.weight"])
 
 
-@pytest.mark.parametrize("init", ["align-only", "taylor", "taylor-plus"])
+@pytest.mark.parametrize("init", ["align-only", "taylor", "taylor-plus", "align-plus"])
 def test_phase2_loss_decreases(init):
     teacher = tiny_model("qwen3")
     ids = calib()
@@ -132,6 +132,18 @@ def test_gate_search_and_heldout_keep_best_run():
         ["steps=10", "gate_search=1", "val_rows=1", "write_gate=fit", "a_proj=zero", "out_gate=fit"]))
     rec = info["init_info"]["layers"][1]
     assert len(rec["phase1"]["gate_search"]["gamma"]) == 4 and rec["phase2"]["val_rows"] == 1
+
+
+def test_align_plus_trains_the_output_projection_and_align_only_does_not():
+    teacher = tiny_model("llama")
+    ids = calib()
+    wo = teacher.model.layers[1].self_attn.o_proj.weight
+    opts = calibrate.parse_opts(["steps=10"])
+    only, _ = convert.convert(teacher, [0], "align-only", ids, init_opts=opts)
+    plus, _ = convert.convert(teacher, [0], "align-plus", ids, init_opts=opts)
+    assert torch.equal(only.model.layers[1].self_attn.o_proj.weight, wo)
+    assert not torch.equal(plus.model.layers[1].self_attn.o_proj.weight, wo)
+    assert not torch.equal(plus.model.layers[1].self_attn.o_norm, only.model.layers[1].self_attn.o_norm)
 
 
 def test_phase1_sets_what_the_statistics_say():
@@ -210,7 +222,7 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--init", "bogus"], "valid: naive, zero-gate, taylor-phase1, align-only, taylor, taylor-plus"),
+    (["--init", "bogus"], "valid: naive, zero-gate, taylor-phase1, align-only, taylor, taylor-plus, align-plus"),
     (["--policy", "bogus"], "valid: uniform, ar, ga-s2"),
     (["--keep", "0/4"], "not a fraction"),
     (["--keep", ",".join(map(str, range(5)))], "only 4"),
