@@ -569,9 +569,7 @@ def train(run, student, data, model, step_fn, groups):
                 [torch.profiler.ProfilerActivity.CUDA] if dist.device.type == "cuda" else []))
             prof.__enter__()
         if prof is not None and step == start + 2 + a.profile_steps:
-            prof.__exit__(None, None, None)
-            report_profile(prof, a, dist)
-            prof = None
+            prof = report_profile(prof, a, dist)
         t0 = time.time()
         rows = data.next().view(dist.world, per_rank, a.seq)[dist.rank]
         micro = rows.split(a.micro_batch)
@@ -617,9 +615,13 @@ def train(run, student, data, model, step_fn, groups):
                     "world": dist.world, "config": run.config}, keep=a.keep_checkpoints)
             dist.barrier()
         if a.stop_after_steps and step + 1 - start >= a.stop_after_steps and step + 1 < run.steps:
+            if prof is not None:
+                report_profile(prof, a, dist)
             bar.close()
             run.stopped = True
             return records
+    if prof is not None:                              # the run ended inside the profiled steps
+        report_profile(prof, a, dist)
     bar.close()
     evaluate(run, student, run.steps, metrics)
     return records
@@ -628,14 +630,16 @@ def train(run, student, data, model, step_fn, groups):
 def report_profile(prof, a, dist):
     """--profile-steps: where the profiled steps' time went, by operator (device time first on a
     GPU), printed and saved as profile.txt in the run folder."""
+    prof.__exit__(None, None, None)
     if not dist.main:
-        return
+        return None
     key = "self_cuda_time_total" if dist.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
     text = f"stage {a.stage}, {a.profile_steps} steps after 2 warm-up steps, by {key}:\n{table}\nby self CPU time:\n{cpu}"
     write_atomic(os.path.join(a.out, "profile.txt"), text)
     print(text)
+    return None
 
 
 def evaluate(run, student, step, metrics):

@@ -168,3 +168,18 @@ def test_cuda_cached_decode_equals_full_forward():
     rel = (inc - full).norm() / full.norm()
     assert rel < 1e-4, rel
     assert torch.equal(gen, seq)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none): run on the device machine")
+def test_cuda_autocast_feeds_the_kernel_bf16(monkeypatch):
+    """Under bf16 autocast (distillation) the kernel must get bf16 q, k, v: autocast computes the L2
+    norm in fp32, and an fp32 q would send the whole scan down the kernel's slow fp32 path."""
+    import gdn as gdn_module
+    seen = []
+    real = gdn_module.chunk_gated_delta_rule
+    monkeypatch.setattr(gdn_module, "chunk_gated_delta_rule",
+                        lambda q, k, v, *a, **kw: seen.append((q.dtype, k.dtype, v.dtype)) or real(q, k, v, *a, **kw))
+    model = hybridize(tiny_model("llama", vocab_size=512), [0]).cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(torch.randint(0, 512, (2, 64), device="cuda")).logits.float().sum().backward()
+    assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
