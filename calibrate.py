@@ -14,8 +14,8 @@ teacher) and sets its GDN layers in place. The names (`--init` in convert.py):
                  values the statistics ask for and an output gate fitted instead of damped, then
                  the same Phase 2 (see "Our own init" at the end of this docstring).
   align-plus     ours, what the measurements led to: no Phase 1 (the standard random gates), and a
-                 Phase 2 that aligns the whole layer -- W_o and the readout norm train too -- meant
-                 to run on more calibration tokens (convert.py --calib-seqs 16).
+                 Phase 2 that aligns the whole layer -- W_o and the readout norm train too. Best
+                 with more calibration tokens (convert.py --calib-seqs 16).
 
 Everything here works on one GDN layer at a time and needs, per layer, the teacher statistics of
 taylor_stats.collect_stats: distance d_h, concentration c_h, the teacher-forced input x [N, L, d],
@@ -80,14 +80,18 @@ results/zeroshot_plus_layers.md per layer on the CPU):
     * More calibration tokens help every init (16 x 256 instead of 4 x 256: held-out MSE / start
       falls from ~0.45 to ~0.34 for align-only on layers 5 and 18, results/zeroshot_plus_layers_16x256.md),
       and align-only stays ahead of taylor and taylor-plus there too. On a GPU, --calib-seqs 16 is
-      the cheapest improvement we found; we could not re-measure the zero-shot table with it.
+      the cheapest improvement we found (zero-shot: below).
 
   align-plus is where this leads: keep the naive gates, and spend the effort on the alignment
-  itself -- train W_o and the readout norm with W_q, W_k, W_v and the gates (train_out=1: per layer,
-  held-out MSE 0.170 -> 0.155 on layer 5 and 1.042 -> 0.989 on layer 18 at 4 x 256 tokens; more
-  steps or larger learning rates only over-fit more: 0.206-0.216 and 1.15-1.24), on 4x the
-  calibration tokens. Its zero-shot numbers are in results/zeroshot.md (4 x 256, like every row) and
-  results/zeroshot_calib16.md (16 x 256, next to align-only and taylor on the same 16 x 256).
+  itself -- train W_o and the readout norm with W_q, W_k, W_v and the gates (train_out=1). Per layer
+  (results/zeroshot_plus_layers_align.md, 4 x 256 tokens) this lowers the held-out MSE from 0.170 to
+  0.155 on layer 5 and from 1.042 to 0.989 on layer 18; more steps (900) or 3x the learning rates
+  only over-fit more (0.206-0.216 and 1.15-1.24). Zero-shot on the H100 (results/zeroshot.md, same
+  4 x 256 tokens as every other row): 121.0 at keep 1/4 uniform, 0.36x taylor's 334.5 and below
+  align-only's 137.7; it beats taylor in 9 of 9 cells and align-only in 8 of 9 (not keep 3/4 ga-s2).
+  Most of the gain over taylor is dropping Phase 1 (align-only alone is 0.41x taylor); training W_o
+  adds ~12% at keep 1/4. More calibration tokens are the next lever: with 16 x 256 align-only alone
+  falls to 63.4 (results/zeroshot_calib16.md), so convert.py --calib-seqs 16 is worth its 2x time.
 
 Every constant is a named option in OPTIONS (override with convert.py --init-opt NAME=VALUE).
 Signature of every INITS entry: fn(student, teacher, calib_ids, opts) -> dict of what it measured
