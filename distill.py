@@ -383,13 +383,42 @@ def matmul_params(module, skip=()):
     return sum(m.weight.numel() for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in skip)
 
 
-def flops_per_token(stage, student, teacher, stack=None):
-    """Model FLOPs per trained token, the usual 2N forward / 6N forward+backward count over matmul
-    weights. Leaves out attention scores and the GDN chunk products (small at these lengths), so
-    the MFU it gives is a slight underestimate."""
+def mixing_flops(model, seq, chunk=64, only=None):
+    """Forward FLOPs per token of the token-mixing products that are not weight matmuls, summed over
+    the decoder layers (or the layer indices in `only`), for sequences of `seq` tokens:
+      softmax layer, causal (a token sees seq/2 keys on average): QK^T and PV, each 2 FLOPs per
+        multiply-add over H heads of dim D:           2 * 2 * (seq / 2) * H * D  =  2 * seq * H * D
+      GDN layer, chunked (C = 64), per head: inside the chunk Q K^T, K K^T, the W = A(beta K) and
+        U = A(beta V) products and the masked (Q K^T) U readout:   2C (3 Dk + 2 Dv)
+        and across chunks q S, W S and the state update K^T (U - W S):   6 Dk Dv.
+    Everything counted as computed, the causal zeros inside a chunk included."""
+    from gdn import GatedDeltaNet, decoder_layers
+    c = model.config
+    total = 0
+    for i, layer in enumerate(decoder_layers(model)):
+        if only is not None and i not in only:
+            continue
+        m = layer.self_attn
+        if isinstance(m, GatedDeltaNet):
+            total += m.num_heads * (2 * chunk * (3 * m.head_dim + 2 * m.head_dim) + 6 * m.head_dim * m.head_dim)
+        else:
+            D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+            total += 2 * seq * c.num_attention_heads * D
+    return total
+
+
+def flops_per_token(stage, student, teacher, seq, stack=None):
+    """Model FLOPs per trained token: 2 per weight for a forward matmul, 3x that for forward +
+    backward, plus the mixing products above (3x as well when trained):
+      Stage 1:  teacher forward without its LM head  + 3 x (2 N_gdn + mixing of the GDN layers)
+      Stage 2:  teacher forward (2 N_T + mixing_T)   + 3 x (2 N_S + mixing_S)
+    Norms, activations and the softmax itself are left out (a few % at most), so MFU is a slight
+    underestimate. Recomputation under gradient checkpointing is not counted: it is overhead."""
+    t = mixing_flops(teacher, seq)
     if stage == 1:
-        return 2 * matmul_params(teacher, skip=("lm_head",)) + 6 * matmul_params(stack)
-    return 2 * matmul_params(teacher) + 6 * matmul_params(student)
+        gdn = [int(i) for i in stack.layers]
+        return 2 * matmul_params(teacher, skip=("lm_head",)) + t + 3 * (2 * matmul_params(stack) + mixing_flops(student, seq, only=gdn))
+    return 2 * matmul_params(teacher) + t + 3 * (2 * matmul_params(student) + mixing_flops(student, seq))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,7 +590,7 @@ def train(run, student, data, model, step_fn, groups):
     bar = tqdm(range(start, run.steps), desc=f"stage {a.stage}", initial=start, total=run.steps,
                disable=not dist.main)
     if start == 0:
-        evaluate(run, student, 0, metrics)
+        evaluate(run, student, 0, metrics, teacher=run.teacher)
     prof = None
     for step in bar:
         if a.profile_steps and step == start + 2:     # after warm-up: compilation stays out of it
@@ -642,9 +671,17 @@ def report_profile(prof, a, dist):
     return None
 
 
-def evaluate(run, student, step, metrics):
-    """Validation perplexity (main process only), logged with the tokens seen in every stage."""
+def evaluate(run, student, step, metrics, teacher=None):
+    """Validation perplexity (main process only), logged with the tokens seen in every stage. With
+    `teacher` (at the start of a run), the teacher's on the same windows too: the yardstick the
+    recovery report measures the student against."""
     a = run.args
+    if teacher is not None and run.eval_ids is not None and run.dist.main:
+        with run.autocast():
+            ppl = perplexity(teacher, run.eval_ids, a.eval_window, a.eval_max_windows or None,
+                             a.eval_batch_size, desc="teacher ppl")
+        metrics.log({"type": "teacher_eval", "stage": a.stage, "step": 0, "data": a.eval_data, "ppl": ppl["ppl"],
+                     "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"]})
     if run.eval_ids is not None and run.dist.main:
         was = student.training
         student.eval()
@@ -668,7 +705,7 @@ def stage1(run, student, teacher, data):
     stack = GDNStack(student).train()
     taps = TeacherTaps(teacher, sorted(int(i) for i in stack.layers))
     model = stack if run.dist.world == 1 else nn.parallel.DistributedDataParallel(stack)
-    run.flops_per_token = flops_per_token(1, student, teacher, stack)
+    run.flops_per_token = flops_per_token(1, student, teacher, run.args.seq, stack)
     try:
         return train(run, student, data, model, lambda m, ids: stage1_step(m, teacher, taps, ids), groups)
     finally:
@@ -689,7 +726,7 @@ def stage2(run, student, teacher, data):
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model = student if run.dist.world == 1 else nn.parallel.DistributedDataParallel(student)
-    run.flops_per_token = flops_per_token(2, student, teacher)
+    run.flops_per_token = flops_per_token(2, student, teacher, run.args.seq)
     return train(run, student, data, model, lambda m, ids: stage2_step(m, teacher, ids), groups)
 
 
@@ -940,6 +977,7 @@ def distill(a):
     resume_from = prepare_run_folder(a, config, dist)                 # every check passed: now write
     student = load_hybrid(resume_from or a.student, dist.device)      # fp32 master weights
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior)
+    run.teacher = teacher
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
               f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences; "
@@ -991,7 +1029,110 @@ def summary(r, a):
     print(f"wrote {a.out} ({r['seconds']:.0f} s)")
 
 
+# ----------------------------------------------------------------------------------------------
+# The recovery report: how many Stage-2 tokens each init needs (METHOD section 6's efficiency claim)
+# ----------------------------------------------------------------------------------------------
+
+THRESHOLDS = (1.10, 1.15, 1.20, 1.25)
+
+
+def tokens_to_reach(curve, target):
+    """The first Stage-2 token count at which validation perplexity is <= target, for a curve of
+    (tokens, ppl) evaluation points: linear in log perplexity between the two points around the
+    first crossing (perplexity falls roughly exponentially in the tokens seen between evaluations,
+    so log-ppl is the smoother quantity). None if the curve never gets there."""
+    for i, (t, p) in enumerate(curve):
+        if p <= target:
+            if i == 0:
+                return float(t)
+            (t0, p0) = curve[i - 1]
+            f = (math.log(p0) - math.log(target)) / (math.log(p0) - math.log(p))
+            return t0 + f * (t - t0)
+    return None
+
+
+def read_stage2_run(folder):
+    """(label, teacher ppl, curve, test ppl, record) of a finished Stage-2 run folder."""
+    path = os.path.join(folder, "distill.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"{folder} is not a finished distill.py run (no distill.json)")
+    with open(path) as f:
+        record = json.load(f)
+    if record["stage"] != 2:
+        raise ValueError(f"{folder} is a Stage-{record['stage']} run; the recovery report reads Stage-2 runs")
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        lines = [json.loads(l) for l in f if l.strip()]
+    teacher = [l["ppl"] for l in lines if l["type"] == "teacher_eval"]
+    if not teacher:
+        raise ValueError(f"{folder}: no teacher_eval line in metrics.jsonl (the run had no --eval-data?)")
+    curve = sorted({l["tokens"]: l["ppl"] for l in lines if l["type"] == "eval" and l["stage"] == 2}.items())
+    conv = os.path.join(folder, "conversion.json")
+    label = os.path.basename(os.path.normpath(folder))
+    if os.path.isfile(conv):
+        with open(conv) as f:
+            label = json.load(f).get("init", label)
+    return label, teacher[0], curve, (record.get("test") or {}).get("ppl"), record
+
+
+def recovery(folders, results):
+    """Compare Stage-2 runs of different inits (one of them 'naive'): the tokens each needs to come
+    within 10/15/20/25% of the teacher's validation perplexity, and to reach the naive run's final
+    perplexity; speedup = naive's tokens / the init's. JSON and a markdown table at `results`."""
+    runs = {}
+    for folder in folders:
+        label, teacher, curve, test, record = read_stage2_run(folder)
+        if label in runs:
+            raise ValueError(f"two runs of init '{label}' ({runs[label]['folder']} and {folder}): one per init")
+        runs[label] = {"folder": folder, "teacher_ppl": teacher, "curve": curve, "test_ppl": test,
+                       "final_val_ppl": curve[-1][1] if curve else None, "commit": record.get("commit"),
+                       "device": record.get("device"), "tokens_by_stage": record.get("tokens_by_stage")}
+    if "naive" not in runs:
+        raise ValueError(f"the report needs the naive run among the folders (have: {', '.join(runs)})")
+    teacher = runs["naive"]["teacher_ppl"]
+    naive_final = runs["naive"]["final_val_ppl"]
+    for r in runs.values():
+        r["tokens_to"] = {f"{x:.2f}x teacher": tokens_to_reach(r["curve"], x * teacher) for x in THRESHOLDS}
+        r["tokens_to"]["naive final"] = tokens_to_reach(r["curve"], naive_final)
+    for r in runs.values():
+        r["speedup_vs_naive"] = {k: (runs["naive"]["tokens_to"][k] / t if t and runs["naive"]["tokens_to"][k] else None)
+                                 for k, t in r["tokens_to"].items()}
+    out = {"teacher_val_ppl": teacher, "thresholds": list(THRESHOLDS), "runs": runs, **run_info()}
+    write_json(results + ".json", out)
+    fmt = lambda t: "not reached" if t is None else f"{t / 1e6:.2f}M"
+    keys = list(runs["naive"]["tokens_to"])
+    md = [f"Stage-2 recovery: validation perplexity vs Stage-2 tokens; teacher {teacher:.2f} on the same windows. "
+          f"Tokens to reach a target are interpolated (log-ppl, linear in tokens) between evaluation points; "
+          f"speedup = naive's tokens / the init's.", "",
+          "| init | final val ppl | test ppl | " + " | ".join(f"tokens to {k}" for k in keys) + " | "
+          + " | ".join(f"speedup {k}" for k in keys) + " |", "|---|" + "---|" * (2 + 2 * len(keys))]
+    for label, r in runs.items():
+        sp = [("-" if r["speedup_vs_naive"][k] is None else f"{r['speedup_vs_naive'][k]:.1f}x") for k in keys]
+        md.append(f"| {label} | {r['final_val_ppl']:.2f} | " + (f"{r['test_ppl']:.2f}" if r["test_ppl"] else "-")
+                  + " | " + " | ".join(fmt(r["tokens_to"][k]) for k in keys) + " | " + " | ".join(sp) + " |")
+    md += ["", "Curves (Stage-2 tokens: validation ppl):"] + [
+        f"- {label}: " + ", ".join(f"{t / 1e6:.2f}M: {p:.2f}" for t, p in r["curve"]) for label, r in runs.items()]
+    write_atomic(results + ".md", "\n".join(md) + "\n")
+    print("\n".join(md))
+    return out
+
+
+def recovery_main(argv):
+    p = argparse.ArgumentParser(prog="distill.py --recovery", description=recovery.__doc__.split("\n")[0])
+    p.add_argument("--recovery", nargs="+", required=True, metavar="RUN", help="finished Stage-2 run folders")
+    p.add_argument("--results", default="results/recovery/recovery", help="output stem (.json, .md)")
+    a = p.parse_args(argv)
+    try:
+        recovery(a.recovery, a.results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if "--recovery" in argv:
+        return recovery_main(argv)
     try:
         a = parse_args(argv)
         distill(a)

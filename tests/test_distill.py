@@ -300,3 +300,79 @@ def test_profile_steps_writes_a_profile(setup, tmp_path):
     assert distill.main(args(setup, out, 1, tokens=6 * 64, extra=["--profile-steps", "2"])) == 0
     text = (out / "profile.txt").read_text()
     assert "2 steps after 2 warm-up steps" in text and "aten::" in text
+
+
+def test_tokens_to_reach_interpolates_in_log_ppl():
+    curve = [(0, 100.0), (1000, 10.0), (2000, 5.0)]
+    assert distill.tokens_to_reach(curve, 100.0) == 0
+    assert distill.tokens_to_reach(curve, 10.0 ** 1.5) == pytest.approx(500)      # halfway in log10
+    assert distill.tokens_to_reach(curve, 5.0) == pytest.approx(2000)
+    assert distill.tokens_to_reach(curve, 4.9) is None
+
+
+def fake_stage2_run(folder, init, curve, teacher=10.0, test=None):
+    folder.mkdir()
+    (folder / "conversion.json").write_text(json.dumps({"init": init}))
+    rows = [{"type": "teacher_eval", "stage": 2, "step": 0, "ppl": teacher}]
+    rows += [{"type": "eval", "stage": 2, "step": i, "tokens": t, "ppl": p} for i, (t, p) in enumerate(curve)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "distill.json").write_text(json.dumps({"stage": 2, "test": {"ppl": test} if test else None}))
+    return str(folder)
+
+
+def test_recovery_report(tmp_path, capsys):
+    naive = fake_stage2_run(tmp_path / "n", "naive", [(0, 1000.0), (4e6, 14.0), (8e6, 12.0)], test=12.5)
+    ours = fake_stage2_run(tmp_path / "t", "taylor", [(0, 300.0), (1e6, 12.0), (2e6, 11.0)])
+    stem = str(tmp_path / "out" / "rec")
+    assert distill.main(["--recovery", naive, ours, "--results", stem]) == 0
+    r = json.load(open(stem + ".json"))["runs"]
+    assert r["naive"]["tokens_to"]["1.20x teacher"] == pytest.approx(8e6)          # 12.0 = 1.2 x 10
+    assert r["taylor"]["tokens_to"]["1.20x teacher"] == pytest.approx(1e6)
+    assert r["taylor"]["speedup_vs_naive"]["1.20x teacher"] == pytest.approx(8.0)
+    assert r["taylor"]["tokens_to"]["naive final"] == pytest.approx(1e6)
+    assert r["naive"]["tokens_to"]["1.10x teacher"] is None
+    assert "| taylor | 11.00 | - |" in open(stem + ".md").read()
+    # without the naive run there is nothing to compare against
+    assert distill.main(["--recovery", ours, "--results", stem]) == 2
+    assert "needs the naive run" in capsys.readouterr().err
+
+
+def test_stage2_logs_the_teacher_on_the_eval_windows(setup, tmp_path):
+    out = tmp_path / "s2"
+    assert distill.main(args(setup, out, 2, tokens=2 * 64)) == 0
+    t = lines(out, "teacher_eval")
+    assert len(t) == 1 and t[0]["ppl"] > 1 and t[0]["windows"] == lines(out, "eval")[0]["windows"]
+
+
+def test_random_teacher_for_throughput(setup, tmp_path):
+    """--teacher random:FOLDER: a config and a tokenizer, no weights; the same seeded weights every
+    time it is loaded, so convert.py's hybrid and distill.py's reloaded teacher agree."""
+    folder = tmp_path / "shape"
+    tiny_model("llama", vocab_size=len(setup["tok"])).config.save_pretrained(folder)
+    setup["tok"].save_pretrained(folder)
+    a, _, what = convert.load_teacher(f"random:{folder}")
+    b, _, _ = convert.load_teacher(f"random:{folder}")
+    assert "random weights" in what and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    hybrid = tmp_path / "hybrid"
+    assert convert.main(["--teacher", f"random:{folder}", "--keep", "1/2", "--out", str(hybrid), "--no-sample",
+                         "--eval-data", setup["valid"], "--window", "32", "--max-windows", "1"]) == 0
+    s = {**setup, "hybrid": str(hybrid)}
+    out = tmp_path / "run"
+    assert distill.main(args(s, out, 2, tokens=2 * 64, extra=["--eval-data", "none", "--test-data", "none"])) == 0
+    assert json.load(open(out / "distill.json"))["teacher_spec"] == f"random:{folder}"
+    with pytest.raises(ValueError, match="nor a folder"):
+        convert.load_teacher("random:nothing-here")
+
+
+def test_flops_count_softmax_and_gdn_layers_apart():
+    from gdn import hybridize
+    teacher = tiny_model("llama")                      # 4 layers
+    student = hybridize(tiny_model("llama"), [1, 3])
+    c = teacher.config
+    H, D = c.num_attention_heads, c.hidden_size // c.num_attention_heads
+    soft, gdn = 2 * 100 * H * D, H * (2 * 64 * 5 * D + 6 * D * D)
+    assert distill.mixing_flops(teacher, 100) == 4 * soft
+    assert distill.mixing_flops(student, 100) == 2 * soft + 2 * gdn
+    stack = distill.GDNStack(student)
+    n_t, n_gdn = distill.matmul_params(teacher, skip=("lm_head",)), distill.matmul_params(stack)
+    assert distill.flops_per_token(1, student, teacher, 100, stack) == 2 * n_t + 4 * soft + 3 * (2 * n_gdn + 2 * gdn)
