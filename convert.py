@@ -842,8 +842,20 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout=0
     if attention_mask is not None:                       # [B, 1, 1, L]: bool (True = attend) or additive
         m = attention_mask[..., -1:, :L]
         scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-    out = torch.matmul(scores.softmax(-1).to(value.dtype), value)             # [B, Hkv, rep, Dv]
+    p = scores.softmax(-1).to(value.dtype)                                     # [B, Hkv, rep, L]
+    if L % SPLIT == 0 and L >= 16 * SPLIT:
+        # P V is a product with a long inner dimension (L) and a tiny output (rep x Dv): done as one
+        # matmul it runs on a handful of thread blocks per (batch, KV head), far below the memory
+        # bandwidth. Cut L into blocks (flash-decoding's split): one small product per block, in
+        # parallel, then a sum over the blocks. (--bench makes its cache lengths multiples of SPLIT.)
+        S = L // SPLIT
+        out = torch.matmul(p.view(B, Hkv, -1, S, SPLIT).transpose(2, 3), value.view(B, Hkv, S, SPLIT, -1)).sum(2)
+    else:
+        out = torch.matmul(p, value)                                            # [B, Hkv, rep, Dv]
     return out.reshape(B, H, 1, -1).transpose(1, 2).contiguous(), None
+
+
+SPLIT = 256     # grouped_query_attention: cache positions per block of the split P V product
 
 
 def use_grouped_decode(model):
@@ -922,7 +934,9 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
     model(ids, use_cache=False, logits_to_keep=1)
     sync()
     prefill = time.perf_counter() - t0
-    cache = StaticCache(config=model.config, max_cache_len=ctx + steps + 8)
+    L = ctx + steps + 8
+    L = L if L < 16 * SPLIT else -(-L // SPLIT) * SPLIT        # long caches: whole blocks for the split
+    cache = StaticCache(config=model.config, max_cache_len=L)
     for i in range(0, ctx, fill_chunk):
         chunk = ids[:, i: i + fill_chunk]
         out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),

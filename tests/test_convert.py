@@ -161,6 +161,19 @@ def test_grouped_decode_attention_equals_sdpa(family):
     torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("L", [300, 4096, 8192])
+def test_grouped_decode_split_matches_plain_attention(L):
+    """Long caches take the split P V product: same result as softmax(q K^T) V, masked."""
+    from convert import grouped_query_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, L, 16), torch.randn(2, 2, L, 16)
+    mask = torch.rand(2, 1, 1, L) > 0.3
+    out, _ = grouped_query_attention(None, q, k, v, mask, scaling=0.25)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                                           attn_mask=mask, scale=0.25)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
 def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     """--bench end to end on a tiny teacher: rows for teacher and hybrid, the hybrid's cache smaller."""
     stem = tmp_path / "bench"
