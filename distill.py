@@ -1098,7 +1098,7 @@ def recovery(folders, results):
                                  for k, t in r["tokens_to"].items()}
     out = {"teacher_val_ppl": teacher, "thresholds": list(THRESHOLDS), "runs": runs, **run_info()}
     write_json(results + ".json", out)
-    fmt = lambda t: "not reached" if t is None else f"{t / 1e6:.2f}M"
+    fmt = lambda t: "not reached" if t is None else ("at start" if t == 0 else f"{t / 1e6:.2f}M")
     keys = list(runs["naive"]["tokens_to"])
     md = [f"Stage-2 recovery: validation perplexity vs Stage-2 tokens; teacher {teacher:.2f} on the same windows. "
           f"Tokens to reach a target are interpolated (log-ppl, linear in tokens) between evaluation points; "

@@ -762,7 +762,7 @@ def _self_check(device, bf16_dims=((64, 64), (128, 128), (128, 64)), exact=True)
     return rows
 
 
-def _bench(device, results, save):
+def _bench(device, results, save, dims=(64, 128), lengths=(1024, 4096, 16384, 32768)):
     from triton.testing import do_bench
     from tqdm import tqdm
     fla_fn, fla_version = _fla()
@@ -770,7 +770,7 @@ def _bench(device, results, save):
     F = torch.nn.functional
     B, H = 4, 8
     methods = ["triton", "torch_chunk", "fla", "sdpa"]
-    configs = [(D, T) for D in (64, 128) for T in (1024, 4096, 16384, 32768)]
+    configs = [(D, T) for D in dims for T in lengths]
     bar = tqdm(total=len(configs) * len(methods), desc="bench", mininterval=2)
     for D, T in configs:
         xs = _inputs(B, T, H, D, D, torch.bfloat16, device, seed=0)[:5]
@@ -851,11 +851,19 @@ def _markdown(results):
     return "\n".join(lines) + "\n"
 
 
-def main():
+def main(argv=None):
+    """Check every path against the recurrence; on a GPU, benchmark. --dims / --lengths narrow the
+    benchmark (e.g. --dims 128 --lengths 4096,32768 for a short run)."""
+    import argparse
     import json
     import subprocess
     import sys
     import time
+    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p.add_argument("--dims", default="64,128", help="head dims to benchmark")
+    p.add_argument("--lengths", default="1024,4096,16384,32768", help="sequence lengths to benchmark")
+    a = p.parse_args(argv)
+    dims, lengths = [int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")]
     seed = 0
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -885,7 +893,7 @@ def main():
     results["checks"] = _self_check(device, bf16_dims=((64, 64),))
     save()
     if device == "cuda":
-        _bench(device, results, save)
+        _bench(device, results, save, dims, lengths)
         results["checks"] += _self_check(device, bf16_dims=((128, 128), (128, 64)), exact=False)
         save()
         print(_markdown(results))
