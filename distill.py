@@ -49,7 +49,20 @@ gives floor(N / (batch * seq)) steps. The run folder (--out) holds metrics.jsonl
 step and per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
 --ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
 and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
-distill.json, written last, which marks the run complete.
+distill.json, written last, which marks the run complete. The teacher's validation perplexity on
+the same windows is logged once at the start of a run: the yardstick for what follows.
+
+The recovery report (METHOD section 6's claim: a good init needs several times fewer Stage-2 tokens)
+compares finished Stage-2 runs of different inits, one of them naive:
+
+    python distill.py --recovery RUN_naive RUN_taylor RUN_ours --results results/recovery/recovery
+
+For each init, the Stage-2 tokens at which validation perplexity first comes within 10, 15, 20 and
+25% of the teacher's, and at which it reaches the naive run's final perplexity, interpolated between
+evaluation points; the speedup is naive's tokens over the init's.
+
+Throughput and MFU come with every run (distill.json); --profile-steps N adds a torch.profiler
+table of where N steps' time went.
 """
 
 import argparse
