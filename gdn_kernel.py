@@ -202,6 +202,11 @@ except ImportError:                      # CPU-only installs: the PyTorch form s
 
 CHUNK = 64          # tokens per chunk: the tensor-core tile size along time (M, N, K all >= 16)
 MAX_HEAD_DIM = 128  # largest Dk, Dv the kernels hold in one tile; beyond it we fall back (warning)
+# Value columns per program in the two scans and the output kernel. The scans are sequential over
+# the chunks, so their only parallelism is (batch, head, value block): smaller blocks mean more
+# programs when B x H is small (32 programs on a 132-SM H100 at B = 4, H = 8, D = 64), at the price of
+# re-reading K and W once per block. `python gdn_kernel.py --scan-bv 16` measures another choice.
+SCAN_BV = 64
 
 
 if triton is not None:
@@ -516,7 +521,7 @@ def _launch_meta(q, v):
     DV = v.shape[-1]
     BK, BVF = _p2(DK), _p2(DV)
     return dict(B=B, T=T, H=H, DK=DK, DV=DV, NT=triton.cdiv(T, CHUNK), BK=BK, BVF=BVF,
-                BV=min(64, BVF), PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                BV=min(SCAN_BV, BVF), PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 # Software pipelining of the scans (prefetching the next chunk's tiles into shared
                 # memory) needs a copy per stage: fp32 tiles at Dk = 128 do not fit twice.
                 STAGES=1 if q.dtype == torch.float32 else 2)
@@ -822,7 +827,8 @@ def _bench(device, results, save, dims=(64, 128), lengths=(1024, 4096, 16384, 32
 def _markdown(results):
     lines = [f"# Gated delta rule kernels: {results['device']}", "",
              f"command: `{results['command']}`; git {results['git_commit']}; torch {results['torch']}, "
-             f"triton {results['triton']}, fla {results['fla']}; seed {results['seed']}", ""]
+             f"triton {results['triton']}, fla {results['fla']}; seed {results['seed']}; "
+             f"scan value block {results.get('scan_bv', 64)}", ""]
     if results["checks"]:
         lines += ["## Checks (relative Frobenius error vs reference)", "",
                   "| path | B,T,H,Dk,Dv | " + " | ".join(_NAMES) + " | ok |",
@@ -862,7 +868,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     p.add_argument("--dims", default="64,128", help="head dims to benchmark")
     p.add_argument("--lengths", default="1024,4096,16384,32768", help="sequence lengths to benchmark")
+    p.add_argument("--scan-bv", type=int, default=SCAN_BV, choices=[16, 32, 64], help="value columns per scan program")
     a = p.parse_args(argv)
+    globals()["SCAN_BV"] = a.scan_bv
     dims, lengths = [int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")]
     seed = 0
     torch.manual_seed(seed)
@@ -877,7 +885,7 @@ def main(argv=None):
     results = dict(command="python " + " ".join(sys.argv), git_commit=commit, seed=seed,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    torch=torch.__version__, triton=getattr(triton, "__version__", None), fla=None,
-                   checks=[], bench=[])
+                   scan_bv=SCAN_BV, checks=[], bench=[])
     out_dir = os.environ.get("GDN_RESULTS_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
     def save():

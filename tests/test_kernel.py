@@ -78,6 +78,17 @@ def test_triton_head_dims(DK, DV):
 
 
 @needs_triton
+@pytest.mark.parametrize("bv", [16, 32])
+def test_triton_smaller_scan_blocks(bv, monkeypatch):
+    """The scans split the value columns into blocks of SCAN_BV: any block size gives the same result."""
+    monkeypatch.setattr(gk, "SCAN_BV", bv)
+    xs = inputs(1, 130, 2, 32, 64, seed=bv)
+    got = all_outputs(gk.chunk_gated_delta_rule_triton, xs)
+    ref = all_outputs(gk.recurrent_gated_delta_rule, [x.double() for x in xs])
+    assert_close_all(got, ref, TOL_FP32)
+
+
+@needs_triton
 def test_triton_without_state():
     """No initial state, no final state: o and grads of q, k, v, g, beta only."""
     xs = inputs(1, 100, 2, 32, 32, seed=3)
