@@ -605,13 +605,20 @@ def train(run, student, data, model, step_fn, groups):
     if start == 0:
         evaluate(run, student, 0, metrics, teacher=run.teacher)
     prof = None
+
+    def end_profile():
+        nonlocal prof
+        if prof is not None:
+            report_profile(prof, a, dist)
+            prof = None
+
     for step in bar:
         if a.profile_steps and step == start + 2:     # after warm-up: compilation stays out of it
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if dist.device.type == "cuda" else []))
             prof.__enter__()
-        if prof is not None and step == start + 2 + a.profile_steps:
-            prof = report_profile(prof, a, dist)
+        if step == start + 2 + a.profile_steps:
+            end_profile()
         t0 = time.time()
         rows = data.next().view(dist.world, per_rank, a.seq)[dist.rank]
         micro = rows.split(a.micro_batch)
@@ -657,13 +664,11 @@ def train(run, student, data, model, step_fn, groups):
                     "world": dist.world, "config": run.config}, keep=a.keep_checkpoints)
             dist.barrier()
         if a.stop_after_steps and step + 1 - start >= a.stop_after_steps and step + 1 < run.steps:
-            if prof is not None:
-                report_profile(prof, a, dist)
+            end_profile()
             bar.close()
             run.stopped = True
             return records
-    if prof is not None:                              # the run ended inside the profiled steps
-        report_profile(prof, a, dist)
+    end_profile()                                     # the run may end inside the profiled steps
     bar.close()
     evaluate(run, student, run.steps, metrics)
     return records
@@ -674,14 +679,13 @@ def report_profile(prof, a, dist):
     GPU), printed and saved as profile.txt in the run folder."""
     prof.__exit__(None, None, None)
     if not dist.main:
-        return None
+        return
     key = "self_cuda_time_total" if dist.device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
     cpu = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
     text = f"stage {a.stage}, {a.profile_steps} steps after 2 warm-up steps, by {key}:\n{table}\nby self CPU time:\n{cpu}"
     write_atomic(os.path.join(a.out, "profile.txt"), text)
     print(text)
-    return None
 
 
 def evaluate(run, student, step, metrics, teacher=None):
@@ -931,8 +935,8 @@ def save_student(student, tokenizer, a, extra_files):
 class Run:
     """What the loop needs besides models and data."""
 
-    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens):
-        self.args, self.dist, self.steps, self.config = args, dist, steps, config
+    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens, teacher):
+        self.args, self.dist, self.steps, self.config, self.teacher = args, dist, steps, config, teacher
         self.resume_from, self.eval_ids, self.prior_tokens = resume_from, eval_ids, prior_tokens
         self.evals, self.stopped, self.flops_per_token = [], False, None
 
@@ -989,8 +993,7 @@ def distill(a):
     check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
     resume_from = prepare_run_folder(a, config, dist)                 # every check passed: now write
     student = load_hybrid(resume_from or a.student, dist.device)      # fp32 master weights
-    run = Run(a, dist, steps, config, resume_from, eval_ids, prior)
-    run.teacher = teacher
+    run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
               f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences; "
