@@ -86,9 +86,9 @@ results/zeroshot_plus_layers.md per layer on the CPU):
   itself -- train W_o and the readout norm with W_q, W_k, W_v and the gates (train_out=1). Per layer
   (results/zeroshot_plus_layers_align.md, 4 x 256 tokens) this lowers the held-out MSE from 0.170 to
   0.155 on layer 5 and from 1.042 to 0.989 on layer 18; more steps (900) or 3x the learning rates
-  only over-fit more (0.206-0.216 and 1.15-1.24); at 16 x 256 tokens train_out still helps (0.131 ->
-  0.123, 0.847 -> 0.799: results/zeroshot_plus_layers_align_16x256.md). Zero-shot on the H100 (results/zeroshot.md, same
-  4 x 256 tokens as every other row): 121.0 at keep 1/4 uniform, 0.36x taylor's 334.5 and below
+  only over-fit more (0.206-0.216 and 1.15-1.24); at 16 x 256 tokens train_out still helps (0.131
+  -> 0.123 and 0.847 -> 0.799: results/zeroshot_plus_layers_align_16x256.md). Zero-shot on the H100
+  (results/zeroshot.md, the same 4 x 256 tokens as every other row): 121.0 at keep 1/4 uniform, 0.36x taylor's 334.5 and below
   align-only's 137.7; it beats taylor in 9 of 9 cells and align-only in 8 of 9 (not keep 3/4 ga-s2).
   Most of the gain over taylor is dropping Phase 1 (align-only alone is 0.41x taylor); training W_o
   adds ~12% at keep 1/4. More calibration tokens are the next lever: with 16 x 256 align-only alone

@@ -845,8 +845,8 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout=0
     p = scores.softmax(-1).to(value.dtype)                                     # [B, Hkv, rep, L]
     if L % SPLIT == 0 and L >= 16 * SPLIT:
         # P V is a product with a long inner dimension (L) and a tiny output (rep x Dv): done as one
-        # matmul it runs on a handful of thread blocks per (batch, KV head), far below the memory
-        # bandwidth. Cut L into blocks (flash-decoding's split): one small product per block, in
+        # matmul it can get only a handful of thread blocks per (batch, KV head), too few to stream
+        # the cache at full memory bandwidth. Cut L into blocks (flash-decoding's split): one small product per block, in
         # parallel, then a sum over the blocks. (--bench makes its cache lengths multiples of SPLIT.)
         S = L // SPLIT
         out = torch.matmul(p.view(B, Hkv, -1, S, SPLIT).transpose(2, 3), value.view(B, Hkv, S, SPLIT, -1)).sum(2)
