@@ -662,7 +662,7 @@ def main(argv=None):
     md.append("| zero output | " + " | ".join(f"{next(r for r in rows if r['layer'] == i)['held_zero_output']:.4f}"
                                             for i in layers) + " |")
     distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
-                                            "calib_data": args.calib_data, **distill.run_info()})
+                                            "calib_data": args.calib_data, **distill.run_info(OPTIONS["seed"][0])})
     distill.write_atomic(args.out + ".md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0
