@@ -992,7 +992,9 @@ def distill(a):
         p.requires_grad_(False)
     check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
     resume_from = prepare_run_folder(a, config, dist)                 # every check passed: now write
-    student = load_hybrid(resume_from or a.student, dist.device)      # fp32 master weights
+    # fp32 master weights whatever the folder holds (convert.py saves bf16 on a GPU): AdamW steps of
+    # lr 7e-6 are below bf16's resolution and would leave most weights where they were.
+    student = load_hybrid(resume_from or a.student, dist.device, torch.float32)
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
