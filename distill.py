@@ -1124,7 +1124,9 @@ def recovery(folders, results):
           "| init | final val ppl | test ppl | " + " | ".join(f"tokens to {k}" for k in keys) + " | "
           + " | ".join(f"speedup {k}" for k in keys) + " |", "|---|" + "---|" * (2 + 2 * len(keys))]
     for label, r in runs.items():
-        sp = [("-" if r["speedup_vs_naive"][k] is None else f"{r['speedup_vs_naive'][k]:.1f}x") for k in keys]
+        # An init already at the target when Stage 2 starts needs no tokens: unbounded, not a number.
+        sp = [("inf (at start)" if r["tokens_to"][k] == 0 and runs["naive"]["tokens_to"][k] else
+               "-" if r["speedup_vs_naive"][k] is None else f"{r['speedup_vs_naive'][k]:.1f}x") for k in keys]
         md.append(f"| {label} | {r['final_val_ppl']:.2f} | " + (f"{r['test_ppl']:.2f}" if r["test_ppl"] else "-")
                   + " | " + " | ".join(fmt(r["tokens_to"][k]) for k in keys) + " | " + " | ".join(sp) + " |")
     md += ["", "Curves (Stage-2 tokens: validation ppl):"] + [

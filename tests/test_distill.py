@@ -356,6 +356,14 @@ def test_recovery_report(tmp_path, capsys):
     assert r["taylor"]["tokens_to"]["naive final"] == pytest.approx(1e6)
     assert r["naive"]["tokens_to"]["1.10x teacher"] is None
     assert "| taylor | 11.00 | - |" in open(stem + ".md").read()
+    # an init already past naive's final perplexity when Stage 2 starts: 0 tokens, an unbounded speedup
+    early = fake_stage2_run(tmp_path / "a", "align-plus", [(0, 11.5), (1e6, 11.0)])
+    assert distill.main(["--recovery", naive, ours, early, "--results", stem]) == 0
+    r = json.load(open(stem + ".json"))["runs"]["align-plus"]
+    assert r["tokens_to"]["naive final"] == 0 and r["speedup_vs_naive"]["naive final"] is None
+    row = next(l for l in open(stem + ".md") if l.startswith("| align-plus"))
+    assert row.rstrip().endswith("| 1.00M | at start | at start | at start | at start | - | - | "
+                                 "inf (at start) | inf (at start) | inf (at start) |"), row
     # without the naive run there is nothing to compare against
     assert distill.main(["--recovery", ours, "--results", stem]) == 2
     assert "needs the naive run" in capsys.readouterr().err
