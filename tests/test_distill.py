@@ -164,6 +164,30 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     assert [e["tokens"] for e in evals] == [0, 128, 256, 384, 512, 640]      # every 128 tokens, start, end
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage2_loss_blocks_match_the_plain_form_and_keep_only_the_gradient(dtype):
+    """2100 positions: two full blocks of KL_ROWS and a partial one. Loss and gradient equal the
+    plain formula's (through a loss scaled by 3, so the incoming gradient is used), and what autograd
+    keeps for the backward is the gradient alone, in the logits' dtype."""
+    torch.manual_seed(0)
+    t = (3 * torch.randn(3, 700, 50)).to(dtype)
+    s = (3 * torch.randn(3, 700, 50)).to(dtype)
+    assert distill.KL_ROWS < 2100 < 3 * distill.KL_ROWS
+    ours, plain = s.clone().requires_grad_(), s.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
+                                                  lambda x: x):
+        loss = distill.stage2_loss(t, ours)
+    (3 * loss).backward()
+    log_t, log_s = F.log_softmax(t.float(), -1), F.log_softmax(plain.float(), -1)
+    ref = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
+    (3 * ref).backward()
+    assert loss.dtype == torch.float32 and torch.allclose(loss, ref, rtol=1e-5)
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert ours.grad.dtype == dtype and torch.allclose(ours.grad.float(), plain.grad.float(), atol=tol * plain.grad.abs().max())
+    assert saved == [s.numel() * s.element_size()]
+
+
 def test_bf16_student_folder_trains_in_fp32(setup, tmp_path):
     """convert.py saves bf16 weights on a GPU. distill.py must still keep fp32 master weights: in bf16
     an AdamW step of lr 7e-6 rounds away, and a bf16 layer fed fp32 teacher states fails outright."""
