@@ -991,6 +991,7 @@ def throughput(run, records):
     if run.dist.device.type == "cuda":
         out["mfu"] = run.flops_per_token * tps / (run.args.peak_tflops * 1e12 * run.dist.world)
         out["peak_tflops_per_gpu"] = run.args.peak_tflops
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(run.dist.device) / 2**30
     return out
 
 
@@ -1077,7 +1078,8 @@ def summary(r, a):
         print(f"test ppl ({r['test']['windows']} x {r['test']['window']} tokens): {r['test']['ppl']:.3f}")
     t = r["throughput"]
     if t:
-        print(f"throughput {t['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * t['mfu']:.1f}%" if "mfu" in t else ""))
+        print(f"throughput {t['tokens_per_s']:,.0f} tokens/s" + (f", MFU {100 * t['mfu']:.1f}%, peak memory "
+                                                               f"{t['peak_memory_gib']:.1f} GiB" if "mfu" in t else ""))
     print(f"wrote {a.out} ({r['seconds']:.0f} s)")
 
 

@@ -160,6 +160,8 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     record = json.load(open(out / "distill.json"))
     assert record["tokens_by_stage"] == {str(stage): 640} and record["test"]["window"] == 32
     assert record["seed"] == 0 and record["commit"]
+    if torch.cuda.is_available():                                # a GPU run also records its memory
+        assert record["throughput"]["gpus"] == 1 and record["throughput"]["peak_memory_gib"] > 0
     evals = lines(out, "eval")
     assert [e["tokens"] for e in evals] == [0, 128, 256, 384, 512, 640]      # every 128 tokens, start, end
 
