@@ -317,7 +317,7 @@ class _KL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t, s):
-        t2, s2 = t.detach().reshape(-1, t.shape[-1]), s.detach().reshape(-1, s.shape[-1])
+        t2, s2 = t.reshape(-1, t.shape[-1]), s.reshape(-1, s.shape[-1])     # forward runs without autograd
         n = t2.shape[0]
         grad = torch.empty_like(s2)
         total = torch.zeros((), dtype=torch.float32, device=s.device)
