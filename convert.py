@@ -445,6 +445,8 @@ def parse_args(argv):
     p.add_argument("--decode-steps", type=int, default=50, help="--bench: timed decoding steps per cell")
     p.add_argument("--no-graphs", action="store_true", help="--bench: time the plain Python decode loop, no CUDA graph")
     p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
+    p.add_argument("--profile", action="store_true",
+                   help="--bench: also record the CUDA kernels of one (uncaptured) decoding step per cell")
     p.add_argument("--decode-attention", default="grouped", choices=["grouped", "sdpa"],
                    help="--bench: attention of the kept layers when decoding (grouped: reads the KV cache once)")
     d = p.add_argument_group("distillation after conversion (distill.py), optional")
@@ -868,10 +870,23 @@ def use_grouped_decode(model):
     return model
 
 
-def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False):
+def kernel_profile(step):
+    """The CUDA kernels of one call of step(): how many, and the ten that take longest (ms)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    rows = [(e.key[:60], getattr(e, "device_time_total", 0) / 1e3, e.count) for e in prof.key_averages()]
+    rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
+    return {"kernels": sum(r[2] for r in rows), "gpu_ms": round(sum(r[1] for r in rows), 4),
+            "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
+
+
+def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
-    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound."""
+    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound.
+    profile: also return kernel_profile of one uncaptured step (else None)."""
     B = next_ids.shape[0]
     if compile_step:
         model = torch.compile(model, dynamic=False)
@@ -886,6 +901,8 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False):
                 model(next_ids, **kw())
                 pos.add_(1)
         torch.cuda.current_stream().wait_stream(stream)
+        if profile:
+            profile = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1)))
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             model(next_ids, **kw())
@@ -897,6 +914,8 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False):
             pos.add_(1)
         for _ in range(2):
             step()
+        if profile:
+            profile = kernel_profile(step) if cuda else None
     times = []
     for _ in range(steps):
         if cuda:
@@ -910,11 +929,11 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False):
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    return sorted(times)[len(times) // 2], (profile or None)
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False):
+def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False):
     """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
 
     Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
@@ -942,13 +961,15 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
         out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
-    step = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs, compile_step)
+    step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
+                                compile_step, profile)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model) + (kv - states) + 2 * states       # KV read once; states read and written
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None}
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            **({"decode_kernels": kernels} if kernels else {})}
 
 
 def run_bench(args):
@@ -972,7 +993,7 @@ def run_bench(args):
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
-                                  compile_step=args.compile)
+                                  compile_step=args.compile, profile=args.profile)
                 except torch.cuda.OutOfMemoryError:
                     largest = fits.get((name, B))
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
@@ -1010,6 +1031,15 @@ def bench_markdown(r):
         lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['prefill_s'] * 1e3:.1f} | "
                      f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
                      f"{x['cache_bytes'] / 2**20:.1f} | {peak} |")
+    prof = [x for x in r["rows"] if "decode_kernels" in x]
+    if prof:
+        lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "
+                  "GPU time, and the three longest kernels (total ms, calls).", "",
+                  "| model | batch | context | kernels | GPU ms | longest |", "|---|---|---|---|---|---|"]
+        for x in prof:
+            k = x["decode_kernels"]
+            top = "; ".join(f"{n} {ms:.3f} ({c})" for n, (ms, c) in list(k["top_ms"].items())[:3])
+            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {k['kernels']} | {k['gpu_ms']:.3f} | {top} |")
     return "\n".join(lines) + "\n"
 
 

@@ -173,7 +173,7 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 #                        order: U = U0 - W S (the true deltas), then S <- e^{gamma_C} S + Kdec^T U.
 #                        It writes the state entering every chunk (h) and U.  This is the only
 #                        sequential part: T/C steps, each two [C, Dk] x [Dk, BV]-sized products.
-#   3. _output_kernel    one program per (chunk, value block, batch*head):
+#   3. _output_kernel    one program per (chunk, batch*head), all value columns at once:
 #                        O = scale [e^gamma * (Q S_n) + (Q K^T * D) U], parallel over chunks again.
 #
 # The backward mirrors it (derivation above _bwd_state_kernel): the forward's scan is re-run to
@@ -330,9 +330,10 @@ if triton is not None:
                        BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
         # O = scale [ e^gamma * (Q S_n)  +  (Q K^T * D) U ]: the inter-chunk term reads the state
         # that entered the chunk, the intra-chunk term is causal "attention" with decay inside it.
+        # Parallel over chunks already, so one program takes every value column (BV >= DV): no
+        # need to split them as the scans do, and Q K^T is computed once per chunk, not per block.
         n = tl.program_id(0)
-        iv = tl.program_id(1)
-        bh = tl.program_id(2)
+        bh = tl.program_id(1)
         b = bh // H
         h = bh % H
         i = tl.arange(0, C)
@@ -340,7 +341,7 @@ if triton is not None:
         live = t < T
         row = (b * T + t).to(tl.int64) * H + h
         dk = tl.arange(0, BK)
-        dv = iv * BV + tl.arange(0, BV)
+        dv = tl.arange(0, BV)
         kmask = dk < DK
         vmask = dv < DV
         DT = k_ptr.dtype.element_ty
@@ -554,8 +555,8 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
                                      m["BK"], m["BVF"], m["PREC"], num_warps=4)
         h, u, ht = _run_states(k, w, u0, gamma, h0, output_final_state, m)
         o = q.new_empty(B, T, H, DV, dtype=torch.float32)
-        _output_kernel[(NT, triton.cdiv(DV, m["BV"]), B * H)](q, k, u, gamma, h, o, scale, T, NT, H, DK, DV,
-                                                              CHUNK, m["BK"], m["BV"], m["PREC"], num_warps=4)
+        _output_kernel[(NT, B * H)](q, k, u, gamma, h, o, scale, T, NT, H, DK, DV, CHUNK, m["BK"], m["BVF"],
+                                    m["PREC"], num_warps=4 if m["BK"] * m["BVF"] <= 64 * 64 else 8)
         ctx.save_for_backward(q, k, v, g, beta, h0, gamma, tm, w, u0)
         ctx.scale, ctx.m = scale, m
         return o, ht
@@ -826,6 +827,32 @@ def _bench(device, results, save, dims=(64, 128), lengths=(1024, 4096, 16384, 32
     bar.close()
 
 
+def _profile(device, results, save, dims, lengths):
+    """Where our forward + backward spends its time: CUDA time per kernel, from torch.profiler, per
+    call of the whole autograd Function (B = 4, H = 8, bf16, as the benchmark)."""
+    from torch.profiler import ProfilerActivity, profile
+    B, H, reps = 4, 8, 5
+    for D in dims:
+        for T in lengths:
+            xs = [x.detach().requires_grad_(x.is_floating_point()) for x in _inputs(B, T, H, D, D, torch.bfloat16, device, 0)[:5]]
+            do = torch.randn(B, T, H, D, device=device)
+            step = lambda: torch.autograd.grad(chunk_gated_delta_rule_triton(*xs)[0], xs, do)
+            step()                                            # compile outside the profile
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(reps):
+                    step()
+                torch.cuda.synchronize()
+            kernels = {}
+            for e in prof.key_averages():
+                ms = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+                if ms > 0:
+                    kernels[e.key[:60]] = round(ms / 1e3 / reps, 4)    # us total -> ms per call
+            results.setdefault("profile", []).append(dict(D=D, T=T, B=B, H=H, ms_per_call=dict(
+                sorted(kernels.items(), key=lambda kv: -kv[1]))))
+            save()
+
+
 def _markdown(results):
     lines = [f"# Gated delta rule kernels: {results['device']}", "",
              f"command: `{results['command']}`; git {results['git_commit']}; torch {results['torch']}, "
@@ -856,6 +883,12 @@ def _markdown(results):
         skipped |= {f"fla backward refused: {r['fla']['bwd_skipped']}" for r in results["bench"]
                     if "bwd_skipped" in r.get("fla", {})}
         lines += [""] + [f"- skipped: {s}" for s in sorted(skipped)]
+    for r in results.get("profile", []):
+        total = sum(r["ms_per_call"].values())
+        lines += ["", f"## Where forward + backward spends its time: D={r['D']}, T={r['T']}, B={r['B']}, "
+                  f"H={r['H']}, bf16 (torch.profiler, ms per call; total {total:.3f})", "",
+                  "| kernel | ms | share |", "|---|---|---|"]
+        lines += [f"| {k} | {v:.3f} | {100 * v / max(total, 1e-9):.0f}% |" for k, v in r["ms_per_call"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -870,6 +903,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
     p.add_argument("--dims", default="64,128", help="head dims to benchmark")
     p.add_argument("--lengths", default="1024,4096,16384,32768", help="sequence lengths to benchmark")
+    p.add_argument("--profile", action="store_true",
+                   help="instead of the benchmark, time each kernel of our forward + backward (torch.profiler)")
     p.add_argument("--scan-bv", type=int, default=SCAN_BV, choices=[16, 32, 64],
                    help="value columns per scan program (16 and 32 fail the bf16 check on H100 + Triton 3.6)")
     a = p.parse_args(argv)
@@ -903,7 +938,9 @@ def main(argv=None):
     # finishes is saved, so a slow compile at the end cannot cost the table).
     results["checks"] = _self_check(device, bf16_dims=((64, 64),))
     save()
-    if device == "cuda":
+    if device == "cuda" and a.profile:
+        _profile(device, results, save, dims, lengths)
+    elif device == "cuda":
         _bench(device, results, save, dims, lengths)
         results["checks"] += _self_check(device, bf16_dims=((128, 128), (128, 64)), exact=False)
         save()
