@@ -202,13 +202,14 @@ except ImportError:                      # CPU-only installs: the PyTorch form s
 
 CHUNK = 64          # tokens per chunk: the tensor-core tile size along time (M, N, K all >= 16)
 MAX_HEAD_DIM = 128  # largest Dk, Dv the kernels hold in one tile; beyond it we fall back (warning)
-# Value columns per program in the two scans and the output kernel. The scans are sequential over
-# the chunks, so their only parallelism is (batch, head, value block): smaller blocks mean more
-# programs when B x H is small (32 programs on a 132-SM H100 at B = 4, H = 8, D = 64), at the price of
-# re-reading K and W once per block. `python gdn_kernel.py --scan-bv 32` checks and measures another
-# choice; on an H100 with Triton 3.6 it fails the bf16 check (o wrong, then an illegal memory access,
-# results/kernel_bench_bv32_h100.md) although 16 and 32 pass in the interpreter: keep 64 there.
-SCAN_BV = 64
+# Value columns per program in the two scans. The scans are sequential over the chunks, so their
+# only parallelism is (batch, head, value block): smaller blocks mean more programs when B x H is
+# small (32 programs on a 132-SM H100 at B = 4, H = 8 with 64 columns), at the price of re-reading K
+# and W once per block. Measured on an H100 (forward, B = 4, H = 8, T = 32k, bf16): 32 columns, 4
+# warps and 3 pipeline stages take 1.67 ms at D = 64 (64 columns: 1.94) and 2.99 ms at D = 128 (64
+# columns: 3.72). `python gdn_kernel.py --sweep` measures every setting (results/kernel_sweep_h100.md);
+# `--scan-bv` runs the rest with another block.
+SCAN_BV = 32
 
 
 if triton is not None:
@@ -533,8 +534,10 @@ def _launch_meta(q, v):
     return dict(B=B, T=T, H=H, DK=DK, DV=DV, NT=triton.cdiv(T, CHUNK), BK=BK, BVF=BVF,
                 BV=min(SCAN_BV, BVF), PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 # Software pipelining of the scans (prefetching the next chunk's tiles into shared
-                # memory) needs a copy per stage: fp32 tiles at Dk = 128 do not fit twice.
-                STAGES=1 if q.dtype == torch.float32 else 2, SCAN_WARPS=4)
+                # memory) needs a copy per stage: fp32 tiles at Dk = 128 do not fit twice.  The
+                # forward scan gains from a third stage (measured), the reverse one keeps two.
+                STAGES=1 if q.dtype == torch.float32 else 2, SCAN_STAGES=1 if q.dtype == torch.float32 else 3,
+                SCAN_WARPS=4)
 
 
 def _run_states(k, w, u0, gamma, h0, want_ht, m):
@@ -546,7 +549,7 @@ def _run_states(k, w, u0, gamma, h0, want_ht, m):
     grid = (triton.cdiv(DV, m["BV"]), B * H)
     _state_kernel[grid](k, w, u0, gamma, h0 if h0 is not None else h, h, u, ht if want_ht else h, T, NT,
                         H, DK, DV, CHUNK, m["BK"], m["BV"], h0 is not None, want_ht, m["PREC"],
-                        num_warps=m["SCAN_WARPS"], num_stages=m["STAGES"])
+                        num_warps=m["SCAN_WARPS"], num_stages=m["SCAN_STAGES"])
     return h, u, ht
 
 
@@ -860,6 +863,33 @@ def _profile(device, results, save, dims, lengths):
             save()
 
 
+def _sweep(device, results, save, dims, lengths):
+    """The forward's time under other launch settings of its scan (value columns per program,
+    warps, pipeline stages): how SCAN_BV and _launch_meta's choices were made."""
+    import itertools
+    from triton.testing import do_bench
+    global _launch_meta
+    base = _launch_meta
+    for D in dims:
+        for T in lengths:
+            q, k, v, g, beta, h0 = _inputs(4, T, 8, D, D, torch.bfloat16, device, 0)
+            fwd = lambda: chunk_gated_delta_rule_triton(q, k, v, g, beta, initial_state=h0, output_final_state=True)[0]
+            ref = fwd()
+            for bv, warps, stages in itertools.product((16, 32, 64), (2, 4), (2, 3)):
+                _launch_meta = lambda q_, v_: {**base(q_, v_), "BV": min(bv, _p2(D)), "SCAN_WARPS": warps,
+                                               "SCAN_STAGES": stages}
+                try:
+                    row = dict(D=D, T=T, bv=bv, warps=warps, stages=stages,
+                               fwd_ms=round(do_bench(fwd, warmup=5, rep=30, return_mode="median"), 4),
+                               rel_diff=_rel(fwd(), ref))
+                except Exception as e:        # noqa: BLE001  (a setting that fails is a result)
+                    row = dict(D=D, T=T, bv=bv, warps=warps, stages=stages, error=f"{type(e).__name__}: {e}"[:200])
+                finally:
+                    _launch_meta = base
+                results.setdefault("sweep", []).append(row)
+                save()
+
+
 def _markdown(results):
     lines = [f"# Gated delta rule kernels: {results['device']}", "",
              f"command: `{results['command']}`; git {results['git_commit']}; torch {results['torch']}, "
@@ -890,6 +920,12 @@ def _markdown(results):
         skipped |= {f"fla backward refused: {r['fla']['bwd_skipped']}" for r in results["bench"]
                     if "bwd_skipped" in r.get("fla", {})}
         lines += [""] + [f"- skipped: {s}" for s in sorted(skipped)]
+    if results.get("sweep"):
+        lines += ["", "## Forward (ms) under other launch settings of the scan (B=4, H=8, bf16; --sweep)", "",
+                  "| D | T | value columns | warps | stages | fwd ms | o vs default |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['D']} | {r['T']} | {r['bv']} | {r['warps']} | {r['stages']} | "
+                  + (f"{r['fwd_ms']:.3f} | {r['rel_diff']:.1e} |" if "fwd_ms" in r else f"{r['error']} | |")
+                  for r in results["sweep"]]
     for r in results.get("profile", []):
         total = sum(r["ms_per_call"].values())
         lines += ["", f"## Where forward + backward spends its time: D={r['D']}, T={r['T']}, B={r['B']}, "
@@ -912,8 +948,10 @@ def main(argv=None):
     p.add_argument("--lengths", default="1024,4096,16384,32768", help="sequence lengths to benchmark")
     p.add_argument("--profile", action="store_true",
                    help="instead of the benchmark, time each kernel of our forward + backward (torch.profiler)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead of the benchmark, time the forward under other launch settings of its scan")
     p.add_argument("--scan-bv", type=int, default=SCAN_BV, choices=[16, 32, 64],
-                   help="value columns per scan program (16 and 32 fail the bf16 check on H100 + Triton 3.6)")
+                   help="value columns per scan program")
     a = p.parse_args(argv)
     globals()["SCAN_BV"] = a.scan_bv
     dims, lengths = [int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")]
@@ -946,7 +984,7 @@ def main(argv=None):
     results["checks"] = _self_check(device, bf16_dims=((64, 64),))
     save()
     if device == "cuda":
-        (_profile if a.profile else _bench)(device, results, save, dims, lengths)
+        (_profile if a.profile else _sweep if a.sweep else _bench)(device, results, save, dims, lengths)
         results["checks"] += _self_check(device, bf16_dims=((128, 128), (128, 64)), exact=False)
         save()
         print(_markdown(results))

@@ -78,7 +78,7 @@ def test_triton_head_dims(DK, DV):
 
 
 @needs_triton
-@pytest.mark.parametrize("bv", [16, 32])
+@pytest.mark.parametrize("bv", [16, 64])
 def test_triton_smaller_scan_blocks(bv, monkeypatch):
     """The scans split the value columns into blocks of SCAN_BV: any block size gives the same result."""
     monkeypatch.setattr(gk, "SCAN_BV", bv)
