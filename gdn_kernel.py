@@ -172,7 +172,8 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 #   2. _state_kernel     one program per (value block, batch*head), looping over the chunks in
 #                        order: U = U0 - W S (the true deltas), then S <- e^{gamma_C} S + Kdec^T U.
 #                        It writes the state entering every chunk (h) and U.  This is the only
-#                        sequential part: T/C steps, each two [C, Dk] x [Dk, BV]-sized products.
+#                        sequential part: T/C steps, each two [C, Dk] x [Dk, BV]-sized products,
+#                        and at long T the part that sets the forward's time.
 #   3. _output_kernel    one program per (chunk, batch*head), all value columns at once:
 #                        O = scale [e^gamma * (Q S_n) + (Q K^T * D) U], parallel over chunks again.
 #
@@ -186,9 +187,11 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 #
 # Tensor cores: every tl.dot below takes operands in the inputs' dtype (bf16/fp16 -> the mma /
 # wgmma tensor-core path, fp32 accumulators) or, for fp32 inputs, exact fp32 ("ieee", no TF32) so
-# that fp32 runs can be checked tightly against the recurrence.  Kept in fp32 throughout: g, gamma
-# and every exp() of it, beta, the triangular solve, the carried states S and dS, every
-# accumulator, and the output o (returned in fp32, like the PyTorch form).
+# that fp32 runs can be checked tightly against the recurrence.  The one exception is the chunk
+# inverse Tm, whose products take fp32 operands: TF32 tensor cores for bf16/fp16 inputs (10 mantissa
+# bits, more than the bf16 that Tm is rounded to before it is used), exact fp32 for fp32 inputs.
+# Kept in fp32 throughout: g, gamma and every exp() of it, beta, Tm, the carried states S and dS,
+# every accumulator, and the output o (returned in fp32, like the PyTorch form).
 # ==============================================================================================
 
 import os
@@ -265,7 +268,8 @@ if triton is not None:
         # Two neighbouring b-blocks form a 2b-block  [[A, 0], [X, Z]]  whose inverse is
         #     [[A^-1, 0], [-Z^-1 X A^-1, Z^-1]],
         # and with O_b = M restricted to those X positions (row block odd, column block the one
-        # before it) that is, for all 2b-blocks at once,  T_2b = T_b - T_b O_b T_b.
+        # before it) that is, for all 2b-blocks at once,  T_2b = T_b - T_b O_b T_b  (T_b is block
+        # diagonal, so the product lands on the X positions only).
         # log2(C) = 6 doublings of two [C, C] products each: tensor-core work (TF32 for bf16/fp16
         # inputs, exact fp32 for fp32 inputs), where a row-by-row forward substitution would be
         # C - 1 dependent steps, each a reduction across the whole tile (measured: 2/3 of the

@@ -89,6 +89,20 @@ def test_triton_smaller_scan_blocks(bv, monkeypatch):
 
 
 @needs_triton
+def test_triton_repeated_keys():
+    """The worst case for the chunk inverse: one key written over and over at full strength and no
+    decay, so L is all ones below the diagonal and (I + L)^-1 has +1 / -1 entries that the doubling
+    must produce from products of much larger intermediate sums if it were a power series."""
+    q, k, v, g, beta, h0 = inputs(1, 130, 2, 32, 32, seed=5)
+    k = k[:, :1].expand_as(k).contiguous()
+    g, beta = torch.zeros_like(g), torch.ones_like(beta)
+    xs = [q, k, v, g, beta, h0]
+    got = all_outputs(gk.chunk_gated_delta_rule_triton, xs)
+    ref = all_outputs(gk.recurrent_gated_delta_rule, [x.double() for x in xs])
+    assert_close_all(got, ref, TOL_FP32)
+
+
+@needs_triton
 def test_triton_without_state():
     """No initial state, no final state: o and grads of q, k, v, g, beta only."""
     xs = inputs(1, 100, 2, 32, 32, seed=3)
