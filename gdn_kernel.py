@@ -959,6 +959,9 @@ def main(argv=None):
     p.add_argument("--scan-bv", type=int, default=SCAN_BV, choices=[16, 32, 64],
                    help="value columns per scan program")
     a = p.parse_args(argv)
+    unknown = set(a.methods.split(",")) - {"triton", "torch_chunk", "fla", "sdpa"}
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from triton, torch_chunk, fla, sdpa)")
     globals()["SCAN_BV"] = a.scan_bv
     dims, lengths = [int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")]
     seed = 0
