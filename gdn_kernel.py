@@ -84,6 +84,9 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
 # ----------------------------------------------------------------------------------------------
 # The chunked (WY) form.
 #
+# Notation: K, V, Q, U are C x D matrices whose row j is k_j^T (v_j^T, ...); "A B" is a matrix
+# product, "x * A" scales rows (or multiplies elementwise, for two C x C matrices), diag(x) A the same.
+#
 # Split the sequence into chunks of C tokens. Inside one chunk, number the tokens i = 1..C, let S_0
 # be the state entering the chunk and gamma_i = g_1 + ... + g_i the cumulative log decay, so the
 # memory written at token j has decayed by exp(gamma_i - gamma_j) <= 1 at token i. Unrolling the
@@ -91,7 +94,8 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
 #
 #     S_i = exp(gamma_i) S_0 + sum_{j<=i} exp(gamma_i - gamma_j) k_j u_j^T                   (2)
 #
-# The deltas u_j depend on each other (each reads the memory the earlier ones wrote):
+# The deltas u_j depend on each other (each reads the memory the earlier ones wrote): put (2) at
+# i = j - 1, decayed by e^{g_j}, into u_j = beta_j (v_j - S'^T k_j):
 #
 #     u_j = beta_j v_j - beta_j exp(gamma_j) S_0^T k_j
 #           - sum_{m<j} beta_j exp(gamma_j - gamma_m) (k_j . k_m) u_m
@@ -102,16 +106,19 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
 #     (I + L) U = diag(beta) V - diag(beta exp(gamma)) K S_0
 #     U = Tm (beta V) - Tm (beta exp(gamma) K) S_0 =: U0 - W S_0,    Tm = (I + L)^{-1}        (3)
 #
-# W and U0 depend only on the chunk's own k, v, g, beta: this is the WY representation (the chunk's
-# C rank-one updates become one product W S_0 plus a constant). With U in hand, (2) gives the
-# outputs and the next state as plain matrix products:
+# W and U0 depend only on the chunk's own k, v, g, beta. With U in hand, (2) gives the outputs and
+# the next state as plain matrix products:
 #
 #     O     = scale * [ exp(gamma) * (Q S_0)  +  (Q K^T * D) U ],   D_ij = exp(gamma_i - gamma_j), j<=i
-#     S_C   = exp(gamma_C) S_0 + (exp(gamma_C - gamma) * K)^T U                               (4)
+#     S_C   = exp(gamma_C) S_0 + Kdec^T U,                          Kdec = exp(gamma_C - gamma) * K   (4)
 #
-# Only S is carried from chunk to chunk: T/C sequential steps of matrix products instead of T
-# rank-one updates. Every exp() is of a difference gamma_i - gamma_j with j <= i, so it is <= 1 and
-# cannot overflow; the upper triangle is masked *before* the exp for that reason.
+# Putting (3) into (4):  S_C = (exp(gamma_C) I - Kdec^T W) S_0 + Kdec^T U0. The chunk's C products
+# of "decay, then erase along k_j" collapse into one identity-minus-low-rank matrix, built from the
+# two thin factors Kdec and W: the WY representation (named after the same trick for products of
+# Householder reflections). Only S is carried from chunk to chunk: T/C sequential steps of matrix
+# products instead of T rank-one updates. Every exp() is of a difference gamma_i - gamma_j with
+# j <= i (gamma_0 = 0 for exp(gamma_i)), so it is <= 1 and cannot overflow; the upper triangle is
+# masked *before* the exp for that reason.
 # ----------------------------------------------------------------------------------------------
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -172,14 +179,15 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 #   2. _state_kernel     one program per (value block, batch*head), looping over the chunks in
 #                        order: U = U0 - W S (the true deltas), then S <- e^{gamma_C} S + Kdec^T U.
 #                        It writes the state entering every chunk (h) and U.  This is the only
-#                        sequential part: T/C steps, each two [C, Dk] x [Dk, BV]-sized products,
-#                        and at long T the part that sets the forward's time.
+#                        sequential part: T/C steps, each a [C, Dk] x [Dk, BV] and a
+#                        [Dk, C] x [C, BV] product, and at long T the part that sets the
+#                        forward's time.
 #   3. _output_kernel    one program per (chunk, batch*head), all value columns at once:
 #                        O = scale [e^gamma * (Q S_n) + (Q K^T * D) U], parallel over chunks again.
 #
 # The backward mirrors it (derivation above _bwd_state_kernel): the forward's scan is re-run to
-# rebuild h and U (cheaper than keeping [B, H, T/C, Dk, Dv] of states alive between forward and
-# backward), a reverse scan carries dS from the last chunk to the first, and one parallel kernel
+# rebuild h and U (a second run of the scan, traded for not keeping [B, H, T/C, Dk, Dv] of states
+# alive between forward and backward), a reverse scan carries dS from the last chunk to the first, and one parallel kernel
 # per chunk turns dS, dU and dO into dq, dk, dv, dg, dbeta.
 #
 # Saved for backward (in ctx): q, k, v, g, beta, the initial state, and from kernel 1 gamma [B,T,H]
@@ -189,7 +197,8 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 # wgmma tensor-core path, fp32 accumulators) or, for fp32 inputs, exact fp32 ("ieee", no TF32) so
 # that fp32 runs can be checked tightly against the recurrence.  The one exception is the chunk
 # inverse Tm, whose products take fp32 operands: TF32 tensor cores for bf16/fp16 inputs (10 mantissa
-# bits, more than the bf16 that Tm is rounded to before it is used), exact fp32 for fp32 inputs.
+# bits: as many as the fp16, more than the bf16 that Tm is rounded to before it is used), exact fp32
+# for fp32 inputs.
 # Kept in fp32 throughout: g, gamma and every exp() of it, beta, Tm, the carried states S and dS,
 # every accumulator, and the output o (returned in fp32, like the PyTorch form).
 # ==============================================================================================
@@ -203,15 +212,17 @@ try:
 except ImportError:                      # CPU-only installs: the PyTorch form serves everything
     triton = None
 
-CHUNK = 64          # tokens per chunk: the tensor-core tile size along time (M, N, K all >= 16)
+CHUNK = 64          # tokens per chunk: the tensor-core tile size along time (M, N, K all >= 16);
+                    # a power of two, which the chunk inverse's doubling needs
 MAX_HEAD_DIM = 128  # largest Dk, Dv the kernels hold in one tile; beyond it we fall back (warning)
 # Value columns per program in the two scans. The scans are sequential over the chunks, so their
 # only parallelism is (batch, head, value block): smaller blocks mean more programs when B x H is
-# small (32 programs on a 132-SM H100 at B = 4, H = 8 with 64 columns), at the price of re-reading K
-# and W once per block. Measured on an H100 (forward, B = 4, H = 8, T = 32k, bf16): 32 columns, 4
-# warps and 3 pipeline stages take 1.67 ms at D = 64 (64 columns: 1.94) and 2.99 ms at D = 128 (64
-# columns: 3.72). `python gdn_kernel.py --sweep` measures every setting (results/kernel_sweep_h100.md);
-# `--scan-bv` runs the rest with another block.
+# small (32 programs on a 132-SM H100 at B = 4, H = 8, Dv = 64 with 64 columns), at the price of
+# re-reading K and W once per block. Measured on an H100 (forward, B = 4, H = 8, T = 32k, bf16): 32
+# columns, 4 warps and 3 pipeline stages take 1.67 ms at D = 64 (64 columns: 1.94) and 2.99 ms at
+# D = 128 (64 columns: 3.72). 16 columns are 6% faster at D = 64 and no faster at D = 128: one
+# setting for both. `python gdn_kernel.py --sweep` measures every setting (results/kernel_sweep_h100.md
+# holds one such sweep); `--scan-bv` runs the checks and benchmark with another block.
 SCAN_BV = 32
 
 
@@ -263,18 +274,18 @@ if triton is not None:
         kk = tl.dot(k, tl.trans(k), input_precision=PREC)
         L = beta[:, None] * _decay(gamma, i, True) * kk
 
-        # Tm = (I + L)^{-1} by recursive doubling, in fp32.  Write M = I + L and let T_b be the
-        # inverse of M's block-diagonal part with blocks of b tokens (T_1 = I: M's diagonal is 1).
+        # Tm = (I + L)^{-1} by recursive doubling, in fp32.  Write M = I + L and let R_b be the
+        # inverse of M's block-diagonal part with blocks of b tokens (R_1 = I: M's diagonal is 1).
         # Two neighbouring b-blocks form a 2b-block  [[A, 0], [X, Z]]  whose inverse is
         #     [[A^-1, 0], [-Z^-1 X A^-1, Z^-1]],
         # and with O_b = M restricted to those X positions (row block odd, column block the one
-        # before it) that is, for all 2b-blocks at once,  T_2b = T_b - T_b O_b T_b  (T_b is block
-        # diagonal, so the product lands on the X positions only).
+        # before it; off the diagonal M is L) that is, for all 2b-blocks at once,
+        #     R_2b = R_b - R_b O_b R_b        (R_b is block diagonal: the product lands on X only).
         # log2(C) = 6 doublings of two [C, C] products each: tensor-core work (TF32 for bf16/fp16
         # inputs, exact fp32 for fp32 inputs), where a row-by-row forward substitution would be
-        # C - 1 dependent steps, each a reduction across the whole tile (measured: 2/3 of the
-        # forward's time at T = 32k on an H100).  The inverse itself (not just a solve) is kept
-        # because the backward needs Tm^T too.
+        # C - 1 dependent steps, each a reduction across the whole tile (measured on an H100 at
+        # T = 32k: 2/3 of the forward's time at D = 64, half at D = 128).  The inverse itself (not
+        # just a solve) is kept because the backward needs Tm^T too.
         Tm = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
         for s in tl.static_range(LOG2_C):
             rb = i[:, None] // (1 << s)                       # row and column block of size 2^s
@@ -378,16 +389,19 @@ if triton is not None:
     # That is again a sequential scan, now from the last chunk to the first (_bwd_state_kernel);
     # it stores dS' for every chunk (dh) and dU.  The rest is local to a chunk (_bwd_chunk_kernel):
     #
-    #   output:     dP = scale dO U^T (lower),   dQ = (dP*D) K + scale e^gamma (dO S^T),
-    #               dK = (dP*D)^T Q,             dgamma_i += sum_j G_ij - sum_j G_ji, G = dP*D*QK^T
+    #   output:     dA = scale (dO U^T) * D (lower),   dQ = dA K + scale e^gamma (dO S^T),
+    #               dK = dA^T Q,     dgamma_i += sum_j G_ij - sum_j G_ji with G = dA * (Q K^T),
     #               dgamma_i += scale e^gamma_i q_i . (S dO_i)
     #   state out:  dK += e^{gamma_C-gamma} (U dS'^T),  dgamma_C += e^{gamma_C} <S, dS'> + sum_j r_j,
     #               dgamma_j -= r_j,  r_j = e^{gamma_C-gamma_j} k_j . (dS' u_j)
     #   U = U0-W S: dU0 = dU,  dW = -dU S^T
     #   WY factors: with Kb = diag(beta e^gamma) K, Vb = diag(beta) V:  dKb = Tm^T dW, dVb = Tm^T dU0,
-    #               and d(I+L)^{-1} gives dL = -(dKb W^T + dVb U0^T), strictly lower.
-    #   L = diag(beta) (D * K K^T):  dbeta_i += sum_j dL_ij D_ij (k_i.k_j),  dK += (M + M^T) K
-    #               with M = dL * D * beta_i,  dgamma from L as from the output's G.
+    #               and d(I+L)^{-1} gives dL = -(dKb W^T + dVb U0^T), kept strictly lower;
+    #               then dK += diag(beta e^gamma) dKb,  dV = diag(beta) dVb,
+    #               dbeta_i += e^gamma_i k_i . dKb_i + v_i . dVb_i,  dgamma_i += beta_i e^gamma_i k_i . dKb_i.
+    #   L = diag(beta) (Ds * K K^T), Ds the strictly lower part of D:
+    #               dbeta_i += sum_j dL_ij Ds_ij (k_i.k_j),  dK += (M + M^T) K  with M = dL * Ds * beta_i,
+    #               dgamma from L as from the output's G.
     #   finally dg = reverse cumulative sum of dgamma within the chunk (gamma_i = g_1 + .. + g_i).
     # ------------------------------------------------------------------------------------------
 
@@ -538,9 +552,10 @@ def _launch_meta(q, v):
     return dict(B=B, T=T, H=H, DK=DK, DV=DV, NT=triton.cdiv(T, CHUNK), BK=BK, BVF=BVF,
                 BV=min(SCAN_BV, BVF), PREC="ieee" if q.dtype == torch.float32 else "tf32",
                 # Software pipelining of the scans (prefetching the next chunk's tiles into shared
-                # memory) needs a copy per stage: fp32 tiles at Dk = 128 do not fit twice.  The
-                # forward scan gains from a third stage (measured), the reverse one keeps two.
-                STAGES=1 if q.dtype == torch.float32 else 2, SCAN_STAGES=1 if q.dtype == torch.float32 else 3,
+                # memory) needs a copy per stage; fp32 runs (the tight checks, not speed) keep one,
+                # their tiles being twice the bytes.  The forward scan gains from a third stage
+                # (measured), the reverse scan keeps two.
+                SCAN_STAGES=1 if q.dtype == torch.float32 else 3, BWD_SCAN_STAGES=1 if q.dtype == torch.float32 else 2,
                 SCAN_WARPS=4)
 
 
@@ -590,7 +605,7 @@ class _ChunkGatedDeltaRule(torch.autograd.Function):
         _bwd_state_kernel[(triton.cdiv(DV, m["BV"]), B * H)](
             q, k, w, gamma, do, dht if dht is not None else dh, dh, du, dh0 if dh0 is not None else dh,
             scale, T, NT, H, DK, DV, CHUNK, m["BK"], m["BV"], dht is not None, dh0 is not None, m["PREC"],
-            num_warps=4, num_stages=m["STAGES"])
+            num_warps=4, num_stages=m["BWD_SCAN_STAGES"])
         dq = torch.empty(B, T, H, DK, dtype=torch.float32, device=q.device)
         dk = torch.empty_like(dq)
         dv = torch.empty(B, T, H, DV, dtype=torch.float32, device=q.device)
@@ -606,26 +621,30 @@ MAX_HEAD_DIM_FP32 = 64   # fp32 operands are twice as big: at 128 the backward's
                          # needs ~260-390 KB of shared memory on an H100 (limit 227 KB), measured
 
 
-def _triton_usable(q, v):
-    limit = MAX_HEAD_DIM_FP32 if torch.float32 in (q.dtype, v.dtype) else MAX_HEAD_DIM
+def _operand_dtype(q, k, v):
+    """One dtype for q, k, v (the tensor-core operands); fp64 is computed in fp32."""
+    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
+    return torch.float32 if dt == torch.float64 else dt
+
+
+def _triton_usable(q, k, v):
+    limit = MAX_HEAD_DIM_FP32 if _operand_dtype(q, k, v) == torch.float32 else MAX_HEAD_DIM
     return q.shape[-1] <= limit and v.shape[-1] <= limit
 
 
 def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
     """The Triton kernels behind an autograd Function.  Works on CUDA tensors, and on CPU tensors
     under TRITON_INTERPRET=1 (the tests).  Returns o [B, T, H, Dv] in fp32 and, on request, the final
-    state [B, H, Dk, Dv] in fp32, exactly like chunk_gated_delta_rule_torch."""
+    state [B, H, Dk, Dv] in fp32, like chunk_gated_delta_rule_torch (which keeps fp64 inputs in fp64)."""
     if triton is None:
         raise RuntimeError("chunk_gated_delta_rule_triton needs triton; use chunk_gated_delta_rule_torch")
     _check(q, k, v, g, beta, initial_state)
-    if not _triton_usable(q, v):
+    if not _triton_usable(q, k, v):
         raise ValueError(f"the Triton kernel holds head dims up to {MAX_HEAD_DIM} (bf16/fp16; "
                          f"{MAX_HEAD_DIM_FP32} for fp32); got Dk={q.shape[-1]}, "
                          f"Dv={v.shape[-1]} (chunk_gated_delta_rule falls back to the PyTorch form)")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    # One dtype for q, k, v (the tensor-core operands); fp64 is computed in fp32 here.
-    dt = torch.promote_types(torch.promote_types(q.dtype, k.dtype), v.dtype)
-    dt = torch.float32 if dt == torch.float64 else dt
+    dt = _operand_dtype(q, k, v)
     q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
     g, beta = g.contiguous(), beta.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -644,7 +663,7 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
     Triton installed go to the Triton kernels; anything else (CPU, no Triton, head dims the kernel
     does not hold) to the PyTorch chunked form."""
     if triton is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        if _triton_usable(q, v):
+        if _triton_usable(q, k, v):
             return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
         warnings.warn(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} ({q.dtype}) exceed what the Triton "
                       f"kernel holds: using the (slower) PyTorch chunked form", stacklevel=2)
@@ -653,7 +672,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
 
 # ==============================================================================================
 # `python gdn_kernel.py`: check every path against the recurrence, and on a GPU benchmark them.
-# Results go to results/kernel_bench.json and results/kernel_bench.md (or $GDN_RESULTS_DIR),
+# Results go to results/kernel_bench.{json,md} (--profile: kernel_profile, --sweep: kernel_sweep;
+# the folder is $GDN_RESULTS_DIR if set),
 # rewritten atomically after every row so an interrupted run still leaves what it measured.
 # ==============================================================================================
 
@@ -733,11 +753,10 @@ def _print_check(r):
 
 
 def _self_check(device, bf16_dims=((64, 64), (128, 128), (128, 64)), exact=True):
-    """Every path against the sequential recurrence; returns rows of (case, errors, tolerance)."""
+    """fp64 / fp32 paths against the sequential recurrence (`exact`), then on a GPU the bf16 kernels
+    against the fp64 chunked form at realistic sizes; returns rows of (case, errors, tolerance)."""
     rows = []
-    fp32_cases = [] if not exact else None
-    fp32_cases = [(1, 1, 1, 16, 16), (2, 100, 2, 64, 64), (1, 129, 2, 128, 64), (1, 200, 2, 128, 128)] \
-        if fp32_cases is None else fp32_cases
+    fp32_cases = [(1, 1, 1, 16, 16), (2, 100, 2, 64, 64), (1, 129, 2, 128, 64), (1, 200, 2, 128, 128)] if exact else []
     paths = [("torch_chunk fp64", chunk_gated_delta_rule_torch, torch.float64, 1e-9)]
     if device == "cuda" and triton is not None:
         paths.append(("triton fp32", chunk_gated_delta_rule_triton, torch.float32, 1e-4))
@@ -940,8 +959,8 @@ def _markdown(results):
 
 
 def main(argv=None):
-    """Check every path against the recurrence; on a GPU, benchmark. --dims / --lengths narrow the
-    benchmark (e.g. --dims 128 --lengths 4096,32768 for a short run)."""
+    """Check every path against the reference; on a GPU, benchmark (or --profile, --sweep). --dims /
+    --lengths narrow the benchmark (e.g. --dims 128 --lengths 4096,32768 for a short run)."""
     import argparse
     import json
     import subprocess
@@ -984,8 +1003,9 @@ def main(argv=None):
         if device != "cuda":                  # numbers in results/ come from the GPU run only
             return
         os.makedirs(out_dir, exist_ok=True)
-        _write_atomic(os.path.join(out_dir, "kernel_bench.json"), json.dumps(results, indent=1))
-        _write_atomic(os.path.join(out_dir, "kernel_bench.md"), _markdown(results))
+        stem = "kernel_profile" if a.profile else "kernel_sweep" if a.sweep else "kernel_bench"
+        _write_atomic(os.path.join(out_dir, stem + ".json"), json.dumps(results, indent=1))
+        _write_atomic(os.path.join(out_dir, stem + ".md"), _markdown(results))
 
     t0 = time.time()
     # On a GPU: exact checks and bf16 at D = 64, the benchmark, then bf16 at D = 128 (whatever

@@ -150,8 +150,13 @@ def test_triton_bf16_forward_close():
 
 
 @needs_triton
-def test_triton_rejects_big_head_dim():
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float64,) * 3,
+                                    (torch.bfloat16, torch.float32, torch.bfloat16)])
+def test_triton_rejects_big_head_dim(dtypes):
+    """fp32 operands hold up to MAX_HEAD_DIM_FP32; fp64 and mixed inputs are computed in fp32 too,
+    so they meet the same limit rather than a shared-memory failure inside the kernel."""
     xs = inputs(1, 4, 1, gk.MAX_HEAD_DIM_FP32 + 16, 16, device="cpu")
+    xs[:3] = [x.to(dt) for x, dt in zip(xs[:3], dtypes)]
     with pytest.raises(ValueError, match="head dims"):
         gk.chunk_gated_delta_rule_triton(*xs[:5])
 
