@@ -131,7 +131,7 @@ OPTIONS = {
     # our own Phase 1 choices
     "dt_from": ("distance", "statistic behind the time step: distance (reference) or distance_nosink (ours)"),
     "gates_from": ("stats", "stats (reference: steps 1-2 set decay and write gate from the statistics) or naive (ours: keep the standard random, token-dependent gates; steps 3-4 still run)"),
-    "gate_search": (0, "ours: 1 = choose each head's (gamma, beta) on a grid by how well the GDN readout's direction matches the teacher context (overrides steps 1-2's targets)"),
+    "gate_search": (0, "ours: 1 = choose each head's (gamma, beta) on a grid by how well the GDN readout's direction matches the teacher context (overrides steps 1-2's targets; the layer runs exactly those gates only with a_proj=zero and write_gate=fit, as in taylor-plus: under rescale beta stays near 0.5, see step 2)"),
     "gamma_grid": ("0.003,0.01,0.03,0.1,0.3,1,3", "gate_search: candidate time steps gamma (comma-separated)"),
     "beta_grid": ("0.1,0.3,0.5,0.7,0.9", "gate_search: candidate write strengths beta (comma-separated)"),
     "a_proj": ("keep", "keep (reference: random W_a) or zero (ours: the time step is exactly gamma_h at start)"),
@@ -149,8 +149,15 @@ OPTIONS = {
 }
 
 
+# The values a word-valued or on/off option may take (the others are numbers or grids).
+CHOICES = {"write_gate": ("rescale", "fit"), "out_gate": ("damped", "fit"), "dt_from": ("distance", "distance_nosink"),
+           "gates_from": ("stats", "naive"), "a_proj": ("keep", "zero"), "phase2_input": ("teacher", "student"),
+           "gate_search": (0, 1), "train_out": (0, 1), "keep_best": (0, 1)}
+
+
 def parse_opts(pairs):
-    """['steps=100', 'write_gate=fit'] -> {'steps': 100, 'write_gate': 'fit'}, typed like the defaults."""
+    """['steps=100', 'write_gate=fit'] -> {'steps': 100, 'write_gate': 'fit'}, typed like the defaults;
+    a clear error for an unknown name, a value outside CHOICES, or a fraction where a count is due."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -160,9 +167,15 @@ def parse_opts(pairs):
             raise ValueError(f"unknown init option '{k}'; valid: {', '.join(OPTIONS)}")
         default = OPTIONS[k][0]
         try:
-            out[k] = type(default)(float(v)) if isinstance(default, (int, float)) else v
+            out[k] = float(v) if isinstance(default, (int, float)) else v
         except ValueError:
             raise ValueError(f"init option {k} wants a number, got '{v}'") from None
+        if isinstance(default, int):
+            if out[k] != int(out[k]):
+                raise ValueError(f"init option {k} wants a whole number, got '{v}'")
+            out[k] = int(out[k])
+        if k in CHOICES and out[k] not in CHOICES[k]:
+            raise ValueError(f"init option {k}={v}: choose from {', '.join(map(str, CHOICES[k]))}")
     return out
 
 

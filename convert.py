@@ -428,7 +428,7 @@ def parse_args(argv):
     p.add_argument("--calib-data", help="calibration text (default: built-in, disjoint from the built-in eval text)")
     p.add_argument("--calib-seqs", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"], help="auto: float32 on CPU, bfloat16 on GPU")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-sample", action="store_true", help="skip the greedy sample")
@@ -761,7 +761,8 @@ def run_distill_chain(args):
 # ----------------------------------------------------------------------------------------------
 # Inference benchmark (--bench): prefill latency, decode speed, memory, teacher vs hybrids.
 #
-# Decoding one token reads every weight once plus the whole cache: the KV cache of each softmax
+# Decoding one token reads every weight once (an input-embedding table not shared with the LM head
+# only at the looked-up rows) plus the whole cache: the KV cache of each softmax
 # layer grows with the context, a GDN layer's state does not. So the lower bound of one step is
 #     bytes(weights) + bytes(KV of the kept layers) + bytes(GDN states, read and written)
 #     ------------------------------------------------------------------------------------
@@ -799,12 +800,17 @@ def cache_bytes(model, cache):
     return total
 
 
-def weight_bytes(model):
+def weight_bytes(model, batch):
+    """Bytes of weights one decoding step of `batch` sequences reads: every weight once, except an
+    input-embedding table not shared with the LM head, of which only the looked-up rows are read."""
     seen, total = set(), 0
     for p in model.parameters():
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             total += p.numel() * p.element_size()
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    if emb.data_ptr() != head.data_ptr():
+        total -= (emb.shape[0] - batch) * emb.shape[1] * emb.element_size()
     return total
 
 
@@ -965,7 +971,7 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
                                 compile_step, profile)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
-    read = weight_bytes(model) + (kv - states) + 2 * states       # KV read once; states read and written
+    read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -977,6 +983,8 @@ def run_bench(args):
     from tqdm import tqdm
     contexts, batches = parse_sizes(args.contexts, "contexts"), parse_sizes(args.batches, "batches")
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
+    if args.decode_steps < 1:
+        raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
@@ -988,7 +996,10 @@ def run_bench(args):
             use_grouped_decode(model)
     bw = copy_bandwidth(args.device)
     rows, fits = [], {}
+    for _, model in models:               # one model on the device at a time: its peak memory is its own
+        model.to("cpu")
     for name, model in models:
+        model.to(args.device)
         for B in batches:
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
@@ -1006,6 +1017,7 @@ def run_bench(args):
                 r["model"] = name
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
+        model.to("cpu")
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
               "decode_attention": args.decode_attention, "compiled_step": args.compile,
               "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}

@@ -459,8 +459,11 @@ def flops_per_token(stage, student, teacher, seq, stack=None):
     backward, plus the mixing products above (3x as well when trained):
       Stage 1:  teacher forward without its LM head  + 3 x (2 N_gdn + mixing of the GDN layers)
       Stage 2:  teacher forward (2 N_T + mixing_T)   + 3 x (2 N_S + mixing_S)
-    Norms, activations and the softmax itself are left out (a few % at most), so MFU is a slight
-    underestimate. Recomputation under gradient checkpointing is not counted: it is overhead."""
+    Norms, activations and the softmax itself are left out (a few % at most), so Stage 2's MFU is a
+    slight underestimate. Stage 1's is an overestimate (by ~10% for SmolLM2 at keep 1/4): its GDN
+    inputs come from the teacher, detached, so the backward skips the input gradients of the GDN
+    layers' first projections, which the 3x counts. Recomputation under gradient checkpointing is
+    not counted: it is overhead."""
     t = mixing_flops(teacher, seq)
     if stage == 1:
         gdn = [int(i) for i in stack.layers]
@@ -818,7 +821,7 @@ def parse_args(argv):
     g.add_argument("--grad-ckpt", type=int, help="gradient checkpointing of every n-th decoder layer, 0: off "
                                                  "(default: 0 in stage 1, 1 in stage 2)")
     p.add_argument("--seed", type=int, default=0, help="data order and everything random")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--amp", type=int, choices=[0, 1], help="bf16 autocast (default: on for CUDA, off on CPU)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default=os.path.join(WIKI, "wiki.valid.raw"),
@@ -857,9 +860,14 @@ def parse_args(argv):
 
 
 def check_shapes(a, world):
-    """The batch arithmetic, checked before anything is loaded."""
+    """The batch arithmetic and the other numbers, checked before anything is loaded."""
     if a.seq < 2 or a.batch < 1:
         raise ValueError(f"--seq must be >= 2 and --batch >= 1 (got {a.seq}, {a.batch})")
+    if a.eval_window < 2 or a.eval_batch_size < 0:
+        raise ValueError(f"--eval-window must be >= 2 and --eval-batch-size >= 0 (got {a.eval_window}, "
+                         f"{a.eval_batch_size})")
+    if not a.clip > 0 or not a.peak_tflops > 0:
+        raise ValueError(f"--clip and --peak-tflops must be positive (got {a.clip}, {a.peak_tflops})")
     if a.batch % world:
         raise ValueError(f"--batch {a.batch} does not split over {world} processes")
     per_rank = a.batch // world

@@ -31,7 +31,11 @@ and are dropped (logged).
 Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN layer's cache is its
 state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: a fixed size, whatever
 the context length. Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
-carries them without knowing. HF reads the context length off the cache's per-layer key tensors, so
+carries them without knowing. HF's own cache operations know only their KV tensors, so `gdn_states`
+makes the ones that reorder, select, repeat or clear batch rows (beam search, contrastive search,
+cache reuse) do the same to the states, and marks the states unusable after one that cuts tokens off
+(crop, as assisted decoding does): a recurrent state cannot be rewound, so continuing from it is an
+error rather than a silently wrong answer. HF reads the context length off the cache's per-layer key tensors, so
 each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T x 1): position
 bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version
 and for growing and static caches alike.
@@ -146,10 +150,12 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         pad = getattr(self, "pad_mask", None)                                  # [B, T] bool, True = pad
         pad = pad if pad is not None and pad.shape == (B, T) else None
-        if cache is not None and not hasattr(cache, "gdn_state"):
-            cache.gdn_state = {}
-        states = cache.gdn_state if cache is not None else {}
+        states = gdn_states(cache) if cache is not None else {}
         S0, conv0 = states.get(self.layer_idx, (None, None))
+        if S0 is not None and getattr(cache, "gdn_rewound", False):
+            raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
+                             "cannot be rewound, so decoding cannot continue from it (assisted or prompt-lookup "
+                             "decoding does not work with a hybrid)")
         q, k, v, conv_state = self.qkv(x if pad is None else x.masked_fill(pad[..., None], 0), conv0)
         g, beta = self.gates(x)
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -176,6 +182,41 @@ class GatedDeltaNet(nn.Module):
             stub = x.new_zeros(B, 1, T, 1)                                     # see the module docstring
             cache.update(stub, stub, self.layer_idx)
         return self.readout(o, x), None
+
+
+def gdn_states(cache):
+    """{layer index: (S, conv state)} kept on an HF cache, created on first use together with the
+    wrappers that keep it in step with the cache's own batch operations (see the module docstring)."""
+    if hasattr(cache, "gdn_state"):
+        return cache.gdn_state
+    cache.gdn_state = {}
+
+    def follow(name, on_states):
+        original = getattr(cache, name, None)
+        if original is None:                                 # an older or other Cache class
+            return
+
+        def wrapped(*args):
+            before = cache.get_seq_length() if name == "crop" else None
+            out = original(*args)
+            on_states(before, *args)
+            return out
+        setattr(cache, name, wrapped)
+
+    def each(fn):                                            # fn(tensor) -> tensor, applied to S and conv
+        for i, (S, conv) in list(cache.gdn_state.items()):
+            cache.gdn_state[i] = (fn(S), None if conv is None else fn(conv))
+
+    def in_place(fn):                                        # same addresses: CUDA graphs stay valid
+        return lambda t: t.copy_(fn(t))
+
+    follow("reorder_cache", lambda _, idx: each(in_place(lambda t: t.index_select(0, idx.to(t.device)))))
+    follow("batch_select_indices", lambda _, idx: each(lambda t: t[idx.to(t.device)]))
+    follow("batch_repeat_interleave", lambda _, n: each(lambda t: t.repeat_interleave(n, 0)))
+    follow("reset", lambda _: (each(torch.Tensor.zero_), setattr(cache, "gdn_rewound", False)))
+    follow("crop", lambda before, *_: setattr(cache, "gdn_rewound", getattr(cache, "gdn_rewound", False)
+                                              or cache.get_seq_length() < before))
+    return cache.gdn_state
 
 
 # ----------------------------------------------------------------------------------------------

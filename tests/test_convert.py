@@ -187,7 +187,23 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     assert (tmp_path / "bench.md").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--contexts", "1x,4k"), ("--batches", "0"), ("--contexts", "")])
+@pytest.mark.parametrize("flag, value", [("--contexts", "1x,4k"), ("--batches", "0"), ("--contexts", ""),
+                                         ("--decode-steps", "0")])
 def test_bench_bad_sizes(flag, value, tmp_path, capsys):
     code, io = run(["--bench", f"{flag}={value}", "--results", str(tmp_path / "b")], capsys)
     assert code == 2 and flag in io.err and not (tmp_path / "b.json").exists()
+
+
+def test_decode_bytes_count_an_untied_embedding_only_at_its_rows():
+    """A decoding step reads the LM head whole but only B rows of an embedding table it does not share."""
+    from convert import weight_bytes
+    m = tiny_model("llama")
+    every = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in m.parameters()}.values())
+    emb = m.get_input_embeddings().weight
+    tied = emb.data_ptr() == m.get_output_embeddings().weight.data_ptr()
+    rows_unread = 0 if tied else (emb.shape[0] - 3) * emb.shape[1] * emb.element_size()
+    assert weight_bytes(m, 3) == every - rows_unread
+    m.lm_head.weight = torch.nn.Parameter(emb.detach().clone()) if tied else emb          # flip the tying
+    every = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in m.parameters()}.values())
+    rows_unread = (emb.shape[0] - 3) * emb.shape[1] * emb.element_size() if tied else 0
+    assert weight_bytes(m, 3) == every - rows_unread

@@ -276,6 +276,9 @@ def test_teacher_with_another_tokenizer(setup, tmp_path, capsys):
     (["--tokens", "63"], "smaller than one step"),
     (["--batch", "64", "--tokens", "2048"], "fewer than one batch"),
     (["--micro-batch", "3"], "does not divide"),
+    (["--eval-window", "1"], "--eval-window must be >= 2"),
+    (["--clip", "-1"], "must be positive"),
+    (["--peak-tflops", "0"], "must be positive"),
 ])
 def test_budget_and_data_sizes(setup, tmp_path, capsys, change, message):
     code = distill.main(args(setup, tmp_path / "o", extra=change))

@@ -183,3 +183,39 @@ def test_cuda_autocast_feeds_the_kernel_bf16(monkeypatch):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(torch.randint(0, 512, (2, 64), device="cuda")).logits.float().sum().backward()
     assert seen and all(d == (torch.bfloat16,) * 3 for d in seen), seen
+
+
+def test_cache_operations_move_the_gdn_states():
+    """HF's batch operations on a cache (beam search's reorder, a static cache's reset) must move or
+    clear the GDN states with the KV tensors, and a crop (assisted decoding) must refuse to continue."""
+    from transformers import DynamicCache, StaticCache
+    torch.manual_seed(0)
+    m = hybridize(tiny_model("llama"), [0, 2]).eval()
+    ids, ids2, nxt = torch.randint(0, 128, (2, 10)), torch.randint(0, 128, (2, 10)), torch.randint(0, 128, (2, 1))
+    with torch.no_grad():
+        c = DynamicCache(config=m.config)
+        m(ids, past_key_values=c, use_cache=True)
+        c.reorder_cache(torch.tensor([1, 0]))
+        step = m(nxt, past_key_values=c, use_cache=True).logits[:, -1]
+        torch.testing.assert_close(step, m(torch.cat([ids[[1, 0]], nxt], 1)).logits[:, -1], atol=1e-5, rtol=1e-5)
+
+        s = StaticCache(config=m.config, max_cache_len=32)
+        m(ids, past_key_values=s, cache_position=torch.arange(10), use_cache=True)
+        s.reset()
+        again = m(ids2, past_key_values=s, cache_position=torch.arange(10), use_cache=True).logits
+        torch.testing.assert_close(again, m(ids2).logits, atol=1e-5, rtol=1e-5)
+
+        c = DynamicCache(config=m.config)
+        m(ids, past_key_values=c, use_cache=True)
+        c.crop(-3)                                 # drop the last 3 tokens (every transformers version)
+        assert c.get_seq_length() == 7
+        with pytest.raises(ValueError, match="cannot be rewound"):
+            m(nxt, past_key_values=c, use_cache=True)
+
+    # Beam search: with no length penalty a beam's score is the sum of its tokens' log-probabilities.
+    out = m.generate(ids[:1], max_new_tokens=6, do_sample=False, num_beams=3, length_penalty=0.0,
+                     output_scores=True, return_dict_in_generate=True)
+    seq = out.sequences
+    with torch.no_grad():
+        logp = torch.log_softmax(m(seq).logits[0, 9:-1].float(), -1).gather(-1, seq[0, 10:, None]).sum()
+    assert abs(out.sequences_scores.item() - logp.item()) < 1e-4

@@ -168,6 +168,10 @@ def test_init_options_are_checked():
         calibrate.parse_opts(["bogus=1"])
     assert calibrate.parse_opts(["steps=7", "damping=0.5", "write_gate=fit"]) == \
         {"steps": 7, "damping": 0.5, "write_gate": "fit"}
+    for bad, message in (["dt_from=sink", "choose from distance, distance_nosink"], ["a_proj=zeros", "choose from"],
+                         ["train_out=2", "choose from 0, 1"], ["steps=0.9", "whole number"], ["steps=x", "a number"]):
+        with pytest.raises(ValueError, match=message):
+            calibrate.parse_opts([bad])
 
 
 # ---------------------------------------------------------------------------------------------
