@@ -99,7 +99,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if spec.startswith("random:"):
         return random_teacher(spec[len("random:"):], device, dtype)
-    described = spec
+    described = teacher_spec(spec)                     # local paths absolute: keys and records name the file
     if spec == "default":
         spec = default_teacher_path()
         described = f"default: SmolLM2-135M-Instruct ({DEFAULT_TEACHER[0]}=={DEFAULT_TEACHER[1]}, {DEFAULT_TEACHER[2]})"
@@ -317,15 +317,19 @@ def load_scores(path):
 
 
 def ga_key(init, init_opts, seed):
-    """What GA-S2's cached scores depend on besides the probe tokens: the probe init with its preset
-    and options (so scores of an earlier version of a preset are never reused), and the seed."""
-    return f"|init {init} {sorted({**PRESETS.get(init, {}), **init_opts}.items())} seed {seed}"
+    """What GA-S2's cached scores depend on besides the probe tokens: the probe init with every option
+    it runs with (defaults, preset, the user's: so scores of an earlier version of a preset or of a
+    default are never reused), and the seed."""
+    from calibrate import resolve
+    return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
 def policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
-    The key names what the scores depend on: policy, teacher, probe tokens, and for GA-S2 the init."""
-    key = f"{policy}|{source}|probe {tuple(probe.shape)} sum {int(probe.sum())}{key_extra}"
+    The key names what the scores depend on: policy, teacher, its dtype, probe tokens, and for GA-S2
+    the init."""
+    dtype = next(teacher.parameters()).dtype
+    key = f"{policy}|{source}|{dtype}|probe {tuple(probe.shape)} sum {int(probe.sum())}{key_extra}"
     if key not in cache:
         t0 = time.time()
         cache[key] = {**compute(), "policy": policy, "seconds": time.time() - t0}
@@ -467,6 +471,16 @@ def parse_args(argv):
         if len(budgets) != 2 or args.table:
             p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M), and no --table")
         args.distill_tokens = budgets
+        # What the chain will need, checked now rather than after the conversion: the training text,
+        # free run folders, and distill.py's own reading of --distill-args (it exits on a bad one).
+        distill.text_files(args.distill_data)
+        for stage, tokens in zip((1, 2), budgets):
+            out = f"{os.path.abspath(args.out)}-stage{stage}"
+            if tokens and os.path.exists(out) and not args.overwrite:
+                p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
+        import shlex
+        distill.parse_args(["--student", args.out, "--stage", "1", "--tokens", "1", "--data", args.distill_data,
+                            "--out", args.out + "-stage1"] + shlex.split(args.distill_args))
     return args
 
 
@@ -543,8 +557,10 @@ def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
     else:
         probe_init = args.init if args.probe_init == "same" else args.probe_init
         if probe_init not in INITS or not layerwise(probe_init, init_opts):
-            raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: "
-                             f"{', '.join(i for i in INITS if layerwise(i, init_opts))}")
+            valid = [i for i in INITS if layerwise(i, init_opts)]
+            raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: " + (", ".join(valid) or
+                             "none is under these --init-opt options (phase2_input=student makes each layer's "
+                             "init depend on the layers before it)"))
         key_extra = ga_key(probe_init, init_opts, args.seed)
         built = {}
 
@@ -573,11 +589,13 @@ def run_table(args):
     once per layer into a bank (layer_bank); each cell and each GA-S2 probe is assembled from it.
     A cell's init time is then what that cell's own conversion costs: the shared teacher pass plus
     the bank's per-layer times of the cell's GDN layers. Other inits run once per cell. GA-S2 probes
-    use the same init as the cell when it is layer-wise, else its teacher-forced variant (recorded
-    per cell as probe_init). Scores go to --scores (default: --results + '_scores.json')."""
+    use the same init as the cell when it is layer-wise, else taylor with the same --init-opt options
+    (recorded per cell as probe_init). Scores go to --scores (default: --results + '_scores.json')."""
     from tqdm import tqdm
     from taylor_stats import collect_stats
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
+    if any(kind != "fraction" for kind, _ in keeps):
+        raise ValueError(f"--keeps '{args.keeps}': the table takes fractions (1/4,1/2); a list of layers is for --keep")
     policies, inits = args.policies.split(","), args.inits.split(",")
     init_opts = parse_opts(args.init_opt)
     for name in inits:
@@ -595,8 +613,13 @@ def run_table(args):
     n = teacher.config.num_hidden_layers
     for k in keeps:
         keep_count(n, k)
-    if old and (old.get("teacher") != source or old.get("eval_data") != (args.eval_data or "builtin")):
-        raise ValueError(f"--append: {args.results}.json holds another teacher or eval text; choose another --results")
+    same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
+            "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
+            "window": args.window, "max_windows": args.max_windows}
+    differ = [k for k, v in same.items() if old and k in old and old[k] != v]
+    if differ:
+        raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
+                         f"would not compare with these: choose another --results")
     ids, calib = eval_ids(args, tokenizer), calib_ids(args, tokenizer)
     need_probe = any(p != "uniform" for p in policies)
     probe = calib_ids(args, tokenizer, part=1) if need_probe else None
@@ -654,7 +677,8 @@ def write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, 
     """The table's JSON and markdown, rewritten (atomically) after every init, merged with --append's
     earlier cells (a cell measured again replaces the old one)."""
     from taylor_stats import summary
-    record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin",
+    record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin", "window": args.window,
+              "max_windows": args.max_windows,
               "calib_data": args.calib_data or "builtin", "calib": [args.calib_seqs, args.calib_len],
               "teacher_ppl": teacher_ppl, "dtype": args.dtype, "stats": summary(stats), "stats_seconds": stats_seconds,
               "policy_scores": {k: v for k, v in cache.items() if source in k}, "cells": list(cells),
@@ -1056,9 +1080,9 @@ def bench_markdown(r):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    torch.manual_seed(args.seed)
     try:
+        args = parse_args(argv)
+        torch.manual_seed(args.seed)
         if args.bench:
             run_bench(args)
             return 0

@@ -19,7 +19,8 @@ positions i, all of them, including i = 0):
     distance       d_h = mean_i sum_{j<=i} a_ij * max(i - j, floor)   (floor 0.5: the diagonal counts
                                                                        half a token, so d_h > 0)
     entropy        H_h = mean_i ( -sum_j a_ij log a_ij )              (nats; 0 = one key, log(i+1) =
-                                                                       uniform over the prefix)
+                                                                       uniform over the prefix, or
+                                                                       log(window) under a sliding window)
     concentration  c_h = 1 - (H_h - min_h' H) / max(max_h' H - min_h' H, eps)   (within the layer:
                                                                        1 = its sharpest head, 0 = its
                                                                        most diffuse)
@@ -29,8 +30,11 @@ and the recomputation is checked against the module itself: concat_h(T_h) W_o^T 
 the captured y. A mismatch (an architecture whose attention this file does not reproduce) is an error,
 not a silent wrong statistic.
 
-Undefined statistics (a head whose scores overflow, say) are replaced by DEFAULTS with a warning, so
-nothing downstream ever sees NaN.
+A statistic that still comes out NaN or infinite is replaced by DEFAULTS with a warning, so nothing
+downstream ever sees NaN (overflowing scores make the context NaN too, which the check above turns
+into an error first). Under a sliding window (Gemma 3's local layers, Mistral) a query past the
+window cannot see token 0, so its sink mass is 0 by construction: sink statistics of windowed and
+global layers are not comparable.
 
     python taylor_stats.py --teacher default            # prints the per-layer, per-head table
 """
@@ -134,6 +138,9 @@ def layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIST
     scaling = float(attn.scaling)
     softcap = getattr(attn, "attn_logit_softcapping", None)
     window = getattr(attn, "sliding_window", None)
+    config = getattr(attn, "config", None)
+    if window is None and getattr(config, "model_type", None) == "mistral":
+        window = config.sliding_window    # Mistral windows every layer from its config, not the module
     dist_sum = torch.zeros(H, dtype=torch.float64)
     ent_sum = torch.zeros(H, dtype=torch.float64)
     sink_sum = torch.zeros(H, dtype=torch.float64)

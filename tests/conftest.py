@@ -18,7 +18,8 @@ FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"]
 
 def tiny_config(family, vocab_size=128, layers=4):
     """A tiny config of the family: GQA (4 query / 2 KV heads), every family's quirk left on
-    (Qwen2 q/k/v biases, Qwen3 q/k norms, Gemma3 sliding-window layers and head_dim != hidden/heads)."""
+    (Qwen2 q/k/v biases, Qwen3 q/k norms, Mistral's sliding window on every layer, Gemma3 sliding-window
+    layers and head_dim != hidden/heads)."""
     from transformers import Gemma3TextConfig, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
@@ -29,7 +30,7 @@ def tiny_config(family, vocab_size=128, layers=4):
     if family == "qwen3":
         return Qwen3Config(head_dim=16, **common)
     if family == "mistral":
-        return MistralConfig(**common)
+        return MistralConfig(sliding_window=8, **common)
     if family == "gemma3_text":
         return Gemma3TextConfig(head_dim=32, sliding_window=8, **common)
     raise ValueError(family)

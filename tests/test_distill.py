@@ -321,6 +321,19 @@ def test_convert_chains_both_stages(setup, tmp_path):
     assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
 
 
+@pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "neither a text file"),
+                                          (["--distill-args", "--bogus 1"], "unrecognized arguments")])
+def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
+    out = tmp_path / "h"
+    argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
+            "--distill-tokens", "128,64", "--distill-data", setup["train"]] + bad
+    try:
+        code = convert.main(argv)
+    except SystemExit as e:                      # argparse's own exit, from distill.py's parser
+        code = e.code
+    assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Several processes (torchrun, DDP over gloo on CPU): the same trajectory as one process
 # ----------------------------------------------------------------------------------------------

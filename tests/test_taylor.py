@@ -232,6 +232,7 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--keep", ",".join(map(str, range(5)))], "only 4"),
     (["--init", "taylor", "--calib-len", "100000"], "calibration text has"),
     (["--init-opt", "nope=1"], "unknown init option"),
+    (["--table", "--keeps", "1/4,2"], "the table takes fractions"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
@@ -258,3 +259,7 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
                                                                 ("ar", "naive"), ("ar", "taylor"), ("ga-s2", "taylor")}
     md = open(stem + ".md").read()
     assert "| taylor |" in md and "keep 1/2 ga-s2" in md
+    # Cells measured with another window would not compare: --append refuses, and the table stays.
+    other = [a if a != "64" else "48" for a in base]
+    assert convert.main(other + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
+    assert "another window" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
