@@ -401,7 +401,12 @@ def publish(tmp, path):
     if os.path.exists(path):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
         os.replace(path, os.path.join(old, "x"))
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:                       # put the old folder back rather than leave none
+        if old:
+            os.replace(os.path.join(old, "x"), path)
+        raise
     if old:
         shutil.rmtree(old, ignore_errors=True)
 
