@@ -32,9 +32,9 @@ Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN
 state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: a fixed size, whatever
 the context length. Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
 carries them without knowing. HF's own cache operations know only their KV tensors, so `gdn_states`
-makes the ones that reorder, select, repeat or clear batch rows (beam search, contrastive search,
-cache reuse) do the same to the states, and marks the states unusable after one that cuts tokens off
-(crop, as assisted decoding does): a recurrent state cannot be rewound, so continuing from it is an
+gives the cache a subclass whose operations that reorder, select, repeat or clear batch rows (beam
+search, contrastive search, cache reuse) also do it to the states, and whose crop (assisted
+decoding) marks them unusable: a recurrent state cannot be rewound, so continuing from it is an
 error rather than a silently wrong answer. HF reads the context length off the cache's per-layer key tensors, so
 each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T x 1): position
 bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version
@@ -185,38 +185,57 @@ class GatedDeltaNet(nn.Module):
 
 
 def gdn_states(cache):
-    """{layer index: (S, conv state)} kept on an HF cache, created on first use together with the
-    wrappers that keep it in step with the cache's own batch operations (see the module docstring)."""
-    if hasattr(cache, "gdn_state"):
-        return cache.gdn_state
-    cache.gdn_state = {}
+    """{layer index: (S, conv state)} kept on an HF cache, created on first use. The cache's class is
+    then swapped for a subclass (`_gdn_cache_class`) whose batch operations also act on the states
+    (see the module docstring); a subclass rather than per-object wrappers, so a deep copy of the
+    cache (prompt reuse) keeps operations that act on its own states."""
+    if not hasattr(cache, "gdn_state"):
+        cache.gdn_state = {}
+        cache.__class__ = _gdn_cache_class(type(cache))
+    return cache.gdn_state
 
-    def follow(name, on_states):
-        original = getattr(cache, name, None)
-        if original is None:                                 # an older or other Cache class
-            return
 
-        def wrapped(*args):
-            before = cache.get_seq_length() if name == "crop" else None
-            out = original(*args)
-            on_states(before, *args)
-            return out
-        setattr(cache, name, wrapped)
+_GDN_CACHE_CLASSES = {}
 
-    def each(fn):                                            # fn(tensor) -> tensor, applied to S and conv
+
+def _gdn_cache_class(base):
+    """`base` (an HF Cache class) with reorder / select / repeat / reset applied to the GDN states
+    too, and crop marking them unusable when it removes tokens (a recurrent state cannot be rewound)."""
+    if base in _GDN_CACHE_CLASSES or getattr(base, "_is_gdn_cache", False):
+        return _GDN_CACHE_CLASSES.get(base, base)
+
+    def each(cache, fn):                                     # fn(tensor) -> tensor, applied to S and conv
         for i, (S, conv) in list(cache.gdn_state.items()):
             cache.gdn_state[i] = (fn(S), None if conv is None else fn(conv))
 
-    def in_place(fn):                                        # same addresses: CUDA graphs stay valid
-        return lambda t: t.copy_(fn(t))
+    class GDNCache(base):
+        _is_gdn_cache = True
 
-    follow("reorder_cache", lambda _, idx: each(in_place(lambda t: t.index_select(0, idx.to(t.device)))))
-    follow("batch_select_indices", lambda _, idx: each(lambda t: t[idx.to(t.device)]))
-    follow("batch_repeat_interleave", lambda _, n: each(lambda t: t.repeat_interleave(n, 0)))
-    follow("reset", lambda _: (each(torch.Tensor.zero_), setattr(cache, "gdn_rewound", False)))
-    follow("crop", lambda before, *_: setattr(cache, "gdn_rewound", getattr(cache, "gdn_rewound", False)
-                                              or cache.get_seq_length() < before))
-    return cache.gdn_state
+        def reorder_cache(self, beam_idx):                   # in place: CUDA graphs stay valid
+            super().reorder_cache(beam_idx)
+            each(self, lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
+
+        def batch_select_indices(self, indices):
+            super().batch_select_indices(indices)
+            each(self, lambda t: t[indices.to(t.device)])
+
+        def batch_repeat_interleave(self, repeats):
+            super().batch_repeat_interleave(repeats)
+            each(self, lambda t: t.repeat_interleave(repeats, 0))
+
+        def reset(self):
+            super().reset()
+            each(self, torch.Tensor.zero_)
+            self.gdn_rewound = False
+
+        def crop(self, *args, **kwargs):
+            before = self.get_seq_length()
+            super().crop(*args, **kwargs)
+            self.gdn_rewound = getattr(self, "gdn_rewound", False) or self.get_seq_length() < before
+
+    GDNCache.__name__ = GDNCache.__qualname__ = "GDN" + base.__name__
+    _GDN_CACHE_CLASSES[base] = GDNCache
+    return GDNCache
 
 
 # ----------------------------------------------------------------------------------------------

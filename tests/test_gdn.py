@@ -1,4 +1,6 @@
 """The GDN layer and the surgery: exact equalities that must hold for every supported family."""
+import copy
+
 import pytest
 import torch
 
@@ -195,9 +197,12 @@ def test_cache_operations_move_the_gdn_states():
     with torch.no_grad():
         c = DynamicCache(config=m.config)
         m(ids, past_key_values=c, use_cache=True)
-        c.reorder_cache(torch.tensor([1, 0]))
-        step = m(nxt, past_key_values=c, use_cache=True).logits[:, -1]
+        swapped = copy.deepcopy(c)                 # a copy (prompt reuse) acts on its own states
+        swapped.reorder_cache(torch.tensor([1, 0]))
+        step = m(nxt, past_key_values=swapped, use_cache=True).logits[:, -1]
         torch.testing.assert_close(step, m(torch.cat([ids[[1, 0]], nxt], 1)).logits[:, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(m(nxt, past_key_values=c, use_cache=True).logits[:, -1],
+                                   m(torch.cat([ids, nxt], 1)).logits[:, -1], atol=1e-5, rtol=1e-5)
 
         s = StaticCache(config=m.config, max_cache_len=32)
         m(ids, past_key_values=s, cache_position=torch.arange(10), use_cache=True)
