@@ -201,16 +201,14 @@ _GDN_CACHE_CLASSES = {}
 def _gdn_cache_class(base):
     """`base` (an HF Cache class) with reorder / select / repeat / reset applied to the GDN states
     too, and crop marking them unusable when it removes tokens (a recurrent state cannot be rewound)."""
-    if base in _GDN_CACHE_CLASSES or getattr(base, "_is_gdn_cache", False):
-        return _GDN_CACHE_CLASSES.get(base, base)
+    if base in _GDN_CACHE_CLASSES:
+        return _GDN_CACHE_CLASSES[base]
 
     def each(cache, fn):                                     # fn(tensor) -> tensor, applied to S and conv
         for i, (S, conv) in list(cache.gdn_state.items()):
             cache.gdn_state[i] = (fn(S), None if conv is None else fn(conv))
 
     class GDNCache(base):
-        _is_gdn_cache = True
-
         def reorder_cache(self, beam_idx):                   # in place: CUDA graphs stay valid
             super().reorder_cache(beam_idx)
             each(self, lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
