@@ -480,12 +480,10 @@ def parse_args(argv):
         # free run folders, and distill.py's own reading of --distill-args (it exits on a bad one).
         distill.text_files(args.distill_data)
         for stage, tokens in zip((1, 2), budgets):
-            out = f"{os.path.abspath(args.out)}-stage{stage}"
+            out, argv = chain_stage(args, stage, args.out, tokens or 1)
             if tokens and os.path.exists(out) and not args.overwrite:
                 p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
-        import shlex
-        distill.parse_args(["--student", args.out, "--stage", "1", "--tokens", "1", "--data", args.distill_data,
-                            "--out", args.out + "-stage1"] + shlex.split(args.distill_args))
+            distill.parse_args(argv)
     return args
 
 
@@ -768,18 +766,24 @@ def table_markdown(r):
     return "\n".join(lines) + "\n"
 
 
+def chain_stage(args, stage, student, tokens):
+    """The run folder of one stage of the chain (beside --out) and the distill.py arguments for it."""
+    import shlex
+    out = f"{os.path.abspath(args.out)}-stage{stage}"
+    argv = ["--student", student, "--stage", str(stage), "--tokens", str(tokens), "--data", args.distill_data,
+            "--out", out, "--seed", str(args.seed), "--device", args.device]
+    return out, argv + (["--overwrite"] if args.overwrite else []) + shlex.split(args.distill_args)
+
+
 def run_distill_chain(args):
     """teacher -> init (already in --out) -> Stage 1 -> Stage 2 -> evaluation: distill.py once per
     stage, each in its own run folder beside --out, each starting from the previous student."""
-    import shlex
     student = args.out
     for stage, tokens in zip((1, 2), args.distill_tokens):
         if not tokens:
             continue
-        out = f"{os.path.abspath(args.out)}-stage{stage}"
-        argv = ["--student", student, "--stage", str(stage), "--tokens", str(tokens), "--data", args.distill_data,
-                "--out", out, "--seed", str(args.seed), "--device", args.device]
-        code = distill.main(argv + (["--overwrite"] if args.overwrite else []) + shlex.split(args.distill_args))
+        out, argv = chain_stage(args, stage, student, tokens)
+        code = distill.main(argv)
         if code:
             return code
         student = out
@@ -883,8 +887,9 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout=0
     if L % SPLIT == 0 and L >= 16 * SPLIT:
         # P V is a product with a long inner dimension (L) and a tiny output (rep x Dv): done as one
         # matmul it can get only a handful of thread blocks per (batch, KV head), too few to stream
-        # the cache at full memory bandwidth. Cut L into blocks (flash-decoding's split): one small product per block, in
-        # parallel, then a sum over the blocks. (--bench makes its cache lengths multiples of SPLIT.)
+        # the cache at full memory bandwidth. Cut L into blocks (flash-decoding's split): one small
+        # product per block, in parallel, then a sum over the blocks. (--bench makes its cache
+        # lengths multiples of SPLIT.)
         S = L // SPLIT
         out = torch.matmul(p.view(B, Hkv, -1, S, SPLIT).transpose(2, 3), value.view(B, Hkv, S, SPLIT, -1)).sum(2)
     else:
@@ -936,8 +941,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
                 model(next_ids, **kw())
                 pos.add_(1)
         torch.cuda.current_stream().wait_stream(stream)
-        if profile:
-            profile = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1)))
+        kernels = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1))) if profile else None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             model(next_ids, **kw())
@@ -949,8 +953,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
             pos.add_(1)
         for _ in range(2):
             step()
-        if profile:
-            profile = kernel_profile(step) if cuda else None
+        kernels = kernel_profile(step) if profile and cuda else None
     times = []
     for _ in range(steps):
         if cuda:
@@ -964,7 +967,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], (profile or None)
+    return sorted(times)[len(times) // 2], kernels
 
 
 @torch.no_grad()
