@@ -225,8 +225,9 @@ def standard_gates(gdn, seed):
 
 def readout_raw(gdn, x):
     """The per-head recurrence output o = S_t^T q_t / sqrt(D) [N, L, H, D] (before norm and gate)."""
-    q, k, v, _ = gdn.qkv(x)
-    g, beta = gdn.gates(x)
+    z = gdn.project(x)
+    q, k, v, _ = gdn.qkv(z)
+    g, beta = gdn.gates(z)
     o, _ = chunk_gated_delta_rule(q, k, v, g, beta)
     return o.float()
 
@@ -301,7 +302,7 @@ def phase1(gdn, st, o):
         Wb.copy_(ridge_fit(X, logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
     else:
         raise ValueError(f"write_gate must be rescale or fit, not '{o['write_gate']}'")
-    beta_seen = gdn.gates(x)[1].mean((0, 1))                                   # what beta really is
+    beta_seen = gdn.gates(gdn.project(x))[1].mean((0, 1))                      # what beta really is
 
     # 3. value scale: least squares of the readout G against the teacher context T, per head.
     G = readout_raw(gdn, x)
@@ -339,7 +340,7 @@ def gate_search(gdn, x, T, o):
     between its readout G_h(t) and the teacher context T_h(t). Cosine, because the readout's
     RMSNorm removes the scale anyway. Heads are independent in GDN, so one run per grid point scores
     all heads at once. Returns (gamma [H], beta [H], what was seen)."""
-    q, k, v, _ = gdn.qkv(x)
+    q, k, v, _ = gdn.qkv(gdn.project(x))
     N, L, H, D = q.shape
     gammas = [float(s) for s in str(o["gamma_grid"]).split(",")]
     betas = [float(s) for s in str(o["beta_grid"]).split(",")]

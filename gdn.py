@@ -112,17 +112,27 @@ class GatedDeltaNet(nn.Module):
         self.conv.weight.zero_()
         self.conv.weight[:, 0, -1] = 1.0
 
-    def gates(self, x):
-        """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H] for inputs x [B, T, d]."""
-        g = -self.A_log.float().exp() * F.softplus(self.a_proj(x).float() + self.dt_bias.float())
-        return g, torch.sigmoid(self.b_proj(x).float())
+    def project(self, x):
+        """The six input projections W_q, W_k, W_v, W_a, W_b, W_g of x [B, T, d] as one matrix product
+        (their weights stacked), split back: pre-activations zq, zk, zv, za, zb, zg. One launch instead
+        of six matters when decoding, where each launch costs more than its arithmetic; under
+        `--bench --compile` the stacking is folded into a constant (inductor's freezing), otherwise
+        it is a copy of the weights per call."""
+        lins = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj)
+        z = F.linear(x, torch.cat([lin.weight for lin in lins]))
+        return z.split([lin.out_features for lin in lins], dim=-1)
 
-    def qkv(self, x, conv_state=None):
-        """SiLU(conv(W x)) for q, k, v, with q and k L2-normalised per head. conv_state [B, 3*inner,
-        conv_size-1] holds the inputs of the previous tokens (zeros at the start). Returns q, k, v
-        [B, T, H, D] and the new conv state."""
-        B, T, _ = x.shape
-        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+    def gates(self, z):
+        """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H], from project()'s za, zb."""
+        g = -self.A_log.float().exp() * F.softplus(z[3].float() + self.dt_bias.float())
+        return g, torch.sigmoid(z[4].float())
+
+    def qkv(self, z, conv_state=None):
+        """SiLU(conv(.)) of project()'s zq, zk, zv, with q and k L2-normalised per head. conv_state
+        [B, 3*inner, conv_size-1] holds the inputs of the previous tokens (zeros at the start).
+        Returns q, k, v [B, T, H, D] and the new conv state."""
+        B, T, _ = z[0].shape
+        qkv = torch.cat(z[:3], dim=-1)
         if self.conv_size > 0:
             qkv = qkv.transpose(1, 2)                                             # [B, C, T]
             if conv_state is None:
@@ -133,14 +143,14 @@ class GatedDeltaNet(nn.Module):
         q, k, v = F.silu(qkv).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
         return F.normalize(q, dim=-1), F.normalize(k, dim=-1), v, conv_state
 
-    def readout(self, o, x):
-        """W_o concat_h[RMSNorm(o_h) * w_norm * SiLU(W_g x)_h]: the per-head norm makes the output
-        scale independent of how much the state has accumulated; the gate lets each head switch off."""
-        B, T = x.shape[:2]
+    def readout(self, o, z):
+        """W_o concat_h[RMSNorm(o_h) * w_norm * SiLU(zg)_h]: the per-head norm makes the output scale
+        independent of how much the state has accumulated; the gate lets each head switch off."""
+        B, T = o.shape[:2]
         o = o.float()
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm.float()
-        gate = F.silu(self.g_proj(x)).view(B, T, self.num_heads, self.head_dim)
-        return self.o_proj((o.to(x.dtype) * gate).reshape(B, T, -1))
+        gate = F.silu(z[5]).view(B, T, self.num_heads, self.head_dim)
+        return self.o_proj((o.to(gate.dtype) * gate).reshape(B, T, -1))
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
                 cache=None, **kwargs):
@@ -156,8 +166,10 @@ class GatedDeltaNet(nn.Module):
             raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
                              "cannot be rewound, so decoding cannot continue from it (assisted or prompt-lookup "
                              "decoding does not work with a hybrid)")
-        q, k, v, conv_state = self.qkv(x if pad is None else x.masked_fill(pad[..., None], 0), conv0)
-        g, beta = self.gates(x)
+        # A pad's input is zeroed before the projections: k = v = 0 (it writes nothing) and a zero gate.
+        z = self.project(x if pad is None else x.masked_fill(pad[..., None], 0))
+        q, k, v, conv_state = self.qkv(z, conv0)
+        g, beta = self.gates(z)
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
             # Autocast runs F.normalize in fp32, so q and k would reach the kernel as fp32 next to a
             # bf16 v, and the kernel would take its fp32 path: no tensor cores, ~15x slower (measured
@@ -166,22 +178,21 @@ class GatedDeltaNet(nn.Module):
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if pad is not None:
             g = g.masked_fill(pad[..., None], 0.0)
-        if T == 1 and S0 is not None:                                          # decoding: one step
-            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0)
+        if T == 1 and S0 is not None:                   # decoding: one step, the state updated in place
+            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0, inplace=True)
             o = o[:, None]
         else:
             o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=S0, output_final_state=cache is not None)
         if cache is not None:
             if S0 is not None:                                                 # in place: graph-safe
-                S0.copy_(S)
-                S = S0
+                S = S0.copy_(S) if S is not S0 else S0
                 if conv0 is not None:
                     conv0.copy_(conv_state)
                     conv_state = conv0
             states[self.layer_idx] = (S, conv_state)
             stub = x.new_zeros(B, 1, T, 1)                                     # see the module docstring
             cache.update(stub, stub, self.layer_idx)
-        return self.readout(o, x), None
+        return self.readout(o, z), None
 
 
 def gdn_states(cache):

@@ -25,7 +25,8 @@ This file holds several ways to compute (1) over a sequence, all with the same s
     (a torch.autograd.Function), for CUDA tensors (or the CPU under TRITON_INTERPRET=1, for tests).
   * `chunk_gated_delta_rule`: the public entry point the model calls; it picks the Triton kernels
     for CUDA tensors and the PyTorch form otherwise (same signature, same results up to rounding).
-  * `gated_delta_rule_step`: one token with a carried state, for cached decoding.
+  * `gated_delta_rule_step`: one token with a carried state, for cached decoding: one small Triton
+    kernel on CUDA (`_step_kernel`), the three lines of (1) in PyTorch elsewhere.
 
 Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H];
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
@@ -69,16 +70,23 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     return o, (S if output_final_state else None)
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state, scale=None):
+def gated_delta_rule_step(q, k, v, g, beta, state, scale=None, inplace=False):
     """One token of (1) for decoding: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state
-    [B, H, Dk, Dv] (fp32). Returns (o [B, H, Dv], new state). Memory and time per token are constant:
-    that is the whole point of replacing the KV cache."""
+    [B, H, Dk, Dv] (fp32). Returns (o [B, H, Dv] fp32, new state). Memory and time per token are
+    constant: that is the whole point of replacing the KV cache. inplace=True writes the new state
+    into `state` and returns it (a captured CUDA graph keeps replaying against the same address).
+
+    On CUDA (without autograd) this is one Triton kernel, `_step_kernel`; the PyTorch lines below are
+    its reference and serve the CPU and training."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if _step_triton_usable(q, state):
+        return gated_delta_rule_step_triton(q, k, v, g, beta, state, scale, inplace)
     S = state * g.float()[..., None, None].exp()
     k, v, q = k.float(), v.float(), q.float()
     u = beta.float()[..., None] * (v - torch.einsum("bhkv,bhk->bhv", S, k))
     S = S + k[..., :, None] * u[..., None, :]
-    return torch.einsum("bhkv,bhk->bhv", S, q * scale), S
+    o = torch.einsum("bhkv,bhk->bhv", S, q * scale)
+    return (o, state.copy_(S)) if inplace else (o, S)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -668,6 +676,95 @@ def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, out
         warnings.warn(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} ({q.dtype}) exceed what the Triton "
                       f"kernel holds: using the (slower) PyTorch chunked form", stacklevel=2)
     return chunk_gated_delta_rule_torch(q, k, v, g, beta, scale, initial_state, output_final_state)
+
+
+# ==============================================================================================
+# The one-token step as a Triton kernel (cached decoding).
+#
+# A decoding step of a GDN layer does very little arithmetic: per head, two [Dk, Dv] matrix-vector
+# products and a rank-one update of a state that is 16 KB at D = 64. In PyTorch that is ~8 small
+# kernels (decay, two einsums, the update, casts), each costing more to launch than to run; a
+# decoding step of a small model is made of such launches (convert.py --bench --profile counts
+# them). Here it is one kernel.
+#
+# The columns of S are independent in (1): column j of S_t depends only on column j of S_{t-1},
+# on v_t[j], and on k_t, g_t, beta_t, which every column shares. So a program takes one
+# (batch, head) and a block of BV value columns, holds that [Dk, BV] slice of the state in
+# registers, and does forget / delta / write / read on it:
+#
+#     S  <- exp(g) S                      [Dk, BV]
+#     u   = beta (v - S^T k)              [BV]      (a sum down the Dk rows)
+#     S  <- S + k u^T                     [Dk, BV]
+#     o   = scale S^T q                   [BV]
+#
+# The new state is written over the old one (in place: a captured CUDA graph replays against a
+# fixed address). Nothing needs tensor cores: the products are matrix-vector, memory-bound on
+# reading and writing S once each.
+# ==============================================================================================
+
+STEP_BV = 16     # value columns per program: B*H*Dv/16 programs (288 at B = 8, H = 9, Dv = 64), enough
+                 # to spread one state read and write over the GPU's memory channels
+
+if triton is not None:
+
+    @triton.jit
+    def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, H,
+                     sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
+                     DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // H, bh % H
+        rk = tl.arange(0, BK)
+        rv = tl.program_id(1) * BV + tl.arange(0, BV)
+        mk, mv = rk < DK, rv < DV
+        # q, k, v may be strided views of one projection (last dim contiguous); g, beta, S, o are
+        # contiguous.
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + rk, mask=mk, other=0.0).to(tl.float32)
+        k = tl.load(k_ptr + b * sk_b + h * sk_h + rk, mask=mk, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + b * sv_b + h * sv_h + rv, mask=mv, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + bh).to(tl.float32)
+        beta = tl.load(beta_ptr + bh).to(tl.float32)
+        s_ptrs = s_ptr + bh * DK * DV + rk[:, None] * DV + rv[None, :]
+        smask = mk[:, None] & mv[None, :]
+        S = tl.load(s_ptrs, mask=smask, other=0.0) * tl.exp(g)               # forget
+        u = beta * (v - tl.sum(S * k[:, None], axis=0))                       # delta
+        S = S + k[:, None] * u[None, :]                                       # write
+        tl.store(s_ptrs, S, mask=smask)
+        o = tl.sum(S * q[:, None], axis=0) * scale                            # read
+        tl.store(o_ptr + bh * DV + rv, o, mask=mv)
+
+
+def _step_triton_usable(q, state):
+    """The step kernel serves CUDA tensors without autograd, fp32 contiguous states (the cache's) and
+    head dims up to 256 (Gemma 3's); anything else takes the PyTorch lines."""
+    return (triton is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+            and not torch.is_grad_enabled() and state.dtype == torch.float32 and state.is_contiguous()
+            and max(state.shape[-2:]) <= 256)
+
+
+def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=False):
+    """`_step_kernel` behind the signature of gated_delta_rule_step (no autograd). Works on CUDA
+    tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    if triton is None:
+        raise RuntimeError("gated_delta_rule_step_triton needs triton; use gated_delta_rule_step")
+    B, H, DK = q.shape
+    DV = v.shape[-1]
+    if k.shape != q.shape or v.shape[:2] != (B, H) or g.shape != (B, H) or beta.shape != (B, H) \
+            or state.shape != (B, H, DK, DV):
+        raise ValueError(f"step shapes: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv]; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+                         f"beta {tuple(beta.shape)}, state {tuple(state.shape)}")
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("the step kernel keeps the state in fp32 and contiguous")
+    scale = DK ** -0.5 if scale is None else float(scale)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    g, beta = g.float().contiguous(), beta.float().contiguous()
+    out = state if inplace else state.clone()
+    o = q.new_empty(B, H, DV, dtype=torch.float32)
+    BV = min(STEP_BV, _p2(DV))
+    _step_kernel[(B * H, triton.cdiv(DV, BV))](q, k, v, g, beta, out, o, scale, H, q.stride(0), q.stride(1),
+                                               k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                                               DK, DV, _p2(DK), BV, num_warps=4)
+    return o, out
 
 
 # ==============================================================================================

@@ -188,6 +188,47 @@ def test_step_matches_recurrence():
     assert rel(torch.stack(outs, 1), o_ref) < 1e-5 and rel(S, S_ref) < 1e-5
 
 
+@needs_triton
+@pytest.mark.parametrize("DK,DV", [(16, 16), (48, 20), (64, 64)])
+def test_step_kernel_matches_torch(DK, DV):
+    """The Triton step against the PyTorch step over several tokens, with q, k, v as strided views
+    of one projection (as gdn.py passes them) and the state updated in place."""
+    B, H, T = 3, 2, 5
+    gen = torch.Generator().manual_seed(5)
+    proj = torch.randn(B, T, H, 2 * DK + DV + 3, generator=gen)          # padding: not contiguous per head
+    q, k, v = proj[..., :DK], proj[..., DK:2 * DK], proj[..., 2 * DK:2 * DK + DV]
+    q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
+    g = -torch.rand(B, T, H, generator=gen)
+    beta = torch.rand(B, T, H, generator=gen)
+    S = torch.randn(B, H, DK, DV, generator=gen)
+    S_ref, S_tri = S.clone(), S.clone()
+    address = S_tri.data_ptr()
+    with torch.no_grad():
+        for t in range(T):
+            o_ref, S_ref = gk.gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S_ref)
+            o, S_tri = gk.gated_delta_rule_step_triton(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S_tri,
+                                                       inplace=True)
+            assert rel(o, o_ref) < TOL_FP32
+    assert rel(S_tri, S_ref) < TOL_FP32 and S_tri.data_ptr() == address
+    o2, S2 = gk.gated_delta_rule_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S_tri)
+    assert S2.data_ptr() != address and not torch.equal(S2, S_tri)       # not in place unless asked
+
+
+def test_step_inplace_torch():
+    q, k, v, g, beta, h0 = inputs(2, 1, 3, 8, 4, device="cpu", seed=3)
+    S = h0.clone()
+    o, S_new = gk.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S, inplace=True)
+    o_ref, S_ref = gk.gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0)
+    assert S_new is S and torch.equal(S, S_ref) and torch.equal(o, o_ref)
+
+
+@needs_triton
+def test_step_kernel_bad_shapes():
+    q, k, v, g, beta, h0 = inputs(2, 1, 3, 8, 4, device="cpu")
+    with pytest.raises(ValueError, match="step shapes"):
+        gk.gated_delta_rule_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0[:, :2])
+
+
 def test_dispatcher_cpu_is_torch_form():
     xs = inputs(1, 70, 2, 16, 16, device="cpu", seed=4)
     o1, S1 = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
