@@ -36,6 +36,12 @@ import time
 
 import torch
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                      # CPU-only installs: decoding attention stays in PyTorch
+    triton = None
+
 import distill
 from calibrate import INITS, PRESETS, layerwise, parse_opts
 from gdn import SUPPORTED, hybridize, stack_projections
@@ -456,8 +462,9 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
     p.add_argument("--profile", action="store_true",
                    help="--bench: also record the CUDA kernels of one (uncaptured) decoding step per cell")
-    p.add_argument("--decode-attention", default="grouped", choices=["grouped", "sdpa"],
-                   help="--bench: attention of the kept layers when decoding (grouped: reads the KV cache once)")
+    p.add_argument("--decode-attention", default="flash", choices=["flash", "grouped", "sdpa"],
+                   help="--bench: attention of every softmax layer when decoding (flash: one Triton kernel on CUDA, "
+                        "grouped in PyTorch elsewhere; grouped: PyTorch, reads the KV cache once; sdpa: HF's)")
     d = p.add_argument_group("distillation after conversion (distill.py), optional")
     d.add_argument("--distill-tokens", help="token budgets 'STAGE1,STAGE2' (e.g. 10M,30M; 0 skips a stage): runs "
                                             "Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2")
@@ -872,7 +879,7 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout=0
     rep heads become the rows of one small matrix product against their shared K (and V), so the
     cache is streamed once; HF's masked SDPA path may instead copy K and V rep times, and a masked
     single-query kernel parallelises poorly over a long cache. Prompts (more than one query) go to
-    HF's SDPA unchanged. Registered as attention implementation "grouped_decode" by --bench."""
+    HF's SDPA unchanged. Attention implementation "grouped_decode" of --bench (use_decode_attention)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -900,13 +907,102 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout=0
 SPLIT = 256     # grouped_query_attention: cache positions per block of the split P V product
 
 
-def use_grouped_decode(model):
-    """Switch `model` (teacher or hybrid) to grouped_query_attention, masks built as for SDPA."""
+# Flash-decoding: the same single-query attention as grouped_query_attention, as one Triton kernel
+# that reads every cached key and value once and never writes the scores. The PyTorch form makes
+# five passes over a [B, H, L] score tensor besides its two products (mask, max, sum, softmax, the
+# split sum): at 32k context and batch 8 they cost a quarter of a layer's step (measured on an H100
+# with --profile). Here each program takes one (batch, KV head) and one split of the cache, keeps
+# the rep query heads of that KV head as the rows of one small matrix, and runs the online softmax
+# over its split, block by block:
+#
+#     s = q K_blk^T * scale            (masked positions: excluded)
+#     m' = max(m, max_j s_j);  p = exp(s - m');  l = l e^(m - m') + sum_j p_j;  acc = acc e^(m - m') + p V_blk
+#
+# Splits run in parallel (a 32k cache at batch 1 would otherwise keep 3 programs busy on a GPU of
+# 132 SMs); their partial (acc, m, l) are merged afterwards: o = sum_s e^(m_s - M) acc_s / sum_s
+# e^(m_s - M) l_s, M = max_s m_s.
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, acc_ptr, m_ptr, l_ptr, scale, L, per_split,
+                                 HKV, NS, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
+                                 REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                                 BL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr):
+        bh, split = tl.program_id(0), tl.program_id(1)
+        b, hk = bh // HKV, bh % HKV
+        r, d = tl.arange(0, RP), tl.arange(0, BD)
+        live_r, live_d = r < REP, d < D
+        q = tl.load(q_ptr + b * sq_b + (hk * REP + r[:, None]) * sq_h + d[None, :],
+                    mask=live_r[:, None] & live_d[None, :], other=0.0)
+        m = tl.full([RP], -1e30, tl.float32)          # finite: a split with every position masked stays 0
+        l = tl.zeros([RP], tl.float32)
+        acc = tl.zeros([RP, BD], tl.float32)
+        for start in range(split * per_split, (split + 1) * per_split, BL):
+            j = start + tl.arange(0, BL)
+            live = j < L
+            if HAS_MASK:
+                live = live & (tl.load(keep_ptr + b * L + j, mask=live, other=0) != 0)
+            kv = live[:, None] & live_d[None, :]
+            K = tl.load(k_ptr + b * sk_b + hk * sk_h + j[:, None] * sk_l + d[None, :], mask=kv, other=0.0)
+            s = tl.dot(q, tl.trans(K), input_precision=PREC) * scale                  # [RP, BL]
+            s = tl.where(live[None, :], s, -1e30)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            alpha = tl.exp(m - m_new)
+            V = tl.load(v_ptr + b * sv_b + hk * sv_h + j[:, None] * sv_l + d[None, :], mask=kv, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype), V, input_precision=PREC)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
+        row = (bh * NS + split) * REP + r
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=live_r[:, None] & live_d[None, :])
+        tl.store(m_ptr + row, m, mask=live_r)
+        tl.store(l_ptr + row, l, mask=live_r)
+
+
+def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """Attention implementation "flash_decode" of --bench: one decoding query through
+    _decode_attention_kernel on CUDA (or the CPU under TRITON_INTERPRET=1, for tests); prompts, and
+    anything else, through grouped_query_attention."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if query.shape[2] != 1 or triton is None or not (query.is_cuda or interpret):
+        return grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    B, H, _, D = query.shape
+    Hkv, L = key.shape[1], key.shape[2]
+    rep = H // Hkv
+    keep = None
+    if attention_mask is not None:                       # [B, 1, 1, L]: bool (True = attend) or additive
+        keep = attention_mask[:, 0, -1, :L]
+        keep = (keep if keep.dtype == torch.bool else keep == 0).contiguous()
+    BL = 64
+    # Enough splits for ~4 programs per SM; each split a whole number of BL blocks.
+    sms = torch.cuda.get_device_properties(query.device).multi_processor_count if query.is_cuda else 8
+    ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
+    per_split = -(-L // (ns * BL)) * BL
+    ns = -(-L // per_split)
+    acc = query.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
+    m = query.new_empty(B, Hkv, ns, rep, dtype=torch.float32)
+    l = torch.empty_like(m)
+    q = query[:, :, 0]                                                          # [B, H, D]
+    _decode_attention_kernel[(B * Hkv, ns)](
+        q, key, value, keep if keep is not None else q, acc, m, l, scaling, L, per_split, Hkv, ns,
+        q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
+        value.stride(0), value.stride(1), value.stride(2), rep, max(16, triton.next_power_of_2(rep)), D,
+        max(16, triton.next_power_of_2(D)), BL, keep is not None,
+        "ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+    w = torch.exp(m - m.amax(2, keepdim=True))                                  # merge the splits
+    out = (acc * w[..., None]).sum(2) / (l * w).sum(2)[..., None]               # [B, Hkv, rep, D]
+    return out.to(query.dtype).reshape(B, 1, H, D), None
+
+
+def use_decode_attention(model, name):
+    """Switch `model` (teacher or hybrid) to a decoding attention of --bench: "grouped"
+    (grouped_query_attention) or "flash" (flash_decode_attention); masks built as for SDPA."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    AttentionInterface.register("grouped_decode", grouped_query_attention)
-    AttentionMaskInterface.register("grouped_decode", sdpa_mask)
-    model.config._attn_implementation = "grouped_decode"
+    fn = {"grouped": grouped_query_attention, "flash": flash_decode_attention}[name]
+    AttentionInterface.register(f"{name}_decode", fn)
+    AttentionMaskInterface.register(f"{name}_decode", sdpa_mask)
+    model.config._attn_implementation = f"{name}_decode"
     return model
 
 
@@ -1023,9 +1119,9 @@ def run_bench(args):
     for keep in keeps:
         student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
         models.append((f"hybrid keep {fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
-    if args.decode_attention == "grouped":
+    if args.decode_attention != "sdpa":
         for _, model in models:
-            use_grouped_decode(model)
+            use_decode_attention(model, args.decode_attention)
     bw = copy_bandwidth(args.device)
     rows, fits = [], {}
     for _, model in models:               # one model on the device at a time: its peak memory is its own

@@ -141,10 +141,12 @@ def test_real_teacher_perplexity_is_sane_and_naive_is_worse():
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_grouped_decode_attention_equals_sdpa(family):
-    """--bench decodes the kept layers with grouped_query_attention: same logits as HF's SDPA."""
+@pytest.mark.parametrize("name", ["grouped", "flash"])
+def test_decode_attention_equals_sdpa(family, name):
+    """--bench decodes the softmax layers with grouped_query_attention or flash_decode_attention (the
+    Triton kernel on CUDA or under TRITON_INTERPRET=1, else grouped): same logits as HF's SDPA."""
     from transformers import StaticCache
-    from convert import use_grouped_decode
+    from convert import use_decode_attention
     from gdn import hybridize
     model = hybridize(tiny_model(family), [1, 3])
     ids = torch.randint(0, 128, (2, 23))
@@ -157,7 +159,7 @@ def test_grouped_decode_attention_equals_sdpa(family):
                                     use_cache=True).logits)
         return torch.cat(logits, 1)
     ref = decode()
-    use_grouped_decode(model)
+    use_decode_attention(model, name)
     torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -172,6 +174,29 @@ def test_grouped_decode_split_matches_plain_attention(L):
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                                            attn_mask=mask, scale=0.25)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before Python starts)")
+@pytest.mark.parametrize("B, H, Hkv, L, D", [(2, 6, 2, 300, 16), (1, 9, 3, 1000, 64), (3, 4, 4, 70, 24)])
+def test_flash_decode_matches_plain_attention(B, H, Hkv, L, D):
+    """The flash-decoding kernel: masked softmax(q K^T) V over several splits (and a split whose every
+    position is masked), with q, K, V strided as HF hands them."""
+    from convert import flash_decode_attention
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    q = torch.randn(B, 1, H, D, device=dev).transpose(1, 2)                    # [B, H, 1, D], strided
+    k, v = (torch.randn(B, L, Hkv, D, device=dev).transpose(1, 2) for _ in range(2))
+    mask = torch.rand(B, 1, 1, L, device=dev) > 0.3
+    mask[..., 64:192] = False
+    out, _ = flash_decode_attention(None, q, k, v, mask, scaling=D ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask, scale=D ** -0.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
+    out, _ = flash_decode_attention(None, q, k, v, None, scaling=D ** -0.5)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), scale=D ** -0.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
 
 
 def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
