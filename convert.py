@@ -944,7 +944,8 @@ if triton is not None:
                 live = live & (tl.load(keep_ptr + b * L + j, mask=live, other=0) != 0)
             kv = live[:, None] & live_d[None, :]
             K = tl.load(k_ptr + b * sk_b + hk * sk_h + j[:, None] * sk_l + d[None, :], mask=kv, other=0.0)
-            s = tl.dot(q, tl.trans(K), input_precision=PREC) * scale                  # [RP, BL]
+            # (cast: torch.compile hands a Python float over as fp64, which would make m fp64)
+            s = (tl.dot(q, tl.trans(K), input_precision=PREC) * scale).to(tl.float32)    # [RP, BL]
             s = tl.where(live[None, :], s, -1e30)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)

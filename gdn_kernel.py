@@ -732,7 +732,7 @@ if triton is not None:
         u = beta * (v - tl.sum(S * k[:, None], axis=0))                       # delta
         S = S + k[:, None] * u[None, :]                                       # write
         tl.store(s_ptrs, S, mask=smask)
-        o = tl.sum(S * q[:, None], axis=0) * scale                            # read
+        o = (tl.sum(S * q[:, None], axis=0) * scale).to(tl.float32)          # read
         tl.store(o_ptr + bh * DV + rv, o, mask=mv)
 
 
