@@ -1022,11 +1022,13 @@ def kernel_profile(step):
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
-    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound.
+    (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
+    inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
+    counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
     profile: also return kernel_profile of one uncaptured step (else None)."""
     B = next_ids.shape[0]
     if compile_step:
-        model = torch.compile(model, dynamic=False)
+        model = torch.compile(model, dynamic=False, options={"combo_kernels": True})
     kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
     cuda = next_ids.is_cuda
