@@ -553,7 +553,11 @@ if triton is not None:
 
 
 def _p2(x):
-    return max(16, 1 << (int(x) - 1).bit_length())
+    """Tile size for a head dim: a power of two, at least 32. 16 would do for tl.dot, but Triton 3.6
+    on an H100 miscompiled the bf16 [64, 64] x [64, 16] products of _prepare_kernel (compute-sanitizer:
+    out-of-range shared-memory addresses; an illegal memory access later), so head dims below 32 are
+    padded (masked) to 32."""
+    return max(32, 1 << (int(x) - 1).bit_length())
 
 
 def _launch_meta(q, v):
