@@ -808,9 +808,13 @@ def run_distill_chain(args):
 #     ------------------------------------------------------------------------------------
 #                      memory bandwidth (measured on the card: a large copy)
 # and a hybrid keeping 1/4 of the layers reads about 1/4 of the teacher's cache. Small models are
-# far from that bound when every step is a Python loop over ~300 kernel launches, so on a GPU a
-# step is captured once as a CUDA graph and replayed (KV in HF's StaticCache, GDN states updated in
-# place, so every address the graph saw stays valid).
+# far from that bound when every step is a Python loop over hundreds of kernel launches, so on a
+# GPU a step is captured once as a CUDA graph and replayed (KV in HF's StaticCache, GDN states
+# updated in place, so every address the graph saw stays valid), and every model in the comparison
+# gets the same decoding kernels: flash-decoding attention below for each softmax layer; for each
+# GDN layer its one-token Triton step (gdn_kernel.py) and one stacked input projection
+# (gdn.stack_projections). What is left between a step and its bound is the number of launches
+# (--profile counts them; the README's results discuss it).
 # ----------------------------------------------------------------------------------------------
 
 def parse_sizes(text, name):
@@ -1163,17 +1167,20 @@ def bench_markdown(r):
              f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
-             "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | cache MiB | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "
+             "| bytes/step MB | cache MiB | peak MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         if "error" in x:
-            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['error']} | | | | | |")
+            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['error']} | | | | | | | |")
             continue
-        bound = f"{x['bound_step_s'] * 1e3:.3f}" if x.get("bound_step_s") else "-"
+        bound = f"{x['bound_step_s'] * 1e3:.3f} | {x['decode_step_s'] / x['bound_step_s']:.2f}x" \
+            if x.get("bound_step_s") else "- | -"
         peak = f"{x['peak_memory_bytes'] / 2**20:.0f}" if x.get("peak_memory_bytes") else "-"
         lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['prefill_s'] * 1e3:.1f} | "
                      f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
-                     f"{x['cache_bytes'] / 2**20:.1f} | {peak} |")
+                     f"{x['bytes_per_step'] / 1e6:.0f} | {x['cache_bytes'] / 2**20:.1f} | {peak} |")
+    lines += bench_comparison(r["rows"])
     prof = [x for x in r["rows"] if "decode_kernels" in x]
     if prof:
         lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "
@@ -1184,6 +1191,36 @@ def bench_markdown(r):
             top = "; ".join(f"{n} {ms:.3f} ({c})" for n, (ms, c) in list(k["top_ms"].items())[:3])
             lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {k['kernels']} | {k['gpu_ms']:.3f} | {top} |")
     return "\n".join(lines) + "\n"
+
+
+def bench_comparison(rows):
+    """Markdown lines: each hybrid against the teacher measured in the same run (speed-ups are teacher
+    time / hybrid time), and per batch the prefill crossover: the smallest measured context from
+    which the hybrid's prefill is faster at every larger measured context."""
+    ok = [x for x in rows if "error" not in x]
+    teacher = {(x["batch"], x["context"]): x for x in ok if x["model"] == "teacher"}
+    pairs = [(x, teacher[x["batch"], x["context"]]) for x in ok
+             if x["model"] != "teacher" and (x["batch"], x["context"]) in teacher]
+    if not pairs:
+        return []
+    lines = ["", "Each hybrid against the teacher (teacher / hybrid; bound ratio: the teacher's bytes per step over "
+             "the hybrid's, the most a decode speed-up could be).", "",
+             "| model | batch | context | decode speed-up | bound ratio | prefill speed-up | cache vs teacher |",
+             "|---|---|---|---|---|---|---|"]
+    for x, t in pairs:
+        lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {t['decode_step_s'] / x['decode_step_s']:.2f}x | "
+                     f"{t['bytes_per_step'] / x['bytes_per_step']:.2f}x | {t['prefill_s'] / x['prefill_s']:.2f}x | "
+                     f"{x['cache_bytes'] / t['cache_bytes']:.1%} |")
+    lines.append("")
+    for model, batch in dict.fromkeys((x["model"], x["batch"]) for x, _ in pairs):
+        faster = [(x["context"], t["prefill_s"] > x["prefill_s"]) for x, t in pairs
+                  if (x["model"], x["batch"]) == (model, batch)]
+        if len(faster) < 2:
+            continue
+        cross = next((c for i, (c, _) in enumerate(faster) if all(f for _, f in faster[i:])), None)
+        lines.append(f"Prefill crossover, {model}, batch {batch}: " + (
+            f"faster from {cross} tokens on." if cross is not None else "not faster at the longest context measured."))
+    return lines
 
 
 def main(argv=None):

@@ -212,6 +212,21 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     assert (tmp_path / "bench.md").exists()
 
 
+def test_bench_comparison_and_crossover():
+    """Speed-ups are teacher / hybrid from the same run; the crossover is the first context from which
+    the hybrid's prefill stays faster (a faster short context followed by a slower one does not count)."""
+    from convert import bench_comparison
+    rows = []
+    for ctx, t_pre, h_pre in [(1024, 2.0, 1.0), (4096, 1.0, 2.0), (16384, 4.0, 3.0), (32768, 8.0, 5.0)]:
+        rows.append(dict(model="teacher", batch=1, context=ctx, prefill_s=t_pre, decode_step_s=0.004,
+                         bytes_per_step=300e6, cache_bytes=100))
+        rows.append(dict(model="hybrid keep 1/4", batch=1, context=ctx, prefill_s=h_pre, decode_step_s=0.002,
+                         bytes_per_step=100e6, cache_bytes=25))
+    md = "\n".join(bench_comparison(rows))
+    assert "| hybrid keep 1/4 | 1 | 32768 | 2.00x | 3.00x | 1.60x | 25.0% |" in md
+    assert "faster from 16384 tokens on" in md
+
+
 @pytest.mark.parametrize("flag, value", [("--contexts", "1x,4k"), ("--batches", "0"), ("--contexts", ""),
                                          ("--decode-steps", "0")])
 def test_bench_bad_sizes(flag, value, tmp_path, capsys):
