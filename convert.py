@@ -974,6 +974,7 @@ def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.
     B, H, _, D = query.shape
     Hkv, L = key.shape[1], key.shape[2]
     rep = H // Hkv
+    scaling = D ** -0.5 if scaling is None else scaling
     keep = None
     if attention_mask is not None:                       # [B, 1, 1, L]: bool (True = attend) or additive
         keep = attention_mask[:, 0, -1, :L]

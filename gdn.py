@@ -127,13 +127,14 @@ class GatedDeltaNet(nn.Module):
         [B, T, H]}. One launch instead of six matters when decoding, where a launch costs more than
         its arithmetic. The stacking is a copy of the weights per call, unless stack_projections()
         made the six weights views into one stored matrix (and nothing has since given them new
-        storage)."""
+        storage). With autograd on, it always stacks per call: gradients reach the six weights only
+        through the stacking."""
         lins = self.inputs()
         w = getattr(self, "stacked", None)
         if w is not None and not torch.compiler.is_compiling() and any(
                 lin.weight.untyped_storage().data_ptr() != w.untyped_storage().data_ptr() for lin in lins.values()):
             w = self.stacked = None                   # .to(), a deep copy, ...: the views are gone
-        if w is None:
+        if w is None or torch.is_grad_enabled():
             w = torch.cat([lin.weight for lin in lins.values()])
         z = F.linear(x, w)                            # rows: q, k, v, g (inner each), a, b (H each)
         i, H = 3 * self.num_heads * self.head_dim, self.num_heads

@@ -135,6 +135,8 @@ def test_stacked_projections_share_the_weights(tmp_path):
     save_hybrid(model, None, tmp_path / "h")
     with torch.no_grad():
         torch.testing.assert_close(load_hybrid(tmp_path / "h")(ids).logits, edited, rtol=1e-5, atol=1e-5)
+    model(ids).logits.sum().backward()                                # training still reaches the weights
+    assert all(lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0 for lin in gdn.inputs().values())
 
 
 def hybridize_reference(model, ids):
