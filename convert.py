@@ -1212,16 +1212,16 @@ def bench_comparison(rows):
         lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {t['decode_step_s'] / x['decode_step_s']:.2f}x | "
                      f"{t['bytes_per_step'] / x['bytes_per_step']:.2f}x | {t['prefill_s'] / x['prefill_s']:.2f}x | "
                      f"{x['cache_bytes'] / t['cache_bytes']:.1%} |")
-    lines.append("")
+    crossovers = []
     for model, batch in dict.fromkeys((x["model"], x["batch"]) for x, _ in pairs):
         faster = [(x["context"], t["prefill_s"] > x["prefill_s"]) for x, t in pairs
                   if (x["model"], x["batch"]) == (model, batch)]
         if len(faster) < 2:
             continue
         cross = next((c for i, (c, _) in enumerate(faster) if all(f for _, f in faster[i:])), None)
-        lines.append(f"Prefill crossover, {model}, batch {batch}: " + (
+        crossovers.append(f"Prefill crossover, {model}, batch {batch}: " + (
             f"faster from {cross} tokens on." if cross is not None else "not faster at the longest context measured."))
-    return lines
+    return lines + ([""] + crossovers if crossovers else [])
 
 
 def main(argv=None):

@@ -673,11 +673,17 @@ def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale=None, initial_state=No
     return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, h0, bool(output_final_state))
 
 
+def _compiled_triton_for(x):
+    """True where the dispatchers send x to a Triton kernel: Triton installed, x on CUDA, and not
+    the interpreter (the tests call the Triton paths directly)."""
+    return triton is not None and x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
+
+
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
     """The entry point gdn.py calls: same math and signature on every device.  CUDA tensors with
     Triton installed go to the Triton kernels; anything else (CPU, no Triton, head dims the kernel
     does not hold) to the PyTorch chunked form."""
-    if triton is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
+    if _compiled_triton_for(q):
         if _triton_usable(q, k, v):
             return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
         warnings.warn(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} ({q.dtype}) exceed what the Triton "
@@ -743,9 +749,8 @@ if triton is not None:
 def _step_triton_usable(q, state):
     """The step kernel serves CUDA tensors without autograd, fp32 contiguous states (the cache's) and
     head dims up to 256 (Gemma 3's); anything else takes the PyTorch lines."""
-    return (triton is not None and q.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1"
-            and not torch.is_grad_enabled() and state.dtype == torch.float32 and state.is_contiguous()
-            and max(state.shape[-2:]) <= 256)
+    return (_compiled_triton_for(q) and not torch.is_grad_enabled() and state.dtype == torch.float32
+            and state.is_contiguous() and max(state.shape[-2:]) <= 256)
 
 
 def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=False):
