@@ -60,7 +60,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gdn_kernel import chunk_gated_delta_rule, gated_delta_rule_step
+from gdn_kernel import chunk_gated_delta_rule, gated_delta_rule_step, gdn_layer_step, gdn_layer_step_usable
 
 log = logging.getLogger("gdn")
 
@@ -124,11 +124,11 @@ class GatedDeltaNet(nn.Module):
     def project(self, x):
         """The six input projections of x [B, T, d] as one matrix product with their weights stacked,
         split back into pre-activations {"qkv": [B, T, 3*inner], "g": [B, T, inner], "a", "b":
-        [B, T, H]}. One launch instead of six matters when decoding, where a launch costs more than
-        its arithmetic. The stacking is a copy of the weights per call, unless stack_projections()
-        made the six weights views into one stored matrix (and nothing has since given them new
-        storage). With autograd on, it always stacks per call: gradients reach the six weights only
-        through the stacking."""
+        [B, T, H]}, and "all": the whole product (what gdn_layer_step reads). One launch instead of
+        six matters when decoding, where a launch costs more than its arithmetic. The stacking is a
+        copy of the weights per call, unless stack_projections() made the six weights views into one
+        stored matrix (and nothing has since given them new storage). With autograd on, it always
+        stacks per call: gradients reach the six weights only through the stacking."""
         lins = self.inputs()
         w = getattr(self, "stacked", None)
         if w is not None and not torch.compiler.is_compiling() and any(
@@ -139,7 +139,7 @@ class GatedDeltaNet(nn.Module):
         z = F.linear(x, w)                            # rows: q, k, v, g (inner each), a, b (H each)
         i, H = 3 * self.num_heads * self.head_dim, self.num_heads
         j = i + self.num_heads * self.head_dim        # (a stored stack ends in zero rows: not read)
-        return {"qkv": z[..., :i], "g": z[..., i:j], "a": z[..., j:j + H], "b": z[..., j + H:j + 2 * H]}
+        return {"qkv": z[..., :i], "g": z[..., i:j], "a": z[..., j:j + H], "b": z[..., j + H:j + 2 * H], "all": z}
 
     def gates(self, z):
         """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H], from project()'s z."""
@@ -188,6 +188,14 @@ class GatedDeltaNet(nn.Module):
                              "decoding does not work with a hybrid)")
         # A pad's input is zeroed before the projections: k = v = 0 (it writes nothing) and a zero gate.
         z = self.project(x if pad is None else x.masked_fill(pad[..., None], 0))
+        if T == 1 and S0 is not None and pad is None and gdn_layer_step_usable(x, S0) \
+                and (self.conv_size == 0 or conv0 is not None):
+            # Decoding on a GPU: everything between the two projections is one kernel, which
+            # updates the state and the conv state in place.
+            y = gdn_layer_step(z["all"][:, 0], S0, conv0, self.conv.weight if self.conv_size else None,
+                               self.A_log, self.dt_bias, self.o_norm, self.norm_eps)
+            self._placeholder(cache, x)
+            return self.o_proj(y[:, None]), None
         q, k, v, conv_state = self.qkv(z, conv0)
         g, beta = self.gates(z)
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -210,9 +218,13 @@ class GatedDeltaNet(nn.Module):
                     conv0.copy_(conv_state)
                     conv_state = conv0
             states[self.layer_idx] = (S, conv_state)
-            stub = x.new_zeros(B, 1, T, 1)                                     # see the module docstring
-            cache.update(stub, stub, self.layer_idx)
+            self._placeholder(cache, x)
         return self.readout(o, z), None
+
+    def _placeholder(self, cache, x):
+        """One number per token in the cache's key/value slots of this layer (see the module docstring)."""
+        stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+        cache.update(stub, stub, self.layer_idx)
 
 
 def stack_projections(model):
@@ -231,7 +243,7 @@ def stack_projections(model):
         for lin in lins:
             lin.weight.data = w[i:i + lin.out_features]
             i += lin.out_features
-        m.stacked = w
+        m.register_buffer("stacked", w, persistent=False)      # a buffer: .to() takes it along
     return model
 
 

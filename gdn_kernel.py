@@ -780,6 +780,117 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 
 
 # ==============================================================================================
+# A whole GDN layer's decoding step, between its two projections, as one kernel.
+#
+# gdn.py's layer does more than (1) per token: a short causal conv and SiLU on q, k, v, an L2 norm
+# of q and k, the two gates from their pre-activations, and after the step a per-head RMSNorm of o
+# times SiLU of the output gate. In a decoding step each of those is a launch of its own (inductor
+# fuses some: 5 kernels a layer besides the step, measured on an H100 with --bench --profile), and
+# at ~1.5 us a launch for a few KB of work they cost more than the step itself. Every one of them
+# is per (batch, head), like the step, so it all fits in one program per (batch, head):
+#
+#     x_c   = sum_j w_c[j] window_c[j]              window = the last W inputs of channel c (conv
+#                                                   state, then this token's), shifted in place
+#     q, k, v = SiLU(x) ;  q, k <- q/||q||, k/||k||
+#     g     = -exp(A_log) softplus(a + dt_bias) ;  beta = sigmoid(b)
+#     S, o  = the step of (1) on the whole [D, D] state
+#     y     = o / rms(o) * w_norm * SiLU(z_gate)
+#
+# The program holds the whole state of its head (the per-head RMSNorm needs every column of o),
+# so there are B*H programs instead of _step_kernel's B*H*D/16: fewer, but each one still only
+# reads and writes its 16 KB (D = 64) once. Its input is the stacked projection z of
+# GatedDeltaNet.project, one row per sequence, in the order q, k, v, g (H*D columns each), a, b (H
+# each); its output is what the layer's output projection multiplies.
+# ==============================================================================================
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_silu(z, conv, cw_ptr, c, mask, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr):
+        """SiLU(causal conv) of channels c for this token; the conv state (the previous W-1 inputs,
+        one column each) moves one token on, in place. W = 0: no conv."""
+        x = tl.load(z + c, mask=mask, other=0.0)
+        out = x.to(tl.float32)
+        if W > 0:
+            j = tl.arange(0, WP)
+            live = mask[:, None] & (j < W - 1)[None, :]
+            prev = tl.load(conv + c[:, None] * sc_c + j[None, :] * sc_t, mask=live, other=0.0)     # [BD, WP]
+            w = tl.load(cw_ptr + c[:, None] * W + j[None, :], mask=live, other=0.0).to(tl.float32)
+            out = out * tl.load(cw_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32) \
+                + tl.sum(prev.to(tl.float32) * w, axis=1)
+            # Every thread holding a copy of an element must have read the old state before any
+            # overwrites it: columns 1..W-2 move one to the left, this token goes last.
+            tl.debug_barrier()
+            tl.store(conv + c[:, None] * sc_c + (j[None, :] - 1) * sc_t, prev, mask=live & (j >= 1)[None, :])
+            tl.store(conv + c * sc_c + (W - 2) * sc_t, x, mask=mask)
+        return out * tl.sigmoid(out)
+
+    @triton.jit
+    def _layer_step_kernel(z_ptr, conv_ptr, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps,
+                           H, sz_b, sc_b, sc_c, sc_t,
+                           D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // H, bh % H
+        rd = tl.arange(0, BD)
+        md = rd < D
+        HD = H * D
+        z, conv = z_ptr + b * sz_b, conv_ptr + b * sc_b
+        q = _conv_silu(z, conv, cw_ptr, h * D + rd, md, sc_c, sc_t, W, WP)
+        k = _conv_silu(z, conv, cw_ptr, HD + h * D + rd, md, sc_c, sc_t, W, WP)
+        v = _conv_silu(z, conv, cw_ptr, 2 * HD + h * D + rd, md, sc_c, sc_t, W, WP)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), 1e-12)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=0)), 1e-12)
+        a = tl.load(z + 4 * HD + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
+        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
+        beta = tl.sigmoid(tl.load(z + 4 * HD + H + h).to(tl.float32))
+        s_ptrs = s_ptr + bh * D * D + rd[:, None] * D + rd[None, :]
+        smask = md[:, None] & md[None, :]
+        S = tl.load(s_ptrs, mask=smask, other=0.0) * tl.exp(g)               # forget
+        u = beta * (v - tl.sum(S * k[:, None], axis=0))                       # delta
+        S = S + k[:, None] * u[None, :]                                       # write
+        tl.store(s_ptrs, S, mask=smask)
+        o = (tl.sum(S * q[:, None], axis=0) * scale).to(tl.float32)          # read (scale may be fp64)
+        o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32)) * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
+        gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0).to(tl.float32)
+        tl.store(y_ptr + b * HD + h * D + rd, (o * gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty), mask=md)
+
+
+def gdn_layer_step_usable(z, state):
+    """Where gdn.py calls gdn_layer_step: CUDA without autograd (the tests call it directly under the
+    interpreter), fp32 contiguous state, head dim up to 128 (a program holds a head's whole state)."""
+    return (_compiled_triton_for(z) and not torch.is_grad_enabled()
+            and state.dtype == torch.float32 and state.is_contiguous() and state.shape[-1] == state.shape[-2]
+            and state.shape[-1] <= 128)
+
+
+def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale=None):
+    """One decoding step of a GDN layer from its stacked projection z [B, >= 4*H*D + 2*H] (rows may
+    be strided, columns contiguous) to the input of its output projection, y [B, H*D] in z's dtype.
+    state [B, H, D, D] fp32 and conv_state [B, 3*H*D, W-1] (or None, with conv_weight None: no conv)
+    are updated in place. conv_weight [3*H*D, 1, W]; A_log, dt_bias [H]; o_norm [D]."""
+    B, H, D = state.shape[0], state.shape[1], state.shape[-1]
+    if z.dim() != 2 or z.shape[0] != B or z.shape[1] < 4 * H * D + 2 * H or z.stride(-1) != 1:
+        raise ValueError(f"z must be [B, >= 4*H*D + 2*H] = [{B}, {4 * H * D + 2 * H}] with contiguous columns; "
+                         f"got {tuple(z.shape)} strides {z.stride()}")
+    W = 0 if conv_weight is None else conv_weight.shape[-1]
+    if W and (conv_state is None or conv_state.shape != (B, 3 * H * D, W - 1)):
+        raise ValueError(f"conv_state must be [B, 3*H*D, W-1] = [{B}, {3 * H * D}, {W - 1}]; got "
+                         f"{None if conv_state is None else tuple(conv_state.shape)}")
+    if W == 1:
+        raise ValueError("a conv of width 1 has no state; use conv_size 0")
+    scale = D ** -0.5 if scale is None else float(scale)
+    y = z.new_empty(B, H * D)
+    cs = conv_state if W else z                                # (unused without a conv)
+    cw = conv_weight.contiguous() if W else z
+    _layer_step_kernel[(B * H,)](z, cs, cw, A_log, dt_bias, o_norm, state, y, scale, float(eps), H, z.stride(0),
+                                 cs.stride(0), cs.stride(1) if W else 0, cs.stride(2) if W else 0,
+                                 D, _p2(D), W, max(2, triton.next_power_of_2(max(W - 1, 1))),
+                                 num_warps=4 if D <= 64 else 8)
+    return y
+
+
+# ==============================================================================================
 # `python gdn_kernel.py`: check every path against the recurrence, and on a GPU benchmark them.
 # Results go to results/kernel_bench.{json,md} (--profile: kernel_profile, --sweep: kernel_sweep;
 # the folder is $GDN_RESULTS_DIR if set),

@@ -163,6 +163,44 @@ def test_decode_attention_equals_sdpa(family, name):
     torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before Python starts)")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_decode_mlp_equals_the_model_mlp(family):
+    """use_decode_mlp (--bench): a decoding step's MLPs through the one-kernel gate/up (SiLU for
+    Llama, tanh-GELU for Gemma 3) give the logits the model's own MLPs give; prompts, and weights
+    moved after stacking, keep the model's forward."""
+    from convert import use_decode_mlp
+    from gdn import decoder_layers
+    torch.manual_seed(0)
+    model = tiny_model(family)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(dev)
+    ids = torch.randint(0, 128, (3, 12), device=dev)
+    with torch.no_grad():
+        ref = [model(ids[:, :t]).logits[:, -1] for t in (11, 12)]
+        use_decode_mlp(model)
+        calls = []
+        import convert
+        real = convert.glu_decode
+        convert.glu_decode = lambda *a: calls.append(a[0].shape) or real(*a)
+        try:
+            out = model(ids[:, :11], use_cache=True)                      # prompt: the model's MLP
+            assert not calls
+            step = model(ids[:, 11:12], past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+            assert len(calls) == model.config.num_hidden_layers and calls[0] == (3, model.config.hidden_size)
+            torch.testing.assert_close(out.logits[:, -1], ref[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step, ref[1], rtol=1e-4, atol=1e-4)
+            mlp = decoder_layers(model)[0].mlp
+            assert mlp.gate_proj.weight.data_ptr() == mlp.gate_up.data_ptr()          # views, no copy
+            calls.clear()
+            model.double()                                  # new storage: the stack is stale, not used
+            model(ids[:, 11:12].clone())
+            assert not calls
+        finally:
+            convert.glu_decode = real
+
+
 @pytest.mark.parametrize("L", [300, 4096, 8192])
 def test_grouped_decode_split_matches_plain_attention(L):
     """Long caches take the split P V product: same result as softmax(q K^T) V, masked."""

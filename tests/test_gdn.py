@@ -1,9 +1,12 @@
 """The GDN layer and the surgery: exact equalities that must hold for every supported family."""
 import copy
+import os
 
 import pytest
 import torch
 
+import gdn
+import gdn_kernel
 from conftest import FAMILIES, tiny_model
 from convert import convert
 from gdn import GatedDeltaNet, gdn_modules, hybridize, load_hybrid, save_hybrid, stack_projections
@@ -195,6 +198,64 @@ def test_static_cache_chunked_prefill_and_decode_equal_full_forward():
             logits.append(out.logits)
         full = model(ids, use_cache=False).logits
     torch.testing.assert_close(torch.cat(logits, 1), full, rtol=1e-4, atol=1e-4)
+
+
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") != "1" or gdn_kernel.triton is None,
+    reason="runs gdn_kernel.gdn_layer_step on the CPU: needs triton and TRITON_INTERPRET=1 (the README's test command)")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("conv_size", [0, 4])
+@pytest.mark.parametrize("head_dim", [16, 24])
+def test_fused_layer_step_equals_the_layer(conv_size, head_dim, monkeypatch):
+    """gdn_layer_step (one kernel from the stacked projection to the output projection's input) must
+    give what the layer's own decoding lines give: output, state and conv state, step after step.
+    Random gates and conv filters (not the identity), head dims that are and are not powers of two."""
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(40, 3, head_dim, 0, conv_size=conv_size).eval()
+    with torch.no_grad():
+        layer.A_log.normal_(); layer.dt_bias.normal_(); layer.o_norm.uniform_(0.5, 1.5)
+        if conv_size:
+            torch.nn.init.normal_(layer.conv.weight, std=0.5)
+    from transformers import DynamicCache, LlamaConfig
+    cfg = LlamaConfig(num_hidden_layers=1, hidden_size=40, num_attention_heads=2, num_key_value_heads=2)
+    x = torch.randn(2, 9, 40)
+    outs, caches = {}, {}
+    for fused in (False, True):
+        monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: fused)
+        cache = DynamicCache(config=cfg)
+        with torch.no_grad():
+            ys = [layer(x[:, :5], past_key_values=cache)[0]]
+            ys += [layer(x[:, t:t + 1], past_key_values=cache)[0] for t in range(5, 9)]
+        outs[fused], caches[fused] = torch.cat(ys, 1), gdn.gdn_states(cache)[0]
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-5)
+    for a, b in zip(caches[True], caches[False]):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@needs_interpreter
+def test_fused_layer_step_in_a_model_decodes_like_a_full_forward(monkeypatch):
+    """The whole hybrid with every GDN decoding step through gdn_layer_step: cached decoding equals
+    the full forward, and greedy generation equals recomputation."""
+    monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    inc, full, gen, seq = decode_paths(model, torch.randint(0, 128, (2, 16)), prompt=12, new_tokens=4)
+    torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
+    assert torch.equal(gen, seq)
+
+
+def test_fused_layer_step_bad_input():
+    z, S = torch.zeros(2, 100), torch.zeros(2, 3, 8, 8)
+    with pytest.raises(ValueError, match="z must be"):
+        gdn_kernel.gdn_layer_step(z, S, None, None, torch.zeros(3), torch.zeros(3), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="conv_state must be"):
+        gdn_kernel.gdn_layer_step(torch.zeros(2, 120), S, torch.zeros(2, 72, 2), torch.zeros(72, 1, 4),
+                                  torch.zeros(3), torch.zeros(3), torch.ones(8), 1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none): run on the device machine")
