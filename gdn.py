@@ -192,7 +192,7 @@ class GatedDeltaNet(nn.Module):
                 and (self.conv_size == 0 or conv0 is not None):
             # Decoding on a GPU: everything between the two projections is one kernel, which
             # updates the state and the conv state in place.
-            y = gdn_layer_step(z["all"][:, 0], S0, conv0, self.conv.weight if self.conv_size else None,
+            y = gdn_layer_step(z["all"], S0, conv0, self.conv.weight if self.conv_size else None,
                                self.A_log, self.dt_bias, self.o_norm, self.norm_eps)
             self._placeholder(cache, x)
             return self.o_proj(y[:, None]), None

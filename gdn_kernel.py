@@ -865,14 +865,17 @@ def gdn_layer_step_usable(z, state):
 
 
 def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale=None):
-    """One decoding step of a GDN layer from its stacked projection z [B, >= 4*H*D + 2*H] (rows may
-    be strided, columns contiguous) to the input of its output projection, y [B, H*D] in z's dtype.
+    """One decoding step of a GDN layer from its stacked projection z [B, >= 4*H*D + 2*H] or [B, 1, ...]
+    (rows may be strided, columns contiguous; taken as it is, because under torch.compile even a
+    select of the token would be a copy kernel) to the input of its output projection, y [B, H*D]
+    in z's dtype.
     state [B, H, D, D] fp32 and conv_state [B, 3*H*D, W-1] (or None, with conv_weight None: no conv)
     are updated in place. conv_weight [3*H*D, 1, W]; A_log, dt_bias [H]; o_norm [D]."""
     B, H, D = state.shape[0], state.shape[1], state.shape[-1]
-    if z.dim() != 2 or z.shape[0] != B or z.shape[1] < 4 * H * D + 2 * H or z.stride(-1) != 1:
-        raise ValueError(f"z must be [B, >= 4*H*D + 2*H] = [{B}, {4 * H * D + 2 * H}] with contiguous columns; "
-                         f"got {tuple(z.shape)} strides {z.stride()}")
+    rows = z.shape[0] if z.dim() == 2 or (z.dim() == 3 and z.shape[1] == 1) else None
+    if rows != B or z.shape[-1] < 4 * H * D + 2 * H or z.stride(-1) != 1:
+        raise ValueError(f"z must be [B, >= 4*H*D + 2*H] = [{B}, {4 * H * D + 2 * H}] (or [B, 1, ...]) with "
+                         f"contiguous columns; got {tuple(z.shape)} strides {z.stride()}")
     W = 0 if conv_weight is None else conv_weight.shape[-1]
     if W and (conv_state is None or conv_state.shape != (B, 3 * H * D, W - 1)):
         raise ValueError(f"conv_state must be [B, 3*H*D, W-1] = [{B}, {3 * H * D}, {W - 1}]; got "
