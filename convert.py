@@ -1030,8 +1030,8 @@ GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activatio
 if triton is not None:
 
     @triton.jit
-    def _decode_linear_kernel(x_ptr, w_ptr, y_ptr, wn_ptr, eps, M, K, N, sx, sw, sy, NORM: tl.constexpr,
-                              GLU: tl.constexpr, ACT: tl.constexpr, PREC: tl.constexpr,
+    def _decode_linear_kernel(x_ptr, w_ptr, y_ptr, wn_ptr, r_ptr, eps, M, K, N, sx, sw, sy, sr, NORM: tl.constexpr,
+                              GLU: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr,
                               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, BM)
@@ -1059,21 +1059,30 @@ if triton is not None:
                 g = g * tl.sigmoid(g) * u
             else:                                      # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
                 g = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u
+        if RES:                                        # the residual stream's add, as an epilogue
+            g += tl.load(r_ptr + rm[:, None] * sr + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
+                         other=0.0).to(tl.float32)
         tl.store(y_ptr + rm[:, None] * sy + rn[None, :], g.to(y_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def decode_linear(x, w, norm=None, act=None):
+def decode_linear(x, w, norm=None, act=None, residual=None):
     """x [M <= 16, K] times w^T in one kernel; norm: an HF RMSNorm module (weight, variance_epsilon)
-    applied to x first; act: w is [W_gate; W_up] [2N, K] and the result act(x W_gate^T) * (x W_up^T)."""
+    applied to x first; act: w is [W_gate; W_up] [2N, K] and the result act(x W_gate^T) * (x W_up^T);
+    residual [M, N]: added to the result."""
     M, K = x.shape
     N = w.shape[0] // 2 if act else w.shape[0]
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
-    _decode_linear_kernel[(triton.cdiv(N, 32),)](
-        x, w, y, norm.weight if norm is not None else w, norm.variance_epsilon if norm is not None else 0.0,
-        M, K, N, x.stride(0), w.stride(0), y.stride(0), norm is not None, act is not None, GLU_ACTS.get(act, 0),
-        "ieee" if x.dtype == torch.float32 else "tf32", 16, 32, 64, num_warps=4, num_stages=3)
+    r = residual if residual is not None else y
+    # 16 columns a program and 128-wide steps along K: the weights are cold in L2 at every step, so
+    # what sets the time is how many loads are in flight, i.e. how many programs (N / 16) each with
+    # a few large loads, not the arithmetic.
+    _decode_linear_kernel[(triton.cdiv(N, 16),)](
+        x, w, y, norm.weight if norm is not None else w, r, norm.variance_epsilon if norm is not None else 0.0,
+        M, K, N, x.stride(0), w.stride(0), y.stride(0), r.stride(0), norm is not None, act is not None,
+        GLU_ACTS.get(act, 0), residual is not None, "ieee" if x.dtype == torch.float32 else "tf32", 16, 16, 128,
+        num_warps=4, num_stages=3)
     return y
 
 
@@ -1122,13 +1131,14 @@ def use_decode_mlp(model):
 # A whole decoder layer of a decoding step (Llama, Qwen2, Qwen3, Mistral: pre-norm layers
 #     h <- h + Attn(RMSNorm_1(h));  h <- h + MLP(RMSNorm_2(h)))
 # in as few launches as the pieces above allow:
-#     GDN layer:      decode_linear(RMSNorm_1 folded in) -> gdn_layer_step -> h + y W_o^T (one cuBLAS
-#                     addmm: the residual add is its epilogue) -> decode_linear(RMSNorm_2, gate/up, act)
-#                     -> h + a W_down^T (addmm)
-#     softmax layer:  RMSNorm_1, the model's own attention module, then the same MLP launches.
+#     GDN layer:      decode_linear(RMSNorm_1 folded in) -> gdn_layer_step -> decode_linear(h + y W_o^T)
+#                     -> decode_linear(RMSNorm_2, gate/up, act) -> decode_linear(h + a W_down^T)
+#     softmax layer:  RMSNorm_1, the model's own attention module, h + attention, then the same MLP.
 # That is 5 launches for a GDN layer where HF's layer with the pieces above takes 8 (norm, input
 # product, a copy, step, output product, add + norm, MLP's two): at ~2-3 us a launch in a captured
-# graph, launches are what stands between a small model's step and its bandwidth bound.
+# graph, launches are what stands between a small model's step and its bandwidth bound. (cuBLAS's
+# addmm would take the residual adds too, but torch first copies the residual into its output: a
+# copy launch for each, measured on an H100.)
 def _decode_layer_forward(layer, hidden_states, *args, **kwargs):
     """A decoder layer's forward after use_decode_layers: one decoding token per sequence through
     the launches above; anything else through the layer's own forward."""
@@ -1149,12 +1159,12 @@ def _decode_layer_forward(layer, hidden_states, *args, **kwargs):
         if y is None:                      # no state yet, padding, ...: the layer's own forward
             return type(layer).forward(layer, hidden_states, *args, **kwargs)
         o = attn.o_proj
-        h = torch.addmm(h if o.bias is None else h + o.bias, y, o.weight.t())
+        h = decode_linear(y, o.weight, residual=h if o.bias is None else h + o.bias)
     else:
         a = attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
         h = h + a.view(B, d)
     a = decode_linear(h, mlp.gate_up, norm=layer.post_attention_layernorm, act=mlp.glu_act)
-    return torch.addmm(h, a, mlp.down_proj.weight.t()).view(B, 1, d)
+    return decode_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, d)
 
 
 def use_decode_layers(model):
