@@ -1012,104 +1012,74 @@ def use_decode_attention(model, name):
     return model
 
 
-# The products of a decoding step. y = W_down (act(W_gate x) * W_up x) is the MLP; its two input
-# products share x and their outputs meet only in the elementwise product, so for a few rows of x
-# they are one kernel: a program takes BN output columns, reads the same BN rows of W_gate and of
-# W_up (one stored [W_gate; W_up] matrix, as gdn.stack_projections does for a GDN layer's inputs)
-# and keeps both products in registers until act(g) * u is written. Measured on an H100 at 8 rows of
-# SmolLM2's [576 -> 1536] MLP: 3.5 us, against 8.2 us for one stacked cuBLAS product then act * up,
-# or 9.1 us as HF does it (three launches). The rows of x (at most 16, padded to 16 for the tensor
-# cores) are the sequences being decoded.
-#
-# The same kernel takes the RMSNorm in front of a product: RMSNorm(x) W^T = r * ((x * w_norm) W^T)
-# with r = 1 / rms(x) one number per row, so the kernel sums x^2 while it streams x and scales the
-# finished product by r. That removes the norm's own launch before the MLP and before a GDN layer's
-# input projection (use_decode_layers).
+# The MLP of a decoding step: y = W_down (act(W_gate x) * W_up x). Its two input products share x
+# and their outputs meet only in the elementwise product, so for a few rows of x they are one
+# kernel: a program takes BN output columns, reads the same BN rows of W_gate and of W_up (one
+# stored [W_gate; W_up] matrix, as gdn.stack_projections does for a GDN layer's inputs) and keeps
+# both products in registers until act(g) * u is written. That is one launch where HF's MLP makes
+# three (two products, then the activation): measured on an H100 at 8 rows of SmolLM2's
+# [576 -> 1536] MLP, 3.5 us against 8.2 us (one stacked cuBLAS product, then act * up) or 9.1 us
+# (as HF does it). The rows of x (at most 16, padded to 16 for the tensor cores) are the
+# sequences being decoded. The down product stays cuBLAS: alone, a custom kernel gained 0.3 us.
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 if triton is not None:
 
     @triton.jit
-    def _decode_linear_kernel(x_ptr, w_ptr, y_ptr, wn_ptr, r_ptr, eps, M, K, N, sx, sw, sy, sr, NORM: tl.constexpr,
-                              GLU: tl.constexpr, ACT: tl.constexpr, RES: tl.constexpr, PREC: tl.constexpr,
-                              BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    def _glu_kernel(x_ptr, w_ptr, y_ptr, M, K, N, sx, sw, sy, ACT: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, BM)
         g = tl.zeros([BM, BN], tl.float32)
         u = tl.zeros([BM, BN], tl.float32)
-        ss = tl.zeros([BM], tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-            if NORM:                                   # x * w_norm now, 1 / rms(x) at the end
-                xf = x.to(tl.float32)
-                ss += tl.sum(xf * xf, axis=1)
-                x = (xf * tl.load(wn_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)).to(x.dtype)
             wmask = (rn < N)[:, None] & (rk < K)[None, :]
-            wg = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=wmask, other=0.0)          # rows of W (W_gate)
+            wg = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=wmask, other=0.0)          # rows of W_gate
+            wu = tl.load(w_ptr + (N + rn)[:, None] * sw + rk[None, :], mask=wmask, other=0.0)    # rows of W_up
             g += tl.dot(x, tl.trans(wg), input_precision=PREC)
-            if GLU:
-                wu = tl.load(w_ptr + (N + rn)[:, None] * sw + rk[None, :], mask=wmask, other=0.0)  # rows of W_up
-                u += tl.dot(x, tl.trans(wu), input_precision=PREC)
-        if NORM:
-            r = tl.rsqrt((ss / K + eps).to(tl.float32))[:, None]    # (eps may come in as fp64 under compile)
-            g, u = g * r, u * r
-        if GLU:
-            if ACT == 0:                               # SiLU
-                g = g * tl.sigmoid(g) * u
-            else:                                      # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
-                g = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u
-        if RES:                                        # the residual stream's add, as an epilogue
-            g += tl.load(r_ptr + rm[:, None] * sr + rn[None, :], mask=(rm < M)[:, None] & (rn < N)[None, :],
-                         other=0.0).to(tl.float32)
-        tl.store(y_ptr + rm[:, None] * sy + rn[None, :], g.to(y_ptr.dtype.element_ty),
+            u += tl.dot(x, tl.trans(wu), input_precision=PREC)
+        if ACT == 0:                                   # SiLU
+            a = g * tl.sigmoid(g)
+        else:                                          # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
+            a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        tl.store(y_ptr + rm[:, None] * sy + rn[None, :], (a * u).to(y_ptr.dtype.element_ty),
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def decode_linear(x, w, norm=None, act=None, residual=None):
-    """x [M <= 16, K] times w^T in one kernel; norm: an HF RMSNorm module (weight, variance_epsilon)
-    applied to x first; act: w is [W_gate; W_up] [2N, K] and the result act(x W_gate^T) * (x W_up^T);
-    residual [M, N]: added to the result."""
+def glu_decode(x, w, act):
+    """act(x W_gate^T) * (x W_up^T) for x [M <= 16, K] and w = [W_gate; W_up] [2N, K], one kernel."""
     M, K = x.shape
-    N = w.shape[0] // 2 if act else w.shape[0]
+    N = w.shape[0] // 2
     x = x if x.stride(-1) == 1 else x.contiguous()
     y = x.new_empty(M, N)
-    r = residual if residual is not None else y
-    # 16 columns a program and 128-wide steps along K: the weights are cold in L2 at every step, so
-    # what sets the time is how many loads are in flight, i.e. how many programs (N / 16) each with
-    # a few large loads, not the arithmetic.
-    _decode_linear_kernel[(triton.cdiv(N, 16),)](
-        x, w, y, norm.weight if norm is not None else w, r, norm.variance_epsilon if norm is not None else 0.0,
-        M, K, N, x.stride(0), w.stride(0), y.stride(0), r.stride(0), norm is not None, act is not None,
-        GLU_ACTS.get(act, 0), residual is not None, "ieee" if x.dtype == torch.float32 else "tf32", 16, 16, 128,
-        num_warps=4, num_stages=3)
+    _glu_kernel[(triton.cdiv(N, 32),)](x, w, y, M, K, N, x.stride(0), w.stride(0), y.stride(0), GLU_ACTS[act],
+                                       "ieee" if x.dtype == torch.float32 else "tf32", 16, 32, 64,
+                                       num_warps=4, num_stages=3)
     return y
 
 
-def _decode_rows(x, stack, weights):
-    """True where a decoding product of x may take decode_linear: at most 16 rows, Triton on CUDA (or
-    the interpreter), no autograd, and `weights` still views of `stack` (nothing moved them since)."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    return (stack is not None and x.numel() // x.shape[-1] <= 16 and triton is not None
-            and (x.is_cuda or interpret) and not torch.is_grad_enabled() and x.dtype == stack.dtype
-            and (torch.compiler.is_compiling() or all(
-                p.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr() for p in weights)))
-
-
 def _decode_mlp_forward(mlp, x):
-    """An MLP's forward after use_decode_mlp: a few rows through decode_linear, anything else
-    (prompts, training, no Triton, weights moved since stacking) through the model's own forward."""
-    if _decode_rows(x, mlp.gate_up, (mlp.gate_proj.weight, mlp.up_proj.weight)):
-        y = decode_linear(x.reshape(-1, x.shape[-1]), mlp.gate_up, act=mlp.glu_act)
+    """An MLP's forward after use_decode_mlp: a few rows through glu_decode, anything else (prompts,
+    training, no Triton, weights moved since stacking) through the model's own forward."""
+    rows = x.numel() // x.shape[-1]
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    w = mlp.gate_up
+    if (rows <= 16 and triton is not None and (x.is_cuda or interpret) and not torch.is_grad_enabled()
+            and x.dtype == w.dtype and (torch.compiler.is_compiling() or all(
+                p.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+                for p in (mlp.gate_proj.weight, mlp.up_proj.weight)))):
+        y = glu_decode(x.reshape(rows, x.shape[-1]), w, mlp.glu_act)
         return mlp.down_proj(y.view(*x.shape[:-1], -1))
     return type(mlp).forward(mlp, x)
 
 
 def use_decode_mlp(model):
-    """Give every MLP of `model` (teacher or hybrid; --bench) the one-kernel gate/up of decode_linear
-    for decoding: W_gate and W_up become views into one stored matrix (no copy, no extra memory)
-    and the forward takes decode_linear for a few rows. MLPs it does not fit (biases, another
-    activation, another layout) keep their forward. Call it after moving the model."""
+    """Give every MLP of `model` (teacher or hybrid; --bench) the one-kernel gate/up of glu_decode for
+    decoding: W_gate and W_up become views into one stored matrix (no copy, no extra memory) and
+    the forward takes glu_decode for a few rows. MLPs it does not fit (biases, another activation,
+    another layout) keep their forward. Call it after moving the model, like stack_projections."""
     import types
     from gdn import decoder_layers
     cfg = model.config
@@ -1122,64 +1092,9 @@ def use_decode_mlp(model):
             continue
         w = torch.cat([gate.weight.detach(), up.weight.detach()])
         gate.weight.data, up.weight.data = w[:gate.out_features], w[gate.out_features:]
-        mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along
+        mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along, no GPU copy left behind
         mlp.glu_act = act
         mlp.forward = types.MethodType(_decode_mlp_forward, mlp)
-    return model
-
-
-# A whole decoder layer of a decoding step (Llama, Qwen2, Qwen3, Mistral: pre-norm layers
-#     h <- h + Attn(RMSNorm_1(h));  h <- h + MLP(RMSNorm_2(h)))
-# in as few launches as the pieces above allow:
-#     GDN layer:      decode_linear(RMSNorm_1 folded in) -> gdn_layer_step -> decode_linear(h + y W_o^T)
-#                     -> decode_linear(RMSNorm_2, gate/up, act) -> decode_linear(h + a W_down^T)
-#     softmax layer:  RMSNorm_1, the model's own attention module, h + attention, then the same MLP.
-# That is 5 launches for a GDN layer where HF's layer with the pieces above takes 8 (norm, input
-# product, a copy, step, output product, add + norm, MLP's two): at ~2-3 us a launch in a captured
-# graph, launches are what stands between a small model's step and its bandwidth bound. (cuBLAS's
-# addmm would take the residual adds too, but torch first copies the residual into its output: a
-# copy launch for each, measured on an H100.)
-def _decode_layer_forward(layer, hidden_states, *args, **kwargs):
-    """A decoder layer's forward after use_decode_layers: one decoding token per sequence through
-    the launches above; anything else through the layer's own forward."""
-    from gdn import GatedDeltaNet
-    h = hidden_states
-    B, T, d = h.shape
-    attn, mlp = layer.self_attn, layer.mlp
-    if T != 1 or args or not _decode_rows(h, mlp.gate_up, (mlp.gate_proj.weight, mlp.up_proj.weight)):
-        return type(layer).forward(layer, hidden_states, *args, **kwargs)
-    h = h.view(B, d)
-    if isinstance(attn, GatedDeltaNet):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        pad = getattr(attn, "pad_mask", None)
-        y = None
-        if (pad is None or pad.shape != (B, 1)) and _decode_rows(h, getattr(attn, "stacked", None),
-                                                                  [m.weight for m in attn.inputs().values()]):
-            y = attn.step(decode_linear(h, attn.stacked, norm=layer.input_layernorm).view(B, 1, -1), cache)
-        if y is None:                      # no state yet, padding, ...: the layer's own forward
-            return type(layer).forward(layer, hidden_states, *args, **kwargs)
-        o = attn.o_proj
-        h = decode_linear(y, o.weight, residual=h if o.bias is None else h + o.bias)
-    else:
-        a = attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)[0]
-        h = h + a.view(B, d)
-    a = decode_linear(h, mlp.gate_up, norm=layer.post_attention_layernorm, act=mlp.glu_act)
-    return decode_linear(a, mlp.down_proj.weight, residual=h).view(B, 1, d)
-
-
-def use_decode_layers(model):
-    """--bench: use_decode_mlp for every MLP, then _decode_layer_forward for every pre-norm decoder
-    layer it fits (RMSNorm modules with `variance_epsilon`, a stacked MLP without biases, no extra
-    norms such as Gemma 3's: those layers keep their forward). GDN layers need stack_projections
-    first. Call it after moving the model."""
-    import types
-    from gdn import decoder_layers
-    use_decode_mlp(model)
-    for layer in decoder_layers(model):
-        norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
-        if all(hasattr(n, "variance_epsilon") for n in norms) and hasattr(getattr(layer, "mlp", None), "gate_up") \
-                and not hasattr(layer, "pre_feedforward_layernorm") and layer.mlp.down_proj.bias is None:
-            layer.forward = types.MethodType(_decode_layer_forward, layer)
     return model
 
 
@@ -1307,7 +1222,7 @@ def run_bench(args):
         model.to("cpu")
     for name, model in models:
         stack_projections(model.to(args.device))        # GDN layers: one input matrix product, no copy
-        use_decode_layers(model)                        # decoder layers in fewer launches (see above)
+        use_decode_mlp(model)                           # every MLP: gate, up and act as one kernel
         for B in batches:
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:

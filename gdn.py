@@ -188,8 +188,13 @@ class GatedDeltaNet(nn.Module):
                              "decoding does not work with a hybrid)")
         # A pad's input is zeroed before the projections: k = v = 0 (it writes nothing) and a zero gate.
         z = self.project(x if pad is None else x.masked_fill(pad[..., None], 0))
-        y = self.step(z["all"], cache) if T == 1 and pad is None else None
-        if y is not None:                                # decoding on a GPU: one kernel
+        if T == 1 and S0 is not None and pad is None and gdn_layer_step_usable(x, S0) \
+                and (self.conv_size == 0 or conv0 is not None):
+            # Decoding on a GPU: everything between the two projections is one kernel, which
+            # updates the state and the conv state in place.
+            y = gdn_layer_step(z["all"], S0, conv0, self.conv.weight if self.conv_size else None,
+                               self.A_log, self.dt_bias, self.o_norm, self.norm_eps)
+            self._placeholder(cache, x)
             return self.o_proj(y[:, None]), None
         q, k, v, conv_state = self.qkv(z, conv0)
         g, beta = self.gates(z)
@@ -215,20 +220,6 @@ class GatedDeltaNet(nn.Module):
             states[self.layer_idx] = (S, conv_state)
             self._placeholder(cache, x)
         return self.readout(o, z), None
-
-    def step(self, z, cache):
-        """One decoding token from the stacked projection z [B, 1, N] (project()'s "all") to the input
-        of the output projection, y [B, inner]: everything in between is one kernel
-        (gdn_kernel.gdn_layer_step), which updates the state and the conv state in place. None where
-        that kernel does not serve (no state yet, CPU, autograd): forward() then takes its own lines."""
-        S0, conv0 = gdn_states(cache).get(self.layer_idx, (None, None)) if cache is not None else (None, None)
-        if S0 is None or getattr(cache, "gdn_rewound", False) or not gdn_layer_step_usable(z, S0) \
-                or (self.conv_size > 0 and conv0 is None):
-            return None
-        y = gdn_layer_step(z, S0, conv0, self.conv.weight if self.conv_size else None, self.A_log, self.dt_bias,
-                           self.o_norm, self.norm_eps)
-        self._placeholder(cache, z[:, :1, :1])
-        return y
 
     def _placeholder(self, cache, x):
         """One number per token in the cache's key/value slots of this layer (see the module docstring)."""
