@@ -811,10 +811,11 @@ def run_distill_chain(args):
 # far from that bound when every step is a Python loop over hundreds of kernel launches, so on a
 # GPU a step is captured once as a CUDA graph and replayed (KV in HF's StaticCache, GDN states
 # updated in place, so every address the graph saw stays valid), and every model in the comparison
-# gets the same decoding kernels: flash-decoding attention below for each softmax layer; for each
-# GDN layer its one-token Triton step (gdn_kernel.py) and one stacked input projection
-# (gdn.stack_projections). What is left between a step and its bound is the number of launches
-# (--profile counts them; the README's results discuss it).
+# gets the same decoding kernels: flash-decoding attention below for each softmax layer, one
+# gate/up/activation kernel below for each MLP; for each GDN layer one kernel between its two
+# projections (gdn_kernel.gdn_layer_step) and one stacked input projection (gdn.stack_projections).
+# What is left between a step and its bound is the number of launches (--profile counts them; the
+# README's results discuss it).
 # ----------------------------------------------------------------------------------------------
 
 def parse_sizes(text, name):
