@@ -1018,10 +1018,13 @@ def use_decode_attention(model, name):
 # kernel: a program takes BN output columns, reads the same BN rows of W_gate and of W_up (one
 # stored [W_gate; W_up] matrix, as gdn.stack_projections does for a GDN layer's inputs) and keeps
 # both products in registers until act(g) * u is written. That is one launch where HF's MLP makes
-# three (two products, then the activation): measured on an H100 at 8 rows of SmolLM2's
-# [576 -> 1536] MLP, 3.5 us against 8.2 us (one stacked cuBLAS product, then act * up) or 9.1 us
-# (as HF does it). The rows of x (at most 16, padded to 16 for the tensor cores) are the
-# sequences being decoded. The down product stays cuBLAS: alone, a custom kernel gained 0.3 us.
+# three (two products, then the activation). Measured on an H100 at 8 rows of SmolLM2's
+# [576 -> 1536] MLP: 5.3 us in a compiled decoding step (weights cold in L2), where gate, up and
+# act * up took 3.5 + 3.5 + 1.3 us; alone, with the weights warm, 3.5 us against 8.2 (one stacked
+# cuBLAS product, then act * up). The rows of x (at most 16, padded to 16 for the tensor cores) are
+# the sequences being decoded. The other products stay cuBLAS: with cold weights this simple kernel
+# took 7 us where cuBLAS takes 3.8 (results/inference_h100_tried_layers_triton.md); it wins here only
+# because it saves two launches.
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 if triton is not None:
@@ -1093,7 +1096,7 @@ def use_decode_mlp(model):
             continue
         w = torch.cat([gate.weight.detach(), up.weight.detach()])
         gate.weight.data, up.weight.data = w[:gate.out_features], w[gate.out_features:]
-        mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along, no GPU copy left behind
+        mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along
         mlp.glu_act = act
         mlp.forward = types.MethodType(_decode_mlp_forward, mlp)
     return model

@@ -40,9 +40,10 @@ each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T 
 bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version
 and for growing and static caches alike.
 Once a state exists it is updated in place, so its memory address never changes: a captured CUDA
-graph of a decoding step can replay against it. On CUDA a decoding step of the recurrence is one
-Triton kernel (gdn_kernel.gated_delta_rule_step), and `stack_projections` lets the six input
-projections run as one matrix product: at one token per step, launches cost more than arithmetic.
+graph of a decoding step can replay against it. On CUDA everything a decoding step does between the
+layer's input and output projections (conv, SiLU, norms, gates, the recurrence) is one Triton kernel
+(gdn_kernel.gdn_layer_step), and `stack_projections` lets the six input projections run as one
+matrix product: at one token per step, launches cost more than arithmetic.
 
 Left padding (batched prompts of different lengths). HF hands an attention module only the 4-D
 mask it built, whose form depends on the attention backend; the plain 2-D padding mask is what a

@@ -28,6 +28,9 @@ This file holds several ways to compute (1) over a sequence, all with the same s
   * `gated_delta_rule_step`: one token with a carried state, for cached decoding: one small Triton
     kernel on CUDA (`gated_delta_rule_step_triton`), the three lines of (1) in PyTorch
     (`gated_delta_rule_step_torch`) elsewhere.
+  * `gdn_layer_step`: a GDN layer's whole decoding step between its two projections (gdn.py's short
+    conv, SiLU, L2 norms, gates, then (1), then the gated RMSNorm of the output) as one Triton
+    kernel; gdn.py uses it on CUDA and its own PyTorch lines elsewhere.
 
 Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H];
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
@@ -784,10 +787,12 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 #
 # gdn.py's layer does more than (1) per token: a short causal conv and SiLU on q, k, v, an L2 norm
 # of q and k, the two gates from their pre-activations, and after the step a per-head RMSNorm of o
-# times SiLU of the output gate. In a decoding step each of those is a launch of its own (inductor
-# fuses some: 5 kernels a layer besides the step, measured on an H100 with --bench --profile), and
-# at ~1.5 us a launch for a few KB of work they cost more than the step itself. Every one of them
-# is per (batch, head), like the step, so it all fits in one program per (batch, head):
+# times SiLU of the output gate. In a decoding step each of those is a launch of its own; even
+# compiled, with inductor fusing what it can, that was 3 kernels besides the step, and at ~1.5 us a
+# launch for a few KB of work they cost more than the step (measured on an H100 at batch 8 with
+# --bench --profile --compile: 7.8 us for the four, plus the gaps between launches; as one kernel,
+# 3.8 us: results/inference_h100_compiled.md). Every one of them is per (batch, head), like the
+# step, so it all fits in one program per (batch, head):
 #
 #     x_c   = sum_j w_c[j] window_c[j]              window = the last W inputs of channel c (conv
 #                                                   state, then this token's), shifted in place
@@ -851,7 +856,8 @@ if triton is not None:
         S = S + k[:, None] * u[None, :]                                       # write
         tl.store(s_ptrs, S, mask=smask)
         o = (tl.sum(S * q[:, None], axis=0) * scale).to(tl.float32)          # read (scale may be fp64)
-        o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32)) * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
+        o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32))             # per-head RMSNorm
+        o = o * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
         gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0).to(tl.float32)
         tl.store(y_ptr + b * HD + h * D + rd, (o * gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty), mask=md)
 
