@@ -250,6 +250,28 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     assert (tmp_path / "bench.md").exists()
 
 
+def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypatch):
+    """A context too large for the GPU: a clear message naming the largest that fit, a row saying
+    so, the larger contexts of that (model, batch) skipped, and the table still written."""
+    import convert
+    real = convert.bench_one
+
+    def bench_one(model, B, ctx, *a, **kw):
+        if ctx > 64:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(model, B, ctx, *a, **kw)
+    monkeypatch.setattr(convert, "bench_one", bench_one)
+    stem = tmp_path / "bench"
+    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96,128", "--batches", "1",
+                    "--decode-steps", "1", "--results", str(stem)], capsys)
+    assert code == 0, io.err
+    assert "context 96 does not fit in GPU memory; the largest measured that fits is 64" in io.out
+    assert "Traceback" not in io.out + io.err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["context"], "error" in r) for r in rows] == [(64, False), (96, True)] * 2
+    assert "does not fit" in (tmp_path / "bench.md").read_text()
+
+
 def test_bench_comparison_and_crossover():
     """Speed-ups are teacher / hybrid from the same run; the crossover is the first context from which
     the hybrid's prefill stays faster (a faster short context followed by a slower one does not count)."""
