@@ -724,6 +724,16 @@ STEP_BV = 16     # value columns per program: B*H*Dv/16 programs (288 at B = 8, 
 if triton is not None:
 
     @triton.jit
+    def _delta_rule(S, q, k, v, g, beta, scale):
+        """One token of (1) on a state slice S [Dk, BV] held in registers (fp32): the new slice, and
+        the read-out o [BV]. Shared by both decoding kernels."""
+        S = S * tl.exp(g)                                                     # forget
+        u = beta * (v - tl.sum(S * k[:, None], axis=0))                       # delta
+        S = S + k[:, None] * u[None, :]                                       # write
+        o = (tl.sum(S * q[:, None], axis=0) * scale).to(tl.float32)          # read (scale may come as fp64)
+        return S, o
+
+    @triton.jit
     def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, s_ptr, o_ptr, scale, H,
                      sq_b, sq_h, sk_b, sk_h, sv_b, sv_h,
                      DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
@@ -741,11 +751,8 @@ if triton is not None:
         beta = tl.load(beta_ptr + bh).to(tl.float32)
         s_ptrs = s_ptr + bh * DK * DV + rk[:, None] * DV + rv[None, :]
         smask = mk[:, None] & mv[None, :]
-        S = tl.load(s_ptrs, mask=smask, other=0.0) * tl.exp(g)               # forget
-        u = beta * (v - tl.sum(S * k[:, None], axis=0))                       # delta
-        S = S + k[:, None] * u[None, :]                                       # write
+        S, o = _delta_rule(tl.load(s_ptrs, mask=smask, other=0.0), q, k, v, g, beta, scale)
         tl.store(s_ptrs, S, mask=smask)
-        o = (tl.sum(S * q[:, None], axis=0) * scale).to(tl.float32)          # read
         tl.store(o_ptr + bh * DV + rv, o, mask=mv)
 
 
@@ -851,11 +858,8 @@ if triton is not None:
         beta = tl.sigmoid(tl.load(z + 4 * HD + H + h).to(tl.float32))
         s_ptrs = s_ptr + bh * D * D + rd[:, None] * D + rd[None, :]
         smask = md[:, None] & md[None, :]
-        S = tl.load(s_ptrs, mask=smask, other=0.0) * tl.exp(g)               # forget
-        u = beta * (v - tl.sum(S * k[:, None], axis=0))                       # delta
-        S = S + k[:, None] * u[None, :]                                       # write
+        S, o = _delta_rule(tl.load(s_ptrs, mask=smask, other=0.0), q, k, v, g, beta, scale)
         tl.store(s_ptrs, S, mask=smask)
-        o = (tl.sum(S * q[:, None], axis=0) * scale).to(tl.float32)          # read (scale may be fp64)
         o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32))             # per-head RMSNorm
         o = o * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
         gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0).to(tl.float32)
