@@ -824,12 +824,13 @@ if triton is not None:
         x = tl.load(z + c, mask=mask, other=0.0)
         out = x.to(tl.float32)
         if W > 0:
+            out = out * tl.load(cw_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+        if W > 1:
             j = tl.arange(0, WP)
             live = mask[:, None] & (j < W - 1)[None, :]
             prev = tl.load(conv + c[:, None] * sc_c + j[None, :] * sc_t, mask=live, other=0.0)     # [BD, WP]
             w = tl.load(cw_ptr + c[:, None] * W + j[None, :], mask=live, other=0.0).to(tl.float32)
-            out = out * tl.load(cw_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32) \
-                + tl.sum(prev.to(tl.float32) * w, axis=1)
+            out += tl.sum(prev.to(tl.float32) * w, axis=1)
             # Every thread holding a copy of an element must have read the old state before any
             # overwrites it: columns 1..W-2 move one to the left, this token goes last.
             tl.debug_barrier()
@@ -880,7 +881,8 @@ def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, ep
     select of the token would be a copy kernel) to the input of its output projection, y [B, H*D]
     in z's dtype.
     state [B, H, D, D] fp32 and conv_state [B, 3*H*D, W-1] (or None, with conv_weight None: no conv)
-    are updated in place. conv_weight [3*H*D, 1, W]; A_log, dt_bias [H]; o_norm [D]."""
+    are updated in place (W = 1: a conv with an empty state). conv_weight [3*H*D, 1, W]; A_log,
+    dt_bias [H]; o_norm [D]."""
     B, H, D = state.shape[0], state.shape[1], state.shape[-1]
     rows = z.shape[0] if z.dim() == 2 or (z.dim() == 3 and z.shape[1] == 1) else None
     if rows != B or z.shape[-1] < 4 * H * D + 2 * H or z.stride(-1) != 1:
@@ -890,14 +892,12 @@ def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, ep
     if W and (conv_state is None or conv_state.shape != (B, 3 * H * D, W - 1)):
         raise ValueError(f"conv_state must be [B, 3*H*D, W-1] = [{B}, {3 * H * D}, {W - 1}]; got "
                          f"{None if conv_state is None else tuple(conv_state.shape)}")
-    if W == 1:
-        raise ValueError("a conv of width 1 has no state; use conv_size 0")
     scale = D ** -0.5 if scale is None else float(scale)
     y = z.new_empty(B, H * D)
-    cs = conv_state if W else z                                # (unused without a conv)
+    cs = conv_state if W > 1 else z                            # (unused without a conv state)
     cw = conv_weight.contiguous() if W else z
     _layer_step_kernel[(B * H,)](z, cs, cw, A_log, dt_bias, o_norm, state, y, scale, float(eps), H, z.stride(0),
-                                 cs.stride(0), cs.stride(1) if W else 0, cs.stride(2) if W else 0,
+                                 cs.stride(0), cs.stride(1) if W > 1 else 0, cs.stride(2) if W > 1 else 0,
                                  D, _p2(D), W, max(2, triton.next_power_of_2(max(W - 1, 1))),
                                  num_warps=4 if D <= 64 else 8)
     return y

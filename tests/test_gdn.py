@@ -206,7 +206,7 @@ needs_interpreter = pytest.mark.skipif(
 
 
 @needs_interpreter
-@pytest.mark.parametrize("conv_size", [0, 4])
+@pytest.mark.parametrize("conv_size", [0, 1, 4])
 @pytest.mark.parametrize("head_dim", [16, 24])
 def test_fused_layer_step_equals_the_layer(conv_size, head_dim, monkeypatch):
     """gdn_layer_step (one kernel from the stacked projection to the output projection's input) must
