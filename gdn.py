@@ -130,13 +130,12 @@ class GatedDeltaNet(nn.Module):
         copy of the weights per call, unless stack_projections() made the six weights views into one
         stored matrix (and nothing has since given them new storage). With autograd on, it always
         stacks per call: gradients reach the six weights only through the stacking."""
-        lins = self.inputs()
+        weights = [lin.weight for lin in self.inputs().values()]
         w = getattr(self, "stacked", None)
-        if w is not None and not torch.compiler.is_compiling() and any(
-                lin.weight.untyped_storage().data_ptr() != w.untyped_storage().data_ptr() for lin in lins.values()):
+        if w is not None and not torch.compiler.is_compiling() and not views_of(w, weights):
             w = self.stacked = None                   # .to(), a deep copy, ...: the views are gone
         if w is None or torch.is_grad_enabled():
-            w = torch.cat([lin.weight for lin in lins.values()])
+            w = torch.cat(weights)
         z = F.linear(x, w)                            # rows: q, k, v, g (inner each), a, b (H each)
         i, H = 3 * self.num_heads * self.head_dim, self.num_heads
         j = i + self.num_heads * self.head_dim        # (a stored stack ends in zero rows: not read)
@@ -226,6 +225,12 @@ class GatedDeltaNet(nn.Module):
         """One number per token in the cache's key/value slots of this layer (see the module docstring)."""
         stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
         cache.update(stub, stub, self.layer_idx)
+
+
+def views_of(stack, weights):
+    """True while every weight is still a view into `stack`'s storage (stack_projections, and
+    convert.use_decode_mlp for MLPs): .to() or a deep copy gives them storage of their own."""
+    return all(w.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr() for w in weights)
 
 
 def stack_projections(model):
