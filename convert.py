@@ -1096,12 +1096,379 @@ def use_decode_mlp(model):
         if act not in GLU_ACTS or gate is None or up is None or gate.bias is not None or up.bias is not None \
                 or not hasattr(mlp, "down_proj"):
             continue
-        w = torch.cat([gate.weight.detach(), up.weight.detach()])
-        gate.weight.data, up.weight.data = w[:gate.out_features], w[gate.out_features:]
-        mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along
+        stacked_weight(mlp, "gate_up", [gate, up])
         mlp.glu_act = act
         mlp.forward = types.MethodType(_decode_mlp_forward, mlp)
     return model
+
+
+# ==============================================================================================
+# The whole decoding step as one kernel (--bench --whole-step).
+#
+# Even compiled and captured in a CUDA graph, HF's decoding step is ~10 kernels a layer, and on an
+# H100 a launch that depends on the one before costs ~4 us however little it reads (a cold 0.7 MB
+# product takes as long as a 2.7 MB one): at 30 layers that is ~1.2 ms, where SmolLM2's weights
+# take 0.09 ms to stream. So the step is written here as one persistent kernel: as many programs as
+# the GPU has SMs, each looping over the step's work items, the stages separated by a grid-wide
+# barrier (every program counts itself in on one counter and waits for the count) instead of a
+# kernel boundary. A step is a list of ops, each a stage of one layer:
+#
+#     EMBED                      h = E[ids]                                 (h: the residual stream)
+#     per layer:  IN             z = RMSNorm(h) W_in^T                      W_in = [W_q; W_k; W_v] for
+#                                                                           softmax attention, GDN's
+#                                                                           stacked six for GDN
+#                 GDN            y = gdn_head_step(z) per (sequence, head)  (gdn_kernel.py; the state
+#                                                                           updated in place)
+#              or ATTN           RoPE(q), then flash-decoding over the cache, one split per item
+#                 COMBINE        merge the splits and the new token's own key, write k, v to the cache
+#                 OUT            h += y W_o^T
+#                 UP             u = SiLU(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
+#                 DOWN           h += u W_down^T
+#     HEAD                       logits = RMSNorm(h) W_head^T
+#
+# Products are split over row blocks of the weight (BN rows per item, all sequences at once as the
+# rows of a small tensor-core product), so every stage spreads over all SMs. Each op is followed by
+# the barrier; with SYNC off the host launches the kernel once per op instead (the barrier is then
+# the kernel boundary: the interpreter runs programs one after another, so a barrier would wait for
+# ever there, and the per-op launches are the comparison that shows what the barrier buys).
+# Weights, caches and states are reached through a table of addresses per layer, so one compiled
+# kernel serves every layer. Llama-shaped models only (RMSNorm, no biases, rotary positions, SiLU
+# MLP), a cache without padding; anything else is refused by whole_step_decoder.
+# ==============================================================================================
+OP_EMBED, OP_IN, OP_GDN, OP_ATTN, OP_COMBINE, OP_OUT, OP_UP, OP_DOWN, OP_HEAD = range(9)
+# Per layer, a row of 13 int64 in the table: the addresses of 0 input norm weight, 1 W_in, 2 W_o,
+# 3 post-attention norm weight, 4 [W_gate; W_up], 5 W_down, then for softmax attention 6, 7 the K and
+# V cache [B, Hkv, L, D], for GDN 6 the state [B, H, D, D] (fp32), 7 the conv state [B, 3HD, W-1],
+# 8 the conv weight, 9 A_log, 10 dt_bias, 11 o_norm; and 12: W_in's row count (not an address).
+TABLE = 13
+WS_BN, WS_BK = 16, 64             # weight rows per work item of a product; inner-dimension block
+
+if triton is not None:
+    from gdn_kernel import gdn_head_step
+
+    @triton.jit
+    def _grid_sync(bar_ptr, target, SYNC: tl.constexpr):
+        """Wait until every program has arrived here (the counter reaches target). Release on the
+        way in makes this program's writes visible to all before it is counted; acquire on the way
+        out makes everyone's visible to it."""
+        if SYNC:
+            tl.debug_barrier()
+            tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+            seen = tl.load(bar_ptr, volatile=True)
+            while seen < target:
+                seen = tl.load(bar_ptr, volatile=True)
+            tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
+
+    @triton.jit
+    def _addr(tab, layer, j, like):
+        """Entry j of `layer`'s address table, as a pointer to like's element type."""
+        return tl.load(tab + layer * 13 + j).to(tl.pointer_type(like.dtype.element_ty))
+
+    @triton.jit
+    def _rms(x_ptr, B, E, eps, BM: tl.constexpr, BK: tl.constexpr):
+        """1 / rms of each of the B rows of x [B, E] (fp32)."""
+        rm = tl.arange(0, BM)
+        ss = tl.zeros([BM], tl.float32)
+        for k0 in range(0, E, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm[:, None] * E + rk[None, :], mask=(rm < B)[:, None] & (rk < E)[None, :],
+                        other=0.0, cache_modifier=".cg").to(tl.float32)
+            ss += tl.sum(x * x, axis=1)
+        return tl.rsqrt(ss / E + eps)
+
+    @triton.jit
+    def _rows_times_wt(x_ptr, B, K, w_ptr, n0, N, r, nw_ptr, NORM: tl.constexpr, PREC: tl.constexpr,
+                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """x [B, K] (each row RMS-normed first when NORM: (x r).to(dtype) * w_norm, as HF's RMSNorm
+        rounds) times rows n0..n0+BN of W [N, K], transposed: [BM, BN] fp32."""
+        rm, rn = tl.arange(0, BM), n0 + tl.arange(0, BN)
+        acc = tl.zeros([BM, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm < B)[:, None] & (rk < K)[None, :],
+                        other=0.0, cache_modifier=".cg")
+            if NORM:
+                x = (x.to(tl.float32) * r[:, None]).to(x.dtype) * tl.load(nw_ptr + rk, mask=rk < K, other=0.0)
+            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & (rk < K)[None, :], other=0.0)
+            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _rope(x_ptr, rows, rd, D: tl.constexpr, pos_f, invf_ptr, rope_scale, mask):
+        """Rows of [.., D] vectors at x_ptr + rows * D, rotated by position pos_f (HF's rotate_half
+        form: dims d and d + D/2 are one pair, at frequency inv_freq[d mod D/2]); fp32."""
+        half: tl.constexpr = D // 2
+        x = tl.load(x_ptr + rows[:, None] * D + rd[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
+        other = tl.load(x_ptr + rows[:, None] * D + ((rd + half) % D)[None, :], mask=mask, other=0.0,
+                        cache_modifier=".cg").to(tl.float32)
+        f = pos_f * tl.load(invf_ptr + rd % half, mask=rd < D, other=0.0)
+        sign = tl.where(rd < half, -1.0, 1.0)
+        return x * (tl.cos(f) * rope_scale)[None, :] + other * (sign * tl.sin(f) * rope_scale)[None, :]
+
+    @triton.jit
+    def _add_rows_times_wt(h_ptr, x_ptr, B, K, E, w, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           BK: tl.constexpr):
+        """h += x W^T (x [B, K], W [E, K]), the product rounded before the add as HF's residual is."""
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        rm = tl.arange(0, BM)
+        for t in range(pid, tl.cdiv(E, BN), nprog):
+            rn = t * BN + tl.arange(0, BN)
+            acc = _rows_times_wt(x_ptr, B, K, w, t * BN, E, 0.0, w, False, PREC, BM, BN, BK)
+            at = h_ptr + rm[:, None] * E + rn[None, :]
+            mask = (rm < B)[:, None] & (rn < E)[None, :]
+            old = tl.load(at, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(at, (old.to(tl.float32) + acc.to(old.dtype).to(tl.float32)).to(old.dtype), mask=mask)
+
+    @triton.jit
+    def _whole_step_kernel(ops_ptr, op_lo, op_hi, bar_ptr, tab, ids_ptr, pos_ptr, emb_ptr, head_ptr, fnorm_ptr,
+                           logits_ptr, h_ptr, z_ptr, y_ptr, u_ptr, acc_ptr, m_ptr, l_ptr, invf_ptr, st_ptr,
+                           rope_scale, scale, eps, gdn_eps, B, E, I, V, NZ, HQ, HKV, HG, NS, per_split, L,
+                           REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                           W: tl.constexpr, WP: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYNC: tl.constexpr):
+        pid, nprog = tl.program_id(0), tl.num_programs(0)
+        pos = tl.load(pos_ptr)
+        rm, rd, rr = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, RP)
+        live_m, live_d, live_r = rm < B, rd < D, rr < REP
+        HQD = HQ * D
+        for op in range(op_lo, op_hi):
+            kind, layer = tl.load(ops_ptr + 2 * op), tl.load(ops_ptr + 2 * op + 1)
+            if kind == 0:                                                       # EMBED
+                for t in range(pid, B * tl.cdiv(E, BK), nprog):
+                    b, rk = t % B, (t // B) * BK + tl.arange(0, BK)
+                    tok = tl.load(ids_ptr + b)
+                    tl.store(h_ptr + b * E + rk, tl.load(emb_ptr + tok * E + rk, mask=rk < E), mask=rk < E)
+            elif kind == 1:                                                     # IN
+                r = _rms(h_ptr, B, E, eps, BM, BK)
+                n_in = tl.load(tab + layer * 13 + 12).to(tl.int32)
+                w = _addr(tab, layer, 1, emb_ptr)
+                for t in range(pid, tl.cdiv(n_in, BN), nprog):
+                    rn = t * BN + tl.arange(0, BN)
+                    acc = _rows_times_wt(h_ptr, B, E, w, t * BN, n_in, r, _addr(tab, layer, 0, emb_ptr), True, PREC,
+                                         BM, BN, BK)
+                    tl.store(z_ptr + rm[:, None] * NZ + rn[None, :], acc.to(z_ptr.dtype.element_ty),
+                             mask=live_m[:, None] & (rn < n_in)[None, :])
+            elif kind == 2:                                                     # GDN (gdn_kernel.py)
+                conv = _addr(tab, layer, 7, emb_ptr)
+                for t in range(pid, B * HG, nprog):
+                    b, hh = t // HG, t % HG
+                    gdn_head_step(b, hh, z_ptr + b * NZ, conv + b * 3 * HG * D * (W - 1), _addr(tab, layer, 8, emb_ptr),
+                                  _addr(tab, layer, 9, emb_ptr), _addr(tab, layer, 10, emb_ptr),
+                                  _addr(tab, layer, 11, emb_ptr), _addr(tab, layer, 6, st_ptr), y_ptr,
+                                  scale, gdn_eps, HG, W - 1, 1, D, BD, W, WP)
+            elif kind == 3:                                                     # ATTN: one split
+                kc, vc = _addr(tab, layer, 6, emb_ptr), _addr(tab, layer, 7, emb_ptr)
+                for t in range(pid, B * HKV * NS, nprog):
+                    b, hk, s = t // (HKV * NS), (t // NS) % HKV, t % NS
+                    q = _rope(z_ptr + b * NZ, hk * REP + rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale,
+                              live_r[:, None] & live_d[None, :]).to(z_ptr.dtype.element_ty)
+                    m = tl.full([RP], -1e30, tl.float32)
+                    l = tl.zeros([RP], tl.float32)
+                    acc = tl.zeros([RP, BD], tl.float32)
+                    base = (b * HKV + hk) * L * D
+                    for start in range(s * per_split, tl.minimum((s + 1) * per_split, pos), BL):
+                        j = start + tl.arange(0, BL)
+                        live = j < pos
+                        kv = live[:, None] & live_d[None, :]
+                        K = tl.load(kc + base + j[:, None] * D + rd[None, :], mask=kv, other=0.0)
+                        sc = tl.dot(q, tl.trans(K), input_precision=PREC) * scale
+                        sc = tl.where(live[None, :], sc, -1e30)
+                        m_new = tl.maximum(m, tl.max(sc, axis=1))
+                        p = tl.where(live[None, :], tl.exp(sc - m_new[:, None]), 0.0)
+                        alpha = tl.exp(m - m_new)
+                        Vb = tl.load(vc + base + j[:, None] * D + rd[None, :], mask=kv, other=0.0)
+                        acc = acc * alpha[:, None] + tl.dot(p.to(Vb.dtype), Vb, input_precision=PREC)
+                        l = l * alpha + tl.sum(p, axis=1)
+                        m = m_new
+                    row = t * REP + rr
+                    tl.store(acc_ptr + row[:, None] * D + rd[None, :], acc, mask=live_r[:, None] & live_d[None, :])
+                    tl.store(m_ptr + row, m, mask=live_r)
+                    tl.store(l_ptr + row, l, mask=live_r)
+            elif kind == 4:                                                     # COMBINE
+                kc, vc = _addr(tab, layer, 6, emb_ptr), _addr(tab, layer, 7, emb_ptr)
+                for t in range(pid, B * HKV, nprog):
+                    b, hk = t // HKV, t % HKV
+                    mask = live_r[:, None] & live_d[None, :]
+                    q = _rope(z_ptr + b * NZ, hk * REP + rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, mask)
+                    k = _rope(z_ptr + b * NZ + HQD, hk + 0 * rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, mask)
+                    k = k.to(z_ptr.dtype.element_ty)
+                    v = tl.load(z_ptr + b * NZ + HQD + HKV * D + hk * D + rd, mask=live_d, other=0.0, cache_modifier=".cg")
+                    # the new token's own score first, then each split's partial softmax merged in
+                    q = q.to(z_ptr.dtype.element_ty).to(tl.float32)
+                    m = tl.sum(q * k.to(tl.float32), axis=1) * scale                               # [RP]
+                    l = tl.full([RP], 1.0, tl.float32)
+                    acc = tl.zeros([RP, BD], tl.float32) + v.to(tl.float32)[None, :]
+                    for s in range(NS):
+                        row = (t * NS + s) * REP + rr
+                        ms = tl.load(m_ptr + row, mask=live_r, other=-1e30, cache_modifier=".cg")
+                        m_new = tl.maximum(m, ms)
+                        a, c = tl.exp(m - m_new), tl.exp(ms - m_new)
+                        acc = acc * a[:, None] + c[:, None] * tl.load(acc_ptr + row[:, None] * D + rd[None, :],
+                                                                      mask=mask, other=0.0, cache_modifier=".cg")
+                        l = l * a + c * tl.load(l_ptr + row, mask=live_r, other=0.0, cache_modifier=".cg")
+                        m = m_new
+                    tl.store(y_ptr + b * HQD + (hk * REP + rr)[:, None] * D + rd[None, :],
+                             (acc / l[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+                    at = (b * HKV + hk) * L * D + pos * D + rd
+                    tl.store(kc + at + 0 * rr[:, None] * D, k, mask=(rr == 0)[:, None] & live_d[None, :])
+                    tl.store(vc + at, v, mask=live_d)
+            elif kind == 5:                                                     # OUT
+                _add_rows_times_wt(h_ptr, y_ptr, B, HQD, E, _addr(tab, layer, 2, emb_ptr), PREC, BM, BN, BK)
+            elif kind == 7:                                                     # DOWN
+                _add_rows_times_wt(h_ptr, u_ptr, B, I, E, _addr(tab, layer, 5, emb_ptr), PREC, BM, BN, BK)
+            elif kind == 6:                                                     # UP
+                r = _rms(h_ptr, B, E, eps, BM, BK)
+                w, nw = _addr(tab, layer, 4, emb_ptr), _addr(tab, layer, 3, emb_ptr)
+                for t in range(pid, tl.cdiv(I, BN), nprog):
+                    rn = t * BN + tl.arange(0, BN)
+                    g = _rows_times_wt(h_ptr, B, E, w, t * BN, I, r, nw, True, PREC, BM, BN, BK)
+                    up = _rows_times_wt(h_ptr, B, E, w + I * E, t * BN, I, r, nw, True, PREC, BM, BN, BK)
+                    g = g.to(u_ptr.dtype.element_ty).to(tl.float32)
+                    tl.store(u_ptr + rm[:, None] * I + rn[None, :], (g * tl.sigmoid(g) * up).to(u_ptr.dtype.element_ty),
+                             mask=live_m[:, None] & (rn < I)[None, :])
+            else:                                                               # HEAD
+                r = _rms(h_ptr, B, E, eps, BM, BK)
+                for t in range(pid, tl.cdiv(V, BN), nprog):
+                    rn = t * BN + tl.arange(0, BN)
+                    acc = _rows_times_wt(h_ptr, B, E, head_ptr, t * BN, V, r, fnorm_ptr, True, PREC, BM, BN, BK)
+                    tl.store(logits_ptr + rm[:, None] * V + rn[None, :], acc, mask=live_m[:, None] & (rn < V)[None, :])
+            _grid_sync(bar_ptr, (op - op_lo + 1) * nprog, SYNC)
+
+
+def stacked_weight(module, name, linears):
+    """One stored matrix whose row blocks *are* the weights of `linears` (each becomes a view into it:
+    no copy, no extra memory), kept on `module` as the non-persistent buffer `name` (.to() takes it
+    along). An existing stack is reused while the weights are still its views."""
+    w = getattr(module, name, None)
+    weights = [lin.weight for lin in linears]
+    if w is not None and views_of(w, weights):
+        return w
+    w = torch.cat([x.detach() for x in weights])
+    i = 0
+    for lin in linears:
+        lin.weight.data = w[i:i + lin.out_features]
+        i += lin.out_features
+    module.register_buffer(name, w, persistent=False)
+    return w
+
+
+def whole_step_decoder(model, cache, batch, sync=True, programs=None):
+    """A decoding step of `model` (teacher or hybrid, Llama-shaped) through _whole_step_kernel, reading
+    and updating `cache` (a StaticCache that HF's forward has filled, no padding): returns
+    step(ids [B, 1], pos [1]) -> logits [B, V] fp32, for the token ids at position pos (tensors, so
+    the step can be captured in a CUDA graph and replayed). sync=False: one launch per op instead of
+    the grid barrier (what the CPU interpreter runs). Refuses, with the reason, what it does not fit."""
+    from gdn import GatedDeltaNet, decoder_layers, gdn_states
+    cfg = model.config
+    if triton is None:
+        raise ValueError("the whole-step kernel needs Triton")
+    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if not (head.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise ValueError("the whole-step kernel runs on CUDA (or on the CPU under TRITON_INTERPRET=1)")
+    why = []
+    if cfg.model_type not in ("llama", "mistral"):
+        why.append(f"model type {cfg.model_type} (Llama-shaped models only: llama, mistral)")
+    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+        why.append("biases in attention or MLP")
+    if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
+        why.append(f"MLP activation {getattr(cfg, 'hidden_act', None)} (SiLU only)")
+    if getattr(cfg, "sliding_window", None):
+        why.append("a sliding attention window")
+    if not 1 <= batch <= 16:
+        why.append(f"batch {batch} (1 to 16 sequences)")
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None or not hasattr(rotary, "inv_freq"):
+        why.append("no rotary embedding with inv_freq")
+    HQ, HKV = cfg.num_attention_heads, cfg.num_key_value_heads
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // HQ
+    if D > 128:
+        why.append(f"head dim {D} (at most 128)")
+    if why:
+        raise ValueError("whole-step decoding does not fit this model: " + "; ".join(why))
+    dev, dt = head.device, head.dtype
+    layers, states = decoder_layers(model), getattr(cache, "gdn_state", {})
+    gdns = [l.self_attn for l in layers if isinstance(l.self_attn, GatedDeltaNet)]
+    if any(getattr(g, "stacked", None) is None or not views_of(g.stacked, [x.weight for x in g.inputs().values()])
+           for g in gdns):
+        stack_projections(model)
+    rows, keep, conv_size, gdn_eps = [], [], 0, 1e-6
+    for i, layer in enumerate(layers):
+        a, mlp = layer.self_attn, layer.mlp
+        gu = stacked_weight(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
+        if isinstance(a, GatedDeltaNet):
+            S, conv = states.get(i, (None, None))
+            if S is None or S.shape[0] != batch or S.dtype != torch.float32 or not S.is_contiguous():
+                raise ValueError(f"layer {i}: no fp32 GDN state for batch {batch} in the cache (prefill it first)")
+            if conv is not None and not conv.is_contiguous():
+                conv = conv.contiguous()
+                states[i] = (S, conv)
+            w_in = a.stacked
+            conv_size, gdn_eps = a.conv_size, a.norm_eps
+            cw = a.conv.weight.contiguous() if a.conv_size else S
+            extra = [S, conv if conv is not None else S, cw, a.A_log, a.dt_bias, a.o_norm]
+        else:
+            kv = cache.layers[i]
+            K, V = kv.keys, kv.values
+            if K is None or K.shape[:2] != (batch, HKV) or K.shape[-1] != D or not (K.is_contiguous() and V.is_contiguous()):
+                raise ValueError(f"layer {i}: the cache holds no contiguous [B, Hkv, L, D] keys for batch {batch}")
+            w_in = stacked_weight(a, "qkv_stacked", [a.q_proj, a.k_proj, a.v_proj])
+            extra = [K, V, K, K, K, K]
+        ts = [layer.input_layernorm.weight, w_in, a.o_proj.weight, layer.post_attention_layernorm.weight, gu,
+              mlp.down_proj.weight] + extra
+        if any(t.dtype != dt for t in ts[:6]):
+            raise ValueError(f"layer {i}: weights of more than one dtype")
+        keep += ts
+        rows.append([t.data_ptr() for t in ts] + [w_in.shape[0]])
+    L = max([cache.layers[i].keys.shape[2] for i, l in enumerate(layers) if l.self_attn not in gdns] or [1])
+    tab = torch.tensor(rows, dtype=torch.int64, device=dev)
+    ops = [(OP_EMBED, 0)]
+    for i, layer in enumerate(layers):
+        mix = [(OP_GDN, i)] if isinstance(layer.self_attn, GatedDeltaNet) else [(OP_ATTN, i), (OP_COMBINE, i)]
+        ops += [(OP_IN, i)] + mix + [(OP_OUT, i), (OP_UP, i), (OP_DOWN, i)]
+    ops.append((OP_HEAD, 0))
+    ops = torch.tensor(ops, dtype=torch.int32, device=dev)
+    nprog = programs or (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 3)
+    E, I, V = cfg.hidden_size, cfg.intermediate_size, head.shape[0]
+    NZ = max(r[-1] for r in rows)
+    rep = HQ // HKV
+    BL = 64
+    ns = max(1, nprog // (batch * HKV))
+    per_split = -(-L // (ns * BL)) * BL
+    new = lambda *shape, dtype=dt: torch.zeros(*shape, dtype=dtype, device=dev)
+    h, z, y, u = new(batch, E), new(batch, NZ), new(batch, HQ * D), new(batch, I)
+    acc, m, l = new(batch * HKV * ns * rep, D, dtype=torch.float32), new(batch * HKV * ns * rep, dtype=torch.float32), \
+        new(batch * HKV * ns * rep, dtype=torch.float32)
+    logits, bar = new(batch, V, dtype=torch.float32), new(1, dtype=torch.int32)
+    inv_freq = rotary.inv_freq.float().contiguous()
+    st = new(1, dtype=torch.float32)
+    eps = layers[0].input_layernorm.variance_epsilon
+    attn = next((l.self_attn for l in layers if l.self_attn not in gdns), None)
+    scale = attn.scaling if attn is not None else D ** -0.5
+    prec = "ieee" if dt == torch.float32 else "tf32"
+
+    def launch(lo, hi, on):
+        _whole_step_kernel[(nprog,)](
+            ops, lo, hi, bar, tab, ids_flat[0], pos_ref[0], emb, head, model.model.norm.weight, logits, h, z, y, u,
+            acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale), float(eps),
+            float(gdn_eps), batch, E, I, V, NZ, HQ, HKV, HQ, ns, per_split, L, rep, max(16, triton.next_power_of_2(rep)),
+            D, max(16, triton.next_power_of_2(D)), conv_size, max(2, triton.next_power_of_2(max(conv_size - 1, 1))),
+            BL, prec, 16, WS_BN, WS_BK, on, num_warps=4)
+
+    ids_flat, pos_ref = [None], [None]
+
+    def step(ids, pos):
+        ids_flat[0], pos_ref[0] = ids.reshape(-1), pos
+        if sync:
+            bar.zero_()
+            launch(0, ops.shape[0], True)
+        else:
+            for i in range(ops.shape[0]):
+                launch(i, i + 1, False)
+        return logits
+
+    step.tensors = keep                       # the step reads these by address: keep them alive
+    return step
 
 
 def kernel_profile(step):
