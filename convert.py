@@ -462,6 +462,10 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
     p.add_argument("--profile", action="store_true",
                    help="--bench: also record the CUDA kernels of one (uncaptured) decoding step per cell")
+    p.add_argument("--decode-step", default="hf", choices=["hf", "whole", "ops"],
+                   help="--bench: hf: the model's own forward per step (with --decode-attention, --compile); whole: "
+                        "the whole step as one Triton kernel (whole_step_decoder; Llama-shaped models); ops: the "
+                        "same kernel launched once per op, the comparison that shows what its grid barrier buys")
     p.add_argument("--decode-attention", default="flash", choices=["flash", "grouped", "sdpa"],
                    help="--bench: attention of every softmax layer when decoding (flash: one Triton kernel on CUDA, "
                         "grouped in PyTorch elsewhere; grouped: PyTorch, reads the KV cache once; sdpa: HF's)")
@@ -1364,8 +1368,11 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
     if triton is None:
         raise ValueError("the whole-step kernel needs Triton")
     head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    if not (head.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if not _triton_decodes(head):
         raise ValueError("the whole-step kernel runs on CUDA (or on the CPU under TRITON_INTERPRET=1)")
+    if sync and not head.is_cuda:
+        raise ValueError("the whole-step kernel's grid barrier needs a GPU (the interpreter runs one program at a "
+                         "time, so it would wait for ever): use sync=False, one launch per op (--decode-step ops)")
     why = []
     if cfg.model_type not in ("llama", "mistral"):
         why.append(f"model type {cfg.model_type} (Llama-shaped models only: llama, mistral)")
@@ -1483,36 +1490,38 @@ def kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
-def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
+def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False, step_fn=None):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
     (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
     inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
     counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
-    profile: also return kernel_profile of one uncaptured step (else None)."""
+    profile: also return kernel_profile of one uncaptured step (else None).
+    step_fn: decode with step_fn(ids, pos) (whole_step_decoder) instead of the model's forward."""
     B = next_ids.shape[0]
-    if compile_step:
+    if compile_step and step_fn is None:
         model = torch.compile(model, dynamic=False, options={"combo_kernels": True})
     kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
+    forward = (lambda: step_fn(next_ids, pos)) if step_fn else (lambda: model(next_ids, **kw()))
     cuda = next_ids.is_cuda
     if cuda and graphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):                                      # warm-up, as capture requires
-                model(next_ids, **kw())
+                forward()
                 pos.add_(1)
         torch.cuda.current_stream().wait_stream(stream)
-        kernels = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1))) if profile else None
+        kernels = kernel_profile(lambda: (forward(), pos.add_(1))) if profile else None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            model(next_ids, **kw())
+            forward()
             pos.add_(1)
         step = graph.replay
     else:
         def step():
-            model(next_ids, **kw())
+            forward()
             pos.add_(1)
         for _ in range(2):
             step()
@@ -1534,7 +1543,8 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False):
+def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False,
+              decode_step="hf"):
     """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
 
     Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
@@ -1562,8 +1572,9 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
         out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
+    step_fn = None if decode_step == "hf" else whole_step_decoder(model, cache, B, sync=decode_step == "whole")
     step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
-                                compile_step, profile)
+                                compile_step, profile, step_fn)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
@@ -1580,6 +1591,8 @@ def run_bench(args):
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
+    if args.decode_step != "hf" and not (args.device == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+        raise ValueError(f"--decode-step {args.decode_step} runs Triton: on CUDA, or on the CPU under TRITON_INTERPRET=1")
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
@@ -1600,7 +1613,7 @@ def run_bench(args):
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
-                                  compile_step=args.compile, profile=args.profile)
+                                  compile_step=args.compile, profile=args.profile, decode_step=args.decode_step)
                 except torch.cuda.OutOfMemoryError:
                     largest = fits.get((name, B))
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
@@ -1615,7 +1628,7 @@ def run_bench(args):
                 rows.append(r)
         model.to("cpu")
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
-              "decode_attention": args.decode_attention, "compiled_step": args.compile,
+              "decode_attention": args.decode_attention, "compiled_step": args.compile, "decode_step": args.decode_step,
               "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
@@ -1625,7 +1638,7 @@ def run_bench(args):
 def bench_markdown(r):
     bw = r["bandwidth_bytes_s"]
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
-             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
+             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, decode step {r.get('decode_step', 'hf')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
              "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "
