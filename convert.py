@@ -1170,11 +1170,11 @@ if triton is not None:
         return tl.load(tab + layer * 13 + j).to(tl.pointer_type(like.dtype.element_ty))
 
     @triton.jit
-    def _rms(x_ptr, B, E, eps, BM: tl.constexpr, BK: tl.constexpr):
+    def _rms(x_ptr, B, E: tl.constexpr, eps, BM: tl.constexpr, BK: tl.constexpr):
         """1 / rms of each of the B rows of x [B, E] (fp32)."""
         rm = tl.arange(0, BM)
         ss = tl.zeros([BM], tl.float32)
-        for k0 in range(0, E, BK):
+        for k0 in tl.static_range(0, E, BK):
             rk = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rm[:, None] * E + rk[None, :], mask=(rm < B)[:, None] & (rk < E)[None, :],
                         other=0.0, cache_modifier=".cg").to(tl.float32)
@@ -1182,13 +1182,15 @@ if triton is not None:
         return tl.rsqrt(ss / E + eps)
 
     @triton.jit
-    def _rows_times_wt(x_ptr, B, K, w_ptr, n0, N, r, nw_ptr, NORM: tl.constexpr, PREC: tl.constexpr,
+    def _rows_times_wt(x_ptr, B, K: tl.constexpr, w_ptr, n0, N, r, nw_ptr, NORM: tl.constexpr, PREC: tl.constexpr,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         """x [B, K] (each row RMS-normed first when NORM: (x r).to(dtype) * w_norm, as HF's RMSNorm
-        rounds) times rows n0..n0+BN of W [N, K], transposed: [BM, BN] fp32."""
+        rounds) times rows n0..n0+BN of W [N, K], transposed: [BM, BN] fp32. The loop over K is
+        unrolled (K is a compile-time constant), so every block's loads can be in flight at once: a
+        weight read from HBM waits ~1 us, and K/BK of those one after another would be most of a stage."""
         rm, rn = tl.arange(0, BM), n0 + tl.arange(0, BN)
         acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in tl.static_range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm < B)[:, None] & (rk < K)[None, :],
                         other=0.0, cache_modifier=".cg")
@@ -1211,7 +1213,7 @@ if triton is not None:
         return x * (tl.cos(f) * rope_scale)[None, :] + other * (sign * tl.sin(f) * rope_scale)[None, :]
 
     @triton.jit
-    def _add_rows_times_wt(h_ptr, x_ptr, B, K, E, w, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    def _add_rows_times_wt(h_ptr, x_ptr, B, K: tl.constexpr, E: tl.constexpr, w, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            BK: tl.constexpr):
         """h += x W^T (x [B, K], W [E, K]), the product rounded before the add as HF's residual is."""
         pid, nprog = tl.program_id(0), tl.num_programs(0)
@@ -1227,8 +1229,8 @@ if triton is not None:
     @triton.jit
     def _whole_step_kernel(ops_ptr, op_lo, op_hi, bar_ptr, tab, ids_ptr, pos_ptr, emb_ptr, head_ptr, fnorm_ptr,
                            logits_ptr, h_ptr, z_ptr, y_ptr, u_ptr, acc_ptr, m_ptr, l_ptr, invf_ptr, st_ptr,
-                           rope_scale, scale, eps, gdn_eps, B, E, I, V, NZ, HQ, HKV, HG, NS, per_split, L,
-                           REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                           rope_scale, scale, eps, gdn_eps, B, E: tl.constexpr, I: tl.constexpr, V, NZ,
+                           HQ: tl.constexpr, HKV, HG, NS, per_split, L, REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                            W: tl.constexpr, WP: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYNC: tl.constexpr):
         pid, nprog = tl.program_id(0), tl.num_programs(0)
@@ -1260,7 +1262,7 @@ if triton is not None:
                     gdn_head_step(b, hh, z_ptr + b * NZ, conv + b * 3 * HG * D * (W - 1), _addr(tab, layer, 8, emb_ptr),
                                   _addr(tab, layer, 9, emb_ptr), _addr(tab, layer, 10, emb_ptr),
                                   _addr(tab, layer, 11, emb_ptr), _addr(tab, layer, 6, st_ptr), y_ptr,
-                                  scale, gdn_eps, HG, W - 1, 1, D, BD, W, WP)
+                                  scale, gdn_eps, HG, W - 1, 1, D, BD, W, WP, ".cg")
             elif kind == 3:                                                     # ATTN: one split
                 kc, vc = _addr(tab, layer, 6, emb_ptr), _addr(tab, layer, 7, emb_ptr)
                 for t in range(pid, B * HKV * NS, nprog):
@@ -1435,45 +1437,59 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
         ops += [(OP_IN, i)] + mix + [(OP_OUT, i), (OP_UP, i), (OP_DOWN, i)]
     ops.append((OP_HEAD, 0))
     ops = torch.tensor(ops, dtype=torch.int32, device=dev)
-    nprog = programs or (torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 3)
     E, I, V = cfg.hidden_size, cfg.intermediate_size, head.shape[0]
     NZ = max(r[-1] for r in rows)
-    rep = HQ // HKV
-    BL = 64
-    ns = max(1, nprog // (batch * HKV))
-    per_split = -(-L // (ns * BL)) * BL
+    rep, BL = HQ // HKV, 128
     new = lambda *shape, dtype=dt: torch.zeros(*shape, dtype=dtype, device=dev)
     h, z, y, u = new(batch, E), new(batch, NZ), new(batch, HQ * D), new(batch, I)
-    acc, m, l = new(batch * HKV * ns * rep, D, dtype=torch.float32), new(batch * HKV * ns * rep, dtype=torch.float32), \
-        new(batch * HKV * ns * rep, dtype=torch.float32)
-    logits, bar = new(batch, V, dtype=torch.float32), new(1, dtype=torch.int32)
+    logits, bar, st = new(batch, V, dtype=torch.float32), new(1, dtype=torch.int32), new(1, dtype=torch.float32)
     inv_freq = rotary.inv_freq.float().contiguous()
-    st = new(1, dtype=torch.float32)
     eps = layers[0].input_layernorm.variance_epsilon
     attn = next((l.self_attn for l in layers if l.self_attn not in gdns), None)
     scale = attn.scaling if attn is not None else D ** -0.5
-    prec = "ieee" if dt == torch.float32 else "tf32"
+    ids_now, pos_now = [h.new_zeros(batch, dtype=torch.int64)], [h.new_zeros(1, dtype=torch.int64)]
 
-    def launch(lo, hi, on):
-        _whole_step_kernel[(nprog,)](
-            ops, lo, hi, bar, tab, ids_flat[0], pos_ref[0], emb, head, model.model.norm.weight, logits, h, z, y, u,
-            acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale), float(eps),
-            float(gdn_eps), batch, E, I, V, NZ, HQ, HKV, HQ, ns, per_split, L, rep, max(16, triton.next_power_of_2(rep)),
-            D, max(16, triton.next_power_of_2(D)), conv_size, max(2, triton.next_power_of_2(max(conv_size - 1, 1))),
-            BL, prec, 16, WS_BN, WS_BK, on, num_warps=4)
+    def launch(lo, hi, on, nprog, parts):
+        ns, per_split, acc, m, l = parts
+        args = (step.ops, lo, hi, bar, tab, ids_now[0], pos_now[0], emb, head, model.model.norm.weight, logits,
+                h, z, y, u, acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale),
+                float(eps), float(gdn_eps), batch, E, I, V, NZ, HQ, HKV, HQ, ns, per_split, L, rep,
+                max(16, triton.next_power_of_2(rep)), D, max(16, triton.next_power_of_2(D)), conv_size,
+                max(2, triton.next_power_of_2(max(conv_size - 1, 1))), BL,
+                "ieee" if dt == torch.float32 else "tf32", 16, WS_BN, WS_BK, on)
+        return _whole_step_kernel[(nprog,)](*args, num_warps=4)
 
-    ids_flat, pos_ref = [None], [None]
+    def splits(nprog):
+        """Attention: one split of the cache per program, as near as the (sequence, KV head) pairs allow."""
+        ns = max(1, nprog // (batch * HKV))
+        n = batch * HKV * ns * rep
+        return ns, -(-L // (ns * BL)) * BL, new(n, D, dtype=torch.float32), new(n, dtype=torch.float32), \
+            new(n, dtype=torch.float32)
+
+    # As many programs as can be resident at once (the barrier waits for all of them: one that is not
+    # running yet would never arrive), at most two per SM; read off the compiled kernel's registers
+    # and shared memory. The interpreter: a few programs, to exercise the loops over work items.
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        k = launch(0, 0, sync, 1, splits(1))                                # compiles; runs no op
+        per_sm = min(2, 65536 // max(1, k.n_regs * 32 * 4),
+                     getattr(props, "shared_memory_per_multiprocessor", 232448) // max(1, k.metadata.shared))
+        nprog = programs or props.multi_processor_count * max(1, per_sm)
+    else:
+        nprog = programs or 3
+    parts = splits(nprog)
 
     def step(ids, pos):
-        ids_flat[0], pos_ref[0] = ids.reshape(-1), pos
+        ids_now[0], pos_now[0] = ids.reshape(-1), pos
         if sync:
             bar.zero_()
-            launch(0, ops.shape[0], True)
+            launch(0, step.ops.shape[0], True, nprog, parts)
         else:
-            for i in range(ops.shape[0]):
-                launch(i, i + 1, False)
+            for i in range(step.ops.shape[0]):
+                launch(i, i + 1, False, nprog, parts)
         return logits
 
+    step.ops, step.programs = ops, nprog
     step.tensors = keep                       # the step reads these by address: keep them alive
     return step
 
