@@ -1449,9 +1449,9 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
     scale = attn.scaling if attn is not None else D ** -0.5
     ids_now, pos_now = [h.new_zeros(batch, dtype=torch.int64)], [h.new_zeros(1, dtype=torch.int64)]
 
-    def launch(lo, hi, on, nprog, parts):
+    def launch(ops, lo, hi, on, nprog, parts):
         ns, per_split, acc, m, l = parts
-        args = (step.ops, lo, hi, bar, tab, ids_now[0], pos_now[0], emb, head, model.model.norm.weight, logits,
+        args = (ops, lo, hi, bar, tab, ids_now[0], pos_now[0], emb, head, model.model.norm.weight, logits,
                 h, z, y, u, acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale),
                 float(eps), float(gdn_eps), batch, E, I, V, NZ, HQ, HKV, HQ, ns, per_split, L, rep,
                 max(16, triton.next_power_of_2(rep)), D, max(16, triton.next_power_of_2(D)), conv_size,
@@ -1471,7 +1471,7 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
     # and shared memory. The interpreter: a few programs, to exercise the loops over work items.
     if dev.type == "cuda":
         props = torch.cuda.get_device_properties(dev)
-        k = launch(0, 0, sync, 1, splits(1))                                # compiles; runs no op
+        k = launch(ops, 0, 0, sync, 1, splits(1))                                # compiles; runs no op
         per_sm = min(2, 65536 // max(1, k.n_regs * 32 * 4),
                      getattr(props, "shared_memory_per_multiprocessor", 232448) // max(1, k.metadata.shared))
         nprog = programs or props.multi_processor_count * max(1, per_sm)
@@ -1483,10 +1483,10 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
         ids_now[0], pos_now[0] = ids.reshape(-1), pos
         if sync:
             bar.zero_()
-            launch(0, step.ops.shape[0], True, nprog, parts)
+            launch(step.ops, 0, step.ops.shape[0], True, nprog, parts)
         else:
             for i in range(step.ops.shape[0]):
-                launch(i, i + 1, False, nprog, parts)
+                launch(step.ops, i, i + 1, False, nprog, parts)
         return logits
 
     step.ops, step.programs = ops, nprog
