@@ -1230,14 +1230,14 @@ if triton is not None:
     def _whole_step_kernel(ops_ptr, op_lo, op_hi, bar_ptr, tab, ids_ptr, pos_ptr, emb_ptr, head_ptr, fnorm_ptr,
                            logits_ptr, h_ptr, z_ptr, y_ptr, u_ptr, acc_ptr, m_ptr, l_ptr, invf_ptr, st_ptr,
                            rope_scale, scale, eps, gdn_eps, B, E: tl.constexpr, I: tl.constexpr, V, NZ,
-                           HQ: tl.constexpr, HKV, HG, NS, per_split, L, REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+                           HQ: tl.constexpr, HQD: tl.constexpr, HKV, HG, NS, per_split, L,
+                           REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
                            W: tl.constexpr, WP: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
                            BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYNC: tl.constexpr):
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         pos = tl.load(pos_ptr)
         rm, rd, rr = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, RP)
         live_m, live_d, live_r = rm < B, rd < D, rr < REP
-        HQD = HQ * D
         for op in range(op_lo, op_hi):
             kind, layer = tl.load(ops_ptr + 2 * op), tl.load(ops_ptr + 2 * op + 1)
             if kind == 0:                                                       # EMBED
@@ -1453,7 +1453,7 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
         ns, per_split, acc, m, l = parts
         args = (ops, lo, hi, bar, tab, ids_now[0], pos_now[0], emb, head, model.model.norm.weight, logits,
                 h, z, y, u, acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale),
-                float(eps), float(gdn_eps), batch, E, I, V, NZ, HQ, HKV, HQ, ns, per_split, L, rep,
+                float(eps), float(gdn_eps), batch, E, I, V, NZ, HQ, HQ * D, HKV, HQ, ns, per_split, L, rep,
                 max(16, triton.next_power_of_2(rep)), D, max(16, triton.next_power_of_2(D)), conv_size,
                 max(2, triton.next_power_of_2(max(conv_size - 1, 1))), BL,
                 "ieee" if dt == torch.float32 else "tf32", 16, WS_BN, WS_BK, on)
