@@ -1232,8 +1232,8 @@ if triton is not None:
                            rope_scale, scale, eps, gdn_eps, B, E: tl.constexpr, I: tl.constexpr, V, NZ,
                            HQ: tl.constexpr, HQD: tl.constexpr, HKV, HG, NS, per_split, L,
                            REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                           W: tl.constexpr, WP: tl.constexpr, BL: tl.constexpr, PREC: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYNC: tl.constexpr):
+                           W: tl.constexpr, WP: tl.constexpr, BL: tl.constexpr, NSP: tl.constexpr,
+                           PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYNC: tl.constexpr):
         pid, nprog = tl.program_id(0), tl.num_programs(0)
         pos = tl.load(pos_ptr)
         rm, rd, rr = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, RP)
@@ -1292,33 +1292,36 @@ if triton is not None:
                     tl.store(m_ptr + row, m, mask=live_r)
                     tl.store(l_ptr + row, l, mask=live_r)
             elif kind == 4:                                                     # COMBINE
+                # per query head: its splits' partial softmaxes and the new token's own key, merged
+                #   o = (sum_s e^(m_s - M) acc_s + e^(s_new - M) v_new) / (sum_s e^(m_s - M) l_s + e^(s_new - M))
+                # all splits loaded at once (a loop over them would wait on L2 once per split)
                 kc, vc = _addr(tab, layer, 6, emb_ptr), _addr(tab, layer, 7, emb_ptr)
-                for t in range(pid, B * HKV, nprog):
-                    b, hk = t // HKV, t % HKV
-                    mask = live_r[:, None] & live_d[None, :]
-                    q = _rope(z_ptr + b * NZ, hk * REP + rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, mask)
-                    k = _rope(z_ptr + b * NZ + HQD, hk + 0 * rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, mask)
-                    k = k.to(z_ptr.dtype.element_ty)
-                    v = tl.load(z_ptr + b * NZ + HQD + HKV * D + hk * D + rd, mask=live_d, other=0.0, cache_modifier=".cg")
-                    # the new token's own score first, then each split's partial softmax merged in
-                    q = q.to(z_ptr.dtype.element_ty).to(tl.float32)
-                    m = tl.sum(q * k.to(tl.float32), axis=1) * scale                               # [RP]
-                    l = tl.full([RP], 1.0, tl.float32)
-                    acc = tl.zeros([RP, BD], tl.float32) + v.to(tl.float32)[None, :]
-                    for s in range(NS):
-                        row = (t * NS + s) * REP + rr
-                        ms = tl.load(m_ptr + row, mask=live_r, other=-1e30, cache_modifier=".cg")
-                        m_new = tl.maximum(m, ms)
-                        a, c = tl.exp(m - m_new), tl.exp(ms - m_new)
-                        acc = acc * a[:, None] + c[:, None] * tl.load(acc_ptr + row[:, None] * D + rd[None, :],
-                                                                      mask=mask, other=0.0, cache_modifier=".cg")
-                        l = l * a + c * tl.load(l_ptr + row, mask=live_r, other=0.0, cache_modifier=".cg")
-                        m = m_new
-                    tl.store(y_ptr + b * HQD + (hk * REP + rr)[:, None] * D + rd[None, :],
-                             (acc / l[:, None]).to(y_ptr.dtype.element_ty), mask=mask)
+                sp = tl.arange(0, NSP)
+                live_s = sp < NS
+                first = (rr == 0)[:, None] & live_d[None, :]
+                for t in range(pid, B * HQ, nprog):
+                    b, hq = t // HQ, t % HQ
+                    hk = hq // REP
+                    q = _rope(z_ptr + b * NZ, hq + 0 * rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, first)
+                    k = _rope(z_ptr + b * NZ + HQD, hk + 0 * rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, first)
+                    q = tl.sum(q, axis=0).to(z_ptr.dtype.element_ty).to(tl.float32)         # row 0 only: [BD]
+                    k = tl.sum(k, axis=0).to(z_ptr.dtype.element_ty)
+                    v = tl.load(z_ptr + b * NZ + HQD + HKV * D + hk * D + rd, mask=live_d, other=0.0,
+                                cache_modifier=".cg")
+                    s_new = tl.sum(q * k.to(tl.float32), axis=0) * scale
+                    row = ((b * HKV + hk) * NS + sp) * REP + hq % REP
+                    ms = tl.load(m_ptr + row, mask=live_s, other=-1e30, cache_modifier=".cg")
+                    M = tl.maximum(tl.max(ms, axis=0), s_new)
+                    ws, wn = tl.where(live_s, tl.exp(ms - M), 0.0), tl.exp(s_new - M)
+                    parts = tl.load(acc_ptr + row[:, None] * D + rd[None, :], mask=live_s[:, None] & live_d[None, :],
+                                    other=0.0, cache_modifier=".cg")
+                    num = tl.sum(ws[:, None] * parts, axis=0) + wn * v.to(tl.float32)
+                    den = tl.sum(ws * tl.load(l_ptr + row, mask=live_s, other=0.0, cache_modifier=".cg"), axis=0) + wn
+                    tl.store(y_ptr + b * HQD + hq * D + rd, (num / den).to(y_ptr.dtype.element_ty), mask=live_d)
                     at = (b * HKV + hk) * L * D + pos * D + rd
-                    tl.store(kc + at + 0 * rr[:, None] * D, k, mask=(rr == 0)[:, None] & live_d[None, :])
-                    tl.store(vc + at, v, mask=live_d)
+                    mine = live_d & (hq % REP == 0)                  # one query head per KV head writes the cache
+                    tl.store(kc + at, k, mask=mine)
+                    tl.store(vc + at, v, mask=mine)
             elif kind == 5:                                                     # OUT
                 _add_rows_times_wt(h_ptr, y_ptr, B, HQD, E, _addr(tab, layer, 2, emb_ptr), PREC, BM, BN, BK)
             elif kind == 7:                                                     # DOWN
@@ -1455,7 +1458,7 @@ def whole_step_decoder(model, cache, batch, sync=True, programs=None):
                 h, z, y, u, acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale),
                 float(eps), float(gdn_eps), batch, E, I, V, NZ, HQ, HQ * D, HKV, HQ, ns, per_split, L, rep,
                 max(16, triton.next_power_of_2(rep)), D, max(16, triton.next_power_of_2(D)), conv_size,
-                max(2, triton.next_power_of_2(max(conv_size - 1, 1))), BL,
+                max(2, triton.next_power_of_2(max(conv_size - 1, 1))), BL, triton.next_power_of_2(ns),
                 "ieee" if dt == torch.float32 else "tf32", 16, WS_BN, WS_BK, on)
         return _whole_step_kernel[(nprog,)](*args, num_warps=4)
 

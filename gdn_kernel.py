@@ -840,7 +840,7 @@ if triton is not None:
 
     @triton.jit
     def gdn_head_step(b, h, z, conv, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps, H, sc_c, sc_t,
-                    D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CM: tl.constexpr = ""):
+                    D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CM: tl.constexpr):
         """The step of sequence b, head h: z and conv point at row b of the projection and of the conv
         state; s_ptr, y_ptr at the whole state [B, H, D, D] and output [B, H*D]. A function of its
         own so that convert.py's whole-step decoding kernel runs the same lines; it passes CM = ".cg"
@@ -872,7 +872,7 @@ if triton is not None:
                            D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
         b, h = tl.program_id(0) // H, tl.program_id(0) % H
         gdn_head_step(b, h, z_ptr + b * sz_b, conv_ptr + b * sc_b, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr,
-                    scale, eps, H, sc_c, sc_t, D, BD, W, WP)
+                    scale, eps, H, sc_c, sc_t, D, BD, W, WP, "")
 
 
 def gdn_layer_step_usable(z, state):
