@@ -462,10 +462,6 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
     p.add_argument("--profile", action="store_true",
                    help="--bench: also record the CUDA kernels of one (uncaptured) decoding step per cell")
-    p.add_argument("--decode-step", default="hf", choices=["hf", "whole", "ops"],
-                   help="--bench: hf: the model's own forward per step (with --decode-attention, --compile); whole: "
-                        "the whole step as one Triton kernel (whole_step_decoder; Llama-shaped models); ops: the "
-                        "same kernel launched once per op, the comparison that shows what its grid barrier buys")
     p.add_argument("--decode-attention", default="flash", choices=["flash", "grouped", "sdpa"],
                    help="--bench: attention of every softmax layer when decoding (flash: one Triton kernel on CUDA, "
                         "grouped in PyTorch elsewhere; grouped: PyTorch, reads the KV cache once; sdpa: HF's)")
@@ -1100,401 +1096,12 @@ def use_decode_mlp(model):
         if act not in GLU_ACTS or gate is None or up is None or gate.bias is not None or up.bias is not None \
                 or not hasattr(mlp, "down_proj"):
             continue
-        stacked_weight(mlp, "gate_up", [gate, up])
+        w = torch.cat([gate.weight.detach(), up.weight.detach()])
+        gate.weight.data, up.weight.data = w[:gate.out_features], w[gate.out_features:]
+        mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along
         mlp.glu_act = act
         mlp.forward = types.MethodType(_decode_mlp_forward, mlp)
     return model
-
-
-# ==============================================================================================
-# The whole decoding step as one kernel (--bench --whole-step).
-#
-# Even compiled and captured in a CUDA graph, HF's decoding step is ~10 kernels a layer, and on an
-# H100 a launch that depends on the one before costs ~4 us however little it reads (a cold 0.7 MB
-# product takes as long as a 2.7 MB one): at 30 layers that is ~1.2 ms, where SmolLM2's weights
-# take 0.09 ms to stream. So the step is written here as one persistent kernel: as many programs as
-# the GPU has SMs, each looping over the step's work items, the stages separated by a grid-wide
-# barrier (every program counts itself in on one counter and waits for the count) instead of a
-# kernel boundary. A step is a list of ops, each a stage of one layer:
-#
-#     EMBED                      h = E[ids]                                 (h: the residual stream)
-#     per layer:  IN             z = RMSNorm(h) W_in^T                      W_in = [W_q; W_k; W_v] for
-#                                                                           softmax attention, GDN's
-#                                                                           stacked six for GDN
-#                 GDN            y = gdn_head_step(z) per (sequence, head)  (gdn_kernel.py; the state
-#                                                                           updated in place)
-#              or ATTN           RoPE(q), then flash-decoding over the cache, one split per item
-#                 COMBINE        merge the splits and the new token's own key, write k, v to the cache
-#                 OUT            h += y W_o^T
-#                 UP             u = SiLU(RMSNorm(h) W_gate^T) * (RMSNorm(h) W_up^T)
-#                 DOWN           h += u W_down^T
-#     HEAD                       logits = RMSNorm(h) W_head^T
-#
-# Products are split over row blocks of the weight (BN rows per item, all sequences at once as the
-# rows of a small tensor-core product), so every stage spreads over all SMs. Each op is followed by
-# the barrier; with SYNC off the host launches the kernel once per op instead (the barrier is then
-# the kernel boundary: the interpreter runs programs one after another, so a barrier would wait for
-# ever there, and the per-op launches are the comparison that shows what the barrier buys).
-# Weights, caches and states are reached through a table of addresses per layer, so one compiled
-# kernel serves every layer. Llama-shaped models only (RMSNorm, no biases, rotary positions, SiLU
-# MLP), a cache without padding; anything else is refused by whole_step_decoder.
-# ==============================================================================================
-OP_EMBED, OP_IN, OP_GDN, OP_ATTN, OP_COMBINE, OP_OUT, OP_UP, OP_DOWN, OP_HEAD = range(9)
-# Per layer, a row of 13 int64 in the table: the addresses of 0 input norm weight, 1 W_in, 2 W_o,
-# 3 post-attention norm weight, 4 [W_gate; W_up], 5 W_down, then for softmax attention 6, 7 the K and
-# V cache [B, Hkv, L, D], for GDN 6 the state [B, H, D, D] (fp32), 7 the conv state [B, 3HD, W-1],
-# 8 the conv weight, 9 A_log, 10 dt_bias, 11 o_norm; and 12: W_in's row count (not an address).
-TABLE = 13
-WS_BN, WS_BK = 16, 64             # weight rows per work item of a product; inner-dimension block
-
-if triton is not None:
-    from gdn_kernel import gdn_head_step
-
-    @triton.jit
-    def _grid_sync(bar_ptr, target, SYNC: tl.constexpr):
-        """Wait until every program has arrived here (the counter reaches target). Release on the
-        way in makes this program's writes visible to all before it is counted; acquire on the way
-        out makes everyone's visible to it."""
-        if SYNC:
-            tl.debug_barrier()
-            tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-            seen = tl.load(bar_ptr, volatile=True)
-            while seen < target:
-                seen = tl.load(bar_ptr, volatile=True)
-            tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-            tl.debug_barrier()
-
-    @triton.jit
-    def _addr(tab, layer, j, like):
-        """Entry j of `layer`'s address table, as a pointer to like's element type."""
-        return tl.load(tab + layer * 13 + j).to(tl.pointer_type(like.dtype.element_ty))
-
-    @triton.jit
-    def _rms(x_ptr, B, E: tl.constexpr, eps, BM: tl.constexpr, BK: tl.constexpr):
-        """1 / rms of each of the B rows of x [B, E] (fp32)."""
-        rm = tl.arange(0, BM)
-        ss = tl.zeros([BM], tl.float32)
-        for k0 in tl.static_range(0, E, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rm[:, None] * E + rk[None, :], mask=(rm < B)[:, None] & (rk < E)[None, :],
-                        other=0.0, cache_modifier=".cg").to(tl.float32)
-            ss += tl.sum(x * x, axis=1)
-        return tl.rsqrt(ss / E + eps)
-
-    @triton.jit
-    def _rows_times_wt(x_ptr, B, K: tl.constexpr, w_ptr, n0, N, r, nw_ptr, NORM: tl.constexpr, PREC: tl.constexpr,
-                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-        """x [B, K] (each row RMS-normed first when NORM: (x r).to(dtype) * w_norm, as HF's RMSNorm
-        rounds) times rows n0..n0+BN of W [N, K], transposed: [BM, BN] fp32. The loop over K is
-        unrolled (K is a compile-time constant), so every block's loads can be in flight at once: a
-        weight read from HBM waits ~1 us, and K/BK of those one after another would be most of a stage."""
-        rm, rn = tl.arange(0, BM), n0 + tl.arange(0, BN)
-        acc = tl.zeros([BM, BN], tl.float32)
-        for k0 in tl.static_range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm < B)[:, None] & (rk < K)[None, :],
-                        other=0.0, cache_modifier=".cg")
-            if NORM:
-                x = (x.to(tl.float32) * r[:, None]).to(x.dtype) * tl.load(nw_ptr + rk, mask=rk < K, other=0.0)
-            w = tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=(rn < N)[:, None] & (rk < K)[None, :], other=0.0)
-            acc += tl.dot(x, tl.trans(w), input_precision=PREC)
-        return acc
-
-    @triton.jit
-    def _rope(x_ptr, rows, rd, D: tl.constexpr, pos_f, invf_ptr, rope_scale, mask):
-        """Rows of [.., D] vectors at x_ptr + rows * D, rotated by position pos_f (HF's rotate_half
-        form: dims d and d + D/2 are one pair, at frequency inv_freq[d mod D/2]); fp32."""
-        half: tl.constexpr = D // 2
-        x = tl.load(x_ptr + rows[:, None] * D + rd[None, :], mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-        other = tl.load(x_ptr + rows[:, None] * D + ((rd + half) % D)[None, :], mask=mask, other=0.0,
-                        cache_modifier=".cg").to(tl.float32)
-        f = pos_f * tl.load(invf_ptr + rd % half, mask=rd < D, other=0.0)
-        sign = tl.where(rd < half, -1.0, 1.0)
-        return x * (tl.cos(f) * rope_scale)[None, :] + other * (sign * tl.sin(f) * rope_scale)[None, :]
-
-    @triton.jit
-    def _add_rows_times_wt(h_ptr, x_ptr, B, K: tl.constexpr, E: tl.constexpr, w, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                           BK: tl.constexpr):
-        """h += x W^T (x [B, K], W [E, K]), the product rounded before the add as HF's residual is."""
-        pid, nprog = tl.program_id(0), tl.num_programs(0)
-        rm = tl.arange(0, BM)
-        for t in range(pid, tl.cdiv(E, BN), nprog):
-            rn = t * BN + tl.arange(0, BN)
-            acc = _rows_times_wt(x_ptr, B, K, w, t * BN, E, 0.0, w, False, PREC, BM, BN, BK)
-            at = h_ptr + rm[:, None] * E + rn[None, :]
-            mask = (rm < B)[:, None] & (rn < E)[None, :]
-            old = tl.load(at, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(at, (old.to(tl.float32) + acc.to(old.dtype).to(tl.float32)).to(old.dtype), mask=mask)
-
-    @triton.jit
-    def _whole_step_kernel(ops_ptr, op_lo, op_hi, bar_ptr, tab, ids_ptr, pos_ptr, emb_ptr, head_ptr, fnorm_ptr,
-                           logits_ptr, h_ptr, z_ptr, y_ptr, u_ptr, acc_ptr, m_ptr, l_ptr, invf_ptr, st_ptr,
-                           rope_scale, scale, eps, gdn_eps, B, E: tl.constexpr, I: tl.constexpr, V, NZ,
-                           HQ: tl.constexpr, HQD: tl.constexpr, HKV, HG, NS, per_split, L,
-                           REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                           W: tl.constexpr, WP: tl.constexpr, BL: tl.constexpr, NSP: tl.constexpr,
-                           PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SYNC: tl.constexpr):
-        pid, nprog = tl.program_id(0), tl.num_programs(0)
-        pos = tl.load(pos_ptr)
-        rm, rd, rr = tl.arange(0, BM), tl.arange(0, BD), tl.arange(0, RP)
-        live_m, live_d, live_r = rm < B, rd < D, rr < REP
-        for op in range(op_lo, op_hi):
-            kind, layer = tl.load(ops_ptr + 2 * op), tl.load(ops_ptr + 2 * op + 1)
-            if kind == 0:                                                       # EMBED
-                for t in range(pid, B * tl.cdiv(E, BK), nprog):
-                    b, rk = t % B, (t // B) * BK + tl.arange(0, BK)
-                    tok = tl.load(ids_ptr + b)
-                    tl.store(h_ptr + b * E + rk, tl.load(emb_ptr + tok * E + rk, mask=rk < E), mask=rk < E)
-            elif kind == 1:                                                     # IN
-                r = _rms(h_ptr, B, E, eps, BM, BK)
-                n_in = tl.load(tab + layer * 13 + 12).to(tl.int32)
-                w = _addr(tab, layer, 1, emb_ptr)
-                for t in range(pid, tl.cdiv(n_in, BN), nprog):
-                    rn = t * BN + tl.arange(0, BN)
-                    acc = _rows_times_wt(h_ptr, B, E, w, t * BN, n_in, r, _addr(tab, layer, 0, emb_ptr), True, PREC,
-                                         BM, BN, BK)
-                    tl.store(z_ptr + rm[:, None] * NZ + rn[None, :], acc.to(z_ptr.dtype.element_ty),
-                             mask=live_m[:, None] & (rn < n_in)[None, :])
-            elif kind == 2:                                                     # GDN (gdn_kernel.py)
-                conv = _addr(tab, layer, 7, emb_ptr)
-                for t in range(pid, B * HG, nprog):
-                    b, hh = t // HG, t % HG
-                    gdn_head_step(b, hh, z_ptr + b * NZ, conv + b * 3 * HG * D * (W - 1), _addr(tab, layer, 8, emb_ptr),
-                                  _addr(tab, layer, 9, emb_ptr), _addr(tab, layer, 10, emb_ptr),
-                                  _addr(tab, layer, 11, emb_ptr), _addr(tab, layer, 6, st_ptr), y_ptr,
-                                  scale, gdn_eps, HG, W - 1, 1, D, BD, W, WP, ".cg")
-            elif kind == 3:                                                     # ATTN: one split
-                kc, vc = _addr(tab, layer, 6, emb_ptr), _addr(tab, layer, 7, emb_ptr)
-                for t in range(pid, B * HKV * NS, nprog):
-                    b, hk, s = t // (HKV * NS), (t // NS) % HKV, t % NS
-                    q = _rope(z_ptr + b * NZ, hk * REP + rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale,
-                              live_r[:, None] & live_d[None, :]).to(z_ptr.dtype.element_ty)
-                    m = tl.full([RP], -1e30, tl.float32)
-                    l = tl.zeros([RP], tl.float32)
-                    acc = tl.zeros([RP, BD], tl.float32)
-                    base = (b * HKV + hk) * L * D
-                    for start in range(s * per_split, tl.minimum((s + 1) * per_split, pos), BL):
-                        j = start + tl.arange(0, BL)
-                        live = j < pos
-                        kv = live[:, None] & live_d[None, :]
-                        K = tl.load(kc + base + j[:, None] * D + rd[None, :], mask=kv, other=0.0)
-                        sc = tl.dot(q, tl.trans(K), input_precision=PREC) * scale
-                        sc = tl.where(live[None, :], sc, -1e30)
-                        m_new = tl.maximum(m, tl.max(sc, axis=1))
-                        p = tl.where(live[None, :], tl.exp(sc - m_new[:, None]), 0.0)
-                        alpha = tl.exp(m - m_new)
-                        Vb = tl.load(vc + base + j[:, None] * D + rd[None, :], mask=kv, other=0.0)
-                        acc = acc * alpha[:, None] + tl.dot(p.to(Vb.dtype), Vb, input_precision=PREC)
-                        l = l * alpha + tl.sum(p, axis=1)
-                        m = m_new
-                    row = t * REP + rr
-                    tl.store(acc_ptr + row[:, None] * D + rd[None, :], acc, mask=live_r[:, None] & live_d[None, :])
-                    tl.store(m_ptr + row, m, mask=live_r)
-                    tl.store(l_ptr + row, l, mask=live_r)
-            elif kind == 4:                                                     # COMBINE
-                # per query head: its splits' partial softmaxes and the new token's own key, merged
-                #   o = (sum_s e^(m_s - M) acc_s + e^(s_new - M) v_new) / (sum_s e^(m_s - M) l_s + e^(s_new - M))
-                # all splits loaded at once (a loop over them would wait on L2 once per split)
-                kc, vc = _addr(tab, layer, 6, emb_ptr), _addr(tab, layer, 7, emb_ptr)
-                sp = tl.arange(0, NSP)
-                live_s = sp < NS
-                first = (rr == 0)[:, None] & live_d[None, :]
-                for t in range(pid, B * HQ, nprog):
-                    b, hq = t // HQ, t % HQ
-                    hk = hq // REP
-                    q = _rope(z_ptr + b * NZ, hq + 0 * rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, first)
-                    k = _rope(z_ptr + b * NZ + HQD, hk + 0 * rr, rd, D, pos.to(tl.float32), invf_ptr, rope_scale, first)
-                    q = tl.sum(q, axis=0).to(z_ptr.dtype.element_ty).to(tl.float32)         # row 0 only: [BD]
-                    k = tl.sum(k, axis=0).to(z_ptr.dtype.element_ty)
-                    v = tl.load(z_ptr + b * NZ + HQD + HKV * D + hk * D + rd, mask=live_d, other=0.0,
-                                cache_modifier=".cg")
-                    s_new = tl.sum(q * k.to(tl.float32), axis=0) * scale
-                    row = ((b * HKV + hk) * NS + sp) * REP + hq % REP
-                    ms = tl.load(m_ptr + row, mask=live_s, other=-1e30, cache_modifier=".cg")
-                    M = tl.maximum(tl.max(ms, axis=0), s_new)
-                    ws, wn = tl.where(live_s, tl.exp(ms - M), 0.0), tl.exp(s_new - M)
-                    parts = tl.load(acc_ptr + row[:, None] * D + rd[None, :], mask=live_s[:, None] & live_d[None, :],
-                                    other=0.0, cache_modifier=".cg")
-                    num = tl.sum(ws[:, None] * parts, axis=0) + wn * v.to(tl.float32)
-                    den = tl.sum(ws * tl.load(l_ptr + row, mask=live_s, other=0.0, cache_modifier=".cg"), axis=0) + wn
-                    tl.store(y_ptr + b * HQD + hq * D + rd, (num / den).to(y_ptr.dtype.element_ty), mask=live_d)
-                    at = (b * HKV + hk) * L * D + pos * D + rd
-                    mine = live_d & (hq % REP == 0)                  # one query head per KV head writes the cache
-                    tl.store(kc + at, k, mask=mine)
-                    tl.store(vc + at, v, mask=mine)
-            elif kind == 5:                                                     # OUT
-                _add_rows_times_wt(h_ptr, y_ptr, B, HQD, E, _addr(tab, layer, 2, emb_ptr), PREC, BM, BN, BK)
-            elif kind == 7:                                                     # DOWN
-                _add_rows_times_wt(h_ptr, u_ptr, B, I, E, _addr(tab, layer, 5, emb_ptr), PREC, BM, BN, BK)
-            elif kind == 6:                                                     # UP
-                r = _rms(h_ptr, B, E, eps, BM, BK)
-                w, nw = _addr(tab, layer, 4, emb_ptr), _addr(tab, layer, 3, emb_ptr)
-                for t in range(pid, tl.cdiv(I, BN), nprog):
-                    rn = t * BN + tl.arange(0, BN)
-                    g = _rows_times_wt(h_ptr, B, E, w, t * BN, I, r, nw, True, PREC, BM, BN, BK)
-                    up = _rows_times_wt(h_ptr, B, E, w + I * E, t * BN, I, r, nw, True, PREC, BM, BN, BK)
-                    g = g.to(u_ptr.dtype.element_ty).to(tl.float32)
-                    tl.store(u_ptr + rm[:, None] * I + rn[None, :], (g * tl.sigmoid(g) * up).to(u_ptr.dtype.element_ty),
-                             mask=live_m[:, None] & (rn < I)[None, :])
-            else:                                                               # HEAD
-                r = _rms(h_ptr, B, E, eps, BM, BK)
-                for t in range(pid, tl.cdiv(V, BN), nprog):
-                    rn = t * BN + tl.arange(0, BN)
-                    acc = _rows_times_wt(h_ptr, B, E, head_ptr, t * BN, V, r, fnorm_ptr, True, PREC, BM, BN, BK)
-                    tl.store(logits_ptr + rm[:, None] * V + rn[None, :], acc, mask=live_m[:, None] & (rn < V)[None, :])
-            _grid_sync(bar_ptr, (op - op_lo + 1) * nprog, SYNC)
-
-
-def stacked_weight(module, name, linears):
-    """One stored matrix whose row blocks *are* the weights of `linears` (each becomes a view into it:
-    no copy, no extra memory), kept on `module` as the non-persistent buffer `name` (.to() takes it
-    along). An existing stack is reused while the weights are still its views."""
-    w = getattr(module, name, None)
-    weights = [lin.weight for lin in linears]
-    if w is not None and views_of(w, weights):
-        return w
-    w = torch.cat([x.detach() for x in weights])
-    i = 0
-    for lin in linears:
-        lin.weight.data = w[i:i + lin.out_features]
-        i += lin.out_features
-    module.register_buffer(name, w, persistent=False)
-    return w
-
-
-def whole_step_decoder(model, cache, batch, sync=True, programs=None):
-    """A decoding step of `model` (teacher or hybrid, Llama-shaped) through _whole_step_kernel, reading
-    and updating `cache` (a StaticCache that HF's forward has filled, no padding): returns
-    step(ids [B, 1], pos [1]) -> logits [B, V] fp32, for the token ids at position pos (tensors, so
-    the step can be captured in a CUDA graph and replayed). sync=False: one launch per op instead of
-    the grid barrier (what the CPU interpreter runs). Refuses, with the reason, what it does not fit."""
-    from gdn import GatedDeltaNet, decoder_layers, gdn_states
-    cfg = model.config
-    if triton is None:
-        raise ValueError("the whole-step kernel needs Triton")
-    head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight
-    if not _triton_decodes(head):
-        raise ValueError("the whole-step kernel runs on CUDA (or on the CPU under TRITON_INTERPRET=1)")
-    if sync and not head.is_cuda:
-        raise ValueError("the whole-step kernel's grid barrier needs a GPU (the interpreter runs one program at a "
-                         "time, so it would wait for ever): use sync=False, one launch per op (--decode-step ops)")
-    why = []
-    if cfg.model_type not in ("llama", "mistral"):
-        why.append(f"model type {cfg.model_type} (Llama-shaped models only: llama, mistral)")
-    if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
-        why.append("biases in attention or MLP")
-    if getattr(cfg, "hidden_act", None) not in ("silu", "swish"):
-        why.append(f"MLP activation {getattr(cfg, 'hidden_act', None)} (SiLU only)")
-    if getattr(cfg, "sliding_window", None):
-        why.append("a sliding attention window")
-    if not 1 <= batch <= 16:
-        why.append(f"batch {batch} (1 to 16 sequences)")
-    rotary = getattr(model.model, "rotary_emb", None)
-    if rotary is None or not hasattr(rotary, "inv_freq"):
-        why.append("no rotary embedding with inv_freq")
-    HQ, HKV = cfg.num_attention_heads, cfg.num_key_value_heads
-    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // HQ
-    if D > 128:
-        why.append(f"head dim {D} (at most 128)")
-    if why:
-        raise ValueError("whole-step decoding does not fit this model: " + "; ".join(why))
-    dev, dt = head.device, head.dtype
-    layers, states = decoder_layers(model), getattr(cache, "gdn_state", {})
-    gdns = [l.self_attn for l in layers if isinstance(l.self_attn, GatedDeltaNet)]
-    if any(getattr(g, "stacked", None) is None or not views_of(g.stacked, [x.weight for x in g.inputs().values()])
-           for g in gdns):
-        stack_projections(model)
-    rows, keep, conv_size, gdn_eps = [], [], 0, 1e-6
-    for i, layer in enumerate(layers):
-        a, mlp = layer.self_attn, layer.mlp
-        gu = stacked_weight(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
-        if isinstance(a, GatedDeltaNet):
-            S, conv = states.get(i, (None, None))
-            if S is None or S.shape[0] != batch or S.dtype != torch.float32 or not S.is_contiguous():
-                raise ValueError(f"layer {i}: no fp32 GDN state for batch {batch} in the cache (prefill it first)")
-            if conv is not None and not conv.is_contiguous():
-                conv = conv.contiguous()
-                states[i] = (S, conv)
-            w_in = a.stacked
-            conv_size, gdn_eps = a.conv_size, a.norm_eps
-            cw = a.conv.weight.contiguous() if a.conv_size else S
-            extra = [S, conv if conv is not None else S, cw, a.A_log, a.dt_bias, a.o_norm]
-        else:
-            kv = cache.layers[i]
-            K, V = kv.keys, kv.values
-            if K is None or K.shape[:2] != (batch, HKV) or K.shape[-1] != D or not (K.is_contiguous() and V.is_contiguous()):
-                raise ValueError(f"layer {i}: the cache holds no contiguous [B, Hkv, L, D] keys for batch {batch}")
-            w_in = stacked_weight(a, "qkv_stacked", [a.q_proj, a.k_proj, a.v_proj])
-            extra = [K, V, K, K, K, K]
-        ts = [layer.input_layernorm.weight, w_in, a.o_proj.weight, layer.post_attention_layernorm.weight, gu,
-              mlp.down_proj.weight] + extra
-        if any(t.dtype != dt for t in ts[:6]):
-            raise ValueError(f"layer {i}: weights of more than one dtype")
-        keep += ts
-        rows.append([t.data_ptr() for t in ts] + [w_in.shape[0]])
-    L = max([cache.layers[i].keys.shape[2] for i, l in enumerate(layers) if l.self_attn not in gdns] or [1])
-    tab = torch.tensor(rows, dtype=torch.int64, device=dev)
-    ops = [(OP_EMBED, 0)]
-    for i, layer in enumerate(layers):
-        mix = [(OP_GDN, i)] if isinstance(layer.self_attn, GatedDeltaNet) else [(OP_ATTN, i), (OP_COMBINE, i)]
-        ops += [(OP_IN, i)] + mix + [(OP_OUT, i), (OP_UP, i), (OP_DOWN, i)]
-    ops.append((OP_HEAD, 0))
-    ops = torch.tensor(ops, dtype=torch.int32, device=dev)
-    E, I, V = cfg.hidden_size, cfg.intermediate_size, head.shape[0]
-    NZ = max(r[-1] for r in rows)
-    rep, BL = HQ // HKV, 128
-    new = lambda *shape, dtype=dt: torch.zeros(*shape, dtype=dtype, device=dev)
-    h, z, y, u = new(batch, E), new(batch, NZ), new(batch, HQ * D), new(batch, I)
-    logits, bar, st = new(batch, V, dtype=torch.float32), new(1, dtype=torch.int32), new(1, dtype=torch.float32)
-    inv_freq = rotary.inv_freq.float().contiguous()
-    eps = layers[0].input_layernorm.variance_epsilon
-    attn = next((l.self_attn for l in layers if l.self_attn not in gdns), None)
-    scale = attn.scaling if attn is not None else D ** -0.5
-    ids_now, pos_now = [h.new_zeros(batch, dtype=torch.int64)], [h.new_zeros(1, dtype=torch.int64)]
-
-    def launch(ops, lo, hi, on, nprog, parts):
-        ns, per_split, acc, m, l = parts
-        args = (ops, lo, hi, bar, tab, ids_now[0], pos_now[0], emb, head, model.model.norm.weight, logits,
-                h, z, y, u, acc, m, l, inv_freq, st, float(getattr(rotary, "attention_scaling", 1.0)), float(scale),
-                float(eps), float(gdn_eps), batch, E, I, V, NZ, HQ, HQ * D, HKV, HQ, ns, per_split, L, rep,
-                max(16, triton.next_power_of_2(rep)), D, max(16, triton.next_power_of_2(D)), conv_size,
-                max(2, triton.next_power_of_2(max(conv_size - 1, 1))), BL, triton.next_power_of_2(ns),
-                "ieee" if dt == torch.float32 else "tf32", 16, WS_BN, WS_BK, on)
-        return _whole_step_kernel[(nprog,)](*args, num_warps=4)
-
-    def splits(nprog):
-        """Attention: one split of the cache per program, as near as the (sequence, KV head) pairs allow."""
-        ns = max(1, nprog // (batch * HKV))
-        n = batch * HKV * ns * rep
-        return ns, -(-L // (ns * BL)) * BL, new(n, D, dtype=torch.float32), new(n, dtype=torch.float32), \
-            new(n, dtype=torch.float32)
-
-    # As many programs as can be resident at once (the barrier waits for all of them: one that is not
-    # running yet would never arrive), at most two per SM; read off the compiled kernel's registers
-    # and shared memory. The interpreter: a few programs, to exercise the loops over work items.
-    if dev.type == "cuda":
-        props = torch.cuda.get_device_properties(dev)
-        k = launch(ops, 0, 0, sync, 1, splits(1))                                # compiles; runs no op
-        per_sm = min(2, 65536 // max(1, k.n_regs * 32 * 4),
-                     getattr(props, "shared_memory_per_multiprocessor", 232448) // max(1, k.metadata.shared))
-        nprog = programs or props.multi_processor_count * max(1, per_sm)
-    else:
-        nprog = programs or 3
-    parts = splits(nprog)
-
-    def step(ids, pos):
-        ids_now[0], pos_now[0] = ids.reshape(-1), pos
-        if sync:
-            bar.zero_()
-            launch(step.ops, 0, step.ops.shape[0], True, nprog, parts)
-        else:
-            for i in range(step.ops.shape[0]):
-                launch(step.ops, i, i + 1, False, nprog, parts)
-        return logits
-
-    step.ops, step.programs = ops, nprog
-    step.tensors = keep                       # the step reads these by address: keep them alive
-    return step
 
 
 def kernel_profile(step):
@@ -1509,38 +1116,36 @@ def kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
-def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False, step_fn=None):
+def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
     (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
     inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
     counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
-    profile: also return kernel_profile of one uncaptured step (else None).
-    step_fn: decode with step_fn(ids, pos) (whole_step_decoder) instead of the model's forward."""
+    profile: also return kernel_profile of one uncaptured step (else None)."""
     B = next_ids.shape[0]
-    if compile_step and step_fn is None:
+    if compile_step:
         model = torch.compile(model, dynamic=False, options={"combo_kernels": True})
     kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
-    forward = (lambda: step_fn(next_ids, pos)) if step_fn else (lambda: model(next_ids, **kw()))
     cuda = next_ids.is_cuda
     if cuda and graphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):                                      # warm-up, as capture requires
-                forward()
+                model(next_ids, **kw())
                 pos.add_(1)
         torch.cuda.current_stream().wait_stream(stream)
-        kernels = kernel_profile(lambda: (forward(), pos.add_(1))) if profile else None
+        kernels = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1))) if profile else None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            forward()
+            model(next_ids, **kw())
             pos.add_(1)
         step = graph.replay
     else:
         def step():
-            forward()
+            model(next_ids, **kw())
             pos.add_(1)
         for _ in range(2):
             step()
@@ -1562,8 +1167,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False,
-              decode_step="hf"):
+def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False):
     """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
 
     Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
@@ -1591,9 +1195,8 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
         out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
-    step_fn = None if decode_step == "hf" else whole_step_decoder(model, cache, B, sync=decode_step == "whole")
     step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
-                                compile_step, profile, step_fn)
+                                compile_step, profile)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
@@ -1610,8 +1213,6 @@ def run_bench(args):
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
-    if args.decode_step != "hf" and not (args.device == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"):
-        raise ValueError(f"--decode-step {args.decode_step} runs Triton: on CUDA, or on the CPU under TRITON_INTERPRET=1")
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
@@ -1632,7 +1233,7 @@ def run_bench(args):
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
-                                  compile_step=args.compile, profile=args.profile, decode_step=args.decode_step)
+                                  compile_step=args.compile, profile=args.profile)
                 except torch.cuda.OutOfMemoryError:
                     largest = fits.get((name, B))
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
@@ -1647,7 +1248,7 @@ def run_bench(args):
                 rows.append(r)
         model.to("cpu")
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
-              "decode_attention": args.decode_attention, "compiled_step": args.compile, "decode_step": args.decode_step,
+              "decode_attention": args.decode_attention, "compiled_step": args.compile,
               "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
@@ -1657,7 +1258,7 @@ def run_bench(args):
 def bench_markdown(r):
     bw = r["bandwidth_bytes_s"]
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
-             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, decode step {r.get('decode_step', 'hf')}, commit {str(r['commit'])[:10]}."
+             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
              "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "

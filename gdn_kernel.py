@@ -818,10 +818,10 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 if triton is not None:
 
     @triton.jit
-    def _conv_silu(z, conv, cw_ptr, c, mask, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr, CM: tl.constexpr):
+    def _conv_silu(z, conv, cw_ptr, c, mask, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr):
         """SiLU(causal conv) of channels c for this token; the conv state (the previous W-1 inputs,
-        one column each) moves one token on, in place. W = 0: no conv. CM: z's cache modifier."""
-        x = tl.load(z + c, mask=mask, other=0.0, cache_modifier=CM)
+        one column each) moves one token on, in place. W = 0: no conv."""
+        x = tl.load(z + c, mask=mask, other=0.0)
         out = x.to(tl.float32)
         if W > 0:
             out = out * tl.load(cw_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
@@ -839,40 +839,32 @@ if triton is not None:
         return out * tl.sigmoid(out)
 
     @triton.jit
-    def gdn_head_step(b, h, z, conv, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps, H, sc_c, sc_t,
-                    D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, CM: tl.constexpr):
-        """The step of sequence b, head h: z and conv point at row b of the projection and of the conv
-        state; s_ptr, y_ptr at the whole state [B, H, D, D] and output [B, H*D]. A function of its
-        own so that convert.py's whole-step decoding kernel runs the same lines; it passes CM = ".cg"
-        (read z from L2: other SMs wrote it within the same kernel, so this SM's L1 may hold stale lines)."""
+    def _layer_step_kernel(z_ptr, conv_ptr, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps,
+                           H, sz_b, sc_b, sc_c, sc_t,
+                           D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+        bh = tl.program_id(0)
+        b, h = bh // H, bh % H
         rd = tl.arange(0, BD)
         md = rd < D
         HD = H * D
-        q = _conv_silu(z, conv, cw_ptr, h * D + rd, md, sc_c, sc_t, W, WP, CM)
-        k = _conv_silu(z, conv, cw_ptr, HD + h * D + rd, md, sc_c, sc_t, W, WP, CM)
-        v = _conv_silu(z, conv, cw_ptr, 2 * HD + h * D + rd, md, sc_c, sc_t, W, WP, CM)
+        z, conv = z_ptr + b * sz_b, conv_ptr + b * sc_b
+        q = _conv_silu(z, conv, cw_ptr, h * D + rd, md, sc_c, sc_t, W, WP)
+        k = _conv_silu(z, conv, cw_ptr, HD + h * D + rd, md, sc_c, sc_t, W, WP)
+        v = _conv_silu(z, conv, cw_ptr, 2 * HD + h * D + rd, md, sc_c, sc_t, W, WP)
         q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), 1e-12)
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=0)), 1e-12)
-        a = tl.load(z + 4 * HD + h, cache_modifier=CM).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        a = tl.load(z + 4 * HD + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
         softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
         g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
-        beta = tl.sigmoid(tl.load(z + 4 * HD + H + h, cache_modifier=CM).to(tl.float32))
-        s_ptrs = s_ptr + (b * H + h) * D * D + rd[:, None] * D + rd[None, :]
+        beta = tl.sigmoid(tl.load(z + 4 * HD + H + h).to(tl.float32))
+        s_ptrs = s_ptr + bh * D * D + rd[:, None] * D + rd[None, :]
         smask = md[:, None] & md[None, :]
         S, o = _delta_rule(tl.load(s_ptrs, mask=smask, other=0.0), q, k, v, g, beta, scale)
         tl.store(s_ptrs, S, mask=smask)
         o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32))             # per-head RMSNorm
         o = o * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
-        gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0, cache_modifier=CM).to(tl.float32)
+        gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0).to(tl.float32)
         tl.store(y_ptr + b * HD + h * D + rd, (o * gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty), mask=md)
-
-    @triton.jit
-    def _layer_step_kernel(z_ptr, conv_ptr, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps,
-                           H, sz_b, sc_b, sc_c, sc_t,
-                           D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-        b, h = tl.program_id(0) // H, tl.program_id(0) % H
-        gdn_head_step(b, h, z_ptr + b * sz_b, conv_ptr + b * sc_b, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr,
-                    scale, eps, H, sc_c, sc_t, D, BD, W, WP, "")
 
 
 def gdn_layer_step_usable(z, state):
