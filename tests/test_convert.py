@@ -163,6 +163,43 @@ def test_decode_attention_equals_sdpa(family, name):
     torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
+def test_decode_qkv_equals_hf_attention(family):
+    """use_decode_qkv (--bench): q, k, v as one stacked product (Qwen2's biases stacked too, Qwen3's
+    and Gemma 3's q/k norms applied) give HF's logits, prompt and cached steps, teacher and hybrid;
+    the Linears' weights become views (no copy); moved weights bring HF's own forward back."""
+    from transformers import StaticCache
+    from convert import use_decode_attention, use_decode_qkv
+    from gdn import decoder_layers, hybridize
+    for model in (tiny_model(family), hybridize(tiny_model(family), [1, 3])):
+        ids = torch.randint(0, 128, (2, 14))
+
+        def decode():
+            cache, logits = StaticCache(config=model.config, max_cache_len=16), []
+            with torch.no_grad():
+                for a, b in [(0, 12), (12, 13), (13, 14)]:
+                    logits.append(model(ids[:, a:b], past_key_values=cache, cache_position=torch.arange(a, b),
+                                        use_cache=True).logits)
+            return torch.cat(logits, 1)
+        ref = decode()
+        use_decode_qkv(model)
+        attn = decoder_layers(model)[0].self_attn
+        assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+        assert (attn.qkv_bias is not None) == (family == "qwen2")
+        calls = []
+        real = attn.hf_forward
+        attn.hf_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+        torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
+        use_decode_attention(model, "grouped")            # with --bench's decoding attention too
+        torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
+        assert not calls
+        for layer in decoder_layers(model):               # new storage: HF's forward again
+            for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                lin.weight.data = lin.weight.data.clone()
+        torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
+        assert calls
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before Python starts)")
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
