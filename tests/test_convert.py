@@ -140,27 +140,52 @@ def test_real_teacher_perplexity_is_sane_and_naive_is_worse():
     assert s["ppl"] > 5 * t["ppl"], (t, s)
 
 
+def static_decode(model, ids, prompt):
+    """Logits of a prompt of `prompt` tokens, then of each further token of ids decoded one at a time,
+    through a static cache (what --bench decodes with)."""
+    from transformers import StaticCache
+    T, dev = ids.shape[1], ids.device
+    cache, logits = StaticCache(config=model.config, max_cache_len=T + 8), []
+    with torch.no_grad():
+        for a, b in [(0, prompt)] + [(t, t + 1) for t in range(prompt, T)]:
+            logits.append(model(ids[:, a:b], past_key_values=cache, cache_position=torch.arange(a, b, device=dev),
+                                use_cache=True).logits)
+    return torch.cat(logits, 1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_bench_decoding_equals_hf(family):
+    """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
+    stacked GDN inputs, the gate/up kernel) gives HF's logits and greedy tokens over a prompt and
+    cached steps: on the GPU where there is one (every Triton kernel compiled; fp32), else on the
+    CPU (their PyTorch fallbacks)."""
+    from convert import use_decode_attention, use_decode_mlp, use_decode_qkv
+    from gdn import hybridize, stack_projections
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = hybridize(tiny_model(family), [1, 3], conv_size=4).to(dev)
+    ids = torch.randint(0, 128, (3, 40), device=dev)
+    ref = static_decode(model, ids, 30)
+    use_decode_attention(model, "flash")
+    stack_projections(model)
+    use_decode_mlp(model)
+    use_decode_qkv(model)
+    got = static_decode(model, ids, 30)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("name", ["grouped", "flash"])
 def test_decode_attention_equals_sdpa(family, name):
     """--bench decodes the softmax layers with grouped_query_attention or flash_decode_attention (the
     Triton kernel on CUDA or under TRITON_INTERPRET=1, else grouped): same logits as HF's SDPA."""
-    from transformers import StaticCache
     from convert import use_decode_attention
     from gdn import hybridize
     model = hybridize(tiny_model(family), [1, 3])
     ids = torch.randint(0, 128, (2, 23))
-
-    def decode():
-        cache, logits = StaticCache(config=model.config, max_cache_len=32), []
-        with torch.no_grad():
-            for a, b in [(0, 20), (20, 21), (21, 22), (22, 23)]:
-                logits.append(model(ids[:, a:b], past_key_values=cache, cache_position=torch.arange(a, b),
-                                    use_cache=True).logits)
-        return torch.cat(logits, 1)
-    ref = decode()
+    ref = static_decode(model, ids, 20)
     use_decode_attention(model, name)
-    torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(static_decode(model, ids, 20), ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
@@ -168,19 +193,11 @@ def test_decode_qkv_equals_hf_attention(family):
     """use_decode_qkv (--bench): q, k, v as one stacked product (Qwen2's biases stacked too, Qwen3's
     and Gemma 3's q/k norms applied) give HF's logits, prompt and cached steps, teacher and hybrid;
     the Linears' weights become views (no copy); moved weights bring HF's own forward back."""
-    from transformers import StaticCache
     from convert import use_decode_attention, use_decode_qkv
     from gdn import decoder_layers, hybridize
     for model in (tiny_model(family), hybridize(tiny_model(family), [1, 3])):
         ids = torch.randint(0, 128, (2, 14))
-
-        def decode():
-            cache, logits = StaticCache(config=model.config, max_cache_len=16), []
-            with torch.no_grad():
-                for a, b in [(0, 12), (12, 13), (13, 14)]:
-                    logits.append(model(ids[:, a:b], past_key_values=cache, cache_position=torch.arange(a, b),
-                                        use_cache=True).logits)
-            return torch.cat(logits, 1)
+        decode = lambda: static_decode(model, ids, 12)
         ref = decode()
         use_decode_qkv(model)
         attn = decoder_layers(model)[0].self_attn
