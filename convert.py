@@ -811,9 +811,10 @@ def run_distill_chain(args):
 # far from that bound when every step is a Python loop over hundreds of kernel launches, so on a
 # GPU a step is captured once as a CUDA graph and replayed (KV in HF's StaticCache, GDN states
 # updated in place, so every address the graph saw stays valid), and every model in the comparison
-# gets the same decoding kernels: flash-decoding attention below for each softmax layer, one
-# gate/up/activation kernel below for each MLP; for each GDN layer one kernel between its two
-# projections (gdn_kernel.gdn_layer_step) and one stacked input projection (gdn.stack_projections).
+# gets the same decoding kernels: flash-decoding attention below for each softmax layer, with its
+# q, k and v from one stacked product; one gate/up/activation kernel below for each MLP; for each
+# GDN layer one kernel between its two projections (gdn_kernel.gdn_layer_step) and one stacked
+# input projection (gdn.stack_projections).
 # What is left between a step and its bound is the number of launches (--profile counts them; the
 # README's results discuss it).
 # ----------------------------------------------------------------------------------------------
@@ -966,7 +967,7 @@ if triton is not None:
 
     # The merge, one program per query head: every split's (acc, m, l) loaded at once (a loop over
     # the splits would wait on L2 once per split), then o = sum_s w_s acc_s / sum_s w_s l_s with
-    # w_s = e^(m_s - M). One launch; inductor made two of it, 5.6 us at 32k, batch 8 (H100).
+    # w_s = e^(m_s - M). One launch where the same few PyTorch lines compiled to two.
     @triton.jit
     def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, REP: tl.constexpr, HQ: tl.constexpr,
                              D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr):
@@ -1045,13 +1046,13 @@ def use_decode_attention(model, name):
 # stored [W_gate; W_up] matrix, as gdn.stack_projections does for a GDN layer's inputs) and keeps
 # both products in registers until act(g) * u is written. That is one launch where HF's MLP makes
 # three (two products, then the activation). Measured on an H100 at 8 rows of SmolLM2's
-# [576 -> 1536] MLP: 5.3 us in a compiled decoding step (weights cold in L2), where gate, up and
-# act * up took 3.5 + 3.5 + 1.3 us; alone, with the weights warm, 3.5 us against 8.2 (one stacked
-# cuBLAS product, then act * up). The rows of x (at most 16, padded to 16 for the tensor cores) are
-# the sequences being decoded. The other products stay cuBLAS: with cold weights this simple kernel
-# took 7 us where cuBLAS takes 3.8 (results/inference_h100_tried_layers_triton.md); it wins here only
-# because it saves two launches. Its tile (32 columns, K in blocks of 128, 4 stages in flight) is the
-# fastest of 81 settings timed on an H100 with cold weights: 4.5 us against 5.9 for 32 x 64 x 3.
+# [576 -> 1536] MLP: 4.1 us a call in a compiled decoding step (weights cold in L2), where gate, up
+# and act * up took 3.5 + 3.5 + 1.3 us. K goes in blocks of 128 with 4 blocks in flight: with cold
+# weights the loads must overlap (blocks of 64, 3 in flight, took 5.3 us: results/inference_h100_compiled.md
+# now and at 777e3fb). The rows of x (at most 16, padded to 16 for the tensor cores) are the
+# sequences being decoded. The other products stay cuBLAS: with cold weights a plain Triton product
+# took 7 us where cuBLAS takes 3.8 (results/inference_h100_tried_layers_triton.md); this one wins
+# only because it saves two launches.
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 if triton is not None:
