@@ -1139,8 +1139,9 @@ def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attentio
                          past_key_values=None, cache=None, **kwargs):
     cache = cache if cache is not None else past_key_values      # (transformers renamed the argument)
     lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-    if not (torch.compiler.is_compiling() or views_of(attn.qkv_weight, [lin.weight for lin in lins])):
-        return attn.hf_forward(hidden_states, position_embeddings=position_embeddings,   # weights moved
+    stacked = torch.compiler.is_compiling() or views_of(attn.qkv_weight, [lin.weight for lin in lins])
+    if attn.training or not stacked:
+        return attn.hf_forward(hidden_states, position_embeddings=position_embeddings,   # (weights moved)
                                attention_mask=attention_mask, **{attn.cache_arg: cache}, **kwargs)
     hf = sys.modules[type(attn).__module__]                       # the family's own helpers
     B, T, _ = hidden_states.shape
@@ -1162,9 +1163,9 @@ def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attentio
 def use_decode_qkv(model):
     """Give every softmax attention of `model` (teacher or hybrid; --bench, inference only) one
     stored [W_q; W_k; W_v] matrix (and bias) whose row blocks are its three input weights, and a
-    forward that runs it as one product (_stacked_qkv_forward). No copy, no extra memory; whatever
-    gives the weights new storage (.to(), a deep copy) brings back HF's own forward. Call it after
-    moving the model, like stack_projections."""
+    forward that runs it as one product (_stacked_qkv_forward). No copy, no extra memory; training
+    mode, or whatever gives the weights new storage (.to() another device or dtype), brings back HF's
+    own forward. Call it after moving the model, like stack_projections."""
     import inspect
     import types
     from gdn import GatedDeltaNet, decoder_layers
