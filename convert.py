@@ -462,9 +462,6 @@ def parse_args(argv):
     p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
     p.add_argument("--profile", action="store_true",
                    help="--bench: also record the CUDA kernels of one (uncaptured) decoding step per cell")
-    p.add_argument("--micro-batches", type=int, default=1,
-                   help="--bench: decode each batch of B as this many concurrent micro-batches of B / M sequences "
-                        "(their own caches and CUDA streams; a batch smaller than M decodes whole)")
     p.add_argument("--decode-attention", default="flash", choices=["flash", "grouped", "sdpa"],
                    help="--bench: attention of every softmax layer when decoding (flash: one Triton kernel on CUDA, "
                         "grouped in PyTorch elsewhere; grouped: PyTorch, reads the KV cache once; sdpa: HF's)")
@@ -1206,54 +1203,37 @@ def kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
-def time_decode(model, caches, next_ids, pos, steps, graphs, compile_step=False, profile=False):
+def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
-    caches, next_ids: one cache and one [b, 1] token batch per micro-batch (usually one of each).
-    Micro-batches are independent sequences, so on a GPU each runs on a stream of its own and their
-    kernels may overlap: one micro-batch's small, latency-bound products can run while another's
-    attention streams its KV cache (each reads the weights once more).
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
     (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
     inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
     counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
     profile: also return kernel_profile of one uncaptured step (else None)."""
+    B = next_ids.shape[0]
     if compile_step:
         model = torch.compile(model, dynamic=False, options={"combo_kernels": True})
-    parts = list(zip(next_ids, caches))
-    cuda = next_ids[0].is_cuda
-    streams = [torch.cuda.Stream() for _ in parts] if cuda and len(parts) > 1 else None
-
-    def one_step():
-        def decode(ids, cache):
-            model(ids, past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(ids.shape[0], 1),
-                  use_cache=True)
-        if streams is None:
-            for ids, cache in parts:
-                decode(ids, cache)
-        else:                                                       # fork, then join
-            main = torch.cuda.current_stream()
-            for s, (ids, cache) in zip(streams, parts):
-                s.wait_stream(main)
-                with torch.cuda.stream(s):
-                    decode(ids, cache)
-            for s in streams:
-                main.wait_stream(s)
-        pos.add_(1)
-
+    kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
+                      use_cache=True)
+    cuda = next_ids.is_cuda
     if cuda and graphs:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(3):                                      # warm-up, as capture requires
-                one_step()
+                model(next_ids, **kw())
+                pos.add_(1)
         torch.cuda.current_stream().wait_stream(stream)
-        kernels = kernel_profile(one_step) if profile else None
+        kernels = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1))) if profile else None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            one_step()
+            model(next_ids, **kw())
+            pos.add_(1)
         step = graph.replay
     else:
-        step = one_step
+        def step():
+            model(next_ids, **kw())
+            pos.add_(1)
         for _ in range(2):
             step()
         kernels = kernel_profile(step) if profile and cuda else None
@@ -1274,9 +1254,8 @@ def time_decode(model, caches, next_ids, pos, steps, graphs, compile_step=False,
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False, micro=1):
-    """Prefill ctx tokens for B sequences, then decode them (as `micro` concurrent micro-batches of
-    B / micro sequences, each with its own cache: time_decode): a dict of the measurements.
+def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False):
+    """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
 
     Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
     static cache for decoding is then filled in chunks: one whole-context pass into a static cache
@@ -1297,24 +1276,18 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
     prefill = time.perf_counter() - t0
     L = ctx + steps + 8
     L = L if L < 16 * SPLIT else -(-L // SPLIT) * SPLIT        # long caches: whole blocks for the split
-    caches, next_ids = [], []
-    for part in ids.chunk(micro):
-        cache = StaticCache(config=model.config, max_cache_len=L)
-        for i in range(0, ctx, fill_chunk):
-            chunk = part[:, i: i + fill_chunk]
-            out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
-                        use_cache=True, logits_to_keep=1)
-        caches.append(cache)
-        next_ids.append(out.logits[:, -1:].argmax(-1))
-    step, kernels = time_decode(model, caches, next_ids, torch.tensor([ctx], device=device), steps, graphs,
+    cache = StaticCache(config=model.config, max_cache_len=L)
+    for i in range(0, ctx, fill_chunk):
+        chunk = ids[:, i: i + fill_chunk]
+        out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
+                    use_cache=True, logits_to_keep=1)
+    next_ids = out.logits[:, -1:].argmax(-1)
+    step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
                                 compile_step, profile)
-    kv = sum(cache_bytes(model, cache) for cache in caches)
-    states = sum(S.numel() * S.element_size() for cache in caches for S, _ in getattr(cache, "gdn_state", {}).values())
-    # The bound counts the weights once, as one batch of B would read them; micro-batches read them
-    # once each, which the measured step pays and the bound does not forgive.
+    kv = cache_bytes(model, cache)
+    states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
-    return {"batch": B, "context": ctx, "micro_batches": micro, "prefill_s": prefill, "decode_step_s": step,
-            "decode_tok_s": B / step,
+    return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             **({"decode_kernels": kernels} if kernels else {})}
@@ -1327,10 +1300,6 @@ def run_bench(args):
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
-    micro = {B: args.micro_batches if B >= args.micro_batches else 1 for B in batches}
-    if args.micro_batches < 1 or any(B % m for B, m in micro.items()):
-        raise ValueError(f"--micro-batches {args.micro_batches}: must be >= 1 and divide every batch size "
-                         f"of --batches {args.batches} at least as large")
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
@@ -1352,7 +1321,7 @@ def run_bench(args):
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
-                                  compile_step=args.compile, profile=args.profile, micro=micro[B])
+                                  compile_step=args.compile, profile=args.profile)
                 except torch.cuda.OutOfMemoryError:
                     largest = fits.get((name, B))
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
@@ -1368,7 +1337,6 @@ def run_bench(args):
         model.to("cpu")
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
               "decode_attention": args.decode_attention, "compiled_step": args.compile,
-              "micro_batches": args.micro_batches,
               "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
@@ -1378,8 +1346,7 @@ def run_bench(args):
 def bench_markdown(r):
     bw = r["bandwidth_bytes_s"]
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
-             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, "
-             f"micro-batches {r.get('micro_batches', 1)}, commit {str(r['commit'])[:10]}."
+             f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              "Contexts past the teacher's trained window (8k for SmolLM2) are fine for speed, not for quality.", "",
              "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "

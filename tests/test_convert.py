@@ -304,25 +304,6 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     assert (tmp_path / "bench.md").exists()
 
 
-def test_bench_micro_batches(teacher_dir, tmp_path, capsys):
-    """--micro-batches: batch 2 decodes as two micro-batches (caches of the same total size as one
-    batch's), batch 1 whole; a count that does not divide a batch fails before anything runs."""
-    rows = {}
-    for m in (1, 2):
-        stem = tmp_path / f"bench{m}"
-        code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1,2",
-                        "--decode-steps", "2", "--micro-batches", str(m), "--results", str(stem)], capsys)
-        assert code == 0, io.err
-        rows[m] = {(r["model"], r["batch"]): r for r in json.loads((tmp_path / f"bench{m}.json").read_text())["rows"]}
-    assert [r["micro_batches"] for r in rows[2].values()] == [1, 2, 1, 2]
-    assert all(rows[2][k]["cache_bytes"] == rows[1][k]["cache_bytes"] for k in rows[1])
-    assert "micro-batches 2" in (tmp_path / "bench2.md").read_text()
-    for bad in ("3", "0"):
-        code, io = run(["--bench", "--teacher", teacher_dir, "--batches", "1,8", "--micro-batches", bad,
-                        "--results", str(tmp_path / "bad")], capsys)
-        assert code == 2 and "--micro-batches" in io.err and not (tmp_path / "bad.json").exists()
-
-
 def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypatch):
     """A context too large for the GPU: a clear message naming the largest that fit, a row saying
     so, the larger contexts of that (model, batch) skipped, and the table still written."""
