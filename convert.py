@@ -1022,9 +1022,9 @@ def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.
         max(16, triton.next_power_of_2(D)), BL, keep is not None,
         "ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
     out = query.new_empty(B, 1, H, D)
-    _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D,
-                                   triton.next_power_of_2(ns), triton.next_power_of_2(D),
-                                   num_warps=4 if triton.next_power_of_2(ns) * D <= 8192 else 8)
+    BS = triton.next_power_of_2(ns)
+    _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D, BS,
+                                   triton.next_power_of_2(D), num_warps=4 if BS * D <= 8192 else 8)
     return out, None
 
 
