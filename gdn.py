@@ -257,9 +257,13 @@ def stack_projections(model):
     edits keep the sharing; whatever gives a weight new storage (.to(), a deep copy) ends it, and
     project() then notices and stacks per call again. Call it after moving the model. No extra memory."""
     for m in gdn_modules(model).values():
-        # Zero rows up to a multiple of 8: the output's rows then start 16-byte aligned, which
-        # cuBLAS's fast kernels need (measured on an H100: 2322 rows took a generic kernel, 2x slower).
-        w, _ = stack_as_views(list(m.inputs().values()), rows_multiple=8)
+        # Zero rows up to a multiple of 64. Rows 16-byte aligned (a multiple of 8) is what cuBLAS's
+        # fast kernels need (measured on an H100: 2322 rows took a generic kernel, 2x slower); a
+        # multiple of 64 (128 bytes) is also the row stride torch.compile gives a wide bf16 product's
+        # output, so the output it makes is already what gdn_layer_step was traced with. At 2328
+        # rows it padded the stride to 2368 and then copied the output back to 2328 before the step
+        # kernel (one more launch a GDN layer, seen in inductor's code on the H100).
+        w, _ = stack_as_views(list(m.inputs().values()), rows_multiple=64)
         m.register_buffer("stacked", w, persistent=False)      # a buffer: .to() takes it along
     return model
 
