@@ -255,7 +255,8 @@ def stack_projections(model):
     row blocks *are* its six input weights (each Linear's weight becomes a view into it), so
     project() runs one matrix product and copies nothing. Training, load_state_dict and in-place
     edits keep the sharing; whatever gives a weight new storage (.to(), a deep copy) ends it, and
-    project() then notices and stacks per call again. Call it after moving the model. No extra memory."""
+    project() then notices and stacks per call again. Call it after moving the model. No extra memory
+    but the zero rows that pad the stack (under 64)."""
     for m in gdn_modules(model).values():
         # Zero rows up to a multiple of 64. Rows 16-byte aligned (a multiple of 8) is what cuBLAS's
         # fast kernels need (measured on an H100: 2322 rows took a generic kernel, 2x slower); a
