@@ -236,8 +236,8 @@ def views_of(stack, weights):
 def stack_as_views(lins, rows_multiple=1):
     """One stored [W_1; W_2; ...] matrix of the Linears' weights (zero rows appended up to a multiple
     of rows_multiple) and one vector of their biases (None without biases); each Linear's weight and
-    bias become views into them, so the stack costs no memory and edits or training keep it current
-    (views_of says whether they still are)."""
+    bias become views into them, so the stack costs no memory beyond those zero rows, and edits or
+    training keep it current (views_of says whether they still are)."""
     w = torch.cat([lin.weight.detach() for lin in lins])
     w = torch.cat([w, w.new_zeros(-w.shape[0] % rows_multiple, w.shape[1])])
     b = None if lins[0].bias is None else torch.cat([lin.bias.detach() for lin in lins])
