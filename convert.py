@@ -1194,6 +1194,65 @@ def kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
+# What no choice of kernels removes from a decoding step. Each decoder layer holds four weight
+# products that must run one after another: the input product needs the whole residual row, the
+# output product every head's result, gate/up the whole row again after the residual add, down every
+# gate/up column. So a step is at least 4 x layers dependent stages, and each stage waits for the one
+# before it to finish, then reads weights that are cold (the other layers' weights have evicted them
+# from L2 since the last step). chain_floor times exactly that chain: the model's own products, in
+# order, each fed the previous one's output, in one CUDA graph; nothing else of the step (no
+# attention, GDN update, norm or head). A step made of kernel launches takes at least this long, so
+# where the floor is over twice the bandwidth bound, a step within 2x of its bound needs more than a
+# better choice of kernels.
+
+def decode_products(model):
+    """The weights of `model`'s decoding products in the order a step multiplies by them: per layer
+    the stacked input ([W_q; W_k; W_v], or a GDN layer's stack), W_o, [W_gate; W_up], W_down. None
+    where the model has not been through use_decode_qkv, use_decode_mlp and gdn.stack_projections."""
+    from gdn import GatedDeltaNet, decoder_layers
+    ws = []
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        w_in = getattr(attn, "stacked" if isinstance(attn, GatedDeltaNet) else "qkv_weight", None)
+        if w_in is None or getattr(mlp, "gate_up", None) is None:
+            return None
+        ws += [w_in, attn.o_proj.weight, mlp.gate_up, mlp.down_proj.weight]
+    return ws
+
+
+@torch.no_grad()
+def chain_floor(model, B, reps=20):
+    """Seconds for the chain of `model`'s decode_products at batch B on its GPU (CUDA-graph replay,
+    median of reps), as described above; None without the stacked weights."""
+    ws = decode_products(model)
+    if ws is None:
+        return None
+    x = ws[-1].new_zeros(B, ws[0].shape[1])
+    outs = [x.new_empty(B, w.shape[0]) for w in ws]
+
+    def chain():
+        y = x
+        for w, out in zip(ws, outs):
+            y = torch.mm(y[:, :w.shape[1]], w.t(), out=out)     # each input: the previous output's first columns
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        chain()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        chain()
+    times = []
+    for _ in range(reps + 2):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times[2:])[reps // 2]
+
+
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
@@ -1275,12 +1334,13 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
     next_ids = out.logits[:, -1:].argmax(-1)
     step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
                                 compile_step, profile)
+    floor = chain_floor(model, B) if cuda else None
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None, "floor_step_s": floor,
             **({"decode_kernels": kernels} if kernels else {})}
 
 
@@ -1354,6 +1414,17 @@ def bench_markdown(r):
                      f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
                      f"{x['bytes_per_step'] / 1e6:.0f} | {x['cache_bytes'] / 2**20:.1f} | {peak} |")
     lines += bench_comparison(r["rows"])
+    floors = [x for x in r["rows"] if x.get("floor_step_s") and x.get("bound_step_s")]
+    if floors:
+        lines += ["", "The floor of a step made of kernel launches (chain_floor): the model's 4 x layers weight "
+                  "products alone, each waiting for the one before, in a CUDA graph. Where floor / bound is over "
+                  "2, no choice of kernels brings the step within 2x of its bound.", "",
+                  "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x in floors:
+            f, b, st = x["floor_step_s"], x["bound_step_s"], x["decode_step_s"]
+            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {st * 1e3:.3f} | {f * 1e3:.3f} | "
+                         f"{b * 1e3:.3f} | {f / b:.2f}x | {st / f:.2f}x |")
     prof = [x for x in r["rows"] if "decode_kernels" in x]
     if prof:
         lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "

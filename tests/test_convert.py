@@ -361,3 +361,52 @@ def test_decode_bytes_count_an_untied_embedding_only_at_its_rows():
     every = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in m.parameters()}.values())
     rows_unread = (emb.shape[0] - 3) * emb.shape[1] * emb.element_size() if tied else 0
     assert weight_bytes(m, 3) == every - rows_unread
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+def test_decode_products_chain_in_step_order(family):
+    """chain_floor (--bench) multiplies by decode_products in order, each fed the previous output's
+    first columns: 4 per layer, each one's input width within the previous one's output, the GDN
+    layers' from their stack. None before the stacks exist (the floor is then not measured)."""
+    from convert import decode_products, use_decode_mlp, use_decode_qkv
+    from gdn import hybridize, stack_projections
+    model = hybridize(tiny_model(family), [1, 3], conv_size=4)
+    assert decode_products(model) is None
+    stack_projections(model)
+    use_decode_mlp(model)
+    use_decode_qkv(model)
+    ws = decode_products(model)
+    layers = model.model.layers
+    assert len(ws) == 4 * len(layers)
+    assert ws[4].data_ptr() == layers[1].self_attn.stacked.data_ptr()
+    assert ws[0].data_ptr() == layers[0].self_attn.qkv_weight.data_ptr()
+    assert ws[0].shape[1] == model.config.hidden_size
+    for before, w in zip(ws, ws[1:]):
+        assert w.shape[1] <= before.shape[0]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_chain_floor_on_the_gpu():
+    """The floor of a tiny hybrid's step: a chain of 4 x layers launches, each at least a microsecond
+    on any current GPU, and the same order of magnitude at batch 1 and 8 (it is latency, not bytes)."""
+    from convert import chain_floor, use_decode_mlp, use_decode_qkv
+    from gdn import hybridize, stack_projections
+    model = hybridize(tiny_model("llama"), [1, 3], conv_size=4).cuda()
+    assert chain_floor(model, 1) is None
+    stack_projections(model)
+    use_decode_mlp(model)
+    use_decode_qkv(model)
+    f1, f8 = chain_floor(model, 1), chain_floor(model, 8)
+    n = 4 * len(model.model.layers)
+    assert n * 1e-6 < f1 < n * 50e-6 and 0.5 < f8 / f1 < 2, (f1, f8)
+
+
+def test_bench_markdown_floor_table():
+    """The floor table: step, floor and bound side by side, floor / bound and step / floor."""
+    from convert import bench_markdown
+    row = dict(model="teacher", batch=1, context=32768, prefill_s=0.1, decode_step_s=0.0012, decode_tok_s=833,
+               bytes_per_step=1e9, cache_bytes=2**20, peak_memory_bytes=None, bound_step_s=0.0003,
+               floor_step_s=0.0006)
+    md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
+                             bandwidth_bytes_s=3e12, rows=[row]))
+    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x |" in md
