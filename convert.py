@@ -1194,16 +1194,33 @@ def kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
-# What no choice of kernels removes from a decoding step. Each decoder layer holds four weight
+def median_seconds(step, n, cuda):
+    """Median wall time of n calls of step(): CUDA events around each call on a GPU."""
+    times = []
+    for _ in range(n):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[n // 2]
+
+
+# What a decoding step made of kernel launches cannot go below. Each decoder layer holds four weight
 # products that must run one after another: the input product needs the whole residual row, the
 # output product every head's result, gate/up the whole row again after the residual add, down every
 # gate/up column. So a step is at least 4 x layers dependent stages, and each stage waits for the one
 # before it to finish, then reads weights that are cold (the other layers' weights have evicted them
 # from L2 since the last step). chain_floor times exactly that chain: the model's own products, in
 # order, each fed the previous one's output, in one CUDA graph; nothing else of the step (no
-# attention, GDN update, norm or head). A step made of kernel launches takes at least this long, so
-# where the floor is over twice the bandwidth bound, a step within 2x of its bound needs more than a
-# better choice of kernels.
+# attention, GDN update, norm or head). Where the floor is over twice the bandwidth bound, these
+# products alone already take more than a step within 2x of its bound may.
 
 def decode_products(model):
     """The weights of `model`'s decoding products in the order a step multiplies by them: per layer
@@ -1242,15 +1259,8 @@ def chain_floor(model, B, reps=20):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         chain()
-    times = []
-    for _ in range(reps + 2):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times[2:])[reps // 2]
+    graph.replay()
+    return median_seconds(graph.replay, reps, True)
 
 
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
@@ -1287,20 +1297,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
         for _ in range(2):
             step()
         kernels = kernel_profile(step) if profile and cuda else None
-    times = []
-    for _ in range(steps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            step()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2], kernels
+    return median_seconds(step, steps, cuda), kernels
 
 
 @torch.no_grad()
@@ -1334,13 +1331,12 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
     next_ids = out.logits[:, -1:].argmax(-1)
     step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
                                 compile_step, profile)
-    floor = chain_floor(model, B) if cuda else None
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
-            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None, "floor_step_s": floor,
+            "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             **({"decode_kernels": kernels} if kernels else {})}
 
 
@@ -1369,6 +1365,7 @@ def run_bench(args):
         use_decode_mlp(model)                           # every MLP: gate, up and act as one kernel
         use_decode_qkv(model)                           # every softmax layer: q, k, v as one product
         for B in batches:
+            floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
@@ -1382,7 +1379,7 @@ def run_bench(args):
                     torch.cuda.empty_cache()
                     break
                 fits[(name, B)] = ctx
-                r["model"] = name
+                r["model"], r["floor_step_s"] = name, floor
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
         model.to("cpu")
