@@ -136,7 +136,7 @@ class GatedDeltaNet(nn.Module):
             w = self.stacked = None                   # .to(), a deep copy, ...: the views are gone
         if w is None or torch.is_grad_enabled():
             w = torch.cat(weights)
-        z = F.linear(x, w)                            # rows: q, k, v, g (inner each), a, b (H each)
+        z = getattr(self, "linear", F.linear)(x, w)  # rows: q, k, v, g (inner each), a, b (H each)
         i, H = 3 * self.num_heads * self.head_dim, self.num_heads
         j = i + self.num_heads * self.head_dim        # (a stored stack ends in zero rows: not read)
         return {"qkv": z[..., :i], "g": z[..., i:j], "a": z[..., j:j + H], "b": z[..., j + H:j + 2 * H], "all": z}

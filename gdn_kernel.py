@@ -36,6 +36,8 @@ Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta 
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
 """
 
+from typing import Optional
+
 import torch
 
 
@@ -841,11 +843,18 @@ if triton is not None:
     @triton.jit
     def _layer_step_kernel(z_ptr, conv_ptr, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps,
                            H, sz_b, sc_b, sc_c, sc_t,
-                           D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+                           D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
+                           PDL: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // H, bh % H
         rd = tl.arange(0, BD)
         md = rd < D
+        s_ptrs = s_ptr + bh * D * D + rd[:, None] * D + rd[None, :]
+        smask = md[:, None] & md[None, :]
+        S = tl.load(s_ptrs, mask=smask, other=0.0)     # only this kernel writes it (a step ago): no wait
+        if PDL:                                        # programmatic dependent launch (pdl_launch)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         HD = H * D
         z, conv = z_ptr + b * sz_b, conv_ptr + b * sc_b
         q = _conv_silu(z, conv, cw_ptr, h * D + rd, md, sc_c, sc_t, W, WP)
@@ -857,9 +866,7 @@ if triton is not None:
         softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
         g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
         beta = tl.sigmoid(tl.load(z + 4 * HD + H + h).to(tl.float32))
-        s_ptrs = s_ptr + bh * D * D + rd[:, None] * D + rd[None, :]
-        smask = md[:, None] & md[None, :]
-        S, o = _delta_rule(tl.load(s_ptrs, mask=smask, other=0.0), q, k, v, g, beta, scale)
+        S, o = _delta_rule(S, q, k, v, g, beta, scale)
         tl.store(s_ptrs, S, mask=smask)
         o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32))             # per-head RMSNorm
         o = o * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
@@ -893,14 +900,48 @@ def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, ep
         raise ValueError(f"conv_state must be [B, 3*H*D, W-1] = [{B}, {3 * H * D}, {W - 1}]; got "
                          f"{None if conv_state is None else tuple(conv_state.shape)}")
     scale = D ** -0.5 if scale is None else float(scale)
-    y = z.new_empty(B, H * D)
-    cs = conv_state if W > 1 else z                            # (unused without a conv state)
-    cw = conv_weight.contiguous() if W else z
-    _layer_step_kernel[(B * H,)](z, cs, cw, A_log, dt_bias, o_norm, state, y, scale, float(eps), H, z.stride(0),
-                                 cs.stride(0), cs.stride(1) if W > 1 else 0, cs.stride(2) if W > 1 else 0,
-                                 D, _p2(D), W, max(2, triton.next_power_of_2(max(W - 1, 1))),
-                                 num_warps=4 if D <= 64 else 8)
-    return y
+    return _layer_step_op(z, state, conv_state if W > 1 else None, conv_weight, A_log, dt_bias, o_norm, float(eps),
+                          scale)
+
+
+def pdl_launch(x):
+    """Whether kernels working on x launch with programmatic dependent launch (PDL): on GPUs that
+    have it (Hopper and later). In a CUDA graph each kernel otherwise starts only once the one before
+    has finished, then waits on DRAM for its first loads: a microsecond or more of every small
+    decoding kernel. With PDL the next kernel is launched as soon as every program of this one has
+    called gdc_launch_dependents, and its gdc_wait blocks until this one has finished and its writes
+    are visible: what it loads before the wait (a product's weights, a state only it writes) streams
+    while this one still runs. Every decoding kernel here calls gdc_launch_dependents first and
+    gdc_wait before it reads anything that another kernel of the step wrote."""
+    return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
+# A custom op, so that torch.compile calls it as it is: traced as a user Triton kernel, its PDL
+# instructions (inline assembly) defeat the analysis of which arguments it writes, and the compiled
+# step would then copy every argument. The namespace carries the module's name: a script run as
+# __main__ and imported as a module registers twice.
+OPS = "gdn_" + __name__.replace(".", "_")
+if triton is not None:
+
+    @torch.library.custom_op(f"{OPS}::layer_step", mutates_args=("state", "conv_state"))
+    def _layer_step_op(z: torch.Tensor, state: torch.Tensor, conv_state: Optional[torch.Tensor],
+                       conv_weight: Optional[torch.Tensor], A_log: torch.Tensor, dt_bias: torch.Tensor,
+                       o_norm: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
+        B, H, D = state.shape[0], state.shape[1], state.shape[-1]
+        W = 0 if conv_weight is None else conv_weight.shape[-1]
+        y = z.new_empty(B, H * D)
+        cs = conv_state if conv_state is not None else z           # (unused without a conv state)
+        cw = conv_weight.contiguous() if W else z
+        pdl = pdl_launch(z)
+        _layer_step_kernel[(B * H,)](z, cs, cw, A_log, dt_bias, o_norm, state, y, scale, eps, H, z.stride(0),
+                                     cs.stride(0), cs.stride(1) if W > 1 else 0, cs.stride(2) if W > 1 else 0,
+                                     D, _p2(D), W, max(2, triton.next_power_of_2(max(W - 1, 1))), pdl,
+                                     num_warps=4 if D <= 64 else 8, launch_pdl=pdl)
+        return y
+
+    @_layer_step_op.register_fake
+    def _(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale):
+        return z.new_empty(state.shape[0], state.shape[1] * state.shape[-1])
 
 
 # ==============================================================================================

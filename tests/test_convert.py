@@ -156,10 +156,10 @@ def static_decode(model, ids, prompt):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_bench_decoding_equals_hf(family):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
-    stacked GDN inputs, the gate/up kernel) gives HF's logits and greedy tokens over a prompt and
-    cached steps: on the GPU where there is one (every Triton kernel compiled; fp32), else on the
-    CPU (their PyTorch fallbacks)."""
-    from convert import use_decode_attention, use_decode_mlp, use_decode_qkv
+    stacked GDN inputs, the gate/up kernel, every other product through linear_decode) gives HF's
+    logits and greedy tokens over a prompt and cached steps: on the GPU where there is one (every
+    Triton kernel compiled; fp32), else on the CPU (under TRITON_INTERPRET=1, the kernels)."""
+    from convert import use_decode_attention, use_decode_linear, use_decode_mlp, use_decode_qkv
     from gdn import hybridize, stack_projections
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = hybridize(tiny_model(family), [1, 3], conv_size=4).to(dev)
@@ -169,6 +169,7 @@ def test_bench_decoding_equals_hf(family):
     stack_projections(model)
     use_decode_mlp(model)
     use_decode_qkv(model)
+    use_decode_linear(model)
     got = static_decode(model, ids, 30)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
@@ -389,9 +390,9 @@ def test_decode_products_chain_in_step_order(family):
 def test_chain_floor_on_the_gpu():
     """The floor of a tiny hybrid's step: a chain of 4 x layers launches, each at least a microsecond
     on any current GPU, and the same order of magnitude at batch 1 and 8 (it is latency, not bytes)."""
-    from convert import chain_floor, use_decode_mlp, use_decode_qkv
+    from convert import chain_floor, use_decode_linear, use_decode_mlp, use_decode_qkv
     from gdn import hybridize, stack_projections
-    model = hybridize(tiny_model("llama"), [1, 3], conv_size=4).cuda()
+    model = use_decode_linear(hybridize(tiny_model("llama"), [1, 3], conv_size=4).cuda())
     assert chain_floor(model, 1) is None
     stack_projections(model)
     use_decode_mlp(model)
@@ -399,6 +400,34 @@ def test_chain_floor_on_the_gpu():
     f1, f8 = chain_floor(model, 1), chain_floor(model, 8)
     n = 4 * len(model.model.layers)
     assert n * 1e-6 < f1 < n * 50e-6 and 0.5 < f8 / f1 < 2, (f1, f8)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton product: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
+def test_linear_decode_equals_linear():
+    """linear_decode: a few rows through _linear_kernel (K split in two blocks: a power of two and a
+    padded rest; 32 or 16 rows of W a program) equal F.linear; many rows, a bias, or a K too long
+    for LINEAR_TILE_BYTES go to PyTorch."""
+    import convert
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    calls = []
+    real = convert._linear_op
+    convert._linear_op = lambda x, w: calls.append(x.shape) or real(x, w)
+    try:
+        for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600)]:
+            x, w = torch.randn(rows, 1, K, device=dev), torch.randn(40, K, device=dev)
+            with torch.no_grad():
+                torch.testing.assert_close(convert.linear_decode(x, w), torch.nn.functional.linear(x, w),
+                                           rtol=1e-4, atol=1e-4)
+        assert len(calls) == 5
+        with torch.no_grad():
+            convert.linear_decode(torch.randn(17, 64, device=dev), torch.randn(8, 64, device=dev))
+            convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev), torch.zeros(8, device=dev))
+            convert.linear_decode(torch.randn(2, 2000, device=dev), torch.randn(8, 2000, device=dev))   # fp32: too long
+        convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev))     # autograd on
+        assert len(calls) == 5
+    finally:
+        convert._linear_op = real
 
 
 def test_bench_markdown_floor_table():
