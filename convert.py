@@ -1075,9 +1075,7 @@ def use_decode_attention(model, name):
 # and act * up took 3.5 + 3.5 + 1.3 us. K goes in blocks of 128 with 4 blocks in flight: with cold
 # weights the loads must overlap (blocks of 64, 3 in flight, took 5.3 us: results/inference_h100_compiled.md
 # now and at 777e3fb). The rows of x (at most 16, padded to 16 for the tensor cores) are the
-# sequences being decoded. The other products stay cuBLAS: with cold weights a plain Triton product
-# took 7 us where cuBLAS takes 3.8 (results/inference_h100_tried_layers_triton.md); this one wins
-# only because it saves two launches.
+# sequences being decoded. Every other product goes through linear_decode (below).
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 if triton is not None:
@@ -1338,11 +1336,12 @@ def median_seconds(step, n, cuda):
 # products that must run one after another: the input product needs the whole residual row, the
 # output product every head's result, gate/up the whole row again after the residual add, down every
 # gate/up column. So a step is at least 4 x layers dependent stages, and each stage waits for the one
-# before it to finish, then reads weights that are cold (the other layers' weights have evicted them
-# from L2 since the last step). chain_floor times exactly that chain: the model's own products, in
-# order, each fed the previous one's output, in one CUDA graph; nothing else of the step (no
-# attention, GDN update, norm or head). Where the floor is over twice the bandwidth bound, these
-# products alone already take more than a step within 2x of its bound may.
+# before it to finish; its weights are cold (the other layers' weights have evicted them from L2
+# since the last step), and at best (pdl_launch) stream in while the stage before still runs.
+# chain_floor times exactly that chain: the model's own products through the step's own product
+# (linear_decode), in order, each fed the previous one's output, in one CUDA graph; nothing else of
+# the step (no attention, GDN update, norm or head). Where the floor is over twice the bandwidth
+# bound, these products alone already take more than a step within 2x of its bound may.
 
 def decode_products(model):
     """The weights of `model`'s decoding products in the order a step multiplies by them: per layer
@@ -1486,7 +1485,8 @@ def run_bench(args):
         stack_projections(model.to(args.device))        # GDN layers: one input matrix product, no copy
         use_decode_mlp(model)                           # every MLP: gate, up and act as one kernel
         use_decode_qkv(model)                           # every softmax layer: q, k, v as one product
-        use_decode_linear(model)                        # every other product: weights loaded before the wait
+        if args.device == "cuda":                       # every other product: weights loaded before the wait
+            use_decode_linear(model)                    # (its point is PDL: on a CPU, PyTorch's product)
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
@@ -1548,7 +1548,8 @@ def bench_markdown(r):
     prof = [x for x in r["rows"] if "decode_kernels" in x]
     if prof:
         lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "
-                  "GPU time, and the three longest kernels (total ms, calls).", "",
+                  "GPU time, and the three longest kernels (total ms, calls). With programmatic dependent launch "
+                  "a kernel's time includes its wait for the kernel before it: the sum can exceed the step.", "",
                   "| model | batch | context | kernels | GPU ms | longest |", "|---|---|---|---|---|---|"]
         for x in prof:
             k = x["decode_kernels"]

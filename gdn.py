@@ -129,7 +129,8 @@ class GatedDeltaNet(nn.Module):
         six matters when decoding, where a launch costs more than its arithmetic. The stacking is a
         copy of the weights per call, unless stack_projections() made the six weights views into one
         stored matrix (and nothing has since given them new storage). With autograd on, it always
-        stacks per call: gradients reach the six weights only through the stacking."""
+        stacks per call: gradients reach the six weights only through the stacking. The product is
+        self.linear where one is set (convert.use_decode_linear: a decoding kernel), else F.linear."""
         weights = [lin.weight for lin in self.inputs().values()]
         w = getattr(self, "stacked", None)
         if w is not None and not torch.compiler.is_compiling() and not views_of(w, weights):
