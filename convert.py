@@ -1149,6 +1149,7 @@ def _linear_blocks(K, itemsize):
     fits = [bn for bn in (32, 16) if bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
     return (fits[0], k1, k2) if fits else None
 
+
 if triton is not None:
 
     @triton.jit
