@@ -817,7 +817,9 @@ def run_distill_chain(args):
 # gets the same decoding kernels: flash-decoding attention below for each softmax layer, with its
 # q, k and v from one stacked product; one gate/up/activation kernel below for each MLP; for each
 # GDN layer one kernel between its two projections (gdn_kernel.gdn_layer_step) and one stacked
-# input projection (gdn.stack_projections).
+# input projection (gdn.stack_projections); every other product through linear_decode. On Hopper
+# they launch with programmatic dependent launch (gdn_kernel.pdl_launch), so each kernel's launch,
+# and a product's weights, overlap the kernel before it.
 # What is left between a step and its bound is the number of launches (--profile counts them; the
 # README's results discuss it).
 # ----------------------------------------------------------------------------------------------
