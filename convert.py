@@ -1161,10 +1161,11 @@ if triton is not None:
         rm = tl.arange(0, 16)
         k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
         live_n, live_m, live_k2 = (rn < N)[:, None], (rm < M)[:, None], (k2 < K)[None, :]
-        w1 = tl.load(w_ptr + rn[:, None] * sw + k1[None, :], mask=live_n, other=0.0)
-        w2 = tl.load(w_ptr + rn[:, None] * sw + k2[None, :], mask=live_n & live_k2, other=0.0)
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
+        w1 = tl.load(w_ptr + rn[:, None] * sw + k1[None, :], mask=live_n, other=0.0)
+        w2 = tl.load(w_ptr + rn[:, None] * sw + k2[None, :], mask=live_n & live_k2, other=0.0)
+        if PDL:
             tl.extra.cuda.gdc_wait()
         x1 = tl.load(x_ptr + rm[:, None] * sx + k1[None, :], mask=live_m, other=0.0)
         x2 = tl.load(x_ptr + rm[:, None] * sx + k2[None, :], mask=live_m & live_k2, other=0.0)

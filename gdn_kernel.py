@@ -851,9 +851,10 @@ if triton is not None:
         md = rd < D
         s_ptrs = s_ptr + bh * D * D + rd[:, None] * D + rd[None, :]
         smask = md[:, None] & md[None, :]
-        S = tl.load(s_ptrs, mask=smask, other=0.0)     # only this kernel writes it (a step ago): no wait
         if PDL:                                        # programmatic dependent launch (pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
+        S = tl.load(s_ptrs, mask=smask, other=0.0)     # only this kernel writes it (a step ago): no wait
+        if PDL:
             tl.extra.cuda.gdc_wait()
         HD = H * D
         z, conv = z_ptr + b * sz_b, conv_ptr + b * sc_b
