@@ -1083,18 +1083,28 @@ GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activatio
 if triton is not None:
 
     @triton.jit
-    def _glu_kernel(x_ptr, w_ptr, y_ptr, M, K, N, sx, sw, sy, ACT: tl.constexpr, PREC: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr):
+    def _glu_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, M, K, N, sx, sw, sy, ACT: tl.constexpr, PREC: tl.constexpr,
+                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, BM)
+        if NORM:                                       # RMSNorm of x first: 1 / rms of every row
+            ss = tl.zeros([BM], tl.float32)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
+                            other=0.0).to(tl.float32)
+                ss += tl.sum(x * x, axis=1)
+            r = tl.rsqrt(ss / K + eps)
         g = tl.zeros([BM, BN], tl.float32)
         u = tl.zeros([BM, BN], tl.float32)
         for k0 in range(0, K, BK):
             rk = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
+            if NORM:                                   # as HF rounds it: (x r) in x's dtype, times the weight
+                x = _rms_scaled(x, r, nw_ptr, rk, K)
             wmask = (rn < N)[:, None] & (rk < K)[None, :]
             wg = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=wmask, other=0.0)          # rows of W_gate
             wu = tl.load(w_ptr + (N + rn)[:, None] * sw + rk[None, :], mask=wmask, other=0.0)    # rows of W_up
@@ -1108,26 +1118,35 @@ if triton is not None:
                  mask=(rm < M)[:, None] & (rn < N)[None, :])
 
 
-def glu_decode(x, w, act):
-    """act(x W_gate^T) * (x W_up^T) for x [M <= 16, K] and w = [W_gate; W_up] [2N, K], one kernel."""
-    return _glu_op(x if x.stride(-1) == 1 else x.contiguous(), w, GLU_ACTS[act])
+def glu_decode(x, w, act, norm=None):
+    """act(x W_gate^T) * (x W_up^T) for x [M <= 16, K] and w = [W_gate; W_up] [2N, K], one kernel;
+    with norm (an RMSNorm module, Llama's form), of norm(x)."""
+    nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))
+    return _glu_op(x if x.stride(-1) == 1 else x.contiguous(), w, GLU_ACTS[act], nw, eps)
 
 
 if triton is not None:
 
+    @triton.jit
+    def _rms_scaled(x, r, nw_ptr, rk, K):
+        """x [BM, BK] rows times their 1 / rms r, rounded to x's dtype, times the norm weight: RMSNorm
+        as HF's Llama-family modules compute it (weight * (x * r).to(dtype))."""
+        xn = (x.to(tl.float32) * r[:, None]).to(x.dtype).to(tl.float32)
+        return (xn * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+
     @torch.library.custom_op(f"{OPS}::glu", mutates_args=())
-    def _glu_op(x: torch.Tensor, w: torch.Tensor, act: int) -> torch.Tensor:
+    def _glu_op(x: torch.Tensor, w: torch.Tensor, act: int, nw: Optional[torch.Tensor], eps: float) -> torch.Tensor:
         M, K = x.shape
         N = w.shape[0] // 2
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
-        _glu_kernel[(triton.cdiv(N, 32),)](x, w, y, M, K, N, x.stride(0), w.stride(0), y.stride(0), act,
-                                           "ieee" if x.dtype == torch.float32 else "tf32", 16, 32, 128, pdl,
-                                           num_warps=4, num_stages=4, launch_pdl=pdl)
+        _glu_kernel[(triton.cdiv(N, 32),)](x, w, y, nw if nw is not None else x, eps, M, K, N, x.stride(0),
+                                           w.stride(0), y.stride(0), act, "ieee" if x.dtype == torch.float32 else "tf32",
+                                           16, 32, 128, nw is not None, pdl, num_warps=4, num_stages=4, launch_pdl=pdl)
         return y
 
     @_glu_op.register_fake
-    def _(x, w, act):
+    def _(x, w, act, nw, eps):
         return x.new_empty(x.shape[0], w.shape[0] // 2)
 
 
@@ -1155,8 +1174,9 @@ def _linear_blocks(K, itemsize):
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, sx, sw, sy, PREC: tl.constexpr, BN: tl.constexpr,
-                       K1: tl.constexpr, K2: tl.constexpr, PDL: tl.constexpr):
+    def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, M, N, K, sx, sw, sy, sr, PREC: tl.constexpr,
+                       BN: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
+                       PDL: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, 16)
         k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
@@ -1169,35 +1189,53 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         x1 = tl.load(x_ptr + rm[:, None] * sx + k1[None, :], mask=live_m, other=0.0)
         x2 = tl.load(x_ptr + rm[:, None] * sx + k2[None, :], mask=live_m & live_k2, other=0.0)
+        if NORM:                                  # RMSNorm of x first (the whole row is here)
+            r = tl.rsqrt((tl.sum(x1.to(tl.float32) * x1.to(tl.float32), axis=1)
+                          + tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)) / K + eps)
+            x1, x2 = _rms_scaled(x1, r, nw_ptr, k1, K), _rms_scaled(x2, r, nw_ptr, k2, K)
         y = tl.dot(x1, tl.trans(w1), input_precision=PREC) + tl.dot(x2, tl.trans(w2), input_precision=PREC)
-        tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=live_m & (rn < N)[None, :])
+        y = y.to(y_ptr.dtype.element_ty)
+        live = live_m & (rn < N)[None, :]
+        if RES:                                   # the residual add, on the rounded product as HF does it
+            y = (y.to(tl.float32) + tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=live, other=0.0)
+                 .to(tl.float32)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=live)
 
     @torch.library.custom_op(f"{OPS}::linear", mutates_args=())
-    def _linear_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _linear_op(x: torch.Tensor, w: torch.Tensor, nw: Optional[torch.Tensor], eps: float,
+                   res: Optional[torch.Tensor]) -> torch.Tensor:
         M, K = x.shape
         N = w.shape[0]
         BN, K1, K2 = _linear_blocks(K, w.element_size())
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
-        _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                              "ieee" if x.dtype == torch.float32 else "tf32", BN, K1, K2, pdl,
-                                              num_warps=4, num_stages=1, launch_pdl=pdl)
+        _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, nw if nw is not None else x, eps, res if res is not None else x,
+                                              M, N, K, x.stride(0), w.stride(0), y.stride(0),
+                                              res.stride(0) if res is not None else 0,
+                                              "ieee" if x.dtype == torch.float32 else "tf32", BN, K1, K2,
+                                              nw is not None, res is not None, pdl, num_warps=4, num_stages=1,
+                                              launch_pdl=pdl)
         return y
 
     @_linear_op.register_fake
-    def _(x, w):
+    def _(x, w, nw, eps, res):
         return x.new_empty(x.shape[0], w.shape[0])
 
 
-def linear_decode(x, w, b=None):
+def linear_decode(x, w, b=None, norm=None, residual=None):
     """F.linear(x, w, b), through _linear_kernel when x is a few rows (decoding) where the decoding
-    kernels run, else through PyTorch."""
+    kernels run, else through PyTorch. norm: an RMSNorm module (Llama's form) applied to x first;
+    residual: added to the product (HF's residual add), in the kernel's prologue and epilogue."""
     rows = x.numel() // x.shape[-1]
     if (rows <= 16 and b is None and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
             and w.stride(-1) == 1 and _linear_blocks(x.shape[-1], w.element_size())):
         x2 = x.reshape(rows, x.shape[-1])
-        return _linear_op(x2 if x2.stride(-1) == 1 else x2.contiguous(), w).view(*x.shape[:-1], w.shape[0])
-    return torch.nn.functional.linear(x, w, b)
+        nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))
+        res = None if residual is None else residual.reshape(rows, -1)
+        return _linear_op(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, nw, eps,
+                          res if res is None or res.stride(-1) == 1 else res.contiguous()).view(*x.shape[:-1], -1)
+    y = torch.nn.functional.linear(x if norm is None else norm(x), w, b)
+    return y if residual is None else residual + y
 
 
 def use_decode_linear(model):
@@ -1266,9 +1304,17 @@ def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attentio
     if attn.training or not stacked:
         return attn.hf_forward(hidden_states, position_embeddings=position_embeddings,   # (weights moved)
                                attention_mask=attention_mask, **{attn.cache_arg: cache}, **kwargs)
-    hf = sys.modules[type(attn).__module__]                       # the family's own helpers
-    B, T, _ = hidden_states.shape
     z = linear_decode(hidden_states, attn.qkv_weight, attn.qkv_bias)
+    out, weights = _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs)
+    return attn.o_proj(out), weights
+
+
+def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs):
+    """HF's attention steps after the input projections, from the stacked product z [B, T, q|k|v]:
+    the input of W_o [B, T, H*D] and the attention weights (or None)."""
+    hf = sys.modules[type(attn).__module__]                       # the family's own helpers
+    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+    B, T, _ = z.shape
     q, k, v = (t.view(B, T, -1, attn.head_dim) for t in z.split([lin.out_features for lin in lins], -1))
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -1280,7 +1326,7 @@ def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attentio
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     out, weights = fn(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=window,
                       **kwargs)
-    return attn.o_proj(out.reshape(B, T, -1).contiguous()), weights
+    return out.reshape(B, T, -1).contiguous(), weights
 
 
 def use_decode_qkv(model):
@@ -1303,6 +1349,67 @@ def use_decode_qkv(model):
         attn.cache_arg = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"
         attn.hf_forward = attn.forward
         attn.forward = types.MethodType(_stacked_qkv_forward, attn)
+    return model
+
+
+# A decoding step's decoder layer, Llama's layout (x = h + attention(RMSNorm(h)); x + MLP(RMSNorm(x))),
+# as five kernels: [RMSNorm + input product] [GDN step, or rotary, cache write and flash-decoding]
+# [W_o + residual add] [RMSNorm + gate/up] [W_down + residual add]. Compiled, HF's layer adds a
+# kernel for each RMSNorm with its residual add, and that kernel (inductor's) lets the next one
+# launch only at its end, so the product after it cannot load its weights early (pdl_launch).
+# Layers of another layout (Gemma 3's four norms, biases) keep HF's forward, and so does every call
+# that is not a decoding step on the kernels (prompts, training, autograd, weights moved).
+
+def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                          cache=None, use_cache=False, position_embeddings=None, **kwargs):
+    from gdn import GatedDeltaNet
+    cache = cache if cache is not None else past_key_values      # (transformers renamed the argument)
+    attn, mlp, h = layer.self_attn, layer.mlp, hidden_states
+    gdn = isinstance(attn, GatedDeltaNet)
+    w_in = getattr(attn, "stacked" if gdn else "qkv_weight", None)
+    state = attn.step_state(h, cache) if gdn and h.shape[1] == 1 else None
+    if (h.shape[1] != 1 or h.shape[0] > 16 or not _triton_decodes(h) or torch.is_grad_enabled() or layer.training
+            or w_in is None or (gdn and state is None) or not (torch.compiler.is_compiling() or _stacks_current(layer))):
+        return layer.hf_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                **{layer.cache_arg: cache}, use_cache=use_cache,
+                                position_embeddings=position_embeddings, **kwargs)
+    z = linear_decode(h, w_in, norm=layer.input_layernorm)
+    if gdn:
+        y = attn.step(z, state, cache, h)[:, None]
+    else:
+        y, _ = _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs)
+    h = linear_decode(y, attn.o_proj.weight, residual=h)
+    u = glu_decode(h[:, 0], mlp.gate_up, mlp.glu_act, norm=layer.post_attention_layernorm)
+    return linear_decode(u, mlp.down_proj.weight, residual=h[:, 0])[:, None]
+
+
+def _stacks_current(layer):
+    """True while the layer's stacked weights are still what its Linears hold (views_of)."""
+    from gdn import GatedDeltaNet
+    attn, mlp = layer.self_attn, layer.mlp
+    lins = list(attn.inputs().values()) if isinstance(attn, GatedDeltaNet) else [attn.q_proj, attn.k_proj, attn.v_proj]
+    w_in = attn.stacked if isinstance(attn, GatedDeltaNet) else attn.qkv_weight
+    return views_of(w_in, [lin.weight for lin in lins]) and views_of(mlp.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight])
+
+
+def use_decode_layers(model):
+    """Give every decoder layer of `model` of Llama's layout the five-kernel decoding step above
+    (after stack_projections, use_decode_mlp and use_decode_qkv, which it builds on)."""
+    import inspect
+    import types
+    from gdn import GatedDeltaNet, decoder_layers
+    for layer in decoder_layers(model):
+        attn, mlp = layer.self_attn, layer.mlp
+        norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
+        if (None in norms or not all(hasattr(n, "variance_epsilon") for n in norms)
+                or hasattr(layer, "pre_feedforward_layernorm") or getattr(mlp, "gate_up", None) is None
+                or mlp.down_proj.bias is not None or attn.o_proj.bias is not None
+                or (not isinstance(attn, GatedDeltaNet) and (getattr(attn, "qkv_weight", None) is None
+                                                             or attn.qkv_bias is not None))):
+            continue
+        layer.cache_arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
+        layer.hf_forward = layer.forward
+        layer.forward = types.MethodType(_decode_layer_forward, layer)
     return model
 
 
@@ -1491,6 +1598,7 @@ def run_bench(args):
         use_decode_qkv(model)                           # every softmax layer: q, k, v as one product
         if args.device == "cuda":                       # every other product: weights loaded before the wait
             use_decode_linear(model)                    # (its point is PDL: on a CPU, PyTorch's product)
+            use_decode_layers(model)                    # Llama-layout layers: five kernels a step
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):

@@ -187,16 +187,11 @@ class GatedDeltaNet(nn.Module):
             raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
                              "cannot be rewound, so decoding cannot continue from it (assisted or prompt-lookup "
                              "decoding does not work with a hybrid)")
+        state = self.step_state(x, cache)
+        if state is not None:
+            return self.o_proj(self.step(self.project(x)["all"], state, cache, x)[:, None]), None
         # A pad's input is zeroed before the projections: k = v = 0 (it writes nothing) and a zero gate.
         z = self.project(x if pad is None else x.masked_fill(pad[..., None], 0))
-        if T == 1 and S0 is not None and pad is None and gdn_layer_step_usable(x, S0) \
-                and (self.conv_size == 0 or conv0 is not None):
-            # Decoding on a GPU: everything between the two projections is one kernel, which
-            # updates the state and the conv state in place.
-            y = gdn_layer_step(z["all"], S0, conv0, self.conv.weight if self.conv_size else None,
-                               self.A_log, self.dt_bias, self.o_norm, self.norm_eps)
-            self._placeholder(cache, x)
-            return self.o_proj(y[:, None]), None
         q, k, v, conv_state = self.qkv(z, conv0)
         g, beta = self.gates(z)
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
@@ -221,6 +216,26 @@ class GatedDeltaNet(nn.Module):
             states[self.layer_idx] = (S, conv_state)
             self._placeholder(cache, x)
         return self.readout(o, z), None
+
+    def step_state(self, x, cache):
+        """(S, conv state) of this layer where decoding x [B, 1, d] takes the one-kernel step
+        (gdn_kernel.gdn_layer_step: a GPU, no autograd, a state from the prompt, no padding), else None."""
+        pad = getattr(self, "pad_mask", None)
+        if cache is None or x.shape[1] != 1 or (pad is not None and pad.shape == x.shape[:2]):
+            return None
+        S0, conv0 = gdn_states(cache).get(self.layer_idx, (None, None))
+        if S0 is None or not gdn_layer_step_usable(x, S0) or (self.conv_size and conv0 is None):
+            return None
+        return S0, conv0
+
+    def step(self, z, state, cache, x):
+        """Decoding on a GPU: everything between the two projections as one kernel, from the stacked
+        projection z [B, >= 4*H*D + 2*H] to the output projection's input [B, H*D]; the state and the
+        conv state (step_state) are updated in place."""
+        y = gdn_layer_step(z, *state, self.conv.weight if self.conv_size else None, self.A_log, self.dt_bias,
+                           self.o_norm, self.norm_eps)
+        self._placeholder(cache, x)
+        return y
 
     def _placeholder(self, cache, x):
         """One number per token in the cache's key/value slots of this layer (see the module docstring)."""

@@ -154,25 +154,39 @@ def static_decode(model, ids, prompt):
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
-def test_bench_decoding_equals_hf(family):
+def test_bench_decoding_equals_hf(family, monkeypatch):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
-    stacked GDN inputs, the gate/up kernel, every other product through linear_decode) gives HF's
+    stacked GDN inputs, the gate/up kernel, every other product through linear_decode, Llama-layout
+    decoder layers as five kernels) gives HF's
     logits and greedy tokens over a prompt and cached steps: on the GPU where there is one (every
     Triton kernel compiled; fp32), else on the CPU (under TRITON_INTERPRET=1, the kernels)."""
-    from convert import use_decode_attention, use_decode_linear, use_decode_mlp, use_decode_qkv
+    import convert
+    import gdn
+    from convert import use_decode_attention, use_decode_layers, use_decode_linear, use_decode_mlp, use_decode_qkv
     from gdn import hybridize, stack_projections
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = hybridize(tiny_model(family), [1, 3], conv_size=4).to(dev)
     ids = torch.randint(0, 128, (3, 40), device=dev)
     ref = static_decode(model, ids, 30)
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":       # the GDN step kernel too
+        monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
     use_decode_attention(model, "flash")
     stack_projections(model)
     use_decode_mlp(model)
     use_decode_qkv(model)
     use_decode_linear(model)
-    got = static_decode(model, ids, 30)
+    use_decode_layers(model)
+    layered = [layer.forward.__func__ is convert._decode_layer_forward for layer in model.model.layers]
+    assert all(layered) if family != "gemma3_text" else not any(layered)   # Gemma 3: four norms a layer
+    folded, real = [], convert._linear_op
+    convert._linear_op = lambda x, w, nw, eps, res: folded.append(nw is not None) or real(x, w, nw, eps, res)
+    try:
+        got = static_decode(model, ids, 30)
+    finally:
+        convert._linear_op = real
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert any(folded) == (family != "gemma3_text")          # the layer path ran (norm in the product)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
@@ -412,7 +426,7 @@ def test_linear_decode_equals_linear():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     calls = []
     real = convert._linear_op
-    convert._linear_op = lambda x, w: calls.append(x.shape) or real(x, w)
+    convert._linear_op = lambda x, w, *rest: calls.append(x.shape) or real(x, w, *rest)
     try:
         for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600)]:
             x, w = torch.randn(rows, 1, K, device=dev), torch.randn(40, K, device=dev)
@@ -428,6 +442,26 @@ def test_linear_decode_equals_linear():
         assert len(calls) == 5
     finally:
         convert._linear_op = real
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
+def test_decode_kernels_fold_rmsnorm_and_residual():
+    """linear_decode's norm prologue and residual epilogue, and glu_decode's norm prologue, equal HF's
+    RMSNorm, product and residual add done one after another."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from convert import glu_decode, linear_decode
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    norm = LlamaRMSNorm(100, eps=1e-5).to(dev)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        x, w, res = torch.randn(3, 1, 100, device=dev) * 3, torch.randn(40, 100, device=dev), torch.randn(3, 1, 40, device=dev)
+        ref = res + torch.nn.functional.linear(norm(x), w)
+        torch.testing.assert_close(linear_decode(x, w, norm=norm, residual=res), ref, rtol=1e-4, atol=1e-4)
+        gu = torch.randn(2 * 48, 100, device=dev)
+        g, u = torch.nn.functional.linear(norm(x[:, 0]), gu).chunk(2, -1)
+        torch.testing.assert_close(glu_decode(x[:, 0], gu, "silu", norm=norm), torch.nn.functional.silu(g) * u,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_bench_markdown_floor_table():
