@@ -1067,62 +1067,40 @@ def use_decode_attention(model, name):
     return model
 
 
-# The MLP of a decoding step: y = W_down (act(W_gate x) * W_up x). Its two input products share x
-# and their outputs meet only in the elementwise product, so for a few rows of x they are one
-# kernel: a program takes BN output columns, reads the same BN rows of W_gate and of W_up (one
-# stored [W_gate; W_up] matrix, as gdn.stack_projections does for a GDN layer's inputs) and keeps
-# both products in registers until act(g) * u is written. That is one launch where HF's MLP makes
-# three (two products, then the activation). Measured on an H100 at 8 rows of SmolLM2's
-# [576 -> 1536] MLP: 4.1 us a call in a compiled decoding step (weights cold in L2), where gate, up
-# and act * up took 3.5 + 3.5 + 1.3 us. K goes in blocks of 128 with 4 blocks in flight: with cold
-# weights the loads must overlap (blocks of 64, 3 in flight, took 5.3 us: results/inference_h100_compiled.md
-# now and at 777e3fb). The rows of x (at most 16, padded to 16 for the tensor cores) are the
-# sequences being decoded. Every other product goes through linear_decode (below).
+# The products of a decoding step: y = x W^T for a few rows of x (the sequences being decoded, at
+# most 16, padded to 16 for the tensor cores) and a weight W [N, K] that no earlier kernel of the
+# step wrote. So a program loads its BN rows of W whole (K split into two power-of-two blocks,
+# 576 = 512 + 64, 1536 = 1024 + 512) *before* waiting for the kernel before it (pdl_launch): the
+# weights stream from DRAM while that kernel still runs, and only x is read after the wait. It
+# calls gdc_launch_dependents before those loads, not after: compiled for sm_90 the tile goes
+# through shared memory, so a launch after the loads waited for the weights to arrive, and the next
+# kernel could not start its own loads until then (chain_floor on an H100: 0.33-0.44 ms with the
+# launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a CUDA-graph chain of
+# 120 products in SmolLM2's shapes with cold weights (a device script, not a result of the repo):
+# 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row (launch after
+# the loads). A program's rows of W are held on chip until x
+# arrives: BN = 32 rows while they take at most 96 KB (SmolLM2's K = 1536 in bf16), else 16, else
+# (a K too long for 16 rows) PyTorch's product.
+#
+# Three things around the product ride along, each a launch saved:
+#   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
+#   RES   the residual add after it: y + h;
+#   ACT   the MLP's gate/up pair, act(x W_gate^T) * (x W_up^T), from one stored [W_gate; W_up]
+#         (as gdn.stack_projections does for a GDN layer's inputs): a program loads the same BN
+#         rows of both halves and keeps both products in registers until act(g) * u is written,
+#         one launch where HF's MLP makes three (two products, then the activation).
+LINEAR_TILE_BYTES = 96 * 1024
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
-if triton is not None:
 
-    @triton.jit
-    def _glu_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, M, K, N, sx, sw, sy, ACT: tl.constexpr, PREC: tl.constexpr,
-                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-        if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
-            tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rm = tl.arange(0, BM)
-        if NORM:                                       # RMSNorm of x first: 1 / rms of every row
-            ss = tl.zeros([BM], tl.float32)
-            for k0 in range(0, K, BK):
-                rk = k0 + tl.arange(0, BK)
-                x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :],
-                            other=0.0).to(tl.float32)
-                ss += tl.sum(x * x, axis=1)
-            r = tl.rsqrt(ss / K + eps)
-        g = tl.zeros([BM, BN], tl.float32)
-        u = tl.zeros([BM, BN], tl.float32)
-        for k0 in range(0, K, BK):
-            rk = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=(rm < M)[:, None] & (rk < K)[None, :], other=0.0)
-            if NORM:                                   # as HF rounds it: (x r) in x's dtype, times the weight
-                x = _rms_scaled(x, r, nw_ptr, rk, K)
-            wmask = (rn < N)[:, None] & (rk < K)[None, :]
-            wg = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=wmask, other=0.0)          # rows of W_gate
-            wu = tl.load(w_ptr + (N + rn)[:, None] * sw + rk[None, :], mask=wmask, other=0.0)    # rows of W_up
-            g += tl.dot(x, tl.trans(wg), input_precision=PREC)
-            u += tl.dot(x, tl.trans(wu), input_precision=PREC)
-        if ACT == 0:                                   # SiLU
-            a = g * tl.sigmoid(g)
-        else:                                          # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
-            a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
-        tl.store(y_ptr + rm[:, None] * sy + rn[None, :], (a * u).to(y_ptr.dtype.element_ty),
-                 mask=(rm < M)[:, None] & (rn < N)[None, :])
-
-
-def glu_decode(x, w, act, norm=None):
-    """act(x W_gate^T) * (x W_up^T) for x [M <= 16, K] and w = [W_gate; W_up] [2N, K], one kernel;
-    with norm (an RMSNorm module, Llama's form), of norm(x)."""
-    nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))
-    return _glu_op(x if x.stride(-1) == 1 else x.contiguous(), w, GLU_ACTS[act], nw, eps)
+def _linear_blocks(K, itemsize, halves=1):
+    """_linear_kernel's (BN, K1, K2) for an inner dimension K: K = K1 + the rest, padded to K2 (powers
+    of two, at least 16); None where even 16 rows of W (of each half, for the gate/up pair) would
+    not fit LINEAR_TILE_BYTES."""
+    k1 = max(16, 1 << (K.bit_length() - 1))
+    k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
+    fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
+    return (fits[0], k1, k2) if fits else None
 
 
 if triton is not None:
@@ -1134,49 +1112,10 @@ if triton is not None:
         xn = (x.to(tl.float32) * r[:, None]).to(x.dtype).to(tl.float32)
         return (xn * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
 
-    @torch.library.custom_op(f"{OPS}::glu", mutates_args=())
-    def _glu_op(x: torch.Tensor, w: torch.Tensor, act: int, nw: Optional[torch.Tensor], eps: float) -> torch.Tensor:
-        M, K = x.shape
-        N = w.shape[0] // 2
-        y = x.new_empty(M, N)
-        pdl = pdl_launch(x)
-        _glu_kernel[(triton.cdiv(N, 32),)](x, w, y, nw if nw is not None else x, eps, M, K, N, x.stride(0),
-                                           w.stride(0), y.stride(0), act, "ieee" if x.dtype == torch.float32 else "tf32",
-                                           16, 32, 128, nw is not None, pdl, num_warps=4, num_stages=4, launch_pdl=pdl)
-        return y
-
-    @_glu_op.register_fake
-    def _(x, w, act, nw, eps):
-        return x.new_empty(x.shape[0], w.shape[0] // 2)
-
-
-# Every other product of a decoding step: y = x W^T for a few rows of x (the sequences being decoded)
-# and a weight W [N, K] that no earlier kernel of the step wrote. So a program loads its BN rows of W
-# whole (K split into two power-of-two blocks, 576 = 512 + 64, 1536 = 1024 + 512) *before* waiting
-# for the kernel before it (pdl_launch), and the weights stream from DRAM while that kernel still
-# runs; only x is read after the wait. Measured on an H100 in a CUDA-graph chain of 120 products in
-# SmolLM2's shapes with cold weights (a device script, not a result of the repo): 3.2 us a product
-# at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row. A program's rows of W are held
-# on chip until x arrives: BN = 32 rows while they take at most 96 KB (SmolLM2's K = 1536 in bf16),
-# else 16, else (a K too long for 16 rows) PyTorch's product.
-LINEAR_TILE_BYTES = 96 * 1024
-
-
-def _linear_blocks(K, itemsize):
-    """_linear_kernel's (BN, K1, K2) for an inner dimension K: K = K1 + the rest, padded to K2 (powers
-    of two, at least 16); None where even 16 rows of W would not fit LINEAR_TILE_BYTES."""
-    k1 = max(16, 1 << (K.bit_length() - 1))
-    k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
-    fits = [bn for bn in (32, 16) if bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
-    return (fits[0], k1, k2) if fits else None
-
-
-if triton is not None:
-
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, M, N, K, sx, sw, sy, sr, PREC: tl.constexpr,
                        BN: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
-                       PDL: tl.constexpr):
+                       ACT: tl.constexpr, PDL: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, 16)
         k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
@@ -1185,57 +1124,86 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         w1 = tl.load(w_ptr + rn[:, None] * sw + k1[None, :], mask=live_n, other=0.0)
         w2 = tl.load(w_ptr + rn[:, None] * sw + k2[None, :], mask=live_n & live_k2, other=0.0)
+        if ACT >= 0:                              # the same rows of W_up, N rows further down
+            u1 = tl.load(w_ptr + (N + rn)[:, None] * sw + k1[None, :], mask=live_n, other=0.0)
+            u2 = tl.load(w_ptr + (N + rn)[:, None] * sw + k2[None, :], mask=live_n & live_k2, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()
         x1 = tl.load(x_ptr + rm[:, None] * sx + k1[None, :], mask=live_m, other=0.0)
         x2 = tl.load(x_ptr + rm[:, None] * sx + k2[None, :], mask=live_m & live_k2, other=0.0)
-        if NORM:                                  # RMSNorm of x first (the whole row is here)
+        if NORM:
             r = tl.rsqrt((tl.sum(x1.to(tl.float32) * x1.to(tl.float32), axis=1)
                           + tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)) / K + eps)
             x1, x2 = _rms_scaled(x1, r, nw_ptr, k1, K), _rms_scaled(x2, r, nw_ptr, k2, K)
         y = tl.dot(x1, tl.trans(w1), input_precision=PREC) + tl.dot(x2, tl.trans(w2), input_precision=PREC)
+        if ACT >= 0:
+            u = tl.dot(x1, tl.trans(u1), input_precision=PREC) + tl.dot(x2, tl.trans(u2), input_precision=PREC)
+            if ACT == 0:                          # SiLU
+                y = y * tl.sigmoid(y) * u
+            else:                                 # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
+                y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y)) * u
         y = y.to(y_ptr.dtype.element_ty)
         live = live_m & (rn < N)[None, :]
-        if RES:                                   # the residual add, on the rounded product as HF does it
+        if RES:                                   # on the rounded product, as HF adds it
             y = (y.to(tl.float32) + tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=live, other=0.0)
                  .to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=live)
 
     @torch.library.custom_op(f"{OPS}::linear", mutates_args=())
     def _linear_op(x: torch.Tensor, w: torch.Tensor, nw: Optional[torch.Tensor], eps: float,
-                   res: Optional[torch.Tensor]) -> torch.Tensor:
+                   res: Optional[torch.Tensor], act: int) -> torch.Tensor:
         M, K = x.shape
-        N = w.shape[0]
-        BN, K1, K2 = _linear_blocks(K, w.element_size())
+        N = w.shape[0] // (2 if act >= 0 else 1)
+        BN, K1, K2 = _linear_blocks(K, w.element_size(), 2 if act >= 0 else 1)
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
         _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, nw if nw is not None else x, eps, res if res is not None else x,
                                               M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                               res.stride(0) if res is not None else 0,
                                               "ieee" if x.dtype == torch.float32 else "tf32", BN, K1, K2,
-                                              nw is not None, res is not None, pdl, num_warps=4, num_stages=1,
+                                              nw is not None, res is not None, act, pdl, num_warps=4, num_stages=1,
                                               launch_pdl=pdl)
         return y
 
     @_linear_op.register_fake
-    def _(x, w, nw, eps, res):
-        return x.new_empty(x.shape[0], w.shape[0])
+    def _(x, w, nw, eps, res, act):
+        return x.new_empty(x.shape[0], w.shape[0] // (2 if act >= 0 else 1))
+
+
+def _product(x, w, norm, residual, act):
+    """x [..., K] through _linear_op where it takes it (a few rows, the kernels run, no autograd, a
+    tile that fits), else None."""
+    rows = x.numel() // x.shape[-1]
+    if not (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
+            and w.stride(-1) == 1 and _linear_blocks(x.shape[-1], w.element_size(), 2 if act >= 0 else 1)):
+        return None
+    x2 = x.reshape(rows, x.shape[-1])
+    nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))
+    res = None if residual is None else residual.reshape(rows, -1)
+    y = _linear_op(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, nw, eps,
+                   res if res is None or res.stride(-1) == 1 else res.contiguous(), act)
+    return y.view(*x.shape[:-1], -1)
 
 
 def linear_decode(x, w, b=None, norm=None, residual=None):
-    """F.linear(x, w, b), through _linear_kernel when x is a few rows (decoding) where the decoding
-    kernels run, else through PyTorch. norm: an RMSNorm module (Llama's form) applied to x first;
-    residual: added to the product (HF's residual add), in the kernel's prologue and epilogue."""
-    rows = x.numel() // x.shape[-1]
-    if (rows <= 16 and b is None and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
-            and w.stride(-1) == 1 and _linear_blocks(x.shape[-1], w.element_size())):
-        x2 = x.reshape(rows, x.shape[-1])
-        nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))
-        res = None if residual is None else residual.reshape(rows, -1)
-        return _linear_op(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, nw, eps,
-                          res if res is None or res.stride(-1) == 1 else res.contiguous()).view(*x.shape[:-1], -1)
-    y = torch.nn.functional.linear(x if norm is None else norm(x), w, b)
-    return y if residual is None else residual + y
+    """residual + F.linear(norm(x), w, b) (norm: an RMSNorm module, Llama's form; norm and residual
+    optional), one kernel when x is a few rows (decoding) where the decoding kernels run, else
+    PyTorch's."""
+    y = _product(x, w, norm, residual, -1) if b is None else None
+    if y is None:
+        y = torch.nn.functional.linear(x if norm is None else norm(x), w, b)
+        y = y if residual is None else residual + y
+    return y
+
+
+def glu_decode(x, w, act, norm=None):
+    """act(x W_gate^T) * (x W_up^T) for x [..., K] and w = [W_gate; W_up] [2N, K] (of norm(x) with
+    norm), one kernel where linear_decode would take x, else PyTorch's."""
+    y = _product(x, w, norm, None, GLU_ACTS[act])
+    if y is None:
+        g, u = torch.nn.functional.linear(x if norm is None else norm(x), w).chunk(2, -1)
+        y = (torch.nn.functional.silu(g) if GLU_ACTS[act] == 0 else torch.nn.functional.gelu(g, approximate="tanh")) * u
+    return y
 
 
 def use_decode_linear(model):
@@ -1356,7 +1324,7 @@ def use_decode_qkv(model):
 # as five kernels: [RMSNorm + input product] [GDN step, or rotary, cache write and flash-decoding]
 # [W_o + residual add] [RMSNorm + gate/up] [W_down + residual add]. Compiled, HF's layer adds a
 # kernel for each RMSNorm with its residual add, and that kernel (inductor's) lets the next one
-# launch only at its end, so the product after it cannot load its weights early (pdl_launch).
+# launch only after its own loads, so the product after it loads its weights late (pdl_launch).
 # Layers of another layout (Gemma 3's four norms, biases) keep HF's forward, and so does every call
 # that is not a decoding step on the kernels (prompts, training, autograd, weights moved).
 

@@ -179,7 +179,7 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     layered = [layer.forward.__func__ is convert._decode_layer_forward for layer in model.model.layers]
     assert all(layered) if family != "gemma3_text" else not any(layered)   # Gemma 3: four norms a layer
     folded, real = [], convert._linear_op
-    convert._linear_op = lambda x, w, nw, eps, res: folded.append(nw is not None) or real(x, w, nw, eps, res)
+    convert._linear_op = lambda x, w, nw, *rest: folded.append(nw is not None) or real(x, w, nw, *rest)
     try:
         got = static_decode(model, ids, 30)
     finally:
@@ -447,9 +447,11 @@ def test_linear_decode_equals_linear():
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
 def test_decode_kernels_fold_rmsnorm_and_residual():
-    """linear_decode's norm prologue and residual epilogue, and glu_decode's norm prologue, equal HF's
-    RMSNorm, product and residual add done one after another."""
+    """linear_decode's norm prologue and residual epilogue, and glu_decode's norm prologue (SiLU and
+    tanh-GELU), equal HF's RMSNorm, products, activation and residual add done one after another;
+    a gate/up pair too long for the kernel's tile takes PyTorch's products."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    import convert
     from convert import glu_decode, linear_decode
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     norm = LlamaRMSNorm(100, eps=1e-5).to(dev)
@@ -462,6 +464,20 @@ def test_decode_kernels_fold_rmsnorm_and_residual():
         g, u = torch.nn.functional.linear(norm(x[:, 0]), gu).chunk(2, -1)
         torch.testing.assert_close(glu_decode(x[:, 0], gu, "silu", norm=norm), torch.nn.functional.silu(g) * u,
                                    rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(glu_decode(x[:, 0], gu, "gelu_pytorch_tanh", norm=norm),
+                                   torch.nn.functional.gelu(g, approximate="tanh") * u, rtol=1e-4, atol=1e-4)
+        # K = 1000 in fp32: 16 rows of each half take 128 KB, over LINEAR_TILE_BYTES: PyTorch's products
+        calls, real = [], convert._linear_op
+        convert._linear_op = lambda *a: calls.append(1) or real(*a)
+        try:
+            x, gu = torch.randn(2, 1000, device=dev), torch.randn(2 * 24, 1000, device=dev) / 30
+            g, u = torch.nn.functional.linear(x, gu).chunk(2, -1)
+            torch.testing.assert_close(glu_decode(x, gu, "silu"), torch.nn.functional.silu(g) * u)
+            assert not calls
+            glu_decode(x[:, :500], gu[:, :500].contiguous(), "silu")      # 64 KB: the kernel
+            assert calls
+        finally:
+            convert._linear_op = real
 
 
 def test_bench_markdown_floor_table():
