@@ -814,12 +814,14 @@ def run_distill_chain(args):
 # far from that bound when every step is a Python loop over hundreds of kernel launches, so on a
 # GPU a step is captured once as a CUDA graph and replayed (KV in HF's StaticCache, GDN states
 # updated in place, so every address the graph saw stays valid), and every model in the comparison
-# gets the same decoding kernels: flash-decoding attention below for each softmax layer, with its
-# q, k and v from one stacked product; one gate/up/activation kernel below for each MLP; for each
-# GDN layer one kernel between its two projections (gdn_kernel.gdn_layer_step) and one stacked
-# input projection (gdn.stack_projections); every other product through linear_decode. On Hopper
-# they launch with programmatic dependent launch (gdn_kernel.pdl_launch), so each kernel's launch,
-# and a product's weights, overlap the kernel before it.
+# gets the same decoding kernels: flash-decoding attention below for each softmax layer; for each
+# GDN layer one kernel between its two projections (gdn_kernel.gdn_layer_step); every product
+# through one product kernel below (linear_decode): a layer's inputs as one stacked product (q, k,
+# v; a GDN layer's stack, gdn.stack_projections), the MLP's gate/up pair with its activation as one,
+# and in Llama-layout layers the RMSNorms and residual adds folded into the products beside them
+# (use_decode_layers). On Hopper they launch with programmatic dependent launch
+# (gdn_kernel.pdl_launch), so each kernel's launch, and a product's weights, overlap the kernel
+# before it.
 # What is left between a step and its bound is the number of launches (--profile counts them; the
 # README's results discuss it).
 # ----------------------------------------------------------------------------------------------

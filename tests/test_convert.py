@@ -156,10 +156,10 @@ def static_decode(model, ids, prompt):
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_bench_decoding_equals_hf(family, monkeypatch):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
-    stacked GDN inputs, the gate/up kernel, every other product through linear_decode, Llama-layout
-    decoder layers as five kernels) gives HF's
-    logits and greedy tokens over a prompt and cached steps: on the GPU where there is one (every
-    Triton kernel compiled; fp32), else on the CPU (under TRITON_INTERPRET=1, the kernels)."""
+    stacked GDN inputs, the gate/up pair as one product, every other product through linear_decode,
+    Llama-layout decoder layers as five kernels) gives HF's logits and greedy tokens over a prompt
+    and cached steps: on the GPU where there is one (every Triton kernel compiled; fp32), else on
+    the CPU (under TRITON_INTERPRET=1, the kernels)."""
     import convert
     import gdn
     from convert import use_decode_attention, use_decode_layers, use_decode_linear, use_decode_mlp, use_decode_qkv
