@@ -1080,9 +1080,9 @@ def use_decode_attention(model, name):
 # launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a CUDA-graph chain of
 # 120 products in SmolLM2's shapes with cold weights (a device script, not a result of the repo):
 # 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row (launch after
-# the loads). A program's rows of W are held on chip until x
-# arrives: BN = 32 rows while they take at most 96 KB (SmolLM2's K = 1536 in bf16), else 16, else
-# (a K too long for 16 rows) PyTorch's product.
+# the loads). A program's rows of W are held on chip until x arrives: BN = 32 rows while they take
+# at most 96 KB (SmolLM2's K = 1536 in bf16), else 16, else (a K too long for 16 rows) PyTorch's
+# product.
 #
 # Three things around the product ride along, each a launch saved:
 #   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
@@ -1155,8 +1155,9 @@ if triton is not None:
     def _linear_op(x: torch.Tensor, w: torch.Tensor, nw: Optional[torch.Tensor], eps: float,
                    res: Optional[torch.Tensor], act: int) -> torch.Tensor:
         M, K = x.shape
-        N = w.shape[0] // (2 if act >= 0 else 1)
-        BN, K1, K2 = _linear_blocks(K, w.element_size(), 2 if act >= 0 else 1)
+        halves = 2 if act >= 0 else 1                  # [W_gate; W_up] for the gate/up pair
+        N = w.shape[0] // halves
+        BN, K1, K2 = _linear_blocks(K, w.element_size(), halves)
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
         _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, nw if nw is not None else x, eps, res if res is not None else x,
