@@ -219,9 +219,11 @@ class GatedDeltaNet(nn.Module):
 
     def step_state(self, x, cache):
         """(S, conv state) of this layer where decoding x [B, 1, d] takes the one-kernel step
-        (gdn_kernel.gdn_layer_step: a GPU, no autograd, a state from the prompt, no padding), else None."""
+        (gdn_kernel.gdn_layer_step: a GPU, no autograd, a state from the prompt, no padding), else None
+        (also for a cache cut back: forward then refuses it)."""
         pad = getattr(self, "pad_mask", None)
-        if cache is None or x.shape[1] != 1 or (pad is not None and pad.shape == x.shape[:2]):
+        if (cache is None or x.shape[1] != 1 or (pad is not None and pad.shape == x.shape[:2])
+                or getattr(cache, "gdn_rewound", False)):
             return None
         S0, conv0 = gdn_states(cache).get(self.layer_idx, (None, None))
         if S0 is None or not gdn_layer_step_usable(x, S0) or (self.conv_size and conv0 is None):

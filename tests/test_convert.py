@@ -189,6 +189,31 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     assert any(folded) == (family != "gemma3_text")          # the layer path ran (norm in the product)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
+def test_decode_layers_refuse_a_cropped_cache(monkeypatch):
+    """The five-kernel layer calls a GDN layer's step itself: a cache cut back (crop) must still be
+    refused, as the GDN layer's own forward refuses it, not decoded from the uncut state."""
+    from transformers import DynamicCache
+    import gdn
+    from convert import use_decode_layers, use_decode_linear, use_decode_mlp, use_decode_qkv
+    from gdn import hybridize, stack_projections
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":                                     # the GDN step kernel under the interpreter
+        monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
+    model = hybridize(tiny_model("llama"), [1, 3], conv_size=4).to(dev)
+    for switch in (stack_projections, use_decode_mlp, use_decode_qkv, use_decode_linear, use_decode_layers):
+        switch(model)
+    ids = torch.randint(0, 128, (2, 11), device=dev)
+    with torch.no_grad():
+        c = DynamicCache(config=model.config)
+        model(ids[:, :10], past_key_values=c, use_cache=True)
+        model(ids[:, 10:], past_key_values=c, use_cache=True)            # a step on the layer path
+        c.crop(-3)
+        with pytest.raises(ValueError, match="cannot be rewound"):
+            model(ids[:, 10:], past_key_values=c, use_cache=True)
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("name", ["grouped", "flash"])
 def test_decode_attention_equals_sdpa(family, name):
