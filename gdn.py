@@ -230,13 +230,12 @@ class GatedDeltaNet(nn.Module):
             return None
         return S0, conv0
 
-    def step(self, z, state, cache, x, acc=None):
+    def step(self, z, state, cache, x):
         """Decoding on a GPU: everything between the two projections as one kernel, from the stacked
         projection z [B, >= 4*H*D + 2*H] to the output projection's input [B, H*D]; the state and the
-        conv state (step_state) are updated in place. With acc (fp32 [B, d]): through the output
-        projection too, its product added into acc, and None returned."""
+        conv state (step_state) are updated in place."""
         y = gdn_layer_step(z, *state, self.conv.weight if self.conv_size else None, self.A_log, self.dt_bias,
-                           self.o_norm, self.norm_eps, out_proj=None if acc is None else self.o_proj.weight, acc=acc)
+                           self.o_norm, self.norm_eps)
         self._placeholder(cache, x)
         return y
 

@@ -30,8 +30,7 @@ This file holds several ways to compute (1) over a sequence, all with the same s
     (`gated_delta_rule_step_torch`) elsewhere.
   * `gdn_layer_step`: a GDN layer's whole decoding step between its two projections (gdn.py's short
     conv, SiLU, L2 norms, gates, then (1), then the gated RMSNorm of the output) as one Triton
-    kernel (and, on request, through the output projection as well); gdn.py uses it on CUDA and its
-    own PyTorch lines elsewhere.
+    kernel; gdn.py uses it on CUDA and its own PyTorch lines elsewhere.
 
 Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H];
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
@@ -816,35 +815,9 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 # reads and writes its 16 KB (D = 64) once. Its input is the stacked projection z of
 # GatedDeltaNet.project, one row per sequence, in the order q, k, v, g (H*D columns each), a, b (H
 # each); its output is what the layer's output projection multiplies.
-#
-# Or the program goes on through that projection too (out_proj): W_o y = sum_h W_o[:, h] y_h, a sum
-# over heads, and each program holds one head's y_h. So it multiplies y_h by its head's D columns
-# of W_o (loaded before the wait, like a product's weights) and adds the [N] result into an fp32
-# accumulator with atomic adds, one per output and head: a split-K product whose K blocks are the
-# heads. At one token a step the launch of a separate W_o product costs more than its arithmetic
-# (see convert.py's three-kernel decoder layer). The sum's order across heads is whichever program
-# adds first, so the result is the product's up to fp32 rounding, not bit for bit the same each run.
 # ==============================================================================================
 
 if triton is not None:
-
-    @triton.jit
-    def out_columns(wo_ptr, swo, cols, live_c, N, N1: tl.constexpr, N2: tl.constexpr):
-        """The columns `cols` of W_o [N, K] (row stride swo) as two tiles [N1, C] and [N2, C]
-        (N = N1 + a rest padded to N2, powers of two, as convert.py's products split K)."""
-        n1, n2 = tl.arange(0, N1), N1 + tl.arange(0, N2)
-        w1 = tl.load(wo_ptr + n1[:, None] * swo + cols[None, :], mask=(n1 < N)[:, None] & live_c[None, :], other=0.0)
-        w2 = tl.load(wo_ptr + n2[:, None] * swo + cols[None, :], mask=(n2 < N)[:, None] & live_c[None, :], other=0.0)
-        return w1, w2
-
-    @triton.jit
-    def out_add(y, w1, w2, acc_ptr, N, N1: tl.constexpr, N2: tl.constexpr):
-        """acc[:N] += W_o[:, cols] y for y [C] (masked columns zero) and out_columns' tiles: the
-        products in fp32 (y as its dtype rounds it), added atomically (other programs add theirs)."""
-        n1, n2 = tl.arange(0, N1), N1 + tl.arange(0, N2)
-        y = y.to(tl.float32)[None, :]
-        tl.atomic_add(acc_ptr + n1, tl.sum(w1.to(tl.float32) * y, axis=1), mask=n1 < N, sem="relaxed")
-        tl.atomic_add(acc_ptr + n2, tl.sum(w2.to(tl.float32) * y, axis=1), mask=n2 < N, sem="relaxed")
 
     @triton.jit
     def _conv_silu(z, conv, cw_ptr, c, mask, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr):
@@ -868,10 +841,10 @@ if triton is not None:
         return out * tl.sigmoid(out)
 
     @triton.jit
-    def _layer_step_kernel(z_ptr, conv_ptr, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, wo_ptr, acc_ptr,
-                           scale, eps, H, N, sz_b, sc_b, sc_c, sc_t, swo,
+    def _layer_step_kernel(z_ptr, conv_ptr, cw_ptr, alog_ptr, dtb_ptr, wn_ptr, s_ptr, y_ptr, scale, eps,
+                           H, sz_b, sc_b, sc_c, sc_t,
                            D: tl.constexpr, BD: tl.constexpr, W: tl.constexpr, WP: tl.constexpr,
-                           OUT: tl.constexpr, N1: tl.constexpr, N2: tl.constexpr, PDL: tl.constexpr):
+                           PDL: tl.constexpr):
         bh = tl.program_id(0)
         b, h = bh // H, bh % H
         rd = tl.arange(0, BD)
@@ -881,8 +854,6 @@ if triton is not None:
         if PDL:                                        # programmatic dependent launch (pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
         S = tl.load(s_ptrs, mask=smask, other=0.0)     # only this kernel writes it (a step ago): no wait
-        if OUT:                                        # W_o's columns of this head: weights, no wait
-            wo1, wo2 = out_columns(wo_ptr, swo, h * D + rd, md, N, N1, N2)
         if PDL:
             tl.extra.cuda.gdc_wait()
         HD = H * D
@@ -901,11 +872,7 @@ if triton is not None:
         o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32))             # per-head RMSNorm
         o = o * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
         gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0).to(tl.float32)
-        y = (o * gate * tl.sigmoid(gate)).to(z_ptr.dtype.element_ty)
-        if OUT:
-            out_add(y, wo1, wo2, acc_ptr + b * N, N, N1, N2)
-        else:
-            tl.store(y_ptr + b * HD + h * D + rd, y, mask=md)
+        tl.store(y_ptr + b * HD + h * D + rd, (o * gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty), mask=md)
 
 
 def gdn_layer_step_usable(z, state):
@@ -916,18 +883,14 @@ def gdn_layer_step_usable(z, state):
             and state.shape[-1] <= 128)
 
 
-def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale=None, out_proj=None,
-                   acc=None):
+def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale=None):
     """One decoding step of a GDN layer from its stacked projection z [B, >= 4*H*D + 2*H] or [B, 1, ...]
     (rows may be strided, columns contiguous; taken as it is, because under torch.compile even a
     select of the token would be a copy kernel) to the input of its output projection, y [B, H*D]
     in z's dtype.
     state [B, H, D, D] fp32 and conv_state [B, 3*H*D, W-1] (or None, with conv_weight None: no conv)
     are updated in place (W = 1: a conv with an empty state). conv_weight [3*H*D, 1, W]; A_log,
-    dt_bias [H]; o_norm [D].
-    With out_proj (W_o [N, H*D]) and acc (fp32 [B, N]): through the output projection too, y W_o^T
-    added into acc in place, and None returned (in the kernel where W_o's columns of a head fit
-    OUT_TILE_BYTES, else by PyTorch's product)."""
+    dt_bias [H]; o_norm [D]."""
     B, H, D = state.shape[0], state.shape[1], state.shape[-1]
     rows = z.shape[0] if z.dim() == 2 or (z.dim() == 3 and z.shape[1] == 1) else None
     if rows != B or z.shape[-1] < 4 * H * D + 2 * H or z.stride(-1) != 1:
@@ -937,30 +900,9 @@ def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, ep
     if W and (conv_state is None or conv_state.shape != (B, 3 * H * D, W - 1)):
         raise ValueError(f"conv_state must be [B, 3*H*D, W-1] = [{B}, {3 * H * D}, {W - 1}]; got "
                          f"{None if conv_state is None else tuple(conv_state.shape)}")
-    if out_proj is not None and (out_proj.shape[1] != H * D or acc is None or acc.dtype != torch.float32
-                                 or acc.shape != (B, out_proj.shape[0]) or not acc.is_contiguous()):
-        raise ValueError(f"out_proj must be [N, H*D = {H * D}] and acc a contiguous fp32 [B = {B}, N]; got "
-                         f"{tuple(out_proj.shape)} and {None if acc is None else (tuple(acc.shape), acc.dtype)}")
     scale = D ** -0.5 if scale is None else float(scale)
-    args = (z, state, conv_state if W > 1 else None, conv_weight, A_log, dt_bias, o_norm, float(eps), scale)
-    if out_proj is None:
-        return _layer_step_op(*args, None, None)
-    if out_blocks(out_proj.shape[0], D, out_proj.element_size()) and out_proj.stride(-1) == 1:
-        _layer_step_op(*args, out_proj, acc)
-    else:
-        acc.add_(torch.nn.functional.linear(_layer_step_op(*args, None, None), out_proj).float())
-    return None
-
-
-OUT_TILE_BYTES = 96 * 1024      # the most of W_o a program holds on chip (its head's D columns)
-
-
-def out_blocks(N, D, itemsize):
-    """(N1, N2) for out_columns (N = N1 + a rest padded to N2), or None where W_o's D columns of a
-    head would take more than OUT_TILE_BYTES."""
-    n1 = 1 << (N.bit_length() - 1)
-    n2 = triton.next_power_of_2(N - n1) if N > n1 else 1
-    return (n1, n2) if (n1 + n2) * _p2(D) * itemsize <= OUT_TILE_BYTES else None
+    return _layer_step_op(z, state, conv_state if W > 1 else None, conv_weight, A_log, dt_bias, o_norm, float(eps),
+                          scale)
 
 
 def pdl_launch(x):
@@ -982,31 +924,25 @@ def pdl_launch(x):
 OPS = "gdn_" + __name__.replace(".", "_")
 if triton is not None:
 
-    @torch.library.custom_op(f"{OPS}::layer_step", mutates_args=("state", "conv_state", "acc"))
+    @torch.library.custom_op(f"{OPS}::layer_step", mutates_args=("state", "conv_state"))
     def _layer_step_op(z: torch.Tensor, state: torch.Tensor, conv_state: Optional[torch.Tensor],
                        conv_weight: Optional[torch.Tensor], A_log: torch.Tensor, dt_bias: torch.Tensor,
-                       o_norm: torch.Tensor, eps: float, scale: float, out_proj: Optional[torch.Tensor],
-                       acc: Optional[torch.Tensor]) -> torch.Tensor:
-        """y [B, H*D]; with out_proj, y W_o^T added into acc instead and an empty [B, 0] returned."""
+                       o_norm: torch.Tensor, eps: float, scale: float) -> torch.Tensor:
         B, H, D = state.shape[0], state.shape[1], state.shape[-1]
         W = 0 if conv_weight is None else conv_weight.shape[-1]
-        out = out_proj is not None
-        y = z.new_empty(B, 0 if out else H * D)
-        N, (N1, N2) = (out_proj.shape[0], out_blocks(out_proj.shape[0], D, out_proj.element_size())) if out else (0, (1, 1))
+        y = z.new_empty(B, H * D)
         cs = conv_state if conv_state is not None else z           # (unused without a conv state)
         cw = conv_weight.contiguous() if W else z
         pdl = pdl_launch(z)
-        _layer_step_kernel[(B * H,)](z, cs, cw, A_log, dt_bias, o_norm, state, y, out_proj if out else z,
-                                     acc if out else z, scale, eps, H, N, z.stride(0),
+        _layer_step_kernel[(B * H,)](z, cs, cw, A_log, dt_bias, o_norm, state, y, scale, eps, H, z.stride(0),
                                      cs.stride(0), cs.stride(1) if W > 1 else 0, cs.stride(2) if W > 1 else 0,
-                                     out_proj.stride(0) if out else 0, D, _p2(D), W,
-                                     max(2, triton.next_power_of_2(max(W - 1, 1))), out, N1, N2, pdl,
-                                     num_warps=8 if D > 64 or out else 4, launch_pdl=pdl)
+                                     D, _p2(D), W, max(2, triton.next_power_of_2(max(W - 1, 1))), pdl,
+                                     num_warps=4 if D <= 64 else 8, launch_pdl=pdl)
         return y
 
     @_layer_step_op.register_fake
-    def _(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale, out_proj, acc):
-        return z.new_empty(state.shape[0], 0 if out_proj is not None else state.shape[1] * state.shape[-1])
+    def _(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, eps, scale):
+        return z.new_empty(state.shape[0], state.shape[1] * state.shape[-1])
 
 
 # ==============================================================================================
