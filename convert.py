@@ -1160,14 +1160,11 @@ if triton is not None:
         BN, K1, K2 = _linear_blocks(K, w.element_size(), halves)
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
-        # Compiled for sm_90, 4 warps holding a tile over 64 KB spill registers (W_down's 96 KB:
-        # 208 bytes of stack a thread, cuobjdump); 8 warps hold it (8 bytes).
-        warps = 8 if halves * BN * (K1 + K2) * w.element_size() > 64 * 1024 else 4
         _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, nw if nw is not None else x, eps, res if res is not None else x,
                                               M, N, K, x.stride(0), w.stride(0), y.stride(0),
                                               res.stride(0) if res is not None else 0,
                                               "ieee" if x.dtype == torch.float32 else "tf32", BN, K1, K2,
-                                              nw is not None, res is not None, act, pdl, num_warps=warps, num_stages=1,
+                                              nw is not None, res is not None, act, pdl, num_warps=4, num_stages=1,
                                               launch_pdl=pdl)
         return y
 
