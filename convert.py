@@ -1569,7 +1569,7 @@ def run_bench(args):
         use_decode_qkv(model)                           # every softmax layer: q, k, v as one product
         if args.device == "cuda":                       # every other product: weights loaded before the wait
             use_decode_linear(model)                    # (its point is PDL: on a CPU, PyTorch's product)
-            use_decode_layers(model)                    # Llama-layout layers: five kernels a step
+            use_decode_layers(model)                    # Llama-layout layers: five kernels a layer
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
