@@ -1465,6 +1465,43 @@ def chain_floor(model, B, reps=20):
     return median_seconds(graph.replay, reps, True)
 
 
+# The other way to join the stages: one persistent kernel, one program per SM, looping over the
+# step's stages with a grid barrier between them (each program counts itself in on one counter with
+# a release atomic, then reads it with acquire atomics until everyone has). That trades a kernel
+# boundary for a barrier, and the barrier is not free: barrier_floor times a kernel of nothing but
+# barriers. Times the 4 x layers stages of a step, it is what such a kernel pays before a stage loads
+# or computes anything (a whole-step kernel was tried: results/inference_h100_tried_whole_step.md).
+if triton is not None:
+
+    @triton.jit
+    def _barrier_kernel(count_ptr, S):
+        n = tl.num_programs(0)
+        for s in range(S):
+            tl.debug_barrier()                              # this program's threads are all here
+            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+            while seen < (s + 1) * n:
+                seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
+
+
+def barrier_floor(device, barriers=200, reps=20):
+    """Seconds one grid barrier takes in a persistent kernel of one program per SM (median of reps
+    launches of `barriers` barriers, per barrier). A GPU only: the interpreter runs programs one
+    after another, so a barrier among several would wait for ever."""
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    programs = torch.cuda.get_device_properties(device).multi_processor_count
+
+    def run():
+        count.zero_()
+        _barrier_kernel[(programs,)](count, barriers, num_warps=4)
+    run()
+    torch.cuda.synchronize()
+    if count.item() != barriers * programs:
+        raise RuntimeError(f"barrier_floor: the counter reads {count.item()}, not {barriers * programs}")
+    return median_seconds(run, reps, True) / barriers
+
+
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
@@ -1560,6 +1597,7 @@ def run_bench(args):
         for _, model in models:
             use_decode_attention(model, args.decode_attention)
     bw = copy_bandwidth(args.device)
+    barrier = barrier_floor(args.device) if args.device == "cuda" and triton is not None else None
     rows, fits = [], {}
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
@@ -1572,6 +1610,7 @@ def run_bench(args):
             use_decode_layers(model)                    # Llama-layout layers: five kernels a layer
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
+            barriers = barrier * len(decode_products(model)) if barrier and floor else None
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
@@ -1585,13 +1624,14 @@ def run_bench(args):
                     torch.cuda.empty_cache()
                     break
                 fits[(name, B)] = ctx
-                r["model"], r["floor_step_s"] = name, floor
+                r["model"], r["floor_step_s"], r["barriers_step_s"] = name, floor, barriers
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
         model.to("cpu")
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
               "decode_attention": args.decode_attention, "compiled_step": args.compile,
-              "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows, **distill.run_info(args.seed)}
+              "bandwidth_bytes_s": bw, "barrier_s": barrier, "decode_steps": args.decode_steps, "rows": rows,
+              **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
     print(bench_markdown(record))
@@ -1621,13 +1661,17 @@ def bench_markdown(r):
     if floors:
         lines += ["", "The floor of a step made of kernel launches (chain_floor): the model's 4 x layers weight "
                   "products alone, each waiting for the one before, in a CUDA graph (nothing else of the step). Where "
-                  "floor / bound is over 2, these products alone take more than twice the step's bound.", "",
-                  "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "floor / bound is over 2, these products alone take more than twice the step's bound. Barriers: "
+                  "as many grid barriers in one persistent kernel (barrier_floor"
+                  + (f", {r['barrier_s'] * 1e6:.2f} us each" if r.get("barrier_s") else "")
+                  + "), what a single-kernel step would pay for the same stages before any work.", "",
+                  "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor | barriers ms |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for x in floors:
             f, b, st = x["floor_step_s"], x["bound_step_s"], x["decode_step_s"]
+            bar = f"{x['barriers_step_s'] * 1e3:.3f}" if x.get("barriers_step_s") else "-"
             lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {st * 1e3:.3f} | {f * 1e3:.3f} | "
-                         f"{b * 1e3:.3f} | {f / b:.2f}x | {st / f:.2f}x |")
+                         f"{b * 1e3:.3f} | {f / b:.2f}x | {st / f:.2f}x | {bar} |")
     prof = [x for x in r["rows"] if "decode_kernels" in x]
     if prof:
         lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "

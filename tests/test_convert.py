@@ -513,4 +513,26 @@ def test_bench_markdown_floor_table():
                floor_step_s=0.0006)
     md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
                              bandwidth_bytes_s=3e12, rows=[row]))
-    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x |" in md
+    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | - |" in md
+    row["barriers_step_s"] = 0.00012
+    md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
+                             bandwidth_bytes_s=3e12, barrier_s=1e-6, rows=[row]))
+    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | 0.120 |" in md and "1.00 us each" in md
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
+def test_barrier_kernel_counts_every_barrier():
+    """barrier_floor's kernel: one program (the interpreter runs programs one at a time, so it can
+    take no more) counts itself in once a barrier and passes each as soon as it has."""
+    from convert import _barrier_kernel
+    count = torch.zeros(1, dtype=torch.int32)
+    _barrier_kernel[(1,)](count, 7)
+    assert count.item() == 7
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
+def test_barrier_floor_on_the_gpu():
+    """A grid barrier among one program per SM: somewhere between 0.1 and 50 us on any current GPU
+    (it checks the counter itself)."""
+    from convert import barrier_floor
+    assert 1e-7 < barrier_floor("cuda", barriers=50, reps=5) < 5e-5
