@@ -76,7 +76,8 @@ results/zeroshot_plus_layers.md per layer on the CPU):
       output gate), val_rows (keep-best on held-out rows = early stopping), phase2_input=student
       (align on the student's own inputs, target corrected by the residual error; implemented, not
       measured at scale), larger learning rates. Their per-layer held-out numbers are in
-      results/zeroshot_plus_layers.md; none beat align-only there.
+      results/zeroshot_plus_layers.md and (the learning rates) results/zeroshot_plus_layers_align.md;
+      none beat align-only there.
     * More calibration tokens help every init (16 x 256 instead of 4 x 256: held-out MSE / start
       falls from ~0.45 to ~0.34 for align-only on layers 5 and 18, results/zeroshot_plus_layers_16x256.md),
       and align-only stays ahead of taylor and taylor-plus there too. On a GPU, --calib-seqs 16 is
@@ -114,6 +115,15 @@ LN2 = math.log(2.0)
 # name: (default, what it is). Every number of METHOD sections 2-3 lives here.
 OPTIONS = {
     "seed": (0, "seeds the standard random gates, per layer (so a layer's init does not depend on which others are converted)"),
+    # the standard random init every init starts from (METHOD section 2)
+    "gate_std": (0.02, "std of the standard random W_a, W_b, W_g"),
+    "a_max": (16.0, "A ~ U(0, a_max), A_log = log A"),
+    "dt_min": (1e-3, "dt = exp(U(log dt_min, log dt_max)), dt_bias = softplus^-1(dt)"),
+    "dt_max": (0.1, "see dt_min"),
+    "dt_floor": (1e-4, "dt clamped to at least this"),
+    # the statistics
+    "dist_floor": (0.5, "attention distance max(i - j, dist_floor): the diagonal counts as half a token (taylor_stats)"),
+    "conc_eps": (1e-3, "entropy spread below which a layer's heads count as equally concentrated"),
     # Phase 1, step 1
     "gamma_min": (1e-3, "smallest time step: half-life at most ln2/1e-3 ~ 693 tokens"),
     "gamma_max": (5.0, "largest time step: half-life at least ln2/5 ~ 0.14 tokens"),
@@ -176,14 +186,32 @@ def parse_opts(pairs):
             out[k] = int(out[k])
         if k in CHOICES and out[k] not in CHOICES[k]:
             raise ValueError(f"init option {k}={v}: choose from {', '.join(map(str, CHOICES[k]))}")
+    resolve(out)                                  # the ranges, checked now rather than after the teacher pass
     return out
 
 
+def _grid(o, name):
+    try:
+        return [float(s) for s in str(o[name]).split(",")]
+    except ValueError:
+        raise ValueError(f"init option {name}='{o[name]}' is not a comma-separated list of numbers") from None
+
+
 def resolve(opts, preset=None):
-    """Defaults, then the init's preset, then the user's options."""
+    """Defaults, then the init's preset, then the user's options; the gates' ranges checked (a write
+    strength must stay inside (0, 1) for its logit, a time step and a value scale above 0)."""
     o = {k: v for k, (v, _) in OPTIONS.items()}
     o.update(preset or {})
     o.update({k: v for k, v in (opts or {}).items() if not k.startswith("_")})
+    betas = [o["beta_min"], o["beta_min"] + o["beta_span"]] + _grid(o, "beta_grid")
+    if o["beta_span"] < 0 or not all(0 < b < 1 for b in betas):
+        raise ValueError(f"init options: write strengths must lie in (0, 1): beta_min={o['beta_min']}, "
+                         f"beta_min + beta_span={o['beta_min'] + o['beta_span']}, beta_grid={o['beta_grid']}")
+    for lo, hi in (("gamma_min", "gamma_max"), ("sigma_min", "sigma_max"), ("dt_min", "dt_max")):
+        if not 0 < o[lo] <= o[hi]:
+            raise ValueError(f"init options: need 0 < {lo} <= {hi}, got {o[lo]} and {o[hi]}")
+    if min(_grid(o, "gamma_grid")) <= 0:
+        raise ValueError(f"init option gamma_grid: time steps must be > 0, got {o['gamma_grid']}")
     return o
 
 
@@ -201,19 +229,21 @@ def logit(p):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def standard_gates(gdn, seed):
-    """The standard GDN random init of the gates (METHOD section 2) -- W_a, W_b, W_g ~ N(0, 0.02^2),
-    A ~ U(0, 16), A_log = log A, dt = exp(U(log 1e-3, log 0.1)) >= 1e-4, dt_bias = softplus^-1(dt)
-    -- drawn from a generator seeded by (seed, layer index). W_q, W_k, W_v, W_o keep the teacher copy.
-    Every init starts here, so the same layer starts the same in every hybrid it appears in."""
-    gen = torch.Generator().manual_seed(int(seed) * 100003 + gdn.layer_idx)
+def standard_gates(gdn, o):
+    """The standard GDN random init of the gates (METHOD section 2; the defaults of the options named
+    here) -- W_a, W_b, W_g ~ N(0, gate_std^2 = 0.02^2), A ~ U(0, a_max = 16), A_log = log A,
+    dt = exp(U(log 1e-3, log 0.1)) >= dt_floor = 1e-4, dt_bias = softplus^-1(dt) -- drawn from a
+    generator seeded by (seed, layer index). W_q, W_k, W_v, W_o keep the teacher copy. Every init
+    starts here, so the same layer starts the same in every hybrid it appears in."""
+    gen = torch.Generator().manual_seed(int(o["seed"]) * 100003 + gdn.layer_idx)
     def draw(shape, fn):
         return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
     for lin in (gdn.a_proj, gdn.b_proj, gdn.g_proj):
-        lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, 0.02, generator=g)))
-    gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, 16, generator=g)).log())
-    dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(1e-3), math.log(0.1), generator=g)).exp()
-    gdn.dt_bias.copy_(softplus_inv(dt.clamp(min=1e-4)))
+        lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, o["gate_std"], generator=g)))
+    gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).log())
+    dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(o["dt_min"]), math.log(o["dt_max"]),
+                                                        generator=g)).exp()
+    gdn.dt_bias.copy_(softplus_inv(dt.clamp(min=o["dt_floor"])))
     gdn.o_norm.fill_(1.0)
     if gdn.conv_size > 0:
         gdn.reset_conv()
@@ -273,9 +303,8 @@ def phase1(gdn, st, o):
     # Statistics that are undefined for some head fall back to taylor_stats.DEFAULTS, with a warning.
     from taylor_stats import DEFAULTS, _sanitize, concentration
     dist = _sanitize(o["dt_from"], gdn.layer_idx, _at(st[o["dt_from"]], gdn), DEFAULTS[o["dt_from"]])
-    conc = st["concentration"]
-    if not torch.isfinite(_at(conc, gdn)).all():
-        conc = concentration(_sanitize("entropy", gdn.layer_idx, _at(st["entropy"], gdn), DEFAULTS["entropy"]))
+    conc = concentration(_sanitize("entropy", gdn.layer_idx, _at(st["entropy"], gdn), DEFAULTS["entropy"]),
+                         o["conc_eps"])
 
     # 1. timescale -> dt_bias, A_log.  half-life ln2/gamma = mean attention distance.
     gamma = (LN2 / dist).clamp(o["gamma_min"], o["gamma_max"])
@@ -342,8 +371,7 @@ def gate_search(gdn, x, T, o):
     all heads at once. Returns (gamma [H], beta [H], what was seen)."""
     q, k, v, _ = gdn.qkv(gdn.project(x))
     N, L, H, D = q.shape
-    gammas = [float(s) for s in str(o["gamma_grid"]).split(",")]
-    betas = [float(s) for s in str(o["beta_grid"]).split(",")]
+    gammas, betas = _grid(o, "gamma_grid"), _grid(o, "beta_grid")
     score = torch.empty(len(gammas), len(betas), H)
     for a, gm in enumerate(gammas):
         for b, bt in enumerate(betas):
@@ -501,29 +529,41 @@ def residual_and_input(model, ids, layer):
 # The inits
 # ----------------------------------------------------------------------------------------------
 
-def teacher_stats(student, teacher, calib_ids, opts, name):
+def teacher_stats(student, teacher, calib_ids, opts, o, name):
     """The statistics of the student's GDN layers: opts['_stats'] if the caller collected them
     already (convert.py's table and GA-S2 reuse one teacher pass), else one teacher pass now."""
     if opts.get("_stats") is not None:
+        floors = {st["floor"] for st in opts["_stats"].values()}
+        if floors != {o["dist_floor"]}:
+            raise ValueError(f"the statistics given were collected with distance floor {sorted(floors)}, "
+                             f"not dist_floor={o['dist_floor']}")
         return opts["_stats"]
     if calib_ids is None:
         raise ValueError(f"init '{name}' needs calibration tokens (calib_ids)")
     from taylor_stats import collect_stats
-    return collect_stats(teacher, calib_ids, layers=sorted(gdn_modules(student)))
+    return collect_stats(teacher, calib_ids, layers=sorted(gdn_modules(student)), floor=o["dist_floor"])
 
 
 def run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phase2):
     o = resolve(opts, preset)
     layers = gdn_modules(student)
+    if do_phase2 and o["phase2_input"] == "student":
+        from gdn import decoder_layers
+        if any(hasattr(decoder_layers(student)[i], "pre_feedforward_layernorm") for i in layers):
+            # Gemma-style sandwich norms: the layer adds norm(attn(x)) to the stream, not attn(x), so
+            # the stream's error is not an error of the layer's output and the target would be wrong.
+            raise ValueError("phase2_input=student assumes a layer adds its attention output to the residual "
+                             "stream as it is; this model normalises it first (Gemma-style post-attention "
+                             "norm): use phase2_input=teacher")
     t0 = time.time()
-    stats = teacher_stats(student, teacher, calib_ids, opts, name) if (do_phase1 or do_phase2) else None
+    stats = teacher_stats(student, teacher, calib_ids, opts, o, name) if (do_phase1 or do_phase2) else None
     info = {"options": {k: o[k] for k in OPTIONS}, "stats_seconds": time.time() - t0, "layers": {}}
     if stats is not None:
         from taylor_stats import summary
         info["stats"] = summary({i: stats[i] for i in layers})
     for i, gdn in layers.items():
         t_layer = time.time()
-        standard_gates(gdn, o["seed"])
+        standard_gates(gdn, o)
         rec = {}
         if do_phase1:
             rec["phase1"] = phase1(gdn, stats[i], o)
@@ -550,7 +590,7 @@ def run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phas
 def init_naive(student, teacher, calib_ids, opts):
     o = resolve(opts)
     for gdn in gdn_modules(student).values():
-        standard_gates(gdn, o["seed"])
+        standard_gates(gdn, o)
     return {}
 
 
@@ -637,21 +677,25 @@ def main(argv=None):
             if name not in INIT_PHASES:
                 raise ValueError(f"variant '{v}': init must be one of {', '.join(INIT_PHASES)}")
             variants.append((v, name, parse_opts(pairs)))
+        floors = {resolve(opts, PRESETS.get(name))["dist_floor"] for _, name, opts in variants}
+        if len(floors) > 1:
+            raise ValueError(f"the variants share one teacher pass, so one dist_floor (got {sorted(floors)})")
+        floor = floors.pop()
         teacher, tok, source = convert.load_teacher(args.teacher)
         layers = [int(i) for i in args.layers.split(",")]
         fit_ids, held_ids = convert.calib_ids(args, tok, 0), convert.calib_ids(args, tok, 1)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fit = collect_stats(teacher, fit_ids, layers=layers)
-    held = collect_stats(teacher, held_ids, layers=layers)
+    fit = collect_stats(teacher, fit_ids, layers=layers, floor=floor)
+    held = collect_stats(teacher, held_ids, layers=layers, floor=floor)
     rows = []
     for label, name, opts in variants:
         o = resolve(opts, PRESETS.get(name))
         do1, do2 = INIT_PHASES[name]
         for i in layers:
             gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i)
-            standard_gates(gdn, o["seed"])
+            standard_gates(gdn, o)
             if do1:
                 phase1(gdn, fit[i], o)
             start = layer_mse(gdn, held[i]["x"], held[i]["y"])

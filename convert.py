@@ -45,7 +45,7 @@ except ImportError:                      # CPU-only installs: decoding attention
     triton = None
 
 import distill
-from calibrate import INITS, PRESETS, layerwise, parse_opts
+from calibrate import INITS, PRESETS, layerwise, parse_opts, resolve
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 from gdn_kernel import pdl_launch
 
@@ -329,7 +329,6 @@ def ga_key(init, init_opts, seed):
     """What GA-S2's cached scores depend on besides the probe tokens: the probe init with every option
     it runs with (defaults, preset, the user's: so scores of an earlier version of a preset or of a
     default are never reused), and the seed."""
-    from calibrate import resolve
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
@@ -579,7 +578,7 @@ def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
 
         def compute():
             from taylor_stats import collect_stats
-            stats = collect_stats(teacher, calib)
+            stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])
             info["_stats"] = stats
             bank_, _, _, ii = layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
                                          {**init_opts, "_stats": stats})
@@ -641,7 +640,7 @@ def run_table(args):
     scores_path = args.scores or args.results + "_scores.json"
     cache = load_scores(scores_path)
     t0 = time.time()
-    stats = collect_stats(teacher, calib)                  # one teacher pass serves every cell
+    stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])   # one pass serves every cell
     stats_seconds = time.time() - t0
     ar = None
     if "ar" in policies:

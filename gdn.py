@@ -158,7 +158,8 @@ class GatedDeltaNet(nn.Module):
             if conv_state is None:
                 conv_state = qkv.new_zeros(B, qkv.shape[1], self.conv_size - 1)
             qkv = torch.cat([conv_state.to(qkv.dtype), qkv], dim=-1)
-            conv_state = qkv[..., qkv.shape[-1] - (self.conv_size - 1):]
+            # (a copy: a view would keep the whole prompt's [B, C, T] inputs alive in the cache)
+            conv_state = qkv[..., qkv.shape[-1] - (self.conv_size - 1):].clone()
             qkv = self.conv(qkv).transpose(1, 2)                                  # causal: no padding
         qkv = F.silu(qkv).view(B, T, 3, self.num_heads, self.head_dim)
         qk = F.normalize(qkv[:, :, :2], dim=-1)                                   # q and k in one go
@@ -196,8 +197,9 @@ class GatedDeltaNet(nn.Module):
         g, beta = self.gates(z)
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
             # Autocast runs F.normalize in fp32, so q and k would reach the kernel as fp32 next to a
-            # bf16 v, and the kernel would take its fp32 path: no tensor cores, ~15x slower (measured
-            # in Stage 1 on the H100). The kernel keeps its own fp32 accumulation and state anyway.
+            # bf16 v, and the kernel would take its fp32 path without tensor cores: 92% of Stage 1's
+            # GPU time on the H100 (results/distill_h100/stage1_profile_before_fix.txt). The kernel
+            # keeps its own fp32 accumulation and state anyway.
             dt = torch.get_autocast_dtype("cuda")
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if pad is not None:

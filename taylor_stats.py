@@ -184,6 +184,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
         ctx  [N, L, H, D] per-head context softmax(a) V, GQA-expanded                  (keep_io)
         h    [N, L, d]    the residual stream entering the decoder layer               (keep_io)
         check             relative error of concat(ctx) W_o vs y (the recomputation check)
+        floor             the distance floor used (calibrate's dist_floor option must match it)
     Tensors are stored in float32 on `device_out`."""
     from tqdm import tqdm
     from gdn import decoder_layers
@@ -223,7 +224,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
                 raise ValueError(f"layer {i}: recomputed attention output differs from the module's by "
                                  f"{check:.3g} (relative); {type(module).__name__} is not reproduced")
             mean = {k: _sanitize(k, i, (v / (N * L)).float(), DEFAULTS[k]) for k, v in sums.items()}
-            rec = {**mean, "concentration": concentration(mean["entropy"]), "check": check}
+            rec = {**mean, "concentration": concentration(mean["entropy"]), "check": check, "floor": floor}
             if keep_io:
                 rec.update(x=x.float().to(device_out), y=y.float().to(device_out), ctx=ctx.to(device_out),
                            h=h.float().to(device_out))

@@ -110,6 +110,16 @@ def test_cached_decode_equals_full_forward(family):
     assert torch.equal(gen, seq)
 
 
+def test_conv_state_after_a_prompt_is_its_own_small_tensor():
+    """The cache keeps conv_size - 1 inputs a layer, not a view that holds the whole prompt alive."""
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    with torch.no_grad():
+        cache = model(torch.randint(0, 128, (2, 300)), use_cache=True).past_key_values
+    for S, conv in gdn.gdn_states(cache).values():
+        assert conv.shape == (2, 3 * 64, 3)
+        assert conv.untyped_storage().nbytes() == conv.numel() * conv.element_size()
+
+
 def test_stacked_projections_share_the_weights(tmp_path):
     """stack_projections: same logits; the six weights are views into one matrix, so an in-place edit
     (what an optimizer does) reaches the stacked product; a copy of the model stops using the stack

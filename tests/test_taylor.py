@@ -172,6 +172,46 @@ def test_init_options_are_checked():
                          ["train_out=2", "choose from 0, 1"], ["steps=0.9", "whole number"], ["steps=x", "a number"]):
         with pytest.raises(ValueError, match=message):
             calibrate.parse_opts([bad])
+    # ranges that would only fail inside Phase 1, after the teacher pass, fail here
+    for bad, message in ((["beta_span=0.7"], "lie in \\(0, 1\\)"), (["beta_min=0"], "lie in"),
+                         (["beta_grid=0.5,1"], "lie in"), (["beta_grid=0.5;x"], "comma-separated list"),
+                         (["gamma_min=6"], "gamma_min <= gamma_max"), (["sigma_min=-1"], "0 < sigma_min"),
+                         (["dt_min=0.5"], "dt_min <= dt_max"), (["gamma_grid=0,1"], "must be > 0")):
+        with pytest.raises(ValueError, match=message):
+            calibrate.parse_opts(bad)
+
+
+def test_every_constant_is_an_option():
+    """METHOD: every constant of the reference is a named option. The standard init's and the
+    statistics' constants reach what they set; statistics collected with another distance floor are
+    refused rather than silently used."""
+    teacher, ids = tiny_model("llama"), calib(length=64)
+    student = hybridize(tiny_model("llama"), [1])
+    calibrate.INITS["naive"](student, teacher, ids, calibrate.parse_opts(["gate_std=0", "a_max=1", "dt_floor=0.5"]))
+    gdn = gdn_modules(student)[1]
+    assert torch.all(gdn.a_proj.weight == 0) and torch.all(gdn.A_log <= 0)
+    assert torch.allclose(torch.nn.functional.softplus(gdn.dt_bias), torch.tensor(0.5))
+    stats = taylor_stats.collect_stats(teacher, ids, progress=False, floor=2.0)
+    assert stats[1]["floor"] == 2.0 and torch.all(stats[1]["distance"] >= 2.0)
+    with pytest.raises(ValueError, match="distance floor \\[2.0\\], not dist_floor=0.5"):
+        calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})
+    one = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "dist_floor": 2.0})
+    wide = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "dist_floor": 2.0,
+                                                                    "conc_eps": 1e6})
+    # a huge conc_eps makes every head "equally concentrated": one write strength for the whole layer
+    spread = [max(r["layers"][1]["phase1"]["beta_target"]) - min(r["layers"][1]["phase1"]["beta_target"])
+              for r in (one, wide)]
+    assert spread[0] > 1e-2 and spread[1] < 1e-5, spread
+
+
+def test_student_input_alignment_refuses_sandwich_norms():
+    """phase2_input=student corrects the target by the residual stream's error, which only means
+    something where the layer adds its attention output to the stream as it is (not Gemma's)."""
+    with pytest.raises(ValueError, match="Gemma-style post-attention norm"):
+        convert.convert(tiny_model("gemma3_text"), [0], "align-only", calib(),
+                        init_opts=calibrate.parse_opts(["phase2_input=student", "steps=2"]))
+    convert.convert(tiny_model("llama"), [0], "align-only", calib(),
+                    init_opts=calibrate.parse_opts(["phase2_input=student", "steps=2"]))
 
 
 # ---------------------------------------------------------------------------------------------
