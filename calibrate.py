@@ -210,6 +210,8 @@ def resolve(opts, preset=None):
     for lo, hi in (("gamma_min", "gamma_max"), ("sigma_min", "sigma_max"), ("dt_min", "dt_max")):
         if not 0 < o[lo] <= o[hi]:
             raise ValueError(f"init options: need 0 < {lo} <= {hi}, got {o[lo]} and {o[hi]}")
+    if o["steps"] < 0 or o["val_rows"] < 0:
+        raise ValueError(f"init options steps and val_rows must be >= 0 (got {o['steps']}, {o['val_rows']})")
     if min(_grid(o, "gamma_grid")) <= 0:
         raise ValueError(f"init option gamma_grid: time steps must be > 0, got {o['gamma_grid']}")
     return o

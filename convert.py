@@ -216,6 +216,8 @@ def keep_count(n_layers, keep):
         raise ValueError(f"--keep keeps no layer of {n_layers}: keep at least one (example: 1/4)")
     if k > n_layers:
         raise ValueError(f"--keep keeps {k} layers, but the teacher has only {n_layers}")
+    if k == n_layers:
+        raise ValueError(f"--keep keeps all {n_layers} layers: there is nothing to convert")
     return k
 
 
@@ -405,6 +407,7 @@ def prepare_out(path, overwrite):
 
 def publish(tmp, path):
     """Rename the finished temporary folder to `path`, replacing an old one only at the very end."""
+    distill.usual_mode(tmp)
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
@@ -455,7 +458,8 @@ def parse_args(argv):
     p.add_argument("--inits", default="naive,zero-gate", help="--table: inits")
     p.add_argument("--append", action="store_true", help="--table: merge the new cells into an existing --results JSON "
                                                           "(same teacher and eval text), replacing cells measured again")
-    p.add_argument("--results", default="results/zeroshot", help="--table/--bench: output path stem (.json and .md)")
+    p.add_argument("--results", help="--table/--bench: output path stem (.json and .md; default results/zeroshot, "
+                                     "results/inference)")
     p.add_argument("--bench", action="store_true", help="measurement mode: prefill/decode speed and memory, teacher vs hybrids at --keeps")
     p.add_argument("--contexts", default="1k,4k,16k,32k,64k", help="--bench: context lengths")
     p.add_argument("--batches", default="1,8", help="--bench: batch sizes")
@@ -475,8 +479,15 @@ def parse_args(argv):
     d.add_argument("--distill-args", default="", help="further distill.py options for both stages, one string "
                                                       "(e.g. '--micro-batch 4 --eval-every 2M')")
     args = p.parse_args(argv)
+    args.results = args.results or ("results/inference" if args.bench else "results/zeroshot")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this machine has no CUDA GPU (or this torch build has no CUDA)")
+    for name, least in (("window", 2), ("max_windows", 0), ("batch_size", 0), ("calib_seqs", 1), ("calib_len", 2),
+                        ("conv_size", 0)):
+        if getattr(args, name) < least:
+            p.error(f"--{name.replace('_', '-')} must be >= {least} (got {getattr(args, name)})")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
@@ -485,14 +496,19 @@ def parse_args(argv):
         if len(budgets) != 2 or args.table:
             p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M), and no --table")
         args.distill_tokens = budgets
+        if not args.out:
+            p.error("--distill-tokens needs --out (the hybrid's folder; the stages run beside it)")
         # What the chain will need, checked now rather than after the conversion: the training text,
-        # free run folders, and distill.py's own reading of --distill-args (it exits on a bad one).
+        # free run folders, and distill.py's own reading of --distill-args (it exits on a bad one),
+        # its files and its batch arithmetic (as one process).
         distill.text_files(args.distill_data)
         for stage, tokens in zip((1, 2), budgets):
             out, argv = chain_stage(args, stage, args.out, tokens or 1)
             if tokens and os.path.exists(out) and not args.overwrite:
                 p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
-            distill.parse_args(argv)
+            a = distill.parse_args(argv)
+            if tokens:
+                distill.check_shapes(a, 1)
     return args
 
 
@@ -508,6 +524,9 @@ def run_convert(args):
     init_opts = parse_opts(args.init_opt)
     if args.eval_data:
         distill.read_text(args.eval_data, args.eval_format)        # missing/undecodable: fail now
+    spec = teacher_spec(args.teacher)
+    distill.check_apart(args.out, teacher=spec.split(":", 1)[1] if spec.startswith("random:") else spec,
+                        **{"eval data": args.eval_data, "calibration data": args.calib_data})
     tmp = prepare_out(args.out, args.overwrite)
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
@@ -658,7 +677,7 @@ def run_table(args):
         if "ga-s2" in policies:
             key_extra = ga_key(probe_init, init_opts, args.seed)
             ga, _ = policy_scores("ga-s2", teacher, source, probe, cache, key_extra,
-                                  lambda: ga_scores(teacher, probe, bank, args.conv_size, args.batch_size))
+                                  lambda b=bank: ga_scores(teacher, probe, b, args.conv_size, args.batch_size))
         distill.write_json(scores_path, cache)
         for (kind, value), policy in tqdm([(k, p) for k in keeps for p in policies], desc=f"table {init}"):
             kept = choose_layers(n, (kind, value), policy, {"ar": ar, "ga-s2": ga}.get(policy))

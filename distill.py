@@ -208,7 +208,34 @@ def write_atomic(path, text):
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    usual_mode(tmp)
     os.replace(tmp, path)
+
+
+def usual_mode(path):
+    """The permissions a plain open() / mkdir would have given, on path and everything under it:
+    tempfile (and safetensors' writer) make files and folders private to their owner, and a published
+    result should be readable like any other."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, files in os.walk(path):
+        os.chmod(root, 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    if os.path.isfile(path):
+        os.chmod(path, 0o666 & ~mask)
+    return path
+
+
+def check_apart(out, **inputs):
+    """--out is deleted or replaced by the run: refuse one that is, or holds, an input of the run."""
+    o = os.path.realpath(out)
+    for name, path in inputs.items():
+        if path and os.path.exists(path):
+            p = os.path.realpath(path)
+            if p == o or p.startswith(o + os.sep):
+                raise ValueError(f"--out '{out}' is or holds the {name} '{path}', which the run reads: "
+                                 f"choose another --out")
 
 
 def write_json(path, obj):
@@ -542,6 +569,7 @@ def save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
               os.path.join(tmp, "train_state", "rng.safetensors"))
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     write_json(os.path.join(tmp, "train_state", "state.json"), {**state, "param_groups": groups})
+    usual_mode(tmp)
     final = os.path.join(root, name)
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -855,7 +883,10 @@ def parse_args(argv):
     for name in ("eval_data", "test_data"):
         v = getattr(a, name)
         setattr(a, name, None if v in (None, "", "none") else os.path.abspath(v))
+        if getattr(a, name) and not os.path.isfile(getattr(a, name)):       # before the corpus is read
+            raise ValueError(f"--{name.replace('_', '-')} '{v}' does not exist or is not a file ('none' skips it)")
     a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
+    check_apart(a.out, student=a.student, data=a.data, **{"eval data": a.eval_data, "test data": a.test_data})
     return a
 
 
@@ -891,8 +922,11 @@ def read_student(path):
         raise ValueError(f"--student '{path}' is not a folder")
     if not os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(record):
         raise ValueError(f"--student '{path}' is not a hybrid written by convert.py (no config.json + conversion.json)")
-    if not getattr(AutoConfig.from_pretrained(path), "hybrid", None):
+    hybrid = getattr(AutoConfig.from_pretrained(path), "hybrid", None)
+    if not hybrid:
         raise ValueError(f"--student '{path}' is not a hybrid written by convert.py (its config has no 'hybrid' entry)")
+    if not hybrid.get("gdn_layers"):
+        raise ValueError(f"--student '{path}' has no GDN layers (every layer was kept): nothing to distil")
     with open(record) as f:
         conversion = json.load(f)
     prior = {}
@@ -969,6 +1003,7 @@ def save_student(student, tokenizer, a, extra_files):
     save_hybrid(student, tokenizer, tmp)
     for name, src in extra_files.items():
         shutil.copyfile(src, os.path.join(tmp, name))
+    usual_mode(tmp)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
     os.rmdir(tmp)

@@ -49,6 +49,10 @@ def test_convert_save_load_generate(teacher_dir, eval_text, tmp_path, capsys):
     assert sorted(gdn_modules(model)) == [1, 3]
     assert "student sample" in io.out and "teacher" in io.out
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]       # no temporary folder left
+    mask = os.umask(0)
+    os.umask(mask)                                      # readable as if written by open(), not private
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~mask
+    assert all(os.stat(out / f).st_mode & 0o777 == 0o666 & ~mask for f in os.listdir(out))
 
 
 def no_output(tmp_path, out):
@@ -114,6 +118,31 @@ def test_existing_out_needs_overwrite(teacher_dir, eval_text, tmp_path, capsys):
     assert code == 2 and "--overwrite" in io.err and (out / "keep.txt").read_text() == "precious"
     code, io = run(args + ["--overwrite"], capsys)
     assert code == 0 and not (out / "keep.txt").exists() and (out / "conversion.json").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--window", "0"), ("--max-windows", "-1"), ("--batch-size", "-1"),
+                                         ("--calib-seqs", "0"), ("--conv-size", "-1")])
+def test_bad_numbers(flag, value, teacher_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--teacher", teacher_dir, "--out", str(tmp_path / "o"), flag, value])
+    assert e.value.code == 2 and f"{flag} must be >=" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_out_that_is_an_input_is_refused_even_with_overwrite(teacher_dir, eval_text, tmp_path, capsys):
+    import shutil
+    teacher = tmp_path / "t"
+    shutil.copytree(teacher_dir, teacher)
+    code, io = run(["--teacher", str(teacher), "--out", str(teacher), "--overwrite"], capsys)
+    assert code == 2 and "is or holds the teacher" in io.err and (teacher / "config.json").exists()
+    code, io = run(["--teacher", teacher_dir, "--out", str(tmp_path), "--overwrite", "--eval-data", eval_text], capsys)
+    assert code == 2 and "is or holds the eval data" in io.err and os.path.exists(eval_text)
+
+
+def test_each_mode_has_its_own_results_stem():
+    from convert import parse_args
+    assert parse_args(["--bench"]).results == "results/inference"
+    assert parse_args(["--table"]).results == "results/zeroshot"
+    assert parse_args(["--bench", "--results", "x/y"]).results == "x/y"
 
 
 def test_unknown_init(teacher_dir, tmp_path, capsys):

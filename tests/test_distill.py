@@ -272,6 +272,29 @@ def test_teacher_with_another_tokenizer(setup, tmp_path, capsys):
     assert code == 2 and "tokenizer differs" in capsys.readouterr().err and untouched(tmp_path / "o")
 
 
+def test_out_that_is_an_input_is_refused_even_with_overwrite(setup, tmp_path, capsys):
+    """--overwrite deletes --out first: where --out is the student (or holds the data) that would
+    delete the run's own input."""
+    import shutil
+    student = tmp_path / "h"
+    shutil.copytree(setup["hybrid"], student)
+    a = args(setup, student, extra=["--overwrite"])
+    a[a.index("--student") + 1] = str(student)
+    assert distill.main(a) == 2 and "is or holds the student" in capsys.readouterr().err
+    assert (student / "model.safetensors").exists()
+    code = distill.main(args(setup, os.path.dirname(setup["train"]), extra=["--overwrite"]))
+    assert code == 2 and "is or holds the student" in capsys.readouterr().err and os.path.exists(setup["train"])
+
+
+def test_student_without_gdn_layers_and_missing_eval_text(setup, tmp_path, capsys):
+    all_kept = tmp_path / "all"
+    code = convert.main(["--teacher", setup["teacher"], "--keep", "0,1,2,3", "--out", str(all_kept),
+                         "--no-sample", "--eval-data", setup["valid"], "--window", "32"])
+    assert code == 2 and "nothing to convert" in capsys.readouterr().err and untouched(all_kept)
+    code = distill.main(args(setup, tmp_path / "o", extra=["--eval-data", str(tmp_path / "nope.txt")]))
+    assert code == 2 and "--eval-data" in capsys.readouterr().err and untouched(tmp_path / "o")
+
+
 @pytest.mark.parametrize("change, message", [
     (["--tokens", "63"], "smaller than one step"),
     (["--batch", "64", "--tokens", "2048"], "fewer than one batch"),
@@ -322,7 +345,11 @@ def test_convert_chains_both_stages(setup, tmp_path):
 
 
 @pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "neither a text file"),
-                                          (["--distill-args", "--bogus 1"], "unrecognized arguments")])
+                                          (["--distill-args", "--bogus 1"], "unrecognized arguments"),
+                                          (["--distill-tokens", "100,64"], "smaller than one step"),
+                                          (["--distill-args", "--seq 1"], "--seq must be >= 2"),
+                                          (["--distill-args", "--eval-data /no/such.txt"], "--eval-data"),
+                                          (["--out", ""], "--distill-tokens needs --out")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
     argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
