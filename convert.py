@@ -142,8 +142,12 @@ def load_teacher(spec, device="cpu", dtype=torch.float32):
             raise ValueError(f"could not load teacher {where} '{spec}': {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         check_family(config, spec)
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(spec)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(spec)
+        except OSError as e:                            # a config without weights or tokenizer
+            raise ValueError(f"could not load teacher '{spec}': {str(e).splitlines()[0]} (for random weights "
+                             f"in its shape, pass random:{spec})") from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer, described
 
 

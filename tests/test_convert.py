@@ -72,7 +72,8 @@ def test_missing_teacher(teacher, message, tmp_path, capsys):
 def test_unreadable_teacher(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "bad.gguf").write_bytes(b"not a gguf file at all")
-    for t in (tmp_path / "empty", tmp_path / "bad.gguf"):
+    tiny_model("llama").config.save_pretrained(tmp_path / "config_only")
+    for t in (tmp_path / "empty", tmp_path / "bad.gguf", tmp_path / "config_only"):
         code, io = run(["--teacher", str(t), "--out", str(tmp_path / "o")], capsys)
         assert code == 2 and "could not" in io.err and not (tmp_path / "o").exists()
 
