@@ -41,13 +41,27 @@ from typing import Optional
 import torch
 
 
+def _same_kind(**tensors):
+    """Floating tensors on one device (None: absent)."""
+    given = {n: x for n, x in tensors.items() if x is not None}
+    bad = [n for n, x in given.items() if not x.is_floating_point()]
+    if bad:
+        raise ValueError(f"{', '.join(bad)} must be floating point; got "
+                         + ", ".join(f"{n} {given[n].dtype}" for n in bad))
+    if len({x.device for x in given.values()}) > 1:
+        raise ValueError("all tensors must be on one device; got " + ", ".join(f"{n} on {x.device}"
+                                                                            for n, x in given.items()))
+
+
 def _check(q, k, v, g, beta, initial_state):
     """Fail early, naming the tensors, rather than deep inside an einsum."""
     if q.dim() != 4 or q.shape != k.shape:
         raise ValueError(f"q and k must both be [B, T, H, Dk]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
     B, T, H, Dk = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv]; got {tuple(v.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (B, T, H) or Dk == 0 or v.shape[-1] == 0:
+        raise ValueError(f"v must be [B, T, H, Dv] = [{B}, {T}, {H}, Dv], head dims >= 1; got q {tuple(q.shape)}, "
+                         f"v {tuple(v.shape)}")
+    _same_kind(q=q, k=k, v=v, g=g, beta=beta, initial_state=initial_state)
     for name, x in (("g", g), ("beta", beta)):
         if x.shape != (B, T, H):
             raise ValueError(f"{name} must be [B, T, H] = [{B}, {T}, {H}]; got {tuple(x.shape)}")
@@ -81,6 +95,7 @@ def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None, inplace=Fal
     [B, H, Dk, Dv] (fp32). Returns (o [B, H, Dv] fp32, new state). Memory and time per token are
     constant: that is the whole point of replacing the KV cache. inplace=True writes the new state
     into `state` and returns it (a captured CUDA graph keeps replaying against the same address)."""
+    _check_step(q, k, v, g, beta, state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     S = state * g.float()[..., None, None].exp()
     k, v, q = k.float(), v.float(), q.float()
@@ -88,6 +103,15 @@ def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None, inplace=Fal
     S = S + k[..., :, None] * u[..., None, :]
     o = torch.einsum("bhkv,bhk->bhv", S, q * scale)
     return (o, state.copy_(S)) if inplace else (o, S)
+
+
+def _check_step(q, k, v, g, beta, state):
+    if q.dim() != 3 or k.shape != q.shape or v.dim() != 3 or v.shape[:2] != q.shape[:2] \
+            or g.shape != q.shape[:2] or beta.shape != q.shape[:2] or state.shape != (*q.shape, v.shape[-1]):
+        raise ValueError(f"step shapes: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv]; got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
+                         f"beta {tuple(beta.shape)}, state {tuple(state.shape)}")
+    _same_kind(q=q, k=k, v=v, g=g, beta=beta, state=state)
 
 
 def gated_delta_rule_step(q, k, v, g, beta, state, scale=None, inplace=False):
@@ -686,9 +710,9 @@ def _compiled_triton_for(x):
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
     """The entry point gdn.py calls: same math and signature on every device.  CUDA tensors with
-    Triton installed go to the Triton kernels; anything else (CPU, no Triton, head dims the kernel
-    does not hold) to the PyTorch chunked form."""
-    if _compiled_triton_for(q):
+    Triton installed go to the Triton kernels; anything else (CPU, no Triton, fp64, head dims the
+    kernel does not hold) to the PyTorch chunked form."""
+    if _compiled_triton_for(q) and torch.float64 not in (q.dtype, k.dtype, v.dtype):   # fp64: the PyTorch form
         if _triton_usable(q, k, v):
             return chunk_gated_delta_rule_triton(q, k, v, g, beta, scale, initial_state, output_final_state)
         warnings.warn(f"head dims Dk={q.shape[-1]}, Dv={v.shape[-1]} ({q.dtype}) exceed what the Triton "
@@ -770,13 +794,9 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
     tensors, and on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
     if triton is None:
         raise RuntimeError("gated_delta_rule_step_triton needs triton; use gated_delta_rule_step")
+    _check_step(q, k, v, g, beta, state)
     B, H, DK = q.shape
     DV = v.shape[-1]
-    if k.shape != q.shape or v.shape[:2] != (B, H) or g.shape != (B, H) or beta.shape != (B, H) \
-            or state.shape != (B, H, DK, DV):
-        raise ValueError(f"step shapes: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state [B, H, Dk, Dv]; got "
-                         f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, g {tuple(g.shape)}, "
-                         f"beta {tuple(beta.shape)}, state {tuple(state.shape)}")
     if state.dtype != torch.float32 or not state.is_contiguous():
         raise ValueError("the step kernel keeps the state in fp32 and contiguous")
     scale = DK ** -0.5 if scale is None else float(scale)
@@ -797,11 +817,10 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 # gdn.py's layer does more than (1) per token: a short causal conv and SiLU on q, k, v, an L2 norm
 # of q and k, the two gates from their pre-activations, and after the step a per-head RMSNorm of o
 # times SiLU of the output gate. In a decoding step each of those is a launch of its own; even
-# compiled, with inductor fusing what it can, that was 3 kernels besides the step, and at ~1.5 us a
-# launch for a few KB of work they cost more than the step (measured on an H100 at batch 8 with
-# --bench --profile --compile: 7.8 us for the four, plus the gaps between launches; as one kernel,
-# 3.8 us: results/inference_h100_compiled.md). Every one of them is per (batch, head), like the
-# step, so it all fits in one program per (batch, head):
+# compiled, with inductor fusing what it can, that was 3 kernels besides the step, each a launch for
+# a few KB of work. As one kernel the whole of it costs 3.9 us a layer on an H100 at batch 8
+# (results/inference_h100_barrier.md: 0.086 ms for keep 1/4's 22 GDN layers, its PDL wait included).
+# Every one of them is per (batch, head), like the step, so it all fits in one program per (batch, head):
 #
 #     x_c   = sum_j w_c[j] window_c[j]              window = the last W inputs of channel c (conv
 #                                                   state, then this token's), shifted in place
@@ -891,7 +910,18 @@ def gdn_layer_step(z, state, conv_state, conv_weight, A_log, dt_bias, o_norm, ep
     state [B, H, D, D] fp32 and conv_state [B, 3*H*D, W-1] (or None, with conv_weight None: no conv)
     are updated in place (W = 1: a conv with an empty state). conv_weight [3*H*D, 1, W]; A_log,
     dt_bias [H]; o_norm [D]."""
+    if state.dim() != 4 or state.shape[-1] != state.shape[-2] or state.dtype != torch.float32 \
+            or not state.is_contiguous() or not 1 <= state.shape[-1] <= 128:
+        raise ValueError(f"state must be [B, H, D, D] fp32 and contiguous with D <= 128; got {tuple(state.shape)} "
+                         f"{state.dtype}{'' if state.is_contiguous() else ' (not contiguous)'}")
     B, H, D = state.shape[0], state.shape[1], state.shape[-1]
+    for name, x, shape in (("A_log", A_log, (H,)), ("dt_bias", dt_bias, (H,)), ("o_norm", o_norm, (D,))):
+        if x.shape != shape:
+            raise ValueError(f"{name} must be {list(shape)}; got {tuple(x.shape)}")
+    if conv_weight is not None and (conv_weight.dim() != 3 or conv_weight.shape[:2] != (3 * H * D, 1)):
+        raise ValueError(f"conv_weight must be [3*H*D, 1, W] = [{3 * H * D}, 1, W]; got {tuple(conv_weight.shape)}")
+    _same_kind(z=z, state=state, conv_state=conv_state, conv_weight=conv_weight, A_log=A_log, dt_bias=dt_bias,
+               o_norm=o_norm)
     rows = z.shape[0] if z.dim() == 2 or (z.dim() == 3 and z.shape[1] == 1) else None
     if rows != B or z.shape[-1] < 4 * H * D + 2 * H or z.stride(-1) != 1:
         raise ValueError(f"z must be [B, >= 4*H*D + 2*H] = [{B}, {4 * H * D + 2 * H}] (or [B, 1, ...]) with "

@@ -266,6 +266,17 @@ def test_fused_layer_step_bad_input():
     with pytest.raises(ValueError, match="conv_state must be"):
         gdn_kernel.gdn_layer_step(torch.zeros(2, 120), S, torch.zeros(2, 72, 2), torch.zeros(72, 1, 4),
                                   torch.zeros(3), torch.zeros(3), torch.ones(8), 1e-6)
+    # what the kernel would otherwise read or write out of bounds, or silently misread
+    z, A, n = torch.zeros(2, 120), torch.zeros(3), torch.ones(8)
+    for bad_args, message in (((z, S[0], None, None, A, A, n), "state must be"),
+                              ((z, S.transpose(-1, -2), None, None, A, A, n), "not contiguous"),
+                              ((z, S.double(), None, None, A, A, n), "state must be"),
+                              ((z, S, None, None, A[:1], A, n), "A_log must be"),
+                              ((z, S, None, None, A, A, n[:4]), "o_norm must be"),
+                              ((z, S, torch.zeros(2, 72, 3), torch.zeros(10, 1, 4), A, A, n), "conv_weight must be"),
+                              ((z.long(), S, None, None, A, A, n), "must be floating point")):
+        with pytest.raises(ValueError, match=message):
+            gdn_kernel.gdn_layer_step(*bad_args, 1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none): run on the device machine")

@@ -227,6 +227,16 @@ def test_step_kernel_bad_shapes():
     q, k, v, g, beta, h0 = inputs(2, 1, 3, 8, 4, device="cpu")
     with pytest.raises(ValueError, match="step shapes"):
         gk.gated_delta_rule_step_triton(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], h0[:, :2])
+    with pytest.raises(ValueError, match="step shapes"):
+        gk.gated_delta_rule_step_triton(q, k, v, g, beta, h0)
+
+
+def test_step_torch_refuses_what_it_would_broadcast():
+    q, k, v, g, beta, h0 = inputs(2, 1, 3, 8, 4, device="cpu")
+    q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
+    for bad in ((q, k, v[..., :1, :], g, beta, h0), (q, k, v, g[:, :1], beta, h0), (q, k, v, g, beta[:1], h0)):
+        with pytest.raises(ValueError, match="step shapes"):
+            gk.gated_delta_rule_step_torch(*bad)
 
 
 def test_dispatcher_cpu_is_torch_form():
@@ -253,6 +263,14 @@ def test_bad_shapes_are_named(fn, which, shape, msg):
     args[which] = torch.zeros(shape)
     with pytest.raises(ValueError, match=msg):
         fn(args["q"], args["k"], args["v"], args["g"], args["beta"], initial_state=args["h0"])
+
+
+def test_bad_dtypes_and_empty_heads_are_named():
+    q, k, v, g, beta, h0 = inputs(1, 5, 2, 8, 8, device="cpu")
+    with pytest.raises(ValueError, match="q, k must be floating point"):
+        gk.chunk_gated_delta_rule(q.long(), k.long(), v, g, beta)
+    with pytest.raises(ValueError, match="head dims >= 1"):
+        gk.chunk_gated_delta_rule(q[..., :0], k[..., :0], v, g, beta)
 
 
 @needs_triton
