@@ -235,9 +235,9 @@ def standard_gates(gdn, o):
     """The standard GDN random init of the gates (METHOD section 2; the defaults of the options named
     here) -- W_a, W_b, W_g ~ N(0, gate_std^2 = 0.02^2), A ~ U(0, a_max = 16), A_log = log A,
     dt = exp(U(log dt_min, log dt_max)) = exp(U(log 1e-3, log 0.1)) >= dt_floor = 1e-4,
-    dt_bias = softplus^-1(dt) -- drawn from a
-    generator seeded by (seed, layer index). W_q, W_k, W_v, W_o keep the teacher copy. Every init
-    starts here, so the same layer starts the same in every hybrid it appears in."""
+    dt_bias = softplus^-1(dt) -- drawn from a generator seeded by (seed, layer index). W_q, W_k, W_v,
+    W_o keep the teacher copy. Every init starts here, so the same layer starts the same in every
+    hybrid it appears in."""
     gen = torch.Generator().manual_seed(int(o["seed"]) * 100003 + gdn.layer_idx)
     def draw(shape, fn):
         return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
