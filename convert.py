@@ -438,8 +438,9 @@ def parse_args(argv):
     p.add_argument("--init", default="taylor", help=f"GDN init: {', '.join(INITS)} (default: Taylor-Calibrate, Phase 1 + Phase 2)")
     p.add_argument("--init-opt", action="append", default=[], metavar="NAME=VALUE",
                    help="override an init constant (calibrate.OPTIONS), e.g. steps=300, damping=0.01; repeatable")
-    p.add_argument("--probe-init", default="taylor-phase1",
-                   help="--policy ga-s2: init of the 30 single-layer probes (a layer-wise init; 'same': the chosen init)")
+    p.add_argument("--probe-init", default="same",
+                   help="--policy ga-s2: init of the single-layer probes ('same': the chosen --init, as METHOD "
+                        "section 4 has it; or any layer-wise init, e.g. taylor-phase1, cheaper)")
     p.add_argument("--scores", help="policy scores JSON: reused where it holds the scores asked for, written with new ones")
     p.add_argument("--conv-size", type=int, default=0, help="short causal conv width on q, k, v (0: none; identity-initialised)")
     p.add_argument("--out", help="output folder for the hybrid (required unless --table)")
@@ -526,6 +527,8 @@ def run_convert(args):
     if args.policy not in POLICIES:
         raise ValueError(f"unknown --policy '{args.policy}'; valid: {', '.join(POLICIES)}")
     init_opts = parse_opts(args.init_opt)
+    if args.policy == "ga-s2":
+        ga_probe_init(args, init_opts)
     if args.eval_data:
         distill.read_text(args.eval_data, args.eval_format)        # missing/undecodable: fail now
     spec = teacher_spec(args.teacher)
@@ -576,6 +579,18 @@ def run_convert(args):
     print(f"wrote {args.out} (conversion {convert_seconds:.1f} s, total {time.time() - t_start:.1f} s)")
 
 
+def ga_probe_init(args, init_opts):
+    """The init GA-S2's single-layer probes use: --probe-init, 'same' being --init. It must be
+    layer-wise (each layer's init independent of the others), so one bank of layers serves every probe."""
+    probe_init = args.init if args.probe_init == "same" else args.probe_init
+    if probe_init not in INITS or not layerwise(probe_init, init_opts):
+        valid = [i for i in INITS if layerwise(i, init_opts)]
+        raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: " + (", ".join(valid) or
+                         "none is under these --init-opt options (phase2_input=student makes each layer's "
+                         "init depend on the layers before it)"))
+    return probe_init
+
+
 def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
     """--policy for one conversion: (kept layers, what the policy measured, bank or None). Scores are
     read from / written to --scores. GA-S2 probes use --probe-init ('same': the chosen init)."""
@@ -590,12 +605,7 @@ def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
         scores, key = policy_scores("ar", teacher, source, probe, cache,
                                     compute=lambda: ar_scores(teacher, probe, args.batch_size))
     else:
-        probe_init = args.init if args.probe_init == "same" else args.probe_init
-        if probe_init not in INITS or not layerwise(probe_init, init_opts):
-            valid = [i for i in INITS if layerwise(i, init_opts)]
-            raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: " + (", ".join(valid) or
-                             "none is under these --init-opt options (phase2_input=student makes each layer's "
-                             "init depend on the layers before it)"))
+        probe_init = ga_probe_init(args, init_opts)
         key_extra = ga_key(probe_init, init_opts, args.seed)
         built = {}
 
@@ -639,6 +649,9 @@ def run_table(args):
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
+    if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
+        raise ValueError("--policies ga-s2 probes each layer with the cell's own init, which must be layer-wise; "
+                         "under these --init-opt options (phase2_input=student) none is")
     old = None
     if args.append and os.path.exists(args.results + ".json"):
         import json
@@ -672,7 +685,7 @@ def run_table(args):
     cells = []
     for init in inits:
         opts = {**init_opts, "_stats": stats}
-        probe_init = init if layerwise(init, init_opts) else "taylor"
+        probe_init = init                       # GA-S2 probes with the chosen init (METHOD section 4)
         bank = None
         if layerwise(init, init_opts) or "ga-s2" in policies:
             bank, per_layer, shared, ii = layer_bank(teacher, probe_init, calib, args.conv_size, args.seed, opts)
@@ -873,6 +886,19 @@ def cache_bytes(model, cache):
     for S, conv in getattr(cache, "gdn_state", {}).values():
         total += sum(t.numel() * t.element_size() for t in (S, conv) if t is not None)
     return total
+
+
+def kv_read_bytes(cache, live):
+    """Bytes of K and V one step must read: the `live` positions of every softmax layer (at most a
+    sliding-window layer's window, its cache's length), not the static cache's whole allocation, and
+    not the [B, 1, L, 1] placeholders a GDN layer leaves in its slots."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        k = getattr(layer, "keys", None)
+        if isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[-1] > 1:
+            B, H, L, D = k.shape
+            total += 2 * B * H * min(live, L) * D * k.element_size()
+    return int(total)
 
 
 def weight_bytes(model, batch):
@@ -1595,7 +1621,7 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
                                 compile_step, profile)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
-    read = weight_bytes(model, B) + (kv - states) + 2 * states    # KV read once; states read and written
+    read = weight_bytes(model, B) + kv_read_bytes(cache, ctx + steps / 2) + 2 * states   # states: read, written
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
@@ -1606,7 +1632,10 @@ def run_bench(args):
     """--bench: teacher and hybrids side by side; JSON + markdown under results/."""
     from tqdm import tqdm
     contexts, batches = parse_sizes(args.contexts, "contexts"), parse_sizes(args.batches, "batches")
-    keeps = [parse_keep(k) for k in args.keeps.split(",")]
+    contexts = sorted(set(contexts))        # ascending: the first that does not fit ends the row, and the
+    keeps = [parse_keep(k) for k in args.keeps.split(",")]                  # crossover reads in order
+    if any(kind != "fraction" for kind, _ in keeps):
+        raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
@@ -1637,10 +1666,14 @@ def run_bench(args):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
                                   compile_step=args.compile, profile=args.profile)
-                except torch.cuda.OutOfMemoryError:
+                except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                    if not isinstance(e, torch.cuda.OutOfMemoryError) and "alloc" not in str(e):
+                        raise                               # (the CPU allocator's error is a RuntimeError)
                     largest = fits.get((name, B))
-                    msg = (f"{name}, batch {B}: context {ctx} does not fit in GPU memory; the largest measured "
-                           f"that fits is {largest}" if largest else f"{name}, batch {B}: context {ctx} does not fit")
+                    where = "GPU memory" if args.device == "cuda" else "memory"
+                    msg = (f"{name}, batch {B}: context {ctx} does not fit in {where}; the largest that fits "
+                           f"is {largest}" if largest else f"{name}, batch {B}: context {ctx} does not fit in "
+                           f"{where}, the smallest asked for: ask for smaller contexts or a smaller batch")
                     print(msg)
                     rows.append({"model": name, "batch": B, "context": ctx, "error": msg})
                     torch.cuda.empty_cache()
@@ -1727,8 +1760,8 @@ def bench_comparison(rows):
                      f"{x['cache_bytes'] / t['cache_bytes']:.1%} |")
     crossovers = []
     for model, batch in dict.fromkeys((x["model"], x["batch"]) for x, _ in pairs):
-        faster = [(x["context"], t["prefill_s"] > x["prefill_s"]) for x, t in pairs
-                  if (x["model"], x["batch"]) == (model, batch)]
+        faster = sorted((x["context"], t["prefill_s"] > x["prefill_s"]) for x, t in pairs
+                        if (x["model"], x["batch"]) == (model, batch))
         if len(faster) < 2:
             continue
         cross = next((c for i, (c, _) in enumerate(faster) if all(f for _, f in faster[i:])), None)

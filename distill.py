@@ -776,7 +776,6 @@ def evaluate(run, student, step, metrics, teacher=None):
                "tokens_by_stage": {**run.prior_tokens, str(a.stage): tokens}, "data": a.eval_data,
                "ppl": ppl["ppl"], "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"],
                "eval_tokens": ppl["tokens"]}
-        run.evals.append(rec)
         metrics.log(rec)
     run.dist.barrier()
 
@@ -1015,7 +1014,7 @@ class Run:
     def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens, teacher):
         self.args, self.dist, self.steps, self.config, self.teacher = args, dist, steps, config, teacher
         self.resume_from, self.eval_ids, self.prior_tokens = resume_from, eval_ids, prior_tokens
-        self.evals, self.stopped, self.flops_per_token = [], False, None
+        self.stopped, self.flops_per_token = False, None
 
     def autocast(self):
         if self.args.amp and self.dist.device.type == "cuda":
@@ -1095,14 +1094,19 @@ def distill(a):
                 test = perplexity(student, test_ids, a.eval_window, None, a.eval_batch_size, desc="test ppl")
         save_student(student, s_tok, a, {"conversion.json": os.path.join(a.student, "conversion.json")})
         tokens = steps * a.batch * a.seq
-        losses = [r["loss"] for r in records]
+        # The whole run's log (metrics.jsonl, cut back to the checkpoint on a resume), not only what
+        # this process ran: after a resume, records and evaluations start at the checkpoint.
+        with open(os.path.join(a.out, "metrics.jsonl")) as f:
+            logged = [json.loads(l) for l in f if l.strip()]
+        losses = [r["loss"] for r in logged if r["type"] == "train"]
+        evals = [r for r in logged if r["type"] == "eval"]
         record = {"stage": a.stage, "student_in": a.student, "teacher_spec": spec, "steps": steps,
                   "tokens": tokens, "tokens_by_stage": {**prior, str(a.stage): tokens},
                   "config": config, "micro_batch": a.micro_batch, "grad_ckpt": a.grad_ckpt,
                   "processes": dist.world, "first_loss": losses[0] if losses else None,
-                  "last_loss": losses[-1] if losses else None, "evals": run.evals,
-                  "final_eval": run.evals[-1] if run.evals else None, "test": test, "test_data": a.test_data,
-                  "throughput": throughput(run, records), "resumed_from": resume_from,
+                  "last_loss": losses[-1] if losses else None, "evals": evals,
+                  "final_eval": evals[-1] if evals else None, "test": test, "test_data": a.test_data,
+                  "throughput": throughput(run, records), "resumed_from": resume_from,   # (this process's steps)
                   "seconds": time.time() - t_start, **run_info(a.seed)}
         write_json(os.path.join(a.out, "distill.json"), record)
         summary(record, a)
@@ -1180,7 +1184,14 @@ def recovery(folders, results):
         label, teacher, curve, test, record = read_stage2_run(folder)
         if label in runs:
             raise ValueError(f"two runs of init '{label}' ({runs[label]['folder']} and {folder}): one per init")
+        same = {k: record["config"].get(k) for k in ("teacher", "eval_data", "eval_window", "eval_max_windows")}
+        for other in runs.values():             # thresholds and speed-ups compare curves on one yardstick
+            if other["evaluated_as"] != same or abs(other["teacher_ppl"] - teacher) > 1e-6 * teacher:
+                raise ValueError(f"{folder} and {other['folder']} were not evaluated alike (teacher, validation "
+                                 f"text and windows: {same} vs {other['evaluated_as']}; teacher ppl {teacher} vs "
+                                 f"{other['teacher_ppl']}): the report compares runs on the same windows")
         runs[label] = {"folder": folder, "teacher_ppl": teacher, "curve": curve, "test_ppl": test,
+                       "evaluated_as": same,
                        "final_val_ppl": curve[-1][1] if curve else None, "commit": record.get("commit"),
                        "device": record.get("device"), "tokens_by_stage": record.get("tokens_by_stage")}
     if "naive" not in runs:

@@ -386,14 +386,22 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
         return real(model, B, ctx, *a, **kw)
     monkeypatch.setattr(convert, "bench_one", bench_one)
     stem = tmp_path / "bench"
-    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96,128", "--batches", "1",
-                    "--decode-steps", "1", "--results", str(stem)], capsys)
+    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "128,64,96", "--batches", "1",
+                    "--decode-steps", "1", "--results", str(stem)], capsys)      # measured in ascending order
     assert code == 0, io.err
-    assert "context 96 does not fit in GPU memory; the largest measured that fits is 64" in io.out
+    assert "context 96 does not fit in memory; the largest that fits is 64" in io.out
     assert "Traceback" not in io.out + io.err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [(r["context"], "error" in r) for r in rows] == [(64, False), (96, True)] * 2
     assert "does not fit" in (tmp_path / "bench.md").read_text()
+    # the CPU allocator's error, and a first context that already does not fit
+
+    def cpu_oom(model, B, ctx, *a, **kw):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+    monkeypatch.setattr(convert, "bench_one", cpu_oom)
+    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
+                    "--decode-steps", "1", "--results", str(stem)], capsys)
+    assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
 
 
 def test_bench_comparison_and_crossover():
@@ -401,7 +409,7 @@ def test_bench_comparison_and_crossover():
     the hybrid's prefill stays faster (a faster short context followed by a slower one does not count)."""
     from convert import bench_comparison
     rows = []
-    for ctx, t_pre, h_pre in [(1024, 2.0, 1.0), (4096, 1.0, 2.0), (16384, 4.0, 3.0), (32768, 8.0, 5.0)]:
+    for ctx, t_pre, h_pre in [(16384, 4.0, 3.0), (1024, 2.0, 1.0), (32768, 8.0, 5.0), (4096, 1.0, 2.0)]:
         rows.append(dict(model="teacher", batch=1, context=ctx, prefill_s=t_pre, decode_step_s=0.004,
                          bytes_per_step=300e6, cache_bytes=100))
         rows.append(dict(model="hybrid keep 1/4", batch=1, context=ctx, prefill_s=h_pre, decode_step_s=0.002,
@@ -412,10 +420,25 @@ def test_bench_comparison_and_crossover():
 
 
 @pytest.mark.parametrize("flag, value", [("--contexts", "1x,4k"), ("--batches", "0"), ("--contexts", ""),
-                                         ("--decode-steps", "0")])
+                                         ("--decode-steps", "0"), ("--keeps", "0,2")])
 def test_bench_bad_sizes(flag, value, tmp_path, capsys):
     code, io = run(["--bench", f"{flag}={value}", "--results", str(tmp_path / "b")], capsys)
     assert code == 2 and flag in io.err and not (tmp_path / "b.json").exists()
+
+
+def test_decode_bytes_count_the_live_kv_positions_only():
+    """The bound reads K and V at the positions in use, not the static cache's allocation, and not
+    the placeholders GDN layers keep in their slots."""
+    from transformers import StaticCache
+    from convert import kv_read_bytes
+    from gdn import hybridize
+    model = hybridize(tiny_model("llama"), [1, 3])
+    cache = StaticCache(config=model.config, max_cache_len=64)
+    with torch.no_grad():
+        model(torch.randint(0, 128, (2, 20)), past_key_values=cache, use_cache=True)
+    # 2 softmax layers x (K, V) x batch 2 x 2 KV heads x 20 positions x head dim 16 x 4 bytes
+    assert kv_read_bytes(cache, 20) == 2 * 2 * 2 * 2 * 20 * 16 * 4
+    assert kv_read_bytes(cache, 100) == 2 * 2 * 2 * 2 * 64 * 16 * 4           # at most the cache's length
 
 
 def test_decode_bytes_count_an_untied_embedding_only_at_its_rows():

@@ -233,7 +233,11 @@ def test_resume_continues_exactly(setup, tmp_path, stage):
     from gdn import load_hybrid
     wa, wb = load_hybrid(full).state_dict(), load_hybrid(cut).state_dict()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert json.load(open(cut / "distill.json"))["test"] == json.load(open(full / "distill.json"))["test"]
+    ra, rb = json.load(open(full / "distill.json")), json.load(open(cut / "distill.json"))
+    assert rb["test"] == ra["test"]
+    # the record covers the whole run, not only the steps after the resume
+    assert [(e["step"], e["ppl"]) for e in rb["evals"]] == [(e["step"], e["ppl"]) for e in ra["evals"]]
+    assert rb["first_loss"] == ra["first_loss"] and rb["resumed_from"] and not ra["resumed_from"]
 
 
 def test_nan_stops_and_keeps_the_last_checkpoint(setup, tmp_path, capsys):
@@ -403,13 +407,15 @@ def test_tokens_to_reach_interpolates_in_log_ppl():
     assert distill.tokens_to_reach(curve, 4.9) is None
 
 
-def fake_stage2_run(folder, init, curve, teacher=10.0, test=None):
+def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0):
     folder.mkdir()
     (folder / "conversion.json").write_text(json.dumps({"init": init}))
     rows = [{"type": "teacher_eval", "stage": 2, "step": 0, "ppl": teacher}]
     rows += [{"type": "eval", "stage": 2, "step": i, "tokens": t, "ppl": p} for i, (t, p) in enumerate(curve)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (folder / "distill.json").write_text(json.dumps({"stage": 2, "test": {"ppl": test} if test else None}))
+    config = {"teacher": "t", "eval_data": "valid.txt", "eval_window": 2048, "eval_max_windows": eval_windows}
+    (folder / "distill.json").write_text(json.dumps({"stage": 2, "test": {"ppl": test} if test else None,
+                                                     "config": config}))
     return str(folder)
 
 
@@ -436,6 +442,12 @@ def test_recovery_report(tmp_path, capsys):
     # without the naive run there is nothing to compare against
     assert distill.main(["--recovery", ours, "--results", stem]) == 2
     assert "needs the naive run" in capsys.readouterr().err
+    # runs evaluated on other windows (or against another teacher perplexity) are not compared
+    fewer = fake_stage2_run(tmp_path / "f", "taylor-plus", [(0, 300.0), (1e6, 12.0)], eval_windows=8)
+    other = fake_stage2_run(tmp_path / "o", "align-only", [(0, 300.0), (1e6, 12.0)], teacher=11.0)
+    for run in (fewer, other):
+        assert distill.main(["--recovery", naive, run, "--results", stem]) == 2
+        assert "not evaluated alike" in capsys.readouterr().err
 
 
 def test_stage2_logs_the_teacher_on_the_eval_windows(setup, tmp_path):

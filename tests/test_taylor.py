@@ -273,6 +273,8 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--init", "taylor", "--calib-len", "100000"], "calibration text has"),
     (["--init-opt", "nope=1"], "unknown init option"),
     (["--table", "--keeps", "1/4,2"], "the table takes fractions"),
+    (["--table", "--policies", "ga-s2", "--init-opt", "phase2_input=student"], "must be layer-wise"),
+    (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     text = tmp_path / "t.txt"
