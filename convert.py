@@ -1621,7 +1621,8 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
                                 compile_step, profile)
     kv = cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
-    read = weight_bytes(model, B) + kv_read_bytes(cache, ctx + steps / 2) + 2 * states   # states: read, written
+    # K and V at the mean live length over the timed steps; GDN states read and written
+    read = weight_bytes(model, B) + kv_read_bytes(cache, ctx + steps / 2) + 2 * states
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
