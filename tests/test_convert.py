@@ -441,6 +441,19 @@ def test_decode_bytes_count_the_live_kv_positions_only():
     assert kv_read_bytes(cache, 100) == 2 * 2 * 2 * 2 * 64 * 16 * 4           # at most the cache's length
 
 
+def test_bench_bytes_per_step_by_hand():
+    """A step's bytes: every weight, K and V of the softmax layers at the live length, and each GDN
+    layer's fp32 state read and written."""
+    from convert import bench_one, weight_bytes
+    from gdn import hybridize
+    model = hybridize(tiny_model("llama"), [1, 3]).eval()
+    r = bench_one(model, 2, 64, 2, False, "cpu")              # live: 64 + 2 / 2 = 65 positions
+    kv = 2 * 2 * 2 * 2 * 65 * 16 * 4                          # layers x (K, V) x batch x KV heads x L x D x 4 B
+    states = 2 * 2 * 4 * 16 * 16 * 4                          # GDN layers x batch x heads x D x D x 4 B
+    assert r["bytes_per_step"] == weight_bytes(model, 2) + kv + 2 * states
+    assert r["cache_bytes"] > states
+
+
 def test_decode_bytes_count_an_untied_embedding_only_at_its_rows():
     """A decoding step reads the LM head whole but only B rows of an embedding table it does not share."""
     from convert import weight_bytes

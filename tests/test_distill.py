@@ -350,8 +350,9 @@ def test_convert_chains_both_stages(setup, tmp_path):
 
 @pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "neither a text file"),
                                           (["--distill-args", "--bogus 1"], "unrecognized arguments"),
-                                          (["--distill-tokens", "100,64"], "smaller than one step"),
-                                          (["--distill-args", "--seq 1"], "--seq must be >= 2"),
+                                          (["--distill-tokens", "100,64", "--distill-args", "--eval-data none --test-data none"],
+                                           "smaller than one step"),
+                                          (["--distill-args", "--seq 1 --eval-data none --test-data none"], "--seq must be >= 2"),
                                           (["--distill-args", "--eval-data /no/such.txt"], "--eval-data"),
                                           (["--out", ""], "--distill-tokens needs --out")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):

@@ -169,6 +169,9 @@ def test_gqa_heads_are_repeated_in_order():
     got = gdn.k_proj.weight.view(4, 16, 64)
     # query heads 0, 1 read kv head 0; heads 2, 3 read kv head 1 (HF's repeat_kv)
     assert torch.equal(got[0], kv[0]) and torch.equal(got[1], kv[0]) and torch.equal(got[3], kv[1])
+    vv, gv = attn.v_proj.weight.view(2, 16, 64), gdn.v_proj.weight.view(4, 16, 64)
+    assert all(torch.equal(gv[h], vv[h // 2]) for h in range(4))
+    assert torch.equal(gdn.q_proj.weight, attn.q_proj.weight) and torch.equal(gdn.o_proj.weight, attn.o_proj.weight)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

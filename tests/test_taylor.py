@@ -49,7 +49,8 @@ def test_collect_stats_matches_eager_attention(family):
     ids = calib(length=24)
     stats = taylor_stats.collect_stats(model, ids, progress=False, block=7)   # odd block: tests the tiling
     with torch.no_grad():
-        att = model(ids, output_attentions=True).attentions
+        out = model(ids, output_attentions=True, output_hidden_states=True)
+        att, hidden = out.attentions, out.hidden_states
     for i, a in enumerate(att):                       # a [N, H, T, T]
         a = a.double()
         T = a.shape[-1]
@@ -60,6 +61,9 @@ def test_collect_stats_matches_eager_attention(family):
         assert torch.allclose(stats[i]["entropy"].double(), e, rtol=1e-4, atol=1e-5), (family, i)
         assert stats[i]["check"] < 1e-4
         assert stats[i]["x"].shape == (2, 24, 64) and stats[i]["y"].shape == (2, 24, 64)
+        # x is the layer's normed input, h the residual stream entering it
+        assert torch.allclose(stats[i]["h"], hidden[i].float(), atol=1e-5)
+        assert torch.allclose(stats[i]["x"], model.model.layers[i].input_layernorm(hidden[i]).float(), atol=1e-5)
         assert stats[i]["ctx"].shape[:3] == (2, 24, 4)
 
 
@@ -134,6 +138,21 @@ def test_gate_search_and_heldout_keep_best_run():
     assert len(rec["phase1"]["gate_search"]["gamma"]) == 4 and rec["phase2"]["val_rows"] == 1
 
 
+def test_phase2_result_is_in_the_student():
+    """The loss Phase 2 reports is the student layer's own loss afterwards (its weights were copied
+    back, the best ones kept), and it is below the naive layer's."""
+    teacher = tiny_model("llama")
+    ids = calib()
+    stats = taylor_stats.collect_stats(teacher, ids, progress=False)
+    naive, _ = convert.convert(teacher, [0], "naive", ids)
+    student, info = convert.convert(teacher, [0], "align-only", ids, init_opts=calibrate.parse_opts(["steps=30"]))
+    x, y = stats[1]["x"], stats[1]["y"]
+    p2 = info["init_info"]["layers"][1]["phase2"]
+    got = calibrate.layer_mse(gdn_modules(student)[1], x, y)
+    assert got == pytest.approx(p2["loss_after"], rel=1e-3)
+    assert got < calibrate.layer_mse(gdn_modules(naive)[1], x, y)
+
+
 def test_align_plus_trains_the_output_projection_and_align_only_does_not():
     teacher = tiny_model("llama")
     ids = calib()
@@ -161,6 +180,21 @@ def test_phase1_sets_what_the_statistics_say():
     assert torch.all(gdn.A_log == 0)
     p1 = info["layers"][1]["phase1"]
     assert max(abs(a - b) for a, b in zip(p1["beta_mean"], p1["beta_target"])) < 0.05
+    # what is reported is what the weights hold: the time step, sigma on W_v's head rows, W_g = kappa W_v
+    assert torch.allclose(torch.nn.functional.softplus(gdn.dt_bias), gamma, rtol=1e-4)
+    before = gdn_modules(hybridize(tiny_model("llama"), [1]))[1].v_proj.weight.view(4, 16, 64)
+    ratio = (gdn.v_proj.weight.view(4, 16, 64) / before).flatten(1)
+    assert torch.allclose(ratio, torch.tensor(p1["sigma"])[:, None].expand_as(ratio), rtol=1e-4)
+    assert torch.allclose(gdn.g_proj.weight, p1["kappa"] * gdn.v_proj.weight, rtol=1e-4, atol=1e-9)
+    # the reference's rescaling: row h of W_b becomes logit(beta_h) / sqrt(d) * W_b[h] / mean|W_b[h]|
+    student = hybridize(tiny_model("llama"), [1])
+    info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})
+    fresh = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
+    with torch.no_grad():
+        calibrate.standard_gates(fresh, calibrate.resolve({}))
+    Wb, beta = fresh.b_proj.weight, torch.tensor(info["layers"][1]["phase1"]["beta_target"])
+    expect = calibrate.logit(beta)[:, None] / math.sqrt(64) * Wb / Wb.abs().mean(1, keepdim=True)
+    assert torch.allclose(gdn_modules(student)[1].b_proj.weight, expect, rtol=1e-4, atol=1e-7)
 
 
 def test_init_options_are_checked():
