@@ -1128,9 +1128,16 @@ def use_decode_attention(model, name):
 # launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a CUDA-graph chain of
 # 120 products in SmolLM2's shapes with cold weights (a device script, not a result of the repo):
 # 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row (launch after
-# the loads). A program's rows of W are held on chip until x arrives: BN = 32 rows while they take
-# at most 96 KB (SmolLM2's K = 1536 in bf16), else 16, else (a K too long for 16 rows) PyTorch's
-# product.
+# the loads). A program's rows of W are held on chip until x arrives, and x's 16 padded rows with
+# them: BN = 32 rows while W's tile takes at most LINEAR_TILE_BYTES, else 16, as long as the two
+# tiles together take at most LINEAR_HELD_BYTES (SmolLM2's K = 1536 in bf16: 48 + 48 KB).
+#
+# A longer K (a 1B model's 2048 and 8192) would not fit: held whole, its tiles spill to local
+# memory, and on an H100 Llama-3.2-1B's products then ran at a fraction of the bandwidth (batch 1 at
+# 32k: 8.4 ms a step against a bound of 1.17, results/inference_h100_llama1b_shape_before.md).
+# Those products loop over K instead (_linear_loop_kernel): BK columns at a time, a few blocks in
+# flight (num_stages), nothing loaded before the wait. At that size the weights' streaming time
+# dwarfs a launch, so the prefetch has little left to hide.
 #
 # Three things around the product ride along, each a launch saved:
 #   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
@@ -1139,17 +1146,20 @@ def use_decode_attention(model, name):
 #         (as gdn.stack_projections does for a GDN layer's inputs): a program loads the same BN
 #         rows of both halves and keeps both products in registers until act(g) * u is written,
 #         one launch where HF's MLP makes three (two products, then the activation).
-LINEAR_TILE_BYTES = 96 * 1024
+LINEAR_TILE_BYTES = 96 * 1024      # W's rows held whole by one program
+LINEAR_HELD_BYTES = 100 * 1024     # W's and x's tiles together
+LINEAR_LOOP_BYTES = 8 * 1024       # W's block per loop step, where K is looped over (per half)
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 
 def _linear_blocks(K, itemsize, halves=1):
     """_linear_kernel's (BN, K1, K2) for an inner dimension K: K = K1 + the rest, padded to K2 (powers
-    of two, at least 16); None where even 16 rows of W (of each half, for the gate/up pair) would
-    not fit LINEAR_TILE_BYTES."""
+    of two, at least 16); None where even 16 rows of W (of each half, for the gate/up pair) and x's 16
+    rows would not fit on chip (LINEAR_TILE_BYTES, LINEAR_HELD_BYTES): _linear_loop_kernel's K then."""
     k1 = max(16, 1 << (K.bit_length() - 1))
     k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
-    fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
+    fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES
+            and (halves * bn + 16) * (k1 + k2) * itemsize <= LINEAR_HELD_BYTES]
     return (fits[0], k1, k2) if fits else None
 
 
@@ -1186,18 +1196,61 @@ if triton is not None:
                           + tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)) / K + eps)
             x1, x2 = _rms_scaled(x1, r, nw_ptr, k1, K), _rms_scaled(x2, r, nw_ptr, k2, K)
         y = tl.dot(x1, tl.trans(w1), input_precision=PREC) + tl.dot(x2, tl.trans(w2), input_precision=PREC)
+        u = y
         if ACT >= 0:
             u = tl.dot(x1, tl.trans(u1), input_precision=PREC) + tl.dot(x2, tl.trans(u2), input_precision=PREC)
-            if ACT == 0:                          # SiLU
-                y = y * tl.sigmoid(y) * u
-            else:                                 # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
-                y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y)) * u
+        _linear_out(y, u, y_ptr, res_ptr, rm, rn, M, N, sy, sr, RES, ACT)
+
+    @triton.jit
+    def _linear_out(y, u, y_ptr, res_ptr, rm, rn, M, N, sy, sr, RES: tl.constexpr, ACT: tl.constexpr):
+        """Write the product tile y [16, BN] (fp32): act(y) * u first for the gate/up pair, the residual
+        added after rounding (as HF adds it)."""
+        if ACT == 0:                              # SiLU
+            y = y * tl.sigmoid(y) * u
+        elif ACT == 1:                            # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
+            y = y * tl.sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y)) * u
         y = y.to(y_ptr.dtype.element_ty)
-        live = live_m & (rn < N)[None, :]
-        if RES:                                   # on the rounded product, as HF adds it
+        live = (rm < M)[:, None] & (rn < N)[None, :]
+        if RES:
             y = (y.to(tl.float32) + tl.load(res_ptr + rm[:, None] * sr + rn[None, :], mask=live, other=0.0)
                  .to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=live)
+
+    @triton.jit
+    def _linear_loop_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, M, N, K, sx, sw, sy, sr,
+                            PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
+                            RES: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
+        """_linear_kernel for a K too long to hold: W streamed BK columns at a time (the loads of the
+        next blocks in flight while one is multiplied), with RMSNorm's 1/rms from a first pass over x
+        (x is a few rows, read from L2)."""
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        rm = tl.arange(0, 16)
+        live_n, live_m = (rn < N)[:, None], (rm < M)[:, None]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        r = tl.full([16], 1.0, tl.float32)
+        if NORM:
+            ss = tl.zeros([16], tl.float32)
+            for k0 in range(0, K, BK):
+                rk = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=live_m & (rk < K)[None, :], other=0.0)
+                ss += tl.sum(x.to(tl.float32) * x.to(tl.float32), axis=1)
+            r = tl.rsqrt(ss / K + eps)
+        y = tl.zeros([16, BN], tl.float32)
+        u = tl.zeros([16, BN], tl.float32)
+        for k0 in range(0, K, BK):
+            rk = k0 + tl.arange(0, BK)
+            live_k = (rk < K)[None, :]
+            x = tl.load(x_ptr + rm[:, None] * sx + rk[None, :], mask=live_m & live_k, other=0.0)
+            if NORM:
+                x = _rms_scaled(x, r, nw_ptr, rk, K)
+            w = tl.load(w_ptr + rn[:, None] * sw + rk[None, :], mask=live_n & live_k, other=0.0)
+            y += tl.dot(x, tl.trans(w), input_precision=PREC)
+            if ACT >= 0:
+                wu = tl.load(w_ptr + (N + rn)[:, None] * sw + rk[None, :], mask=live_n & live_k, other=0.0)
+                u += tl.dot(x, tl.trans(wu), input_precision=PREC)
+        _linear_out(y, u, y_ptr, res_ptr, rm, rn, M, N, sy, sr, RES, ACT)
 
     @torch.library.custom_op(f"{OPS}::linear", mutates_args=())
     def _linear_op(x: torch.Tensor, w: torch.Tensor, nw: Optional[torch.Tensor], eps: float,
@@ -1205,15 +1258,22 @@ if triton is not None:
         M, K = x.shape
         halves = 2 if act >= 0 else 1                  # [W_gate; W_up] for the gate/up pair
         N = w.shape[0] // halves
-        BN, K1, K2 = _linear_blocks(K, w.element_size(), halves)
+        blocks = _linear_blocks(K, w.element_size(), halves)
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
-        _linear_kernel[(triton.cdiv(N, BN),)](x, w, y, nw if nw is not None else x, eps, res if res is not None else x,
-                                              M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                              res.stride(0) if res is not None else 0,
-                                              "ieee" if x.dtype == torch.float32 else "tf32", BN, K1, K2,
-                                              nw is not None, res is not None, act, pdl, num_warps=4, num_stages=1,
-                                              launch_pdl=pdl)
+        args = (x, w, y, nw if nw is not None else x, eps, res if res is not None else x, M, N, K, x.stride(0),
+                w.stride(0), y.stride(0), res.stride(0) if res is not None else 0,
+                "ieee" if x.dtype == torch.float32 else "tf32")
+        flags = (nw is not None, res is not None, act, pdl)
+        if blocks is not None:
+            BN, K1, K2 = blocks
+            _linear_kernel[(triton.cdiv(N, BN),)](*args, BN, K1, K2, *flags, num_warps=4, num_stages=1,
+                                                  launch_pdl=pdl)
+        else:
+            BN = 16
+            BK = max(16, min(512, LINEAR_LOOP_BYTES // (BN * w.element_size())))
+            _linear_loop_kernel[(triton.cdiv(N, BN),)](*args, BN, BK, *flags, num_warps=4, num_stages=4,
+                                                       launch_pdl=pdl)
         return y
 
     @_linear_op.register_fake
@@ -1222,11 +1282,11 @@ if triton is not None:
 
 
 def _product(x, w, norm, residual, act):
-    """x [..., K] through _linear_op where it takes it (a few rows, the kernels run, no autograd, a
-    tile that fits), else None."""
+    """x [..., K] through _linear_op where it takes it (a few rows, the kernels run, no autograd), else
+    None."""
     rows = x.numel() // x.shape[-1]
     if not (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
-            and w.stride(-1) == 1 and _linear_blocks(x.shape[-1], w.element_size(), 2 if act >= 0 else 1)):
+            and w.stride(-1) == 1):
         return None
     x2 = x.reshape(rows, x.shape[-1])
     nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))

@@ -441,6 +441,22 @@ def test_decode_bytes_count_the_live_kv_positions_only():
     assert kv_read_bytes(cache, 100) == 2 * 2 * 2 * 2 * 64 * 16 * 4           # at most the cache's length
 
 
+def test_cache_bytes_count_the_gdn_states_by_hand():
+    """--bench's cache size: K and V of the softmax layer, each GDN layer's state S and conv state
+    (the whole point of a hybrid's smaller cache), and the one-number-per-token placeholders the GDN
+    layers keep in their K/V slots (real memory the cache holds)."""
+    from convert import cache_bytes
+    from gdn import hybridize
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    with torch.no_grad():
+        cache = model(torch.randint(0, 128, (2, 20)), use_cache=True).past_key_values
+    kv = 2 * 2 * 2 * 20 * 16 * 4                  # (K, V) x batch x KV heads x positions x head dim x 4 B
+    placeholders = 3 * 2 * 2 * 20 * 4             # GDN layers x (K, V) x batch x positions x 4 B
+    S = 3 * 2 * 4 * 16 * 16 * 4                   # GDN layers x batch x heads x Dk x Dv x 4 B
+    conv = 3 * 2 * (3 * 4 * 16) * 3 * 4           # GDN layers x batch x q,k,v channels x (conv_size - 1) x 4 B
+    assert cache_bytes(model, cache) == kv + placeholders + S + conv
+
+
 def test_bench_bytes_per_step_by_hand():
     """A step's bytes: every weight, K and V of the softmax layers at the live length, and each GDN
     layer's fp32 state read and written."""
@@ -511,26 +527,27 @@ def test_chain_floor_on_the_gpu():
                     reason="runs the Triton product: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
 def test_linear_decode_equals_linear():
     """linear_decode: a few rows through _linear_kernel (K split in two blocks: a power of two and a
-    padded rest; 32 or 16 rows of W a program) equal F.linear; many rows, a bias, or a K too long
-    for LINEAR_TILE_BYTES go to PyTorch."""
+    padded rest; 32 or 16 rows of W a program), or through _linear_loop_kernel for a K too long to
+    hold (fp32 K = 2000: 16 rows of W take 128 KB), equal F.linear; many rows, a bias, or autograd
+    go to PyTorch."""
     import convert
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     calls = []
     real = convert._linear_op
     convert._linear_op = lambda x, w, *rest: calls.append(x.shape) or real(x, w, *rest)
     try:
-        for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600)]:
+        assert convert._linear_blocks(2000, 4) is None and convert._linear_blocks(576, 4) is not None
+        for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600), (2, 2000), (1, 5000)]:
             x, w = torch.randn(rows, 1, K, device=dev), torch.randn(40, K, device=dev)
             with torch.no_grad():
                 torch.testing.assert_close(convert.linear_decode(x, w), torch.nn.functional.linear(x, w),
                                            rtol=1e-4, atol=1e-4)
-        assert len(calls) == 5
+        assert len(calls) == 7
         with torch.no_grad():
             convert.linear_decode(torch.randn(17, 64, device=dev), torch.randn(8, 64, device=dev))
             convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev), torch.zeros(8, device=dev))
-            convert.linear_decode(torch.randn(2, 2000, device=dev), torch.randn(8, 2000, device=dev))   # fp32: too long
         convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev))     # autograd on
-        assert len(calls) == 5
+        assert len(calls) == 7
     finally:
         convert._linear_op = real
 
@@ -539,8 +556,8 @@ def test_linear_decode_equals_linear():
                     reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
 def test_decode_kernels_fold_rmsnorm_and_residual():
     """linear_decode's norm prologue and residual epilogue, and glu_decode's norm prologue (SiLU and
-    tanh-GELU), equal HF's RMSNorm, products, activation and residual add done one after another;
-    a gate/up pair too long for the kernel's tile takes PyTorch's products."""
+    tanh-GELU), equal HF's RMSNorm, products, activation and residual add done one after another,
+    held whole (_linear_kernel) or looped over K (_linear_loop_kernel)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     import convert
     from convert import glu_decode, linear_decode
@@ -557,18 +574,18 @@ def test_decode_kernels_fold_rmsnorm_and_residual():
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(glu_decode(x[:, 0], gu, "gelu_pytorch_tanh", norm=norm),
                                    torch.nn.functional.gelu(g, approximate="tanh") * u, rtol=1e-4, atol=1e-4)
-        # K = 1000 in fp32: 16 rows of each half take 128 KB, over LINEAR_TILE_BYTES: PyTorch's products
-        calls, real = [], convert._linear_op
-        convert._linear_op = lambda *a: calls.append(1) or real(*a)
-        try:
-            x, gu = torch.randn(2, 1000, device=dev), torch.randn(2 * 24, 1000, device=dev) / 30
-            g, u = torch.nn.functional.linear(x, gu).chunk(2, -1)
-            torch.testing.assert_close(glu_decode(x, gu, "silu"), torch.nn.functional.silu(g) * u)
-            assert not calls
-            glu_decode(x[:, :500], gu[:, :500].contiguous(), "silu")      # 64 KB: the kernel
-            assert calls
-        finally:
-            convert._linear_op = real
+        # K = 1000 in fp32: 16 rows of each half take 128 KB, too many to hold: the looped kernel
+        assert convert._linear_blocks(1000, 4, 2) is None and convert._linear_blocks(1000, 4) is None
+        x, w, res = torch.randn(3, 1, 1000, device=dev) * 3, torch.randn(40, 1000, device=dev), torch.randn(3, 1, 40, device=dev)
+        norm = LlamaRMSNorm(1000, eps=1e-5).to(dev)
+        norm.weight.uniform_(0.5, 1.5)
+        torch.testing.assert_close(linear_decode(x, w, norm=norm, residual=res),
+                                   res + torch.nn.functional.linear(norm(x), w), rtol=1e-4, atol=1e-4)
+        gu = torch.randn(2 * 24, 1000, device=dev) / 30
+        g, u = torch.nn.functional.linear(norm(x[:, 0]), gu).chunk(2, -1)
+        for act, f in [("silu", torch.nn.functional.silu),
+                       ("gelu_pytorch_tanh", lambda g: torch.nn.functional.gelu(g, approximate="tanh"))]:
+            torch.testing.assert_close(glu_decode(x[:, 0], gu, act, norm=norm), f(g) * u, rtol=1e-4, atol=1e-4)
 
 
 def test_bench_markdown_floor_table():
