@@ -1139,8 +1139,9 @@ def use_decode_attention(model, name):
 # flight (num_stages), nothing loaded before the wait. At that size the weights' streaming time
 # dwarfs a launch, so the prefetch has little left to hide.
 #
-# Three things around the product ride along, each a launch saved:
+# Four things around the product ride along, each a launch saved:
 #   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
+#   BIAS  a bias (Qwen2's q, k, v);
 #   RES   the residual add after it: y + h;
 #   ACT   the MLP's gate/up pair, act(x W_gate^T) * (x W_up^T), from one stored [W_gate; W_up]
 #         (as gdn.stack_projections does for a GDN layer's inputs): a program loads the same BN
@@ -1187,9 +1188,9 @@ if triton is not None:
         return (xn * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
 
     @triton.jit
-    def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, M, N, K, sx, sw, sy, sr, PREC: tl.constexpr,
+    def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, b_ptr, M, N, K, sx, sw, sy, sr, PREC: tl.constexpr,
                        BN: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr,
-                       ACT: tl.constexpr, PDL: tl.constexpr):
+                       BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         rm = tl.arange(0, 16)
         k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
@@ -1213,12 +1214,15 @@ if triton is not None:
         u = y
         if ACT >= 0:
             u = tl.dot(x1, tl.trans(u1), input_precision=PREC) + tl.dot(x2, tl.trans(u2), input_precision=PREC)
-        _linear_out(y, u, y_ptr, res_ptr, rm, rn, M, N, sy, sr, RES, ACT)
+        _linear_out(y, u, y_ptr, res_ptr, b_ptr, rm, rn, M, N, sy, sr, RES, BIAS, ACT)
 
     @triton.jit
-    def _linear_out(y, u, y_ptr, res_ptr, rm, rn, M, N, sy, sr, RES: tl.constexpr, ACT: tl.constexpr):
-        """Write the product tile y [16, BN] (fp32): act(y) * u first for the gate/up pair, the residual
-        added after rounding (as HF adds it)."""
+    def _linear_out(y, u, y_ptr, res_ptr, b_ptr, rm, rn, M, N, sy, sr, RES: tl.constexpr, BIAS: tl.constexpr,
+                    ACT: tl.constexpr):
+        """Write the product tile y [16, BN] (fp32): the bias added in fp32 (as cuBLAS's epilogue adds
+        it), act(y) * u for the gate/up pair, the residual added after rounding (as HF adds it)."""
+        if BIAS:
+            y += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         if ACT == 0:                              # SiLU
             y = y * tl.sigmoid(y) * u
         elif ACT == 1:                            # GELU, tanh form: tanh(y) = 2 sigmoid(2y) - 1
@@ -1231,9 +1235,9 @@ if triton is not None:
         tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=live)
 
     @triton.jit
-    def _linear_loop_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, M, N, K, sx, sw, sy, sr,
+    def _linear_loop_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, b_ptr, M, N, K, sx, sw, sy, sr,
                             PREC: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NORM: tl.constexpr,
-                            RES: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
+                            RES: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr, PDL: tl.constexpr):
         """_linear_kernel for a K too long to hold: W streamed BK columns at a time (the loads of the
         next blocks in flight while one is multiplied), with RMSNorm's 1/rms from a first pass over x
         (x is a few rows, read from L2)."""
@@ -1264,21 +1268,21 @@ if triton is not None:
             if ACT >= 0:
                 wu = tl.load(w_ptr + (N + rn)[:, None] * sw + rk[None, :], mask=live_n & live_k, other=0.0)
                 u += tl.dot(x, tl.trans(wu), input_precision=PREC)
-        _linear_out(y, u, y_ptr, res_ptr, rm, rn, M, N, sy, sr, RES, ACT)
+        _linear_out(y, u, y_ptr, res_ptr, b_ptr, rm, rn, M, N, sy, sr, RES, BIAS, ACT)
 
     @torch.library.custom_op(f"{OPS}::linear", mutates_args=())
     def _linear_op(x: torch.Tensor, w: torch.Tensor, nw: Optional[torch.Tensor], eps: float,
-                   res: Optional[torch.Tensor], act: int) -> torch.Tensor:
+                   res: Optional[torch.Tensor], b: Optional[torch.Tensor], act: int) -> torch.Tensor:
         M, K = x.shape
         halves = 2 if act >= 0 else 1                  # [W_gate; W_up] for the gate/up pair
         N = w.shape[0] // halves
         blocks = _linear_blocks(K, w.element_size(), halves)
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
-        args = (x, w, y, nw if nw is not None else x, eps, res if res is not None else x, M, N, K, x.stride(0),
-                w.stride(0), y.stride(0), res.stride(0) if res is not None else 0,
+        args = (x, w, y, nw if nw is not None else x, eps, res if res is not None else x, b if b is not None else x,
+                M, N, K, x.stride(0), w.stride(0), y.stride(0), res.stride(0) if res is not None else 0,
                 "ieee" if x.dtype == torch.float32 else "tf32")
-        flags = (nw is not None, res is not None, act, pdl)
+        flags = (nw is not None, res is not None, b is not None, act, pdl)
         if blocks is not None:
             BN, K1, K2 = blocks
             _linear_kernel[(triton.cdiv(N, BN),)](*args, BN, K1, K2, *flags, num_warps=4, num_stages=1,
@@ -1290,22 +1294,22 @@ if triton is not None:
         return y
 
     @_linear_op.register_fake
-    def _(x, w, nw, eps, res, act):
+    def _(x, w, nw, eps, res, b, act):
         return x.new_empty(x.shape[0], w.shape[0] // (2 if act >= 0 else 1))
 
 
-def _product(x, w, norm, residual, act):
+def _product(x, w, norm, residual, act, b=None):
     """x [..., K] through _linear_op where it takes it (a few rows, the kernels run, no autograd), else
     None."""
     rows = x.numel() // x.shape[-1]
     if not (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
-            and w.stride(-1) == 1):
+            and w.stride(-1) == 1 and (b is None or (b.dtype == w.dtype and b.stride(-1) == 1))):
         return None
     x2 = x.reshape(rows, x.shape[-1])
     nw, eps = (None, 0.0) if norm is None else (norm.weight, float(norm.variance_epsilon))
     res = None if residual is None else residual.reshape(rows, -1)
     y = _linear_op(x2 if x2.stride(-1) == 1 else x2.contiguous(), w, nw, eps,
-                   res if res is None or res.stride(-1) == 1 else res.contiguous(), act)
+                   res if res is None or res.stride(-1) == 1 else res.contiguous(), b, act)
     return y.view(*x.shape[:-1], -1)
 
 
@@ -1313,7 +1317,7 @@ def linear_decode(x, w, b=None, norm=None, residual=None):
     """residual + F.linear(norm(x), w, b) (norm: an RMSNorm module, Llama's form; norm and residual
     optional), one kernel when x is a few rows (decoding) where the decoding kernels run, else
     PyTorch's."""
-    y = _product(x, w, norm, residual, -1) if b is None else None
+    y = _product(x, w, norm, residual, -1, b)
     if y is None:
         y = torch.nn.functional.linear(x if norm is None else norm(x), w, b)
         y = y if residual is None else residual + y
@@ -1465,7 +1469,7 @@ def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_id
         return layer.hf_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                 **{layer.cache_arg: cache}, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
-    z = linear_decode(h, w_in, norm=layer.input_layernorm)
+    z = linear_decode(h, w_in, None if gdn else attn.qkv_bias, norm=layer.input_layernorm)
     if gdn:
         y = attn.step(z, state, cache, h)[:, None]
     else:
@@ -1496,8 +1500,7 @@ def use_decode_layers(model):
         if (None in norms or not all(hasattr(n, "variance_epsilon") for n in norms)
                 or hasattr(layer, "pre_feedforward_layernorm") or getattr(mlp, "gate_up", None) is None
                 or mlp.down_proj.bias is not None or attn.o_proj.bias is not None
-                or (not isinstance(attn, GatedDeltaNet) and (getattr(attn, "qkv_weight", None) is None
-                                                             or attn.qkv_bias is not None))):
+                or (not isinstance(attn, GatedDeltaNet) and getattr(attn, "qkv_weight", None) is None)):
             continue
         layer.cache_arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
         layer.hf_forward = layer.forward

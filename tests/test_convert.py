@@ -183,7 +183,7 @@ def static_decode(model, ids, prompt):
     return torch.cat(logits, 1)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_bench_decoding_equals_hf(family, monkeypatch):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
     stacked GDN inputs, the gate/up pair as one product, every other product through linear_decode,
@@ -209,14 +209,16 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     layered = [layer.forward.__func__ is convert._decode_layer_forward for layer in model.model.layers]
     assert all(layered) if family != "gemma3_text" else not any(layered)   # Gemma 3: four norms a layer
     folded, real = [], convert._linear_op
-    convert._linear_op = lambda x, w, nw, *rest: folded.append(nw is not None) or real(x, w, nw, *rest)
+    convert._linear_op = lambda x, w, nw, eps, res, b, act: (folded.append((nw is not None, b is not None))
+                                                             or real(x, w, nw, eps, res, b, act))
     try:
         got = static_decode(model, ids, 30)
     finally:
         convert._linear_op = real
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
-    assert any(folded) == (family != "gemma3_text")          # the layer path ran (norm in the product)
+    assert any(n for n, _ in folded) == (family != "gemma3_text")      # the layer path ran (norm in the product)
+    assert any(b for _, b in folded) == (family == "qwen2")            # Qwen2's q/k/v bias in the product
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -528,8 +530,8 @@ def test_chain_floor_on_the_gpu():
 def test_linear_decode_equals_linear():
     """linear_decode: a few rows through _linear_kernel (K split in two blocks: a power of two and a
     padded rest; 32 or 16 rows of W a program), or through _linear_loop_kernel for a K too long to
-    hold (fp32 K = 2000: 16 rows of W take 128 KB), equal F.linear; many rows, a bias, or autograd
-    go to PyTorch."""
+    hold (fp32 K = 2000: 16 rows of W take 128 KB), with or without a bias, equal F.linear; many rows
+    or autograd go to PyTorch."""
     import convert
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     calls = []
@@ -544,10 +546,14 @@ def test_linear_decode_equals_linear():
                                            rtol=1e-4, atol=1e-4)
         assert len(calls) == 7
         with torch.no_grad():
+            for K in (64, 2000):                                  # a bias, held whole and looped over K
+                x, w, b = torch.randn(2, K, device=dev), torch.randn(40, K, device=dev), torch.randn(40, device=dev)
+                torch.testing.assert_close(convert.linear_decode(x, w, b), torch.nn.functional.linear(x, w, b),
+                                           rtol=1e-4, atol=1e-4)
+            assert len(calls) == 9
             convert.linear_decode(torch.randn(17, 64, device=dev), torch.randn(8, 64, device=dev))
-            convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev), torch.zeros(8, device=dev))
         convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev))     # autograd on
-        assert len(calls) == 7
+        assert len(calls) == 9
     finally:
         convert._linear_op = real
 
