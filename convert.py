@@ -1128,16 +1128,19 @@ def use_decode_attention(model, name):
 # launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a CUDA-graph chain of
 # 120 products in SmolLM2's shapes with cold weights (a device script, not a result of the repo):
 # 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row (launch after
-# the loads). A program's rows of W are held on chip until x arrives, and x's 16 padded rows with
-# them: BN = 32 rows while W's tile takes at most LINEAR_TILE_BYTES, else 16, as long as the two
-# tiles together take at most LINEAR_HELD_BYTES (SmolLM2's K = 1536 in bf16: 48 + 48 KB).
+# the loads). A program's rows of W are held on chip until x arrives: BN = 32 rows while they take
+# at most LINEAR_TILE_BYTES, else 16.
 #
-# A longer K (a 1B model's 2048 and 8192) would not fit: held whole, its tiles spill to local
-# memory, and on an H100 Llama-3.2-1B's products then ran at a fraction of the bandwidth (batch 1 at
-# 32k: 8.4 ms a step against a bound of 1.17, results/inference_h100_llama1b_shape_before.md).
-# Those products loop over K instead (_linear_loop_kernel): BK columns at a time, a few blocks in
-# flight (num_stages), nothing loaded before the wait. At that size the weights' streaming time
-# dwarfs a launch, so the prefetch has little left to hide.
+# That pays while K is short. x's 16 padded rows are held too, and from K = 1536 (bf16) the two
+# tiles spill to local memory: on an H100 Llama-3.2-1B's products (K = 2048, 8192) ran at a fraction
+# of the bandwidth (batch 1 at 32k: 8.4 ms a step against a bound of 1.17,
+# results/inference_h100_llama1b_shape_before.md). So where x's rows would take more than
+# LINEAR_X_BYTES the product loops over K instead (_linear_loop_kernel): BK columns at a time, a few
+# blocks in flight (num_stages), nothing loaded before the wait. Timed on an H100 as CUDA-graph
+# sequences of one product with cold weights (a device script, not a result of the repo), at one
+# row: the loop beats holding at K = 1536 (SmolLM2's W_down 3.9 us against 6.1, Qwen2.5-1.5B's
+# W_o 4.7 against 6.9, its head 153 against 365) and loses at K = 576 (SmolLM2's gate/up pair
+# 4.1 against 2.1, its q/k/v and gate stack 4.3 against 2.0).
 #
 # Four things around the product ride along, each a launch saved:
 #   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
@@ -1148,20 +1151,19 @@ def use_decode_attention(model, name):
 #         rows of both halves and keeps both products in registers until act(g) * u is written,
 #         one launch where HF's MLP makes three (two products, then the activation).
 LINEAR_TILE_BYTES = 96 * 1024      # W's rows held whole by one program
-LINEAR_HELD_BYTES = 100 * 1024     # W's and x's tiles together
+LINEAR_X_BYTES = 40 * 1024         # x's 16 rows held whole alongside them (bf16: K up to 1024)
 LINEAR_LOOP_BYTES = 32 * 1024      # W's block per loop step (both halves), where K is looped over
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 
 def _linear_blocks(K, itemsize, halves=1):
     """_linear_kernel's (BN, K1, K2) for an inner dimension K: K = K1 + the rest, padded to K2 (powers
-    of two, at least 16); None where even 16 rows of W (of each half, for the gate/up pair) and x's 16
-    rows would not fit on chip (LINEAR_TILE_BYTES, LINEAR_HELD_BYTES): _linear_loop_kernel's K then."""
+    of two, at least 16); None where x's 16 rows would take more than LINEAR_X_BYTES, or even 16 rows
+    of W (of each half, for the gate/up pair) more than LINEAR_TILE_BYTES: _linear_loop_kernel's then."""
     k1 = max(16, 1 << (K.bit_length() - 1))
     k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
-    fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES
-            and (halves * bn + 16) * (k1 + k2) * itemsize <= LINEAR_HELD_BYTES]
-    return (fits[0], k1, k2) if fits else None
+    fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
+    return (fits[0], k1, k2) if fits and 16 * (k1 + k2) * itemsize <= LINEAR_X_BYTES else None
 
 
 def _linear_loop_blocks(w, halves):
