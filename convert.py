@@ -1131,16 +1131,15 @@ def use_decode_attention(model, name):
 # the loads). A program's rows of W are held on chip until x arrives: BN = 32 rows while they take
 # at most LINEAR_TILE_BYTES, else 16.
 #
-# That pays while K is short. x's 16 padded rows are held too, and from K = 1536 (bf16) the two
-# tiles spill to local memory: on an H100 Llama-3.2-1B's products (K = 2048, 8192) ran at a fraction
-# of the bandwidth (batch 1 at 32k: 8.4 ms a step against a bound of 1.17,
-# results/inference_h100_llama1b_shape_before.md). So where x's rows would take more than
-# LINEAR_X_BYTES the product loops over K instead (_linear_loop_kernel): BK columns at a time, a few
-# blocks in flight (num_stages), nothing loaded before the wait. Timed on an H100 as CUDA-graph
-# sequences of one product with cold weights (a device script, not a result of the repo), at one
-# row: the loop beats holding at K = 1536 (SmolLM2's W_down 3.9 us against 6.1, Qwen2.5-1.5B's
-# W_o 4.7 against 6.9, its head 153 against 365) and loses at K = 576 (SmolLM2's gate/up pair
-# 4.1 against 2.1, its q/k/v and gate stack 4.3 against 2.0).
+# That pays for small products, where a launch's latency is most of the time. x's 16 padded rows
+# are held too, and past K = 1024 (bf16) the two tiles spill to local memory: on an H100
+# Llama-3.2-1B's products (K = 2048, 8192) then ran at a fraction of the bandwidth (batch 1 at 32k:
+# 8.4 ms a step against a bound of 1.17, results/inference_h100_llama1b_shape_before.md), and
+# Qwen2.5-1.5B's at K = 1536 (2.42x its bound, results/inference_h100_qwen15b_shape_before.md). So
+# a product loops over K instead (_linear_loop_kernel: BK columns at a time, a few blocks in flight,
+# nothing loaded before the wait) where x's rows take more than LINEAR_X_BYTES, or past K = 1024
+# where W takes more than LINEAR_HELD_MAX. SmolLM2's W_down (K = 1536, 1.8 MB) stays held: looped,
+# its decoding steps took 0.07-0.13 ms longer at batch 1 (results/inference_h100_tried_looped_down).
 #
 # Four things around the product ride along, each a launch saved:
 #   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
@@ -1151,19 +1150,23 @@ def use_decode_attention(model, name):
 #         rows of both halves and keeps both products in registers until act(g) * u is written,
 #         one launch where HF's MLP makes three (two products, then the activation).
 LINEAR_TILE_BYTES = 96 * 1024      # W's rows held whole by one program
-LINEAR_X_BYTES = 40 * 1024         # x's 16 rows held whole alongside them (bf16: K up to 1024)
+LINEAR_X_BYTES = 48 * 1024         # x's 16 rows held whole alongside them (bf16: K up to 1536)
+LINEAR_HELD_MAX = 4 << 20          # past K = 1024, only a W of at most this many bytes is held
 LINEAR_LOOP_BYTES = 32 * 1024      # W's block per loop step (both halves), where K is looped over
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 
-def _linear_blocks(K, itemsize, halves=1):
-    """_linear_kernel's (BN, K1, K2) for an inner dimension K: K = K1 + the rest, padded to K2 (powers
-    of two, at least 16); None where x's 16 rows would take more than LINEAR_X_BYTES, or even 16 rows
-    of W (of each half, for the gate/up pair) more than LINEAR_TILE_BYTES: _linear_loop_kernel's then."""
+def _linear_blocks(N, K, itemsize, halves=1):
+    """_linear_kernel's (BN, K1, K2) for W [halves * N, K]: K = K1 + the rest, padded to K2 (powers of
+    two, at least 16); None where _linear_loop_kernel takes it (see above): x's 16 rows over
+    LINEAR_X_BYTES, even 16 rows of W (of each half) over LINEAR_TILE_BYTES, or K over 1024 and W
+    over LINEAR_HELD_MAX."""
     k1 = max(16, 1 << (K.bit_length() - 1))
     k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
     fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
-    return (fits[0], k1, k2) if fits and 16 * (k1 + k2) * itemsize <= LINEAR_X_BYTES else None
+    if not fits or 16 * (k1 + k2) * itemsize > LINEAR_X_BYTES or (K > 1024 and halves * N * K * itemsize > LINEAR_HELD_MAX):
+        return None
+    return fits[0], k1, k2
 
 
 def _linear_loop_blocks(w, halves):
@@ -1278,7 +1281,7 @@ if triton is not None:
         M, K = x.shape
         halves = 2 if act >= 0 else 1                  # [W_gate; W_up] for the gate/up pair
         N = w.shape[0] // halves
-        blocks = _linear_blocks(K, w.element_size(), halves)
+        blocks = _linear_blocks(N, K, w.element_size(), halves)
         y = x.new_empty(M, N)
         pdl = pdl_launch(x)
         args = (x, w, y, nw if nw is not None else x, eps, res if res is not None else x, b if b is not None else x,

@@ -538,7 +538,11 @@ def test_linear_decode_equals_linear():
     real = convert._linear_op
     convert._linear_op = lambda x, w, *rest: calls.append(x.shape) or real(x, w, *rest)
     try:
-        assert convert._linear_blocks(2000, 4) is None and convert._linear_blocks(576, 4) is not None
+        assert convert._linear_blocks(40, 2000, 4) is None and convert._linear_blocks(40, 576, 4) is not None
+        # bf16: held up to K = 1536 (x's rows 48 KB), past K = 1024 only a small W (SmolLM2's W_down,
+        # not Qwen2.5-1.5B's W_o); K = 2048 always looped
+        assert convert._linear_blocks(576, 1536, 2) == (32, 1024, 512) and convert._linear_blocks(1536, 1536, 2) is None
+        assert convert._linear_blocks(49152, 576, 2) is not None and convert._linear_blocks(64, 2048, 2) is None
         for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600), (2, 2000), (1, 5000)]:
             x, w = torch.randn(rows, 1, K, device=dev), torch.randn(40, K, device=dev)
             with torch.no_grad():
@@ -581,7 +585,7 @@ def test_decode_kernels_fold_rmsnorm_and_residual():
         torch.testing.assert_close(glu_decode(x[:, 0], gu, "gelu_pytorch_tanh", norm=norm),
                                    torch.nn.functional.gelu(g, approximate="tanh") * u, rtol=1e-4, atol=1e-4)
         # K = 1000 in fp32: 16 rows of each half take 128 KB, too many to hold: the looped kernel
-        assert convert._linear_blocks(1000, 4, 2) is None and convert._linear_blocks(1000, 4) is None
+        assert convert._linear_blocks(24, 1000, 4, 2) is None and convert._linear_blocks(40, 1000, 4) is None
         x, w, res = torch.randn(3, 1, 1000, device=dev) * 3, torch.randn(40, 1000, device=dev), torch.randn(3, 1, 40, device=dev)
         norm = LlamaRMSNorm(1000, eps=1e-5).to(dev)
         norm.weight.uniform_(0.5, 1.5)
