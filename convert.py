@@ -73,11 +73,16 @@ def default_teacher_path():
 
 
 # Shapes for throughput measurements without trained weights (--teacher random:NAME).
-# Llama-3.2-1B's published config, less its llama3 RoPE scaling (which changes no FLOP or byte).
+# Llama-3.2-1B's published config, less its llama3 RoPE scaling (which changes no FLOP or byte), and
+# Qwen2.5-1.5B's (the paper's teacher; q/k/v with biases, head dim 128).
 RANDOM_SHAPES = {"llama-3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192,
                                       num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                                       head_dim=64, vocab_size=128256, tie_word_embeddings=True,
-                                      rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072)}
+                                      rope_theta=500000.0, rms_norm_eps=1e-5, max_position_embeddings=131072),
+                 "qwen2.5-1.5b": dict(model_type="qwen2", hidden_size=1536, intermediate_size=8960,
+                                      num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                      vocab_size=151936, tie_word_embeddings=True, rope_theta=1000000.0,
+                                      rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False)}
 
 
 def random_teacher(what, device, dtype):
