@@ -56,12 +56,34 @@ def test_bad_shapes_are_named():
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_keep_every_layer_is_the_teacher(family):
+def test_convert_keeps_the_kept_layers_bitwise_and_converts_exactly_the_others(family):
+    """convert(teacher, kept): exactly the layers not kept become GatedDeltaNet; a kept layer (its
+    attention included) and everything outside the converted attention modules (embeddings, MLPs,
+    norms, LM head) are bitwise the teacher's; the teacher itself is left as it was. With every layer
+    kept the student's logits are exactly the teacher's. (Logits alone would not see a kept layer
+    re-initialised or one extra layer converted, once some layers are GDN.)"""
     teacher = tiny_model(family)
-    student, _ = convert(teacher, kept=list(range(4)))
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student, info = convert(teacher, kept=[1, 3])
+    assert sorted(gdn_modules(student)) == info["gdn_layers"] == [0, 2]
+    for i in (1, 3):
+        t, s = teacher.model.layers[i], student.model.layers[i]
+        assert type(s.self_attn) is type(t.self_attn)
+        t_sd, s_sd = t.state_dict(), s.state_dict()
+        assert t_sd.keys() == s_sd.keys() and all(torch.equal(s_sd[k], t_sd[k]) for k in t_sd), (family, i)
+    sd = student.state_dict()
+    converted = tuple(f"model.layers.{i}.self_attn." for i in (0, 2))
+    for k, v in before.items():
+        if not k.startswith(converted):
+            assert torch.equal(sd[k], v), (family, k)
+    assert not gdn_modules(teacher)                          # convert works on a copy
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+
+    every, _ = convert(teacher, kept=list(range(4)))
+    assert not gdn_modules(every)
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():
-        assert torch.equal(student(ids).logits, teacher(ids).logits)
+        assert torch.equal(every(ids).logits, teacher(ids).logits)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -192,6 +214,31 @@ def test_left_padded_batch_generates_like_single_prompts(family):
         both = model.generate(batch, attention_mask=mask, **kw)[:, 11:]
         alone = [model.generate(p, attention_mask=torch.ones_like(p), **kw)[:, p.shape[1]:] for p in (long, short)]
     assert torch.equal(both[0], alone[0][0]) and torch.equal(both[1], alone[1][0])
+
+
+def test_pads_after_a_prompt_leave_the_state_alone():
+    """A chunk whose first positions are pads, fed after a prompt (the state already holds something):
+    a pad must neither write (its input is zeroed) nor decay the state (g = 0 at a pad), so the real
+    tokens' logits and the final states equal feeding the chunk without its pads. Plain left padding
+    cannot see the decay (the state is still zero at the pads), hence the prompt first. Every layer
+    is GDN with no conv: no RoPE shift from the pads' positions, and no conv window that would see the
+    pads' zeros instead of the prompt's last inputs."""
+    from transformers import DynamicCache
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 1, 2, 3]).eval()
+    prompt, chunk = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 5))
+    padded = torch.cat([torch.full((2, 3), 7), chunk], 1)                   # pad id 7: not inert
+    mask = torch.cat([torch.ones(2, 7), torch.zeros(2, 3), torch.ones(2, 5)], 1).long()
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(prompt, past_key_values=cache, use_cache=True)
+        other = copy.deepcopy(cache)
+        assert all(S.abs().max() > 0 for S, _ in gdn.gdn_states(cache).values())
+        got = model(padded, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, 3:]
+        want = model(chunk, past_key_values=other, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i, (S, _) in gdn.gdn_states(cache).items():
+        torch.testing.assert_close(S, gdn.gdn_states(other)[i][0], rtol=1e-5, atol=1e-5)
 
 
 def test_static_cache_chunked_prefill_and_decode_equal_full_forward():

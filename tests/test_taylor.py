@@ -1,4 +1,5 @@
 """Tests of taylor_stats.py, calibrate.py and the layer policies: tiny random models, CPU, fast."""
+import copy
 import math
 import warnings
 
@@ -151,6 +152,27 @@ def test_phase2_result_is_in_the_student():
     got = calibrate.layer_mse(gdn_modules(student)[1], x, y)
     assert got == pytest.approx(p2["loss_after"], rel=1e-3)
     assert got < calibrate.layer_mse(gdn_modules(naive)[1], x, y)
+
+
+def test_phase2_keep_best_puts_the_best_parameters_back():
+    """keep_best with held-out rows (early stopping, as taylor-plus runs it): the held-out loss is
+    lowest a few steps in, so the best parameters are neither the first nor the last, and they must
+    be what the layer holds afterwards: its held-out and fit losses are the reported best ones, and
+    keep_best=0 leaves the last parameters, worse on the held-out row. (At the default learning
+    rates without held-out rows the fit loss falls to the last step, where keeping the best changes
+    nothing: test_phase2_result_is_in_the_student cannot see a skipped restore.)"""
+    teacher = tiny_model("llama")
+    stats = taylor_stats.collect_stats(teacher, calib(n=3), progress=False)
+    x, y = stats[1]["x"], stats[1]["y"]
+    naive = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
+    opts = {"steps": 30, "val_rows": 1, "lr_qkv": 1e-3, "lr_gates": 1e-2}
+    best, last = copy.deepcopy(naive), copy.deepcopy(naive)
+    out = calibrate.phase2(best, x, y, calibrate.resolve(opts))
+    calibrate.phase2(last, x, y, calibrate.resolve({**opts, "keep_best": 0}))
+    assert 0 < out["best_step"] < 30                           # the best is not the last: the test bites
+    assert calibrate.layer_mse(best, x[-1:], y[-1:]) == pytest.approx(out["val_loss_best"], rel=1e-4)
+    assert calibrate.layer_mse(best, x[:-1], y[:-1]) == pytest.approx(out["loss_after"], rel=1e-4)
+    assert calibrate.layer_mse(last, x[-1:], y[-1:]) > out["val_loss_best"] * 1.01
 
 
 def test_align_plus_trains_the_output_projection_and_align_only_does_not():
