@@ -1136,15 +1136,18 @@ def use_decode_attention(model, name):
 # the loads). A program's rows of W are held on chip until x arrives: BN = 32 rows while they take
 # at most LINEAR_TILE_BYTES, else 16.
 #
-# That pays for small products, where a launch's latency is most of the time. x's 16 padded rows
-# are held too, and past K = 1024 (bf16) the two tiles spill to local memory: on an H100
-# Llama-3.2-1B's products (K = 2048, 8192) then ran at a fraction of the bandwidth (batch 1 at 32k:
-# 8.4 ms a step against a bound of 1.17, results/inference_h100_llama1b_shape_before.md), and
-# Qwen2.5-1.5B's at K = 1536 (2.42x its bound, results/inference_h100_qwen15b_shape_before.md). So
-# a product loops over K instead (_linear_loop_kernel: BK columns at a time, a few blocks in flight,
-# nothing loaded before the wait) where x's rows take more than LINEAR_X_BYTES, or past K = 1024
-# where W takes more than LINEAR_HELD_MAX. SmolLM2's W_down (K = 1536, 1.8 MB) stays held: looped,
-# its decoding steps took 0.07-0.13 ms longer at batch 1 (results/inference_h100_tried_looped_down).
+# That pays for small products, where a launch's latency is most of the time. But x's 16 padded
+# rows are held too, and past K = 1024 (bf16) the two tiles spill to local memory. When every
+# product was held while its tiles fit (or else went to cuBLAS), Llama-3.2-1B's shape decoded at
+# 7-11x its bound on an H100 (q/k/v, W_o and the head held at K = 2048, spilling; W_down and the
+# gate/up pair in cuBLAS; results/inference_h100_llama1b_shape_before.md), and Qwen2.5-1.5B's at up
+# to 3x (K = 1536 held; results/inference_h100_qwen15b_shape_before.md). So in bf16 a product is held only for
+# K <= 1024, or K <= 1536 with W at most LINEAR_HELD_MAX, and otherwise loops over K
+# (_linear_loop_kernel: BK columns at a time, a few blocks in flight, nothing loaded before the
+# wait). The 4 MiB cut lies between SmolLM2's W_down (K = 1536, 1.7 MiB), which held is faster
+# (looped, its steps took 0.03-0.14 ms longer at batch 1 than the held runs live_kv and
+# compiled_sixth: results/inference_h100_tried_looped_down.md), and Qwen2.5-1.5B's q/k/v and W_o
+# (6 and 4.5 MiB), faster looped (measured together, with its head).
 #
 # Four things around the product ride along, each a launch saved:
 #   NORM  RMSNorm of x first (the whole row of x is loaded anyway): x r w_norm, 1/r = rms(x);
@@ -1156,17 +1159,19 @@ def use_decode_attention(model, name):
 #         one launch where HF's MLP makes three (two products, then the activation).
 LINEAR_TILE_BYTES = 96 * 1024      # W's rows held whole by one program
 LINEAR_X_BYTES = 48 * 1024         # x's 16 rows held whole alongside them (bf16: K up to 1536)
-LINEAR_HELD_MAX = 4 << 20          # past K = 1024, only a W of at most this many bytes is held
+LINEAR_HELD_MAX = 4 << 20          # past K = 1024, only a W of at most 4 MiB is held
 LINEAR_LOOP_BYTES = 32 * 1024      # W's block per loop step (both halves), where K is looped over
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 
 def _linear_blocks(N, K, itemsize, halves=1):
     """_linear_kernel's (BN, K1, K2) for W [halves * N, K]: K = K1 + the rest, padded to K2 (powers of
-    two, at least 16); None where _linear_loop_kernel takes it (see above): x's 16 rows over
-    LINEAR_X_BYTES, even 16 rows of W (of each half) over LINEAR_TILE_BYTES, or K over 1024 and W
-    over LINEAR_HELD_MAX."""
-    k1 = max(16, 1 << (K.bit_length() - 1))
+    two); None where _linear_loop_kernel takes it (see above): x's 16 rows over LINEAR_X_BYTES (then
+    16 rows of W would not fit LINEAR_TILE_BYTES either), K over 1024 with W over LINEAR_HELD_MAX, or
+    K under 16 (the K1 block is not masked)."""
+    if K < 16:
+        return None
+    k1 = 1 << (K.bit_length() - 1)
     k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
     fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
     if not fits or 16 * (k1 + k2) * itemsize > LINEAR_X_BYTES or (K > 1024 and halves * N * K * itemsize > LINEAR_HELD_MAX):
@@ -1176,7 +1181,8 @@ def _linear_blocks(N, K, itemsize, halves=1):
 
 def _linear_loop_blocks(w, halves):
     """_linear_loop_kernel's (BN, BK, stages): 32 rows of W, BK columns making LINEAR_LOOP_BYTES, and
-    up to 4 blocks of W and x in flight as far as shared memory holds them. Swept on an H100 over BN
+    up to 4 blocks of W and x in flight as far as shared memory holds them (less 16 KB for the
+    kernel's other buffers). Swept on an H100 over BN
     16-64, BK 128-512, 3-4 stages, 4-8 warps for Llama-3.2-1B's products in a CUDA graph, cold
     weights (a device script, not a result of the repo): W_down [2048, 8192] at one row 22.2 us with
     16 x 256 blocks, 14.5 with 32 x 512 (11.1 at the copy bandwidth), W_o 10.2 -> 5.8 (2.8), the
@@ -1185,7 +1191,7 @@ def _linear_loop_blocks(w, halves):
     BK = max(16, LINEAR_LOOP_BYTES // (halves * BN * size))
     props = torch.cuda.get_device_properties(w.device) if w.is_cuda else None
     smem = getattr(props, "shared_memory_per_block_optin", getattr(props, "shared_memory_per_block", 1 << 30))
-    return BN, BK, max(2, min(4, smem // ((halves * BN + 16) * BK * size)))
+    return BN, BK, max(1, min(4, (smem - 16 * 1024) // ((halves * BN + 16) * BK * size)))
 
 
 if triton is not None:
@@ -1221,7 +1227,7 @@ if triton is not None:
                           + tl.sum(x2.to(tl.float32) * x2.to(tl.float32), axis=1)) / K + eps)
             x1, x2 = _rms_scaled(x1, r, nw_ptr, k1, K), _rms_scaled(x2, r, nw_ptr, k2, K)
         y = tl.dot(x1, tl.trans(w1), input_precision=PREC) + tl.dot(x2, tl.trans(w2), input_precision=PREC)
-        u = y
+        u = y                                     # (read only with ACT)
         if ACT >= 0:
             u = tl.dot(x1, tl.trans(u1), input_precision=PREC) + tl.dot(x2, tl.trans(u2), input_precision=PREC)
         _linear_out(y, u, y_ptr, res_ptr, b_ptr, rm, rn, M, N, sy, sr, RES, BIAS, ACT)
@@ -1285,6 +1291,7 @@ if triton is not None:
                    res: Optional[torch.Tensor], b: Optional[torch.Tensor], act: int) -> torch.Tensor:
         M, K = x.shape
         halves = 2 if act >= 0 else 1                  # [W_gate; W_up] for the gate/up pair
+        assert b is None or act < 0, "a bias with the gate/up pair is not supported"
         N = w.shape[0] // halves
         blocks = _linear_blocks(N, K, w.element_size(), halves)
         y = x.new_empty(M, N)
@@ -1463,8 +1470,9 @@ def use_decode_qkv(model):
 # [W_o + residual add] [RMSNorm + gate/up] [W_down + residual add]. Compiled, HF's layer adds a
 # kernel for each RMSNorm with its residual add, and that kernel (inductor's) lets the next one
 # launch only after its own loads, so the product after it loads its weights late (pdl_launch).
-# Layers of another layout (Gemma 3's four norms, biases) keep HF's forward, and so does every call
-# that is not a decoding step on the kernels (prompts, training, autograd, weights moved).
+# Layers of another layout (Gemma 3's four norms, biases on W_o or W_down) keep HF's forward, and
+# so does every call that is not a decoding step on the kernels (prompts, training, autograd,
+# weights moved).
 
 def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
                           cache=None, use_cache=False, position_embeddings=None, **kwargs):

@@ -543,21 +543,21 @@ def test_linear_decode_equals_linear():
         # not Qwen2.5-1.5B's W_o); K = 2048 always looped
         assert convert._linear_blocks(576, 1536, 2) == (32, 1024, 512) and convert._linear_blocks(1536, 1536, 2) is None
         assert convert._linear_blocks(49152, 576, 2) is not None and convert._linear_blocks(64, 2048, 2) is None
-        for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600), (2, 2000), (1, 5000)]:
+        for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600), (2, 2000), (1, 5000), (2, 5)]:
             x, w = torch.randn(rows, 1, K, device=dev), torch.randn(40, K, device=dev)
             with torch.no_grad():
                 torch.testing.assert_close(convert.linear_decode(x, w), torch.nn.functional.linear(x, w),
                                            rtol=1e-4, atol=1e-4)
-        assert len(calls) == 7
+        assert len(calls) == 8 and convert._linear_blocks(40, 5, 4) is None      # K < 16: looped
         with torch.no_grad():
             for K in (64, 2000):                                  # a bias, held whole and looped over K
                 x, w, b = torch.randn(2, K, device=dev), torch.randn(40, K, device=dev), torch.randn(40, device=dev)
                 torch.testing.assert_close(convert.linear_decode(x, w, b), torch.nn.functional.linear(x, w, b),
                                            rtol=1e-4, atol=1e-4)
-            assert len(calls) == 9
+            assert len(calls) == 10
             convert.linear_decode(torch.randn(17, 64, device=dev), torch.randn(8, 64, device=dev))
         convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev))     # autograd on
-        assert len(calls) == 9
+        assert len(calls) == 10
     finally:
         convert._linear_op = real
 
@@ -584,7 +584,7 @@ def test_decode_kernels_fold_rmsnorm_and_residual():
                                    rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(glu_decode(x[:, 0], gu, "gelu_pytorch_tanh", norm=norm),
                                    torch.nn.functional.gelu(g, approximate="tanh") * u, rtol=1e-4, atol=1e-4)
-        # K = 1000 in fp32: 16 rows of each half take 128 KB, too many to hold: the looped kernel
+        # K = 1000 in fp32: x's 16 rows take 64 KB, too many to hold: the looped kernel
         assert convert._linear_blocks(24, 1000, 4, 2) is None and convert._linear_blocks(40, 1000, 4) is None
         x, w, res = torch.randn(3, 1, 1000, device=dev) * 3, torch.randn(40, 1000, device=dev), torch.randn(3, 1, 40, device=dev)
         norm = LlamaRMSNorm(1000, eps=1e-5).to(dev)
