@@ -1141,8 +1141,8 @@ def use_decode_attention(model, name):
 # product was held while its tiles fit (or else went to cuBLAS), Llama-3.2-1B's shape decoded at
 # 7-11x its bound on an H100 (q/k/v, W_o and the head held at K = 2048, spilling; W_down and the
 # gate/up pair in cuBLAS; results/inference_h100_llama1b_shape_before.md), and Qwen2.5-1.5B's at up
-# to 3x (K = 1536 held; results/inference_h100_qwen15b_shape_before.md). So in bf16 a product is held only for
-# K <= 1024, or K <= 1536 with W at most LINEAR_HELD_MAX, and otherwise loops over K
+# to 3x (K = 1536 held; results/inference_h100_qwen15b_shape_before.md). So in bf16 a product is
+# held only for K <= 1024, or K <= 1536 with W at most LINEAR_HELD_MAX, and otherwise loops over K
 # (_linear_loop_kernel: BK columns at a time, a few blocks in flight, nothing loaded before the
 # wait). The 4 MiB cut lies between SmolLM2's W_down (K = 1536, 1.7 MiB), which held is faster
 # (looped, its steps took 0.03-0.14 ms longer at batch 1 than the held runs live_kv and
@@ -1166,9 +1166,9 @@ GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activatio
 
 def _linear_blocks(N, K, itemsize, halves=1):
     """_linear_kernel's (BN, K1, K2) for W [halves * N, K]: K = K1 + the rest, padded to K2 (powers of
-    two); None where _linear_loop_kernel takes it (see above): x's 16 rows over LINEAR_X_BYTES (then
-    16 rows of W would not fit LINEAR_TILE_BYTES either), K over 1024 with W over LINEAR_HELD_MAX, or
-    K under 16 (the K1 block is not masked)."""
+    two); None where _linear_loop_kernel takes it (see above): K under 16 (the K1 block is not
+    masked), x's 16 rows over LINEAR_X_BYTES, or K over 1024 with W over LINEAR_HELD_MAX. (Where x's
+    rows fit, 16 rows of W, of each half, fit LINEAR_TILE_BYTES.)"""
     if K < 16:
         return None
     k1 = 1 << (K.bit_length() - 1)
@@ -1182,11 +1182,10 @@ def _linear_blocks(N, K, itemsize, halves=1):
 def _linear_loop_blocks(w, halves):
     """_linear_loop_kernel's (BN, BK, stages): 32 rows of W, BK columns making LINEAR_LOOP_BYTES, and
     up to 4 blocks of W and x in flight as far as shared memory holds them (less 16 KB for the
-    kernel's other buffers). Swept on an H100 over BN
-    16-64, BK 128-512, 3-4 stages, 4-8 warps for Llama-3.2-1B's products in a CUDA graph, cold
-    weights (a device script, not a result of the repo): W_down [2048, 8192] at one row 22.2 us with
-    16 x 256 blocks, 14.5 with 32 x 512 (11.1 at the copy bandwidth), W_o 10.2 -> 5.8 (2.8), the
-    gate/up pair 32.5 -> 25.1 with 32 x 256 (22.2)."""
+    kernel's other buffers). Swept on an H100 over BN 16-64, BK 128-512, 3-4 stages, 4-8 warps for
+    Llama-3.2-1B's products in a CUDA graph, cold weights (a device script, not a result of the
+    repo): W_down [2048, 8192] at one row 22.2 us with 16 x 256 blocks, 14.5 with 32 x 512 (11.1 at
+    the copy bandwidth), W_o 10.2 -> 5.8 (2.8), the gate/up pair 32.5 -> 25.1 with 32 x 256 (22.2)."""
     BN, size = 32, w.element_size()
     BK = max(16, LINEAR_LOOP_BYTES // (halves * BN * size))
     props = torch.cuda.get_device_properties(w.device) if w.is_cuda else None
