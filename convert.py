@@ -1411,14 +1411,19 @@ def use_decode_mlp(model):
 def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attention_mask=None,
                          past_key_values=None, cache=None, **kwargs):
     cache = cache if cache is not None else past_key_values      # (transformers renamed the argument)
-    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
-    stacked = torch.compiler.is_compiling() or views_of(attn.qkv_weight, [lin.weight for lin in lins])
-    if attn.training or not stacked:
+    if attn.training or not (torch.compiler.is_compiling() or _qkv_current(attn)):
         return attn.hf_forward(hidden_states, position_embeddings=position_embeddings,   # (weights moved)
                                attention_mask=attention_mask, **{attn.cache_arg: cache}, **kwargs)
     z = linear_decode(hidden_states, attn.qkv_weight, attn.qkv_bias)
     out, weights = _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs)
     return attn.o_proj(out), weights
+
+
+def _qkv_current(attn):
+    """True while the stacked q/k/v weight and bias are still what the three Linears hold (views_of)."""
+    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+    return views_of(attn.qkv_weight, [lin.weight for lin in lins]) and (
+        attn.qkv_bias is None or views_of(attn.qkv_bias, [lin.bias for lin in lins]))
 
 
 def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs):
@@ -1500,9 +1505,9 @@ def _stacks_current(layer):
     """True while the layer's stacked weights are still what its Linears hold (views_of)."""
     from gdn import GatedDeltaNet
     attn, mlp = layer.self_attn, layer.mlp
-    lins = list(attn.inputs().values()) if isinstance(attn, GatedDeltaNet) else [attn.q_proj, attn.k_proj, attn.v_proj]
-    w_in = attn.stacked if isinstance(attn, GatedDeltaNet) else attn.qkv_weight
-    return views_of(w_in, [lin.weight for lin in lins]) and views_of(mlp.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight])
+    inputs = (views_of(attn.stacked, [lin.weight for lin in attn.inputs().values()])
+              if isinstance(attn, GatedDeltaNet) else _qkv_current(attn))
+    return inputs and views_of(mlp.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight])
 
 
 def use_decode_layers(model):

@@ -289,6 +289,25 @@ def test_decode_qkv_equals_hf_attention(family):
         assert calls
 
 
+def test_decode_qkv_sees_a_bias_given_new_storage():
+    """A q/k/v bias given storage of its own after stacking (an edit, a load) is no longer what the
+    stacked bias holds: the stacked forward and the five-kernel layer both hand over to HF's, which
+    reads the Linears' own (new) bias."""
+    import copy
+    from convert import use_decode_layers, use_decode_mlp, use_decode_qkv
+    from gdn import decoder_layers
+    model = tiny_model("qwen2")
+    plain = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 14))
+    for switches in ([use_decode_qkv], [use_decode_mlp, use_decode_layers]):
+        for switch in switches:
+            switch(model)
+        for m in (model, plain):
+            q = decoder_layers(m)[0].self_attn.q_proj
+            q.bias.data = q.bias.data + 0.5
+        torch.testing.assert_close(static_decode(model, ids, 12), static_decode(plain, ids, 12), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before Python starts)")
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
