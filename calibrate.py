@@ -703,7 +703,7 @@ def main(argv=None):
                 phase1(gdn, fit[i], o)
             start = layer_mse(gdn, held[i]["x"], held[i]["y"])
             r = phase2(gdn, fit[i]["x"], fit[i]["y"], o, desc=f"{label} layer {i}") if do2 and o["steps"] else {}
-            rows.append({"variant": label, "layer": i, "held_mse_start": start, "fit_mse_end": r.get("loss_after"),
+            rows.append({"variant": label, "layer": i, "seed": o["seed"], "held_mse_start": start, "fit_mse_end": r.get("loss_after"),
                          "held_mse_end": layer_mse(gdn, held[i]["x"], held[i]["y"]),
                          "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds")})
             print(f"{label:50s} layer {i:2d}  held-out MSE start {start:.4f} -> end {rows[-1]['held_mse_end']:.4f}"
@@ -722,8 +722,10 @@ def main(argv=None):
         md.append(f"| {label} | " + " | ".join(cells) + " |")
     md.append("| zero output | " + " | ".join(f"{next(r for r in rows if r['layer'] == i)['held_zero_output']:.4f}"
                                             for i in layers) + " |")
+    seeds = sorted({r["seed"] for r in rows})          # each variant's own (an option like any other)
     distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
-                                            "calib_data": args.calib_data, **distill.run_info(OPTIONS["seed"][0])})
+                                            "calib_data": args.calib_data,
+                                            **distill.run_info(seeds[0] if len(seeds) == 1 else seeds)})
     distill.write_atomic(args.out + ".md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

@@ -85,18 +85,27 @@ RANDOM_SHAPES = {"llama-3.2-1b": dict(model_type="llama", hidden_size=2048, inte
                                       rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False)}
 
 
-def random_teacher(what, device, dtype):
+def random_teacher(what, device, dtype, tokenizer=True):
     """'random:NAME' (a shape of RANDOM_SHAPES, with the default teacher's tokenizer) or 'random:FOLDER'
     (an HF folder with config.json and a tokenizer, no weights needed): weights drawn from a fixed
-    seed, so the same spec gives the same model every time. For speed measurements only."""
+    seed, so the same spec gives the same model every time. For speed measurements only.
+    tokenizer=False: none is loaded (None; --bench feeds random ids), so neither the default
+    teacher's package nor a folder's tokenizer files are needed."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    tok = None
     if what in RANDOM_SHAPES:
         shape = dict(RANDOM_SHAPES[what])
         config = AutoConfig.for_model(shape.pop("model_type"), **shape)
-        folder, name = os.path.split(default_teacher_path())
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        if tokenizer:
+            folder, name = os.path.split(default_teacher_path())
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     elif os.path.isfile(os.path.join(what, "config.json")):
-        config, tokenizer = AutoConfig.from_pretrained(what), AutoTokenizer.from_pretrained(what)
+        config = AutoConfig.from_pretrained(what)
+        try:
+            tok = AutoTokenizer.from_pretrained(what) if tokenizer else None
+        except (OSError, ValueError) as e:
+            raise ValueError(f"random teacher '{what}': no tokenizer there ({type(e).__name__}); a conversion "
+                             f"tokenizes text, so the folder needs one (--bench needs none)") from None
     else:
         raise ValueError(f"random teacher '{what}': not a shape ({', '.join(RANDOM_SHAPES)}) nor a folder "
                          f"with a config.json")
@@ -104,15 +113,15 @@ def random_teacher(what, device, dtype):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, f"random:{what} (random weights, seed 0)"
+    return model.to(device=device, dtype=dtype).eval(), tok, f"random:{what} (random weights, seed 0)"
 
 
-def load_teacher(spec, device="cpu", dtype=torch.float32):
+def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
     """(model, tokenizer, description). spec: 'default', a .gguf file, a local HF folder, a hub id, or
-    random:SHAPE_OR_FOLDER (random weights, for speed measurements)."""
+    random:SHAPE_OR_FOLDER (random weights, for speed measurements; tokenizer=False loads none)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if spec.startswith("random:"):
-        return random_teacher(spec[len("random:"):], device, dtype)
+        return random_teacher(spec[len("random:"):], device, dtype, tokenizer)
     described = teacher_spec(spec)                     # local paths absolute: keys and records name the file
     if spec == "default":
         spec = default_teacher_path()
@@ -140,20 +149,38 @@ def load_teacher(spec, device="cpu", dtype=torch.float32):
         if is_path and not os.path.isdir(spec):
             raise ValueError(f"teacher '{spec}' does not exist (give a HF model folder, a .gguf file, "
                              f"a hub id, or 'default')")
+        offline = not is_path and not hub_reachable()     # then only the local cache, not ~25 s of retries
         try:
-            config = AutoConfig.from_pretrained(spec)
+            config = AutoConfig.from_pretrained(spec, local_files_only=offline)
         except Exception as e:
-            where = "folder" if is_path else "hub id (the hub may be unreachable offline)"
-            raise ValueError(f"could not load teacher {where} '{spec}': {type(e).__name__}: "
-                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
+            if offline:
+                raise ValueError(f"teacher '{spec}': a hub id, not in the local cache, and the hub is unreachable "
+                                 f"(offline?): give a local HF folder, a .gguf file, or 'default'") from None
+            raise ValueError(f"could not load teacher {'folder' if is_path else 'hub id'} '{spec}': "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
         check_family(config, spec)
         try:
-            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(spec)
+            model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
         except OSError as e:                            # a config without weights or tokenizer
             raise ValueError(f"could not load teacher '{spec}': {str(e).splitlines()[0]} (for random weights "
                              f"in its shape, pass random:{spec})") from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer, described
+
+
+def hub_reachable(timeout=3.0):
+    """Whether the model hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout`
+    seconds, unless HF_HUB_OFFLINE says not to try."""
+    import socket
+    import urllib.parse
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def teacher_spec(spec):
@@ -1737,7 +1764,7 @@ def run_bench(args):
         raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
-    teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
+    teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype), tokenizer=False)
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
     for keep in keeps:

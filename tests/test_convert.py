@@ -395,6 +395,20 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     assert (tmp_path / "bench.md").exists()
 
 
+def test_bench_random_folder_needs_no_tokenizer(tmp_path, capsys):
+    """--bench feeds random ids: a random:FOLDER teacher with only a config.json benches (no tokenizer
+    files, no GGUF package), while a conversion from it, which tokenizes text, says what is missing."""
+    from conftest import tiny_config
+    folder = tmp_path / "shape"
+    tiny_config("llama").save_pretrained(folder)
+    code, io = run(["--bench", "--teacher", f"random:{folder}", "--keeps", "1/2", "--contexts", "32", "--batches", "1",
+                    "--decode-steps", "1", "--results", str(tmp_path / "bench")], capsys)
+    assert code == 0, io.err
+    assert "random weights" in json.loads((tmp_path / "bench.json").read_text())["teacher"]
+    with pytest.raises(ValueError, match="no tokenizer there"):
+        load_teacher(f"random:{folder}")
+
+
 def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypatch):
     """A context too large for the GPU: a clear message naming the largest that fit, a row saying
     so, the larger contexts of that (model, batch) skipped, and the table still written."""
@@ -648,3 +662,16 @@ def test_barrier_floor_on_the_gpu():
     (it checks the counter itself)."""
     from convert import barrier_floor
     assert 1e-7 < barrier_floor("cuda", barriers=50, reps=5) < 5e-5
+
+
+def test_hub_id_offline_fails_at_once(monkeypatch):
+    """An uncached hub id with the hub out of reach: a message saying so, from the local cache alone
+    (no network retries; HF_HUB_OFFLINE is honoured the same way)."""
+    import time
+    import convert as cv
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert not cv.hub_reachable()
+    t0 = time.time()
+    with pytest.raises(ValueError, match="not in the local cache, and the hub is unreachable"):
+        load_teacher("no-such-org/no-such-model-3f9c")
+    assert time.time() - t0 < 10

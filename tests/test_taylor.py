@@ -361,3 +361,18 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     other = [a if a != "64" else "48" for a in base]
     assert convert.main(other + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
     assert "another window" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+
+
+def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
+    """calibrate.py's per-layer ablation: a row per (variant, layer), each with the seed its variant
+    ran with, and the record's seed the set of them (not the option's default)."""
+    import json
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 60)
+    out = tmp_path / "ablation"
+    assert calibrate.main(["--teacher", teacher_dir, "--layers", "1", "--calib-data", str(text), "--calib-seqs", "1",
+                           "--calib-len", "32", "--variants", "taylor-phase1", "taylor-phase1:seed=3",
+                           "--out", str(out)]) == 0
+    r = json.loads((tmp_path / "ablation.json").read_text())
+    assert [(row["variant"], row["seed"]) for row in r["rows"]] == [("taylor-phase1", 0), ("taylor-phase1:seed=3", 3)]
+    assert r["seed"] == [0, 3] and (tmp_path / "ablation.md").exists()
