@@ -409,6 +409,23 @@ def test_bench_random_folder_needs_no_tokenizer(tmp_path, capsys):
         load_teacher(f"random:{folder}")
 
 
+def test_random_shape_without_the_default_teacher(monkeypatch):
+    """random:NAME takes the default teacher's tokenizer only where one is asked for: without the
+    package (a GPU box), a shape still loads for --bench."""
+    import convert as cv
+
+    def missing():
+        raise ValueError("no default teacher here")
+    monkeypatch.setattr(cv, "default_teacher_path", missing)
+    monkeypatch.setitem(cv.RANDOM_SHAPES, "tiny", dict(model_type="llama", hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=2, num_attention_heads=2,
+                                                        num_key_value_heads=1, vocab_size=64))
+    model, tok, what = load_teacher("random:tiny", tokenizer=False)
+    assert tok is None and model.config.num_hidden_layers == 2 and "random weights" in what
+    with pytest.raises(ValueError, match="no default teacher here"):
+        load_teacher("random:tiny")
+
+
 def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypatch):
     """A context too large for the GPU: a clear message naming the largest that fit, a row saying
     so, the larger contexts of that (model, batch) skipped, and the table still written."""
