@@ -680,6 +680,10 @@ def main(argv=None):
             if name not in INIT_PHASES:
                 raise ValueError(f"variant '{v}': init must be one of {', '.join(INIT_PHASES)}")
             variants.append((v, name, parse_opts(pairs)))
+        student_fed = [v for v, name, opts in variants if resolve(opts, PRESETS.get(name))["phase2_input"] != "teacher"]
+        if student_fed:
+            raise ValueError(f"variant(s) {', '.join(student_fed)}: this ablation fits each layer alone on the teacher's "
+                             f"inputs; phase2_input=student needs the layers before it converted (convert.py --table)")
         floors = {resolve(opts, PRESETS.get(name))["dist_floor"] for _, name, opts in variants}
         if len(floors) > 1:
             raise ValueError(f"the variants share one teacher pass, so one dist_floor (got {sorted(floors)})")

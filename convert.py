@@ -525,6 +525,10 @@ def parse_args(argv):
                         ("conv_size", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least} (got {getattr(args, name)})")
+    if (args.calib_data and args.eval_data and not args.bench and os.path.exists(args.calib_data)
+            and os.path.exists(args.eval_data) and os.path.samefile(args.calib_data, args.eval_data)):
+        p.error(f"--calib-data and --eval-data are the same file ('{args.eval_data}'): the init would be fitted "
+                f"to the text its perplexity is measured on (METHOD section 3); give another split")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
@@ -579,8 +583,11 @@ def run_convert(args):
         if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
             student = from_bank(teacher, kept, bank[0], args.conv_size)
             student.config.hybrid["init"] = args.init
-            info = {"init": args.init, "kept_layers": kept, "gdn_layers": [i for i in range(n) if i not in kept],
-                    "init_seconds": time.time() - t0, "init_info": bank[1]}
+            gdn_layers = [i for i in range(n) if i not in kept]
+            ii = {k: ({i: v[i] for i in gdn_layers if i in v} if k in ("layers", "stats") else v)   # the bank's
+                  for k, v in bank[1].items()}                                                  # converted layers
+            info = {"init": args.init, "kept_layers": kept, "gdn_layers": gdn_layers,
+                    "init_seconds": time.time() - t0, "init_info": ii}
         else:
             student, info = convert(teacher, kept, args.init, calib, args.conv_size, args.seed,
                                     {**init_opts, "_stats": stats})
@@ -666,8 +673,8 @@ def run_table(args):
     once per layer into a bank (layer_bank); each cell and each GA-S2 probe is assembled from it.
     A cell's init time is then what that cell's own conversion costs: the shared teacher pass plus
     the bank's per-layer times of the cell's GDN layers. Other inits run once per cell. GA-S2 probes
-    use the same init as the cell when it is layer-wise, else taylor with the same --init-opt options
-    (recorded per cell as probe_init). Scores go to --scores (default: --results + '_scores.json')."""
+    use the cell's own init (recorded per cell as probe_init), so with ga-s2 every init must be
+    layer-wise. Scores go to --scores (default: --results + '_scores.json')."""
     from tqdm import tqdm
     from taylor_stats import collect_stats
     keeps = [parse_keep(k) for k in args.keeps.split(",")]
@@ -683,7 +690,8 @@ def run_table(args):
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
     if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
         raise ValueError("--policies ga-s2 probes each layer with the cell's own init, which must be layer-wise; "
-                         "under these --init-opt options (phase2_input=student) none is")
+                         f"under these --init-opt options (phase2_input=student) these are not: "
+                         f"{', '.join(i for i in inits if not layerwise(i, init_opts))}")
     old = None
     if args.append and os.path.exists(args.results + ".json"):
         import json

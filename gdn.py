@@ -373,11 +373,16 @@ def gdn_from_attention(attn, layer_idx, conv_size=0, norm_eps=1e-6):
         gdn.o_proj.weight.copy_(attn.o_proj.weight)
         if attn.o_proj.bias is not None:
             gdn.o_proj.bias.copy_(attn.o_proj.bias)
-    dropped = [n for n in ("q_norm", "k_norm") if getattr(attn, n, None) is not None]
-    dropped += [f"{n}.bias" for n in ("q_proj", "k_proj", "v_proj") if getattr(attn, n).bias is not None]
-    if dropped:
-        log.info("layer %d: teacher %s have no place in GDN and are dropped", layer_idx, ", ".join(dropped))
     return gdn
+
+
+def dropped_weights(attn):
+    """The teacher attention's weights a GDN layer has no place for (q/k norms, q/k/v biases)."""
+    dropped = [n for n in ("q_norm", "k_norm") if getattr(attn, n, None) is not None]
+    return dropped + [f"{n}.bias" for n in ("q_proj", "k_proj", "v_proj") if getattr(attn, n).bias is not None]
+
+
+_said = set()       # hybridize's warnings, once per process (GA-S2 builds one hybrid per layer)
 
 
 def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6):
@@ -388,6 +393,11 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6):
     bad = [i for i in gdn_layers if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    dropped = sorted({n for i in gdn_layers for n in dropped_weights(layers[i].self_attn)})
+    msg = f"teacher {', '.join(dropped)} have no place in GDN: dropped in the converted layers"
+    if dropped and msg not in _said:
+        _said.add(msg)
+        log.warning(msg)
     for i in gdn_layers:
         layers[i].self_attn = gdn_from_attention(layers[i].self_attn, i, conv_size, norm_eps)
     model.config.hybrid = {"gdn_layers": gdn_layers, "conv_size": conv_size, "norm_eps": norm_eps}

@@ -399,3 +399,18 @@ def test_cache_operations_move_the_gdn_states():
     with torch.no_grad():
         logp = torch.log_softmax(m(seq).logits[0, 9:-1].float(), -1).gather(-1, seq[0, 10:, None]).sum()
     assert abs(out.sequences_scores.item() - logp.item()) < 1e-4
+
+
+def test_dropped_teacher_weights_said_once(caplog):
+    """Qwen2's q/k/v biases and Qwen3's q/k norms have no place in GDN: hybridize says so in a
+    warning (shown without any logging set-up), once per process however many hybrids are built."""
+    import logging
+    gdn._said.clear()
+    with caplog.at_level(logging.WARNING, logger="gdn"):
+        hybridize(tiny_model("qwen2"), [1, 2])
+        hybridize(tiny_model("qwen2"), [3])
+        hybridize(tiny_model("qwen3"), [1])
+        hybridize(tiny_model("llama"), [1])
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["teacher k_proj.bias, q_proj.bias, v_proj.bias have no place in GDN: dropped in the converted layers",
+                    "teacher k_norm, q_norm have no place in GDN: dropped in the converted layers"]

@@ -303,10 +303,11 @@ def test_policy_bad_input():
 
 
 def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
-    text = tmp_path / "calib.txt"
+    text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    held.write_text("A slow red hen walks under the busy cat. " * 400)
     scores = tmp_path / "scores.json"
-    base = ["--teacher", teacher_dir, "--keep", "1/2", "--calib-data", str(text), "--eval-data", str(text),
+    base = ["--teacher", teacher_dir, "--keep", "1/2", "--calib-data", str(text), "--eval-data", str(held),
             "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "2", "--no-sample",
             "--scores", str(scores)]
     for policy in ("ar", "ga-s2"):
@@ -317,6 +318,8 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     rec = json.loads((tmp_path / "ga-s2" / "conversion.json").read_text())
     assert rec["policy"]["name"] == "ga-s2" and len(rec["policy"]["scores"]) == 4
     assert "stats" in rec["init_info"] and "layers" in rec["init_info"]
+    gdn_layers = [str(i) for i in rec["gdn_layers"]]                # the bank's record, of these layers only
+    assert sorted(rec["init_info"]["layers"]) == sorted(rec["init_info"]["stats"]) == gdn_layers
     assert convert.main(base + ["--policy", "ar", "--init", "naive", "--out", str(tmp_path / "again")]) == 0
     assert json.loads(scores.read_text()) == cached       # reused, nothing new computed
 
@@ -331,22 +334,29 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--table", "--keeps", "1/4,2"], "the table takes fractions"),
     (["--table", "--policies", "ga-s2", "--init-opt", "phase2_input=student"], "must be layer-wise"),
     (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
+    (["--calib-data", "EVAL"], "are the same file"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
-    text = tmp_path / "t.txt"
+    text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
     text.write_text("Some text for the test. " * 300)
+    calib.write_text("Other words to fit the init. " * 300)
     out = tmp_path / "out"
-    code = convert.main(["--teacher", teacher_dir, "--eval-data", str(text), "--calib-data", str(text),
-                         "--window", "64", "--no-sample", "--out", str(out)] + argv)
+    argv = [str(text) if a == "EVAL" else a for a in argv]
+    try:
+        code = convert.main(["--teacher", teacher_dir, "--eval-data", str(text), "--calib-data", str(calib),
+                             "--window", "64", "--no-sample", "--out", str(out)] + argv)
+    except SystemExit as e:                                         # refused while parsing the arguments
+        code = e.code
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
 
 
 def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
-    text = tmp_path / "t.txt"
+    text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
     text.write_text("Another sentence, for the table test. " * 400)
+    calib.write_text("A different sentence, to fit the inits. " * 400)
     stem = str(tmp_path / "zs")
-    base = ["--teacher", teacher_dir, "--table", "--keeps", "1/2", "--eval-data", str(text), "--calib-data", str(text),
+    base = ["--teacher", teacher_dir, "--table", "--keeps", "1/2", "--eval-data", str(text), "--calib-data", str(calib),
             "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "1", "--results", stem,
             "--init-opt", "steps=5"]
     assert convert.main(base + ["--policies", "uniform,ar", "--inits", "naive,taylor"]) == 0
@@ -376,3 +386,8 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     r = json.loads((tmp_path / "ablation.json").read_text())
     assert [(row["variant"], row["seed"]) for row in r["rows"]] == [("taylor-phase1", 0), ("taylor-phase1:seed=3", 3)]
     assert r["seed"] == [0, 3] and (tmp_path / "ablation.md").exists()
+    # Fitting on the student's own inputs needs the layers before converted: not this ablation's.
+    other = tmp_path / "other"
+    assert calibrate.main(["--teacher", teacher_dir, "--layers", "1", "--calib-data", str(text), "--variants",
+                           "taylor:phase2_input=student", "--out", str(other)]) == 2
+    assert not (tmp_path / "other.json").exists()
