@@ -37,7 +37,10 @@ Phase 1, for a layer with heads h (closed form, no gradient):
      tokens stays near 0, so beta stays near 0.5 whatever beta_h says. write_gate=fit (ours) instead
      solves a ridge least squares for a W_b[h] with W_b[h] x_t ~ logit(beta_h) on every calibration
      token: the normalised hidden states have a large shared mean component, so a bias-free
-     projection can carry a constant.
+     projection can carry a constant -- and then carries little else (beta ~ beta_h on every token).
+     write_gate=bias is METHOD's "obvious alternative": W_b keeps its random init (token-dependent,
+     small) and a bias b_b[h] = logit(beta_h) centres beta at beta_h. It is the one option that adds a
+     parameter: the hybrid is built with a bias on W_b (gdn.hybridize(..., beta_bias=True)).
 
   3. Value scale. Run the exact GDN recurrence with these gates: per-head readout G_h [N, L, D]
      (o = S^T q / sqrt(D), before the norm). The least-squares scale against the teacher context,
@@ -130,7 +133,7 @@ OPTIONS = {
     # Phase 1, step 2
     "beta_min": (0.3, "write strength of the layer's most diffuse head"),
     "beta_span": (0.4, "beta_h = beta_min + beta_span * c_h: the sharpest head writes with 0.7"),
-    "write_gate": ("rescale", "rescale (reference: row rescaling of W_b) or fit (ours: ridge fit so W_b x ~ logit(beta_h))"),
+    "write_gate": ("rescale", "rescale (reference: row rescaling of W_b), bias (METHOD's alternative: W_b random, a bias logit(beta_h)) or fit (ours: ridge fit so W_b x ~ logit(beta_h))"),
     "ridge": (1e-2, "write_gate=fit / out_gate=fit: ridge strength, relative to the mean eigenvalue of X^T X"),
     # Phase 1, step 3
     "sigma_min": (0.1, "lower clip of the least-squares value scale"),
@@ -160,7 +163,7 @@ OPTIONS = {
 
 
 # The values a word-valued or on/off option may take (the others are numbers or grids).
-CHOICES = {"write_gate": ("rescale", "fit"), "out_gate": ("damped", "fit"), "dt_from": ("distance", "distance_nosink"),
+CHOICES = {"write_gate": ("rescale", "bias", "fit"), "out_gate": ("damped", "fit"), "dt_from": ("distance", "distance_nosink"),
            "gates_from": ("stats", "naive"), "a_proj": ("keep", "zero"), "phase2_input": ("teacher", "student"),
            "gate_search": (0, 1), "train_out": (0, 1), "keep_best": (0, 1)}
 
@@ -243,6 +246,8 @@ def standard_gates(gdn, o):
         return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
     for lin in (gdn.a_proj, gdn.b_proj, gdn.g_proj):
         lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, o["gate_std"], generator=g)))
+    if gdn.b_proj.bias is not None:                          # (write_gate=bias's; none in the standard init)
+        gdn.b_proj.bias.zero_()
     gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).log())
     dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(o["dt_min"]), math.log(o["dt_max"]),
                                                         generator=g)).exp()
@@ -330,10 +335,15 @@ def phase1(gdn, st, o):
     elif o["write_gate"] == "rescale":
         scale = Wb.float().abs().mean(1, keepdim=True).clamp_min(1e-12)
         Wb.copy_(logit(beta)[:, None] / math.sqrt(d) * Wb.float() / scale)
+    elif o["write_gate"] == "bias":
+        if gdn.b_proj.bias is None:
+            raise ValueError("write_gate=bias needs GDN layers with a bias on W_b (gdn.hybridize(..., beta_bias=True); "
+                             "convert.convert builds them so when its options say write_gate=bias)")
+        gdn.b_proj.bias.copy_(logit(beta))
     elif o["write_gate"] == "fit":
         Wb.copy_(ridge_fit(X, logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
     else:
-        raise ValueError(f"write_gate must be rescale or fit, not '{o['write_gate']}'")
+        raise ValueError(f"write_gate must be rescale, bias or fit, not '{o['write_gate']}'")
     beta_seen = gdn.gates(gdn.project(x))[1].mean((0, 1))                      # what beta really is
 
     # 3. value scale: least squares of the readout G against the teacher context T, per head.
@@ -438,6 +448,7 @@ def phase2(gdn, x, y, o, desc="phase 2"):
     layer = copy.deepcopy(gdn).float().train()
     qkv = [layer.q_proj.weight, layer.k_proj.weight, layer.v_proj.weight]
     gates = [layer.a_proj.weight, layer.b_proj.weight, layer.g_proj.weight, layer.A_log, layer.dt_bias]
+    gates += [] if layer.b_proj.bias is None else [layer.b_proj.bias]        # (write_gate=bias)
     if o["train_out"]:
         qkv += [layer.o_proj.weight, layer.o_norm]
     for p in layer.parameters():                                  # W_o, the norm, the conv: frozen
@@ -701,7 +712,7 @@ def main(argv=None):
         o = resolve(opts, PRESETS.get(name))
         do1, do2 = INIT_PHASES[name]
         for i in layers:
-            gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i)
+            gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i, beta_bias=o["write_gate"] == "bias")
             standard_gates(gdn, o)
             if do1:
                 phase1(gdn, fit[i], o)

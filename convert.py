@@ -331,7 +331,9 @@ def from_bank(teacher, kept, bank, conv_size=0):
     """A hybrid keeping `kept` as softmax, its GDN layers copied from a layer bank."""
     from gdn import gdn_modules
     n = teacher.config.num_hidden_layers
-    student = hybridize(copy.deepcopy(teacher), [i for i in range(n) if i not in set(kept)], conv_size=conv_size)
+    beta_bias = any("b_proj.bias" in layer for layer in bank.values())
+    student = hybridize(copy.deepcopy(teacher), [i for i in range(n) if i not in set(kept)], conv_size=conv_size,
+                        beta_bias=beta_bias)
     for i, g in gdn_modules(student).items():
         g.load_state_dict(bank[i])
     student.config.hybrid["kept_layers"] = sorted(kept)
@@ -396,7 +398,8 @@ def convert(teacher, kept, init="naive", calib_ids=None, conv_size=0, seed=0, in
     gdn_layers = [i for i in range(n) if i not in set(kept)]
     torch.manual_seed(seed)
     t0 = time.time()
-    student = hybridize(copy.deepcopy(teacher), gdn_layers, conv_size=conv_size)
+    beta_bias = resolve(init_opts, PRESETS.get(init))["write_gate"] == "bias"       # (calibrate.py, step 2)
+    student = hybridize(copy.deepcopy(teacher), gdn_layers, conv_size=conv_size, beta_bias=beta_bias)
     info = INITS[init](student, teacher, calib_ids, {"seed": seed, **(init_opts or {})})
     student.config.hybrid.update({"kept_layers": sorted(kept), "init": init})
     return student.eval(), {"init": init, "kept_layers": sorted(kept), "gdn_layers": gdn_layers,
@@ -1526,7 +1529,7 @@ def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_id
         return layer.hf_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                 **{layer.cache_arg: cache}, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
-    z = linear_decode(h, w_in, None if gdn else attn.qkv_bias, norm=layer.input_layernorm)
+    z = linear_decode(h, w_in, attn.stacked_bias if gdn else attn.qkv_bias, norm=layer.input_layernorm)
     if gdn:
         y = attn.step(z, state, cache, h)[:, None]
     else:
@@ -1540,8 +1543,7 @@ def _stacks_current(layer):
     """True while the layer's stacked weights are still what its Linears hold (views_of)."""
     from gdn import GatedDeltaNet
     attn, mlp = layer.self_attn, layer.mlp
-    inputs = (views_of(attn.stacked, [lin.weight for lin in attn.inputs().values()])
-              if isinstance(attn, GatedDeltaNet) else _qkv_current(attn))
+    inputs = attn.stack_current() if isinstance(attn, GatedDeltaNet) else _qkv_current(attn)
     return inputs and views_of(mlp.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight])
 
 

@@ -14,7 +14,8 @@ Per token t and head h, with x_t the decoder layer's normalised input:
                                                                          rule's step I - beta k k^T
                                                                          a contraction)
     g_t    = -exp(A_log) * softplus(W_a x_t + dt_bias)                   (log decay, alpha = e^g)
-    beta_t = sigmoid(W_b x_t)                                            (write strength)
+    beta_t = sigmoid(W_b x_t [+ b_b])                                    (write strength; the bias
+                                                                         only with beta_bias=True)
     S_t    = alpha_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T   (gdn_kernel.py)
     o_t    = S_t^T q_t / sqrt(head_dim)
     y_t    = W_o concat_h[ RMSNorm(o_t,h) * w_norm * SiLU(W_g x_t)_h ]
@@ -73,7 +74,7 @@ class GatedDeltaNet(nn.Module):
     returns (output, None)."""
 
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, conv_size=0, norm_eps=1e-6,
-                 o_bias=False):
+                 o_bias=False, beta_bias=False):
         super().__init__()
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx, self.conv_size, self.norm_eps = layer_idx, conv_size, norm_eps
@@ -82,7 +83,7 @@ class GatedDeltaNet(nn.Module):
         self.k_proj = nn.Linear(hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(hidden_size, inner, bias=False)
         self.a_proj = nn.Linear(hidden_size, num_heads, bias=False)   # per-token time step
-        self.b_proj = nn.Linear(hidden_size, num_heads, bias=False)   # write strength beta
+        self.b_proj = nn.Linear(hidden_size, num_heads, bias=beta_bias)   # write strength beta
         self.g_proj = nn.Linear(hidden_size, inner, bias=False)       # output gate
         self.o_proj = nn.Linear(inner, hidden_size, bias=o_bias)
         self.A_log = nn.Parameter(torch.zeros(num_heads))
@@ -131,16 +132,28 @@ class GatedDeltaNet(nn.Module):
         stored matrix (and nothing has since given them new storage). With autograd on, it always
         stacks per call: gradients reach the six weights only through the stacking. The product is
         self.linear where one is set (convert.use_decode_linear: a decoding kernel), else F.linear."""
-        weights = [lin.weight for lin in self.inputs().values()]
-        w = getattr(self, "stacked", None)
-        if w is not None and not torch.compiler.is_compiling() and not views_of(w, weights):
-            w = self.stacked = None                   # .to(), a deep copy, ...: the views are gone
+        w, b = getattr(self, "stacked", None), getattr(self, "stacked_bias", None)
+        if w is not None and not torch.compiler.is_compiling() and not self.stack_current():
+            w = self.stacked = self.stacked_bias = None     # .to(), a deep copy, ...: the views are gone
         if w is None or torch.is_grad_enabled():
-            w = torch.cat(weights)
-        z = getattr(self, "linear", F.linear)(x, w)  # rows: q, k, v, g (inner each), a, b (H each)
+            w, b = torch.cat([lin.weight for lin in self.inputs().values()]), self.input_bias(0)
+        z = getattr(self, "linear", F.linear)(x, w, b)  # rows: q, k, v, g (inner each), a, b (H each)
         i, H = 3 * self.num_heads * self.head_dim, self.num_heads
         j = i + self.num_heads * self.head_dim        # (a stored stack ends in zero rows: not read)
         return {"qkv": z[..., :i], "g": z[..., i:j], "a": z[..., j:j + H], "b": z[..., j + H:j + 2 * H], "all": z}
+
+    def input_bias(self, pad):
+        """The stacked product's bias: zeros but for W_b's bias (the last H rows, then `pad` zero rows),
+        or None where W_b has none."""
+        b = self.b_proj.bias
+        return None if b is None else torch.cat([b.new_zeros(4 * self.num_heads * self.head_dim + self.num_heads),
+                                                 b, b.new_zeros(pad)])
+
+    def stack_current(self):
+        """True while the stacked weight (and W_b's stacked bias) are still what the six Linears hold."""
+        b = self.b_proj.bias
+        return views_of(self.stacked, [lin.weight for lin in self.inputs().values()]) and (
+            b is None or (getattr(self, "stacked_bias", None) is not None and views_of(self.stacked_bias, [b])))
 
     def gates(self, z):
         """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H], from project()'s z."""
@@ -285,7 +298,12 @@ def stack_projections(model):
         # rows it padded the stride to 2368 and then copied the output back to 2328 before the step
         # kernel (one more launch a GDN layer, seen in inductor's code on the H100).
         w, _ = stack_as_views(list(m.inputs().values()), rows_multiple=64)
-        m.register_buffer("stacked", w, persistent=False)      # a buffer: .to() takes it along
+        b = m.input_bias(w.shape[0] - sum(lin.out_features for lin in m.inputs().values()))
+        if b is not None:                                      # W_b's bias becomes a view into it
+            at = 4 * m.num_heads * m.head_dim + m.num_heads
+            m.b_proj.bias.data = b[at:at + m.num_heads]
+        m.register_buffer("stacked", w, persistent=False)      # buffers: .to() takes them along
+        m.register_buffer("stacked_bias", b, persistent=False)
     return model
 
 
@@ -353,10 +371,11 @@ def decoder_layers(model):
     return model.model.layers
 
 
-def gdn_from_attention(attn, layer_idx, conv_size=0, norm_eps=1e-6):
+def gdn_from_attention(attn, layer_idx, conv_size=0, norm_eps=1e-6, beta_bias=False):
     """A GDN layer shaped like the teacher attention module `attn`, its W_q, W_k, W_v, W_o copied from
     it (k and v heads repeated up to the query heads) and its gates at the standard random init:
-    the naive conversion of METHOD section 2."""
+    the naive conversion of METHOD section 2. beta_bias: W_b gets a bias (zero until calibrate.py's
+    write_gate=bias sets it)."""
     hidden = attn.q_proj.in_features
     head_dim = attn.head_dim
     num_heads = attn.q_proj.out_features // head_dim
@@ -364,7 +383,7 @@ def gdn_from_attention(attn, layer_idx, conv_size=0, norm_eps=1e-6):
     rep = num_heads // num_kv
     w = attn.q_proj.weight
     gdn = GatedDeltaNet(hidden, num_heads, head_dim, layer_idx, conv_size, norm_eps,
-                        o_bias=attn.o_proj.bias is not None).to(device=w.device, dtype=w.dtype)
+                        o_bias=attn.o_proj.bias is not None, beta_bias=beta_bias).to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
         gdn.q_proj.weight.copy_(attn.q_proj.weight)
         # kv head j serves query heads j*rep .. (j+1)*rep - 1 (HF's repeat_kv order).
@@ -385,7 +404,7 @@ def dropped_weights(attn):
 _said = set()       # hybridize's warnings, once per process (GA-S2 builds one hybrid per layer)
 
 
-def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6):
+def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False):
     """Replace the attention module of every layer in `gdn_layers` by a GDN layer copied from it, in
     place, and record the hybrid's shape in model.config.hybrid (saved with the config)."""
     layers = decoder_layers(model)
@@ -399,8 +418,9 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6):
         _said.add(msg)
         log.warning(msg)
     for i in gdn_layers:
-        layers[i].self_attn = gdn_from_attention(layers[i].self_attn, i, conv_size, norm_eps)
-    model.config.hybrid = {"gdn_layers": gdn_layers, "conv_size": conv_size, "norm_eps": norm_eps}
+        layers[i].self_attn = gdn_from_attention(layers[i].self_attn, i, conv_size, norm_eps, beta_bias)
+    model.config.hybrid = {"gdn_layers": gdn_layers, "conv_size": conv_size, "norm_eps": norm_eps,
+                           "beta_bias": beta_bias}
     if not getattr(model.model, "gdn_pad_hook", None):
         model.model.gdn_pad_hook = model.model.register_forward_pre_hook(share_padding_mask, with_kwargs=True)
     return model
@@ -447,7 +467,7 @@ def load_hybrid(path, device="cpu", dtype=None):
     if not hyb or "gdn_layers" not in hyb:
         raise ValueError(f"{path} is not a hybrid saved by convert.py (its config.json has no 'hybrid' entry)")
     model = AutoModelForCausalLM.from_config(config)
-    hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6))
+    hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6), hyb.get("beta_bias", False))
     state = {}
     for f in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
         state.update(load_state_dict(os.path.join(path, f)))

@@ -189,13 +189,18 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     stacked GDN inputs, the gate/up pair as one product, every other product through linear_decode,
     Llama-layout decoder layers as five kernels) gives HF's logits and greedy tokens over a prompt
     and cached steps: on the GPU where there is one (every Triton kernel compiled; fp32), else on
-    the CPU (under TRITON_INTERPRET=1, the kernels)."""
+    the CPU (under TRITON_INTERPRET=1, the kernels). The Llama hybrid's GDN layers have a bias on W_b
+    (write_gate=bias), which the stacked product adds."""
     import convert
     import gdn
     from convert import use_decode_attention, use_decode_layers, use_decode_linear, use_decode_mlp, use_decode_qkv
     from gdn import hybridize, stack_projections
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = hybridize(tiny_model(family), [1, 3], conv_size=4).to(dev)
+    model = hybridize(tiny_model(family), [1, 3], conv_size=4, beta_bias=family == "llama").to(dev)
+    with torch.no_grad():
+        for layer in (1, 3):
+            if family == "llama":
+                model.model.layers[layer].self_attn.b_proj.bias.normal_()
     ids = torch.randint(0, 128, (3, 40), device=dev)
     ref = static_decode(model, ids, 30)
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":       # the GDN step kernel too
@@ -218,7 +223,7 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert any(n for n, _ in folded) == (family != "gemma3_text")      # the layer path ran (norm in the product)
-    assert any(b for _, b in folded) == (family == "qwen2")            # Qwen2's q/k/v bias in the product
+    assert any(b for _, b in folded) == (family in ("qwen2", "llama"))  # Qwen2's q/k/v bias, W_b's in the product
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),

@@ -142,21 +142,30 @@ def test_conv_state_after_a_prompt_is_its_own_small_tensor():
         assert conv.untyped_storage().nbytes() == conv.numel() * conv.element_size()
 
 
-def test_stacked_projections_share_the_weights(tmp_path):
-    """stack_projections: same logits; the six weights are views into one matrix, so an in-place edit
-    (what an optimizer does) reaches the stacked product; a copy of the model stops using the stack
-    rather than a stale one; saving and loading still work."""
+@pytest.mark.parametrize("beta_bias", [False, True])
+def test_stacked_projections_share_the_weights(beta_bias, tmp_path):
+    """stack_projections: same logits; the six weights (and W_b's bias, where it has one) are views
+    into one matrix (one vector), so an in-place edit (what an optimizer does) reaches the stacked
+    product; a copy of the model stops using the stack rather than a stale one; saving and loading
+    still work."""
     torch.manual_seed(0)
-    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4, beta_bias=beta_bias)
     ids = torch.randint(0, 128, (2, 20))
     with torch.no_grad():
+        for m in gdn_modules(model).values():
+            if beta_bias:
+                m.b_proj.bias.normal_()
         before = model(ids).logits
         stack_projections(model)
         gdn = gdn_modules(model)[2]
         assert gdn.stacked.shape[0] % 64 == 0
         assert gdn.k_proj.weight.data_ptr() == gdn.stacked[gdn.q_proj.out_features:].data_ptr()
+        assert (gdn.stacked_bias is None) != beta_bias
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-5)
         gdn.b_proj.weight.mul_(3.0)                                   # in place: the stack sees it
+        if beta_bias:
+            gdn.b_proj.bias.add_(2.0)
+            assert gdn.b_proj.bias.untyped_storage().data_ptr() == gdn.stacked_bias.untyped_storage().data_ptr()
         edited = model(ids).logits
         assert not torch.allclose(edited, before, atol=1e-3)
         other = copy.deepcopy(model)                                  # new storage: the stack is dropped
@@ -172,6 +181,7 @@ def test_stacked_projections_share_the_weights(tmp_path):
         torch.testing.assert_close(load_hybrid(tmp_path / "h")(ids).logits, edited, rtol=1e-5, atol=1e-5)
     model(ids).logits.sum().backward()                                # training still reaches the weights
     assert all(lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0 for lin in gdn.inputs().values())
+    assert (gdn.b_proj.bias is None) or gdn.b_proj.bias.grad.abs().sum() > 0
 
 
 def hybridize_reference(model, ids):
@@ -298,12 +308,13 @@ def test_fused_layer_step_equals_the_layer(conv_size, head_dim, monkeypatch):
 @needs_interpreter
 def test_fused_layer_step_in_a_model_decodes_like_a_full_forward(monkeypatch):
     """The whole hybrid with every GDN decoding step through gdn_layer_step: cached decoding equals
-    the full forward, and greedy generation equals recomputation."""
+    the full forward, and greedy generation equals recomputation (W_b with a bias, write_gate=bias's)."""
     monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
     torch.manual_seed(0)
-    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
+    model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4, beta_bias=True)
     for m in gdn_modules(model).values():
         torch.nn.init.normal_(m.conv.weight, std=0.5)
+        torch.nn.init.normal_(m.b_proj.bias)
     inc, full, gen, seq = decode_paths(model, torch.randint(0, 128, (2, 16)), prompt=12, new_tokens=4)
     torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
     assert torch.equal(gen, seq)
@@ -333,11 +344,14 @@ def test_fused_layer_step_bad_input():
 @pytest.mark.parametrize("stacked", [False, True])
 def test_cuda_cached_decode_equals_full_forward(stacked):
     """On CUDA the prefill runs the Triton chunk kernel and decoding the one-token step kernel: the
-    two paths must agree with a full forward, and greedy generation with recomputation."""
+    two paths must agree with a full forward, and greedy generation with recomputation. Stacked: with
+    a bias on W_b (write_gate=bias's), in the stacked product."""
     torch.manual_seed(0)
-    model = hybridize(tiny_model("llama", vocab_size=512), [0, 2, 3], conv_size=4).cuda()
+    model = hybridize(tiny_model("llama", vocab_size=512), [0, 2, 3], conv_size=4, beta_bias=stacked).cuda()
     for m in gdn_modules(model).values():
         torch.nn.init.normal_(m.conv.weight, std=0.5)
+        if stacked:
+            torch.nn.init.normal_(m.b_proj.bias)
     if stacked:
         stack_projections(model)
     inc, full, gen, seq = decode_paths(model, torch.randint(0, 512, (2, 300), device="cuda"), prompt=250,

@@ -219,6 +219,36 @@ def test_phase1_sets_what_the_statistics_say():
     assert torch.allclose(gdn_modules(student)[1].b_proj.weight, expect, rtol=1e-4, atol=1e-7)
 
 
+def test_write_gate_bias_centres_beta_and_keeps_its_tokens(tmp_path):
+    """write_gate=bias (METHOD's alternative): convert builds the GDN layers with a bias on W_b, which
+    becomes logit(beta_h); W_b keeps its standard random init, so beta is centred on its target and
+    still varies with the token. The bias is saved and loaded with the hybrid and trained by Phase 2;
+    without a bias on W_b the option refuses."""
+    from gdn import load_hybrid, save_hybrid
+    teacher = tiny_model("llama")
+    ids = calib(length=64)
+    student, info = convert.convert(teacher, [0], "taylor-phase1", ids, init_opts={"write_gate": "bias"})
+    gdn = gdn_modules(student)[1]
+    p1 = info["init_info"]["layers"][1]["phase1"]
+    target = torch.tensor(p1["beta_target"])
+    assert torch.allclose(gdn.b_proj.bias, calibrate.logit(target), atol=1e-6)
+    fresh = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
+    with torch.no_grad():
+        calibrate.standard_gates(fresh, calibrate.resolve({}))
+    assert torch.equal(gdn.b_proj.weight, fresh.b_proj.weight)             # W_b as the standard init drew it
+    assert max(abs(a - b) for a, b in zip(p1["beta_mean"], p1["beta_target"])) < 0.02
+    with torch.no_grad():
+        beta = gdn.gates(gdn.project(teacher.model.embed_tokens(ids)))[1]
+    assert beta.std((0, 1)).min() > 0                                       # token-dependent
+    save_hybrid(student, None, tmp_path / "h")
+    back = load_hybrid(tmp_path / "h")
+    assert torch.equal(gdn_modules(back)[1].b_proj.bias, gdn.b_proj.bias)
+    trained, _ = convert.convert(teacher, [0], "taylor", ids, init_opts={"write_gate": "bias", "steps": 5})
+    assert not torch.equal(gdn_modules(trained)[1].b_proj.bias, gdn.b_proj.bias)
+    with pytest.raises(ValueError, match="needs GDN layers with a bias on W_b"):
+        calibrate.INITS["taylor-phase1"](hybridize(tiny_model("llama"), [1]), teacher, ids, {"write_gate": "bias"})
+
+
 def test_init_options_are_checked():
     with pytest.raises(ValueError, match="unknown init option 'bogus'; valid: seed"):
         calibrate.parse_opts(["bogus=1"])
