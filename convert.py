@@ -706,8 +706,8 @@ def run_table(args):
         keep_count(n, k)
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows}
-    differ = [k for k, v in same.items() if old and k in old and old[k] != v]
+            "window": args.window, "max_windows": args.max_windows, "init_opts": init_opts}
+    differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
     if differ:
         raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
                          f"would not compare with these: choose another --results")
@@ -769,7 +769,7 @@ def write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, 
     earlier cells (a cell measured again replaces the old one)."""
     from taylor_stats import summary
     record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin", "window": args.window,
-              "max_windows": args.max_windows,
+              "max_windows": args.max_windows, "init_opts": parse_opts(args.init_opt),
               "calib_data": args.calib_data or "builtin", "calib": [args.calib_seqs, args.calib_len],
               "teacher_ppl": teacher_ppl, "dtype": args.dtype, "stats": summary(stats), "stats_seconds": stats_seconds,
               "policy_scores": {k: v for k, v in cache.items() if source in k}, "cells": list(cells),
@@ -833,7 +833,9 @@ def table_markdown(r):
              f"({tp['windows']} windows x {tp['window']} tokens = {tp['tokens']} tokens), {r['dtype']}, "
              f"device {', '.join(devices)}, commit {str(r['commit'])[:10]}, seed {r['seed']}; calibration "
              f"{r.get('calib_data', '?')} ({' x '.join(map(str, r.get('calib', [])))} tokens), policy probes on the "
-             f"next block of the same text.",
+             f"next block of the same text."
+             + (f" Init options (--init-opt) in every cell: {', '.join(f'{k}={v}' for k, v in r['init_opts'].items())}."
+                if r.get("init_opts") else ""),
              "Cells: perplexity (init wall time, s). Layer-wise inits: time = shared teacher pass + this cell's "
              "layers' share of a per-layer bank computed once.", "",
              "| init | " + " | ".join(f"keep {fmt_keep(k)} {p}" for k, p in cols) + " |",

@@ -401,6 +401,10 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     other = [a if a != "64" else "48" for a in base]
     assert convert.main(other + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
     assert "another window" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+    # Nor would cells of the same init under other options: they would pass for the same init.
+    assert convert.main(base + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias",
+                                "--append"]) == 2
+    assert "another init_opts" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
 
 
 def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
