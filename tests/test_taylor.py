@@ -405,6 +405,10 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     assert convert.main(base + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias",
                                 "--append"]) == 2
     assert "another init_opts" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+    # In a table of their own they are fine, and say so (write_gate=bias: GDN layers with a bias on W_b).
+    own = [a if a != stem else stem + "_bias" for a in base]
+    assert convert.main(own + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias"]) == 0
+    assert "Init options (--init-opt) in every cell: steps=5, write_gate=bias." in open(stem + "_bias.md").read()
 
 
 def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
