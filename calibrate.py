@@ -344,7 +344,8 @@ def phase1(gdn, st, o):
         Wb.copy_(ridge_fit(X, logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
     else:
         raise ValueError(f"write_gate must be rescale, bias or fit, not '{o['write_gate']}'")
-    beta_seen = gdn.gates(gdn.project(x))[1].mean((0, 1))                      # what beta really is
+    beta_tokens = gdn.gates(gdn.project(x))[1]                                 # what beta really is
+    beta_seen, beta_std = beta_tokens.mean((0, 1)), beta_tokens.flatten(0, 1).std(0)
 
     # 3. value scale: least squares of the readout G against the teacher context T, per head.
     G = readout_raw(gdn, x)
@@ -358,6 +359,7 @@ def phase1(gdn, st, o):
     kappa = o["damping"] * T.pow(2).mean().sqrt() / v.pow(2).mean().sqrt().clamp_min(1e-12)
     gdn.g_proj.weight.copy_(kappa * Wv.float())
     info = {"gamma": gamma.tolist(), "beta_target": beta.tolist(), "beta_mean": beta_seen.tolist(),
+            "beta_token_std": beta_std.tolist(),
             "sigma": sigma.tolist(), "kappa": float(kappa)}
     if search is not None:
         info["gate_search"] = search
@@ -714,13 +716,17 @@ def main(argv=None):
         for i in layers:
             gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i, beta_bias=o["write_gate"] == "bias")
             standard_gates(gdn, o)
-            if do1:
-                phase1(gdn, fit[i], o)
+            p1 = phase1(gdn, fit[i], o) if do1 else None
             start = layer_mse(gdn, held[i]["x"], held[i]["y"])
             r = phase2(gdn, fit[i]["x"], fit[i]["y"], o, desc=f"{label} layer {i}") if do2 and o["steps"] else {}
             rows.append({"variant": label, "layer": i, "seed": o["seed"], "held_mse_start": start, "fit_mse_end": r.get("loss_after"),
                          "held_mse_end": layer_mse(gdn, held[i]["x"], held[i]["y"]),
-                         "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds")})
+                         "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds"),
+                         # the write gate Phase 1 left: how far beta's mean is from its target, how much
+                         # it varies with the token (per head, averaged over heads)
+                         "beta_off": None if p1 is None else
+                         float((torch.tensor(p1["beta_mean"]) - torch.tensor(p1["beta_target"])).abs().mean()),
+                         "beta_token_std": None if p1 is None else float(torch.tensor(p1["beta_token_std"]).mean())})
             print(f"{label:50s} layer {i:2d}  held-out MSE start {start:.4f} -> end {rows[-1]['held_mse_end']:.4f}"
                   f"  (fit {r.get('loss_after', float('nan')):.4f})", flush=True)
     md = [f"Per-layer teacher-forced MSE of one GDN layer vs its teacher attention layer (after W_o), teacher "
@@ -737,6 +743,15 @@ def main(argv=None):
         md.append(f"| {label} | " + " | ".join(cells) + " |")
     md.append("| zero output | " + " | ".join(f"{next(r for r in rows if r['layer'] == i)['held_zero_output']:.4f}"
                                             for i in layers) + " |")
+    if any(r["beta_off"] is not None for r in rows):
+        md += ["", "The write gate after Phase 1, on the calibration tokens (mean over heads): |mean beta - beta_h| "
+               "(does it sit at its target?) and the std of beta over tokens (does it still depend on the token?).", "",
+               "| variant | " + " | ".join(f"layer {i}: off target, token std" for i in layers) + " |",
+               "|---|" + "---|" * len(layers)]
+        for label, _, _ in variants:
+            rs = [next(r for r in rows if r["variant"] == label and r["layer"] == i) for i in layers]
+            if rs[0]["beta_off"] is not None:
+                md.append(f"| {label} | " + " | ".join(f"{r['beta_off']:.3f}, {r['beta_token_std']:.3f}" for r in rs) + " |")
     seeds = sorted({r["seed"] for r in rows})          # each variant's own (an option like any other)
     distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
                                             "calib_data": args.calib_data,

@@ -424,6 +424,8 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     r = json.loads((tmp_path / "ablation.json").read_text())
     assert [(row["variant"], row["seed"]) for row in r["rows"]] == [("taylor-phase1", 0), ("taylor-phase1:seed=3", 3)]
     assert r["seed"] == [0, 3] and (tmp_path / "ablation.md").exists()
+    assert all(row["beta_off"] >= 0 and row["beta_token_std"] > 0 for row in r["rows"])     # Phase 1's write gate
+    assert "off target, token std" in (tmp_path / "ablation.md").read_text()
     # Fitting on the student's own inputs needs the layers before converted: not this ablation's.
     other = tmp_path / "other"
     assert calibrate.main(["--teacher", teacher_dir, "--layers", "1", "--calib-data", str(text), "--variants",
