@@ -183,6 +183,8 @@ def parse_opts(pairs):
             out[k] = float(v) if isinstance(default, (int, float)) else v
         except ValueError:
             raise ValueError(f"init option {k} wants a number, got '{v}'") from None
+        if isinstance(out[k], float) and not math.isfinite(out[k]):
+            raise ValueError(f"init option {k} wants a finite number, got '{v}'")
         if isinstance(default, int):
             if out[k] != int(out[k]):
                 raise ValueError(f"init option {k} wants a whole number, got '{v}'")
@@ -215,6 +217,12 @@ def resolve(opts, preset=None):
             raise ValueError(f"init options: need 0 < {lo} <= {hi}, got {o[lo]} and {o[hi]}")
     if o["steps"] < 0 or o["val_rows"] < 0:
         raise ValueError(f"init options steps and val_rows must be >= 0 (got {o['steps']}, {o['val_rows']})")
+    for name in ("a_max", "dt_floor", "lr_qkv", "lr_gates", "clip"):            # logs, clamps, steps: > 0
+        if not o[name] > 0:
+            raise ValueError(f"init option {name} must be > 0 (got {o[name]})")
+    for name in ("gate_std", "ridge", "weight_decay", "damping", "dist_floor", "conc_eps"):
+        if not o[name] >= 0:
+            raise ValueError(f"init option {name} must be >= 0 (got {o[name]})")
     if min(_grid(o, "gamma_grid")) <= 0:
         raise ValueError(f"init option gamma_grid: time steps must be > 0, got {o['gamma_grid']}")
     return o
@@ -686,13 +694,27 @@ def main(argv=None):
     p.add_argument("--variants", nargs="+", default=["taylor-phase1", "align-only", "taylor", "taylor-plus"])
     p.add_argument("--out", default="results/zeroshot_plus_layers", help="output stem (.json, .md)")
     args = p.parse_args(argv)
+    if args.calib_seqs < 1 or args.calib_len < 2:
+        p.error(f"--calib-seqs must be >= 1 and --calib-len >= 2 (got {args.calib_seqs}, {args.calib_len})")
     try:
+        convert.check_results(args.out, "--out")
+        try:
+            layers = [int(i) for i in args.layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--layers '{args.layers}' is not a comma-separated list of layer indices") from None
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"--layers '{args.layers}' names a layer twice")
+        if args.calib_data:
+            distill.read_text(args.calib_data)
         variants = []
         for v in args.variants:
             name, *pairs = v.split(":")
             if name not in INIT_PHASES:
                 raise ValueError(f"variant '{v}': init must be one of {', '.join(INIT_PHASES)}")
-            variants.append((v, name, parse_opts(pairs)))
+            try:
+                variants.append((v, name, parse_opts(pairs)))
+            except ValueError as e:
+                raise ValueError(f"variant '{v}': {str(e).replace('--init-opt ', 'option ')}") from None
         student_fed = [v for v, name, opts in variants if resolve(opts, PRESETS.get(name))["phase2_input"] != "teacher"]
         if student_fed:
             raise ValueError(f"variant(s) {', '.join(student_fed)}: this ablation fits each layer alone on the teacher's "
@@ -702,7 +724,9 @@ def main(argv=None):
             raise ValueError(f"the variants share one teacher pass, so one dist_floor (got {sorted(floors)})")
         floor = floors.pop()
         teacher, tok, source = convert.load_teacher(args.teacher)
-        layers = [int(i) for i in args.layers.split(",")]
+        bad = [i for i in layers if not 0 <= i < teacher.config.num_hidden_layers]
+        if bad:
+            raise ValueError(f"--layers {bad} out of range: the teacher has {teacher.config.num_hidden_layers} layers")
         fit_ids, held_ids = convert.calib_ids(args, tok, 0), convert.calib_ids(args, tok, 1)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -147,8 +147,8 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
     else:
         is_path = os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
         if is_path and not os.path.isdir(spec):
-            raise ValueError(f"teacher '{spec}' does not exist (give a HF model folder, a .gguf file, "
-                             f"a hub id, or 'default')")
+            raise ValueError(f"teacher '{spec}' " + ("is a file, not a model folder" if os.path.exists(spec) else
+                             "does not exist") + " (give a HF model folder, a .gguf file, a hub id, or 'default')")
         offline = not is_path and not hub_reachable()     # then only the local cache, not ~25 s of retries
         try:
             config = AutoConfig.from_pretrained(spec, local_files_only=offline)
@@ -158,6 +158,9 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
                                  f"(offline?): give a local HF folder, a .gguf file, or 'default'") from None
             raise ValueError(f"could not load teacher {'folder' if is_path else 'hub id'} '{spec}': "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if getattr(config, "hybrid", None):
+            raise ValueError(f"teacher '{spec}' is a hybrid written by convert.py, not a teacher: give the model it "
+                             f"was converted from (its conversion.json names it)")
         check_family(config, spec)
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=offline)
@@ -165,6 +168,9 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         except OSError as e:                            # a config without weights or tokenizer
             raise ValueError(f"could not load teacher '{spec}': {str(e).splitlines()[0]} (for random weights "
                              f"in its shape, pass random:{spec})") from None
+        except Exception as e:                          # truncated weights, a broken tokenizer file, ...
+            raise ValueError(f"could not load teacher '{spec}': {type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''}") from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer, described
 
 
@@ -360,9 +366,12 @@ def load_scores(path):
         return {}
     try:
         with open(path) as f:
-            return json.load(f)
+            cache = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"--scores '{path}' is not a scores JSON written by convert.py ({e})") from None
+    if not (isinstance(cache, dict) and all(isinstance(v, dict) and "scores" in v for v in cache.values())):
+        raise ValueError(f"--scores '{path}' is not a scores JSON written by convert.py (it would be written into)")
+    return cache
 
 
 def ga_key(init, init_opts, seed):
@@ -435,10 +444,29 @@ def calib_ids(args, tokenizer, part=0):
     return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
 
+def check_writable(path, what):
+    """Fail before any work where `path` could not be written at the end: the nearest existing folder
+    above it must be a writable folder (not a file), and `path` itself no folder."""
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} '{path}': '{probe}' is not a folder this process can write in")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} '{path}' is a folder; a file is written there")
+
+
+def check_results(stem, what="--results"):
+    """check_writable for a measurement's stem.json and stem.md."""
+    for ext in (".json", ".md"):
+        check_writable(stem + ext, what)
+
+
 def prepare_out(path, overwrite):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder."""
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
+    check_writable(os.path.join(path, "config.json"), "--out")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-")
@@ -479,7 +507,7 @@ def parse_args(argv):
     p.add_argument("--scores", help="policy scores JSON: reused where it holds the scores asked for, written with new ones")
     p.add_argument("--conv-size", type=int, default=0, help="short causal conv width on q, k, v (0: none; identity-initialised)")
     p.add_argument("--out", help="output folder for the hybrid (required unless --table)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (with --table: --results)")
     p.add_argument("--eval-data", help="text file for perplexity (default: built-in stdlib docstrings, not WikiText)")
     p.add_argument("--eval-format", default="auto", choices=["auto", "wikitext", "plain"])
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
@@ -545,7 +573,23 @@ def parse_args(argv):
         # What the chain will need, checked now rather than after the conversion: the training text,
         # free run folders, and distill.py's own reading of --distill-args (it exits on a bad one),
         # its files and its batch arithmetic (as one process).
-        distill.text_files(args.distill_data)
+        import shlex
+        try:
+            extra = shlex.split(args.distill_args)
+        except ValueError as e:
+            p.error(f"--distill-args '{args.distill_args}': {e}")
+        own = {"--student", "--stage", "--tokens", "--data", "--out", "--seed", "--device", "--overwrite", "--resume"}
+        clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in own})
+        if clash:
+            p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --out, "
+                    f"--distill-tokens, --distill-data, --seed, --device, --overwrite)")
+        files = distill.text_files(args.distill_data)
+        size = 0                                # bytes: a token spans at least one (byte-level BPE)
+        for f in files:
+            try:
+                size += len(distill.read_text(f, "plain").encode())
+            except ValueError as e:
+                p.error(f"--distill-data: {e}")
         for stage, tokens in zip((1, 2), budgets):
             out, argv = chain_stage(args, stage, args.out, tokens or 1)
             if tokens and os.path.exists(out) and not args.overwrite:
@@ -553,6 +597,9 @@ def parse_args(argv):
             a = distill.parse_args(argv)
             if tokens:
                 distill.check_shapes(a, 1)
+                if size + len(files) < a.seq * a.batch:          # (+ one EOS a document)
+                    p.error(f"--distill-data '{args.distill_data}' holds {size} bytes, fewer tokens than one "
+                            f"Stage {stage} batch of {a.batch} x {a.seq}")
     return args
 
 
@@ -566,10 +613,10 @@ def run_convert(args):
     if args.policy not in POLICIES:
         raise ValueError(f"unknown --policy '{args.policy}'; valid: {', '.join(POLICIES)}")
     init_opts = parse_opts(args.init_opt)
+    check_init_opts(args, [args.init], init_opts)
     if args.policy == "ga-s2":
         ga_probe_init(args, init_opts)
-    if args.eval_data:
-        distill.read_text(args.eval_data, args.eval_format)        # missing/undecodable: fail now
+    read_inputs(args)
     spec = teacher_spec(args.teacher)
     distill.check_apart(args.out, teacher=spec.split(":", 1)[1] if spec.startswith("random:") else spec,
                         **{"eval data": args.eval_data, "calibration data": args.calib_data})
@@ -619,6 +666,27 @@ def run_convert(args):
     if text is not None:
         print(f"student sample: {text!r}")
     print(f"wrote {args.out} (conversion {convert_seconds:.1f} s, total {time.time() - t_start:.1f} s)")
+
+
+def read_inputs(args):
+    """Read --calib-data, --eval-data and --scores once before any work, so a missing or undecodable
+    file fails now, naming its option, rather than after the teacher has loaded."""
+    load_scores(args.scores)
+    for flag, path, fmt in (("--calib-data", args.calib_data, "auto"), ("--eval-data", args.eval_data, args.eval_format)):
+        if path:
+            try:
+                distill.read_text(path, fmt)
+            except ValueError as e:
+                raise ValueError(f"{flag}: {e}") from None
+
+
+def check_init_opts(args, inits, init_opts):
+    """What the options would make fail only inside Phase 2, after the teacher pass: checked now."""
+    for init in inits:
+        v = resolve(init_opts, PRESETS.get(init))["val_rows"]
+        if v and v >= args.calib_seqs:
+            raise ValueError(f"init {init}: val_rows={v} must leave at least one of the --calib-seqs "
+                             f"{args.calib_seqs} calibration sequences to fit")
 
 
 def ga_probe_init(args, init_opts):
@@ -691,15 +759,26 @@ def run_table(args):
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
+    check_init_opts(args, inits, init_opts)
+    read_inputs(args)
     if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
         raise ValueError("--policies ga-s2 probes each layer with the cell's own init, which must be layer-wise; "
                          f"under these --init-opt options (phase2_input=student) these are not: "
                          f"{', '.join(i for i in inits if not layerwise(i, init_opts))}")
+    if os.path.exists(args.results + ".json") and not (args.append or args.overwrite):
+        raise ValueError(f"--results '{args.results}.json' already exists (the table is rewritten after every "
+                         f"init): pass --append to add cells to it, --overwrite to replace it, or another --results")
+    check_results(args.results)
     old = None
     if args.append and os.path.exists(args.results + ".json"):
         import json
-        with open(args.results + ".json") as f:
-            old = json.load(f)
+        try:
+            with open(args.results + ".json") as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--append: '{args.results}.json' is not a table written by convert.py ({e})") from None
+        if not (isinstance(old, dict) and isinstance(old.get("cells"), list)):
+            raise ValueError(f"--append: '{args.results}.json' is not a table written by convert.py (no 'cells' list)")
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     for k in keeps:
@@ -1776,6 +1855,7 @@ def run_bench(args):
         raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
+    check_results(args.results)
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype), tokenizer=False)
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
@@ -1923,4 +2003,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import signal
+    # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so the temporary --out is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sys.exit(main())

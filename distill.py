@@ -139,12 +139,13 @@ def tokenize(tokenizer, text):
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def windows(ids, window, max_windows=None):
-    """Non-overlapping windows [N, window] of a 1-D id tensor, the tail dropped."""
+def windows(ids, window, max_windows=None, option="--window"):
+    """Non-overlapping windows [N, window] of a 1-D id tensor, the tail dropped. `option` names the
+    window's command-line option in the error."""
     n = ids.numel() // window
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {window}: "
-                         f"give a longer text or a smaller --window")
+                         f"give a longer text or a smaller {option}")
     if max_windows:
         n = min(n, max_windows)
     return ids[: n * window].view(n, window)
@@ -203,13 +204,20 @@ def _machine(seed):
 
 def write_atomic(path, text):
     """Write a file so that a reader never sees half of it: temp file in the same folder, then rename."""
+    if os.path.isdir(path):
+        raise ValueError(f"cannot write '{path}': it is a folder")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    usual_mode(tmp)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        usual_mode(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def usual_mode(path):
@@ -242,20 +250,33 @@ def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
+def read_json(path):
+    """The JSON object in `path`; a clear error naming the file when it holds something else."""
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except ValueError as e:                   # not JSON, or not UTF-8
+        raise ValueError(f"'{path}' is not a valid JSON file ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"'{path}' does not hold a JSON object")
+    return obj
+
+
 # ----------------------------------------------------------------------------------------------
 # Training data: packed sequences in a seeded order
 # ----------------------------------------------------------------------------------------------
 
-def parse_tokens(text):
-    """'30M', '1.5k', '2G' or '123456' -> an int number of tokens."""
+def parse_tokens(text, option=None):
+    """'30M', '1.5k', '2G' or '123456' -> an int number of tokens. `option` names it in the error."""
     t = str(text).strip().upper()
     scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(t[-1:], 1)
     try:
         n = float(t[:-1] if scale > 1 else t) * scale
     except ValueError:
-        raise ValueError(f"'{text}' is not a token count (examples: 30M, 500k, 123456)") from None
-    if n < 0 or n != n:
-        raise ValueError(f"'{text}' is not a token count (examples: 30M, 500k, 123456)")
+        n = -1
+    if not (0 <= n < math.inf):
+        raise ValueError(f"{option + ' ' if option else ''}'{text}' is not a token count "
+                         f"(examples: 30M, 500k, 123456)")
     return int(n)
 
 
@@ -872,8 +893,8 @@ def parse_args(argv):
     for k, v in STAGE_DEFAULTS[a.stage].items():
         if k != "micro_cap" and getattr(a, k) is None:
             setattr(a, k, v)
-    a.tokens = parse_tokens(a.tokens)
-    a.eval_every = parse_tokens(a.eval_every)
+    a.tokens = parse_tokens(a.tokens, "--tokens")
+    a.eval_every = parse_tokens(a.eval_every, "--eval-every")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.amp is None:
@@ -898,6 +919,20 @@ def check_shapes(a, world):
                          f"{a.eval_batch_size})")
     if not a.clip > 0 or not a.peak_tflops > 0:
         raise ValueError(f"--clip and --peak-tflops must be positive (got {a.clip}, {a.peak_tflops})")
+    for option, value, ok, rule in (
+            ("--lr", a.lr, a.lr > 0, "> 0"), ("--lr-rest", a.lr_rest, a.lr_rest >= 0, ">= 0"),
+            ("--beta1", a.beta1, 0 <= a.beta1 < 1, "in [0, 1)"), ("--beta2", a.beta2, 0 <= a.beta2 < 1, "in [0, 1)"),
+            ("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0"),
+            ("--min-lr-ratio", a.min_lr_ratio, 0 <= a.min_lr_ratio <= 1, "in [0, 1]"),
+            ("--warmup-steps", a.warmup_steps, a.warmup_steps >= 0, ">= 0"),
+            ("--grad-ckpt", a.grad_ckpt, a.grad_ckpt >= 0, ">= 0"),
+            ("--eval-max-windows", a.eval_max_windows, a.eval_max_windows >= 0, ">= 0"),
+            ("--ckpt-every", a.ckpt_every, a.ckpt_every >= 0, ">= 0"),
+            ("--keep-checkpoints", a.keep_checkpoints, a.keep_checkpoints >= 1, ">= 1"),
+            ("--stop-after-steps", a.stop_after_steps, a.stop_after_steps >= 0, ">= 0"),
+            ("--profile-steps", a.profile_steps, a.profile_steps >= 0, ">= 0")):
+        if not (ok and math.isfinite(value)):                   # a NaN fails every comparison
+            raise ValueError(f"{option} must be {rule} (got {value})")
     if a.batch % world:
         raise ValueError(f"--batch {a.batch} does not split over {world} processes")
     per_rank = a.batch // world
@@ -915,34 +950,38 @@ def check_shapes(a, world):
 
 def read_student(path):
     """The student folder's conversion record; a clear error unless convert.py (or a stage) wrote it."""
-    from transformers import AutoConfig
     record = os.path.join(path, "conversion.json")
     if not os.path.isdir(path):
         raise ValueError(f"--student '{path}' is not a folder")
     if not os.path.isfile(os.path.join(path, "config.json")) or not os.path.isfile(record):
         raise ValueError(f"--student '{path}' is not a hybrid written by convert.py (no config.json + conversion.json)")
-    hybrid = getattr(AutoConfig.from_pretrained(path), "hybrid", None)
+    hybrid = read_json(os.path.join(path, "config.json")).get("hybrid")
     if not hybrid:
         raise ValueError(f"--student '{path}' is not a hybrid written by convert.py (its config has no 'hybrid' entry)")
     if not hybrid.get("gdn_layers"):
         raise ValueError(f"--student '{path}' has no GDN layers (every layer was kept): nothing to distil")
-    with open(record) as f:
-        conversion = json.load(f)
+    if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+        raise ValueError(f"--student '{path}' holds no weights (no .safetensors file)")
+    conversion = read_json(record)
     prior = {}
     if os.path.isfile(os.path.join(path, "distill.json")):
-        with open(os.path.join(path, "distill.json")) as f:
-            prior = json.load(f).get("tokens_by_stage", {})
+        prior = read_json(os.path.join(path, "distill.json")).get("tokens_by_stage", {})
     return conversion, prior
 
 
 def teacher_spec(a, conversion):
-    if a.teacher:
-        return a.teacher
-    spec = conversion.get("teacher_spec")
+    spec = a.teacher or conversion.get("teacher_spec")
     if spec is None and str(conversion.get("teacher", "")).startswith("default"):
         spec = "default"
     if spec is None:
         raise ValueError("the student's conversion.json does not say how to load its teacher: pass --teacher")
+    # A local path that is not there: said now, not after the corpus is tokenised (the rule is
+    # convert.load_teacher's; hub ids and random shapes are left to it).
+    path = spec[len("random:"):] if spec.startswith("random:") else spec
+    if spec != "default" and not os.path.exists(path) and (
+            path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf")):
+        raise ValueError(f"teacher '{spec}' does not exist" +
+                         ("" if a.teacher else " (recorded in the student's conversion.json; pass --teacher)"))
     return spec
 
 
@@ -967,15 +1006,16 @@ def run_config(a, spec):
     return {"teacher": spec, **{k: getattr(a, k) for k in keys}}
 
 
-def prepare_run_folder(a, config, dist):
+def check_run_folder(a, config):
     """A new run: --out must not exist (or --overwrite). --resume: --out's run.json must hold the same
-    configuration; returns the checkpoint to continue from (None: start at step 0)."""
+    configuration; returns the checkpoint to continue from (None: start at step 0). Only reads."""
     run_json = os.path.join(a.out, "run.json")
-    if a.resume and os.path.isdir(a.out):
+    if a.resume:
+        if not os.path.exists(a.out):
+            raise ValueError(f"--resume: nothing to resume in '{a.out}' (it does not exist)")
         if not os.path.isfile(run_json):
             raise ValueError(f"--resume: '{a.out}' is not a distill.py run folder (no run.json)")
-        with open(run_json) as f:
-            old = json.load(f)["config"]
+        old = read_json(run_json)["config"]
         diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config) if old.get(k) != config.get(k)}
         if diff:
             raise ValueError("--resume: the run in '" + a.out + "' has another configuration: " +
@@ -984,6 +1024,14 @@ def prepare_run_folder(a, config, dist):
     if os.path.exists(a.out) and not a.overwrite:
         raise ValueError(f"--out '{a.out}' already exists: pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another folder")
+    return None
+
+
+def start_run_folder(a, config, dist):
+    """A new run's folder, holding run.json; under --overwrite it replaces --out. Called last, once
+    everything that can fail before training has been checked: nothing is deleted for a run that
+    cannot start."""
+    run_json = os.path.join(a.out, "run.json")
     dist.barrier()
     if dist.main:
         if os.path.exists(a.out):
@@ -991,7 +1039,6 @@ def prepare_run_folder(a, config, dist):
         os.makedirs(a.out)
         write_json(run_json, {"config": config, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     dist.barrier()
-    return None
 
 
 def save_student(student, tokenizer, a, extra_files):
@@ -1051,27 +1098,33 @@ def distill(a):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
+    resume_from = check_run_folder(a, config)
     torch.manual_seed(a.seed)
     s_tok = AutoTokenizer.from_pretrained(a.student)
     data = Batches(corpus_ids(s_tok, a.data), a.seq, a.batch, a.seed)
     eval_ids = None
     if a.eval_data:
         eval_ids = tokenize(s_tok, read_text(a.eval_data))
-        windows(eval_ids, a.eval_window)                              # too short: fail now
+        windows(eval_ids, a.eval_window, option="--eval-window")     # too short: fail now
     test_ids = None
     if a.test_data:
         test_ids = tokenize(s_tok, read_text(a.test_data))
-        windows(test_ids, a.eval_window)
+        windows(test_ids, a.eval_window, option="--eval-window")
     from convert import load_teacher                                  # lazy: convert imports distill
     dtype = torch.bfloat16 if (a.amp and a.device == "cuda") else torch.float32
     teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
     for p in teacher.parameters():
         p.requires_grad_(False)
     check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
-    resume_from = prepare_run_folder(a, config, dist)                 # every check passed: now write
     # fp32 master weights whatever the folder holds (convert.py saves bf16 on a GPU): AdamW steps of
     # lr 7e-6 are below bf16's resolution and would leave most weights where they were.
-    student = load_hybrid(resume_from or a.student, dist.device, torch.float32)
+    try:
+        student = load_hybrid(resume_from or a.student, dist.device, torch.float32)
+    except (OSError, RuntimeError, KeyError) as e:
+        raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
+                         f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not a.resume:
+        start_run_folder(a, config, dist)                             # every check passed: now write
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
@@ -1157,12 +1210,15 @@ def read_stage2_run(folder):
     path = os.path.join(folder, "distill.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} is not a finished distill.py run (no distill.json)")
-    with open(path) as f:
-        record = json.load(f)
-    if record["stage"] != 2:
-        raise ValueError(f"{folder} is a Stage-{record['stage']} run; the recovery report reads Stage-2 runs")
-    with open(os.path.join(folder, "metrics.jsonl")) as f:
-        lines = [json.loads(l) for l in f if l.strip()]
+    record = read_json(path)
+    if record.get("stage") != 2:
+        raise ValueError(f"{folder} is a Stage-{record.get('stage')} run; the recovery report reads Stage-2 runs")
+    path = os.path.join(folder, "metrics.jsonl")
+    try:
+        with open(path) as f:
+            lines = [json.loads(l) for l in f if l.strip()]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"'{path}' cannot be read as JSON lines ({e})") from None
     teacher = [l["ppl"] for l in lines if l["type"] == "teacher_eval"]
     if not teacher:
         raise ValueError(f"{folder}: no teacher_eval line in metrics.jsonl (the run had no --eval-data?)")
@@ -1170,8 +1226,7 @@ def read_stage2_run(folder):
     conv = os.path.join(folder, "conversion.json")
     label = os.path.basename(os.path.normpath(folder))
     if os.path.isfile(conv):
-        with open(conv) as f:
-            label = json.load(f).get("init", label)
+        label = read_json(conv).get("init", label)
     return label, teacher[0], curve, (record.get("test") or {}).get("ppl"), record
 
 

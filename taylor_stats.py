@@ -269,7 +269,12 @@ def main(argv=None):
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--out", default="results/taylor_stats.json")
     args = p.parse_args(argv)
+    if args.calib_seqs < 1 or args.calib_len < 2:
+        p.error(f"--calib-seqs must be >= 1 and --calib-len >= 2 (got {args.calib_seqs}, {args.calib_len})")
     try:
+        convert.check_writable(args.out, "--out")
+        if args.calib_data:
+            distill.read_text(args.calib_data)
         teacher, tok, source = convert.load_teacher(args.teacher)
         ids = convert.calib_ids(args, tok)
         stats = collect_stats(teacher, ids, keep_io=False)

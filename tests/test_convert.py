@@ -78,6 +78,56 @@ def test_unreadable_teacher(tmp_path, capsys):
         assert code == 2 and "could not" in io.err and not (tmp_path / "o").exists()
 
 
+def test_teacher_that_is_a_hybrid_or_broken(teacher_dir, eval_text, tmp_path, capsys):
+    """A hybrid given as the teacher, a teacher whose weights file is cut short, a file where a folder
+    is due: one line each, nothing written."""
+    import shutil
+    hybrid = tmp_path / "hybrid"
+    assert run(["--teacher", teacher_dir, "--keep", "1/2", "--init", "naive", "--out", str(hybrid), "--no-sample",
+                "--eval-data", eval_text, "--window", "64", "--max-windows", "1"], capsys)[0] == 0
+    broken = tmp_path / "broken"
+    shutil.copytree(teacher_dir, broken)
+    w = broken / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:100])
+    (tmp_path / "t.sh").write_text("echo\n")
+    for teacher, message in ((hybrid, "is a hybrid written by convert.py"), (broken, "could not load teacher"),
+                             (tmp_path / "t.sh", "is a file, not a model folder")):
+        code, io = run(["--teacher", str(teacher), "--out", str(tmp_path / "o")], capsys)
+        assert code == 2 and message in io.err and "Traceback" not in io.err and not (tmp_path / "o").exists()
+
+
+def test_outputs_that_cannot_be_written_fail_first(teacher_dir, eval_text, tmp_path, capsys):
+    """--out or --results under a file, or --results naming a folder: refused before the teacher
+    loads, nothing written (no temporary file or folder left)."""
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "dir.json").mkdir()
+    for argv in (["--out", str(tmp_path / "file.txt" / "sub")],
+                 ["--table", "--results", str(tmp_path / "file.txt" / "t")],
+                 ["--bench", "--results", str(tmp_path / "dir"), "--contexts", "32", "--batches", "1"]):
+        code, io = run(["--teacher", teacher_dir, "--eval-data", eval_text] + argv, capsys)
+        assert code == 2 and ("not a folder this process can write in" in io.err or "is a folder" in io.err), io.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "eval.txt", "file.txt"]
+
+
+def test_table_keeps_an_existing_results_file(teacher_dir, eval_text, tmp_path, capsys):
+    """--table rewrites its --results after every init: an existing one is refused unless --append
+    or --overwrite says what to do with it; a --scores file that is not a scores cache is refused
+    rather than written into."""
+    stem = tmp_path / "t"
+    (tmp_path / "t.json").write_text('{"cells": []}')
+    base = ["--teacher", teacher_dir, "--eval-data", eval_text, "--window", "64", "--max-windows", "1",
+            "--table", "--keeps", "1/2", "--inits", "naive", "--results", str(stem)]
+    code, io = run(base, capsys)
+    assert code == 2 and "already exists" in io.err and (tmp_path / "t.json").read_text() == '{"cells": []}'
+    other = tmp_path / "other.json"
+    other.write_text('{"teacher": "x", "layers": 4}')
+    code, io = run(["--teacher", teacher_dir, "--eval-data", eval_text, "--policy", "ar", "--scores", str(other),
+                    "--window", "64", "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not a scores JSON" in io.err and other.read_text() == '{"teacher": "x", "layers": 4}'
+    code, io = run(base + ["--overwrite"], capsys)
+    assert code == 0 and json.loads((tmp_path / "t.json").read_text())["cells"]
+
+
 def test_unsupported_architecture(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
@@ -697,3 +747,24 @@ def test_hub_id_offline_fails_at_once(monkeypatch):
     with pytest.raises(ValueError, match="not in the local cache, and the hub is unreachable"):
         load_teacher("no-such-org/no-such-model-3f9c")
     assert time.time() - t0 < 10
+
+
+def test_a_killed_conversion_leaves_no_temporary_folder(teacher_dir, eval_text, tmp_path):
+    """SIGTERM (a timeout, a scheduler) mid-conversion: the run unwinds as after Ctrl-C, so the
+    temporary --out folder is removed and nothing is left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "o"
+    p = subprocess.Popen([sys.executable, os.path.join(here, "convert.py"), "--teacher", teacher_dir, "--init", "taylor",
+                          "--init-opt", "steps=1000000", "--out", str(out), "--eval-data", eval_text, "--window", "64",
+                          "--no-sample"], cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(q.name.startswith(".o.tmp-") for q in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1.0)                                    # into the conversion, past the folder's creation
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 128 + signal.SIGTERM
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["eval.txt"]

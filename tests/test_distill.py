@@ -126,6 +126,11 @@ def test_parse_tokens_and_schedule():
     assert distill.parse_tokens("123") == 123
     with pytest.raises(ValueError):
         distill.parse_tokens("lots")
+    for bad in ("inf", "1e999", "nan", "-1"):
+        with pytest.raises(ValueError, match="is not a token count"):
+            distill.parse_tokens(bad)
+    with pytest.raises(ValueError, match="--eval-every 'abc' is not"):
+        distill.parse_tokens("abc", "--eval-every")
     assert distill.lr_factor(0, 10, "cosine") == 1.0 and distill.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
     assert distill.lr_factor(9, 10, "constant") == 1.0 and distill.lr_factor(0, 10, "cosine", warmup=4) == 0.25
 
@@ -306,6 +311,7 @@ def test_student_without_gdn_layers_and_missing_eval_text(setup, tmp_path, capsy
     (["--eval-window", "1"], "--eval-window must be >= 2"),
     (["--clip", "-1"], "must be positive"),
     (["--peak-tflops", "0"], "must be positive"),
+    (["--eval-window", "100000"], "a smaller --eval-window"),
 ])
 def test_budget_and_data_sizes(setup, tmp_path, capsys, change, message):
     code = distill.main(args(setup, tmp_path / "o", extra=change))
@@ -324,6 +330,74 @@ def test_existing_out_and_resume_with_another_configuration(setup, tmp_path, cap
     assert "another configuration" in err and "lr: 0.003 there, 0.005 now" in err
     after = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
     assert before == after
+
+
+@pytest.mark.parametrize("change", [["--lr", "-1"], ["--lr", "nan"], ["--beta1", "2"], ["--weight-decay", "-1"],
+                                    ["--min-lr-ratio", "5"], ["--warmup-steps", "-5"], ["--grad-ckpt", "-1"],
+                                    ["--ckpt-every", "-1"], ["--profile-steps", "-1"], ["--keep-checkpoints", "0"],
+                                    ["--tokens", "inf"], ["--tokens", "1e999"], ["--eval-every", "abc"]])
+def test_bad_value_creates_nothing_and_overwrites_nothing(setup, tmp_path, capsys, change):
+    """A bad value is named before --out is created, or, under --overwrite, deleted."""
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "distill.json").write_text("{}")
+    assert distill.main(args(setup, tmp_path / "new", extra=change)) == 2
+    assert change[0] in capsys.readouterr().err and untouched(tmp_path / "new")
+    assert distill.main(args(setup, old, extra=[*change, "--overwrite"])) == 2
+    assert change[0] in capsys.readouterr().err and os.listdir(old) == ["distill.json"]
+
+
+def test_student_whose_weights_do_not_load_leaves_the_old_run(setup, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "distill.json").write_text("{}")
+    student = tmp_path / "h"
+    shutil.copytree(setup["hybrid"], student)
+    weights = student / "model.safetensors"
+    state = load_file(weights)
+    save_file({k: v for k, v in state.items() if k != sorted(state)[-1]}, weights, metadata={"format": "pt"})
+    a = args({**setup, "hybrid": str(student)}, old, extra=["--overwrite"])
+    assert distill.main(a) == 2 and "could not load the student's weights" in capsys.readouterr().err
+    assert os.listdir(old) == ["distill.json"]
+    weights.unlink()
+    assert distill.main(a) == 2 and "no .safetensors file" in capsys.readouterr().err
+    assert os.listdir(old) == ["distill.json"]
+
+
+@pytest.mark.parametrize("name", ["config.json", "conversion.json", "distill.json"])
+def test_student_with_a_broken_json_file_is_named(setup, tmp_path, capsys, name):
+    student = tmp_path / "h"
+    shutil.copytree(setup["hybrid"], student)
+    (student / name).write_text("not json")
+    assert distill.main(args({**setup, "hybrid": str(student)}, tmp_path / "o")) == 2
+    assert f"'{student / name}' is not a valid JSON file" in capsys.readouterr().err and untouched(tmp_path / "o")
+
+
+def test_out_teacher_and_resume_are_checked_before_the_corpus_is_read(setup, tmp_path, capsys, monkeypatch):
+    def read(*_):
+        raise AssertionError("the corpus is read before the cheap checks")
+    monkeypatch.setattr(distill, "corpus_ids", read)
+    out = tmp_path / "run"
+    out.mkdir()
+    assert distill.main(args(setup, out)) == 2 and "already exists" in capsys.readouterr().err
+    assert distill.main(args(setup, tmp_path / "o", extra=["--teacher", str(tmp_path / "no-teacher")])) == 2
+    assert "does not exist" in capsys.readouterr().err and untouched(tmp_path / "o")
+    assert distill.main(args(setup, tmp_path / "o", extra=["--resume"])) == 2
+    assert "nothing to resume" in capsys.readouterr().err and untouched(tmp_path / "o")
+
+
+def test_write_atomic_leaves_no_temp_file(tmp_path, monkeypatch):
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        distill.write_json(str(tmp_path / "d"), {})
+
+    def replace(src, dst):
+        raise OSError("the rename fails")
+    monkeypatch.setattr(distill.os, "replace", replace)
+    with pytest.raises(OSError, match="the rename fails"):
+        distill.write_atomic(str(tmp_path / "f.txt"), "text")
+    assert os.listdir(tmp_path) == ["d"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -354,9 +428,19 @@ def test_convert_chains_both_stages(setup, tmp_path):
                                            "smaller than one step"),
                                           (["--distill-args", "--seq 1 --eval-data none --test-data none"], "--seq must be >= 2"),
                                           (["--distill-args", "--eval-data /no/such.txt"], "--eval-data"),
-                                          (["--out", ""], "--distill-tokens needs --out")])
+                                          (["--out", ""], "--distill-tokens needs --out"),
+                                          (["--distill-args", "--stage 2"], "may not set --stage"),
+                                          (["--distill-args", "--seed 3 --out=/tmp/x"], "may not set --out, --seed"),
+                                          (["--distill-data", "SHORT", "--distill-args",
+                                            "--seq 16 --batch 2 --eval-data none --test-data none"],
+                                           "fewer tokens than one Stage 1 batch of 2 x 16"),
+                                          (["--distill-data", "BINARY"], "not UTF-8")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
+    (tmp_path / "short.txt").write_text("three short words")
+    (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
+    bad = [str(tmp_path / "short.txt") if a == "SHORT" else str(tmp_path / "binary.txt") if a == "BINARY" else a
+           for a in bad]
     argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
             "--distill-tokens", "128,64", "--distill-data", setup["train"]] + bad
     try:
@@ -449,6 +533,12 @@ def test_recovery_report(tmp_path, capsys):
     for run in (fewer, other):
         assert distill.main(["--recovery", naive, run, "--results", stem]) == 2
         assert "not evaluated alike" in capsys.readouterr().err
+    # a broken record is named
+    for name in ("distill.json", "conversion.json"):
+        broken = fake_stage2_run(tmp_path / f"broken-{name}", "broken", [(0, 300.0)])
+        open(os.path.join(broken, name), "w").write("")
+        assert distill.main(["--recovery", naive, broken, "--results", stem]) == 2
+        assert os.path.join(broken, name) in capsys.readouterr().err
 
 
 def test_stage2_logs_the_teacher_on_the_eval_windows(setup, tmp_path):

@@ -262,7 +262,11 @@ def test_init_options_are_checked():
     for bad, message in ((["beta_span=0.7"], "lie in \\(0, 1\\)"), (["beta_min=0"], "lie in"),
                          (["beta_grid=0.5,1"], "lie in"), (["beta_grid=0.5;x"], "comma-separated list"),
                          (["gamma_min=6"], "gamma_min <= gamma_max"), (["sigma_min=-1"], "0 < sigma_min"),
-                         (["dt_min=0.5"], "dt_min <= dt_max"), (["gamma_grid=0,1"], "must be > 0")):
+                         (["dt_min=0.5"], "dt_min <= dt_max"), (["gamma_grid=0,1"], "must be > 0"),
+                         (["steps=inf"], "finite"), (["seed=nan"], "finite"), (["a_max=0"], "a_max must be > 0"),
+                         (["dt_floor=-1"], "dt_floor must be > 0"), (["lr_qkv=-1"], "lr_qkv must be > 0"),
+                         (["clip=-1"], "clip must be > 0"), (["gate_std=-1"], "gate_std must be >= 0"),
+                         (["ridge=-1"], "ridge must be >= 0")):
         with pytest.raises(ValueError, match=message):
             calibrate.parse_opts(bad)
 
@@ -374,7 +378,8 @@ def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     argv = [str(text) if a == "EVAL" else a for a in argv]
     try:
         code = convert.main(["--teacher", teacher_dir, "--eval-data", str(text), "--calib-data", str(calib),
-                             "--window", "64", "--no-sample", "--out", str(out)] + argv)
+                             "--window", "64", "--no-sample", "--out", str(out),
+                             "--results", str(tmp_path / "table")] + argv)
     except SystemExit as e:                                         # refused while parsing the arguments
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
@@ -431,3 +436,22 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     assert calibrate.main(["--teacher", teacher_dir, "--layers", "1", "--calib-data", str(text), "--variants",
                            "taylor:phase2_input=student", "--out", str(other)]) == 2
     assert not (tmp_path / "other.json").exists()
+
+
+def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path, capsys):
+    """calibrate.py and taylor_stats.py: one line (or argparse's exit) for bad layers, variants, sizes
+    and outputs; nothing written."""
+    base = ["--teacher", teacher_dir, "--out", str(tmp_path / "a")]
+    for argv, message in ((["--layers", "9"], "out of range: the teacher has 4 layers"),
+                          (["--layers", "abc"], "not a comma-separated list"), (["--layers", "1,1"], "twice"),
+                          (["--variants", "taylor:steps"], "variant 'taylor:steps': option 'steps' is not NAME=VALUE")):
+        assert calibrate.main(base + argv) == 2
+        assert message in capsys.readouterr().err
+    (tmp_path / "dir").mkdir()
+    assert taylor_stats.main(["--teacher", teacher_dir, "--out", str(tmp_path / "dir")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    for main in (calibrate.main, taylor_stats.main):
+        with pytest.raises(SystemExit):
+            main(base + ["--calib-seqs", "0"])
+        assert "--calib-seqs must be >= 1" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"] and not list((tmp_path / "dir").iterdir())
