@@ -176,11 +176,9 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
 # The record that goes with every measurement
 # ----------------------------------------------------------------------------------------------
 
-def run_info(seed=None):
-    """Commit, device, versions, seed and command: what anyone needs to reproduce a number."""
+def _git_state():
+    """(commit, dirty) of the checkout this file is in, or (None, None) outside git."""
     here = os.path.dirname(os.path.abspath(__file__))
-    if os.environ.get("GIT_COMMIT"):     # said explicitly: a copy of the tree (a GPU box) whose .git, if
-        return {**_machine(seed), "commit": os.environ["GIT_COMMIT"], "dirty": None}   # any, is stale
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
         commit = r.stdout.strip() if r.returncode == 0 else None
@@ -188,6 +186,19 @@ def run_info(seed=None):
                                     text=True, cwd=here).stdout.strip()) if commit else None
     except OSError:
         commit, dirty = None, None
+    return commit, dirty
+
+
+# Read when the process starts: a run records the code it ran, even if the checkout moves on (a
+# commit) before its results are written.
+_GIT_AT_START = _git_state()
+
+
+def run_info(seed=None):
+    """Commit, device, versions, seed and command: what anyone needs to reproduce a number."""
+    if os.environ.get("GIT_COMMIT"):     # said explicitly: a copy of the tree (a GPU box) whose .git, if
+        return {**_machine(seed), "commit": os.environ["GIT_COMMIT"], "dirty": None}   # any, is stale
+    commit, dirty = _GIT_AT_START
     return {**_machine(seed), "commit": commit, "dirty": dirty}
 
 
