@@ -85,6 +85,11 @@ results/zeroshot_plus_layers.md per layer on the CPU):
       falls from ~0.45 to ~0.34 for align-only on layers 5 and 18, results/zeroshot_plus_layers_16x256.md),
       and align-only stays ahead of taylor and taylor-plus there too. On a GPU, --calib-seqs 16 is
       the cheapest improvement we found (zero-shot: below).
+    * METHOD's two write gates side by side (results/write_gate_layers.md, zero-shot
+      results/zeroshot_write_gate_{rescale,bias}.md): after Phase 1 the bias leaves beta 0.01-0.02 off
+      its target and token-dependent (std 0.02), rescaling 0.13-0.15 off; after Phase 2 taylor is
+      325.0 with the bias vs 334.5 rescaled at keep 1/4 uniform, and within a few percent either way
+      in the other five cells -- another start that Phase 2 mostly erases.
 
   align-plus is where this leads: keep the naive gates, and spend the effort on the alignment
   itself -- train W_o and the readout norm with W_q, W_k, W_v and the gates (train_out=1). Per layer
