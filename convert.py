@@ -224,7 +224,7 @@ def parse_keep(text):
             raise ValueError(f"--keep '{text}' is not a fraction in (0, 1] (examples: 1/4, 0.25) nor a list of layer indices (0,4,8)")
         return "fraction", f
     try:
-        idx = [int(t) for t in text.split(",") if t.strip()]
+        idx = [int(t) for t in text.split(",")]         # (an empty item, as in 0,,2, is an error too)
     except ValueError:
         idx = []
     if not idx:

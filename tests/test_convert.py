@@ -137,7 +137,7 @@ def test_unsupported_architecture(tmp_path, capsys):
 
 @pytest.mark.parametrize("keep, message", [
     ("", "fraction"), ("0/4", "fraction"), ("1.5", "fraction"), ("abc", "fraction"),
-    ("0,0", "more than once"), ("0,99", "99"), ("-1/4", "fraction"), ("4", "out of range")])
+    ("0,0", "more than once"), ("0,99", "99"), ("-1/4", "fraction"), ("4", "out of range"), ("0,,2", "fraction")])
 def test_bad_keep(keep, message, teacher_dir, eval_text, tmp_path, capsys):
     out = tmp_path / "o"
     code, io = run(["--teacher", teacher_dir, f"--keep={keep}", "--out", str(out), "--eval-data", eval_text,
