@@ -164,13 +164,17 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         check_family(config, spec)
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=offline)
-            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
-        except OSError as e:                            # a config without weights or tokenizer
+        except OSError as e:                            # a config without weights
             raise ValueError(f"could not load teacher '{spec}': {str(e).splitlines()[0]} (for random weights "
                              f"in its shape, pass random:{spec})") from None
-        except Exception as e:                          # truncated weights, a broken tokenizer file, ...
+        except Exception as e:                          # truncated weights, ...
             raise ValueError(f"could not load teacher '{spec}': {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
+        except Exception as e:                          # no tokenizer files, a broken one
+            raise ValueError(f"could not load the tokenizer of teacher '{spec}' ({type(e).__name__}): the folder "
+                             f"needs the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...)") from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer, described
 
 

@@ -90,8 +90,11 @@ def test_teacher_that_is_a_hybrid_or_broken(teacher_dir, eval_text, tmp_path, ca
     w = broken / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])
     (tmp_path / "t.sh").write_text("echo\n")
+    notok = tmp_path / "notok"
+    tiny_model("llama").save_pretrained(notok)
     for teacher, message in ((hybrid, "is a hybrid written by convert.py"), (broken, "could not load teacher"),
-                             (tmp_path / "t.sh", "is a file, not a model folder")):
+                             (tmp_path / "t.sh", "is a file, not a model folder"),
+                             (notok, "needs the model's tokenizer files")):
         code, io = run(["--teacher", str(teacher), "--out", str(tmp_path / "o")], capsys)
         assert code == 2 and message in io.err and "Traceback" not in io.err and not (tmp_path / "o").exists()
 
