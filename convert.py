@@ -571,6 +571,8 @@ def parse_args(argv):
         budgets = [distill.parse_tokens(t) for t in args.distill_tokens.split(",")]
         if len(budgets) != 2 or args.table:
             p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M), and no --table")
+        if not any(budgets):
+            p.error("--distill-tokens 0,0 runs no stage: give a budget to at least one")
         args.distill_tokens = budgets
         if not args.out:
             p.error("--distill-tokens needs --out (the hybrid's folder; the stages run beside it)")
@@ -620,6 +622,10 @@ def run_convert(args):
     check_init_opts(args, [args.init], init_opts)
     if args.policy == "ga-s2":
         ga_probe_init(args, init_opts)
+    elif args.probe_init != "same":
+        raise ValueError(f"--probe-init is GA-S2's (--policy ga-s2), not --policy {args.policy}'s")
+    if args.scores and args.policy == "uniform":
+        raise ValueError("--scores holds the ar and ga-s2 policies' scores; --policy uniform measures none")
     read_inputs(args)
     spec = teacher_spec(args.teacher)
     distill.check_apart(args.out, teacher=spec.split(":", 1)[1] if spec.startswith("random:") else spec,

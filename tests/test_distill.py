@@ -429,6 +429,7 @@ def test_convert_chains_both_stages(setup, tmp_path):
                                           (["--distill-args", "--seq 1 --eval-data none --test-data none"], "--seq must be >= 2"),
                                           (["--distill-args", "--eval-data /no/such.txt"], "--eval-data"),
                                           (["--out", ""], "--distill-tokens needs --out"),
+                                          (["--distill-tokens", "0,0"], "runs no stage"),
                                           (["--distill-args", "--stage 2"], "may not set --stage"),
                                           (["--distill-args", "--seed 3 --out=/tmp/x"], "may not set --out, --seed"),
                                           (["--distill-data", "SHORT", "--distill-args",

@@ -369,6 +369,8 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--table", "--policies", "ga-s2", "--init-opt", "phase2_input=student"], "must be layer-wise"),
     (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
     (["--calib-data", "EVAL"], "are the same file"),
+    (["--probe-init", "naive"], "--probe-init is GA-S2's"),
+    (["--scores", "s.json"], "--policy uniform measures none"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
