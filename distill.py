@@ -1019,11 +1019,13 @@ def run_config(a, spec):
 
 def check_run_folder(a, config):
     """A new run: --out must not exist (or --overwrite). --resume: --out's run.json must hold the same
-    configuration; returns the checkpoint to continue from (None: start at step 0). Only reads."""
+    configuration; returns the checkpoint to continue from (None: start at step 0). --resume where
+    --out does not exist yet starts the run, so a job that may be killed and restarted can always
+    pass --resume. Only reads."""
     run_json = os.path.join(a.out, "run.json")
-    if a.resume:
-        if not os.path.exists(a.out):
-            raise ValueError(f"--resume: nothing to resume in '{a.out}' (it does not exist)")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        raise ValueError(f"--out '{a.out}' is a file, not a run folder")
+    if a.resume and os.path.exists(a.out):
         if not os.path.isfile(run_json):
             raise ValueError(f"--resume: '{a.out}' is not a distill.py run folder (no run.json)")
         old = read_json(run_json)["config"]
@@ -1134,7 +1136,9 @@ def distill(a):
     except (OSError, RuntimeError, KeyError) as e:
         raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    if not a.resume:
+    if not (a.resume and os.path.isdir(a.out)):
+        if a.resume and dist.main:
+            print(f"--resume: nothing to resume in {a.out} yet; starting the run")
         start_run_folder(a, config, dist)                             # every check passed: now write
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
     if dist.main:

@@ -383,8 +383,16 @@ def test_out_teacher_and_resume_are_checked_before_the_corpus_is_read(setup, tmp
     assert distill.main(args(setup, out)) == 2 and "already exists" in capsys.readouterr().err
     assert distill.main(args(setup, tmp_path / "o", extra=["--teacher", str(tmp_path / "no-teacher")])) == 2
     assert "does not exist" in capsys.readouterr().err and untouched(tmp_path / "o")
-    assert distill.main(args(setup, tmp_path / "o", extra=["--resume"])) == 2
-    assert "nothing to resume" in capsys.readouterr().err and untouched(tmp_path / "o")
+    (tmp_path / "f").write_text("x")
+    assert distill.main(args(setup, tmp_path / "f", extra=["--overwrite"])) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"
+
+
+def test_resume_where_nothing_ran_yet_starts_the_run(setup, tmp_path, capsys):
+    """A job that may be killed and restarted passes --resume every time: the first launch starts."""
+    out = tmp_path / "run"
+    assert distill.main(args(setup, out, extra=["--resume"])) == 0
+    assert "nothing to resume" in capsys.readouterr().out and (out / "distill.json").exists()
 
 
 def test_write_atomic_leaves_no_temp_file(tmp_path, monkeypatch):
