@@ -202,9 +202,12 @@ def parse_opts(pairs):
 
 def _grid(o, name):
     try:
-        return [float(s) for s in str(o[name]).split(",")]
+        grid = [float(s) for s in str(o[name]).split(",")]
     except ValueError:
-        raise ValueError(f"init option {name}='{o[name]}' is not a comma-separated list of numbers") from None
+        grid = [math.nan]
+    if not all(math.isfinite(g) for g in grid):
+        raise ValueError(f"init option {name}='{o[name]}' is not a comma-separated list of (finite) numbers")
+    return grid
 
 
 def resolve(opts, preset=None):
@@ -222,10 +225,10 @@ def resolve(opts, preset=None):
             raise ValueError(f"init options: need 0 < {lo} <= {hi}, got {o[lo]} and {o[hi]}")
     if o["steps"] < 0 or o["val_rows"] < 0:
         raise ValueError(f"init options steps and val_rows must be >= 0 (got {o['steps']}, {o['val_rows']})")
-    for name in ("a_max", "dt_floor", "lr_qkv", "lr_gates", "clip"):            # logs, clamps, steps: > 0
+    for name in ("a_max", "dt_floor", "clip", "conc_eps"):            # a log, a clamp, a clip, a divisor: > 0
         if not o[name] > 0:
             raise ValueError(f"init option {name} must be > 0 (got {o[name]})")
-    for name in ("gate_std", "ridge", "weight_decay", "damping", "dist_floor", "conc_eps"):
+    for name in ("gate_std", "ridge", "weight_decay", "damping", "dist_floor", "lr_qkv", "lr_gates"):  # (lr 0: frozen)
         if not o[name] >= 0:
             raise ValueError(f"init option {name} must be >= 0 (got {o[name]})")
     if min(_grid(o, "gamma_grid")) <= 0:

@@ -45,7 +45,7 @@ except ImportError:                      # CPU-only installs: decoding attention
     triton = None
 
 import distill
-from calibrate import INITS, PRESETS, layerwise, parse_opts, resolve
+from calibrate import INIT_PHASES, INITS, PRESETS, layerwise, parse_opts, resolve
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 from gdn_kernel import pdl_launch
 
@@ -179,17 +179,21 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
 
 
 def hub_reachable(timeout=3.0):
-    """Whether the model hub (HF_ENDPOINT, else huggingface.co) takes a connection within `timeout`
-    seconds, unless HF_HUB_OFFLINE says not to try."""
-    import socket
-    import urllib.parse
+    """Whether the model hub (HF_ENDPOINT, else huggingface.co) answers a request within `timeout`
+    seconds (through the environment's proxies, as the hub client would), unless HF_HUB_OFFLINE says
+    not to try. Any HTTP answer counts: the hub is there."""
+    import urllib.error
+    import urllib.request
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no"):
         return False
-    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     try:
-        socket.create_connection((url.hostname, url.port or (80 if url.scheme == "http" else 443)), timeout).close()
+        # (a new opener: it reads the proxies from the environment now, where urlopen's is made once)
+        urllib.request.build_opener().open(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):
         return False
 
 
@@ -584,13 +588,10 @@ def parse_args(argv):
             extra = shlex.split(args.distill_args)
         except ValueError as e:
             p.error(f"--distill-args '{args.distill_args}': {e}")
-        own = {"--student", "--stage", "--tokens", "--data", "--out", "--seed", "--device", "--overwrite", "--resume"}
-        clash = sorted({a.split("=")[0] for a in extra if a.split("=")[0] in own})
-        if clash:
-            p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --out, "
-                    f"--distill-tokens, --distill-data, --seed, --device, --overwrite)")
         files = distill.text_files(args.distill_data)
-        size = 0                                # bytes: a token spans at least one (byte-level BPE)
+        # Bytes, for a lower bound on the tokens: a byte-level BPE token spans at least one byte, and
+        # the bound below allows two tokens a byte (+ an EOS a document) for tokenizers that split more.
+        size = 0
         for f in files:
             try:
                 size += len(distill.read_text(f, "plain").encode())
@@ -601,10 +602,18 @@ def parse_args(argv):
             if tokens and os.path.exists(out) and not args.overwrite:
                 p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
             a = distill.parse_args(argv)
+            # What the chain sets itself, --distill-args may not change (under any spelling argparse
+            # takes: --tok is --tokens).
+            own = ("student", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume")
+            chain = distill.parse_args(argv[:len(argv) - len(extra)])
+            clash = [f"--{k}" for k in own if getattr(a, k) != getattr(chain, k)]
+            if clash:
+                p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --out, "
+                        f"--distill-tokens, --distill-data, --seed, --device, --overwrite)")
             if tokens:
                 distill.check_shapes(a, 1)
-                if size + len(files) < a.seq * a.batch:          # (+ one EOS a document)
-                    p.error(f"--distill-data '{args.distill_data}' holds {size} bytes, fewer tokens than one "
+                if 2 * size + len(files) < a.seq * a.batch:
+                    p.error(f"--distill-data '{args.distill_data}' holds {size} bytes, too few tokens for one "
                             f"Stage {stage} batch of {a.batch} x {a.seq}")
     return args
 
@@ -693,8 +702,9 @@ def read_inputs(args):
 def check_init_opts(args, inits, init_opts):
     """What the options would make fail only inside Phase 2, after the teacher pass: checked now."""
     for init in inits:
-        v = resolve(init_opts, PRESETS.get(init))["val_rows"]
-        if v and v >= args.calib_seqs:
+        o = resolve(init_opts, PRESETS.get(init))
+        v = o["val_rows"]
+        if v and v >= args.calib_seqs and INIT_PHASES.get(init, (0, 0))[1] and o["steps"]:
             raise ValueError(f"init {init}: val_rows={v} must leave at least one of the --calib-seqs "
                              f"{args.calib_seqs} calibration sequences to fit")
 
@@ -770,6 +780,8 @@ def run_table(args):
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
     check_init_opts(args, inits, init_opts)
+    if args.probe_init != "same":
+        raise ValueError("--table's GA-S2 probes use each cell's own init; --probe-init is for one conversion")
     read_inputs(args)
     if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
         raise ValueError("--policies ga-s2 probes each layer with the cell's own init, which must be layer-wise; "
@@ -795,7 +807,7 @@ def run_table(args):
         keep_count(n, k)
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows, "init_opts": init_opts}
+            "window": args.window, "max_windows": args.max_windows, "init_opts": given_opts(init_opts)}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
     if differ:
         raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
@@ -853,12 +865,19 @@ def run_table(args):
     print(table_markdown(record))
 
 
+def given_opts(init_opts):
+    """The --init-opt options that change something (those equal to their default dropped): what a
+    table records, so tables compare whatever way the same options were spelled."""
+    from calibrate import OPTIONS
+    return {k: v for k, v in init_opts.items() if v != OPTIONS[k][0]}
+
+
 def write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells):
     """The table's JSON and markdown, rewritten (atomically) after every init, merged with --append's
     earlier cells (a cell measured again replaces the old one)."""
     from taylor_stats import summary
     record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin", "window": args.window,
-              "max_windows": args.max_windows, "init_opts": parse_opts(args.init_opt),
+              "max_windows": args.max_windows, "init_opts": given_opts(parse_opts(args.init_opt)),
               "calib_data": args.calib_data or "builtin", "calib": [args.calib_seqs, args.calib_len],
               "teacher_ppl": teacher_ppl, "dtype": args.dtype, "stats": summary(stats), "stats_seconds": stats_seconds,
               "policy_scores": {k: v for k, v in cache.items() if source in k}, "cells": list(cells),

@@ -299,6 +299,7 @@ def stack_projections(model):
         # kernel (one more launch a GDN layer, seen in inductor's code on the H100).
         w, _ = stack_as_views(list(m.inputs().values()), rows_multiple=64)
         b = m.input_bias(w.shape[0] - sum(lin.out_features for lin in m.inputs().values()))
+        b = None if b is None else b.detach()                  # (a buffer, no autograd history)
         if b is not None:                                      # W_b's bias becomes a view into it
             at = 4 * m.num_heads * m.head_dim + m.num_heads
             m.b_proj.bias.data = b[at:at + m.num_heads]
@@ -404,9 +405,10 @@ def dropped_weights(attn):
 _said = set()       # hybridize's warnings, once per process (GA-S2 builds one hybrid per layer)
 
 
-def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False):
+def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, warn=True):
     """Replace the attention module of every layer in `gdn_layers` by a GDN layer copied from it, in
-    place, and record the hybrid's shape in model.config.hybrid (saved with the config)."""
+    place, and record the hybrid's shape in model.config.hybrid (saved with the config). warn: say
+    which teacher weights are dropped (not when rebuilding a saved hybrid: no teacher there)."""
     layers = decoder_layers(model)
     gdn_layers = sorted(set(int(i) for i in gdn_layers))
     bad = [i for i in gdn_layers if not 0 <= i < len(layers)]
@@ -414,7 +416,7 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False):
         raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
     dropped = sorted({n for i in gdn_layers for n in dropped_weights(layers[i].self_attn)})
     msg = f"teacher {', '.join(dropped)} have no place in GDN: dropped in the converted layers"
-    if dropped and msg not in _said:
+    if warn and dropped and msg not in _said:
         _said.add(msg)
         log.warning(msg)
     for i in gdn_layers:
@@ -467,7 +469,8 @@ def load_hybrid(path, device="cpu", dtype=None):
     if not hyb or "gdn_layers" not in hyb:
         raise ValueError(f"{path} is not a hybrid saved by convert.py (its config.json has no 'hybrid' entry)")
     model = AutoModelForCausalLM.from_config(config)
-    hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6), hyb.get("beta_bias", False))
+    hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6), hyb.get("beta_bias", False),
+              warn=False)
     state = {}
     for f in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
         state.update(load_state_dict(os.path.join(path, f)))

@@ -771,3 +771,32 @@ def test_a_killed_conversion_leaves_no_temporary_folder(teacher_dir, eval_text, 
     p.send_signal(signal.SIGTERM)
     assert p.wait(60) == 128 + signal.SIGTERM
     assert sorted(q.name for q in tmp_path.iterdir()) == ["eval.txt"]
+
+
+def test_hub_reachable_goes_through_the_proxy(monkeypatch):
+    """hub_reachable asks the way the hub client would: through HTTP(S)_PROXY where one is set. A
+    local server stands in for a proxy (it answers whatever it is asked); an unknown host without it
+    is unreachable."""
+    import http.server
+    import threading
+    import convert as cv
+
+    class Answer(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *a):
+            pass
+    server = http.server.HTTPServer(("127.0.0.1", 0), Answer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
+        for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+            monkeypatch.delenv(k, raising=False)
+        assert not cv.hub_reachable(timeout=2)
+        monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_port}")
+        assert cv.hub_reachable(timeout=2)
+    finally:
+        server.shutdown()

@@ -442,11 +442,13 @@ def test_convert_chains_both_stages(setup, tmp_path):
                                           (["--distill-args", "--seed 3 --out=/tmp/x"], "may not set --out, --seed"),
                                           (["--distill-data", "SHORT", "--distill-args",
                                             "--seq 16 --batch 2 --eval-data none --test-data none"],
-                                           "fewer tokens than one Stage 1 batch of 2 x 16"),
+                                           "too few tokens for one Stage 1 batch of 2 x 16"),
+                                          (["--distill-args", "--tok 999 --stud /etc --res"],
+                                           "may not set --student, --tokens, --resume"),
                                           (["--distill-data", "BINARY"], "not UTF-8")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
-    (tmp_path / "short.txt").write_text("three short words")
+    (tmp_path / "short.txt").write_text("short")
     (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
     bad = [str(tmp_path / "short.txt") if a == "SHORT" else str(tmp_path / "binary.txt") if a == "BINARY" else a
            for a in bad]

@@ -156,7 +156,8 @@ def test_stacked_projections_share_the_weights(beta_bias, tmp_path):
             if beta_bias:
                 m.b_proj.bias.normal_()
         before = model(ids).logits
-        stack_projections(model)
+    stack_projections(model)                                          # (with autograd on, as a user would)
+    with torch.no_grad():
         gdn = gdn_modules(model)[2]
         assert gdn.stacked.shape[0] % 64 == 0
         assert gdn.k_proj.weight.data_ptr() == gdn.stacked[gdn.q_proj.out_features:].data_ptr()
@@ -415,11 +416,17 @@ def test_cache_operations_move_the_gdn_states():
     assert abs(out.sequences_scores.item() - logp.item()) < 1e-4
 
 
-def test_dropped_teacher_weights_said_once(caplog):
+def test_dropped_teacher_weights_said_once(caplog, tmp_path):
     """Qwen2's q/k/v biases and Qwen3's q/k norms have no place in GDN: hybridize says so in a
-    warning (shown without any logging set-up), once per process however many hybrids are built."""
+    warning (shown without any logging set-up), once per process however many hybrids are built;
+    loading a saved hybrid (no teacher involved) says nothing."""
     import logging
+    save_hybrid(hybridize(tiny_model("qwen2"), [1]), None, tmp_path / "h")
     gdn._said.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gdn"):
+        load_hybrid(tmp_path / "h")
+    assert not caplog.records
     with caplog.at_level(logging.WARNING, logger="gdn"):
         hybridize(tiny_model("qwen2"), [1, 2])
         hybridize(tiny_model("qwen2"), [3])

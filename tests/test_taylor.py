@@ -264,7 +264,8 @@ def test_init_options_are_checked():
                          (["gamma_min=6"], "gamma_min <= gamma_max"), (["sigma_min=-1"], "0 < sigma_min"),
                          (["dt_min=0.5"], "dt_min <= dt_max"), (["gamma_grid=0,1"], "must be > 0"),
                          (["steps=inf"], "finite"), (["seed=nan"], "finite"), (["a_max=0"], "a_max must be > 0"),
-                         (["dt_floor=-1"], "dt_floor must be > 0"), (["lr_qkv=-1"], "lr_qkv must be > 0"),
+                         (["dt_floor=-1"], "dt_floor must be > 0"), (["lr_qkv=-1"], "lr_qkv must be >= 0"),
+                         (["gamma_grid=nan,1"], "finite"), (["conc_eps=0"], "conc_eps must be > 0"),
                          (["clip=-1"], "clip must be > 0"), (["gate_std=-1"], "gate_std must be >= 0"),
                          (["ridge=-1"], "ridge must be >= 0")):
         with pytest.raises(ValueError, match=message):
@@ -370,6 +371,7 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
     (["--calib-data", "EVAL"], "are the same file"),
     (["--probe-init", "naive"], "--probe-init is GA-S2's"),
+    (["--table", "--probe-init", "naive"], "--probe-init is for one conversion"),
     (["--scores", "s.json"], "--policy uniform measures none"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
@@ -412,6 +414,9 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     assert convert.main(base + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias",
                                 "--append"]) == 2
     assert "another init_opts" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+    # An option spelled out at its default changes nothing, so it may join.
+    assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--init-opt", "write_gate=rescale",
+                                "--append"]) == 0
     # In a table of their own they are fine, and say so (write_gate=bias: GDN layers with a bias on W_b).
     own = [a if a != stem else stem + "_bias" for a in base]
     assert convert.main(own + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias"]) == 0
