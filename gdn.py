@@ -285,8 +285,9 @@ def stack_as_views(lins, rows_multiple=1):
 
 def stack_projections(model):
     """For decoding: give every GDN layer of `model` one stored [q; k; v; g; a; b] weight matrix whose
-    row blocks *are* its six input weights (each Linear's weight becomes a view into it), so
-    project() runs one matrix product and copies nothing. Training, load_state_dict and in-place
+    row blocks *are* its six input weights (each Linear's weight becomes a view into it; W_b's bias,
+    where it has one, likewise a view into one bias vector, zero elsewhere), so project() runs one
+    matrix product and copies nothing. Training, load_state_dict and in-place
     edits keep the sharing; whatever gives a weight new storage (.to(), a deep copy) ends it, and
     project() then notices and stacks per call again. Call it after moving the model. No extra memory
     but the zero rows that pad the stack (under 64)."""
