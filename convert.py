@@ -197,6 +197,28 @@ def hub_reachable(timeout=3.0):
         return False
 
 
+def teacher_layers(spec):
+    """The teacher's layer count where it reads without loading the model (a GGUF header, a
+    config.json, a random shape), else None: --keep is then checked before the teacher loads."""
+    try:
+        if spec.startswith("random:"):
+            spec = spec[len("random:"):]
+            if spec in RANDOM_SHAPES:
+                return RANDOM_SHAPES[spec]["num_hidden_layers"]
+        path = default_teacher_path() if spec == "default" else spec
+        if path.endswith(".gguf"):
+            import gguf
+            fields = gguf.GGUFReader(path).fields
+            arch = bytes(fields["general.architecture"].parts[-1]).decode()
+            return int(fields[f"{arch}.block_count"].parts[-1][0])
+        import json
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        return int(config.get("num_hidden_layers") or config["text_config"]["num_hidden_layers"])
+    except Exception:                               # anything else: load_teacher will say what is wrong
+        return None
+
+
 def teacher_spec(spec):
     """The --teacher argument in a form load_teacher accepts from any working directory (local paths
     made absolute): recorded in conversion.json so distill.py can reload the teacher."""
@@ -636,6 +658,9 @@ def run_convert(args):
     if args.scores and args.policy == "uniform":
         raise ValueError("--scores holds the ar and ga-s2 policies' scores; --policy uniform measures none")
     read_inputs(args)
+    n = teacher_layers(args.teacher)
+    if n:
+        choose_layers(n, keep)                                  # an impossible --keep: said now
     spec = teacher_spec(args.teacher)
     distill.check_apart(args.out, teacher=spec.split(":", 1)[1] if spec.startswith("random:") else spec,
                         **{"eval data": args.eval_data, "calibration data": args.calib_data})
@@ -694,9 +719,11 @@ def read_inputs(args):
     for flag, path, fmt in (("--calib-data", args.calib_data, "auto"), ("--eval-data", args.eval_data, args.eval_format)):
         if path:
             try:
-                distill.read_text(path, fmt)
+                text = distill.read_text(path, fmt)
             except ValueError as e:
                 raise ValueError(f"{flag}: {e}") from None
+            if not text.strip():
+                raise ValueError(f"{flag}: '{path}' holds no text")
 
 
 def check_init_opts(args, inits, init_opts):
@@ -1885,6 +1912,8 @@ def run_bench(args):
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
     check_results(args.results)
+    if args.profile and args.device != "cuda":
+        print("--profile records CUDA kernels: nothing to record on the CPU")
     teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype), tokenizer=False)
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]

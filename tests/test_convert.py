@@ -148,11 +148,32 @@ def test_bad_keep(keep, message, teacher_dir, eval_text, tmp_path, capsys):
     assert code == 2 and message in io.err and no_output(tmp_path, out), io.err
 
 
+def test_keep_checked_before_the_teacher_loads(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """The layer count reads from a config.json, a GGUF header or a random shape, so an impossible
+    --keep is refused before the (slow) teacher load."""
+    import convert as cv
+
+    def load(*a, **k):
+        raise AssertionError("the teacher was loaded before --keep was checked")
+    assert cv.teacher_layers(teacher_dir) == 4 and cv.teacher_layers("random:llama-3.2-1b") == 16
+    assert cv.teacher_layers("/no/such/folder") is None
+    monkeypatch.setattr(cv, "load_teacher", load)
+    for keep, message in (("0,99", "out of range: the teacher has 4 layers"), ("0,1,2,3", "all 4 layers")):
+        code, io = run(["--teacher", teacher_dir, f"--keep={keep}", "--out", str(tmp_path / "o"),
+                        "--eval-data", eval_text], capsys)
+        assert code == 2 and message in io.err, io.err
+
+
 def test_eval_text_shorter_than_a_window(teacher_dir, tmp_path, capsys):
     short = tmp_path / "short.txt"
     short.write_text("Too short.")
     code, io = run(["--teacher", teacher_dir, "--out", str(tmp_path / "o"), "--eval-data", str(short)], capsys)
     assert code == 2 and "fewer than one window" in io.err and no_output(tmp_path, tmp_path / "o")
+    empty = tmp_path / "empty.txt"
+    empty.write_text(" \n\n")
+    for flag in ("--eval-data", "--calib-data"):
+        code, io = run(["--teacher", teacher_dir, "--out", str(tmp_path / "o"), flag, str(empty)], capsys)
+        assert code == 2 and f"{flag}: '{empty}' holds no text" in io.err
 
 
 def test_undecodable_text(teacher_dir, tmp_path, capsys):
