@@ -145,7 +145,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         plain.load_state_dict(model.state_dict())
         model = plain
     else:
-        is_path = os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1
+        is_path = local_path(spec)
         if is_path and not os.path.isdir(spec):
             raise ValueError(f"teacher '{spec}' " + ("is a file, not a model folder" if os.path.exists(spec) else
                              "does not exist") + " (give a HF model folder, a .gguf file, a hub id, or 'default')")
@@ -176,6 +176,12 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
             raise ValueError(f"could not load the tokenizer of teacher '{spec}' ({type(e).__name__}): the folder "
                              f"needs the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...)") from None
     return model.to(device=device, dtype=dtype).eval(), tokenizer, described
+
+
+def local_path(spec):
+    """Whether a --teacher names a local path rather than a hub id ('org/name'): it exists, starts
+    like a path, has more than one '/', or is a .gguf file."""
+    return os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
 
 
 def hub_reachable(timeout=3.0):

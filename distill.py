@@ -986,11 +986,11 @@ def teacher_spec(a, conversion):
         spec = "default"
     if spec is None:
         raise ValueError("the student's conversion.json does not say how to load its teacher: pass --teacher")
-    # A local path that is not there: said now, not after the corpus is tokenised (the rule is
-    # convert.load_teacher's; hub ids and random shapes are left to it).
+    # A local path that is not there: said now, not after the corpus is tokenised (hub ids and
+    # random shapes are left to load_teacher).
+    from convert import local_path                                   # lazy: convert imports distill
     path = spec[len("random:"):] if spec.startswith("random:") else spec
-    if spec != "default" and not os.path.exists(path) and (
-            path.startswith((".", "/", "~")) or path.count("/") > 1 or path.endswith(".gguf")):
+    if spec != "default" and local_path(path) and not os.path.exists(path):
         raise ValueError(f"teacher '{spec}' does not exist" +
                          ("" if a.teacher else " (recorded in the student's conversion.json; pass --teacher)"))
     return spec
