@@ -397,15 +397,13 @@ def ga_scores(teacher, probe, bank, conv_size=0, batch_size=8):
 
 def load_scores(path):
     """The scores file (--scores): {key: {...scores...}}; {} when it does not exist yet."""
-    import json
     if not path or not os.path.exists(path):
         return {}
     try:
-        with open(path) as f:
-            cache = json.load(f)
+        cache = distill.read_json(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"--scores '{path}' is not a scores JSON written by convert.py ({e})") from None
-    if not (isinstance(cache, dict) and all(isinstance(v, dict) and "scores" in v for v in cache.values())):
+    if not all(isinstance(v, dict) and "scores" in v for v in cache.values()):
         raise ValueError(f"--scores '{path}' is not a scores JSON written by convert.py (it would be written into)")
     return cache
 
@@ -826,13 +824,11 @@ def run_table(args):
     check_results(args.results)
     old = None
     if args.append and os.path.exists(args.results + ".json"):
-        import json
         try:
-            with open(args.results + ".json") as f:
-                old = json.load(f)
+            old = distill.read_json(args.results + ".json")
         except (OSError, ValueError) as e:
             raise ValueError(f"--append: '{args.results}.json' is not a table written by convert.py ({e})") from None
-        if not (isinstance(old, dict) and isinstance(old.get("cells"), list)):
+        if not isinstance(old.get("cells"), list):
             raise ValueError(f"--append: '{args.results}.json' is not a table written by convert.py (no 'cells' list)")
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers

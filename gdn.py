@@ -299,11 +299,11 @@ def stack_projections(model):
         # rows it padded the stride to 2368 and then copied the output back to 2328 before the step
         # kernel (one more launch a GDN layer, seen in inductor's code on the H100).
         w, _ = stack_as_views(list(m.inputs().values()), rows_multiple=64)
-        b = m.input_bias(w.shape[0] - sum(lin.out_features for lin in m.inputs().values()))
+        rows = sum(lin.out_features for lin in m.inputs().values())     # W_b's rows come last
+        b = m.input_bias(w.shape[0] - rows)
         b = None if b is None else b.detach()                  # (a buffer, no autograd history)
         if b is not None:                                      # W_b's bias becomes a view into it
-            at = 4 * m.num_heads * m.head_dim + m.num_heads
-            m.b_proj.bias.data = b[at:at + m.num_heads]
+            m.b_proj.bias.data = b[rows - m.num_heads:rows]
         m.register_buffer("stacked", w, persistent=False)      # buffers: .to() takes them along
         m.register_buffer("stacked_bias", b, persistent=False)
     return model
