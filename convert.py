@@ -1788,97 +1788,61 @@ def chain_floor(model, B, reps=20):
 
 
 # The other way to join the stages: one persistent kernel, one program per SM, looping over the
-# products with a grid barrier between them (each program counts itself in on one counter with a
-# release atomic, then reads it with acquire atomics until everyone has). The barrier replaces a
-# kernel boundary, and it is not free (~1.2 us on an H100); but unlike a kernel boundary it lets a
-# program do something useful while it waits: the next product's weights depend on nothing, so each
-# program issues the loads of its rows of the next W right after counting itself in, and they
-# stream from HBM during the barrier. fused_floor times exactly that: the same 4 x layers products
-# as chain_floor, one program per SM, each holding R rows of W [N, K] (all N rows shared out; K
-# padded to KP) in registers, x read from L2 after the barrier. It is the floor of a single-kernel
-# step, a megakernel that prefetches every stage's weights, before attention, the GDN update or the
-# head (a whole-step kernel without the prefetch was tried: results/inference_h100_tried_whole_step.md).
-FUSED_TILE_BYTES = 128 * 1024       # a program's rows of W, held in registers across the barrier
-
+# step's stages with a grid barrier between them (each program counts itself in on one counter with
+# a release atomic, then reads it with acquire atomics until everyone has). That trades a kernel
+# boundary for a barrier, and a stage then still has to fetch what the stage before wrote: its
+# input row, from L2, where the other SMs left it. stage_floor times exactly that and nothing else:
+# each program reads one value another program wrote in the stage before and writes one, then
+# waits at the barrier. Weights, KV cache and arithmetic come on top, and can at best hide under
+# it (a weight does not depend on the token, so a megakernel may load it during the barrier).
+# decode_stages counts the stages of a step laid out that way (as the tried whole-step kernel was:
+# results/inference_h100_tried_whole_step.md): the embedding, per layer RMSNorm + input product,
+# the mixer (a GDN update; or attention over the cache's splits, then their merge), output product +
+# residual, RMSNorm + gate/up, down + residual, then the head. stages x stage_floor is what a
+# single-kernel step pays in dependencies alone.
 if triton is not None:
 
     @triton.jit
-    def _fused_rows(tab_ptr, s, like, p, n, rr, rk):
-        """This program's rows of stage s's W (table row s: address, N, K; all zero past the last
-        stage, so nothing is loaded), [R, KP], zero where padded."""
-        N, K = tl.load(tab_ptr + 3 * s + 1), tl.load(tab_ptr + 3 * s + 2)
-        w_ptr = tl.load(tab_ptr + 3 * s).to(tl.pointer_type(like.dtype.element_ty))
-        rn = p * tl.cdiv(N, n) + rr
-        live = (rr < tl.cdiv(N, n))[:, None] & (rn < N)[:, None] & (rk < K)[None, :]
-        return tl.load(w_ptr + rn[:, None] * K + rk[None, :], mask=live, other=0.0)
-
-    @triton.jit
-    def _fused_chain_kernel(tab_ptr, buf_ptr, count_ptr, s_lo, s_hi, XS, R: tl.constexpr, KP: tl.constexpr,
-                            BM: tl.constexpr, SYNC: tl.constexpr):
-        """Products s_lo..s_hi-1 of the chain for BM rows of x, x_{s+1} = (x_s W_s^T) rounded, buf [2, BM, XS] holding
-        x_s and x_{s+1} in turn. SYNC: a grid barrier after each (a GPU); else one launch a stage."""
+    def _stage_kernel(buf_ptr, count_ptr, S):
+        """S stages: read the value the next program wrote in the stage before (from L2: .cg, as L1
+        may hold the line from before the barrier), write it plus one, wait for everyone."""
         p, n = tl.program_id(0), tl.num_programs(0)
-        rr, rk = tl.arange(0, R), tl.arange(0, KP)
-        w = _fused_rows(tab_ptr, s_lo, buf_ptr, p, n, rr, rk)
-        for s in range(s_lo, s_hi):
-            N, K = tl.load(tab_ptr + 3 * s + 1), tl.load(tab_ptr + 3 * s + 2)
-            rn = p * tl.cdiv(N, n) + rr
-            live = (rr < tl.cdiv(N, n)) & (rn < N)
-            src, dst = buf_ptr + (s % 2) * BM * XS, buf_ptr + ((s + 1) % 2) * BM * XS
-            for b in tl.static_range(BM):           # x from L2 (.cg): L1 may hold lines from before the barrier
-                x = tl.load(src + b * XS + rk, mask=rk < K, other=0.0, cache_modifier=".cg")
-                y = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-                tl.store(dst + b * XS + rn, y.to(dst.dtype.element_ty), mask=live)
-            if SYNC:
-                tl.debug_barrier()                  # this program's stores all issued
-                tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
-            w = _fused_rows(tab_ptr, s + 1, buf_ptr, p, n, rr, rk)      # in flight during the wait
-            if SYNC:
+        for s in range(S):
+            v = tl.load(buf_ptr + (s % 2) * n + (p + 1) % n, cache_modifier=".cg")
+            tl.store(buf_ptr + ((s + 1) % 2) * n + p, v + 1)
+            tl.debug_barrier()                              # this program's threads are all here
+            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+            while seen < (s + 1) * n:
                 seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-                while seen < (s - s_lo + 1) * n:
-                    seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-                tl.debug_barrier()
+            tl.debug_barrier()
 
 
-def fused_chain(ws, x, programs=None):
-    """x [B, K0] through the products ws (decode_products' order, each input the previous output's
-    first columns) in _fused_chain_kernel: one launch with grid barriers on a GPU (programs: one
-    per SM), on the CPU one launch a product (the interpreter runs programs one after another, so a
-    barrier among them would wait for ever) unless programs is 1. Returns (the last output [B, N], run): run() repeats it
-    (the buffers reused, for timing). None where a program's rows of the widest W would not fit
-    FUSED_TILE_BYTES or B is over 16."""
-    B, gpu = x.shape[0], x.is_cuda
-    programs = programs or (torch.cuda.get_device_properties(x.device).multi_processor_count if gpu else 4)
-    sync = gpu or programs == 1
-    R = triton.next_power_of_2(max(-(-w.shape[0] // programs) for w in ws))
-    KP = triton.next_power_of_2(max(w.shape[1] for w in ws))
-    if R * KP * x.element_size() > FUSED_TILE_BYTES or B > 16:
-        return None
-    XS = max(max(w.shape[0] for w in ws), x.shape[1])
-    tab = torch.tensor([[w.data_ptr(), *w.shape] for w in ws] + [[0, 0, 0]], dtype=torch.int64, device=x.device)
-    buf = x.new_zeros(2, B, XS)
-    count = torch.zeros(1, dtype=torch.int32, device=x.device)
-    warps = 16 if R * KP * x.element_size() > 32 * 1024 else 4
+def decode_stages(model):
+    """The dependent stages of one decoding step of `model` as a single kernel (see above)."""
+    from gdn import GatedDeltaNet, decoder_layers
+    return 2 + sum(5 if isinstance(l.self_attn, GatedDeltaNet) else 6 for l in decoder_layers(model))
+
+
+def stage_floor(device, stages=200, reps=20, programs=None):
+    """Seconds a stage of a persistent kernel (programs: one per SM) takes when all it does is read
+    what another program wrote in the stage before and wait at the grid barrier (median of reps
+    launches of `stages`, per stage). Checks that every stage saw the one before: each value ends
+    at `stages`. On the CPU (the interpreter runs programs one after another) only programs=1."""
+    programs = programs or torch.cuda.get_device_properties(device).multi_processor_count
+    buf = torch.zeros(2, programs, dtype=torch.int32, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
 
     def run():
-        buf[0, :, :x.shape[1]] = x
+        buf.zero_()
         count.zero_()
-        for lo, hi in ([(0, len(ws))] if sync else [(s, s + 1) for s in range(len(ws))]):
-            _fused_chain_kernel[(programs,)](tab, buf, count, lo, hi, XS, R, KP, B, sync, num_warps=warps)
+        _stage_kernel[(programs,)](buf, count, stages, num_warps=4)
     run()
-    if sync and count.item() != len(ws) * programs:
-        raise RuntimeError(f"fused_chain: the counter reads {count.item()}, not {len(ws) * programs}")
-    return buf[len(ws) % 2, :, :ws[-1].shape[0]], run
-
-
-@torch.no_grad()
-def fused_floor(model, B, reps=20):
-    """Seconds for `model`'s decode_products at batch B as one persistent kernel with the weights
-    prefetched across each grid barrier (fused_chain; median of reps launches); None without the
-    stacked weights or where a program's rows do not fit. A GPU only."""
-    ws = decode_products(model)
-    fused = fused_chain(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
-    return None if fused is None else median_seconds(fused[1], reps, True)
+    got = buf[stages % 2]
+    if count.item() != stages * programs or not bool((got == stages).all()):
+        raise RuntimeError(f"stage_floor: the counter reads {count.item()} (not {stages * programs}), the values "
+                           f"{got.min().item()}..{got.max().item()} (not {stages}): a barrier let a stage through early")
+    return median_seconds(run, reps, buf.is_cuda) / stages
 
 
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
@@ -1983,6 +1947,7 @@ def run_bench(args):
         for _, model in models:
             use_decode_attention(model, args.decode_attention)
     bw = copy_bandwidth(args.device)
+    stage = stage_floor(args.device) if args.device == "cuda" and triton is not None else None
     rows, fits = [], {}
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
@@ -1995,7 +1960,7 @@ def run_bench(args):
             use_decode_layers(model)                    # Llama-layout layers: five kernels a layer
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
-            fused = fused_floor(model, B) if floor else None
+            fused = stage * decode_stages(model) if stage and floor else None
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
@@ -2019,7 +1984,7 @@ def run_bench(args):
         model.to("cpu")
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
               "decode_attention": args.decode_attention, "compiled_step": args.compile,
-              "bandwidth_bytes_s": bw, "decode_steps": args.decode_steps, "rows": rows,
+              "bandwidth_bytes_s": bw, "stage_s": stage, "decode_steps": args.decode_steps, "rows": rows,
               **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", bench_markdown(record))
@@ -2051,9 +2016,9 @@ def bench_markdown(r):
         lines += ["", "The floor of a step made of kernel launches (chain_floor): the model's 4 x layers weight "
                   "products alone, each waiting for the one before, in a CUDA graph (nothing else of the step). Where "
                   "floor / bound is over 2, these products alone take more than twice the step's bound. Fused: the "
-                  "same products as one persistent kernel, one program per SM, each program's rows of the next "
-                  "weight loaded while it waits at the grid barrier between products (fused_floor), the floor of "
-                  "a single-kernel step.", "",
+                  "same step as one persistent kernel pays its decode_stages grid barriers, each with one round trip "
+                  "through L2 (stage_floor" + (f", {r['stage_s'] * 1e6:.2f} us a stage" if r.get("stage_s") else "")
+                  + "), before any weight, KV or arithmetic.", "",
                   "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor | fused ms "
                   "| fused / bound |", "|---|---|---|---|---|---|---|---|---|---|"]
         for x in floors:

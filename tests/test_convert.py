@@ -738,59 +738,35 @@ def test_bench_markdown_floor_table():
     assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | - | - |" in md
     row["fused_floor_step_s"] = 0.00045
     md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
-                             bandwidth_bytes_s=3e12, rows=[row]))
+                             bandwidth_bytes_s=3e12, stage_s=1.5e-6, rows=[row]))
     assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | 0.450 | 1.50x |" in md
-
-
-def _fused_reference(ws, x):
-    """decode_products' chain in PyTorch, each product rounded to x's dtype as the kernel stores it."""
-    for w in ws:
-        x = (x[:, :w.shape[1]].float() @ w.float().T).to(x.dtype)
-    return x
+    assert "1.50 us a stage" in md
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
-@pytest.mark.parametrize("B", [1, 3])
-def test_fused_chain_equals_the_products(B):
-    """fused_floor's kernel computes the chain it times: a tiny hybrid's products (GDN stack, q/k/v
-    stack, W_o, gate/up, W_down; K under and over the tile's power of two), one launch a product on
-    the CPU with rows shared out unevenly over 3 programs, and as one program through the whole chain
-    with its barriers (the next W loaded during each; without the GDN stacks, whose rows would not fit
-    one program); the same as PyTorch's chain, and None where a program's rows would not fit."""
-    from convert import decode_products, fused_chain, use_decode_mlp, use_decode_qkv
-    from gdn import hybridize, stack_projections
-    model = hybridize(tiny_model("llama"), [1, 3], conv_size=4)
-    stack_projections(model)
-    use_decode_mlp(model)
-    use_decode_qkv(model)
-    ws = [(w / w.std() / w.shape[1] ** 0.5).detach() for w in decode_products(model)]    # gain ~1 a product
-    x = torch.randn(B, ws[0].shape[1])
-    y, _ = fused_chain(ws, x, programs=3)
-    ref = _fused_reference(ws, x)
-    assert ref.abs().mean() > 0.1
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    assert fused_chain(ws, x, programs=1) is None                       # 320 rows x 64 (fp32) in one program
-    ws = [w for w in ws if w.shape[0] <= 256]                           # the chain without the GDN stacks
-    y, _ = fused_chain(ws, x, programs=1)                               # each W loaded before its barrier
-    torch.testing.assert_close(y, _fused_reference(ws, x), rtol=1e-4, atol=1e-4)
+def test_stage_kernel_passes_each_value_on():
+    """stage_floor's kernel with one program (the interpreter runs programs one at a time, so it can
+    take no more): every stage reads the value of the stage before and adds one, and counts itself
+    in once at the barrier."""
+    from convert import stage_floor
+    assert stage_floor("cpu", stages=7, reps=1, programs=1) > 0
+
+
+def test_decode_stages_count_the_mixers():
+    """A single-kernel step's stages: embedding and head, five a GDN layer, six a softmax layer (its
+    attention over the cache's splits, then their merge)."""
+    from convert import decode_stages
+    from gdn import hybridize
+    assert decode_stages(tiny_model("llama")) == 2 + 6 * 4
+    assert decode_stages(hybridize(tiny_model("llama"), [1, 3], conv_size=4)) == 2 + 6 * 2 + 5 * 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
-def test_fused_chain_on_the_gpu():
-    """With grid barriers among one program per SM (bf16, SmolLM2-like widths, one product of rows
-    that do not fill every program): the same as PyTorch's chain, twice (the buffers reused), and
-    a time between 0.1 us and 50 us a product."""
-    from convert import fused_chain, median_seconds
-    g = torch.Generator(device="cpu").manual_seed(0)
-    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (100, 576)]
-    ws = [(torch.randn(*s, generator=g) / s[1] ** 0.5).to("cuda", torch.bfloat16) for s in shapes]
-    for B in (1, 8):
-        x = torch.randn(B, 576, generator=g).to("cuda", torch.bfloat16)
-        y, run = fused_chain(ws, x)
-        torch.testing.assert_close(y.float(), _fused_reference(ws, x).float(), rtol=2e-2, atol=2e-2)
-        run()
-        torch.testing.assert_close(y.float(), _fused_reference(ws, x).float(), rtol=2e-2, atol=2e-2)
-        assert len(ws) * 1e-7 < median_seconds(run, 5, True) < len(ws) * 5e-5
+def test_stage_floor_on_the_gpu():
+    """One program per SM, each reading what its neighbour wrote a stage before (the function checks
+    that every value arrived): somewhere between 0.1 and 50 us a stage on any current GPU."""
+    from convert import stage_floor
+    assert 1e-7 < stage_floor("cuda", stages=50, reps=5) < 5e-5
 
 
 def test_hub_id_offline_fails_at_once(monkeypatch):
