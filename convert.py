@@ -1826,23 +1826,26 @@ def decode_stages(model):
 
 def stage_floor(device, stages=200, reps=20, programs=None):
     """Seconds a stage of a persistent kernel (programs: one per SM) takes when all it does is read
-    what another program wrote in the stage before and wait at the grid barrier (median of reps
-    launches of `stages`, per stage). Checks that every stage saw the one before: each value ends
-    at `stages`. On the CPU (the interpreter runs programs one after another) only programs=1."""
+    what another program wrote in the stage before and wait at the grid barrier: the difference of
+    launches of 2 x stages and of `stages` (medians of reps), per stage, so the launch and the
+    buffers' reset count for nothing. Checks that every stage saw the one before: each value ends at
+    the stage count. On the CPU (the interpreter runs programs one after another) only programs=1."""
     programs = programs or torch.cuda.get_device_properties(device).multi_processor_count
     buf = torch.zeros(2, programs, dtype=torch.int32, device=device)
     count = torch.zeros(1, dtype=torch.int32, device=device)
 
-    def run():
+    def run(n):
         buf.zero_()
         count.zero_()
-        _stage_kernel[(programs,)](buf, count, stages, num_warps=4)
-    run()
-    got = buf[stages % 2]
-    if count.item() != stages * programs or not bool((got == stages).all()):
-        raise RuntimeError(f"stage_floor: the counter reads {count.item()} (not {stages * programs}), the values "
-                           f"{got.min().item()}..{got.max().item()} (not {stages}): a barrier let a stage through early")
-    return median_seconds(run, reps, buf.is_cuda) / stages
+        _stage_kernel[(programs,)](buf, count, n, num_warps=4)
+    for n in (stages, 2 * stages):
+        run(n)
+        got = buf[n % 2]
+        if count.item() != n * programs or not bool((got == n).all()):
+            raise RuntimeError(f"stage_floor: the counter reads {count.item()} (not {n * programs}), the values "
+                               f"{got.min().item()}..{got.max().item()} (not {n}): a barrier let a stage through early")
+    once, twice = (median_seconds(lambda: run(n), reps, buf.is_cuda) for n in (stages, 2 * stages))
+    return max(twice - once, 0.0) / stages
 
 
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
