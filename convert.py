@@ -1963,7 +1963,7 @@ def run_bench(args):
             use_decode_layers(model)                    # Llama-layout layers: five kernels a layer
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
-            fused = stage * decode_stages(model) if stage and floor else None
+            fused = stage * decode_stages(model) if stage and floor else None    # a single-kernel step's floor
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
