@@ -889,8 +889,8 @@ def run_table(args):
                           "device": distill.run_info()["device"]})
             del student
         del bank
-        write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
-    record = write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells)
+        write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
+    record = write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)
     print(table_markdown(record))
 
 
@@ -901,15 +901,13 @@ def given_opts(init_opts):
     return {k: v for k, v in init_opts.items() if v != OPTIONS[k][0]}
 
 
-def write_table(args, old, source, n, teacher_ppl, stats, stats_seconds, cache, cells):
+def write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells):
     """The table's JSON and markdown, rewritten (atomically) after every init, merged with --append's
-    earlier cells (a cell measured again replaces the old one)."""
+    earlier cells (a cell measured again replaces the old one). same: what every cell shares (teacher,
+    data, window, options; run_table checks --append's table against it)."""
     from taylor_stats import summary
-    record = {"teacher": source, "layers": n, "eval_data": args.eval_data or "builtin", "window": args.window,
-              "max_windows": args.max_windows, "init_opts": given_opts(parse_opts(args.init_opt)),
-              "calib_data": args.calib_data or "builtin", "calib": [args.calib_seqs, args.calib_len],
-              "teacher_ppl": teacher_ppl, "dtype": args.dtype, "stats": summary(stats), "stats_seconds": stats_seconds,
-              "policy_scores": {k: v for k, v in cache.items() if source in k}, "cells": list(cells),
+    record = {**same, "layers": n, "teacher_ppl": teacher_ppl, "stats": summary(stats), "stats_seconds": stats_seconds,
+              "policy_scores": {k: v for k, v in cache.items() if same["teacher"] in k}, "cells": list(cells),
               **distill.run_info(args.seed)}
     if old:
         fresh = {(c["keep"], c["policy"], c["init"]) for c in cells}
