@@ -1846,6 +1846,142 @@ def stage_floor(device, stages=200, reps=20, programs=None):
     return max(twice - once, 0.0) / stages
 
 
+
+# stage_floor leaves out what a stage does. fused_chain puts the products back: the model's
+# decode_products (chain_floor's chain) as one persistent kernel, each stage a real product, with
+# everything that favours it: each layer's four weights copied into four [layers, N, K] stacks so
+# that every shape is a compile-time constant (whole vectorised rows; the one such kernel tried
+# before, with run-time shapes, loaded element by element and spilled: a0c1c26 in
+# results/README.md), a program's rows of the next W (rows p, p + P, ...: at batch 1 a few per
+# program) loaded right after it counts itself in at the barrier, so they stream during the wait,
+# and x read from L2 after it. What it measures beyond stage_floor is the price of a real stage:
+# every program reads the whole input row that all the others wrote, reduces its rows and writes
+# them back. (A variant holding a whole layer's weights a layer ahead was no faster on an H100: the
+# weights are not what a stage waits for; a device script, not a result of the repo.)
+FUSED_TILE_BYTES = 64 * 1024        # a program's rows of one W, held in registers across the barrier
+
+if triton is not None:
+
+    @triton.jit
+    def _fused_rows(w_ptr, n, p, P: tl.constexpr, K: tl.constexpr, R: tl.constexpr, K1: tl.constexpr,
+                    K2: tl.constexpr):
+        """This program's rows p, p + P, ... of W [n, K] (R of them, zero past n) as two tiles: the
+        first K1 columns and the rest, padded to K2 (both powers of two)."""
+        rr = p + P * tl.arange(0, R)
+        k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
+        live = (rr < n)[:, None]
+        return (tl.load(w_ptr + rr[:, None] * K + k1[None, :], mask=live, other=0.0),
+                tl.load(w_ptr + rr[:, None] * K + k2[None, :], mask=live & (k2 < K)[None, :], other=0.0))
+
+    @triton.jit
+    def _fused_product(a, b, src, dst, n, p, B: tl.constexpr, XS: tl.constexpr, P: tl.constexpr, K: tl.constexpr,
+                       R: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr):
+        """dst[:, rows] = src[:, :K] W[rows]^T for this program's rows (tiles a, b), rounded to dst's
+        dtype; x from L2 (.cg): L1 may still hold the line from before the barrier."""
+        rr = p + P * tl.arange(0, R)
+        k1, k2 = tl.arange(0, K1), K1 + tl.arange(0, K2)
+        for i in tl.static_range(B):
+            x1 = tl.load(src + i * XS + k1, cache_modifier=".cg").to(tl.float32)
+            x2 = tl.load(src + i * XS + k2, mask=k2 < K, other=0.0, cache_modifier=".cg").to(tl.float32)
+            y = tl.sum(a.to(tl.float32) * x1[None, :], axis=1) + tl.sum(b.to(tl.float32) * x2[None, :], axis=1)
+            tl.store(dst + i * XS + rr, y.to(dst.dtype.element_ty), mask=rr < n)
+
+    @triton.jit
+    def _fused_sync(count_ptr, target):
+        """Wait at the grid barrier until the counter reaches target (this program counted in before)."""
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _fused_chain_kernel(w0, w1, w2, w3, n_ptr, buf_ptr, count_ptr, NL, B: tl.constexpr, XS: tl.constexpr,
+                            P: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
+                            R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
+                            A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
+                            A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr):
+        """NL layers of four products (wj: the stack [NL, Nj, Kj] of every layer's j-th weight, n_ptr
+        each stage's row count); buf [2, B, XS] holds a stage's input and output in turn."""
+        p = tl.program_id(0)
+        x0, x1 = buf_ptr, buf_ptr + B * XS
+        N0: tl.constexpr = R0 * P
+        N1: tl.constexpr = R1 * P
+        N2: tl.constexpr = R2 * P
+        N3: tl.constexpr = R3 * P
+        a, b = _fused_rows(w0, tl.load(n_ptr), p, P, K0, R0, A0, B0)
+        for l in range(NL):
+            s = 4 * l
+            # each stage: its product, count in, load this program's rows of the next W, wait
+            _fused_product(a, b, x0, x1, tl.load(n_ptr + s), p, B, XS, P, K0, R0, A0, B0)
+            tl.debug_barrier()
+            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            c, d = _fused_rows(w1 + l * N1 * K1, tl.load(n_ptr + s + 1), p, P, K1, R1, A1, B1)
+            _fused_sync(count_ptr, (s + 1) * P)
+            _fused_product(c, d, x1, x0, tl.load(n_ptr + s + 1), p, B, XS, P, K1, R1, A1, B1)
+            tl.debug_barrier()
+            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            e, f = _fused_rows(w2 + l * N2 * K2, tl.load(n_ptr + s + 2), p, P, K2, R2, A2, B2)
+            _fused_sync(count_ptr, (s + 2) * P)
+            _fused_product(e, f, x0, x1, tl.load(n_ptr + s + 2), p, B, XS, P, K2, R2, A2, B2)
+            tl.debug_barrier()
+            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            g, h = _fused_rows(w3 + l * N3 * K3, tl.load(n_ptr + s + 3), p, P, K3, R3, A3, B3)
+            _fused_sync(count_ptr, (s + 3) * P)
+            _fused_product(g, h, x1, x0, tl.load(n_ptr + s + 3), p, B, XS, P, K3, R3, A3, B3)
+            tl.debug_barrier()
+            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            a, b = _fused_rows(w0 + (l + 1) * N0 * K0, tl.load(n_ptr + s + 4), p, P, K0, R0, A0, B0)
+            _fused_sync(count_ptr, (s + 4) * P)
+
+
+def fused_chain(ws, x, programs=None):
+    """x [B, K] through the products ws (decode_products: four a layer, each input the previous
+    output's first columns) as _fused_chain_kernel: one launch, `programs` programs (on a GPU, one
+    per SM; the interpreter runs programs one after another, so there only 1). Returns (the last
+    output [B, N], run): run() repeats it on the same buffers (for timing). None where the layers'
+    j-th weights differ in width, x has over 16 rows, or (on a GPU) a program's rows of a W would
+    take over FUSED_TILE_BYTES of registers."""
+    B, nl = x.shape[0], len(ws) // 4
+    programs = programs or (torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1)
+    groups = [ws[j::4] for j in range(4)]
+    if B > 16 or any(len({w.shape[1] for w in g}) > 1 for g in groups):
+        return None
+    R = [triton.next_power_of_2(-(-max(w.shape[0] for w in g) // programs)) for g in groups]
+    K = [g[0].shape[1] for g in groups]
+    split = [(1 << (k.bit_length() - 1), max(16, triton.next_power_of_2(k - (1 << (k.bit_length() - 1))))) for k in K]
+    if x.is_cuda and any(r * (a + b) * x.element_size() > FUSED_TILE_BYTES for r, (a, b) in zip(R, split)):
+        return None
+    stacks = []                                   # [NL, R x programs, K]: rows past a weight's own stay zero
+    for g, r, k in zip(groups, R, K):
+        st = x.new_zeros(nl, r * programs, k)
+        for i, w in enumerate(g):
+            st[i, :w.shape[0]] = w
+        stacks.append(st)
+    n = torch.tensor([w.shape[0] for w in ws] + [0], dtype=torch.int32, device=x.device)
+    XS = max(max(w.shape[0] for w in ws), x.shape[1])
+    buf = x.new_zeros(2, B, XS)
+    count = torch.zeros(1, dtype=torch.int32, device=x.device)
+
+    def run():
+        buf[0, :, :x.shape[1]] = x
+        count.zero_()
+        _fused_chain_kernel[(programs,)](*stacks, n, buf, count, nl, B, XS, programs, *K, *R,
+                                         *[v for ab in split for v in ab], num_warps=4)
+    run()
+    if count.item() != len(ws) * programs:
+        raise RuntimeError(f"fused_chain: the counter reads {count.item()}, not {len(ws) * programs}")
+    return buf[0, :, :ws[-1].shape[0]], run
+
+
+@torch.no_grad()
+def fused_floor(model, B, reps=20):
+    """Seconds for `model`'s decode_products at batch B as one persistent kernel (fused_chain; median
+    of reps launches, each with its two small resets of the buffers); None where chain_floor has no
+    chain or fused_chain does not take it. A GPU only."""
+    ws = decode_products(model)
+    fused = fused_chain(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
+    return None if fused is None else median_seconds(fused[1], reps, True)
+
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
@@ -1962,6 +2098,7 @@ def run_bench(args):
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             fused = stage * decode_stages(model) if stage and floor else None    # a single-kernel step's floor
+            products = fused_floor(model, B) if floor else None                 # its products, as one kernel
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
@@ -1980,6 +2117,7 @@ def run_bench(args):
                     break
                 fits[(name, B)] = ctx
                 r["model"], r["floor_step_s"], r["fused_floor_step_s"] = name, floor, fused
+                r["fused_products_step_s"] = products
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
         model.to("cpu")
@@ -2019,14 +2157,18 @@ def bench_markdown(r):
                   "floor / bound is over 2, these products alone take more than twice the step's bound. Fused: the "
                   "same step as one persistent kernel pays its decode_stages grid barriers, each with one round trip "
                   "through L2 (stage_floor" + (f", {r['stage_s'] * 1e6:.2f} us a stage" if r.get("stage_s") else "")
-                  + "), before any weight, KV or arithmetic.", "",
+                  + "), before any weight, KV or arithmetic. Fused products: the products of chain_floor as one "
+                  "persistent kernel (fused_chain: compile-time shapes, each program's rows of the next W loaded "
+                  "during the barrier), nothing else of the step.", "",
                   "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor | fused ms "
-                  "| fused / bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| fused / bound | fused products ms | fused products / bound |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        ratio = lambda v, b: f"{v * 1e3:.3f} | {v / b:.2f}x" if v else "- | -"
         for x in floors:
-            f, b, st, fu = x["floor_step_s"], x["bound_step_s"], x["decode_step_s"], x.get("fused_floor_step_s")
-            fused = f"{fu * 1e3:.3f} | {fu / b:.2f}x" if fu else "- | -"
+            f, b, st = x["floor_step_s"], x["bound_step_s"], x["decode_step_s"]
             lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {st * 1e3:.3f} | {f * 1e3:.3f} | "
-                         f"{b * 1e3:.3f} | {f / b:.2f}x | {st / f:.2f}x | {fused} |")
+                         f"{b * 1e3:.3f} | {f / b:.2f}x | {st / f:.2f}x | {ratio(x.get('fused_floor_step_s'), b)} | "
+                         f"{ratio(x.get('fused_products_step_s'), b)} |")
     prof = [x for x in r["rows"] if "decode_kernels" in x]
     if prof:
         lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "

@@ -735,11 +735,11 @@ def test_bench_markdown_floor_table():
                floor_step_s=0.0006)
     md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
                              bandwidth_bytes_s=3e12, rows=[row]))
-    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | - | - |" in md
-    row["fused_floor_step_s"] = 0.00045
+    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | - | - | - | - |" in md
+    row["fused_floor_step_s"], row["fused_products_step_s"] = 0.00045, 0.00075
     md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
                              bandwidth_bytes_s=3e12, stage_s=1.5e-6, rows=[row]))
-    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | 0.450 | 1.50x |" in md
+    assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | 0.450 | 1.50x | 0.750 | 2.50x |" in md
     assert "1.50 us a stage" in md
 
 
@@ -750,6 +750,51 @@ def test_stage_kernel_passes_each_value_on():
     in once at the barrier."""
     from convert import stage_floor
     assert stage_floor("cpu", stages=7, reps=1, programs=1) >= 0
+
+
+def _fused_case(family, dtype):
+    """A tiny hybrid's decode_products with random entries (scaled so values stay near one through
+    the chain) and PyTorch's chain of them for 3 rows, each output rounded to dtype as the kernel's."""
+    from convert import decode_products, use_decode_mlp, use_decode_qkv
+    from gdn import hybridize, stack_projections
+    model = hybridize(tiny_model(family), [1, 3], conv_size=4)
+    stack_projections(model)
+    use_decode_mlp(model)
+    use_decode_qkv(model)
+    torch.manual_seed(0)
+    dev = "cuda" if dtype == torch.bfloat16 else "cpu"
+    ws = [(torch.randn(w.shape) / w.shape[1] ** 0.5).to(dev, dtype) for w in decode_products(model)]
+    x = torch.randn(3, ws[0].shape[1]).to(dev, dtype)
+    y = x.float()
+    for w in ws:
+        y = (y[:, :w.shape[1]] @ w.float().T).to(dtype).float()
+    return ws, x, y
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_fused_chain_equals_the_chain(family):
+    """fused_chain (--bench's fused products floor) with one program: the products in order, each
+    input the previous output's first columns, the GDN layers' wider stacks among the softmax
+    layers'; each program's rows of the next W are loaded before the barrier, so a tile loaded for
+    the wrong stage or layer would change the result."""
+    from convert import fused_chain
+    ws, x, y = _fused_case(family, torch.float32)
+    out, _ = fused_chain(ws, x)
+    torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
+    assert fused_chain(ws, x[:1].expand(17, -1).contiguous()) is None      # over 16 rows: not taken
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
+def test_fused_chain_on_the_gpu():
+    """One program per SM, bf16: the same as PyTorch's chain (each output rounded to bf16), and
+    fused_floor times it."""
+    from convert import fused_chain
+    ws, x, y = _fused_case("llama", torch.bfloat16)
+    out, run = fused_chain(ws, x)
+    torch.testing.assert_close(out.float(), y, rtol=2e-2, atol=2e-2)
+    run()
+    torch.testing.assert_close(out.float(), y, rtol=2e-2, atol=2e-2)
 
 
 def test_decode_stages_count_the_mixers():
