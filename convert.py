@@ -1847,7 +1847,7 @@ def stage_floor(device, stages=200, reps=20, programs=None):
 
 
 
-# stage_floor leaves out what a stage does. fused_chain puts the products back: the model's
+# stage_floor leaves out what a stage does. fused_products puts the products back: the model's
 # decode_products (chain_floor's chain) as one persistent kernel, each stage a real product, with
 # everything that favours it: each layer's four weights copied into four [layers, N, K] stacks so
 # that every shape is a compile-time constant (whole vectorised rows; the one such kernel tried
@@ -1856,8 +1856,11 @@ def stage_floor(device, stages=200, reps=20, programs=None):
 # program) loaded right after it counts itself in at the barrier, so they stream during the wait,
 # and x read from L2 after it. What it measures beyond stage_floor is the price of a real stage:
 # every program reads the whole input row that all the others wrote, reduces its rows and writes
-# them back. (A variant holding a whole layer's weights a layer ahead was no faster on an H100: the
-# weights are not what a stage waits for; a device script, not a result of the repo.)
+# them back. On an H100 that is 2.7-3.6 us a product at batch 1, no less than a launch of the
+# chain costs (results/inference_h100_compiled_ninth.md). Two variants, in a device script (not a
+# result of the repo), said where the time is not: holding a whole layer's weights a layer ahead
+# was no faster (the weights are not what a stage waits for), and each program reading a private
+# row instead of the shared one saved under a tenth.
 FUSED_TILE_BYTES = 64 * 1024        # a program's rows of one W, held in registers across the barrier
 
 if triton is not None:
@@ -1895,7 +1898,7 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
-    def _fused_chain_kernel(w0, w1, w2, w3, n_ptr, buf_ptr, count_ptr, NL, B: tl.constexpr, XS: tl.constexpr,
+    def _fused_products_kernel(w0, w1, w2, w3, n_ptr, buf_ptr, count_ptr, NL, B: tl.constexpr, XS: tl.constexpr,
                             P: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
                             R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
                             A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
@@ -1934,9 +1937,9 @@ if triton is not None:
             _fused_sync(count_ptr, (s + 4) * P)
 
 
-def fused_chain(ws, x, programs=None):
+def fused_products(ws, x, programs=None):
     """x [B, K] through the products ws (decode_products: four a layer, each input the previous
-    output's first columns) as _fused_chain_kernel: one launch, `programs` programs (on a GPU, one
+    output's first columns) as _fused_products_kernel: one launch, `programs` programs (on a GPU, one
     per SM; the interpreter runs programs one after another, so there only 1). Returns (the last
     output [B, N], run): run() repeats it on the same buffers (for timing). None where the layers'
     j-th weights differ in width, x has over 16 rows, or (on a GPU) a program's rows of a W would
@@ -1965,21 +1968,21 @@ def fused_chain(ws, x, programs=None):
     def run():
         buf[0, :, :x.shape[1]] = x
         count.zero_()
-        _fused_chain_kernel[(programs,)](*stacks, n, buf, count, nl, B, XS, programs, *K, *R,
+        _fused_products_kernel[(programs,)](*stacks, n, buf, count, nl, B, XS, programs, *K, *R,
                                          *[v for ab in split for v in ab], num_warps=4)
     run()
     if count.item() != len(ws) * programs:
-        raise RuntimeError(f"fused_chain: the counter reads {count.item()}, not {len(ws) * programs}")
+        raise RuntimeError(f"fused_products: the counter reads {count.item()}, not {len(ws) * programs}")
     return buf[0, :, :ws[-1].shape[0]], run
 
 
 @torch.no_grad()
-def fused_floor(model, B, reps=20):
-    """Seconds for `model`'s decode_products at batch B as one persistent kernel (fused_chain; median
+def fused_products_floor(model, B, reps=20):
+    """Seconds for `model`'s decode_products at batch B as one persistent kernel (fused_products; median
     of reps launches, each with its two small resets of the buffers); None where chain_floor has no
-    chain or fused_chain does not take it. A GPU only."""
+    chain or fused_products does not take it. A GPU only."""
     ws = decode_products(model)
-    fused = fused_chain(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
+    fused = fused_products(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
     return None if fused is None else median_seconds(fused[1], reps, True)
 
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
@@ -2098,7 +2101,7 @@ def run_bench(args):
         for B in batches:
             floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             fused = stage * decode_stages(model) if stage and floor else None    # a single-kernel step's floor
-            products = fused_floor(model, B) if floor else None                 # its products, as one kernel
+            products = fused_products_floor(model, B) if floor else None        # its products as one kernel
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
                     r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
@@ -2158,7 +2161,7 @@ def bench_markdown(r):
                   "same step as one persistent kernel pays its decode_stages grid barriers, each with one round trip "
                   "through L2 (stage_floor" + (f", {r['stage_s'] * 1e6:.2f} us a stage" if r.get("stage_s") else "")
                   + "), before any weight, KV or arithmetic. Fused products: the products of chain_floor as one "
-                  "persistent kernel (fused_chain: compile-time shapes, each program's rows of the next W loaded "
+                  "persistent kernel (fused_products: compile-time shapes, each program's rows of the next W loaded "
                   "during the barrier), nothing else of the step.", "",
                   "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor | fused ms "
                   "| fused / bound | fused products ms | fused products / bound |",

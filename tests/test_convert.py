@@ -773,25 +773,25 @@ def _fused_case(family, dtype):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_fused_chain_equals_the_chain(family):
-    """fused_chain (--bench's fused products floor) with one program: the products in order, each
+def test_fused_products_equal_the_chain(family):
+    """fused_products (--bench's fused products floor) with one program: the products in order, each
     input the previous output's first columns, the GDN layers' wider stacks among the softmax
     layers'; each program's rows of the next W are loaded before the barrier, so a tile loaded for
     the wrong stage or layer would change the result."""
-    from convert import fused_chain
+    from convert import fused_products
     ws, x, y = _fused_case(family, torch.float32)
-    out, _ = fused_chain(ws, x)
+    out, _ = fused_products(ws, x)
     torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
-    assert fused_chain(ws, x[:1].expand(17, -1).contiguous()) is None      # over 16 rows: not taken
+    assert fused_products(ws, x[:1].expand(17, -1).contiguous()) is None      # over 16 rows: not taken
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
-def test_fused_chain_on_the_gpu():
+def test_fused_products_on_the_gpu():
     """One program per SM, bf16: the same as PyTorch's chain (each output rounded to bf16), and
-    fused_floor times it."""
-    from convert import fused_chain
+    fused_products_floor times it."""
+    from convert import fused_products
     ws, x, y = _fused_case("llama", torch.bfloat16)
-    out, run = fused_chain(ws, x)
+    out, run = fused_products(ws, x)
     torch.testing.assert_close(out.float(), y, rtol=2e-2, atol=2e-2)
     run()
     torch.testing.assert_close(out.float(), y, rtol=2e-2, atol=2e-2)
