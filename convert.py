@@ -1899,12 +1899,14 @@ if triton is not None:
 
     @triton.jit
     def _fused_products_kernel(w0, w1, w2, w3, n_ptr, buf_ptr, count_ptr, NL, B: tl.constexpr, XS: tl.constexpr,
-                            P: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr, K3: tl.constexpr,
-                            R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr, R3: tl.constexpr,
-                            A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr, B1: tl.constexpr,
-                            A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr, B3: tl.constexpr):
-        """NL layers of four products (wj: the stack [NL, Nj, Kj] of every layer's j-th weight, n_ptr
-        each stage's row count); buf [2, B, XS] holds a stage's input and output in turn."""
+                               P: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
+                               K3: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                               R3: tl.constexpr, A0: tl.constexpr, B0: tl.constexpr, A1: tl.constexpr,
+                               B1: tl.constexpr, A2: tl.constexpr, B2: tl.constexpr, A3: tl.constexpr,
+                               B3: tl.constexpr):
+        """NL layers of four products. wj: the stack [NL, Rj x P, Kj] of every layer's j-th weight,
+        Rj rows a program, Kj split into blocks of Aj and Bj columns (powers of two); n_ptr: each
+        stage's own row count; buf [2, B, XS] holds a stage's input and output in turn."""
         p = tl.program_id(0)
         x0, x1 = buf_ptr, buf_ptr + B * XS
         N0: tl.constexpr = R0 * P
@@ -1969,7 +1971,7 @@ def fused_products(ws, x, programs=None):
         buf[0, :, :x.shape[1]] = x
         count.zero_()
         _fused_products_kernel[(programs,)](*stacks, n, buf, count, nl, B, XS, programs, *K, *R,
-                                         *[v for ab in split for v in ab], num_warps=4)
+                                            *[v for ab in split for v in ab], num_warps=4)
     run()
     if count.item() != len(ws) * programs:
         raise RuntimeError(f"fused_products: the counter reads {count.item()}, not {len(ws) * programs}")
@@ -1984,6 +1986,7 @@ def fused_products_floor(model, B, reps=20):
     ws = decode_products(model)
     fused = fused_products(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
     return None if fused is None else median_seconds(fused[1], reps, True)
+
 
 def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
