@@ -1801,6 +1801,21 @@ def chain_floor(model, B, reps=20):
 if triton is not None:
 
     @triton.jit
+    def _grid_arrive(count_ptr):
+        """Count this program in at the grid barrier, once all its threads are here; release: its
+        writes before are visible to whoever sees the count."""
+        tl.debug_barrier()
+        tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+
+    @triton.jit
+    def _grid_wait(count_ptr, target):
+        """Wait until the count reaches target; acquire: the counted programs' writes are visible."""
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
     def _stage_kernel(buf_ptr, count_ptr, S):
         """S stages: read the value the next program wrote in the stage before (from L2: .cg, as L1
         may hold the line from before the barrier), write it plus one, wait for everyone."""
@@ -1808,12 +1823,8 @@ if triton is not None:
         for s in range(S):
             v = tl.load(buf_ptr + (s % 2) * n + (p + 1) % n, cache_modifier=".cg")
             tl.store(buf_ptr + ((s + 1) % 2) * n + p, v + 1)
-            tl.debug_barrier()                              # this program's threads are all here
-            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
-            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-            while seen < (s + 1) * n:
-                seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-            tl.debug_barrier()
+            _grid_arrive(count_ptr)
+            _grid_wait(count_ptr, (s + 1) * n)
 
 
 def decode_stages(model):
@@ -1890,14 +1901,6 @@ if triton is not None:
             tl.store(dst + i * XS + rr, y.to(dst.dtype.element_ty), mask=rr < n)
 
     @triton.jit
-    def _fused_sync(count_ptr, target):
-        """Wait at the grid barrier until the counter reaches target (this program counted in before)."""
-        seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
-            seen = tl.atomic_add(count_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
-
-    @triton.jit
     def _fused_products_kernel(w0, w1, w2, w3, n_ptr, buf_ptr, count_ptr, NL, B: tl.constexpr, XS: tl.constexpr,
                                P: tl.constexpr, K0: tl.constexpr, K1: tl.constexpr, K2: tl.constexpr,
                                K3: tl.constexpr, R0: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
@@ -1918,25 +1921,21 @@ if triton is not None:
             s = 4 * l
             # each stage: its product, count in, load this program's rows of the next W, wait
             _fused_product(a, b, x0, x1, tl.load(n_ptr + s), p, B, XS, P, K0, R0, A0, B0)
-            tl.debug_barrier()
-            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            _grid_arrive(count_ptr)
             c, d = _fused_rows(w1 + l * N1 * K1, tl.load(n_ptr + s + 1), p, P, K1, R1, A1, B1)
-            _fused_sync(count_ptr, (s + 1) * P)
+            _grid_wait(count_ptr, (s + 1) * P)
             _fused_product(c, d, x1, x0, tl.load(n_ptr + s + 1), p, B, XS, P, K1, R1, A1, B1)
-            tl.debug_barrier()
-            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            _grid_arrive(count_ptr)
             e, f = _fused_rows(w2 + l * N2 * K2, tl.load(n_ptr + s + 2), p, P, K2, R2, A2, B2)
-            _fused_sync(count_ptr, (s + 2) * P)
+            _grid_wait(count_ptr, (s + 2) * P)
             _fused_product(e, f, x0, x1, tl.load(n_ptr + s + 2), p, B, XS, P, K2, R2, A2, B2)
-            tl.debug_barrier()
-            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            _grid_arrive(count_ptr)
             g, h = _fused_rows(w3 + l * N3 * K3, tl.load(n_ptr + s + 3), p, P, K3, R3, A3, B3)
-            _fused_sync(count_ptr, (s + 3) * P)
+            _grid_wait(count_ptr, (s + 3) * P)
             _fused_product(g, h, x1, x0, tl.load(n_ptr + s + 3), p, B, XS, P, K3, R3, A3, B3)
-            tl.debug_barrier()
-            tl.atomic_add(count_ptr, 1, sem="release", scope="gpu")
+            _grid_arrive(count_ptr)
             a, b = _fused_rows(w0 + (l + 1) * N0 * K0, tl.load(n_ptr + s + 4), p, P, K0, R0, A0, B0)
-            _fused_sync(count_ptr, (s + 4) * P)
+            _grid_wait(count_ptr, (s + 4) * P)
 
 
 def fused_products(ws, x, programs=None):
