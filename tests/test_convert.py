@@ -787,8 +787,8 @@ def test_fused_products_equal_the_chain(family):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
 def test_fused_products_on_the_gpu():
-    """One program per SM, bf16: the same as PyTorch's chain (each output rounded to bf16), and
-    fused_products_floor times it."""
+    """One program per SM, bf16: the same as PyTorch's chain (each output rounded to bf16), again
+    when run once more on the same buffers, as fused_products_floor runs it."""
     from convert import fused_products
     ws, x, y = _fused_case("llama", torch.bfloat16)
     out, run = fused_products(ws, x)
