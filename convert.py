@@ -1860,12 +1860,12 @@ def stage_floor(device, stages=200, reps=20, programs=None):
 
 # stage_floor leaves out what a stage does. fused_products puts the products back: the model's
 # decode_products (chain_floor's chain) as one persistent kernel, each stage a real product, with
-# everything that favours it: each layer's four weights copied into four [layers, N, K] stacks so
-# that every shape is a compile-time constant (whole vectorised rows; the one such kernel tried
-# before, with run-time shapes, loaded element by element and spilled: a0c1c26 in
-# results/README.md), a program's rows of the next W (rows p, p + P, ...: at batch 1 a few per
-# program) loaded right after it counts itself in at the barrier, so they stream during the wait,
-# and x read from L2 after it. What it measures beyond stage_floor is the price of a real stage:
+# everything that favours it: each layer's four weights copied into four [layers, R x P, K] stacks
+# (rows padded to R a program) so that every shape is a compile-time constant (whole vectorised
+# rows; the one such kernel tried before, with run-time shapes, loaded element by element and
+# spilled: a0c1c26 in results/README.md), a program's rows of the next W (rows p, p + P, ...: a
+# few per program) loaded right after it counts itself in at the barrier, so they stream during
+# the wait, and x read from L2 after it. What it measures beyond stage_floor is the price of a real stage:
 # every program reads the whole input row that all the others wrote, reduces its rows and writes
 # them back. On an H100 that is 2.7-3.6 us a product at batch 1, no less than a launch of the
 # chain costs (results/inference_h100_compiled_ninth.md). Two variants, in a device script (not a
