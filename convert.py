@@ -1339,6 +1339,13 @@ LINEAR_LOOP_BYTES = 32 * 1024      # W's block per loop step (both halves), wher
 GLU_ACTS = {"silu": 0, "swish": 0, "gelu_pytorch_tanh": 1}    # config activation -> kernel's ACT
 
 
+def _k_blocks(K):
+    """K split into two power-of-two blocks for a held row of W: the largest power of two K1 <= K,
+    and the rest padded to K2 (at least 16; 576 = 512 + 64, 1536 = 1024 + 512)."""
+    k1 = 1 << (K.bit_length() - 1)
+    return k1, max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
+
+
 def _linear_blocks(N, K, itemsize, halves=1):
     """_linear_kernel's (BN, K1, K2) for W [halves * N, K]: K = K1 + the rest, padded to K2 (powers of
     two); None where _linear_loop_kernel takes it (see above): K under 16 (the K1 block is not
@@ -1346,8 +1353,7 @@ def _linear_blocks(N, K, itemsize, halves=1):
     rows fit, 16 rows of W, of each half, fit LINEAR_TILE_BYTES.)"""
     if K < 16:
         return None
-    k1 = 1 << (K.bit_length() - 1)
-    k2 = max(16, triton.next_power_of_2(K - k1)) if K > k1 else 16
+    k1, k2 = _k_blocks(K)
     fits = [bn for bn in (32, 16) if halves * bn * (k1 + k2) * itemsize <= LINEAR_TILE_BYTES]
     if not fits or 16 * (k1 + k2) * itemsize > LINEAR_X_BYTES or (K > 1024 and halves * N * K * itemsize > LINEAR_HELD_MAX):
         return None
@@ -1952,7 +1958,7 @@ def fused_products(ws, x, programs=None):
         return None
     R = [triton.next_power_of_2(-(-max(w.shape[0] for w in g) // programs)) for g in groups]
     K = [g[0].shape[1] for g in groups]
-    split = [(1 << (k.bit_length() - 1), max(16, triton.next_power_of_2(k - (1 << (k.bit_length() - 1))))) for k in K]
+    split = [_k_blocks(k) for k in K]
     if x.is_cuda and any(r * (a + b) * x.element_size() > FUSED_TILE_BYTES for r, (a, b) in zip(R, split)):
         return None
     stacks = []                                   # [NL, R x programs, K]: rows past a weight's own stay zero
