@@ -236,12 +236,12 @@ def resolve(opts, preset=None):
     return o
 
 
-def softplus_inv(y):
+def _softplus_inv(y):
     """x with softplus(x) = y, for y > 0: x = y + log(1 - exp(-y)) (stable for small and large y)."""
     return y + torch.log(-torch.expm1(-y))
 
 
-def logit(p):
+def _logit(p):
     return torch.log(p) - torch.log1p(-p)
 
 
@@ -250,7 +250,7 @@ def logit(p):
 # ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def standard_gates(gdn, o):
+def _standard_gates(gdn, o):
     """The standard GDN random init of the gates (METHOD section 2; the defaults of the options named
     here) -- W_a, W_b, W_g ~ N(0, gate_std^2 = 0.02^2), A ~ U(0, a_max = 16), A_log = log A,
     dt = exp(U(log dt_min, log dt_max)) = exp(U(log 1e-3, log 0.1)) >= dt_floor = 1e-4,
@@ -267,7 +267,7 @@ def standard_gates(gdn, o):
     gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).log())
     dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(o["dt_min"]), math.log(o["dt_max"]),
                                                         generator=g)).exp()
-    gdn.dt_bias.copy_(softplus_inv(dt.clamp(min=o["dt_floor"])))
+    gdn.dt_bias.copy_(_softplus_inv(dt.clamp(min=o["dt_floor"])))
     gdn.o_norm.fill_(1.0)
     if gdn.conv_size > 0:
         gdn.reset_conv()
@@ -277,7 +277,7 @@ def standard_gates(gdn, o):
 # Pieces of a GDN layer's forward, evaluated on calibration inputs
 # ----------------------------------------------------------------------------------------------
 
-def readout_raw(gdn, x):
+def _readout_raw(gdn, x):
     """The per-head recurrence output o = S_t^T q_t / sqrt(D) [N, L, H, D] (before norm and gate)."""
     z = gdn.project(x)
     q, k, v, _ = gdn.qkv(z)
@@ -286,18 +286,18 @@ def readout_raw(gdn, x):
     return o.float()
 
 
-def normed(gdn, o):
+def _normed(gdn, o):
     """RMSNorm(o) * w_norm per head, as gdn.readout applies it."""
     return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + gdn.norm_eps) * gdn.o_norm.float()
 
 
-def layer_mse(gdn, x, y):
+def _layer_mse(gdn, x, y):
     """MSE between the GDN layer's output (after W_o) and the target y, in fp32."""
     with torch.no_grad():
         return F.mse_loss(gdn(x)[0].float(), y.float()).item()
 
 
-def ridge_fit(X, targets, ridge):
+def _ridge_fit(X, targets, ridge):
     """W [k, d] minimising ||X W^T - targets||^2 + lam ||W||^2 for X [n, d], targets [n, k];
     lam = ridge * trace(X^T X) / d (scale-free). Solved in float64."""
     X = X.double()
@@ -335,10 +335,10 @@ def phase1(gdn, st, o):
     beta = o["beta_min"] + o["beta_span"] * _at(conc, gdn)
     search = None
     if o["gate_search"]:
-        gamma, beta, search = gate_search(gdn, x, T, o)
+        gamma, beta, search = _gate_search(gdn, x, T, o)
     if o["gates_from"] == "stats":
         gdn.A_log.zero_()
-        gdn.dt_bias.copy_(softplus_inv(gamma))
+        gdn.dt_bias.copy_(_softplus_inv(gamma))
     elif o["gates_from"] != "naive":
         raise ValueError(f"gates_from must be stats or naive, not '{o['gates_from']}'")
     if o["a_proj"] == "zero":
@@ -350,21 +350,21 @@ def phase1(gdn, st, o):
         pass
     elif o["write_gate"] == "rescale":
         scale = Wb.float().abs().mean(1, keepdim=True).clamp_min(1e-12)
-        Wb.copy_(logit(beta)[:, None] / math.sqrt(d) * Wb.float() / scale)
+        Wb.copy_(_logit(beta)[:, None] / math.sqrt(d) * Wb.float() / scale)
     elif o["write_gate"] == "bias":
         if gdn.b_proj.bias is None:
             raise ValueError("write_gate=bias needs GDN layers with a bias on W_b (gdn.hybridize(..., beta_bias=True); "
                              "convert.convert builds them so when its options say write_gate=bias)")
-        gdn.b_proj.bias.copy_(logit(beta))
+        gdn.b_proj.bias.copy_(_logit(beta))
     elif o["write_gate"] == "fit":
-        Wb.copy_(ridge_fit(X, logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
+        Wb.copy_(_ridge_fit(X, _logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
     else:
         raise ValueError(f"write_gate must be rescale, bias or fit, not '{o['write_gate']}'")
     beta_tokens = gdn.gates(gdn.project(x))[1]                                 # what beta really is
     beta_seen, beta_std = beta_tokens.mean((0, 1)), beta_tokens.flatten(0, 1).std(0)
 
     # 3. value scale: least squares of the readout G against the teacher context T, per head.
-    G = readout_raw(gdn, x)
+    G = _readout_raw(gdn, x)
     sigma = (T * G).sum((0, 1, 3)) / G.pow(2).sum((0, 1, 3)).clamp_min(1e-12)
     sigma = torch.nan_to_num(sigma, nan=1.0).clamp(o["sigma_min"], o["sigma_max"])
     Wv = gdn.v_proj.weight
@@ -380,7 +380,7 @@ def phase1(gdn, st, o):
     if search is not None:
         info["gate_search"] = search
     if o["out_gate"] == "fit":
-        info.update(fit_out_gate(gdn, x, _at(st["y"], gdn), kappa))
+        info.update(_fit_out_gate(gdn, x, _at(st["y"], gdn), kappa))
     elif o["out_gate"] != "damped":
         raise ValueError(f"out_gate must be damped or fit, not '{o['out_gate']}'")
     for p in gdn.parameters():                                                  # never NaN weights
@@ -390,7 +390,7 @@ def phase1(gdn, st, o):
 
 
 @torch.no_grad()
-def gate_search(gdn, x, T, o):
+def _gate_search(gdn, x, T, o):
     """Ours: each head's decay and write strength chosen by what the recurrence then reads out.
 
     The mean attention distance is dominated by the diffuse long-range part of attention (and by the
@@ -418,7 +418,7 @@ def gate_search(gdn, x, T, o):
 
 
 @torch.no_grad()
-def fit_out_gate(gdn, x, y, kappa):
+def _fit_out_gate(gdn, x, y, kappa):
     """Ours: the output gate's scale by least squares instead of a fixed damping.
 
     With W_g = kappa_h W_v (per head) and SiLU(u) ~ u/2 for small u, head h contributes
@@ -429,7 +429,7 @@ def fit_out_gate(gdn, x, y, kappa):
     never worse than the damped start."""
     H, D = gdn.num_heads, gdn.head_dim
     N, L, d = x.shape
-    n = normed(gdn, readout_raw(gdn, x))                                       # [N, L, H, D]
+    n = _normed(gdn, _readout_raw(gdn, x))                                       # [N, L, H, D]
     u = gdn.v_proj(x).float().view(N, L, H, D)
     Wo = gdn.o_proj.weight.float().view(d, H, D)
     Z = torch.einsum("nlhe,che->nlhc", n * u / 2, Wo).reshape(-1, H, d)        # [NL, H, d]
@@ -440,11 +440,11 @@ def fit_out_gate(gdn, x, y, kappa):
     A += 1e-6 * A.diagonal().mean() * torch.eye(H, dtype=A.dtype, device=A.device)
     k_ls = torch.linalg.solve(A, b).float()
     Wv = gdn.v_proj.weight.float().view(H, D, -1)
-    best = (layer_mse(gdn, x, y), kappa * torch.ones(H, device=k_ls.device), 0.0)
+    best = (_layer_mse(gdn, x, y), kappa * torch.ones(H, device=k_ls.device), 0.0)
     for shrink in (1.0, 0.5, 0.25, 0.125, 0.0625):
         kh = torch.nan_to_num(k_ls * shrink)
         gdn.g_proj.weight.copy_((Wv * kh[:, None, None]).view(H * D, -1))
-        mse = layer_mse(gdn, x, y)
+        mse = _layer_mse(gdn, x, y)
         if mse < best[0]:
             best = (mse, kh, shrink)
     gdn.g_proj.weight.copy_((Wv * best[1][:, None, None]).view(H * D, -1).to(gdn.g_proj.weight.dtype))
@@ -531,7 +531,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def residual_and_input(model, ids, layer):
+def _residual_and_input(model, ids, layer):
     """(h, x) at decoder layer `layer` of `model` on ids: h the residual stream entering the layer,
     x the attention module's input (after the layer's input norm). The forward stops there."""
     from gdn import decoder_layers
@@ -561,7 +561,7 @@ def residual_and_input(model, ids, layer):
 # The inits
 # ----------------------------------------------------------------------------------------------
 
-def teacher_stats(student, teacher, calib_ids, opts, o, name):
+def _teacher_stats(student, teacher, calib_ids, opts, o, name):
     """The statistics of the student's GDN layers: opts['_stats'] if the caller collected them
     already (convert.py's table and GA-S2 reuse one teacher pass), else one teacher pass now."""
     if opts.get("_stats") is not None:
@@ -576,7 +576,7 @@ def teacher_stats(student, teacher, calib_ids, opts, o, name):
     return collect_stats(teacher, calib_ids, layers=sorted(gdn_modules(student)), floor=o["dist_floor"])
 
 
-def run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phase2):
+def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phase2):
     o = resolve(opts, preset)
     layers = gdn_modules(student)
     if do_phase2 and o["phase2_input"] == "student":
@@ -588,14 +588,14 @@ def run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phas
                              "stream as it is; this model normalises it first (Gemma-style post-attention "
                              "norm): use phase2_input=teacher")
     t0 = time.time()
-    stats = teacher_stats(student, teacher, calib_ids, opts, o, name) if (do_phase1 or do_phase2) else None
+    stats = _teacher_stats(student, teacher, calib_ids, opts, o, name) if (do_phase1 or do_phase2) else None
     info = {"options": {k: o[k] for k in OPTIONS}, "stats_seconds": time.time() - t0, "layers": {}}
     if stats is not None:
         from taylor_stats import summary
         info["stats"] = summary({i: stats[i] for i in layers})
     for i, gdn in layers.items():
         t_layer = time.time()
-        standard_gates(gdn, o)
+        _standard_gates(gdn, o)
         rec = {}
         if do_phase1:
             rec["phase1"] = phase1(gdn, stats[i], o)
@@ -607,63 +607,63 @@ def run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phas
                 # stream h_s + GDN(x_s) is as close as it can be to the teacher's h_t + y_t.
                 if calib_ids is None:
                     raise ValueError("phase2_input=student needs the calibration tokens")
-                h_s, x = residual_and_input(student, calib_ids, i)
+                h_s, x = _residual_and_input(student, calib_ids, i)
                 y = y.to(h_s.device) + o["correction"] * (stats[i]["h"].to(h_s.device) - h_s)
             elif o["phase2_input"] != "teacher":
                 raise ValueError(f"phase2_input must be teacher or student, not '{o['phase2_input']}'")
             rec["phase2"] = phase2(gdn, x, y, o, desc=f"{name} layer {i}")
         elif stats is not None:
-            rec["mse"] = layer_mse(gdn, _at(stats[i]["x"], gdn).to(gdn.q_proj.weight.dtype), _at(stats[i]["y"], gdn))
+            rec["mse"] = _layer_mse(gdn, _at(stats[i]["x"], gdn).to(gdn.q_proj.weight.dtype), _at(stats[i]["y"], gdn))
         rec["seconds"] = time.time() - t_layer
         info["layers"][i] = rec
     return info
 
 
-def init_naive(student, teacher, calib_ids, opts):
+def _init_naive(student, teacher, calib_ids, opts):
     o = resolve(opts)
     for gdn in gdn_modules(student).values():
-        standard_gates(gdn, o)
+        _standard_gates(gdn, o)
     return {}
 
 
 @torch.no_grad()
-def init_zero_gate(student, teacher, calib_ids, opts):
-    init_naive(student, teacher, calib_ids, opts)
+def _init_zero_gate(student, teacher, calib_ids, opts):
+    _init_naive(student, teacher, calib_ids, opts)
     for gdn in gdn_modules(student).values():
         gdn.g_proj.weight.zero_()
     return {}
 
 
-def init_taylor_phase1(student, teacher, calib_ids, opts):
-    return run_init(student, teacher, calib_ids, opts, "taylor-phase1", {}, True, False)
+def _init_taylor_phase1(student, teacher, calib_ids, opts):
+    return _run_init(student, teacher, calib_ids, opts, "taylor-phase1", {}, True, False)
 
 
-def init_align_only(student, teacher, calib_ids, opts):
-    return run_init(student, teacher, calib_ids, opts, "align-only", {}, False, True)
+def _init_align_only(student, teacher, calib_ids, opts):
+    return _run_init(student, teacher, calib_ids, opts, "align-only", {}, False, True)
 
 
-def init_taylor(student, teacher, calib_ids, opts):
-    return run_init(student, teacher, calib_ids, opts, "taylor", {}, True, True)
+def _init_taylor(student, teacher, calib_ids, opts):
+    return _run_init(student, teacher, calib_ids, opts, "taylor", {}, True, True)
 
 
 # Ours. Each choice is an option above, so each can be switched off alone to see what it is worth.
 PLUS = {"write_gate": "fit", "a_proj": "zero", "out_gate": "fit", "dt_from": "distance_nosink"}
 
 
-def init_taylor_plus(student, teacher, calib_ids, opts):
-    return run_init(student, teacher, calib_ids, opts, "taylor-plus", PLUS, True, True)
+def _init_taylor_plus(student, teacher, calib_ids, opts):
+    return _run_init(student, teacher, calib_ids, opts, "taylor-plus", PLUS, True, True)
 
 
 ALIGN_PLUS = {"train_out": 1}
 
 
-def init_align_plus(student, teacher, calib_ids, opts):
-    return run_init(student, teacher, calib_ids, opts, "align-plus", ALIGN_PLUS, False, True)
+def _init_align_plus(student, teacher, calib_ids, opts):
+    return _run_init(student, teacher, calib_ids, opts, "align-plus", ALIGN_PLUS, False, True)
 
 
-INITS = {"naive": init_naive, "zero-gate": init_zero_gate, "taylor-phase1": init_taylor_phase1,
-         "align-only": init_align_only, "taylor": init_taylor, "taylor-plus": init_taylor_plus,
-         "align-plus": init_align_plus}
+INITS = {"naive": _init_naive, "zero-gate": _init_zero_gate, "taylor-phase1": _init_taylor_phase1,
+         "align-only": _init_align_only, "taylor": _init_taylor, "taylor-plus": _init_taylor_plus,
+         "align-plus": _init_align_plus}
 
 PRESETS = {"taylor-plus": PLUS, "align-plus": ALIGN_PLUS}
 
@@ -747,12 +747,12 @@ def main(argv=None):
         do1, do2 = INIT_PHASES[name]
         for i in layers:
             gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i, beta_bias=o["write_gate"] == "bias")
-            standard_gates(gdn, o)
+            _standard_gates(gdn, o)
             p1 = phase1(gdn, fit[i], o) if do1 else None
-            start = layer_mse(gdn, held[i]["x"], held[i]["y"])
+            start = _layer_mse(gdn, held[i]["x"], held[i]["y"])
             r = phase2(gdn, fit[i]["x"], fit[i]["y"], o, desc=f"{label} layer {i}") if do2 and o["steps"] else {}
             rows.append({"variant": label, "layer": i, "seed": o["seed"], "held_mse_start": start, "fit_mse_end": r.get("loss_after"),
-                         "held_mse_end": layer_mse(gdn, held[i]["x"], held[i]["y"]),
+                         "held_mse_end": _layer_mse(gdn, held[i]["x"], held[i]["y"]),
                          "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds"),
                          # the write gate Phase 1 left: how far beta's mean is from its target, how much
                          # it varies with the token (per head, averaged over heads)

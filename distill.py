@@ -303,7 +303,7 @@ def text_files(path):
     raise ValueError(f"--data '{path}' is neither a text file nor a folder of .txt files")
 
 
-def corpus_ids(tokenizer, path):
+def _corpus_ids(tokenizer, path):
     """Every document tokenised on its own, the documents joined by EOS: one 1-D id tensor."""
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     parts = []
@@ -345,7 +345,7 @@ class Batches:
 # The two losses
 # ----------------------------------------------------------------------------------------------
 
-def stage1_loss(y_teacher, y_student):
+def _stage1_loss(y_teacher, y_student):
     """Mean over converted layers of mean_{b,t} ||y_T - y_S||_2 / sqrt(d). Lists of [B, T, d].
     The norm (not its square) per token: a layer far off does not drown the others, and the
     1/sqrt(d) makes it an RMS error, comparable across model widths. Computed in fp32."""
@@ -357,7 +357,7 @@ def stage1_loss(y_teacher, y_student):
 KL_ROWS = 1024      # positions per block of the Stage-2 loss (fp32 temporaries: a few x KL_ROWS x vocab)
 
 
-def stage2_loss(teacher_logits, student_logits):
+def _stage2_loss(teacher_logits, student_logits):
     """mean_{b,t} KL(p_T || p_S) = mean sum_v p_T,v (log p_T,v - log p_S,v), temperature 1, fp32.
     Every position predicts a next token, so every position counts."""
     return _KL.apply(teacher_logits, student_logits)
@@ -426,21 +426,21 @@ class GDNStack(nn.Module):
         return [self.layers[str(i)](x)[0] for i, x in xs.items()]
 
 
-def stage1_step(stack, teacher, taps, ids):
+def _stage1_step(stack, teacher, taps, ids):
     """L1 on one micro-batch: teacher forward (no grad, only its decoder: no logits), then every GDN
     layer on its teacher-forced input."""
     with torch.no_grad():
         teacher.model(input_ids=ids, use_cache=False)
     io, taps.io = taps.io, {}                           # drop the references once used
     layers = sorted(io)
-    return stage1_loss([io[i][1] for i in layers], stack({i: io[i][0] for i in layers}))
+    return _stage1_loss([io[i][1] for i in layers], stack({i: io[i][0] for i in layers}))
 
 
-def stage2_step(student, teacher, ids):
+def _stage2_step(student, teacher, ids):
     """L2 on one micro-batch."""
     with torch.no_grad():
         t = teacher(input_ids=ids, use_cache=False).logits
-    return stage2_loss(t, student(input_ids=ids, use_cache=False).logits)
+    return _stage2_loss(t, student(input_ids=ids, use_cache=False).logits)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -453,7 +453,7 @@ STAGE_DEFAULTS = {
 }
 
 
-def lr_factor(step, total, schedule, warmup=0, min_ratio=0.0):
+def _lr_factor(step, total, schedule, warmup=0, min_ratio=0.0):
     """Multiplier of the base learning rate at step `step` (0-based) of `total`: linear warm-up,
     then constant or cosine from 1 down to min_ratio. A pure function of the step, so resuming needs
     nothing but the step count."""
@@ -465,7 +465,7 @@ def lr_factor(step, total, schedule, warmup=0, min_ratio=0.0):
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def param_groups(student, stage, lr, lr_rest):
+def _param_groups(student, stage, lr, lr_rest):
     """Stage 1: the GDN parameters only (everything else frozen). Stage 2: every attention module's
     parameters (softmax and GDN) at lr, the rest at lr_rest. Names fix the order, so a resumed run
     rebuilds exactly the same groups."""
@@ -484,12 +484,12 @@ def param_groups(student, stage, lr, lr_rest):
     return [{"params": attn, "lr": lr, "name": "attention"}, {"params": rest, "lr": lr_rest, "name": "rest"}]
 
 
-def matmul_params(module, skip=()):
+def _matmul_params(module, skip=()):
     """Weights of every nn.Linear inside (a tied LM head counted: its matmul runs anyway)."""
     return sum(m.weight.numel() for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in skip)
 
 
-def mixing_flops(model, seq, chunk=64, only=None):
+def _mixing_flops(model, seq, chunk=64, only=None):
     """Forward FLOPs per token of the token-mixing products that are not weight matmuls, summed over
     the decoder layers (or the layer indices in `only`), for sequences of `seq` tokens:
       softmax layer, causal (a token sees seq/2 keys on average): QK^T and PV, each 2 FLOPs per
@@ -513,7 +513,7 @@ def mixing_flops(model, seq, chunk=64, only=None):
     return total
 
 
-def flops_per_token(stage, student, teacher, seq, stack=None):
+def _flops_per_token(stage, student, teacher, seq, stack=None):
     """Model FLOPs per trained token: 2 per weight for a forward matmul, 3x that for forward +
     backward, plus the mixing products above (3x as well when trained):
       Stage 1:  teacher forward without its LM head  + 3 x (2 N_gdn + mixing of the GDN layers)
@@ -523,11 +523,11 @@ def flops_per_token(stage, student, teacher, seq, stack=None):
     inputs come from the teacher, detached, so the backward skips the input gradients of the GDN
     layers' first projections, which the 3x counts. Recomputation under gradient checkpointing is
     not counted: it is overhead."""
-    t = mixing_flops(teacher, seq)
+    t = _mixing_flops(teacher, seq)
     if stage == 1:
         gdn = [int(i) for i in stack.layers]
-        return 2 * matmul_params(teacher, skip=("lm_head",)) + t + 3 * (2 * matmul_params(stack) + mixing_flops(student, seq, only=gdn))
-    return 2 * matmul_params(teacher) + t + 3 * (2 * matmul_params(student) + mixing_flops(student, seq))
+        return 2 * _matmul_params(teacher, skip=("lm_head",)) + t + 3 * (2 * _matmul_params(stack) + _mixing_flops(student, seq, only=gdn))
+    return 2 * _matmul_params(teacher) + t + 3 * (2 * _matmul_params(student) + _mixing_flops(student, seq))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,14 +574,14 @@ class Dist:
 # Checkpoints: safetensors for weights (through transformers) and optimiser state, JSON for the rest
 # ----------------------------------------------------------------------------------------------
 
-def rng_state():
+def _rng_state():
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         state.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     return state
 
 
-def save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
+def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
     """checkpoints/step_N, written into a temporary folder and renamed; then the `latest` pointer
     is rewritten atomically, then older checkpoints go. A kill at any moment leaves `latest`
     pointing at a complete checkpoint."""
@@ -616,7 +616,7 @@ def save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
     return final
 
 
-def latest_checkpoint(folder):
+def _latest_checkpoint(folder):
     path = os.path.join(folder, "checkpoints", "latest")
     if not os.path.isfile(path):
         return None
@@ -624,7 +624,7 @@ def latest_checkpoint(folder):
         return os.path.join(folder, "checkpoints", f.read().strip())
 
 
-def load_checkpoint(path, opt, rank, world):
+def _load_checkpoint(path, opt, rank, world):
     """Optimiser state and this process's RNG back from a checkpoint; returns its state.json.
     (The weights are loaded by gdn.load_hybrid on the same folder.)"""
     from transformers.modeling_utils import load_state_dict
@@ -678,7 +678,7 @@ class Diverged(RuntimeError):
 # The training loop both stages share
 # ----------------------------------------------------------------------------------------------
 
-def train(run, student, data, model, step_fn, groups):
+def _train(run, student, data, model, step_fn, groups):
     """Optimise `model` (the student, or Stage 1's GDN stack; DDP-wrapped under torchrun) with
     step_fn(model, ids) -> loss. Global batch = run.batch sequences, split over processes, then
     into micro-batches whose gradients accumulate. Evaluates, checkpoints, stops on a non-finite
@@ -689,7 +689,7 @@ def train(run, student, data, model, step_fn, groups):
     params = [p for g in groups for p in g["params"]]
     start = 0
     if run.resume_from:
-        state = load_checkpoint(run.resume_from, opt, dist.rank, dist.world)
+        state = _load_checkpoint(run.resume_from, opt, dist.rank, dist.world)
         start, data.epoch, data.index = state["step"], state["data_epoch"], state["data_index"]
     # Lines past the checkpoint are redone; at step 0 (no checkpoint yet) everything is.
     metrics = Metrics(os.path.join(a.out, "metrics.jsonl"), dist.main, keep_until_step=start if start else -1)
@@ -700,13 +700,13 @@ def train(run, student, data, model, step_fn, groups):
     bar = tqdm(range(start, run.steps), desc=f"stage {a.stage}", initial=start, total=run.steps,
                disable=not dist.main)
     if start == 0:
-        evaluate(run, student, 0, metrics, teacher=run.teacher)
+        _evaluate(run, student, 0, metrics, teacher=run.teacher)
     prof = None
 
     def end_profile():
         nonlocal prof
         if prof is not None:
-            report_profile(prof, a, dist)
+            _report_profile(prof, a, dist)
             prof = None
 
     for step in bar:
@@ -737,7 +737,7 @@ def train(run, student, data, model, step_fn, groups):
                            f"({tokens} tokens): stopping without saving; {where}. The run is deterministic, so "
                            f"--resume would meet the same step again: start a new run with other settings "
                            f"(e.g. a lower --lr)")
-        f = lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
+        f = _lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
         opt.step()
@@ -752,11 +752,11 @@ def train(run, student, data, model, step_fn, groups):
         bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
         if a.eval_every and tokens // a.eval_every > (tokens - tokens_per_step) // a.eval_every \
                 and step + 1 < run.steps:
-            evaluate(run, student, step + 1, metrics)
+            _evaluate(run, student, step + 1, metrics)
         if a.ckpt_every and (step + 1) % a.ckpt_every == 0 and step + 1 < run.steps:
-            rngs = dist.gather(rng_state())
+            rngs = dist.gather(_rng_state())
             if dist.main:
-                last_ckpt = save_checkpoint(a.out, step + 1, student, opt, rngs, {
+                last_ckpt = _save_checkpoint(a.out, step + 1, student, opt, rngs, {
                     "step": step + 1, "tokens": tokens, "data_epoch": data.epoch, "data_index": data.index,
                     "world": dist.world, "config": run.config}, keep=a.keep_checkpoints)
             dist.barrier()
@@ -767,11 +767,11 @@ def train(run, student, data, model, step_fn, groups):
             return records
     end_profile()                                     # the run may end inside the profiled steps
     bar.close()
-    evaluate(run, student, run.steps, metrics)
+    _evaluate(run, student, run.steps, metrics)
     return records
 
 
-def report_profile(prof, a, dist):
+def _report_profile(prof, a, dist):
     """--profile-steps: where the profiled steps' time went, by operator (device time first on a
     GPU), printed and saved as profile.txt in the run folder."""
     prof.__exit__(None, None, None)
@@ -785,7 +785,7 @@ def report_profile(prof, a, dist):
     print(text)
 
 
-def evaluate(run, student, step, metrics, teacher=None):
+def _evaluate(run, student, step, metrics, teacher=None):
     """Validation perplexity (main process only), logged with the tokens seen in every stage. With
     `teacher` (at the start of a run), the teacher's on the same windows too: the yardstick the
     recovery report measures the student against."""
@@ -814,13 +814,13 @@ def evaluate(run, student, step, metrics, teacher=None):
 
 def stage1(run, student, teacher, data):
     """Stage 1: per-layer alignment of every GDN layer to its teacher attention layer, teacher-forced."""
-    groups = param_groups(student, 1, run.args.lr, run.args.lr_rest)
+    groups = _param_groups(student, 1, run.args.lr, run.args.lr_rest)
     stack = GDNStack(student).train()
     taps = TeacherTaps(teacher, sorted(int(i) for i in stack.layers))
     model = stack if run.dist.world == 1 else nn.parallel.DistributedDataParallel(stack)
-    run.flops_per_token = flops_per_token(1, student, teacher, run.args.seq, stack)
+    run.flops_per_token = _flops_per_token(1, student, teacher, run.args.seq, stack)
     try:
-        return train(run, student, data, model, lambda m, ids: stage1_step(m, teacher, taps, ids), groups)
+        return _train(run, student, data, model, lambda m, ids: _stage1_step(m, teacher, taps, ids), groups)
     finally:
         for h in taps.handles:
             h.remove()
@@ -828,7 +828,7 @@ def stage1(run, student, teacher, data):
 
 def stage2(run, student, teacher, data):
     """Stage 2: end-to-end KL distillation of the whole student."""
-    groups = param_groups(student, 2, run.args.lr, run.args.lr_rest)
+    groups = _param_groups(student, 2, run.args.lr, run.args.lr_rest)
     student.train()
     if run.args.grad_ckpt:
         # Recompute each (every n-th) decoder layer in the backward instead of keeping its activations:
@@ -839,8 +839,8 @@ def stage2(run, student, teacher, data):
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
     model = student if run.dist.world == 1 else nn.parallel.DistributedDataParallel(student)
-    run.flops_per_token = flops_per_token(2, student, teacher, run.args.seq)
-    return train(run, student, data, model, lambda m, ids: stage2_step(m, teacher, ids), groups)
+    run.flops_per_token = _flops_per_token(2, student, teacher, run.args.seq)
+    return _train(run, student, data, model, lambda m, ids: _stage2_step(m, teacher, ids), groups)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -959,7 +959,7 @@ def check_shapes(a, world):
     return a.tokens // step_tokens
 
 
-def read_student(path):
+def _read_student(path):
     """The student folder's conversion record; a clear error unless convert.py (or a stage) wrote it."""
     record = os.path.join(path, "conversion.json")
     if not os.path.isdir(path):
@@ -980,7 +980,7 @@ def read_student(path):
     return conversion, prior
 
 
-def teacher_spec(a, conversion):
+def _teacher_spec(a, conversion):
     spec = a.teacher or conversion.get("teacher_spec")
     if spec is None and str(conversion.get("teacher", "")).startswith("default"):
         spec = "default"
@@ -996,7 +996,7 @@ def teacher_spec(a, conversion):
     return spec
 
 
-def check_teacher(teacher, t_tok, s_config, s_tok):
+def _check_teacher(teacher, t_tok, s_config, s_tok):
     """The teacher must speak the student's vocabulary and have its shape (same layers, same width)."""
     if len(t_tok) != len(s_tok) or t_tok.get_vocab() != s_tok.get_vocab() \
             or teacher.config.vocab_size != s_config.vocab_size:
@@ -1009,7 +1009,7 @@ def check_teacher(teacher, t_tok, s_config, s_tok):
                              f"({getattr(s_config, k)}): not this student's teacher")
 
 
-def run_config(a, spec):
+def _run_config(a, spec):
     """What fixes a run's trajectory: a resumed run must agree on every item."""
     keys = ("stage", "student", "data", "tokens", "seq", "batch", "lr", "lr_rest", "schedule", "warmup_steps",
             "min_lr_ratio", "beta1", "beta2", "weight_decay", "clip", "seed", "amp", "eval_data", "eval_every",
@@ -1017,7 +1017,7 @@ def run_config(a, spec):
     return {"teacher": spec, **{k: getattr(a, k) for k in keys}}
 
 
-def check_run_folder(a, config):
+def _check_run_folder(a, config):
     """A new run: --out must not exist (or --overwrite). --resume: --out's run.json must hold the same
     configuration; returns the checkpoint to continue from (None: start at step 0). --resume where
     --out does not exist yet starts the run, so a job that may be killed and restarted can always
@@ -1033,14 +1033,14 @@ def check_run_folder(a, config):
         if diff:
             raise ValueError("--resume: the run in '" + a.out + "' has another configuration: " +
                              "; ".join(f"{k}: {o!r} there, {n!r} now" for k, (o, n) in sorted(diff.items())))
-        return latest_checkpoint(a.out)
+        return _latest_checkpoint(a.out)
     if os.path.exists(a.out) and not a.overwrite:
         raise ValueError(f"--out '{a.out}' already exists: pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another folder")
     return None
 
 
-def start_run_folder(a, config, dist):
+def _start_run_folder(a, config, dist):
     """A new run's folder, holding run.json; under --overwrite it replaces --out. Called last, once
     everything that can fail before training has been checked: nothing is deleted for a run that
     cannot start."""
@@ -1054,7 +1054,7 @@ def start_run_folder(a, config, dist):
     dist.barrier()
 
 
-def save_student(student, tokenizer, a, extra_files):
+def _save_student(student, tokenizer, a, extra_files):
     """The final student: gdn.save_hybrid into a temporary folder, then its files renamed into --out
     (distill.json, written after, marks the run complete)."""
     from gdn import save_hybrid
@@ -1082,7 +1082,7 @@ class Run:
         return contextlib.nullcontext()
 
 
-def throughput(run, records):
+def _throughput(run, records):
     """Median step throughput after 2 warm-up steps (compilation, autotuning), and the MFU it means."""
     times = sorted(r["tokens_per_s"] for r in records[2:]) or sorted(r["tokens_per_s"] for r in records)
     if not times:
@@ -1097,24 +1097,24 @@ def throughput(run, records):
     return out
 
 
-def distill(a):
+def _distill(a):
     """Everything `python distill.py` does; raises ValueError on bad input before writing anything."""
     from transformers import AutoConfig, AutoTokenizer
     from gdn import load_hybrid
     t_start = time.time()
-    conversion, prior = read_student(a.student)
+    conversion, prior = _read_student(a.student)
     dist = Dist(a.device)
     steps = check_shapes(a, dist.world)
-    spec = teacher_spec(a, conversion)
-    config = run_config(a, spec)
+    spec = _teacher_spec(a, conversion)
+    config = _run_config(a, spec)
     if a.resume and os.path.isfile(os.path.join(a.out, "distill.json")):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
-    resume_from = check_run_folder(a, config)
+    resume_from = _check_run_folder(a, config)
     torch.manual_seed(a.seed)
     s_tok = AutoTokenizer.from_pretrained(a.student)
-    data = Batches(corpus_ids(s_tok, a.data), a.seq, a.batch, a.seed)
+    data = Batches(_corpus_ids(s_tok, a.data), a.seq, a.batch, a.seed)
     eval_ids = None
     if a.eval_data:
         eval_ids = tokenize(s_tok, read_text(a.eval_data))
@@ -1128,7 +1128,7 @@ def distill(a):
     teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
+    _check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
     # fp32 master weights whatever the folder holds (convert.py saves bf16 on a GPU): AdamW steps of
     # lr 7e-6 are below bf16's resolution and would leave most weights where they were.
     try:
@@ -1139,7 +1139,7 @@ def distill(a):
     if not (a.resume and os.path.isdir(a.out)):
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
-        start_run_folder(a, config, dist)                             # every check passed: now write
+        _start_run_folder(a, config, dist)                             # every check passed: now write
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
@@ -1160,7 +1160,7 @@ def distill(a):
         if test_ids is not None:
             with run.autocast():
                 test = perplexity(student, test_ids, a.eval_window, None, a.eval_batch_size, desc="test ppl")
-        save_student(student, s_tok, a, {"conversion.json": os.path.join(a.student, "conversion.json")})
+        _save_student(student, s_tok, a, {"conversion.json": os.path.join(a.student, "conversion.json")})
         tokens = steps * a.batch * a.seq
         # The whole run's log (metrics.jsonl, cut back to the checkpoint on a resume), not only what
         # this process ran: after a resume, records and evaluations start at the checkpoint.
@@ -1174,15 +1174,15 @@ def distill(a):
                   "processes": dist.world, "first_loss": losses[0] if losses else None,
                   "last_loss": losses[-1] if losses else None, "evals": evals,
                   "final_eval": evals[-1] if evals else None, "test": test, "test_data": a.test_data,
-                  "throughput": throughput(run, records), "resumed_from": resume_from,   # (this process's steps)
+                  "throughput": _throughput(run, records), "resumed_from": resume_from,   # (this process's steps)
                   "seconds": time.time() - t_start, **run_info(a.seed)}
         write_json(os.path.join(a.out, "distill.json"), record)
-        summary(record, a)
+        _summary(record, a)
     dist.barrier()
     return run
 
 
-def summary(r, a):
+def _summary(r, a):
     loss = "-" if r["first_loss"] is None else f"{r['first_loss']:.4f} -> {r['last_loss']:.4f}"
     print(f"\nstage {r['stage']} done: {r['steps']} steps, {r['tokens']:,} tokens, loss {loss}")
     if r["evals"]:
@@ -1205,7 +1205,7 @@ def summary(r, a):
 THRESHOLDS = (1.10, 1.15, 1.20, 1.25)
 
 
-def tokens_to_reach(curve, target):
+def _tokens_to_reach(curve, target):
     """The first Stage-2 token count at which validation perplexity is <= target, for a curve of
     (tokens, ppl) evaluation points: linear in log perplexity between the two points around the
     first crossing (perplexity falls roughly exponentially in the tokens seen between evaluations,
@@ -1220,7 +1220,7 @@ def tokens_to_reach(curve, target):
     return None
 
 
-def read_stage2_run(folder):
+def _read_stage2_run(folder):
     """(label, teacher ppl, curve, test ppl, record) of a finished Stage-2 run folder."""
     path = os.path.join(folder, "distill.json")
     if not os.path.isfile(path):
@@ -1245,13 +1245,13 @@ def read_stage2_run(folder):
     return label, teacher[0], curve, (record.get("test") or {}).get("ppl"), record
 
 
-def recovery(folders, results):
+def _recovery(folders, results):
     """Compare Stage-2 runs of different inits (one of them 'naive'): the tokens each needs to come
     within 10/15/20/25% of the teacher's validation perplexity, and to reach the naive run's final
     perplexity; speedup = naive's tokens / the init's. JSON and a markdown table at `results`."""
     runs = {}
     for folder in folders:
-        label, teacher, curve, test, record = read_stage2_run(folder)
+        label, teacher, curve, test, record = _read_stage2_run(folder)
         if label in runs:
             raise ValueError(f"two runs of init '{label}' ({runs[label]['folder']} and {folder}): one per init")
         same = {k: record["config"].get(k) for k in ("teacher", "eval_data", "eval_window", "eval_max_windows")}
@@ -1269,8 +1269,8 @@ def recovery(folders, results):
     teacher = runs["naive"]["teacher_ppl"]
     naive_final = runs["naive"]["final_val_ppl"]
     for r in runs.values():
-        r["tokens_to"] = {f"{x:.2f}x teacher": tokens_to_reach(r["curve"], x * teacher) for x in THRESHOLDS}
-        r["tokens_to"]["naive final"] = tokens_to_reach(r["curve"], naive_final)
+        r["tokens_to"] = {f"{x:.2f}x teacher": _tokens_to_reach(r["curve"], x * teacher) for x in THRESHOLDS}
+        r["tokens_to"]["naive final"] = _tokens_to_reach(r["curve"], naive_final)
     for r in runs.values():
         r["speedup_vs_naive"] = {k: (runs["naive"]["tokens_to"][k] / t if t and runs["naive"]["tokens_to"][k] else None)
                                  for k, t in r["tokens_to"].items()}
@@ -1296,13 +1296,13 @@ def recovery(folders, results):
     return out
 
 
-def recovery_main(argv):
-    p = argparse.ArgumentParser(prog="distill.py --recovery", description=recovery.__doc__.split("\n")[0])
+def _recovery_main(argv):
+    p = argparse.ArgumentParser(prog="distill.py --recovery", description=_recovery.__doc__.split("\n")[0])
     p.add_argument("--recovery", nargs="+", required=True, metavar="RUN", help="finished Stage-2 run folders")
     p.add_argument("--results", default="results/recovery/recovery", help="output stem (.json, .md)")
     a = p.parse_args(argv)
     try:
-        recovery(a.recovery, a.results)
+        _recovery(a.recovery, a.results)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -1312,10 +1312,10 @@ def recovery_main(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if "--recovery" in argv:
-        return recovery_main(argv)
+        return _recovery_main(argv)
     try:
         a = parse_args(argv)
-        distill(a)
+        _distill(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -32,7 +32,7 @@ and are dropped (logged).
 Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN layer's cache is its
 state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: a fixed size, whatever
 the context length. Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
-carries them without knowing. HF's own cache operations know only their KV tensors, so `gdn_states`
+carries them without knowing. HF's own cache operations know only their KV tensors, so `_gdn_states`
 gives the cache a subclass whose operations that reorder, select, repeat or clear batch rows (beam
 search, contrastive search, cache reuse) also do it to the states, and whose crop (assisted
 decoding) marks them unusable: a recurrent state cannot be rewound, so continuing from it is an
@@ -195,7 +195,7 @@ class GatedDeltaNet(nn.Module):
         B, T, _ = x.shape
         pad = getattr(self, "pad_mask", None)                                  # [B, T] bool, True = pad
         pad = pad if pad is not None and pad.shape == (B, T) else None
-        states = gdn_states(cache) if cache is not None else {}
+        states = _gdn_states(cache) if cache is not None else {}
         S0, conv0 = states.get(self.layer_idx, (None, None))
         if S0 is not None and getattr(cache, "gdn_rewound", False):
             raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
@@ -240,7 +240,7 @@ class GatedDeltaNet(nn.Module):
         if (cache is None or x.shape[1] != 1 or (pad is not None and pad.shape == x.shape[:2])
                 or getattr(cache, "gdn_rewound", False)):
             return None
-        S0, conv0 = gdn_states(cache).get(self.layer_idx, (None, None))
+        S0, conv0 = _gdn_states(cache).get(self.layer_idx, (None, None))
         if S0 is None or not gdn_layer_step_usable(x, S0) or (self.conv_size and conv0 is None):
             return None
         return S0, conv0
@@ -309,7 +309,7 @@ def stack_projections(model):
     return model
 
 
-def gdn_states(cache):
+def _gdn_states(cache):
     """{layer index: (S, conv state)} kept on an HF cache, created on first use. The cache's class is
     then swapped for a subclass (`_gdn_cache_class`) whose batch operations also act on the states
     (see the module docstring); a subclass rather than per-object wrappers, so a deep copy of the
@@ -397,7 +397,7 @@ def gdn_from_attention(attn, layer_idx, conv_size=0, norm_eps=1e-6, beta_bias=Fa
     return gdn
 
 
-def dropped_weights(attn):
+def _dropped_weights(attn):
     """The teacher attention's weights a GDN layer has no place for (q/k norms, q/k/v biases)."""
     dropped = [n for n in ("q_norm", "k_norm") if getattr(attn, n, None) is not None]
     return dropped + [f"{n}.bias" for n in ("q_proj", "k_proj", "v_proj") if getattr(attn, n).bias is not None]
@@ -415,7 +415,7 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
     bad = [i for i in gdn_layers if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
-    dropped = sorted({n for i in gdn_layers for n in dropped_weights(layers[i].self_attn)})
+    dropped = sorted({n for i in gdn_layers for n in _dropped_weights(layers[i].self_attn)})
     msg = f"teacher {', '.join(dropped)} have no place in GDN: dropped in the converted layers"
     if warn and dropped and msg not in _said:
         _said.add(msg)
@@ -425,11 +425,11 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
     model.config.hybrid = {"gdn_layers": gdn_layers, "conv_size": conv_size, "norm_eps": norm_eps,
                            "beta_bias": beta_bias}
     if not getattr(model.model, "gdn_pad_hook", None):
-        model.model.gdn_pad_hook = model.model.register_forward_pre_hook(share_padding_mask, with_kwargs=True)
+        model.model.gdn_pad_hook = model.model.register_forward_pre_hook(_share_padding_mask, with_kwargs=True)
     return model
 
 
-def share_padding_mask(stack, args, kwargs):
+def _share_padding_mask(stack, args, kwargs):
     """Pre-hook on the decoder stack: hand each GDN layer the padding mask of the tokens about to be
     processed (the last T columns of the 2-D attention mask), or None when there is none."""
     mask = kwargs.get("attention_mask")

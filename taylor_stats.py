@@ -56,7 +56,7 @@ QUERY_BLOCK = 256         # query rows per softmax block (bounds memory for long
 CHECK_TOL = 2e-2          # max relative error of the recomputed attention output vs the module's
 
 
-def head_statistics(p, q_pos=None, floor=DIST_FLOOR):
+def _head_statistics(p, q_pos=None, floor=DIST_FLOOR):
     """Sums (not yet means) over query rows of distance and entropy for attention probabilities
     p [H, Tq, Tk] whose rows are queries at absolute positions q_pos [Tq] (default: the last Tq of
     the Tk positions). Returns (dist_sum [H], ent_sum [H]) in float64."""
@@ -70,7 +70,7 @@ def head_statistics(p, q_pos=None, floor=DIST_FLOOR):
     return dist.double().sum(-1), ent.double().sum(-1)
 
 
-def sink_statistics(p, q_pos=None, floor=DIST_FLOOR):
+def _sink_statistics(p, q_pos=None, floor=DIST_FLOOR):
     """Beyond METHOD (used by our own init, calibrate.py 'taylor-plus'): many heads park most of their
     mass on the first token (an "attention sink") and read little from it; that mass inflates d_h
     (it sits i tokens back). Returns sums over query rows of the sink mass a_i0 [H] and of the
@@ -111,7 +111,7 @@ def _rotary_fn(attn):
 
 
 @torch.no_grad()
-def attention_pieces(attn, x, position_embeddings):
+def _attention_pieces(attn, x, position_embeddings):
     """q [B, H, T, D] (RoPE'd, q-normed), k and v [B, H, T, D] (GQA-repeated) of an HF attention
     module `attn` for its input x [B, T, d], recomputed exactly as its forward does."""
     B, T, _ = x.shape
@@ -129,10 +129,10 @@ def attention_pieces(attn, x, position_embeddings):
 
 
 @torch.no_grad()
-def layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIST_FLOOR):
+def _layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIST_FLOOR):
     """Sums over query rows [H] of distance, entropy (and the sink statistics), and the per-head
     context T [B, T, H, D] of one attention layer, softmax computed one block of query rows at a time."""
-    q, k, v = attention_pieces(attn, x, position_embeddings)              # in the module's own dtype
+    q, k, v = _attention_pieces(attn, x, position_embeddings)              # in the module's own dtype
     q, k, v = q.float(), k.float(), v.float()
     B, H, T, D = q.shape
     scaling = float(attn.scaling)
@@ -158,10 +158,10 @@ def layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIST
             if window:
                 allowed &= keys[None, :i1] > qpos[:, None] - window             # sliding window
             p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
-            d, e = head_statistics(p, qpos, floor)
+            d, e = _head_statistics(p, qpos, floor)
             dist_sum += d.cpu()
             ent_sum += e.cpu()
-            sk, dn = sink_statistics(p, qpos, floor)
+            sk, dn = _sink_statistics(p, qpos, floor)
             sink_sum += sk.cpu()
             dns_sum += dn.cpu()
             ctx[b, i0:i1] = (p @ v[b, :, :i1]).transpose(0, 1)                  # [Tq, H, D]
@@ -178,7 +178,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
     """One teacher forward over input_ids [N, L]; for each layer index in `layers` (default: all) a
     dict with
         distance, entropy, concentration  [H] float32 (NaN-free)
-        sink, distance_nosink             [H] (beyond METHOD: see sink_statistics)
+        sink, distance_nosink             [H] (beyond METHOD: see _sink_statistics)
         x    [N, L, d]    the attention module's input (teacher-forced GDN input)      (keep_io)
         y    [N, L, d]    the attention module's output, after W_o (Phase 2 target)   (keep_io)
         ctx  [N, L, H, D] per-head context softmax(a) V, GQA-expanded                  (keep_io)
@@ -215,7 +215,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
                 raise ValueError(f"layer {i}: the attention module got no position_embeddings; "
                                  f"this transformers version/architecture is not supported")
             y = output[0] if isinstance(output, tuple) else output
-            sums, ctx = layer_statistics(module, x, pe, block, floor)
+            sums, ctx = _layer_statistics(module, x, pe, block, floor)
             # The check: our softmax(a) V, through the module's own W_o, must give its output.
             y_hat = module.o_proj(ctx.reshape(N, L, -1).to(module.o_proj.weight.dtype)).float()
             check = ((y_hat - y.float()).norm() / y.float().norm().clamp_min(1e-12)).item()

@@ -45,8 +45,8 @@ def tiny_model(family, vocab_size=128, layers=4, seed=0):
 @pytest.fixture(scope="session")
 def tokenizer():
     from transformers import AutoTokenizer
-    from convert import default_teacher_path
-    path = default_teacher_path()
+    from convert import _default_teacher_path
+    path = _default_teacher_path()
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 

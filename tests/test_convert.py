@@ -7,7 +7,7 @@ import torch
 
 import distill
 from conftest import WIKITEXT_TEST, tiny_model
-from convert import choose_layers, convert, load_teacher, main, parse_keep, uniform_layers
+from convert import choose_layers, convert, load_teacher, main, _parse_keep, _uniform_layers
 from gdn import gdn_modules, load_hybrid
 
 
@@ -24,14 +24,14 @@ def run(args, capsys):
 
 
 def test_uniform_policy_matches_the_reference():
-    assert uniform_layers(30, 1 / 4) == [0, 4, 8, 12, 16, 20, 24, 28]       # SmolLM2: 8 kept
-    assert len(uniform_layers(28, 1 / 4)) == 7                              # Qwen2.5-1.5B: 7 kept
-    assert uniform_layers(30, 1 / 2) == list(range(0, 30, 2))
-    three_q = uniform_layers(30, 3 / 4)
+    assert _uniform_layers(30, 1 / 4) == [0, 4, 8, 12, 16, 20, 24, 28]       # SmolLM2: 8 kept
+    assert len(_uniform_layers(28, 1 / 4)) == 7                              # Qwen2.5-1.5B: 7 kept
+    assert _uniform_layers(30, 1 / 2) == list(range(0, 30, 2))
+    three_q = _uniform_layers(30, 3 / 4)
     assert len(three_q) == round(0.75 * 30) and len(set(three_q)) == len(three_q)
-    assert uniform_layers(30, 1.0) == list(range(30))
-    assert parse_keep("1/4") == ("fraction", 0.25) and parse_keep("0.25") == ("fraction", 0.25)
-    assert parse_keep("0,4, 8") == ("list", [0, 4, 8])
+    assert _uniform_layers(30, 1.0) == list(range(30))
+    assert _parse_keep("1/4") == ("fraction", 0.25) and _parse_keep("0.25") == ("fraction", 0.25)
+    assert _parse_keep("0,4, 8") == ("list", [0, 4, 8])
     assert choose_layers(30, ("list", [8, 0]), "uniform") == [0, 8]
 
 
@@ -155,8 +155,8 @@ def test_keep_checked_before_the_teacher_loads(teacher_dir, eval_text, tmp_path,
 
     def load(*a, **k):
         raise AssertionError("the teacher was loaded before --keep was checked")
-    assert cv.teacher_layers(teacher_dir) == 4 and cv.teacher_layers("random:llama-3.2-1b") == 16
-    assert cv.teacher_layers("/no/such/folder") is None
+    assert cv._teacher_layers(teacher_dir) == 4 and cv._teacher_layers("random:llama-3.2-1b") == 16
+    assert cv._teacher_layers("/no/such/folder") is None
     monkeypatch.setattr(cv, "load_teacher", load)
     for keep, message in (("0,99", "out of range: the teacher has 4 layers"), ("0,1,2,3", "all 4 layers")):
         code, io = run(["--teacher", teacher_dir, f"--keep={keep}", "--out", str(tmp_path / "o"),
@@ -214,10 +214,10 @@ def test_out_that_is_an_input_is_refused_even_with_overwrite(teacher_dir, eval_t
 
 
 def test_each_mode_has_its_own_results_stem():
-    from convert import parse_args
-    assert parse_args(["--bench"]).results == "results/inference"
-    assert parse_args(["--table"]).results == "results/zeroshot"
-    assert parse_args(["--bench", "--results", "x/y"]).results == "x/y"
+    from convert import _parse_args
+    assert _parse_args(["--bench"]).results == "results/inference"
+    assert _parse_args(["--table"]).results == "results/zeroshot"
+    assert _parse_args(["--bench", "--results", "x/y"]).results == "x/y"
 
 
 def test_unknown_init(teacher_dir, tmp_path, capsys):
@@ -239,7 +239,7 @@ def test_real_teacher_perplexity_is_sane_and_naive_is_worse():
     ids = distill.tokenize(tokenizer, distill.read_text(WIKITEXT_TEST)[:20000])
     t = distill.perplexity(teacher, ids, window=512, max_windows=3)
     assert 5 < t["ppl"] < 60, t
-    student, _ = convert(teacher, choose_layers(30, parse_keep("1/4")), "naive")
+    student, _ = convert(teacher, choose_layers(30, _parse_keep("1/4")), "naive")
     s = distill.perplexity(student, ids, window=512, max_windows=3)
     assert s["ppl"] > 5 * t["ppl"], (t, s)
 
@@ -260,14 +260,14 @@ def static_decode(model, ids, prompt):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_bench_decoding_equals_hf(family, monkeypatch):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
-    stacked GDN inputs, the gate/up pair as one product, every other product through linear_decode,
+    stacked GDN inputs, the gate/up pair as one product, every other product through _linear_decode,
     Llama-layout decoder layers as five kernels) gives HF's logits and greedy tokens over a prompt
     and cached steps: on the GPU where there is one (every Triton kernel compiled; fp32), else on
     the CPU (under TRITON_INTERPRET=1, the kernels). The Llama hybrid's GDN layers have a bias on W_b
     (write_gate=bias), which the stacked product adds."""
     import convert
     import gdn
-    from convert import use_decode_attention, use_decode_layers, use_decode_linear, use_decode_mlp, use_decode_qkv
+    from convert import _use_decode_attention, _use_decode_layers, _use_decode_linear, _use_decode_mlp, _use_decode_qkv
     from gdn import hybridize, stack_projections
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = hybridize(tiny_model(family), [1, 3], conv_size=4, beta_bias=family == "llama").to(dev)
@@ -279,12 +279,12 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     ref = static_decode(model, ids, 30)
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":       # the GDN step kernel too
         monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
-    use_decode_attention(model, "flash")
+    _use_decode_attention(model, "flash")
     stack_projections(model)
-    use_decode_mlp(model)
-    use_decode_qkv(model)
-    use_decode_linear(model)
-    use_decode_layers(model)
+    _use_decode_mlp(model)
+    _use_decode_qkv(model)
+    _use_decode_linear(model)
+    _use_decode_layers(model)
     layered = [layer.forward.__func__ is convert._decode_layer_forward for layer in model.model.layers]
     assert all(layered) if family != "gemma3_text" else not any(layered)   # Gemma 3: four norms a layer
     folded, real = [], convert._linear_op
@@ -307,13 +307,13 @@ def test_decode_layers_refuse_a_cropped_cache(monkeypatch):
     refused, as the GDN layer's own forward refuses it, not decoded from the uncut state."""
     from transformers import DynamicCache
     import gdn
-    from convert import use_decode_layers, use_decode_linear, use_decode_mlp, use_decode_qkv
+    from convert import _use_decode_layers, _use_decode_linear, _use_decode_mlp, _use_decode_qkv
     from gdn import hybridize, stack_projections
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":                                     # the GDN step kernel under the interpreter
         monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
     model = hybridize(tiny_model("llama"), [1, 3], conv_size=4).to(dev)
-    for switch in (stack_projections, use_decode_mlp, use_decode_qkv, use_decode_linear, use_decode_layers):
+    for switch in (stack_projections, _use_decode_mlp, _use_decode_qkv, _use_decode_linear, _use_decode_layers):
         switch(model)
     ids = torch.randint(0, 128, (2, 11), device=dev)
     with torch.no_grad():
@@ -328,14 +328,14 @@ def test_decode_layers_refuse_a_cropped_cache(monkeypatch):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("name", ["grouped", "flash"])
 def test_decode_attention_equals_sdpa(family, name):
-    """--bench decodes the softmax layers with grouped_query_attention or flash_decode_attention (the
+    """--bench decodes the softmax layers with _grouped_query_attention or _flash_decode_attention (the
     Triton kernel on CUDA or under TRITON_INTERPRET=1, else grouped): same logits as HF's SDPA."""
-    from convert import use_decode_attention
+    from convert import _use_decode_attention
     from gdn import hybridize
     model = hybridize(tiny_model(family), [1, 3])
     ids = torch.randint(0, 128, (2, 23))
     ref = static_decode(model, ids, 20)
-    use_decode_attention(model, name)
+    _use_decode_attention(model, name)
     torch.testing.assert_close(static_decode(model, ids, 20), ref, rtol=1e-5, atol=1e-5)
 
 
@@ -344,13 +344,13 @@ def test_decode_qkv_equals_hf_attention(family):
     """use_decode_qkv (--bench): q, k, v as one stacked product (Qwen2's biases stacked too, Qwen3's
     and Gemma 3's q/k norms applied) give HF's logits, prompt and cached steps, teacher and hybrid;
     the Linears' weights become views (no copy); moved weights bring HF's own forward back."""
-    from convert import use_decode_attention, use_decode_qkv
+    from convert import _use_decode_attention, _use_decode_qkv
     from gdn import decoder_layers, hybridize
     for model in (tiny_model(family), hybridize(tiny_model(family), [1, 3])):
         ids = torch.randint(0, 128, (2, 14))
         decode = lambda: static_decode(model, ids, 12)
         ref = decode()
-        use_decode_qkv(model)
+        _use_decode_qkv(model)
         attn = decoder_layers(model)[0].self_attn
         assert attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
         assert (attn.qkv_bias is not None) == (family == "qwen2")
@@ -358,7 +358,7 @@ def test_decode_qkv_equals_hf_attention(family):
         real = attn.hf_forward
         attn.hf_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
         torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
-        use_decode_attention(model, "grouped")            # with --bench's decoding attention too
+        _use_decode_attention(model, "grouped")            # with --bench's decoding attention too
         torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
         assert not calls
         for layer in decoder_layers(model):               # new storage: HF's forward again
@@ -373,12 +373,12 @@ def test_decode_qkv_sees_a_bias_given_new_storage():
     stacked bias holds: the stacked forward and the five-kernel layer both hand over to HF's, which
     reads the Linears' own (new) bias."""
     import copy
-    from convert import use_decode_layers, use_decode_mlp, use_decode_qkv
+    from convert import _use_decode_layers, _use_decode_mlp, _use_decode_qkv
     from gdn import decoder_layers
     model = tiny_model("qwen2")
     plain = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 14))
-    for switches in ([use_decode_qkv], [use_decode_mlp, use_decode_layers]):
+    for switches in ([_use_decode_qkv], [_use_decode_mlp, _use_decode_layers]):
         for switch in switches:
             switch(model)
         for m in (model, plain):
@@ -394,7 +394,7 @@ def test_decode_mlp_equals_the_model_mlp(family):
     """use_decode_mlp (--bench): a decoding step's MLPs through the one-kernel gate/up (SiLU for
     Llama, tanh-GELU for Gemma 3) give the logits the model's own MLPs give; prompts, and weights
     moved after stacking, keep the model's forward."""
-    from convert import use_decode_mlp
+    from convert import _use_decode_mlp
     from gdn import decoder_layers
     torch.manual_seed(0)
     model = tiny_model(family)
@@ -403,11 +403,11 @@ def test_decode_mlp_equals_the_model_mlp(family):
     ids = torch.randint(0, 128, (3, 12), device=dev)
     with torch.no_grad():
         ref = [model(ids[:, :t]).logits[:, -1] for t in (11, 12)]
-        use_decode_mlp(model)
+        _use_decode_mlp(model)
         calls = []
         import convert
-        real = convert.glu_decode
-        convert.glu_decode = lambda *a: calls.append(a[0].shape) or real(*a)
+        real = convert._glu_decode
+        convert._glu_decode = lambda *a: calls.append(a[0].shape) or real(*a)
         try:
             out = model(ids[:, :11], use_cache=True)                      # prompt: the model's MLP
             assert not calls
@@ -422,17 +422,17 @@ def test_decode_mlp_equals_the_model_mlp(family):
             model(ids[:, 11:12].clone())
             assert not calls
         finally:
-            convert.glu_decode = real
+            convert._glu_decode = real
 
 
 @pytest.mark.parametrize("L", [300, 4096, 8192])
 def test_grouped_decode_split_matches_plain_attention(L):
     """Long caches take the split P V product: same result as softmax(q K^T) V, masked."""
-    from convert import grouped_query_attention
+    from convert import _grouped_query_attention
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 6, 1, 16), torch.randn(2, 2, L, 16), torch.randn(2, 2, L, 16)
     mask = torch.rand(2, 1, 1, L) > 0.3
-    out, _ = grouped_query_attention(None, q, k, v, mask, scaling=0.25)
+    out, _ = _grouped_query_attention(None, q, k, v, mask, scaling=0.25)
     ref = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
                                                            attn_mask=mask, scale=0.25)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-5, atol=1e-5)
@@ -444,18 +444,18 @@ def test_grouped_decode_split_matches_plain_attention(L):
 def test_flash_decode_matches_plain_attention(B, H, Hkv, L, D):
     """The flash-decoding kernel: masked softmax(q K^T) V over several splits (and a split whose every
     position is masked), with q, K, V strided as HF hands them."""
-    from convert import flash_decode_attention
+    from convert import _flash_decode_attention
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     q = torch.randn(B, 1, H, D, device=dev).transpose(1, 2)                    # [B, H, 1, D], strided
     k, v = (torch.randn(B, L, Hkv, D, device=dev).transpose(1, 2) for _ in range(2))
     mask = torch.rand(B, 1, 1, L, device=dev) > 0.3
     mask[..., 64:192] = False
-    out, _ = flash_decode_attention(None, q, k, v, mask, scaling=D ** -0.5)
+    out, _ = _flash_decode_attention(None, q, k, v, mask, scaling=D ** -0.5)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask, scale=D ** -0.5)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
-    out, _ = flash_decode_attention(None, q, k, v, None, scaling=D ** -0.5)
+    out, _ = _flash_decode_attention(None, q, k, v, None, scaling=D ** -0.5)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), scale=D ** -0.5)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
@@ -495,7 +495,7 @@ def test_random_shape_without_the_default_teacher(monkeypatch):
 
     def missing():
         raise ValueError("no default teacher here")
-    monkeypatch.setattr(cv, "default_teacher_path", missing)
+    monkeypatch.setattr(cv, "_default_teacher_path", missing)
     monkeypatch.setitem(cv.RANDOM_SHAPES, "tiny", dict(model_type="llama", hidden_size=32, intermediate_size=64,
                                                         num_hidden_layers=2, num_attention_heads=2,
                                                         num_key_value_heads=1, vocab_size=64))
@@ -509,13 +509,13 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     """A context too large for the GPU: a clear message naming the largest that fit, a row saying
     so, the larger contexts of that (model, batch) skipped, and the table still written."""
     import convert
-    real = convert.bench_one
+    real = convert._bench_one
 
     def bench_one(model, B, ctx, *a, **kw):
         if ctx > 64:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
         return real(model, B, ctx, *a, **kw)
-    monkeypatch.setattr(convert, "bench_one", bench_one)
+    monkeypatch.setattr(convert, "_bench_one", bench_one)
     stem = tmp_path / "bench"
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "128,64,96", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)      # measured in ascending order
@@ -529,7 +529,7 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
 
     def cpu_oom(model, B, ctx, *a, **kw):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
-    monkeypatch.setattr(convert, "bench_one", cpu_oom)
+    monkeypatch.setattr(convert, "_bench_one", cpu_oom)
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)
     assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
@@ -538,14 +538,14 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
 def test_bench_comparison_and_crossover():
     """Speed-ups are teacher / hybrid from the same run; the crossover is the first context from which
     the hybrid's prefill stays faster (a faster short context followed by a slower one does not count)."""
-    from convert import bench_comparison
+    from convert import _bench_comparison
     rows = []
     for ctx, t_pre, h_pre in [(16384, 4.0, 3.0), (1024, 2.0, 1.0), (32768, 8.0, 5.0), (4096, 1.0, 2.0)]:
         rows.append(dict(model="teacher", batch=1, context=ctx, prefill_s=t_pre, decode_step_s=0.004,
                          bytes_per_step=300e6, cache_bytes=100))
         rows.append(dict(model="hybrid keep 1/4", batch=1, context=ctx, prefill_s=h_pre, decode_step_s=0.002,
                          bytes_per_step=100e6, cache_bytes=25))
-    md = "\n".join(bench_comparison(rows))
+    md = "\n".join(_bench_comparison(rows))
     assert "| hybrid keep 1/4 | 1 | 32768 | 2.00x | 3.00x | 1.60x | 25.0% |" in md
     assert "faster from 16384 tokens on" in md
 
@@ -561,22 +561,22 @@ def test_decode_bytes_count_the_live_kv_positions_only():
     """The bound reads K and V at the positions in use, not the static cache's allocation, and not
     the placeholders GDN layers keep in their slots."""
     from transformers import StaticCache
-    from convert import kv_read_bytes
+    from convert import _kv_read_bytes
     from gdn import hybridize
     model = hybridize(tiny_model("llama"), [1, 3])
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
         model(torch.randint(0, 128, (2, 20)), past_key_values=cache, use_cache=True)
     # 2 softmax layers x (K, V) x batch 2 x 2 KV heads x 20 positions x head dim 16 x 4 bytes
-    assert kv_read_bytes(cache, 20) == 2 * 2 * 2 * 2 * 20 * 16 * 4
-    assert kv_read_bytes(cache, 100) == 2 * 2 * 2 * 2 * 64 * 16 * 4           # at most the cache's length
+    assert _kv_read_bytes(cache, 20) == 2 * 2 * 2 * 2 * 20 * 16 * 4
+    assert _kv_read_bytes(cache, 100) == 2 * 2 * 2 * 2 * 64 * 16 * 4           # at most the cache's length
 
 
 def test_cache_bytes_count_the_gdn_states_by_hand():
     """--bench's cache size: K and V of the softmax layer, each GDN layer's state S and conv state
     (the whole point of a hybrid's smaller cache), and the one-number-per-token placeholders the GDN
     layers keep in their K/V slots (real memory the cache holds)."""
-    from convert import cache_bytes
+    from convert import _cache_bytes
     from gdn import hybridize
     model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
     with torch.no_grad():
@@ -585,50 +585,50 @@ def test_cache_bytes_count_the_gdn_states_by_hand():
     placeholders = 3 * 2 * 2 * 20 * 4             # GDN layers x (K, V) x batch x positions x 4 B
     S = 3 * 2 * 4 * 16 * 16 * 4                   # GDN layers x batch x heads x Dk x Dv x 4 B
     conv = 3 * 2 * (3 * 4 * 16) * 3 * 4           # GDN layers x batch x q,k,v channels x (conv_size - 1) x 4 B
-    assert cache_bytes(model, cache) == kv + placeholders + S + conv
+    assert _cache_bytes(model, cache) == kv + placeholders + S + conv
 
 
 def test_bench_bytes_per_step_by_hand():
     """A step's bytes: every weight, K and V of the softmax layers at the live length, and each GDN
     layer's fp32 state read and written."""
-    from convert import bench_one, weight_bytes
+    from convert import _bench_one, _weight_bytes
     from gdn import hybridize
     model = hybridize(tiny_model("llama"), [1, 3]).eval()
-    r = bench_one(model, 2, 64, 2, False, "cpu")              # live: 64 + 2 / 2 = 65 positions
+    r = _bench_one(model, 2, 64, 2, False, "cpu")              # live: 64 + 2 / 2 = 65 positions
     kv = 2 * 2 * 2 * 2 * 65 * 16 * 4                          # layers x (K, V) x batch x KV heads x L x D x 4 B
     states = 2 * 2 * 4 * 16 * 16 * 4                          # GDN layers x batch x heads x D x D x 4 B
-    assert r["bytes_per_step"] == weight_bytes(model, 2) + kv + 2 * states
+    assert r["bytes_per_step"] == _weight_bytes(model, 2) + kv + 2 * states
     assert r["cache_bytes"] > states
 
 
 def test_decode_bytes_count_an_untied_embedding_only_at_its_rows():
     """A decoding step reads the LM head whole but only B rows of an embedding table it does not share."""
-    from convert import weight_bytes
+    from convert import _weight_bytes
     m = tiny_model("llama")
     every = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in m.parameters()}.values())
     emb = m.get_input_embeddings().weight
     tied = emb.data_ptr() == m.get_output_embeddings().weight.data_ptr()
     rows_unread = 0 if tied else (emb.shape[0] - 3) * emb.shape[1] * emb.element_size()
-    assert weight_bytes(m, 3) == every - rows_unread
+    assert _weight_bytes(m, 3) == every - rows_unread
     m.lm_head.weight = torch.nn.Parameter(emb.detach().clone()) if tied else emb          # flip the tying
     every = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in m.parameters()}.values())
     rows_unread = (emb.shape[0] - 3) * emb.shape[1] * emb.element_size() if tied else 0
-    assert weight_bytes(m, 3) == every - rows_unread
+    assert _weight_bytes(m, 3) == every - rows_unread
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 def test_decode_products_chain_in_step_order(family):
-    """chain_floor (--bench) multiplies by decode_products in order, each fed the previous output's
+    """_chain_floor (--bench) multiplies by _decode_products in order, each fed the previous output's
     first columns: 4 per layer, each one's input width within the previous one's output, the GDN
     layers' from their stack. None before the stacks exist (the floor is then not measured)."""
-    from convert import decode_products, use_decode_mlp, use_decode_qkv
+    from convert import _decode_products, _use_decode_mlp, _use_decode_qkv
     from gdn import hybridize, stack_projections
     model = hybridize(tiny_model(family), [1, 3], conv_size=4)
-    assert decode_products(model) is None
+    assert _decode_products(model) is None
     stack_projections(model)
-    use_decode_mlp(model)
-    use_decode_qkv(model)
-    ws = decode_products(model)
+    _use_decode_mlp(model)
+    _use_decode_qkv(model)
+    ws = _decode_products(model)
     layers = model.model.layers
     assert len(ws) == 4 * len(layers)
     assert ws[4].data_ptr() == layers[1].self_attn.stacked.data_ptr()
@@ -642,14 +642,14 @@ def test_decode_products_chain_in_step_order(family):
 def test_chain_floor_on_the_gpu():
     """The floor of a tiny hybrid's step: a chain of 4 x layers launches, each at least a microsecond
     on any current GPU, and the same order of magnitude at batch 1 and 8 (it is latency, not bytes)."""
-    from convert import chain_floor, use_decode_linear, use_decode_mlp, use_decode_qkv
+    from convert import _chain_floor, _use_decode_linear, _use_decode_mlp, _use_decode_qkv
     from gdn import hybridize, stack_projections
-    model = use_decode_linear(hybridize(tiny_model("llama"), [1, 3], conv_size=4).cuda())
-    assert chain_floor(model, 1) is None
+    model = _use_decode_linear(hybridize(tiny_model("llama"), [1, 3], conv_size=4).cuda())
+    assert _chain_floor(model, 1) is None
     stack_projections(model)
-    use_decode_mlp(model)
-    use_decode_qkv(model)
-    f1, f8 = chain_floor(model, 1), chain_floor(model, 8)
+    _use_decode_mlp(model)
+    _use_decode_qkv(model)
+    f1, f8 = _chain_floor(model, 1), _chain_floor(model, 8)
     n = 4 * len(model.model.layers)
     assert n * 1e-6 < f1 < n * 50e-6 and 0.5 < f8 / f1 < 2, (f1, f8)
 
@@ -675,17 +675,17 @@ def test_linear_decode_equals_linear():
         for rows, K in [(1, 64), (3, 100), (16, 576), (2, 1536), (5, 600), (2, 2000), (1, 5000), (2, 5)]:
             x, w = torch.randn(rows, 1, K, device=dev), torch.randn(40, K, device=dev)
             with torch.no_grad():
-                torch.testing.assert_close(convert.linear_decode(x, w), torch.nn.functional.linear(x, w),
+                torch.testing.assert_close(convert._linear_decode(x, w), torch.nn.functional.linear(x, w),
                                            rtol=1e-4, atol=1e-4)
         assert len(calls) == 8 and convert._linear_blocks(40, 5, 4) is None      # K < 16: looped
         with torch.no_grad():
             for K in (64, 2000):                                  # a bias, held whole and looped over K
                 x, w, b = torch.randn(2, K, device=dev), torch.randn(40, K, device=dev), torch.randn(40, device=dev)
-                torch.testing.assert_close(convert.linear_decode(x, w, b), torch.nn.functional.linear(x, w, b),
+                torch.testing.assert_close(convert._linear_decode(x, w, b), torch.nn.functional.linear(x, w, b),
                                            rtol=1e-4, atol=1e-4)
             assert len(calls) == 10
-            convert.linear_decode(torch.randn(17, 64, device=dev), torch.randn(8, 64, device=dev))
-        convert.linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev))     # autograd on
+            convert._linear_decode(torch.randn(17, 64, device=dev), torch.randn(8, 64, device=dev))
+        convert._linear_decode(torch.randn(2, 64, device=dev), torch.randn(8, 64, device=dev))     # autograd on
         assert len(calls) == 10
     finally:
         convert._linear_op = real
@@ -694,50 +694,50 @@ def test_linear_decode_equals_linear():
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
 def test_decode_kernels_fold_rmsnorm_and_residual():
-    """linear_decode's norm prologue and residual epilogue, and glu_decode's norm prologue (SiLU and
+    """_linear_decode's norm prologue and residual epilogue, and _glu_decode's norm prologue (SiLU and
     tanh-GELU), equal HF's RMSNorm, products, activation and residual add done one after another,
     held whole (_linear_kernel) or looped over K (_linear_loop_kernel)."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     import convert
-    from convert import glu_decode, linear_decode
+    from convert import _glu_decode, _linear_decode
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     norm = LlamaRMSNorm(100, eps=1e-5).to(dev)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
         x, w, res = torch.randn(3, 1, 100, device=dev) * 3, torch.randn(40, 100, device=dev), torch.randn(3, 1, 40, device=dev)
         ref = res + torch.nn.functional.linear(norm(x), w)
-        torch.testing.assert_close(linear_decode(x, w, norm=norm, residual=res), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(_linear_decode(x, w, norm=norm, residual=res), ref, rtol=1e-4, atol=1e-4)
         gu = torch.randn(2 * 48, 100, device=dev)
         g, u = torch.nn.functional.linear(norm(x[:, 0]), gu).chunk(2, -1)
-        torch.testing.assert_close(glu_decode(x[:, 0], gu, "silu", norm=norm), torch.nn.functional.silu(g) * u,
+        torch.testing.assert_close(_glu_decode(x[:, 0], gu, "silu", norm=norm), torch.nn.functional.silu(g) * u,
                                    rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(glu_decode(x[:, 0], gu, "gelu_pytorch_tanh", norm=norm),
+        torch.testing.assert_close(_glu_decode(x[:, 0], gu, "gelu_pytorch_tanh", norm=norm),
                                    torch.nn.functional.gelu(g, approximate="tanh") * u, rtol=1e-4, atol=1e-4)
         # K = 1000 in fp32: x's 16 rows take 64 KB, too many to hold: the looped kernel
         assert convert._linear_blocks(24, 1000, 4, 2) is None and convert._linear_blocks(40, 1000, 4) is None
         x, w, res = torch.randn(3, 1, 1000, device=dev) * 3, torch.randn(40, 1000, device=dev), torch.randn(3, 1, 40, device=dev)
         norm = LlamaRMSNorm(1000, eps=1e-5).to(dev)
         norm.weight.uniform_(0.5, 1.5)
-        torch.testing.assert_close(linear_decode(x, w, norm=norm, residual=res),
+        torch.testing.assert_close(_linear_decode(x, w, norm=norm, residual=res),
                                    res + torch.nn.functional.linear(norm(x), w), rtol=1e-4, atol=1e-4)
         gu = torch.randn(2 * 24, 1000, device=dev) / 30
         g, u = torch.nn.functional.linear(norm(x[:, 0]), gu).chunk(2, -1)
         for act, f in [("silu", torch.nn.functional.silu),
                        ("gelu_pytorch_tanh", lambda g: torch.nn.functional.gelu(g, approximate="tanh"))]:
-            torch.testing.assert_close(glu_decode(x[:, 0], gu, act, norm=norm), f(g) * u, rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(_glu_decode(x[:, 0], gu, act, norm=norm), f(g) * u, rtol=1e-4, atol=1e-4)
 
 
 def test_bench_markdown_floor_table():
     """The floor table: step, floor and bound side by side, floor / bound and step / floor."""
-    from convert import bench_markdown
+    from convert import _bench_markdown
     row = dict(model="teacher", batch=1, context=32768, prefill_s=0.1, decode_step_s=0.0012, decode_tok_s=833,
                bytes_per_step=1e9, cache_bytes=2**20, peak_memory_bytes=None, bound_step_s=0.0003,
                floor_step_s=0.0006)
-    md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
+    md = _bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
                              bandwidth_bytes_s=3e12, rows=[row]))
     assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | - | - | - | - |" in md
     row["fused_floor_step_s"], row["fused_products_step_s"] = 0.00045, 0.00075
-    md = bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
+    md = _bench_markdown(dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c",
                              bandwidth_bytes_s=3e12, stage_s=1.5e-6, rows=[row]))
     assert "| teacher | 1 | 32768 | 1.200 | 0.600 | 0.300 | 2.00x | 2.00x | 0.450 | 1.50x | 0.750 | 2.50x |" in md
     assert "1.50 us a stage" in md
@@ -745,25 +745,25 @@ def test_bench_markdown_floor_table():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
 def test_stage_kernel_passes_each_value_on():
-    """stage_floor's kernel with one program (the interpreter runs programs one at a time, so it can
+    """_stage_floor's kernel with one program (the interpreter runs programs one at a time, so it can
     take no more): every stage reads the value of the stage before and adds one, and counts itself
     in once at the barrier."""
-    from convert import stage_floor
-    assert stage_floor("cpu", stages=7, reps=1, programs=1) >= 0
+    from convert import _stage_floor
+    assert _stage_floor("cpu", stages=7, reps=1, programs=1) >= 0
 
 
 def _fused_case(family, dtype):
-    """A tiny hybrid's decode_products with random entries (scaled so values stay near one through
+    """A tiny hybrid's _decode_products with random entries (scaled so values stay near one through
     the chain) and PyTorch's chain of them for 3 rows, each output rounded to dtype as the kernel's."""
-    from convert import decode_products, use_decode_mlp, use_decode_qkv
+    from convert import _decode_products, _use_decode_mlp, _use_decode_qkv
     from gdn import hybridize, stack_projections
     model = hybridize(tiny_model(family), [1, 3], conv_size=4)
     stack_projections(model)
-    use_decode_mlp(model)
-    use_decode_qkv(model)
+    _use_decode_mlp(model)
+    _use_decode_qkv(model)
     torch.manual_seed(0)
     dev = "cuda" if dtype == torch.bfloat16 else "cpu"
-    ws = [(torch.randn(w.shape) / w.shape[1] ** 0.5).to(dev, dtype) for w in decode_products(model)]
+    ws = [(torch.randn(w.shape) / w.shape[1] ** 0.5).to(dev, dtype) for w in _decode_products(model)]
     x = torch.randn(3, ws[0].shape[1]).to(dev, dtype)
     y = x.float()
     for w in ws:
@@ -778,20 +778,20 @@ def test_fused_products_equal_the_chain(family):
     input the previous output's first columns, the GDN layers' wider stacks among the softmax
     layers'; each program's rows of the next W are loaded before the barrier, so a tile loaded for
     the wrong stage or layer would change the result."""
-    from convert import fused_products
+    from convert import _fused_products
     ws, x, y = _fused_case(family, torch.float32)
-    out, _ = fused_products(ws, x)
+    out, _ = _fused_products(ws, x)
     torch.testing.assert_close(out, y, rtol=1e-4, atol=1e-5)
-    assert fused_products(ws, x[:1].expand(17, -1).contiguous()) is None      # over 16 rows: not taken
+    assert _fused_products(ws, x[:1].expand(17, -1).contiguous()) is None      # over 16 rows: not taken
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
 def test_fused_products_on_the_gpu():
     """One program per SM, bf16: the same as PyTorch's chain (each output rounded to bf16), again
-    when run once more on the same buffers, as fused_products_floor runs it."""
-    from convert import fused_products
+    when run once more on the same buffers, as _fused_products_floor runs it."""
+    from convert import _fused_products
     ws, x, y = _fused_case("llama", torch.bfloat16)
-    out, run = fused_products(ws, x)
+    out, run = _fused_products(ws, x)
     torch.testing.assert_close(out.float(), y, rtol=2e-2, atol=2e-2)
     run()
     torch.testing.assert_close(out.float(), y, rtol=2e-2, atol=2e-2)
@@ -800,18 +800,18 @@ def test_fused_products_on_the_gpu():
 def test_decode_stages_count_the_mixers():
     """A single-kernel step's stages: embedding and head, five a GDN layer, six a softmax layer (its
     attention over the cache's splits, then their merge)."""
-    from convert import decode_stages
+    from convert import _decode_stages
     from gdn import hybridize
-    assert decode_stages(tiny_model("llama")) == 2 + 6 * 4
-    assert decode_stages(hybridize(tiny_model("llama"), [1, 3], conv_size=4)) == 2 + 6 * 2 + 5 * 2
+    assert _decode_stages(tiny_model("llama")) == 2 + 6 * 4
+    assert _decode_stages(hybridize(tiny_model("llama"), [1, 3], conv_size=4)) == 2 + 6 * 2 + 5 * 2
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a grid barrier needs a GPU")
 def test_stage_floor_on_the_gpu():
     """One program per SM, each reading what its neighbour wrote a stage before (the function checks
     that every value arrived): somewhere between 0.1 and 50 us a stage on any current GPU."""
-    from convert import stage_floor
-    assert 1e-7 < stage_floor("cuda", stages=50, reps=5) < 5e-5
+    from convert import _stage_floor
+    assert 1e-7 < _stage_floor("cuda", stages=50, reps=5) < 5e-5
 
 
 def test_hub_id_offline_fails_at_once(monkeypatch):
@@ -820,7 +820,7 @@ def test_hub_id_offline_fails_at_once(monkeypatch):
     import time
     import convert as cv
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert not cv.hub_reachable()
+    assert not cv._hub_reachable()
     t0 = time.time()
     with pytest.raises(ValueError, match="not in the local cache, and the hub is unreachable"):
         load_teacher("no-such-org/no-such-model-3f9c")
@@ -870,8 +870,8 @@ def test_hub_reachable_goes_through_the_proxy(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", "http://hub.invalid")
         for k in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
             monkeypatch.delenv(k, raising=False)
-        assert not cv.hub_reachable(timeout=2)
+        assert not cv._hub_reachable(timeout=2)
         monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{server.server_port}")
-        assert cv.hub_reachable(timeout=2)
+        assert cv._hub_reachable(timeout=2)
     finally:
         server.shutdown()

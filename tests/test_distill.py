@@ -78,11 +78,11 @@ def test_losses_are_the_formulas():
     torch.manual_seed(0)
     yt, ys = [torch.randn(2, 5, 8), torch.randn(2, 5, 8)], [torch.randn(2, 5, 8), torch.randn(2, 5, 8)]
     expect = sum(((a - b).pow(2).sum(-1).sqrt().mean() / 8 ** 0.5) for a, b in zip(yt, ys)) / 2
-    assert torch.allclose(distill.stage1_loss(yt, ys), expect)
-    assert distill.stage1_loss(yt, yt) == 0
+    assert torch.allclose(distill._stage1_loss(yt, ys), expect)
+    assert distill._stage1_loss(yt, yt) == 0
     t, s = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum") / 10
-    assert torch.allclose(distill.stage2_loss(t, s), kl) and distill.stage2_loss(t, t).abs() < 1e-6
+    assert torch.allclose(distill._stage2_loss(t, s), kl) and distill._stage2_loss(t, t).abs() < 1e-6
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
@@ -131,8 +131,8 @@ def test_parse_tokens_and_schedule():
             distill.parse_tokens(bad)
     with pytest.raises(ValueError, match="--eval-every 'abc' is not"):
         distill.parse_tokens("abc", "--eval-every")
-    assert distill.lr_factor(0, 10, "cosine") == 1.0 and distill.lr_factor(5, 10, "cosine") == pytest.approx(0.5)
-    assert distill.lr_factor(9, 10, "constant") == 1.0 and distill.lr_factor(0, 10, "cosine", warmup=4) == 0.25
+    assert distill._lr_factor(0, 10, "cosine") == 1.0 and distill._lr_factor(5, 10, "cosine") == pytest.approx(0.5)
+    assert distill._lr_factor(9, 10, "constant") == 1.0 and distill._lr_factor(0, 10, "cosine", warmup=4) == 0.25
 
 
 # ----------------------------------------------------------------------------------------------
@@ -184,7 +184,7 @@ def test_stage2_loss_blocks_match_the_plain_form_and_keep_only_the_gradient(dtyp
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.numel() * x.element_size()) or x,
                                                   lambda x: x):
-        loss = distill.stage2_loss(t, ours)
+        loss = distill._stage2_loss(t, ours)
     (3 * loss).backward()
     log_t, log_s = F.log_softmax(t.float(), -1), F.log_softmax(plain.float(), -1)
     ref = (log_t.exp() * (log_t - log_s)).sum(-1).mean()
@@ -377,7 +377,7 @@ def test_student_with_a_broken_json_file_is_named(setup, tmp_path, capsys, name)
 def test_out_teacher_and_resume_are_checked_before_the_corpus_is_read(setup, tmp_path, capsys, monkeypatch):
     def read(*_):
         raise AssertionError("the corpus is read before the cheap checks")
-    monkeypatch.setattr(distill, "corpus_ids", read)
+    monkeypatch.setattr(distill, "_corpus_ids", read)
     out = tmp_path / "run"
     out.mkdir()
     assert distill.main(args(setup, out)) == 2 and "already exists" in capsys.readouterr().err
@@ -497,10 +497,10 @@ def test_profile_steps_writes_a_profile(setup, tmp_path):
 
 def test_tokens_to_reach_interpolates_in_log_ppl():
     curve = [(0, 100.0), (1000, 10.0), (2000, 5.0)]
-    assert distill.tokens_to_reach(curve, 100.0) == 0
-    assert distill.tokens_to_reach(curve, 10.0 ** 1.5) == pytest.approx(500)      # halfway in log10
-    assert distill.tokens_to_reach(curve, 5.0) == pytest.approx(2000)
-    assert distill.tokens_to_reach(curve, 4.9) is None
+    assert distill._tokens_to_reach(curve, 100.0) == 0
+    assert distill._tokens_to_reach(curve, 10.0 ** 1.5) == pytest.approx(500)      # halfway in log10
+    assert distill._tokens_to_reach(curve, 5.0) == pytest.approx(2000)
+    assert distill._tokens_to_reach(curve, 4.9) is None
 
 
 def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0):
@@ -586,8 +586,8 @@ def test_flops_count_softmax_and_gdn_layers_apart():
     c = teacher.config
     H, D = c.num_attention_heads, c.hidden_size // c.num_attention_heads
     soft, gdn = 2 * 100 * H * D, H * (2 * 64 * 5 * D + 6 * D * D)
-    assert distill.mixing_flops(teacher, 100) == 4 * soft
-    assert distill.mixing_flops(student, 100) == 2 * soft + 2 * gdn
+    assert distill._mixing_flops(teacher, 100) == 4 * soft
+    assert distill._mixing_flops(student, 100) == 2 * soft + 2 * gdn
     stack = distill.GDNStack(student)
-    n_t, n_gdn = distill.matmul_params(teacher, skip=("lm_head",)), distill.matmul_params(stack)
-    assert distill.flops_per_token(1, student, teacher, 100, stack) == 2 * n_t + 4 * soft + 3 * (2 * n_gdn + 2 * gdn)
+    n_t, n_gdn = distill._matmul_params(teacher, skip=("lm_head",)), distill._matmul_params(stack)
+    assert distill._flops_per_token(1, student, teacher, 100, stack) == 2 * n_t + 4 * soft + 3 * (2 * n_gdn + 2 * gdn)

@@ -137,7 +137,7 @@ def test_conv_state_after_a_prompt_is_its_own_small_tensor():
     model = hybridize(tiny_model("llama"), [0, 2, 3], conv_size=4)
     with torch.no_grad():
         cache = model(torch.randint(0, 128, (2, 300)), use_cache=True).past_key_values
-    for S, conv in gdn.gdn_states(cache).values():
+    for S, conv in gdn._gdn_states(cache).values():
         assert conv.shape == (2, 3 * 64, 3)
         assert conv.untyped_storage().nbytes() == conv.numel() * conv.element_size()
 
@@ -244,12 +244,12 @@ def test_pads_after_a_prompt_leave_the_state_alone():
         cache = DynamicCache(config=model.config)
         model(prompt, past_key_values=cache, use_cache=True)
         other = copy.deepcopy(cache)
-        assert all(S.abs().max() > 0 for S, _ in gdn.gdn_states(cache).values())
+        assert all(S.abs().max() > 0 for S, _ in gdn._gdn_states(cache).values())
         got = model(padded, attention_mask=mask, past_key_values=cache, use_cache=True).logits[:, 3:]
         want = model(chunk, past_key_values=other, use_cache=True).logits
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    for i, (S, _) in gdn.gdn_states(cache).items():
-        torch.testing.assert_close(S, gdn.gdn_states(other)[i][0], rtol=1e-5, atol=1e-5)
+    for i, (S, _) in gdn._gdn_states(cache).items():
+        torch.testing.assert_close(S, gdn._gdn_states(other)[i][0], rtol=1e-5, atol=1e-5)
 
 
 def test_static_cache_chunked_prefill_and_decode_equal_full_forward():
@@ -299,7 +299,7 @@ def test_fused_layer_step_equals_the_layer(conv_size, head_dim, monkeypatch):
         with torch.no_grad():
             ys = [layer(x[:, :5], past_key_values=cache)[0]]
             ys += [layer(x[:, t:t + 1], past_key_values=cache)[0] for t in range(5, 9)]
-        outs[fused], caches[fused] = torch.cat(ys, 1), gdn.gdn_states(cache)[0]
+        outs[fused], caches[fused] = torch.cat(ys, 1), gdn._gdn_states(cache)[0]
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-4, atol=1e-5)
     for a, b in zip(caches[True], caches[False]):
         if b is not None:

@@ -31,11 +31,11 @@ def test_statistics_match_a_hand_computation():
       concentration: head 1 is the sharper one -> c = (0, 1)."""
     p = torch.tensor([[[1.0, 0.0], [0.5, 0.5]],
                       [[1.0, 0.0], [0.0, 1.0]]])
-    dist, ent = taylor_stats.head_statistics(p)
+    dist, ent = taylor_stats._head_statistics(p)
     assert torch.allclose(dist / 2, torch.tensor([0.625, 0.5], dtype=torch.float64))
     assert torch.allclose(ent / 2, torch.tensor([math.log(2) / 2, 0.0], dtype=torch.float64))
     assert torch.allclose(taylor_stats.concentration((ent / 2).float()), torch.tensor([0.0, 1.0]))
-    sink, dns = taylor_stats.sink_statistics(p)
+    sink, dns = taylor_stats._sink_statistics(p)
     assert torch.allclose(sink / 2, torch.tensor([0.75, 0.5], dtype=torch.float64))
     # without key 0: head 0 row 1 keeps only the diagonal (0.5), rows with nothing left count the floor
     assert torch.allclose(dns / 2, torch.tensor([0.5, 0.5], dtype=torch.float64))
@@ -149,9 +149,9 @@ def test_phase2_result_is_in_the_student():
     student, info = convert.convert(teacher, [0], "align-only", ids, init_opts=calibrate.parse_opts(["steps=30"]))
     x, y = stats[1]["x"], stats[1]["y"]
     p2 = info["init_info"]["layers"][1]["phase2"]
-    got = calibrate.layer_mse(gdn_modules(student)[1], x, y)
+    got = calibrate._layer_mse(gdn_modules(student)[1], x, y)
     assert got == pytest.approx(p2["loss_after"], rel=1e-3)
-    assert got < calibrate.layer_mse(gdn_modules(naive)[1], x, y)
+    assert got < calibrate._layer_mse(gdn_modules(naive)[1], x, y)
 
 
 def test_phase2_keep_best_puts_the_best_parameters_back():
@@ -170,9 +170,9 @@ def test_phase2_keep_best_puts_the_best_parameters_back():
     out = calibrate.phase2(best, x, y, calibrate.resolve(opts))
     calibrate.phase2(last, x, y, calibrate.resolve({**opts, "keep_best": 0}))
     assert 0 < out["best_step"] < 30                           # the best is not the last: the test bites
-    assert calibrate.layer_mse(best, x[-1:], y[-1:]) == pytest.approx(out["val_loss_best"], rel=1e-4)
-    assert calibrate.layer_mse(best, x[:-1], y[:-1]) == pytest.approx(out["loss_after"], rel=1e-4)
-    assert calibrate.layer_mse(last, x[-1:], y[-1:]) > out["val_loss_best"] * 1.01
+    assert calibrate._layer_mse(best, x[-1:], y[-1:]) == pytest.approx(out["val_loss_best"], rel=1e-4)
+    assert calibrate._layer_mse(best, x[:-1], y[:-1]) == pytest.approx(out["loss_after"], rel=1e-4)
+    assert calibrate._layer_mse(last, x[-1:], y[-1:]) > out["val_loss_best"] * 1.01
 
 
 def test_align_plus_trains_the_output_projection_and_align_only_does_not():
@@ -213,9 +213,9 @@ def test_phase1_sets_what_the_statistics_say():
     info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})
     fresh = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
     with torch.no_grad():
-        calibrate.standard_gates(fresh, calibrate.resolve({}))
+        calibrate._standard_gates(fresh, calibrate.resolve({}))
     Wb, beta = fresh.b_proj.weight, torch.tensor(info["layers"][1]["phase1"]["beta_target"])
-    expect = calibrate.logit(beta)[:, None] / math.sqrt(64) * Wb / Wb.abs().mean(1, keepdim=True)
+    expect = calibrate._logit(beta)[:, None] / math.sqrt(64) * Wb / Wb.abs().mean(1, keepdim=True)
     assert torch.allclose(gdn_modules(student)[1].b_proj.weight, expect, rtol=1e-4, atol=1e-7)
 
 
@@ -231,10 +231,10 @@ def test_write_gate_bias_centres_beta_and_keeps_its_tokens(tmp_path):
     gdn = gdn_modules(student)[1]
     p1 = info["init_info"]["layers"][1]["phase1"]
     target = torch.tensor(p1["beta_target"])
-    assert torch.allclose(gdn.b_proj.bias, calibrate.logit(target), atol=1e-6)
+    assert torch.allclose(gdn.b_proj.bias, calibrate._logit(target), atol=1e-6)
     fresh = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
     with torch.no_grad():
-        calibrate.standard_gates(fresh, calibrate.resolve({}))
+        calibrate._standard_gates(fresh, calibrate.resolve({}))
     assert torch.equal(gdn.b_proj.weight, fresh.b_proj.weight)             # W_b as the standard init drew it
     assert max(abs(a - b) for a, b in zip(p1["beta_mean"], p1["beta_target"])) < 0.02
     with torch.no_grad():
@@ -312,18 +312,18 @@ def test_student_input_alignment_refuses_sandwich_norms():
 def test_policies_on_a_tiny_model():
     teacher = tiny_model("llama", layers=6)
     ids, probe = calib(), calib(seed=2)
-    ar = convert.ar_scores(teacher, probe)
+    ar = convert._ar_scores(teacher, probe)
     assert len(ar["scores"]) == 6
     kept = convert.choose_layers(6, ("fraction", 1 / 3), "ar", ar["scores"])
     assert len(kept) == 2 and set(kept) == set(sorted(range(6), key=lambda i: -ar["scores"][i])[:2])
-    bank, per_layer, _, _ = convert.layer_bank(teacher, "taylor-phase1", ids)
-    ga = convert.ga_scores(teacher, probe, bank)
+    bank, per_layer, _, _ = convert._layer_bank(teacher, "taylor-phase1", ids)
+    ga = convert._ga_scores(teacher, probe, bank)
     assert len(ga["scores"]) == 6 and all(math.isfinite(s) for s in ga["scores"])
     kept = convert.choose_layers(6, ("fraction", 1 / 3), "ga-s2", ga["scores"])
     assert kept == sorted(sorted(range(6), key=lambda i: ga["scores"][i])[:2])
     # a bank-built student equals the same init run directly (layer-wise inits)
     direct, _ = convert.convert(teacher, kept, "taylor-phase1", ids)
-    banked = convert.from_bank(teacher, kept, bank)
+    banked = convert._from_bank(teacher, kept, bank)
     with torch.no_grad():
         assert torch.allclose(direct(probe).logits, banked(probe).logits, atol=1e-5)
 
