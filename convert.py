@@ -1741,7 +1741,8 @@ def _kernel_profile(step):
     from torch.profiler import ProfilerActivity, profile
     # Unless told to tear CUPTI down, the profiler leaves it attached when it stops, and every kernel
     # launched after it pays for that: on an H100 the batch-1 steps timed after a profiled step ran
-    # 0.65 / 0.82 / 1.04 ms (keep 1/4 / keep 1/2 / teacher) against 0.61 / 0.73 / 0.90 without one.
+    # 0.65 / 0.82 / 1.04 ms (keep 1/4 / keep 1/2 / teacher) against 0.61 / 0.73 / 0.90 without one,
+    # and 0.62 / 0.71 / 0.91 after a profiled step with this (results/inference_h100_b1_*.md).
     os.environ.setdefault("TEARDOWN_CUPTI", "1")
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         step()
