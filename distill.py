@@ -711,6 +711,8 @@ def _train(run, student, data, model, step_fn, groups):
 
     for step in bar:
         if a.profile_steps and step == start + 2:     # after warm-up: compilation stays out of it
+            # torn down when it stops: else CUPTI stays attached and slows every later step's kernels
+            os.environ.setdefault("TEARDOWN_CUPTI", "1")
             prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
                 [torch.profiler.ProfilerActivity.CUDA] if dist.device.type == "cuda" else []))
             prof.__enter__()
