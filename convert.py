@@ -1888,7 +1888,7 @@ def _stage_floor(device, stages=200, reps=20, programs=None):
         run(n)
         got = buf[n % 2]
         if count.item() != n * programs or not bool((got == n).all()):
-            raise RuntimeError(f"stage_floor: the counter reads {count.item()} (not {n * programs}), the values "
+            raise RuntimeError(f"_stage_floor: the counter reads {count.item()} (not {n * programs}), the values "
                                f"{got.min().item()}..{got.max().item()} (not {n}): a barrier let a stage through early")
     once, twice = (_median_seconds(lambda: run(n), reps, buf.is_cuda) for n in (stages, 2 * stages))
     return max(twice - once, 0.0) / stages
@@ -2010,7 +2010,7 @@ def _fused_products(ws, x, programs=None):
                                             *[v for ab in split for v in ab], num_warps=4)
     run()
     if count.item() != len(ws) * programs:
-        raise RuntimeError(f"fused_products: the counter reads {count.item()}, not {len(ws) * programs}")
+        raise RuntimeError(f"_fused_products: the counter reads {count.item()}, not {len(ws) * programs}")
     return buf[0, :, :ws[-1].shape[0]], run
 
 
@@ -2186,13 +2186,13 @@ def _bench_markdown(r):
     lines += _bench_comparison(r["rows"])
     floors = [x for x in r["rows"] if x.get("floor_step_s") and x.get("bound_step_s")]
     if floors:
-        lines += ["", "The floor of a step made of kernel launches (chain_floor): the model's 4 x layers weight "
+        lines += ["", "The floor of a step made of kernel launches (_chain_floor): the model's 4 x layers weight "
                   "products alone, each waiting for the one before, in a CUDA graph (nothing else of the step). Where "
                   "floor / bound is over 2, these products alone take more than twice the step's bound. Fused: the "
-                  "same step as one persistent kernel pays its decode_stages grid barriers, each with one round trip "
-                  "through L2 (stage_floor" + (f", {r['stage_s'] * 1e6:.2f} us a stage" if r.get("stage_s") else "")
-                  + "), before any weight, KV or arithmetic. Fused products: the products of chain_floor as one "
-                  "persistent kernel (fused_products: compile-time shapes, each program's rows of the next W loaded "
+                  "same step as one persistent kernel pays its _decode_stages grid barriers, each with one round trip "
+                  "through L2 (_stage_floor" + (f", {r['stage_s'] * 1e6:.2f} us a stage" if r.get("stage_s") else "")
+                  + "), before any weight, KV or arithmetic. Fused products: the products of _chain_floor as one "
+                  "persistent kernel (_fused_products: compile-time shapes, each program's rows of the next W loaded "
                   "during the barrier), nothing else of the step.", "",
                   "| model | batch | context | step ms | floor ms | bound ms | floor / bound | step / floor | fused ms "
                   "| fused / bound | fused products ms | fused products / bound |",
