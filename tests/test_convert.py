@@ -267,8 +267,8 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     (write_gate=bias), which the stacked product adds."""
     import convert
     import gdn
-    from convert import _use_decode_attention, _use_decode_layers, _use_decode_linear, _use_decode_mlp, _use_decode_qkv
-    from gdn import hybridize, stack_projections
+    from convert import _use_decode_layers, _use_decode_linear
+    from gdn import hybridize
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     model = hybridize(tiny_model(family), [1, 3], conv_size=4, beta_bias=family == "llama").to(dev)
     with torch.no_grad():
@@ -279,12 +279,11 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     ref = static_decode(model, ids, 30)
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":       # the GDN step kernel too
         monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
-    _use_decode_attention(model, "flash")
-    stack_projections(model)
-    _use_decode_mlp(model)
-    _use_decode_qkv(model)
-    _use_decode_linear(model)
-    _use_decode_layers(model)
+    convert.use_decode_kernels(model, "flash")
+    if dev == "cpu":                    # there it leaves the products to PyTorch: here, the interpreter's
+        _use_decode_linear(model)
+        _use_decode_layers(model)
+    assert model.config._attn_implementation == "flash_decode"
     layered = [layer.forward.__func__ is convert._decode_layer_forward for layer in model.model.layers]
     assert all(layered) if family != "gemma3_text" else not any(layered)   # Gemma 3: four norms a layer
     folded, real = [], convert._linear_op
