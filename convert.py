@@ -1725,6 +1725,8 @@ def use_decode_kernels(model, attention="flash"):
     weights loaded before the wait and Llama-layout layers as five kernels. Nothing is copied;
     prompts, training and autograd keep PyTorch's paths, and so does everything after the weights
     are moved again (to another device or dtype): call it after the last move."""
+    if attention not in ("flash", "grouped", "sdpa"):       # before anything of the model changes
+        raise ValueError(f"decoding attention '{attention}': choose flash, grouped or sdpa")
     stack_projections(model)                    # GDN layers: one input matrix product, no copy
     _use_decode_mlp(model)                      # every MLP: gate, up and act as one kernel
     _use_decode_qkv(model)                      # every softmax layer: q, k, v as one product

@@ -279,6 +279,9 @@ def test_bench_decoding_equals_hf(family, monkeypatch):
     ref = static_decode(model, ids, 30)
     if dev == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":       # the GDN step kernel too
         monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: not torch.is_grad_enabled())
+    with pytest.raises(ValueError, match="choose flash, grouped or sdpa"):
+        convert.use_decode_kernels(model, "fa2")
+    assert not hasattr(model.model.layers[0].mlp, "gate_up")        # refused before anything changed
     convert.use_decode_kernels(model, "flash")
     if dev == "cpu":                    # there it leaves the products to PyTorch: here, the interpreter's
         _use_decode_linear(model)
