@@ -1740,13 +1740,8 @@ def use_decode_kernels(model, attention="flash"):
 
 def _kernel_profile(step):
     """The CUDA kernels of one call of step(): how many, and the ten that take longest (ms)."""
-    from torch.profiler import ProfilerActivity, profile
-    # Unless told to tear CUPTI down, the profiler leaves it attached when it stops, and every kernel
-    # launched after it pays for that: on an H100 the batch-1 steps timed after a profiled step ran
-    # 0.65 / 0.82 / 1.04 ms (keep 1/4 / keep 1/2 / teacher) against 0.61 / 0.73 / 0.90 without one,
-    # and 0.62 / 0.71 / 0.91 after a profiled step with this (results/inference_h100_b1_*.md).
-    os.environ.setdefault("TEARDOWN_CUPTI", "1")
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    from torch.profiler import ProfilerActivity
+    with distill.profiler(ProfilerActivity.CUDA) as prof:        # (CUPTI torn down after it)
         step()
         torch.cuda.synchronize()
     rows = [(e.key[:60], getattr(e, "device_time_total", 0) / 1e3, e.count) for e in prof.key_averages()]

@@ -711,9 +711,7 @@ def _train(run, student, data, model, step_fn, groups):
 
     for step in bar:
         if a.profile_steps and step == start + 2:     # after warm-up: compilation stays out of it
-            # torn down when it stops: else CUPTI stays attached and slows every later step's kernels
-            os.environ.setdefault("TEARDOWN_CUPTI", "1")
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU] + (
+            prof = profiler(torch.profiler.ProfilerActivity.CPU, *(
                 [torch.profiler.ProfilerActivity.CUDA] if dist.device.type == "cuda" else []))
             prof.__enter__()
         if step == start + 2 + a.profile_steps:
@@ -771,6 +769,16 @@ def _train(run, student, data, model, step_fn, groups):
     bar.close()
     _evaluate(run, student, run.steps, metrics)
     return records
+
+
+def profiler(*activities):
+    """A torch.profiler over `activities` that tears CUPTI down when it stops. Unless told to
+    (TEARDOWN_CUPTI=1), the profiler leaves CUPTI attached, and every kernel launched after it pays
+    for that: on an H100, convert.py --bench's batch-1 steps timed after a profiled step ran
+    0.65 / 0.82 / 1.04 ms (keep 1/4 / keep 1/2 / teacher) against 0.61 / 0.73 / 0.90 without one, and
+    0.62 / 0.71 / 0.91 after one made here (results/inference_h100_b1_*.md)."""
+    os.environ.setdefault("TEARDOWN_CUPTI", "1")
+    return torch.profiler.profile(activities=list(activities))
 
 
 def _report_profile(prof, a, dist):
