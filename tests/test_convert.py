@@ -507,6 +507,31 @@ def test_random_shape_without_the_default_teacher(monkeypatch):
         load_teacher("random:tiny")
 
 
+def test_smollm2_shape_is_the_default_teachers():
+    """random:smollm2-135m (the shape of the benchmark's runs) is the default teacher's config in every
+    field that sets a FLOP or a byte, read from the real GGUF."""
+    from transformers import AutoConfig
+    import convert as cv
+    path = cv._default_teacher_path()
+    real = AutoConfig.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    shape = load_teacher("random:smollm2-135m", tokenizer=False)[0].config
+    for name in ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "max_position_embeddings"):
+        assert getattr(shape, name) == getattr(real, name), name
+    assert shape.rope_parameters["rope_theta"] == real.rope_parameters["rope_theta"]
+    assert abs(shape.rms_norm_eps - real.rms_norm_eps) < 1e-9
+
+
+def test_bench_markdown_names_the_trained_window():
+    """The table says which contexts lie past the teacher's trained window (from its config), and
+    says nothing of a number where an older record kept none."""
+    from convert import _window_line
+    rows = [{"context": c} for c in (4096, 32768, 65536)]
+    assert _window_line({"trained_window": 8192, "rows": rows}).endswith("32768, 65536 measure speed, not quality.")
+    assert "within it" in _window_line({"trained_window": 131072, "rows": rows})
+    assert "8192" not in _window_line({"rows": rows})
+
+
 def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypatch):
     """A context too large for the GPU: a clear message naming the largest that fit, a row saying
     so, the larger contexts of that (model, batch) skipped, and the table still written."""
