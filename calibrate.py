@@ -325,9 +325,9 @@ def phase1(gdn, st, o):
     T = _at(st["ctx"], gdn)                                                     # [N, L, H, D]
 
     # Statistics that are undefined for some head fall back to taylor_stats.DEFAULTS, with a warning.
-    from taylor_stats import DEFAULTS, _sanitize, concentration
-    dist = _sanitize(o["dt_from"], gdn.layer_idx, _at(st[o["dt_from"]], gdn), DEFAULTS[o["dt_from"]])
-    conc = concentration(_sanitize("entropy", gdn.layer_idx, _at(st["entropy"], gdn), DEFAULTS["entropy"]),
+    from taylor_stats import DEFAULTS, sanitize, concentration
+    dist = sanitize(o["dt_from"], gdn.layer_idx, _at(st[o["dt_from"]], gdn), DEFAULTS[o["dt_from"]])
+    conc = concentration(sanitize("entropy", gdn.layer_idx, _at(st["entropy"], gdn), DEFAULTS["entropy"]),
                          o["conc_eps"])
 
     # 1. timescale -> dt_bias, A_log.  half-life ln2/gamma = mean attention distance.

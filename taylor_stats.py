@@ -93,7 +93,9 @@ def concentration(entropy, eps=CONC_EPS):
     return 1.0 - (entropy - lo) / max(float(hi - lo), eps)
 
 
-def _sanitize(name, layer, x, default):
+def sanitize(name, layer, x, default):
+    """x with every NaN or infinite entry (a head whose statistic is undefined) replaced by default,
+    and a warning naming the layer and heads; calibrate.py applies it again to statistics handed in."""
     bad = ~torch.isfinite(x)
     if bad.any():
         heads = bad.nonzero().flatten().tolist()
@@ -223,7 +225,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
             if not check <= tol:
                 raise ValueError(f"layer {i}: recomputed attention output differs from the module's by "
                                  f"{check:.3g} (relative); {type(module).__name__} is not reproduced")
-            mean = {k: _sanitize(k, i, (v / (N * L)).float(), DEFAULTS[k]) for k, v in sums.items()}
+            mean = {k: sanitize(k, i, (v / (N * L)).float(), DEFAULTS[k]) for k, v in sums.items()}
             rec = {**mean, "concentration": concentration(mean["entropy"]), "check": check, "floor": floor}
             if keep_io:
                 rec.update(x=x.float().to(device_out), y=y.float().to(device_out), ctx=ctx.to(device_out),

@@ -70,7 +70,7 @@ def test_collect_stats_matches_eager_attention(family):
 
 def test_undefined_statistics_fall_back_with_a_warning():
     with pytest.warns(UserWarning, match="undefined"):
-        x = taylor_stats._sanitize("distance", 3, torch.tensor([2.0, float("nan"), float("inf")]), 8.0)
+        x = taylor_stats.sanitize("distance", 3, torch.tensor([2.0, float("nan"), float("inf")]), 8.0)
     assert x.tolist() == [2.0, 8.0, 8.0]
 
 
