@@ -1897,6 +1897,52 @@ def _stage_floor(device, stages=200, reps=20, programs=None):
     return max(twice - once, 0.0) / stages
 
 
+# _stage_floor's counterpart for the chain of launches: what one dependent kernel of a CUDA graph
+# costs when it does nothing. Each link is a kernel of a product's grid that launches its dependents
+# at once, waits for the kernel before (pdl_launch), reads one value another of its programs wrote
+# there and writes one: a decoding kernel with its work taken out. kernels x _launch_floor is what
+# a step of that many kernels pays in launches and dependencies alone, however little each does.
+if triton is not None:
+
+    @triton.jit
+    def _link_kernel(src_ptr, dst_ptr, PDL: tl.constexpr):
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
+        p, n = tl.program_id(0), tl.num_programs(0)
+        tl.store(dst_ptr + p, tl.load(src_ptr + (p + 1) % n) + 1)
+
+
+def _link_chain(buf, links):
+    """`links` _link_kernels in a row over buf [2, programs] (int32), each reading the row the one
+    before wrote: from zeros, row links % 2 ends at `links` everywhere, unless a link read too early."""
+    pdl = pdl_launch(buf)
+    for i in range(links):
+        _link_kernel[(buf.shape[1],)](buf[i % 2], buf[(i + 1) % 2], pdl, num_warps=4, launch_pdl=pdl)
+
+
+def _launch_floor(device, links=200, reps=20, programs=32):
+    """Seconds a link of _link_chain adds to a CUDA graph (programs: about a small product's grid): the
+    difference of graphs of 2 x links and of `links` (medians of reps replays), per link, so the
+    graph's own launch counts for nothing. Checks every link's value first. A GPU only."""
+    buf = torch.zeros(2, programs, dtype=torch.int32, device=device)
+    replays = []
+    for n in (links, 2 * links):
+        buf.zero_()
+        _link_chain(buf, n)                                  # eager first: compiles the kernel
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            _link_chain(buf, n)
+        buf.zero_()
+        graph.replay()
+        if not bool((buf[n % 2] == n).all()):
+            raise RuntimeError(f"_launch_floor: after {n} links the values read {buf[n % 2].min().item()}.."
+                               f"{buf[n % 2].max().item()}, not {n}: a link read before the one before it had written")
+        replays.append(graph.replay)
+    once, twice = (_median_seconds(r, reps, True) for r in replays)
+    return max(twice - once, 0.0) / links
+
+
 
 # _stage_floor leaves out what a stage does. _fused_products puts the products back: the model's
 # _decode_products (_chain_floor's chain) as one persistent kernel, each stage a real product, with
@@ -2127,6 +2173,7 @@ def _run_bench(args):
         models.append((f"hybrid keep {_fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
     bw = _copy_bandwidth(args.device)
     stage = _stage_floor(args.device) if args.device == "cuda" and triton is not None else None
+    launch = _launch_floor(args.device) if stage is not None else None
     rows, fits = [], {}
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
@@ -2161,7 +2208,7 @@ def _run_bench(args):
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
               "decode_attention": args.decode_attention, "compiled_step": args.compile,
               "trained_window": getattr(teacher.config, "max_position_embeddings", None),
-              "bandwidth_bytes_s": bw, "stage_s": stage, "decode_steps": args.decode_steps, "rows": rows,
+              "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps, "rows": rows,
               **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", _bench_markdown(record))
@@ -2220,14 +2267,22 @@ def _bench_markdown(r):
                          f"{ratio(x.get('fused_products_step_s'), b)} |")
     prof = [x for x in r["rows"] if "decode_kernels" in x]
     if prof:
+        link = r.get("launch_s")
         lines += ["", "One uncaptured decoding step under torch.profiler (--profile): kernel launches, their summed "
                   "GPU time, and the three longest kernels (total ms, calls). With programmatic dependent launch "
-                  "a kernel's time includes its wait for the kernel before it: the sum can exceed the step.", "",
-                  "| model | batch | context | kernels | GPU ms | longest |", "|---|---|---|---|---|---|"]
+                  "a kernel's time includes its wait for the kernel before it: the sum can exceed the step."
+                  + (f" Launches alone: that many kernels x the cost of an empty dependent kernel in a CUDA graph "
+                     f"(_launch_floor, {link * 1e6:.2f} us), what the step pays before any of its work." if link else ""),
+                  "", "| model | batch | context | kernels | GPU ms | launches alone ms | launches / bound | longest |",
+                  "|---|---|---|---|---|---|---|---|"]
         for x in prof:
             k = x["decode_kernels"]
             top = "; ".join(f"{n} {ms:.3f} ({c})" for n, (ms, c) in list(k["top_ms"].items())[:3])
-            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {k['kernels']} | {k['gpu_ms']:.3f} | {top} |")
+            alone = k["kernels"] * link if link else None
+            launches = f"{alone * 1e3:.3f} | " + (f"{alone / x['bound_step_s']:.2f}x" if x.get("bound_step_s") else "-") \
+                if alone else "- | -"
+            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {k['kernels']} | {k['gpu_ms']:.3f} | "
+                         f"{launches} | {top} |")
     return "\n".join(lines) + "\n"
 
 

@@ -783,6 +783,39 @@ def test_bench_markdown_floor_table():
     assert "1.50 us a stage" in md
 
 
+def test_bench_markdown_launches_alone():
+    """The profile table: the step's kernel count times _launch_floor, and that over the bound; without
+    a launch floor (records before it) dashes."""
+    from convert import _bench_markdown
+    row = dict(model="hybrid keep 1/4", batch=1, context=32768, prefill_s=0.1, decode_step_s=0.0006,
+               decode_tok_s=1666, bytes_per_step=5e8, cache_bytes=2**20, peak_memory_bytes=None, bound_step_s=0.0002,
+               decode_kernels=dict(kernels=150, gpu_ms=0.8, top_ms={"_linear_kernel": [0.6, 121]}))
+    rec = dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c", bandwidth_bytes_s=3e12,
+               rows=[row])
+    assert "| hybrid keep 1/4 | 1 | 32768 | 150 | 0.800 | - | - | _linear_kernel 0.600 (121) |" in _bench_markdown(rec)
+    md = _bench_markdown(dict(rec, launch_s=2e-6))
+    assert "| hybrid keep 1/4 | 1 | 32768 | 150 | 0.800 | 0.300 | 1.50x | _linear_kernel 0.600 (121) |" in md
+    assert "_launch_floor, 2.00 us" in md
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
+def test_link_chain_passes_each_value_on():
+    """_launch_floor's chain: each link reads what its neighbour wrote in the link before and adds
+    one, so after n links every value is n (checked here without PDL, which needs a GPU)."""
+    from convert import _link_chain
+    buf = torch.zeros(2, 5, dtype=torch.int32)
+    _link_chain(buf, 7)
+    assert buf[1].tolist() == [7] * 5 and buf[0].tolist() == [6] * 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs a GPU")
+def test_launch_floor_on_the_gpu():
+    """A chain of empty dependent kernels in a CUDA graph (the function checks every value arrived):
+    somewhere between 0.1 and 20 us a kernel on any current GPU."""
+    from convert import _launch_floor
+    assert 1e-7 < _launch_floor("cuda", links=50, reps=5) < 2e-5
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
 def test_stage_kernel_passes_each_value_on():
     """_stage_floor's kernel with one program (the interpreter runs programs one at a time, so it can
