@@ -767,6 +767,33 @@ def test_decode_kernels_fold_rmsnorm_and_residual():
             torch.testing.assert_close(_glu_decode(x[:, 0], gu, act, norm=norm), f(g) * u, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
+def test_one_row_products():
+    """One row of x (batch 1) goes through _row_kernel, with the norm prologue, bias, residual and
+    gate/up epilogues: equal to PyTorch's, at a K held by one warp, by two, and by eight."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    import convert
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    assert [convert._row_warps(K, 4) for K in (100, 1000, 5000, 9000)] == [1, 2, 8, None]
+    assert convert._row_warps(576, 2, 2) == 1 and convert._row_warps(1536, 2) == 1       # SmolLM2: one warp
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for K in (100, 1000, 5000):
+            norm = LlamaRMSNorm(K, eps=1e-5).to(dev)
+            norm.weight.uniform_(0.5, 1.5)
+            x, w, b, res = (torch.randn(1, K, device=dev) * 3, torch.randn(37, K, device=dev) / K ** 0.5,
+                            torch.randn(37, device=dev), torch.randn(1, 37, device=dev))
+            torch.testing.assert_close(convert._linear_decode(x, w, b, norm=norm, residual=res),
+                                       res + torch.nn.functional.linear(norm(x), w, b), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(convert._linear_decode(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
+            gu = torch.randn(2 * 21, K, device=dev) / K ** 0.5
+            g, u = torch.nn.functional.linear(norm(x), gu).chunk(2, -1)
+            for act, f in [("silu", torch.nn.functional.silu),
+                           ("gelu_pytorch_tanh", lambda g: torch.nn.functional.gelu(g, approximate="tanh"))]:
+                torch.testing.assert_close(convert._glu_decode(x, gu, act, norm=norm), f(g) * u, rtol=1e-4, atol=1e-4)
+
+
 def test_bench_markdown_floor_table():
     """The floor table: step, floor and bound side by side, floor / bound and step / floor."""
     from convert import _bench_markdown
