@@ -680,8 +680,9 @@ def test_decode_products_chain_in_step_order(family):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_chain_floor_on_the_gpu():
-    """The floor of a tiny hybrid's step: a chain of 4 x layers launches, each at least a microsecond
-    on any current GPU, and the same order of magnitude at batch 1 and 8 (it is latency, not bytes)."""
+    """The floor of a tiny hybrid's step: a chain of 4 x layers launches, each between 0.2 and 50 us
+    on any current GPU (an empty dependent kernel takes 0.78 us on an H100: _launch_floor), and the
+    same order of magnitude at batch 1 and 8 (it is latency, not bytes; batch 1 runs _row_kernel)."""
     from convert import _chain_floor, _use_decode_linear, _use_decode_mlp, _use_decode_qkv
     from gdn import hybridize, stack_projections
     model = _use_decode_linear(hybridize(tiny_model("llama"), [1, 3], conv_size=4).cuda())
@@ -691,7 +692,7 @@ def test_chain_floor_on_the_gpu():
     _use_decode_qkv(model)
     f1, f8 = _chain_floor(model, 1), _chain_floor(model, 8)
     n = 4 * len(model.model.layers)
-    assert n * 1e-6 < f1 < n * 50e-6 and 0.5 < f8 / f1 < 2, (f1, f8)
+    assert n * 0.2e-6 < f1 < n * 50e-6 and 0.25 < f8 / f1 < 4, (f1, f8)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
