@@ -1311,7 +1311,7 @@ def _use_decode_attention(model, name):
 
 
 # The products of a decoding step: y = x W^T for a few rows of x (the sequences being decoded, at
-# most 16, padded to 16 for the tensor cores) and a weight W [N, K] that no earlier kernel of the
+# most 16, padded to 16 for the tensor cores; a single row: _row_kernel, below) and a weight W [N, K] that no earlier kernel of the
 # step wrote. So a program loads its BN rows of W whole (K split into two power-of-two blocks,
 # 576 = 512 + 64, 1536 = 1024 + 512) *before* waiting for the kernel before it (pdl_launch): the
 # weights stream from DRAM while that kernel still runs, and only x is read after the wait. It
@@ -1500,10 +1500,13 @@ if triton is not None:
     # ROW_RANK rows of W in registers (loaded before the wait, as above, with the norm's weight and the
     # bias) and, once x arrives, each thread multiplies its slice of them by x and the row sums are
     # reduced across the threads. Few rows a program and few warps: many small programs, each with
-    # little to do after the wait. Measured on an H100 (a device script, not a result of the repo):
-    # SmolLM2's 121 products of a step at batch 1, with their norms, residuals, gate/up and the head,
-    # in one CUDA graph: 0.371 ms through _linear_kernel, 0.226 ms here (4 rows, 1 warp; 8 rows and
-    # 4 warps 0.246, 16 rows 0.29). At 2 rows this kernel was already no faster, at 8 much slower.
+    # little to do after the wait. On an H100 at SmolLM2's shape, _chain_floor's 120 products at batch
+    # 1 went from 2.3-2.5 us each to 1.5-1.7, and a whole step (teacher, keep 1/4, keep 1/2) from
+    # 0.92 / 0.61 / 0.72 ms to 0.80 / 0.49 / 0.60 (results/inference_h100_row_kernel.md); at the 1B
+    # shapes, where W_down's K is 8192-8960 and 8 warps hold it, by 13-25%. The tile was swept in a
+    # device script (not a result of the repo; the step's products with their norms, residuals and
+    # head in one CUDA graph): 4 rows and 1 warp 0.226 ms, 8 rows and 4 warps 0.246, 16 rows 0.29,
+    # against 0.371 through _linear_kernel. At 2 rows this kernel was no faster, at 8 much slower.
     @triton.jit
     def _row_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, b_ptr, N, K, sw, BN: tl.constexpr, K1: tl.constexpr,
                     K2: tl.constexpr, NORM: tl.constexpr, RES: tl.constexpr, BIAS: tl.constexpr, ACT: tl.constexpr,
