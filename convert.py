@@ -1311,18 +1311,18 @@ def _use_decode_attention(model, name):
 
 
 # The products of a decoding step: y = x W^T for a few rows of x (the sequences being decoded, at
-# most 16, padded to 16 for the tensor cores; a single row: _row_kernel, below) and a weight W [N, K] that no earlier kernel of the
-# step wrote. So a program loads its BN rows of W whole (K split into two power-of-two blocks,
-# 576 = 512 + 64, 1536 = 1024 + 512) *before* waiting for the kernel before it (pdl_launch): the
-# weights stream from DRAM while that kernel still runs, and only x is read after the wait. It
-# calls gdc_launch_dependents before those loads, not after: compiled for sm_90 the tile goes
-# through shared memory, so a launch after the loads waited for the weights to arrive, and the next
-# kernel could not start its own loads until then (_chain_floor on an H100: 0.33-0.44 ms with the
-# launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a CUDA-graph chain of
-# 120 products in SmolLM2's shapes with cold weights (a device script, not a result of the repo):
-# 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at one row (launch after
-# the loads). A program's rows of W are held on chip until x arrives: BN = 32 rows while they take
-# at most LINEAR_TILE_BYTES, else 16.
+# most 16, padded to 16 for the tensor cores; a single row: _row_kernel, below) and a weight W
+# [N, K] that no earlier kernel of the step wrote. So a program loads its BN rows of W whole (K
+# split into two power-of-two blocks, 576 = 512 + 64, 1536 = 1024 + 512) *before* waiting for the
+# kernel before it (pdl_launch): the weights stream from DRAM while that kernel still runs, and only
+# x is read after the wait. It calls gdc_launch_dependents before those loads, not after: compiled
+# for sm_90 the tile goes through shared memory, so a launch after the loads waited for the weights
+# to arrive, and the next kernel could not start its own loads until then (_chain_floor on an H100:
+# 0.33-0.44 ms with the launch after the loads, 0.29-0.35 with it before). Measured on an H100 in a
+# CUDA-graph chain of 120 products in SmolLM2's shapes with cold weights (a device script, not a
+# result of the repo): 3.2 us a product at 8 rows against cuBLAS's 4.3 us, 2.9-3.2 against 4.3 at
+# one row (launch after the loads). A program's rows of W are held on chip until x arrives: BN = 32
+# rows while they take at most LINEAR_TILE_BYTES, else 16.
 #
 # That pays for small products, where a launch's latency is most of the time. But x's 16 padded
 # rows are held too, and past K = 1024 (bf16) the two tiles spill to local memory. When every
@@ -2019,7 +2019,6 @@ def _launch_floor(device, links=200, reps=20, programs=32):
     return max(twice - once, 0.0) / links
 
 
-
 # _stage_floor leaves out what a stage does. _fused_products puts the products back: the model's
 # _decode_products (_chain_floor's chain) as one persistent kernel, each stage a real product, with
 # everything that favours it: each layer's four weights copied into four [layers, R x P, K] stacks
@@ -2248,8 +2247,8 @@ def _run_bench(args):
         student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
         models.append((f"hybrid keep {_fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
     bw = _copy_bandwidth(args.device)
-    stage = _stage_floor(args.device) if args.device == "cuda" and triton is not None else None
-    launch = _launch_floor(args.device) if stage is not None else None
+    floors = args.device == "cuda" and triton is not None
+    stage, launch = (_stage_floor(args.device), _launch_floor(args.device)) if floors else (None, None)
     rows, fits = [], {}
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
@@ -2284,7 +2283,8 @@ def _run_bench(args):
     record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
               "decode_attention": args.decode_attention, "compiled_step": args.compile,
               "trained_window": getattr(teacher.config, "max_position_embeddings", None),
-              "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps, "rows": rows,
+              "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps,
+              "rows": rows,
               **distill.run_info(args.seed)}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", _bench_markdown(record))
