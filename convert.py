@@ -1501,8 +1501,8 @@ if triton is not None:
     # bias) and, once x arrives, each thread multiplies its slice of them by x and the row sums are
     # reduced across the threads. Few rows a program and few warps: many small programs, each with
     # little to do after the wait. On an H100 at SmolLM2's shape, _chain_floor's 120 products at batch
-    # 1 went from 2.3-2.5 us each to 1.5-1.7, and a whole step (teacher, keep 1/4, keep 1/2) from
-    # 0.92 / 0.61 / 0.72 ms to 0.80 / 0.49 / 0.60 (results/inference_h100_row_kernel.md); at the 1B
+    # 1 went from 2.2-2.4 us each to 1.5-1.7, and a whole step (teacher, keep 1/4, keep 1/2) from
+    # 0.92 / 0.61 / 0.72 ms to 0.80 / 0.48 / 0.60 (results/inference_h100_row_kernel.md); at the 1B
     # shapes, where W_down's K is 8192-8960 and 8 warps hold it, by 13-25%. The tile was swept in a
     # device script (not a result of the repo; the step's products with their norms, residuals and
     # head in one CUDA graph): 4 rows and 1 warp 0.226 ms, 8 rows and 4 warps 0.246, 16 rows 0.29,
