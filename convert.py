@@ -1400,11 +1400,15 @@ def _linear_loop_blocks(w, halves):
 if triton is not None:
 
     @triton.jit
+    def _rms_round(x, r, g):
+        """x times its 1 / rms r, rounded to x's dtype, times the norm weight g (fp32; r and g
+        broadcast against x): RMSNorm as HF's Llama-family modules compute it (weight * (x * r).to(dtype))."""
+        return ((x.to(tl.float32) * r).to(x.dtype).to(tl.float32) * g).to(x.dtype)
+
+    @triton.jit
     def _rms_scaled(x, r, nw_ptr, rk, K):
-        """x [BM, BK] rows times their 1 / rms r, rounded to x's dtype, times the norm weight: RMSNorm
-        as HF's Llama-family modules compute it (weight * (x * r).to(dtype))."""
-        xn = (x.to(tl.float32) * r[:, None]).to(x.dtype).to(tl.float32)
-        return (xn * tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :]).to(x.dtype)
+        """_rms_round of x [BM, BK] rows, r [BM], the norm weight's columns rk loaded here."""
+        return _rms_round(x, r[:, None], tl.load(nw_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)[None, :])
 
     @triton.jit
     def _linear_kernel(x_ptr, w_ptr, y_ptr, nw_ptr, eps, res_ptr, b_ptr, M, N, K, sx, sw, sy, sr, PREC: tl.constexpr,
@@ -1533,11 +1537,10 @@ if triton is not None:
         x2 = tl.load(x_ptr + k2, mask=live_k2, other=0.0)
         if RES:
             h = tl.load(res_ptr + rn, mask=live_n, other=0.0).to(tl.float32)
-        if NORM:                                  # as _rms_scaled, for one row
+        if NORM:
             f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
             r = tl.rsqrt((tl.sum(f1 * f1, axis=0) + tl.sum(f2 * f2, axis=0)) / K + eps)
-            x1 = ((f1 * r).to(x1.dtype).to(tl.float32) * g1).to(x1.dtype)
-            x2 = ((f2 * r).to(x2.dtype).to(tl.float32) * g2).to(x2.dtype)
+            x1, x2 = _rms_round(x1, r, g1), _rms_round(x2, r, g2)
         f1, f2 = x1.to(tl.float32)[None, :], x2.to(tl.float32)[None, :]
         y = tl.sum(w1.to(tl.float32) * f1, axis=1) + tl.sum(w2.to(tl.float32) * f2, axis=1)
         if BIAS:
