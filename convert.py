@@ -1271,7 +1271,11 @@ if triton is not None:
         Hkv, L = key.shape[1], key.shape[2]
         rep = H // Hkv
         BL = 64
-        # Enough splits for ~4 programs per SM; each split a whole number of BL blocks.
+        # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
+        # software pipelining, not three: in a CUDA graph of 32 calls over 8 caches of 32k positions on an
+        # H100 (a device script, not a result of the repo), attention and merge took 15.7 / 80.0 us a
+        # call against 17.3 / 82.9 with three at SmolLM2's heads (batch 1 / 8), 21.4 / 101.8 against
+        # 21.7 / 109.9 at Qwen2.5-1.5B's, 31.9 / 196.7 against 33.0 / 203.0 at Llama-3.2-1B's.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
         per_split = -(-L // (ns * BL)) * BL
@@ -1285,7 +1289,7 @@ if triton is not None:
             q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), rep, max(16, triton.next_power_of_2(rep)), D,
             max(16, triton.next_power_of_2(D)), BL, keep is not None,
-            "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=4, num_stages=3, launch_pdl=pdl)
+            "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
         out = q.new_empty(B, 1, H, D)
         BS = triton.next_power_of_2(ns)
         _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D, BS,

@@ -839,23 +839,37 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 if triton is not None:
 
     @triton.jit
-    def _conv_silu(z, conv, cw_ptr, c, mask, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr):
-        """SiLU(causal conv) of channels c for this token; the conv state (the previous W-1 inputs,
-        one column each) moves one token on, in place. W = 0: no conv."""
-        x = tl.load(z + c, mask=mask, other=0.0)
-        out = x.to(tl.float32)
+    def _conv_window(conv, cw_ptr, c, mask, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr):
+        """What the conv of channels c needs besides this token, loaded before the PDL wait: nothing
+        another kernel of the step writes (the weights; the conv state, written by this kernel a step
+        ago). Returns (w_last, window, w): the weight on this token, the previous W-1 inputs [BD, WP],
+        their weights. W = 0: no conv (w_last = 1)."""
+        w_last = tl.full(c.shape, 1.0, tl.float32)
+        prev = tl.zeros([c.shape[0], WP], tl.float32)
+        w = tl.zeros([c.shape[0], WP], tl.float32)
         if W > 0:
-            out = out * tl.load(cw_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
+            w_last = tl.load(cw_ptr + c * W + (W - 1), mask=mask, other=0.0).to(tl.float32)
         if W > 1:
             j = tl.arange(0, WP)
             live = mask[:, None] & (j < W - 1)[None, :]
-            prev = tl.load(conv + c[:, None] * sc_c + j[None, :] * sc_t, mask=live, other=0.0)     # [BD, WP]
+            prev = tl.load(conv + c[:, None] * sc_c + j[None, :] * sc_t, mask=live, other=0.0).to(tl.float32)
             w = tl.load(cw_ptr + c[:, None] * W + j[None, :], mask=live, other=0.0).to(tl.float32)
-            out += tl.sum(prev.to(tl.float32) * w, axis=1)
+        return w_last, prev, w
+
+    @triton.jit
+    def _conv_silu(z, conv, c, mask, w_last, prev, w, sc_c, sc_t, W: tl.constexpr, WP: tl.constexpr):
+        """SiLU(causal conv) of channels c for this token (its input read from z after the wait); the
+        conv state (the previous W-1 inputs, one column each) moves one token on, in place."""
+        x = tl.load(z + c, mask=mask, other=0.0)
+        out = x.to(tl.float32) * w_last + tl.sum(prev * w, axis=1)
+        if W > 1:
             # Every thread holding a copy of an element must have read the old state before any
             # overwrites it: columns 1..W-2 move one to the left, this token goes last.
+            j = tl.arange(0, WP)
+            live = mask[:, None] & (j < W - 1)[None, :]
             tl.debug_barrier()
-            tl.store(conv + c[:, None] * sc_c + (j[None, :] - 1) * sc_t, prev, mask=live & (j >= 1)[None, :])
+            tl.store(conv + c[:, None] * sc_c + (j[None, :] - 1) * sc_t, prev.to(conv.dtype.element_ty),
+                     mask=live & (j >= 1)[None, :])
             tl.store(conv + c * sc_c + (W - 2) * sc_t, x, mask=mask)
         return out * tl.sigmoid(out)
 
@@ -872,24 +886,32 @@ if triton is not None:
         smask = md[:, None] & md[None, :]
         if PDL:                                        # programmatic dependent launch (pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
-        S = tl.load(s_ptrs, mask=smask, other=0.0)     # only this kernel writes it (a step ago): no wait
-        if PDL:
-            tl.extra.cuda.gdc_wait()
+        # Before the wait, all that no other kernel of the step writes: the state and the conv state
+        # (only this kernel writes them, a step ago) and the layer's parameters. After it, only z.
         HD = H * D
         z, conv = z_ptr + b * sz_b, conv_ptr + b * sc_b
-        q = _conv_silu(z, conv, cw_ptr, h * D + rd, md, sc_c, sc_t, W, WP)
-        k = _conv_silu(z, conv, cw_ptr, HD + h * D + rd, md, sc_c, sc_t, W, WP)
-        v = _conv_silu(z, conv, cw_ptr, 2 * HD + h * D + rd, md, sc_c, sc_t, W, WP)
+        S = tl.load(s_ptrs, mask=smask, other=0.0)
+        wq, pq, cq = _conv_window(conv, cw_ptr, h * D + rd, md, sc_c, sc_t, W, WP)
+        wk, pk, ck = _conv_window(conv, cw_ptr, HD + h * D + rd, md, sc_c, sc_t, W, WP)
+        wv, pv, cv = _conv_window(conv, cw_ptr, 2 * HD + h * D + rd, md, sc_c, sc_t, W, WP)
+        dt_bias = tl.load(dtb_ptr + h).to(tl.float32)
+        decay = -tl.exp(tl.load(alog_ptr + h).to(tl.float32))
+        w_norm = tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        q = _conv_silu(z, conv, h * D + rd, md, wq, pq, cq, sc_c, sc_t, W, WP)
+        k = _conv_silu(z, conv, HD + h * D + rd, md, wk, pk, ck, sc_c, sc_t, W, WP)
+        v = _conv_silu(z, conv, 2 * HD + h * D + rd, md, wv, pv, cv, sc_c, sc_t, W, WP)
         q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), 1e-12)
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=0)), 1e-12)
-        a = tl.load(z + 4 * HD + h).to(tl.float32) + tl.load(dtb_ptr + h).to(tl.float32)
+        a = tl.load(z + 4 * HD + h).to(tl.float32) + dt_bias
         softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
-        g = -tl.exp(tl.load(alog_ptr + h).to(tl.float32)) * softplus
+        g = decay * softplus
         beta = tl.sigmoid(tl.load(z + 4 * HD + H + h).to(tl.float32))
         S, o = _delta_rule(S, q, k, v, g, beta, scale)
         tl.store(s_ptrs, S, mask=smask)
         o = o * tl.rsqrt((tl.sum(o * o, axis=0) / D + eps).to(tl.float32))             # per-head RMSNorm
-        o = o * tl.load(wn_ptr + rd, mask=md, other=0.0).to(tl.float32)
+        o = o * w_norm
         gate = tl.load(z + 3 * HD + h * D + rd, mask=md, other=0.0).to(tl.float32)
         tl.store(y_ptr + b * HD + h * D + rd, (o * gate * tl.sigmoid(gate)).to(y_ptr.dtype.element_ty), mask=md)
 
