@@ -457,6 +457,11 @@ def test_flash_decode_matches_plain_attention(B, H, Hkv, L, D):
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), attn_mask=mask, scale=D ** -0.5)
     torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
+    # whatever a masked slot holds (here NaN) stays out of the result
+    hidden = ~mask[:, 0, 0][:, None, :, None].expand_as(k)
+    out, _ = _flash_decode_attention(None, q, k.masked_fill(hidden, float("nan")), v.masked_fill(hidden, float("nan")),
+                                     mask, scaling=D ** -0.5)
+    torch.testing.assert_close(out, ref.transpose(1, 2), rtol=1e-4, atol=1e-4)
     out, _ = _flash_decode_attention(None, q, k, v, None, scaling=D ** -0.5)
     ref = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(H // Hkv, 1), v.repeat_interleave(H // Hkv, 1), scale=D ** -0.5)
