@@ -1197,21 +1197,17 @@ if triton is not None:
         for start in range(split * per_split, (split + 1) * per_split, BL):
             j = start + tl.arange(0, BL)
             live = j < L
-            # K and V are loaded whatever the mask says, and the mask only decides the scores: loads
-            # whose addresses wait on another load (the mask) would cost a second round trip to DRAM
-            # per block (on an H100, up to 5% of a batch-8 step's attention at Qwen2.5-1.5B's heads).
-            kv = live[:, None] & live_d[None, :]
-            K = tl.load(k_ptr + b * sk_b + hk * sk_h + j[:, None] * sk_l + d[None, :], mask=kv, other=0.0)
-            V = tl.load(v_ptr + b * sv_b + hk * sv_h + j[:, None] * sv_l + d[None, :], mask=kv, other=0.0)
             if HAS_MASK:
                 live = live & (tl.load(keep_ptr + b * L + j, mask=live, other=0) != 0)
-                V = tl.where(live[:, None], V, 0.0)            # (a masked slot may hold anything)
+            kv = live[:, None] & live_d[None, :]
+            K = tl.load(k_ptr + b * sk_b + hk * sk_h + j[:, None] * sk_l + d[None, :], mask=kv, other=0.0)
             # (cast: torch.compile hands a Python float over as fp64, which would make m fp64)
             s = (tl.dot(q, tl.trans(K), input_precision=PREC) * scale).to(tl.float32)    # [RP, BL]
             s = tl.where(live[None, :], s, -1e30)
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)
             alpha = tl.exp(m - m_new)
+            V = tl.load(v_ptr + b * sv_b + hk * sv_h + j[:, None] * sv_l + d[None, :], mask=kv, other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype), V, input_precision=PREC)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
@@ -1276,10 +1272,12 @@ if triton is not None:
         rep = H // Hkv
         BL = 64
         # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
-        # software pipelining, not three: in a CUDA graph of 32 calls over 8 caches of 32k positions on an
-        # H100 (a device script, not a result of the repo), attention and merge took 15.7 / 80.0 us a
-        # call against 17.3 / 82.9 with three at SmolLM2's heads (batch 1 / 8), 21.4 / 101.8 against
-        # 21.7 / 109.9 at Qwen2.5-1.5B's, 31.9 / 196.7 against 33.0 / 203.0 at Llama-3.2-1B's.
+        # software pipelining, not three: in a CUDA graph of 40 calls over 8 caches of 32k positions on
+        # an H100 (a device script, not a result of the repo; medians of 5), attention and merge took
+        # 15.5 / 78.3 us a call against 17.1 / 82.6 with three at SmolLM2's heads (batch 1 / 8), 31.2 /
+        # 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6 against 21.4 at Qwen2.5-1.5B's at batch 1,
+        # but 114.0 against 108.9 there at batch 8. Loading K and V before the mask instead (the mask
+        # then only deciding the scores, V zeroed where masked) was slower in 5 of those 6.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
         per_split = -(-L // (ns * BL)) * BL
