@@ -1272,8 +1272,9 @@ if triton is not None:
         rep = H // Hkv
         BL = 64
         # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
-        # software pipelining, not three: in a CUDA graph of 40 calls over 8 caches of 32k positions on
-        # an H100 (a device script, not a result of the repo; medians of 5), attention and merge took
+        # software pipelining, not three: in a CUDA graph of 4 rounds over 3-8 caches of 32k positions
+        # (200 MB or more, beyond L2) on an H100 (a device script, not a result of the repo; medians of 5
+        # graphs), attention and merge took
         # 15.5 / 78.3 us a call against 17.1 / 82.6 with three at SmolLM2's heads (batch 1 / 8), 31.2 /
         # 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6 against 21.4 at Qwen2.5-1.5B's at batch 1,
         # but 114.0 against 108.9 there at batch 8. Loading K and V before the mask instead (the mask
