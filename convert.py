@@ -1274,11 +1274,11 @@ if triton is not None:
         # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
         # software pipelining, not three: in a CUDA graph of 4 rounds over 3-8 caches of 32k positions
         # (200 MB or more, beyond L2) on an H100 (a device script, not a result of the repo; medians of 5
-        # graphs), attention and merge took
-        # 15.5 / 78.3 us a call against 17.1 / 82.6 with three at SmolLM2's heads (batch 1 / 8), 31.2 /
-        # 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6 against 21.4 at Qwen2.5-1.5B's at batch 1,
-        # but 114.0 against 108.9 there at batch 8. Loading K and V before the mask instead (the mask
-        # then only deciding the scores, V zeroed where masked) was slower in 5 of those 6.
+        # graphs), attention and merge took 15.5 / 78.3 us a call against 17.1 / 82.6 with three at
+        # SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6
+        # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8. Loading K
+        # and V before the mask instead (the mask then only deciding the scores, V zeroed where masked)
+        # was slower in 5 of those 6.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
         per_split = -(-L // (ns * BL)) * BL
