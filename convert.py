@@ -1842,6 +1842,39 @@ def _kernel_profile(step):
             "top_ms": {name: [round(ms, 4), n] for name, ms, n in rows[:10]}}
 
 
+# With programmatic dependent launch a kernel starts, and waits, while the one before it still runs:
+# kernel durations overlap, and their sum says little about what a step pays for each. What a kernel
+# adds to the step is how far its end moves the latest end so far. Those shares sum to the step's
+# span (first start to last end), and in a CUDA-graph replay they are the step's critical path by
+# kernel: a kernel that ends while a longer one still runs adds nothing.
+
+def _critical_path(kernels):
+    """{name: [share, calls]}, largest share first, from kernels' (name, start, end) in any one unit."""
+    share, latest = {}, None
+    for name, start, end in sorted(kernels, key=lambda k: k[1]):
+        latest = start if latest is None else latest
+        s = share.setdefault(name, [0.0, 0])
+        s[0] += max(0.0, end - latest)
+        s[1] += 1
+        latest = max(latest, end)
+    return dict(sorted(share.items(), key=lambda kv: -kv[1][0]))
+
+
+def _graph_path(replay):
+    """One replay of a captured step under torch.profiler: its span (ms) and the ten kernels with the
+    largest share of it (_critical_path; ms, calls)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity
+    with distill.profiler(ProfilerActivity.CUDA) as prof:
+        replay()
+        torch.cuda.synchronize()
+    kernels = [(e.name[:60], e.time_range.start / 1e3, e.time_range.end / 1e3) for e in prof.events()
+               if e.device_type == DeviceType.CUDA]
+    path = _critical_path(kernels)
+    return {"span_ms": round(sum(ms for ms, _ in path.values()), 4),
+            "path_ms": {name: [round(ms, 4), n] for name, (ms, n) in list(path.items())[:10]}}
+
+
 def _median_seconds(step, n, cuda):
     """Median wall time of n calls of step(): CUDA events around each call on a GPU."""
     times = []
@@ -2164,7 +2197,8 @@ def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False,
     (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
     inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
     counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
-    profile: also return _kernel_profile of one uncaptured step (else None)."""
+    profile: also return _kernel_profile of one uncaptured step, with CUDA graphs also _graph_path of
+    one replay (else None)."""
     B = next_ids.shape[0]
     if compile_step:
         model = torch.compile(model, dynamic=False, options={"combo_kernels": True,
@@ -2186,6 +2220,9 @@ def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False,
             model(next_ids, **kw())
             pos.add_(1)
         step = graph.replay
+        if profile:
+            step()
+            kernels.update(_graph_path(step))
     else:
         def step():
             model(next_ids, **kw())
@@ -2369,6 +2406,17 @@ def _bench_markdown(r):
                 if alone else "- | -"
             lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {k['kernels']} | {k['gpu_ms']:.3f} | "
                          f"{launches} | {top} |")
+    paths = [x for x in prof if "path_ms" in x["decode_kernels"]]
+    if paths:
+        lines += ["", "One replay of the captured step under torch.profiler (--profile): each kernel's share of "
+                  "the step, how far its end moved the latest end so far (_critical_path; the shares sum to the "
+                  "replay's span), for the five kernels with the largest (ms, calls).", "",
+                  "| model | batch | context | step ms | span ms | largest shares |", "|---|---|---|---|---|---|"]
+        for x in paths:
+            k = x["decode_kernels"]
+            top = "; ".join(f"{n} {ms:.3f} ({c})" for n, (ms, c) in list(k["path_ms"].items())[:5])
+            lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['decode_step_s'] * 1e3:.3f} | "
+                         f"{k['span_ms']:.3f} | {top} |")
     return "\n".join(lines) + "\n"
 
 

@@ -831,6 +831,32 @@ def test_bench_markdown_launches_alone():
     assert "_launch_floor, 2.00 us" in md
 
 
+def test_critical_path_shares_sum_to_the_span():
+    """_critical_path: overlapping kernels (PDL) count only what they add past the latest end so far; a
+    kernel ending inside another adds nothing, a gap goes to the kernel after it; the shares sum to
+    the span, and a name's calls add up."""
+    from convert import _critical_path
+    path = _critical_path([("b", 1.0, 5.0), ("a", 0.0, 2.0), ("c", 1.5, 4.0), ("a", 6.0, 7.0)])
+    assert path == {"a": [4.0, 2], "b": [3.0, 1], "c": [0.0, 1]} and list(path) == ["a", "b", "c"]
+    assert _critical_path([]) == {}
+
+
+def test_bench_markdown_graph_path():
+    """The critical-path table: one row a profiled model, its five largest shares; none without them."""
+    from convert import _bench_markdown
+    path = {f"k{i}": [0.1 * (6 - i), i + 1] for i in range(6)}
+    row = dict(model="teacher", batch=1, context=32768, prefill_s=0.1, decode_step_s=0.0006, decode_tok_s=1666,
+               bytes_per_step=5e8, cache_bytes=2**20, peak_memory_bytes=None, bound_step_s=0.0002,
+               decode_kernels=dict(kernels=150, gpu_ms=0.8, top_ms={"k0": [0.6, 1]}, span_ms=0.61, path_ms=path))
+    rec = dict(teacher="t", dtype="bfloat16", device="d", cuda_graphs=True, commit="c", bandwidth_bytes_s=3e12,
+               rows=[row])
+    md = _bench_markdown(rec)
+    assert "| teacher | 1 | 32768 | 0.600 | 0.610 | k0 0.600 (1); k1 0.500 (2); k2 0.400 (3); k3 0.300 (4); " \
+           "k4 0.200 (5) |" in md
+    row["decode_kernels"] = dict(kernels=150, gpu_ms=0.8, top_ms={"k0": [0.6, 1]})
+    assert "span ms" not in _bench_markdown(rec)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter (on a GPU: below)")
 def test_link_chain_passes_each_value_on():
     """_launch_floor's chain: each link reads what its neighbour wrote in the link before and adds
