@@ -582,7 +582,8 @@ def _parse_args(argv):
     p.add_argument("--no-graphs", action="store_true", help="--bench: time the plain Python decode loop, no CUDA graph")
     p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
     p.add_argument("--profile", action="store_true",
-                   help="--bench: also record the CUDA kernels of one (uncaptured) decoding step per cell")
+                   help="--bench: also record the CUDA kernels of one uncaptured decoding step per cell, and "
+                        "each kernel's share of one replay of the captured step (its critical path)")
     p.add_argument("--decode-attention", default="flash", choices=["flash", "grouped", "sdpa"],
                    help="--bench: attention of every softmax layer when decoding (flash: one Triton kernel on CUDA, "
                         "grouped in PyTorch elsewhere; grouped: PyTorch, reads the KV cache once; sdpa: HF's)")
