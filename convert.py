@@ -1831,12 +1831,18 @@ def use_decode_kernels(model, attention="flash"):
     return model
 
 
-def _kernel_profile(step):
-    """The CUDA kernels of one call of step(): how many, and the ten that take longest (ms)."""
+def _profile_once(step):
+    """torch.profiler's record of one call of step() on the GPU (CUPTI torn down after it)."""
     from torch.profiler import ProfilerActivity
-    with distill.profiler(ProfilerActivity.CUDA) as prof:        # (CUPTI torn down after it)
+    with distill.profiler(ProfilerActivity.CUDA) as prof:
         step()
         torch.cuda.synchronize()
+    return prof
+
+
+def _kernel_profile(step):
+    """The CUDA kernels of one call of step(): how many, and the ten that take longest (ms)."""
+    prof = _profile_once(step)
     rows = [(e.key[:60], getattr(e, "device_time_total", 0) / 1e3, e.count) for e in prof.key_averages()]
     rows = sorted((r for r in rows if r[1] > 0), key=lambda r: -r[1])
     return {"kernels": sum(r[2] for r in rows), "gpu_ms": round(sum(r[1] for r in rows), 4),
@@ -1865,11 +1871,7 @@ def _graph_path(replay):
     """One replay of a captured step under torch.profiler: its span (ms) and the ten kernels with the
     largest share of it (_critical_path; ms, calls)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-    with distill.profiler(ProfilerActivity.CUDA) as prof:
-        replay()
-        torch.cuda.synchronize()
-    kernels = [(e.name[:60], e.time_range.start / 1e3, e.time_range.end / 1e3) for e in prof.events()
+    kernels = [(e.name[:60], e.time_range.start / 1e3, e.time_range.end / 1e3) for e in _profile_once(replay).events()
                if e.device_type == DeviceType.CUDA]
     path = _critical_path(kernels)
     return {"span_ms": round(sum(ms for ms, _ in path.values()), 4),
