@@ -1279,7 +1279,7 @@ if triton is not None:
         # SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6
         # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8. Loading K
         # and V before the mask instead (the mask then only deciding the scores, V zeroed where masked)
-        # was slower in 5 of those 6.
+        # was slower than three stages in 5 of those 6 (in the same graphs), and than two in all 6.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
         per_split = -(-L // (ns * BL)) * BL
