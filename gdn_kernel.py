@@ -819,7 +819,9 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 # times SiLU of the output gate. In a decoding step each of those is a launch of its own; even
 # compiled, with inductor fusing what it can, that was 3 kernels besides the step, each a launch for
 # a few KB of work. As one kernel the whole of it costs 3.9 us a layer on an H100 at batch 8
-# (results/inference_h100_barrier.md: 0.086 ms for keep 1/4's 22 GDN layers, its PDL wait included).
+# (results/inference_h100_barrier.md: 0.086 ms for keep 1/4's 22 GDN layers, its PDL wait included);
+# at batch 1, with all but z loaded before its wait, its share of the captured step's critical path
+# is 2.8 us a layer (results/inference_h100_path.md: 0.062 ms for the 22).
 # Every one of them is per (batch, head), like the step, so it all fits in one program per (batch, head):
 #
 #     x_c   = sum_j w_c[j] window_c[j]              window = the last W inputs of channel c (conv
