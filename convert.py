@@ -1213,6 +1213,7 @@ if triton is not None:
         m_new = tl.maximum(m, tl.max(s, axis=1))
         p = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)
         alpha = tl.exp(m - m_new)
+        V = tl.where(live[:, None], V, 0.0)          # (loaded before the mask: a masked slot may hold NaN)
         acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype), V, input_precision=PREC)
         return m_new, l * alpha + tl.sum(p, axis=1), acc
 
@@ -1260,10 +1261,8 @@ if triton is not None:
         l = tl.zeros([RP], tl.float32)
         acc = tl.zeros([RP, BD], tl.float32)
         first = lo
-        if NEW:                                   # the block loaded before the wait, then masked
-            live = _live(keep_ptr, b * L, j0, hi, HAS_MASK)
-            V = tl.where(live[:, None], V, 0.0)   # (a masked slot may hold anything, NaN too)
-            m, l, acc = _attend(q, K, V, live, m, l, acc, scale, PREC)
+        if NEW:                                   # the block loaded before the wait
+            m, l, acc = _attend(q, K, V, _live(keep_ptr, b * L, j0, hi, HAS_MASK), m, l, acc, scale, PREC)
             first = lo + BL
         for start in range(first, hi, BL):
             j = start + tl.arange(0, BL)
