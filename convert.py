@@ -1179,12 +1179,12 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 #
 # NEW: the whole step of a layer whose cache is HF's StaticLayer (_flash_decode_step): the splits
 # read only the positions earlier steps wrote (below the layer's counter), and this step's own key
-# and value join split 0's online softmax. So nothing the splits stream is written during the step, and a split
+# and value join in the merge. So nothing the splits stream is written during the step, and a split
 # loads its first block of K and V *before* waiting for the q/k/v product (pdl_launch): the cache
 # starts streaming while that product still runs. Rotary embedding is applied in the kernels, to q
 # and k as they are loaded (rotate-half form, in fp32): x_rot = x cos + rotate_half(x) sin, where
-# rotate_half(x) = [-x_2, x_1] for x = [x_1, x_2] cut at D/2. Split 0 of each (batch, KV head)
-# also writes the rotated k and v at the counter's position; the counter is then advanced in
+# rotate_half(x) = [-x_2, x_1] for x = [x_1, x_2] cut at D/2. The first split of each (batch, KV
+# head) writes the rotated k and v at the counter's position; the counter is then advanced in
 # PyTorch, as StaticLayer.update does. (Advanced inside the merge instead, it broke the compiled
 # step: HF derives the positions, hence cos and sin, from layer 0's counter when none are given,
 # and inductor recomputed them for later layers after the op had advanced it.) Two kernels of the
@@ -1246,7 +1246,7 @@ if triton is not None:
         live_r, live_d = r < REP, d < D
         end = L
         if NEW:
-            end = tl.load(len_ptr).to(tl.int32)   # this step's position: earlier steps wrote those below it
+            end = tl.load(len_ptr)                # this step's position: earlier steps wrote those below it
         lo = split * per_split
         hi = tl.minimum(lo + per_split, end)
         kv = k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h
@@ -1269,30 +1269,27 @@ if triton is not None:
             live = _live(keep_ptr, b * L, j, hi, HAS_MASK)
             K, V = _kv_block(kv[0], kv[1], j, live, d, live_d, sk_l, sv_l)    # under the mask: not read if masked
             m, l, acc = _attend(q, K, V, live, m, l, acc, scale, PREC)
-        if NEW and split == 0:                    # this step's own key and value: one more position
-            new = b * sq_b + (HKV * REP + hk + tl.arange(0, 1)) * sq_h              # k's row of the product
-            k = _rotated(q_ptr, cos_ptr + b * scs_b, sin_ptr + b * scs_b, new, d, live_d[None, :], D, NEW)
-            v = tl.load(q_ptr + new[:, None] + HKV * sq_h + d[None, :], mask=live_d[None, :], other=0.0)
-            k = k.to(k_ptr.dtype.element_ty)      # (the score later steps will compute from the cache)
-            s0 = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1) * scale                 # [RP]
-            m_new = tl.maximum(m, s0)
-            p0, alpha = tl.exp(s0 - m_new), tl.exp(m - m_new)
-            acc = acc * alpha[:, None] + p0[:, None] * v.to(tl.float32)
-            l, m = l * alpha + p0, m_new
-            at = (live_d & (end + 0 * d < L))[None, :]       # (a full cache: HF fails a device assert)
-            tl.store(kv[0] + end * sk_l + d[None, :], k, mask=at)
-            tl.store(kv[1] + end * sv_l + d[None, :], v, mask=at)
         row = (bh * NS + split) * REP + r
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=live_r[:, None] & live_d[None, :])
         tl.store(m_ptr + row, m, mask=live_r)
         tl.store(l_ptr + row, l, mask=live_r)
+        if NEW and split == 0:                    # this step's k (rotated) and v into the cache, at `end`
+            new = b * sq_b + (HKV * REP + hk + tl.arange(0, 1)) * sq_h
+            at = (live_d & (end + 0 * d < L))[None, :]      # (a full cache: HF fails a device assert)
+            k = _rotated(q_ptr, cos_ptr + b * scs_b, sin_ptr + b * scs_b, new, d, at, D, NEW)
+            tl.store(kv[0] + end * sk_l + d[None, :], k.to(k_ptr.dtype.element_ty), mask=at)
+            v = tl.load(q_ptr + new[:, None] + HKV * sq_h + d[None, :], mask=at, other=0.0)
+            tl.store(kv[1] + end * sv_l + d[None, :], v, mask=at)
 
     # The merge, one program per query head and BO columns of it: every split's (acc, m, l) loaded at
     # once (a loop over the splits would wait on L2 once per split), then o = sum_s w_s acc_s /
-    # sum_s w_s l_s with w_s = e^(m_s - M).
+    # sum_s w_s l_s with w_s = e^(m_s - M). With NEW, this step's own key and value are one more
+    # term: score s_0 = q k^T * scale, weight e^(s_0 - M), M the max over it too.
     @triton.jit
-    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, REP: tl.constexpr, HQ: tl.constexpr,
-                             D: tl.constexpr, BS: tl.constexpr, BO: tl.constexpr, PDL: tl.constexpr):
+    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, q_ptr, cos_ptr, sin_ptr, scale, NS, so_b, so_h,
+                             sq_b, sq_h, scs_b, REP: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
+                             BS: tl.constexpr, BD: tl.constexpr, BO: tl.constexpr, NEW: tl.constexpr,
+                             PDL: tl.constexpr):
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -1303,11 +1300,27 @@ if triton is not None:
         live_s, live_d = s < NS, d < D
         row = (bh * NS + s) * REP + r
         m = tl.load(m_ptr + row, mask=live_s, other=-float("inf"))
-        w = tl.exp(m - tl.max(m, axis=0))
+        top = tl.max(m, axis=0)
+        if NEW:
+            e, one = tl.arange(0, BD), tl.arange(0, 1)
+            at = (e < D)[None, :]
+            cs = cos_ptr + b * scs_b, sin_ptr + b * scs_b
+            kvh = HQ + h // REP                                # k's row in the q/k/v product
+            # both rounded to the cache's dtype first: the score later steps will compute from it
+            q = _rotated(q_ptr, cs[0], cs[1], b * sq_b + (h + 0 * one) * sq_h, e, at, D, NEW)
+            k = _rotated(q_ptr, cs[0], cs[1], b * sq_b + (kvh + 0 * one) * sq_h, e, at, D, NEW)
+            dt = o_ptr.dtype.element_ty
+            s0 = tl.sum(tl.sum(q.to(dt).to(tl.float32) * k.to(dt).to(tl.float32), axis=1), axis=0) * scale
+            top = tl.maximum(top, s0)
+        w = tl.exp(m - top)
         l = tl.sum(w * tl.load(l_ptr + row, mask=live_s, other=0.0), axis=0)
         acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=live_s[:, None] & live_d[None, :], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0) / l
-        tl.store(o_ptr + b * so_b + h * so_h + d, o.to(o_ptr.dtype.element_ty), mask=live_d)
+        o = tl.sum(acc * w[:, None], axis=0)
+        if NEW:
+            w0 = tl.exp(s0 - top)
+            v = tl.load(q_ptr + b * sq_b + (kvh + HQ // REP) * sq_h + d, mask=live_d, other=0.0)
+            o, l = o + w0 * v.to(tl.float32), l + w0
+        tl.store(o_ptr + b * so_b + h * so_h + d, (o / l).to(o_ptr.dtype.element_ty), mask=live_d)
 
 
 def _triton_decodes(x):
@@ -1371,9 +1384,10 @@ if triton is not None:
             num_warps=4, num_stages=2, launch_pdl=pdl)
         out = q.new_empty(B, 1, H, D)
         BS, BO = triton.next_power_of_2(ns), min(32, triton.next_power_of_2(D))   # BO: a head's columns a program
-        _decode_merge_kernel[(B * H, triton.cdiv(D, BO))](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D,
-                                                         BS, BO, pdl, num_warps=4 if BS * BO <= 8192 else 8,
-                                                         launch_pdl=pdl)
+        _decode_merge_kernel[(B * H, triton.cdiv(D, BO))](
+            acc, m, l, out, q, cos, sin, scaling, ns, out.stride(0), out.stride(2), sq[0], sq[1], scs,
+            rep, H, D, BS, triton.next_power_of_2(D), BO, new is not None, pdl,
+            num_warps=4 if BS * BO <= 8192 else 8, launch_pdl=pdl)
         return out
 
     @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=())
