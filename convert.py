@@ -1250,9 +1250,9 @@ if triton is not None:
         lo = split * per_split
         hi = tl.minimum(lo + per_split, end)
         kv = k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h
-        j0 = lo + tl.arange(0, BL)
+        j = lo + tl.arange(0, BL)
         if NEW:                                   # nothing this step writes lies below `end`
-            K, V = _kv_block(kv[0], kv[1], j0, j0 < hi, d, live_d, sk_l, sv_l)
+            K, V = _kv_block(kv[0], kv[1], j, j < hi, d, live_d, sk_l, sv_l)
         if PDL:
             tl.extra.cuda.gdc_wait()
         q = _rotated(q_ptr, cos_ptr + b * scs_b, sin_ptr + b * scs_b, b * sq_b + (hk * REP + r) * sq_h, d,
@@ -1262,7 +1262,7 @@ if triton is not None:
         acc = tl.zeros([RP, BD], tl.float32)
         first = lo
         if NEW:                                   # the block loaded before the wait
-            m, l, acc = _attend(q, K, V, _live(keep_ptr, b * L, j0, hi, HAS_MASK), m, l, acc, scale, PREC)
+            m, l, acc = _attend(q, K, V, _live(keep_ptr, b * L, j, hi, HAS_MASK), m, l, acc, scale, PREC)
             first = lo + BL
         for start in range(first, hi, BL):
             j = start + tl.arange(0, BL)
