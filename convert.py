@@ -1225,14 +1225,6 @@ if triton is not None:
                 tl.load(v_ptr + j[:, None] * sv_l + d[None, :], mask=ld, other=0.0))
 
     @triton.jit
-    def _live(keep_ptr, row, j, hi, HAS_MASK: tl.constexpr):
-        """Positions j that are attended: below hi and, with a mask, kept by it."""
-        live = j < hi
-        if HAS_MASK:
-            live = live & (tl.load(keep_ptr + row + j, mask=live, other=0) != 0)
-        return live
-
-    @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, acc_ptr, m_ptr, l_ptr, cos_ptr, sin_ptr, len_ptr,
                                  scale, L, per_split, HKV, NS, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, scs_b,
                                  REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
@@ -1250,9 +1242,8 @@ if triton is not None:
         lo = split * per_split
         hi = tl.minimum(lo + per_split, end)
         kv = k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h
-        j = lo + tl.arange(0, BL)
         if NEW:                                   # nothing this step writes lies below `end`
-            K, V = _kv_block(kv[0], kv[1], j, j < hi, d, live_d, sk_l, sv_l)
+            K, V = _kv_block(kv[0], kv[1], lo + tl.arange(0, BL), lo + tl.arange(0, BL) < hi, d, live_d, sk_l, sv_l)
         if PDL:
             tl.extra.cuda.gdc_wait()
         q = _rotated(q_ptr, cos_ptr + b * scs_b, sin_ptr + b * scs_b, b * sq_b + (hk * REP + r) * sq_h, d,
@@ -1260,15 +1251,18 @@ if triton is not None:
         m = tl.full([RP], -1e30, tl.float32)          # finite: a split with every position masked stays 0
         l = tl.zeros([RP], tl.float32)
         acc = tl.zeros([RP, BD], tl.float32)
-        first = lo
-        if NEW:                                   # the block loaded before the wait
-            m, l, acc = _attend(q, K, V, _live(keep_ptr, b * L, j, hi, HAS_MASK), m, l, acc, scale, PREC)
-            first = lo + BL
-        for start in range(first, hi, BL):
+        for start in range(lo, hi, BL):
             j = start + tl.arange(0, BL)
-            live = _live(keep_ptr, b * L, j, hi, HAS_MASK)
-            K, V = _kv_block(kv[0], kv[1], j, live, d, live_d, sk_l, sv_l)    # under the mask: not read if masked
+            live = j < hi
+            if HAS_MASK:
+                live = live & (tl.load(keep_ptr + b * L + j, mask=live, other=0) != 0)
+            if NEW:                               # the next block's, ahead: only the first waited
+                K1, V1 = _kv_block(kv[0], kv[1], j + BL, j + BL < hi, d, live_d, sk_l, sv_l)
+            else:                                 # under the mask: a masked position is not read
+                K, V = _kv_block(kv[0], kv[1], j, live, d, live_d, sk_l, sv_l)
             m, l, acc = _attend(q, K, V, live, m, l, acc, scale, PREC)
+            if NEW:
+                K, V = K1, V1
         row = (bh * NS + split) * REP + r
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=live_r[:, None] & live_d[None, :])
         tl.store(m_ptr + row, m, mask=live_r)
