@@ -1184,11 +1184,9 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 # starts streaming while that product still runs. Rotary embedding is applied in the kernels, to q
 # and k as they are loaded (rotate-half form, in fp32): x_rot = x cos + rotate_half(x) sin, where
 # rotate_half(x) = [-x_2, x_1] for x = [x_1, x_2] cut at D/2. The first split of each (batch, KV
-# head) writes the rotated k and v at the counter's position; the counter is then advanced in
-# PyTorch, as StaticLayer.update does. (Advanced inside the merge instead, it broke the compiled
-# step: HF derives the positions, hence cos and sin, from layer 0's counter when none are given,
-# and inductor recomputed them for later layers after the op had advanced it.) Two kernels of the
-# step (rotary, cache write) fewer a layer.
+# head) writes the rotated k and v at the counter's position, and the merge then advances the
+# counter, as StaticLayer.update would: three kernels of the step (rotary, cache write, counter)
+# fewer a layer.
 if triton is not None:
 
     @triton.jit
@@ -1278,9 +1276,10 @@ if triton is not None:
     # The merge, one program per query head and BO columns of it: every split's (acc, m, l) loaded at
     # once (a loop over the splits would wait on L2 once per split), then o = sum_s w_s acc_s /
     # sum_s w_s l_s with w_s = e^(m_s - M). With NEW, this step's own key and value are one more
-    # term: score s_0 = q k^T * scale, weight e^(s_0 - M), M the max over it too.
+    # term (score s_0 = q k^T * scale, weight e^(s_0 - M), M the max over it too), and program 0
+    # advances the cache's counter (every split has read it by now: this kernel waited for them).
     @triton.jit
-    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, q_ptr, cos_ptr, sin_ptr, scale, NS, so_b, so_h,
+    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, q_ptr, cos_ptr, sin_ptr, len_ptr, scale, NS, so_b, so_h,
                              sq_b, sq_h, scs_b, REP: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
                              BS: tl.constexpr, BD: tl.constexpr, BO: tl.constexpr, NEW: tl.constexpr,
                              PDL: tl.constexpr):
@@ -1315,6 +1314,8 @@ if triton is not None:
             v = tl.load(q_ptr + b * sq_b + (kvh + HQ // REP) * sq_h + d, mask=live_d, other=0.0)
             o, l = o + w0 * v.to(tl.float32), l + w0
         tl.store(o_ptr + b * so_b + h * so_h + d, (o / l).to(o_ptr.dtype.element_ty), mask=live_d)
+        if NEW and bq == 0 and part == 0:
+            tl.store(len_ptr, tl.load(len_ptr) + 1)
 
 
 def _triton_decodes(x):
@@ -1379,7 +1380,7 @@ if triton is not None:
         out = q.new_empty(B, 1, H, D)
         BS, BO = triton.next_power_of_2(ns), min(32, triton.next_power_of_2(D))   # BO: a head's columns a program
         _decode_merge_kernel[(B * H, triton.cdiv(D, BO))](
-            acc, m, l, out, q, cos, sin, scaling, ns, out.stride(0), out.stride(2), sq[0], sq[1], scs,
+            acc, m, l, out, q, cos, sin, length, scaling, ns, out.stride(0), out.stride(2), sq[0], sq[1], scs,
             rep, H, D, BS, triton.next_power_of_2(D), BO, new is not None, pdl,
             num_warps=4 if BS * BO <= 8192 else 8, launch_pdl=pdl)
         return out
@@ -1394,12 +1395,12 @@ if triton is not None:
     def _(q, key, value, keep, scaling):
         return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[2])
 
-    @torch.library.custom_op(f"{OPS}::flash_decode_step", mutates_args=("key", "value"))
+    @torch.library.custom_op(f"{OPS}::flash_decode_step", mutates_args=("key", "value", "length"))
     def _flash_decode_step_op(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: torch.Tensor,
                               value: torch.Tensor, length: torch.Tensor, keep: Optional[torch.Tensor], scaling: float,
                               heads: int) -> torch.Tensor:
         """A StaticLayer's decoding step from z [B, (heads + 2 Hkv) D] (q | k | v, before rotary; cos,
-        sin [B, D]): writes k and v at position `length` (the layer's counter); [B, 1, heads, D]."""
+        sin [B, D]): writes k and v at position `length` and advances it; [B, 1, heads, D]."""
         return _flash_decode(z, (z.stride(0), key.shape[-1]), key, value, keep, scaling, heads, (cos, sin, length))
 
     @_flash_decode_step_op.register_fake
@@ -1832,8 +1833,8 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs
 
 
 def _static_step(attn, z, position_embeddings, attention_mask, cache):
-    """The attention of a decoding step as the two flash-decoding kernels alone (NEW: rotary and the
-    cache write inside them) where they fit: one token of flash-decoding over HF's plain
+    """The attention of a decoding step as the two flash-decoding kernels alone (NEW: rotary, the cache
+    write and its counter inside them) where they fit: one token of flash-decoding over HF's plain
     StaticLayer (the bench's cache), Llama's rotary over the whole head, no q/k norms. Else None."""
     from transformers.cache_utils import StaticLayer
     layer = cache.layers[attn.layer_idx] if cache is not None and attn.layer_idx < len(cache.layers) else None
@@ -1847,10 +1848,9 @@ def _static_step(attn, z, position_embeddings, attention_mask, cache):
     if (cos.shape[-1] != D or key.dtype != z.dtype or key.shape[-1] != D or value.shape[-1] != D
             or cos.stride() != sin.stride() or cos.stride(-1) != 1 or not (key.is_contiguous() and value.is_contiguous())):
         return None
-    out = _flash_decode_step_op(z[:, 0].contiguous(), cos, sin, key, value, layer.cumulative_length,
-                                _keep(attention_mask, key.shape[2]), float(attn.scaling), z.shape[-1] // D - 2 * key.shape[1])
-    layer.cumulative_length.add_(1)
-    return out
+    return _flash_decode_step_op(z[:, 0].contiguous(), cos, sin, key, value, layer.cumulative_length,
+                                 _keep(attention_mask, key.shape[2]), float(attn.scaling),
+                                 z.shape[-1] // D - 2 * key.shape[1])
 
 
 def _use_decode_qkv(model):
