@@ -1176,146 +1176,68 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 # Splits run in parallel (a 32k cache at batch 1 would otherwise keep 3 programs busy on a GPU of
 # 132 SMs); their partial (acc, m, l) are merged afterwards: o = sum_s e^(m_s - M) acc_s / sum_s
 # e^(m_s - M) l_s, M = max_s m_s.
-#
-# NEW: the whole step of a layer whose cache is HF's StaticLayer (_flash_decode_step): the splits
-# read only the positions earlier steps wrote (below the layer's counter), and this step's own key
-# and value join in the merge. So nothing the splits stream is written during the step, and a split
-# loads its first block of K and V *before* waiting for the q/k/v product (pdl_launch): the cache
-# starts streaming while that product still runs. Rotary embedding is applied in the kernels, to q
-# and k as they are loaded (rotate-half form, in fp32): x_rot = x cos + rotate_half(x) sin, where
-# rotate_half(x) = [-x_2, x_1] for x = [x_1, x_2] cut at D/2. The first split of each (batch, KV
-# head) writes the rotated k and v at the counter's position, and the merge then advances the
-# counter, as StaticLayer.update would: three kernels of the step (rotary, cache write, counter)
-# fewer a layer.
 if triton is not None:
 
     @triton.jit
-    def _rotated(x_ptr, cos_ptr, sin_ptr, rows, d, live, D: tl.constexpr, ROPE: tl.constexpr):
-        """x[rows, d] (rows: element offsets of the heads' rows) in fp32, rotated when ROPE."""
-        x = tl.load(x_ptr + rows[:, None] + d[None, :], mask=live, other=0.0).to(tl.float32)
-        if ROPE:
-            first = d < D // 2
-            pair = tl.load(x_ptr + rows[:, None] + tl.where(first, d + D // 2, d - D // 2)[None, :], mask=live,
-                           other=0.0).to(tl.float32)
-            cos = tl.load(cos_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-            sin = tl.load(sin_ptr + d, mask=d < D, other=0.0).to(tl.float32)
-            x = x * cos[None, :] + tl.where(first, -pair, pair) * sin[None, :]
-        return x
-
-    @triton.jit
-    def _attend(q, K, V, live, m, l, acc, scale, PREC: tl.constexpr):
-        """One block of the online softmax: (m, l, acc) after the block's keys K and values V."""
-        # (cast: torch.compile hands a Python float over as fp64, which would make m fp64)
-        s = (tl.dot(q, tl.trans(K), input_precision=PREC) * scale).to(tl.float32)     # [RP, BL]
-        s = tl.where(live[None, :], s, -1e30)
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        p = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)
-        alpha = tl.exp(m - m_new)
-        V = tl.where(live[:, None], V, 0.0)          # (loaded before the mask: a masked slot may hold NaN)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype), V, input_precision=PREC)
-        return m_new, l * alpha + tl.sum(p, axis=1), acc
-
-    @triton.jit
-    def _kv_block(k_ptr, v_ptr, j, live, d, live_d, sk_l, sv_l):
-        """Keys and values at positions j (where live; nothing is read for the others)."""
-        ld = live[:, None] & live_d[None, :]
-        return (tl.load(k_ptr + j[:, None] * sk_l + d[None, :], mask=ld, other=0.0),
-                tl.load(v_ptr + j[:, None] * sv_l + d[None, :], mask=ld, other=0.0))
-
-    @triton.jit
-    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, acc_ptr, m_ptr, l_ptr, cos_ptr, sin_ptr, len_ptr,
-                                 scale, L, per_split, HKV, NS, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, scs_b,
+    def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, acc_ptr, m_ptr, l_ptr, scale, L, per_split,
+                                 HKV, NS, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                                  REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                                 BL: tl.constexpr, HAS_MASK: tl.constexpr, NEW: tl.constexpr, PREC: tl.constexpr,
-                                 PDL: tl.constexpr):
+                                 BL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
         r, d = tl.arange(0, RP), tl.arange(0, BD)
         live_r, live_d = r < REP, d < D
-        end = L
-        if NEW:
-            end = tl.load(len_ptr)                # this step's position: earlier steps wrote those below it
-        lo = split * per_split
-        hi = tl.minimum(lo + per_split, end)
-        kv = k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h
-        if NEW:                                   # nothing this step writes lies below `end`
-            K, V = _kv_block(kv[0], kv[1], lo + tl.arange(0, BL), lo + tl.arange(0, BL) < hi, d, live_d, sk_l, sv_l)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        q = _rotated(q_ptr, cos_ptr + b * scs_b, sin_ptr + b * scs_b, b * sq_b + (hk * REP + r) * sq_h, d,
-                     live_r[:, None] & live_d[None, :], D, NEW).to(k_ptr.dtype.element_ty)
+        q = tl.load(q_ptr + b * sq_b + (hk * REP + r[:, None]) * sq_h + d[None, :],
+                    mask=live_r[:, None] & live_d[None, :], other=0.0)
         m = tl.full([RP], -1e30, tl.float32)          # finite: a split with every position masked stays 0
         l = tl.zeros([RP], tl.float32)
         acc = tl.zeros([RP, BD], tl.float32)
-        for start in range(lo, hi, BL):
+        for start in range(split * per_split, (split + 1) * per_split, BL):
             j = start + tl.arange(0, BL)
-            live = j < hi
+            live = j < L
             if HAS_MASK:
                 live = live & (tl.load(keep_ptr + b * L + j, mask=live, other=0) != 0)
-            if NEW:                               # the next block's, ahead: only the first waited
-                K1, V1 = _kv_block(kv[0], kv[1], j + BL, j + BL < hi, d, live_d, sk_l, sv_l)
-            else:                                 # under the mask: a masked position is not read
-                K, V = _kv_block(kv[0], kv[1], j, live, d, live_d, sk_l, sv_l)
-            m, l, acc = _attend(q, K, V, live, m, l, acc, scale, PREC)
-            if NEW:
-                K, V = K1, V1
+            kv = live[:, None] & live_d[None, :]
+            K = tl.load(k_ptr + b * sk_b + hk * sk_h + j[:, None] * sk_l + d[None, :], mask=kv, other=0.0)
+            # (cast: torch.compile hands a Python float over as fp64, which would make m fp64)
+            s = (tl.dot(q, tl.trans(K), input_precision=PREC) * scale).to(tl.float32)    # [RP, BL]
+            s = tl.where(live[None, :], s, -1e30)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.where(live[None, :], tl.exp(s - m_new[:, None]), 0.0)
+            alpha = tl.exp(m - m_new)
+            V = tl.load(v_ptr + b * sv_b + hk * sv_h + j[:, None] * sv_l + d[None, :], mask=kv, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype), V, input_precision=PREC)
+            l = l * alpha + tl.sum(p, axis=1)
+            m = m_new
         row = (bh * NS + split) * REP + r
         tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=live_r[:, None] & live_d[None, :])
         tl.store(m_ptr + row, m, mask=live_r)
         tl.store(l_ptr + row, l, mask=live_r)
-        if NEW and split == 0:                    # this step's k (rotated) and v into the cache, at `end`
-            new = b * sq_b + (HKV * REP + hk + tl.arange(0, 1)) * sq_h
-            at = (live_d & (end + 0 * d < L))[None, :]      # (a full cache: HF fails a device assert)
-            k = _rotated(q_ptr, cos_ptr + b * scs_b, sin_ptr + b * scs_b, new, d, at, D, NEW)
-            tl.store(kv[0] + end * sk_l + d[None, :], k.to(k_ptr.dtype.element_ty), mask=at)
-            v = tl.load(q_ptr + new[:, None] + HKV * sq_h + d[None, :], mask=at, other=0.0)
-            tl.store(kv[1] + end * sv_l + d[None, :], v, mask=at)
 
-    # The merge, one program per query head and BO columns of it: every split's (acc, m, l) loaded at
-    # once (a loop over the splits would wait on L2 once per split), then o = sum_s w_s acc_s /
-    # sum_s w_s l_s with w_s = e^(m_s - M). With NEW, this step's own key and value are one more
-    # term (score s_0 = q k^T * scale, weight e^(s_0 - M), M the max over it too), and program 0
-    # advances the cache's counter (every split has read it by now: this kernel waited for them).
+    # The merge, one program per query head: every split's (acc, m, l) loaded at once (a loop over
+    # the splits would wait on L2 once per split), then o = sum_s w_s acc_s / sum_s w_s l_s with
+    # w_s = e^(m_s - M). One launch where the same few PyTorch lines compiled to two.
     @triton.jit
-    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, q_ptr, cos_ptr, sin_ptr, len_ptr, scale, NS, so_b, so_h,
-                             sq_b, sq_h, scs_b, REP: tl.constexpr, HQ: tl.constexpr, D: tl.constexpr,
-                             BS: tl.constexpr, BD: tl.constexpr, BO: tl.constexpr, NEW: tl.constexpr,
-                             PDL: tl.constexpr):
+    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, REP: tl.constexpr, HQ: tl.constexpr,
+                             D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        bq, part = tl.program_id(0), tl.program_id(1)          # (batch, query head), columns
-        b, h = bq // HQ, bq % HQ                               # query head = kv head * REP + r
+        bq = tl.program_id(0)                      # (batch, query head); query head = kv head * REP + r
+        b, h = bq // HQ, bq % HQ
         bh, r = b * (HQ // REP) + h // REP, h % REP
-        s, d = tl.arange(0, BS), part * BO + tl.arange(0, BO)
+        s, d = tl.arange(0, BS), tl.arange(0, BD)
         live_s, live_d = s < NS, d < D
         row = (bh * NS + s) * REP + r
         m = tl.load(m_ptr + row, mask=live_s, other=-float("inf"))
-        top = tl.max(m, axis=0)
-        if NEW:
-            e, one = tl.arange(0, BD), tl.arange(0, 1)
-            at = (e < D)[None, :]
-            cs = cos_ptr + b * scs_b, sin_ptr + b * scs_b
-            kvh = HQ + h // REP                                # k's row in the q/k/v product
-            # both rounded to the cache's dtype first: the score later steps will compute from it
-            q = _rotated(q_ptr, cs[0], cs[1], b * sq_b + (h + 0 * one) * sq_h, e, at, D, NEW)
-            k = _rotated(q_ptr, cs[0], cs[1], b * sq_b + (kvh + 0 * one) * sq_h, e, at, D, NEW)
-            dt = o_ptr.dtype.element_ty
-            s0 = tl.sum(tl.sum(q.to(dt).to(tl.float32) * k.to(dt).to(tl.float32), axis=1), axis=0) * scale
-            top = tl.maximum(top, s0)
-        w = tl.exp(m - top)
+        w = tl.exp(m - tl.max(m, axis=0))
         l = tl.sum(w * tl.load(l_ptr + row, mask=live_s, other=0.0), axis=0)
         acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=live_s[:, None] & live_d[None, :], other=0.0)
-        o = tl.sum(acc * w[:, None], axis=0)
-        if NEW:
-            w0 = tl.exp(s0 - top)
-            v = tl.load(q_ptr + b * sq_b + (kvh + HQ // REP) * sq_h + d, mask=live_d, other=0.0)
-            o, l = o + w0 * v.to(tl.float32), l + w0
-        tl.store(o_ptr + b * so_b + h * so_h + d, (o / l).to(o_ptr.dtype.element_ty), mask=live_d)
-        if NEW and bq == 0 and part == 0:
-            tl.store(len_ptr, tl.load(len_ptr) + 1)
+        o = tl.sum(acc * w[:, None], axis=0) / l
+        tl.store(o_ptr + b * so_b + h * so_h + d, o.to(o_ptr.dtype.element_ty), mask=live_d)
 
 
 def _triton_decodes(x):
@@ -1330,27 +1252,24 @@ def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0
     anything else, through _grouped_query_attention."""
     if query.shape[2] != 1 or not _triton_decodes(query):
         return _grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    keep = None
+    if attention_mask is not None:                       # [B, 1, 1, L]: bool (True = attend) or additive
+        keep = attention_mask[:, 0, -1, :key.shape[2]]
+        keep = (keep if keep.dtype == torch.bool else keep == 0).contiguous()
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return _flash_decode_op(query[:, :, 0], key, value, _keep(attention_mask, key.shape[2]), float(scaling)), None
-
-
-def _keep(attention_mask, L):
-    """The last query's row of an SDPA mask [B, 1, T, >= L] (bool, True = attend, or additive) as a
-    [B, L] bool (None for None)."""
-    if attention_mask is None:
-        return None
-    keep = attention_mask[:, 0, -1, :L]
-    return (keep if keep.dtype == torch.bool else keep == 0).contiguous()
+    return _flash_decode_op(query[:, :, 0], key, value, keep, float(scaling)), None
 
 
 # torch.compile calls the decoding kernels through custom ops (see gdn_kernel.py, where OPS is made).
 OPS = "decode_" + __name__.replace(".", "_")
 if triton is not None:
 
-    def _flash_decode(q, sq, key, value, keep, scaling, H, new=None):
-        """The attention and merge kernels: [B, 1, H, D]. q: the query rows, at q + b sq[0] + h sq[1];
-        new: (cos, sin, counter) for NEW, where q is the q/k/v product's output."""
-        B, Hkv, L, D = key.shape
+    @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=())
+    def _flash_decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor],
+                         scaling: float) -> torch.Tensor:
+        """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D]."""
+        B, H, D = q.shape
+        Hkv, L = key.shape[1], key.shape[2]
         rep = H // Hkv
         BL = 64
         # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
@@ -1368,44 +1287,23 @@ if triton is not None:
         acc = q.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
         m = q.new_empty(B, Hkv, ns, rep, dtype=torch.float32)
         l = torch.empty_like(m)
-        cos, sin, length = new if new is not None else (q, q, q)
-        scs = cos.stride(0) if new is not None else 0
         pdl = pdl_launch(q)
         _decode_attention_kernel[(B * Hkv, ns)](
-            q, key, value, keep if keep is not None else q, acc, m, l, cos, sin, length, scaling, L, per_split, Hkv,
-            ns, sq[0], sq[1], key.stride(0), key.stride(1), key.stride(2), value.stride(0), value.stride(1),
-            value.stride(2), scs, rep, max(16, triton.next_power_of_2(rep)), D, max(16, triton.next_power_of_2(D)),
-            BL, keep is not None, new is not None, "ieee" if q.dtype == torch.float32 else "tf32", pdl,
-            num_warps=4, num_stages=2, launch_pdl=pdl)
+            q, key, value, keep if keep is not None else q, acc, m, l, scaling, L, per_split, Hkv, ns,
+            q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
+            value.stride(0), value.stride(1), value.stride(2), rep, max(16, triton.next_power_of_2(rep)), D,
+            max(16, triton.next_power_of_2(D)), BL, keep is not None,
+            "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
         out = q.new_empty(B, 1, H, D)
-        BS, BO = triton.next_power_of_2(ns), min(32, triton.next_power_of_2(D))   # BO: a head's columns a program
-        _decode_merge_kernel[(B * H, triton.cdiv(D, BO))](
-            acc, m, l, out, q, cos, sin, length, scaling, ns, out.stride(0), out.stride(2), sq[0], sq[1], scs,
-            rep, H, D, BS, triton.next_power_of_2(D), BO, new is not None, pdl,
-            num_warps=4 if BS * BO <= 8192 else 8, launch_pdl=pdl)
+        BS = triton.next_power_of_2(ns)
+        _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D, BS,
+                                       triton.next_power_of_2(D), pdl, num_warps=4 if BS * D <= 8192 else 8,
+                                       launch_pdl=pdl)
         return out
-
-    @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=())
-    def _flash_decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor],
-                         scaling: float) -> torch.Tensor:
-        """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D]."""
-        return _flash_decode(q, q.stride()[:2], key, value, keep, scaling, q.shape[1])
 
     @_flash_decode_op.register_fake
     def _(q, key, value, keep, scaling):
         return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[2])
-
-    @torch.library.custom_op(f"{OPS}::flash_decode_step", mutates_args=("key", "value", "length"))
-    def _flash_decode_step_op(z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key: torch.Tensor,
-                              value: torch.Tensor, length: torch.Tensor, keep: Optional[torch.Tensor], scaling: float,
-                              heads: int) -> torch.Tensor:
-        """A StaticLayer's decoding step from z [B, (heads + 2 Hkv) D] (q | k | v, before rotary; cos,
-        sin [B, D]): writes k and v at position `length` and advances it; [B, 1, heads, D]."""
-        return _flash_decode(z, (z.stride(0), key.shape[-1]), key, value, keep, scaling, heads, (cos, sin, length))
-
-    @_flash_decode_step_op.register_fake
-    def _(z, cos, sin, key, value, length, keep, scaling, heads):
-        return z.new_empty(z.shape[0], 1, heads, key.shape[-1])
 
 
 def _use_decode_attention(model, name):
@@ -1815,9 +1713,6 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs
     hf = sys.modules[type(attn).__module__]                       # the family's own helpers
     lins = (attn.q_proj, attn.k_proj, attn.v_proj)
     B, T, _ = z.shape
-    out = _static_step(attn, z, position_embeddings, attention_mask, cache)
-    if out is not None:
-        return out.view(B, T, -1), None
     q, k, v = (t.view(B, T, -1, attn.head_dim) for t in z.split([lin.out_features for lin in lins], -1))
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
@@ -1830,27 +1725,6 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs
     out, weights = fn(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=window,
                       **kwargs)
     return out.reshape(B, T, -1).contiguous(), weights
-
-
-def _static_step(attn, z, position_embeddings, attention_mask, cache):
-    """The attention of a decoding step as the two flash-decoding kernels alone (NEW: rotary, the cache
-    write and its counter inside them) where they fit: one token of flash-decoding over HF's plain
-    StaticLayer (the bench's cache), Llama's rotary over the whole head, no q/k norms. Else None."""
-    from transformers.cache_utils import StaticLayer
-    layer = cache.layers[attn.layer_idx] if cache is not None and attn.layer_idx < len(cache.layers) else None
-    if (z.shape[1] != 1 or attn.config._attn_implementation != "flash_decode" or hasattr(attn, "q_norm")
-            or position_embeddings is None or type(layer) is not StaticLayer or not layer.is_initialized
-            or getattr(cache, "offloading", False) or not _triton_decodes(z) or torch.is_grad_enabled()):
-        return None
-    D, B = attn.head_dim, z.shape[0]
-    cos, sin = (t[:, -1].to(z.dtype).expand(B, D) for t in position_embeddings)     # [B, D], stride 0 or D
-    key, value = layer.keys, layer.values
-    if (cos.shape[-1] != D or key.dtype != z.dtype or key.shape[-1] != D or value.shape[-1] != D
-            or cos.stride() != sin.stride() or cos.stride(-1) != 1 or not (key.is_contiguous() and value.is_contiguous())):
-        return None
-    return _flash_decode_step_op(z[:, 0].contiguous(), cos, sin, key, value, layer.cumulative_length,
-                                 _keep(attention_mask, key.shape[2]), float(attn.scaling),
-                                 z.shape[-1] // D - 2 * key.shape[1])
 
 
 def _use_decode_qkv(model):

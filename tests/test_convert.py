@@ -427,47 +427,6 @@ def test_decode_mlp_equals_the_model_mlp(family):
             convert._glu_decode = real
 
 
-@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
-                    reason="the Triton kernels need CUDA or TRITON_INTERPRET=1 (set before Python starts)")
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_static_step_equals_the_hf_steps(family, monkeypatch):
-    """Over HF's StaticLayer a decoding step's attention is the two flash-decoding kernels alone
-    (rotary, cache write and counter inside): left-padded prompts, then greedy steps give the logits,
-    the cache contents and the counters of HF's rotary, StaticLayer.update and flash-decoding."""
-    from transformers import StaticCache
-    import convert
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = tiny_model(family).to(dev)
-    convert._use_decode_qkv(model)
-    convert._use_decode_attention(model, "flash")
-    ids = torch.randint(0, 128, (3, 9), device=dev)
-    mask = torch.ones_like(ids)
-    mask[0, :4], mask[2, :1] = 0, 0                                          # left padding
-
-    def decode():
-        cache, x, m, logits = StaticCache(config=model.config, max_cache_len=20), ids, mask, []
-        with torch.no_grad():
-            for t in range(6):
-                pos = torch.arange(m.shape[1] - x.shape[1], m.shape[1], device=dev)
-                out = model(x, attention_mask=m, past_key_values=cache, cache_position=pos, use_cache=True).logits
-                logits.append(out[:, -1])
-                x = out[:, -1:].argmax(-1)
-                m = torch.cat([m, torch.ones_like(x)], 1)
-        return torch.stack(logits, 1), cache
-
-    calls, real = [], convert._flash_decode_step_op
-    monkeypatch.setattr(convert, "_flash_decode_step_op", lambda *a: calls.append(1) or real(*a))
-    got, cache = decode()
-    assert len(calls) == 5 * model.config.num_hidden_layers                  # every step after the prompt
-    monkeypatch.setattr(convert, "_static_step", lambda *a: None)           # HF's rotary, update, then the kernels
-    ref, ref_cache = decode()
-    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-    for a, b in zip(cache.layers, ref_cache.layers):
-        assert int(a.cumulative_length) == int(b.cumulative_length) == 14
-        torch.testing.assert_close(a.keys, b.keys, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("L", [300, 4096, 8192])
 def test_grouped_decode_split_matches_plain_attention(L):
     """Long caches take the split P V product: same result as softmax(q K^T) V, masked."""
