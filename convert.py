@@ -1179,42 +1179,17 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 if triton is not None:
 
     @triton.jit
-    def _prefetch_l2(ptrs, ok):
-        """prefetch.global.L2 at each pointer where ok: the line is asked of DRAM into L2, nothing is
-        loaded into registers, nothing waits. L2 is where all SMs' writes meet, so a line fetched
-        before another kernel writes it is never stale (only an SM's own L1 could be)."""
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                                  "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def _prefetch_split(k_ptr, v_ptr, lo, hi, sk_l, sv_l, D: tl.constexpr, BL: tl.constexpr, LINE: tl.constexpr,
-                        NC: tl.constexpr):
-        """Cache positions [lo, hi) of one (batch, KV head), K and V, into L2: a prefetch a line of
-        LINE elements, NC lines a position, BL positions at a time (a thread each)."""
-        cols = tl.arange(0, NC) * LINE
-        for start in range(lo, hi, BL):
-            j = start + tl.arange(0, BL)
-            ok = (j < hi)[:, None] & (cols < D)[None, :]
-            _prefetch_l2(k_ptr + j[:, None] * sk_l + cols[None, :], ok)
-            _prefetch_l2(v_ptr + j[:, None] * sv_l + cols[None, :], ok)
-
-    @triton.jit
     def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, keep_ptr, acc_ptr, m_ptr, l_ptr, scale, L, per_split,
                                  HKV, NS, sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l,
                                  REP: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-                                 BL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr,
-                                 PF: tl.constexpr, LINE: tl.constexpr, NC: tl.constexpr):
+                                 BL: tl.constexpr, HAS_MASK: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+        if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         bh, split = tl.program_id(0), tl.program_id(1)
         b, hk = bh // HKV, bh % HKV
         r, d = tl.arange(0, RP), tl.arange(0, BD)
         live_r, live_d = r < REP, d < D
-        if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
-            tl.extra.cuda.gdc_launch_dependents()
-            if PF > 0:                            # this split's first PF positions into L2 before the wait
-                lo = split * per_split
-                _prefetch_split(k_ptr + b * sk_b + hk * sk_h, v_ptr + b * sv_b + hk * sv_h, lo,
-                                tl.minimum(lo + tl.minimum(PF, per_split), L), sk_l, sv_l, D, 128, LINE, NC)
-            tl.extra.cuda.gdc_wait()
         q = tl.load(q_ptr + b * sq_b + (hk * REP + r[:, None]) * sq_h + d[None, :],
                     mask=live_r[:, None] & live_d[None, :], other=0.0)
         m = tl.full([RP], -1e30, tl.float32)          # finite: a split with every position masked stays 0
@@ -1245,40 +1220,24 @@ if triton is not None:
     # The merge, one program per query head: every split's (acc, m, l) loaded at once (a loop over
     # the splits would wait on L2 once per split), then o = sum_s w_s acc_s / sum_s w_s l_s with
     # w_s = e^(m_s - M). One launch where the same few PyTorch lines compiled to two.
-    # Programs past the B*H merges prefetch the *next* softmax layer's cache into L2, one split of it
-    # each (its first PFN positions). From here to that layer's attention the step runs only small
-    # products (W_o, the MLP, the next W_qkv), which leave DRAM mostly idle: the cache streams in
-    # meanwhile, and that attention then reads much of it from L2.
     @triton.jit
-    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, NQ, nk_ptr, nv_ptr, nlen_ptr, NL,
-                             per_split, pf, NSN, snk_b, snk_h, snk_l, snv_b, snv_h, snv_l, REP: tl.constexpr,
-                             HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                             BD: tl.constexpr, PDL: tl.constexpr, NEXT: tl.constexpr, PB: tl.constexpr,
-                             LINE: tl.constexpr, NC: tl.constexpr):
+    def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, REP: tl.constexpr, HQ: tl.constexpr,
+                             D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
-            tl.extra.cuda.gdc_wait()              # (the prefetches too: not while this layer's attention reads)
-        bq = tl.program_id(0)
-        if bq < NQ:                               # (batch, query head); query head = kv head * REP + r
-            b, h = bq // HQ, bq % HQ
-            bh, r = b * (HQ // REP) + h // REP, h % REP
-            s, d = tl.arange(0, BS), tl.arange(0, BD)
-            live_s, live_d = s < NS, d < D
-            row = (bh * NS + s) * REP + r
-            m = tl.load(m_ptr + row, mask=live_s, other=-float("inf"))
-            w = tl.exp(m - tl.max(m, axis=0))
-            l = tl.sum(w * tl.load(l_ptr + row, mask=live_s, other=0.0), axis=0)
-            acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=live_s[:, None] & live_d[None, :], other=0.0)
-            o = tl.sum(acc * w[:, None], axis=0) / l
-            tl.store(o_ptr + b * so_b + h * so_h + d, o.to(o_ptr.dtype.element_ty), mask=live_d)
-        else:
-            if NEXT:                              # one split of the next layer's cache: (batch, KV head, split)
-                bh, split = (bq - NQ) // NSN, (bq - NQ) % NSN
-                b, hk = bh // HKV, bh % HKV
-                end = tl.minimum(tl.load(nlen_ptr).to(tl.int32) + 1, NL)    # what that attention will read
-                lo = split * per_split
-                _prefetch_split(nk_ptr + b * snk_b + hk * snk_h, nv_ptr + b * snv_b + hk * snv_h, lo,
-                                tl.minimum(lo + pf, end), snk_l, snv_l, D, PB, LINE, NC)
+            tl.extra.cuda.gdc_wait()
+        bq = tl.program_id(0)                      # (batch, query head); query head = kv head * REP + r
+        b, h = bq // HQ, bq % HQ
+        bh, r = b * (HQ // REP) + h // REP, h % REP
+        s, d = tl.arange(0, BS), tl.arange(0, BD)
+        live_s, live_d = s < NS, d < D
+        row = (bh * NS + s) * REP + r
+        m = tl.load(m_ptr + row, mask=live_s, other=-float("inf"))
+        w = tl.exp(m - tl.max(m, axis=0))
+        l = tl.sum(w * tl.load(l_ptr + row, mask=live_s, other=0.0), axis=0)
+        acc = tl.load(acc_ptr + row[:, None] * D + d[None, :], mask=live_s[:, None] & live_d[None, :], other=0.0)
+        o = tl.sum(acc * w[:, None], axis=0) / l
+        tl.store(o_ptr + b * so_b + h * so_h + d, o.to(o_ptr.dtype.element_ty), mask=live_d)
 
 
 def _triton_decodes(x):
@@ -1287,12 +1246,10 @@ def _triton_decodes(x):
     return triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
-def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, next_cache=None,
-                            **kwargs):
+def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """Attention implementation "flash_decode" of --bench: one decoding query through
     _decode_attention_kernel on CUDA (or the CPU under TRITON_INTERPRET=1, for tests); prompts, and
-    anything else, through _grouped_query_attention. next_cache: (keys, values, length) of the next
-    softmax layer's static cache (_next_static_cache), prefetched into L2 on Hopper."""
+    anything else, through _grouped_query_attention."""
     if query.shape[2] != 1 or not _triton_decodes(query):
         return _grouped_query_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     keep = None
@@ -1300,88 +1257,52 @@ def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0
         keep = attention_mask[:, 0, -1, :key.shape[2]]
         keep = (keep if keep.dtype == torch.bool else keep == 0).contiguous()
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-    return _flash_decode_op(query[:, :, 0], key, value, keep, float(scaling), *(next_cache or ())), None
-
-
-def _next_static_cache(cache, i):
-    """(keys, values, length) of the first softmax layer after layer i in a static cache, or None."""
-    from transformers.cache_utils import StaticLayer
-    for layer in getattr(cache, "layers", [])[i + 1:]:
-        if isinstance(layer, StaticLayer) and getattr(layer, "is_initialized", False):
-            return layer.keys, layer.values, layer.cumulative_length
-    return None
+    return _flash_decode_op(query[:, :, 0], key, value, keep, float(scaling)), None
 
 
 # torch.compile calls the decoding kernels through custom ops (see gdn_kernel.py, where OPS is made).
 OPS = "decode_" + __name__.replace(".", "_")
 if triton is not None:
 
-    def _splits(B, Hkv, L, device, BL):
-        """Flash-decoding's splits of a cache of L positions: (how many, positions each). Enough for
-        ~4 programs per SM, each split a whole number of BL blocks."""
-        sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-        ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
-        per_split = -(-L // (ns * BL)) * BL
-        return -(-L // per_split), per_split
-
     @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=())
     def _flash_decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor],
-                         scaling: float, next_key: Optional[torch.Tensor] = None,
-                         next_value: Optional[torch.Tensor] = None, next_len: Optional[torch.Tensor] = None
-                         ) -> torch.Tensor:
-        """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D].
-        next_*: the next softmax layer's cache and its length before this step, to prefetch into L2."""
+                         scaling: float) -> torch.Tensor:
+        """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D]."""
         B, H, D = q.shape
         Hkv, L = key.shape[1], key.shape[2]
         rep = H // Hkv
         BL = 64
-        # Two stages of software pipelining, not three: in a CUDA graph of 4 rounds over 3-8 caches of
-        # 32k positions (200 MB or more, beyond L2) on an H100 (a device script, not a result of the
-        # repo; medians of 5 graphs), attention and merge took 15.5 / 78.3 us a call against 17.1 / 82.6
-        # with three at SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at
-        # Llama-3.2-1B's, 20.6 against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there
-        # at batch 8. Loading K and V before the mask instead (the mask then only deciding the scores, V
-        # zeroed where masked) was slower than three stages in 5 of those 6 (in the same graphs), and
-        # than two in all 6.
-        ns, per_split = _splits(B, Hkv, L, q.device, BL)
+        # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
+        # software pipelining, not three: in a CUDA graph of 4 rounds over 3-8 caches of 32k positions
+        # (200 MB or more, beyond L2) on an H100 (a device script, not a result of the repo; medians of 5
+        # graphs), attention and merge took 15.5 / 78.3 us a call against 17.1 / 82.6 with three at
+        # SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6
+        # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8. Loading K
+        # and V before the mask instead (the mask then only deciding the scores, V zeroed where masked)
+        # was slower than three stages in 5 of those 6 (in the same graphs), and than two in all 6.
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
+        per_split = -(-L // (ns * BL)) * BL
+        ns = -(-L // per_split)
         acc = q.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
         m = q.new_empty(B, Hkv, ns, rep, dtype=torch.float32)
         l = torch.empty_like(m)
         pdl = pdl_launch(q)
-        LINE = 128 // key.element_size()                      # elements in a 128-byte line
-        NC = triton.next_power_of_2(-(-D // LINE))
-        own = int(os.environ.get("DECODE_PF_OWN", "0")) if pdl else 0                  # (experiment knob)
         _decode_attention_kernel[(B * Hkv, ns)](
             q, key, value, keep if keep is not None else q, acc, m, l, scaling, L, per_split, Hkv, ns,
             q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), rep, max(16, triton.next_power_of_2(rep)), D,
             max(16, triton.next_power_of_2(D)), BL, keep is not None,
-            "ieee" if q.dtype == torch.float32 else "tf32", pdl, own, LINE, NC, num_warps=4, num_stages=2,
-            launch_pdl=pdl)
+            "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
         out = q.new_empty(B, 1, H, D)
         BS = triton.next_power_of_2(ns)
-        # The next layer's cache, prefetched by extra programs of the merge (on Hopper, where PDL lets
-        # them start early; the prefetch is inline PTX): each split's first pf positions, as many as
-        # half of L2 holds.
-        nxt = (pdl and next_key is not None and next_key.shape[:2] == key.shape[:2] and next_key.shape[3] == D
-               and os.environ.get("DECODE_PF_NEXT", "1") == "1")                          # (experiment knob)
-        nsn, per_next, pf = 0, 0, 0
-        if nxt:
-            nsn, per_next = _splits(B, Hkv, next_key.shape[2], q.device, BL)
-            half_l2 = getattr(torch.cuda.get_device_properties(q.device), "L2_cache_size", 0) // 2
-            pf = min(per_next, half_l2 // (2 * B * Hkv * nsn * D * key.element_size()))
-            nxt = pf > 0
-        nk, nv, nlen = (next_key, next_value, next_len) if nxt else (key, value, q)
-        warps = 4 if BS * D <= 8192 else 8
-        _decode_merge_kernel[(B * H + (B * Hkv * nsn if nxt else 0),)](
-            acc, m, l, out, ns, out.stride(0), out.stride(2), B * H, nk, nv, nlen, nk.shape[2], per_next, pf,
-            max(nsn, 1), nk.stride(0), nk.stride(1), nk.stride(2), nv.stride(0), nv.stride(1), nv.stride(2),
-            rep, H, Hkv, D, BS, triton.next_power_of_2(D), pdl, nxt, 32 * warps, LINE, NC, num_warps=warps,
-            launch_pdl=pdl)
+        _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D, BS,
+                                       triton.next_power_of_2(D), pdl, num_warps=4 if BS * D <= 8192 else 8,
+                                       launch_pdl=pdl)
         return out
 
     @_flash_decode_op.register_fake
-    def _(q, key, value, keep, scaling, next_key=None, next_value=None, next_len=None):
+    def _(q, key, value, keep, scaling):
         return q.new_empty(q.shape[0], 1, q.shape[1], q.shape[2])
 
 
@@ -1800,8 +1721,6 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
     fn = hf.ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, hf.eager_attention_forward)
-    if fn is _flash_decode_attention and T == 1:
-        kwargs["next_cache"] = _next_static_cache(cache, attn.layer_idx)
     window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
     out, weights = fn(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, sliding_window=window,
                       **kwargs)
