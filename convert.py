@@ -2202,10 +2202,21 @@ def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False,
     counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
     profile: also return _kernel_profile of one uncaptured step, with CUDA graphs also _graph_path of
     one replay (else None)."""
-    B = next_ids.shape[0]
     if compile_step:
+        # Dynamo keeps at most recompile_limit (8) compiled versions of a frame, and one --bench
+        # compiles the same forwards for every model, batch and context: past the limit it would
+        # silently time the step uncompiled (it did, from the ninth on). So each measurement starts
+        # from empty caches, and a limit hit within one fails instead of timing the eager step.
+        torch._dynamo.reset()
         model = torch.compile(model, dynamic=False, options={"combo_kernels": True,
                                                              "triton.enable_pdl": pdl_launch(next_ids)})
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        return _timed_steps(model, cache, next_ids, pos, steps, graphs, profile)
+
+
+def _timed_steps(model, cache, next_ids, pos, steps, graphs, profile):
+    """_time_decode's measurement, of `model` as given (compiled or not)."""
+    B = next_ids.shape[0]
     kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
     cuda = next_ids.is_cuda

@@ -257,6 +257,24 @@ def static_decode(model, ids, prompt):
     return torch.cat(logits, 1)
 
 
+def test_bench_compiles_every_measurement(monkeypatch):
+    """--bench --compile compiles each (model, batch, context) afresh: past Dynamo's recompile limit
+    (8; here 1) it would otherwise time the later ones uncompiled, and say nothing."""
+    import convert
+    compiled, real = [], torch.compile
+
+    def backend(gm, example_inputs):                 # Dynamo's graph, run as it is: counts compilations
+        compiled.append(gm)
+        return gm.forward
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend=backend, dynamic=False))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    model, seen = tiny_model("llama").eval(), []
+    for B in (1, 2):                                 # another batch: new shapes, a new compilation
+        convert._bench_one(model, B, 16, 2, False, "cpu", compile_step=True)
+        seen.append(len(compiled))
+    assert 0 < seen[0] < seen[1], seen
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_bench_decoding_equals_hf(family, monkeypatch):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
