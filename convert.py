@@ -2311,6 +2311,16 @@ def _run_bench(args):
     floors = args.device == "cuda" and triton is not None
     stage, launch = (_stage_floor(args.device), _launch_floor(args.device)) if floors else (None, None)
     rows, fits = [], {}
+
+    def save(complete):          # after every measurement: a run stopped midway keeps what it measured
+        record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
+                  "decode_attention": args.decode_attention, "compiled_step": args.compile,
+                  "trained_window": getattr(teacher.config, "max_position_embeddings", None),
+                  "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps,
+                  "complete": complete, "rows": rows, **distill.run_info(args.seed)}
+        distill.write_json(args.results + ".json", record)
+        distill.write_atomic(args.results + ".md", _bench_markdown(record))
+        return record
     for _, model in models:               # one model on the device at a time: its peak memory is its own
         model.to("cpu")
     for name, model in models:
@@ -2333,6 +2343,7 @@ def _run_bench(args):
                            f"{where}, the smallest asked for: ask for smaller contexts or a smaller batch")
                     print(msg)
                     rows.append({"model": name, "batch": B, "context": ctx, "error": msg})
+                    save(False)
                     torch.cuda.empty_cache()
                     break
                 fits[(name, B)] = ctx
@@ -2340,16 +2351,9 @@ def _run_bench(args):
                 r["fused_products_step_s"] = products
                 r["bound_step_s"] = r["bytes_per_step"] / bw if bw else None
                 rows.append(r)
+                save(False)
         model.to("cpu")
-    record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
-              "decode_attention": args.decode_attention, "compiled_step": args.compile,
-              "trained_window": getattr(teacher.config, "max_position_embeddings", None),
-              "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps,
-              "rows": rows,
-              **distill.run_info(args.seed)}
-    distill.write_json(args.results + ".json", record)
-    distill.write_atomic(args.results + ".md", _bench_markdown(record))
-    print(_bench_markdown(record))
+    print(_bench_markdown(save(True)))
 
 
 def _window_line(r):
@@ -2368,10 +2372,12 @@ def _bench_markdown(r):
     lines = [f"Inference, teacher {r['teacher']}, {r['dtype']}, device {r['device']}, "
              f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
-             _window_line(r), "",
-             "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "
-             "| bytes/step MB | cache MiB | peak MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             _window_line(r)]
+    if r.get("complete") is False:                      # (records before "complete" was kept: whole runs)
+        lines.append("Partial: the run stopped, or is still going, after the rows below.")
+    lines += ["", "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "
+              "| bytes/step MB | cache MiB | peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for x in r["rows"]:
         if "error" in x:
             lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['error']} | | | | | | | |")

@@ -275,6 +275,8 @@ def test_bench_compiles_every_measurement(monkeypatch):
     assert 0 < seen[0] < seen[1], seen
 
 
+@pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+                    reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma3_text"])
 def test_bench_decoding_equals_hf(family, monkeypatch):
     """Everything --bench switches on for decoding (flash-decoding attention, q/k/v as one product,
@@ -596,6 +598,33 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)
     assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
+
+
+def test_bench_keeps_what_it_measured_when_stopped(teacher_dir, tmp_path, capsys, monkeypatch):
+    """The results are rewritten after every measurement: a run that dies midway (here on its third)
+    leaves the rows it measured, marked partial; a finished run is marked complete."""
+    import convert
+    real, calls = convert._bench_one, []
+
+    def bench_one(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt                  # what a timeout or Ctrl-C does to a long sweep
+        return real(*a, **kw)
+    monkeypatch.setattr(convert, "_bench_one", bench_one)
+    stem = tmp_path / "bench"
+    args = ["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96", "--batches", "1",
+            "--decode-steps", "1", "--results", str(stem)]
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["complete"] is False and [(x["model"], x["context"]) for x in r["rows"]] == [("teacher", 64), ("teacher", 96)]
+    assert "Partial" in (tmp_path / "bench.md").read_text()
+    monkeypatch.setattr(convert, "_bench_one", real)
+    code, io = run(args, capsys)
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert code == 0 and r["complete"] is True and len(r["rows"]) == 4
+    assert "Partial" not in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_comparison_and_crossover():
