@@ -580,7 +580,7 @@ def _parse_args(argv):
     p.add_argument("--batches", default="1,8", help="--bench: batch sizes")
     p.add_argument("--decode-steps", type=int, default=50, help="--bench: timed decoding steps per cell")
     p.add_argument("--no-graphs", action="store_true", help="--bench: time the plain Python decode loop, no CUDA graph")
-    p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiles once per shape)")
+    p.add_argument("--compile", action="store_true", help="--bench: torch.compile the decoding step (compiled afresh for each model, batch and context)")
     p.add_argument("--profile", action="store_true",
                    help="--bench: also record the CUDA kernels of one uncaptured decoding step per cell, and "
                         "each kernel's share of one replay of the captured step (its critical path)")
