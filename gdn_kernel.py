@@ -92,14 +92,16 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
 
 def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None, inplace=False):
     """One token of (1) for decoding: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state
-    [B, H, Dk, Dv] (fp32). Returns (o [B, H, Dv] fp32, new state). Memory and time per token are
-    constant: that is the whole point of replacing the KV cache. inplace=True writes the new state
-    into `state` and returns it (a captured CUDA graph keeps replaying against the same address)."""
+    [B, H, Dk, Dv] (fp32, or fp64 after an fp64 prompt). Returns (o [B, H, Dv] in the state's
+    dtype, new state). Memory and time per token are constant: that is the whole point of replacing
+    the KV cache. inplace=True writes the new state into `state` and returns it (a captured CUDA
+    graph keeps replaying against the same address)."""
     _check_step(q, k, v, g, beta, state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    S = state * g.float()[..., None, None].exp()
-    k, v, q = k.float(), v.float(), q.float()
-    u = beta.float()[..., None] * (v - torch.einsum("bhkv,bhk->bhv", S, k))
+    dt = torch.float64 if state.dtype == torch.float64 else torch.float32
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    S = state.to(dt) * g[..., None, None].exp()
+    u = beta[..., None] * (v - torch.einsum("bhkv,bhk->bhv", S, k))
     S = S + k[..., :, None] * u[..., None, :]
     o = torch.einsum("bhkv,bhk->bhv", S, q * scale)
     return (o, state.copy_(S)) if inplace else (o, S)

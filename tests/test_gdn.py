@@ -47,6 +47,19 @@ def test_step_equals_recurrence():
     torch.testing.assert_close(s.double(), s_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_step_keeps_an_fp64_state_in_fp64():
+    """After an fp64 prompt the cached state is fp64 (the recurrence and the chunk form keep fp64):
+    the step continues in fp64 rather than failing on mixed dtypes or rounding to fp32."""
+    q, k, v, g, beta, s0 = random_inputs(2, 5, 3, 8, 6)
+    o_ref, s_ref = recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True)
+    s = s0.clone()
+    for t in range(5):
+        o, s = gated_delta_rule_step(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], s)
+        assert o.dtype == s.dtype == torch.float64
+        torch.testing.assert_close(o, o_ref[:, t], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(s, s_ref, rtol=1e-12, atol=1e-12)
+
+
 def test_bad_shapes_are_named():
     q, k, v, g, beta, s0 = random_inputs(1, 4, 2, 8, 8)
     with pytest.raises(ValueError, match="beta must be"):
