@@ -6,7 +6,8 @@ teacher) and sets its GDN layers in place. The names (`--init` in convert.py):
 
   naive          the copy plus the standard random gates (METHOD section 2).
   zero-gate      naive, then W_g = 0: SiLU(0) = 0 closes every output gate, so each GDN branch outputs
-                 exactly 0 and the hybrid starts as the teacher with those attention layers removed.
+                 exactly 0 (or W_o's bias, where the teacher's o_proj has one) and the hybrid starts as
+                 the teacher with those attention layers removed.
   taylor-phase1  naive, then Phase 1: the closed-form settings below, from the teacher's statistics.
   align-only     naive, then Phase 2: a short per-layer alignment to the teacher layer's output.
   taylor         Taylor-Calibrate = Phase 1 + Phase 2.
