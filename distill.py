@@ -67,6 +67,7 @@ table of where N steps' time went.
 
 import argparse
 import contextlib
+import decimal
 import json
 import math
 import os
@@ -281,11 +282,11 @@ def parse_tokens(text, option=None):
     """'30M', '1.5k', '2G' or '123456' -> an int number of tokens. `option` names it in the error."""
     t = str(text).strip().upper()
     scale = {"K": 10**3, "M": 10**6, "G": 10**9, "B": 10**9}.get(t[-1:], 1)
-    try:
-        n = float(t[:-1] if scale > 1 else t) * scale
-    except ValueError:
-        n = -1
-    if not (0 <= n < math.inf):
+    try:        # decimal, not float: float('4.079616') * 1e6 is 4079615.99..., a step short
+        n = decimal.Decimal(t[:-1] if scale > 1 else t) * scale
+    except decimal.InvalidOperation:
+        n = decimal.Decimal(-1)
+    if not (n.is_finite() and 0 <= n < 1e300):                    # (1e999: a typo, not a budget)
         raise ValueError(f"{option + ' ' if option else ''}'{text}' is not a token count "
                          f"(examples: 30M, 500k, 123456)")
     return int(n)
@@ -397,14 +398,22 @@ class _KL(torch.autograd.Function):
 
 
 class TeacherTaps:
-    """Forward hooks on the teacher's attention modules of the converted layers: after a teacher
-    forward, io[l] = (x_l, y_l), the module's input hidden states and its output (after W_o)."""
+    """Forward hooks on the teacher's attention modules of the converted layers, for the length of
+    a `with` block: after a teacher forward inside it, io[l] = (x_l, y_l), the module's input hidden
+    states and its output (after W_o). Outside it there are no hooks, so no other teacher forward
+    (its perplexity at the start of a run, say) leaves its activations held here."""
 
     def __init__(self, teacher, layers):
         from gdn import decoder_layers
-        self.io = {}
-        blocks = decoder_layers(teacher)
-        self.handles = [blocks[i].self_attn.register_forward_hook(self._hook(i), with_kwargs=True) for i in layers]
+        self.io, self.modules = {}, {i: decoder_layers(teacher)[i].self_attn for i in layers}
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._hook(i), with_kwargs=True) for i, m in self.modules.items()]
+        return self.io
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
 
     def _hook(self, i):
         def hook(module, args, kwargs, output):
@@ -426,13 +435,11 @@ class GDNStack(nn.Module):
         return [self.layers[str(i)](x)[0] for i, x in xs.items()]
 
 
-def _stage1_step(stack, teacher, taps, ids):
+def _stage1_step(stack, teacher, layers, ids):
     """L1 on one micro-batch: teacher forward (no grad, only its decoder: no logits), then every GDN
     layer on its teacher-forced input."""
-    with torch.no_grad():
+    with torch.no_grad(), TeacherTaps(teacher, layers) as io:
         teacher.model(input_ids=ids, use_cache=False)
-    io, taps.io = taps.io, {}                           # drop the references once used
-    layers = sorted(io)
     return _stage1_loss([io[i][1] for i in layers], stack({i: io[i][0] for i in layers}))
 
 
@@ -826,14 +833,10 @@ def stage1(run, student, teacher, data):
     """Stage 1: per-layer alignment of every GDN layer to its teacher attention layer, teacher-forced."""
     groups = _param_groups(student, 1, run.args.lr, run.args.lr_rest)
     stack = GDNStack(student).train()
-    taps = TeacherTaps(teacher, sorted(int(i) for i in stack.layers))
+    layers = sorted(int(i) for i in stack.layers)
     model = stack if run.dist.world == 1 else nn.parallel.DistributedDataParallel(stack)
     run.flops_per_token = _flops_per_token(1, student, teacher, run.args.seq, stack)
-    try:
-        return _train(run, student, data, model, lambda m, ids: _stage1_step(m, teacher, taps, ids), groups)
-    finally:
-        for h in taps.handles:
-            h.remove()
+    return _train(run, student, data, model, lambda m, ids: _stage1_step(m, teacher, layers, ids), groups)
 
 
 def stage2(run, student, teacher, data):
@@ -905,7 +908,8 @@ def parse_args(argv):
     c.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every this many steps (0: never)")
     c.add_argument("--keep-checkpoints", type=int, default=1)
     c.add_argument("--stop-after-steps", type=int, default=0,
-                   help="stop after this many steps of this process, as if killed (tests; splitting a run into jobs)")
+                   help="stop after this many steps of this process, as if killed: no checkpoint is "
+                        "written, --resume goes on from the last --ckpt-every one (tests of resuming)")
     c.add_argument("--profile-steps", type=int, default=0, help="profile this many steps (after 2 warm-up "
                    "steps) with torch.profiler: the top operators go to the screen and to OUT/profile.txt")
     c.add_argument("--peak-tflops", type=float, default=989.0,

@@ -88,23 +88,27 @@ def test_losses_are_the_formulas():
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
 def test_taps_record_teacher_forced_attention_io(family):
     """Stage 1's hooks: x_l is layer l's normalised input in the teacher's own forward, y_l what its
-    attention module returned for it; and a GDN layer fed x_l by the stack gives what it gives alone."""
+    attention module returned for it; and a GDN layer fed x_l by the stack gives what it gives alone.
+    Outside their `with` block the hooks are gone: no other forward is held."""
     from gdn import decoder_layers, hybridize
     teacher = tiny_model(family)
     ids = torch.randint(0, 128, (2, 12))
-    taps = distill.TeacherTaps(teacher, [1, 3])
-    with torch.no_grad():
+    with torch.no_grad(), distill.TeacherTaps(teacher, [1, 3]) as io:
         h = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
-    assert sorted(taps.io) == [1, 3]
+    assert sorted(io) == [1, 3]
     for l in (1, 3):
-        x, y = taps.io[l]
+        x, y = io[l]
         assert torch.allclose(x, decoder_layers(teacher)[l].input_layernorm(h[l]), atol=1e-6)
         assert y.shape == x.shape and not torch.equal(x, y)
+    held = dict(io)
+    with torch.no_grad():
+        teacher.model(input_ids=ids[:1, :5])
+    assert all(io[l] is held[l] for l in (1, 3))                # nothing recorded: the hooks are gone
     import copy
     student = hybridize(copy.deepcopy(teacher), [1, 3])
     stack = distill.GDNStack(student)
-    out = stack({l: taps.io[l][0] for l in (1, 3)})
-    assert torch.allclose(out[1], decoder_layers(student)[3].self_attn(taps.io[3][0])[0])
+    out = stack({l: io[l][0] for l in (1, 3)})
+    assert torch.allclose(out[1], decoder_layers(student)[3].self_attn(io[3][0])[0])
 
 
 def test_batches_are_seeded_packed_and_resumable():
@@ -124,6 +128,7 @@ def test_batches_are_seeded_packed_and_resumable():
 def test_parse_tokens_and_schedule():
     assert distill.parse_tokens("30M") == 30_000_000 and distill.parse_tokens("1.5k") == 1500
     assert distill.parse_tokens("123") == 123
+    assert distill.parse_tokens("4.079616M") == 4_079_616 and distill.parse_tokens("8.2M") == 8_200_000  # exact
     with pytest.raises(ValueError):
         distill.parse_tokens("lots")
     for bad in ("inf", "1e999", "nan", "-1"):
