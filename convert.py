@@ -302,6 +302,10 @@ def _keep_count(n_layers, keep):
     """K, the number of softmax layers a --keep asks for. A fraction keeps as many as the uniform
     rule does (1/4 of 30 -> 8), whatever the policy, so that policies compare at equal K."""
     kind, value = keep
+    if kind == "list":
+        bad = [i for i in value if not 0 <= i < n_layers]
+        if bad:
+            raise ValueError(f"--keep names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
     k = len(value) if kind == "list" else len(_uniform_layers(n_layers, value))
     if k < 1:
         raise ValueError(f"--keep keeps no layer of {n_layers}: keep at least one (example: 1/4)")
@@ -324,11 +328,8 @@ def choose_layers(n_layers, keep, policy="uniform", scores=None):
     if policy not in POLICIES:
         raise ValueError(f"unknown --policy '{policy}'; valid: {', '.join(POLICIES)}")
     kind, value = keep
-    K = _keep_count(n_layers, keep)
+    K = _keep_count(n_layers, keep)                     # (a list's layers checked there too)
     if kind == "list":
-        bad = [i for i in value if not 0 <= i < n_layers]
-        if bad:
-            raise ValueError(f"--keep names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
         return sorted(value)
     if policy == "uniform":
         return _uniform_layers(n_layers, value)
@@ -430,8 +431,10 @@ def _ga_key(init, init_opts, seed):
 
 def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
-    The key names what the scores depend on: policy, teacher, its dtype, probe tokens, and for GA-S2
-    the init."""
+    The key names what the scores depend on: policy, teacher, its dtype, the probe tokens (the block
+    of the calibration text right after the one a GA-S2 init is fitted on, so they stand for that
+    too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as the identity and
+    no init trains it."""
     dtype = next(teacher.parameters()).dtype
     key = f"{policy}|{source}|{dtype}|probe {tuple(probe.shape)} sum {int(probe.sum())}{key_extra}"
     if key not in cache:
@@ -629,8 +632,9 @@ def _parse_args(argv):
         except ValueError as e:
             p.error(f"--distill-args '{args.distill_args}': {e}")
         files = distill.text_files(args.distill_data)
-        # Bytes, for a lower bound on the tokens: a byte-level BPE token spans at least one byte, and
-        # the bound below allows two tokens a byte (+ an EOS a document) for tokenizers that split more.
+        # Bytes, for an upper bound on the tokens: a byte-level BPE token spans at least one byte, and
+        # the bound below allows two tokens a byte (+ an EOS a document) for tokenizers that split
+        # more, so only text that surely falls short of one batch is refused.
         size = 0
         for f in files:
             try:
@@ -644,12 +648,15 @@ def _parse_args(argv):
             a = distill.parse_args(argv)
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
             # takes: --tok is --tokens).
-            own = ("student", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume")
+            # Nor stop a stage early: the next would start from an unfinished one.
+            own = ("student", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume",
+                   "stop_after_steps")
             chain = distill.parse_args(argv[:len(argv) - len(extra)])
-            clash = [f"--{k}" for k in own if getattr(a, k) != getattr(chain, k)]
+            clash = ["--" + k.replace("_", "-") for k in own if getattr(a, k) != getattr(chain, k)]
             if clash:
                 p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --out, "
-                        f"--distill-tokens, --distill-data, --seed, --device, --overwrite)")
+                        f"--distill-tokens, --distill-data, --seed, --device, --overwrite) and runs each "
+                        f"stage to its end")
             if tokens:
                 distill.check_shapes(a, 1)
                 if 2 * size + len(files) < a.seq * a.batch:
@@ -680,8 +687,9 @@ def _run_convert(args):
     if n:
         choose_layers(n, keep)                                  # an impossible --keep: said now
     spec = _teacher_spec(args.teacher)
-    distill.check_apart(args.out, teacher=spec.split(":", 1)[1] if spec.startswith("random:") else spec,
-                        **{"eval data": args.eval_data, "calibration data": args.calib_data})
+    inputs = {"teacher": spec.split(":", 1)[1] if spec.startswith("random:") else spec, "eval data": args.eval_data,
+              "calibration data": args.calib_data, "distillation data": args.distill_tokens and args.distill_data}
+    distill.check_apart(args.out, written={"scores": args.scores}, **inputs)
     tmp = _prepare_out(args.out, args.overwrite)
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
@@ -849,6 +857,7 @@ def _run_table(args):
     for k in keeps:
         _keep_count(n, k)
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
+            "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
             "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts)}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]

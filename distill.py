@@ -99,13 +99,18 @@ def read_text(path, fmt="auto"):
             text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
-    if fmt == "auto":
-        name = os.path.basename(path)
-        fmt = "wikitext" if name.startswith("wiki.") and name.endswith(".raw") else "plain"
-    if fmt == "wikitext":
+    if text_format(path, fmt) == "wikitext":
         rows = ["" if not line.strip() else line for line in text.splitlines(keepends=True)]
         text = "\n\n".join(rows)
     return text
+
+
+def text_format(path, fmt="auto"):
+    """The format read_text reads `path` in: fmt, or for 'auto' the one its name says."""
+    if fmt != "auto":
+        return fmt
+    name = os.path.basename(path)
+    return "wikitext" if name.startswith("wiki.") and name.endswith(".raw") else "plain"
 
 
 def builtin_text(part):
@@ -247,14 +252,17 @@ def usual_mode(path):
     return path
 
 
-def check_apart(out, **inputs):
-    """--out is deleted or replaced by the run: refuse one that is, or holds, an input of the run."""
+def check_apart(out, written=None, **inputs):
+    """--out is deleted or replaced by the run: refuse one that is, or holds, an input of the run, or
+    one of `written` ({name: path}: what the run writes beside --out, like a scores cache, there yet
+    or not)."""
     o = os.path.realpath(out)
-    for name, path in inputs.items():
-        if path and os.path.exists(path):
+    paths = {**{k: v for k, v in inputs.items() if v and os.path.exists(v)}, **(written or {})}
+    for name, path in paths.items():
+        if path:
             p = os.path.realpath(path)
             if p == o or p.startswith(o + os.sep):
-                raise ValueError(f"--out '{out}' is or holds the {name} '{path}', which the run reads: "
+                raise ValueError(f"--out '{out}' is or holds the {name} '{path}', which the run uses: "
                                  f"choose another --out")
 
 

@@ -140,7 +140,8 @@ def test_unsupported_architecture(tmp_path, capsys):
 
 @pytest.mark.parametrize("keep, message", [
     ("", "fraction"), ("0/4", "fraction"), ("1.5", "fraction"), ("abc", "fraction"),
-    ("0,0", "more than once"), ("0,99", "99"), ("-1/4", "fraction"), ("4", "out of range"), ("0,,2", "fraction")])
+    ("0,0", "more than once"), ("0,99", "99"), ("-1/4", "fraction"), ("4", "out of range"), ("0,,2", "fraction"),
+    ("0,1,2,3,9", "[9], out of range")])
 def test_bad_keep(keep, message, teacher_dir, eval_text, tmp_path, capsys):
     out = tmp_path / "o"
     code, io = run(["--teacher", teacher_dir, f"--keep={keep}", "--out", str(out), "--eval-data", eval_text,
@@ -211,6 +212,17 @@ def test_out_that_is_an_input_is_refused_even_with_overwrite(teacher_dir, eval_t
     assert code == 2 and "is or holds the teacher" in io.err and (teacher / "config.json").exists()
     code, io = run(["--teacher", teacher_dir, "--out", str(tmp_path), "--overwrite", "--eval-data", eval_text], capsys)
     assert code == 2 and "is or holds the eval data" in io.err and os.path.exists(eval_text)
+    # What the run writes beside --out, there yet or not: publishing --out would delete it.
+    out = tmp_path / "o"
+    code, io = run(["--teacher", teacher_dir, "--out", str(out), "--eval-data", eval_text, "--policy", "ar",
+                    "--scores", str(out / "scores.json")], capsys)
+    assert code == 2 and "is or holds the scores" in io.err and not out.exists()
+    out.mkdir()
+    (out / "corpus.txt").write_text("Text to distill on, long enough for one small batch. " * 20)
+    code, io = run(["--teacher", teacher_dir, "--out", str(out), "--overwrite", "--eval-data", eval_text,
+                    "--distill-tokens", "64,0", "--distill-data", str(out / "corpus.txt"),
+                    "--distill-args", "--seq 16 --batch 2 --eval-data none --test-data none"], capsys)
+    assert code == 2 and "is or holds the distillation data" in io.err and (out / "corpus.txt").exists()
 
 
 def test_each_mode_has_its_own_results_stem():

@@ -450,6 +450,7 @@ def test_convert_chains_both_stages(setup, tmp_path):
                                            "too few tokens for one Stage 1 batch of 2 x 16"),
                                           (["--distill-args", "--tok 999 --stud /etc --res"],
                                            "may not set --student, --tokens, --resume"),
+                                          (["--distill-args", "--stop-after-steps 1"], "may not set --stop-after-steps"),
                                           (["--distill-data", "BINARY"], "not UTF-8")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"

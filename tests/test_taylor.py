@@ -410,6 +410,11 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     other = [a if a != "64" else "48" for a in base]
     assert convert.main(other + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
     assert "another window" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+    # Nor the same file read as another text (--eval-format: WikiText's row convention or not).
+    assert rec["eval_format"] == "plain"
+    assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--eval-format", "wikitext",
+                                "--append"]) == 2
+    assert "another eval_format" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
     # Nor would cells of the same init under other options: they would pass for the same init.
     assert convert.main(base + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias",
                                 "--append"]) == 2
