@@ -518,13 +518,18 @@ def _prepare_out(path, overwrite):
         raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
     check_writable(os.path.join(path, "config.json"), "--out")
     parent = os.path.dirname(os.path.abspath(path))
+    # The hybrid is built in a sibling folder and renamed over --out at the end, so the parent must
+    # take new entries even where --out itself (already there, --overwrite) is writable.
+    if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out '{path}': its folder '{parent}' is not one this process can write in "
+                         f"(the new hybrid is built beside --out, then renamed over it)")
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-")
 
 
 def _publish(tmp, path):
     """Rename the finished temporary folder to `path`, replacing an old one only at the very end."""
-    distill.usual_mode(tmp)
+    distill.seal(tmp)
     old = None
     if os.path.exists(path):
         old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
@@ -596,7 +601,10 @@ def _parse_args(argv):
     d.add_argument("--distill-data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
                                                           "data", "corpus"), help="training text (file or folder)")
     d.add_argument("--distill-args", default="", help="further distill.py options for both stages, one string "
-                                                      "(e.g. '--micro-batch 4 --eval-every 2M')")
+                                                      "(e.g. '--micro-batch 4 --eval-every 2M'). The stages "
+                                                      "evaluate on distill.py's own --eval-data / --test-data "
+                                                      "(WikiText-2 valid / test), not on this --eval-data: set "
+                                                      "them here to change that")
     args = p.parse_args(argv)
     args.results = args.results or ("results/inference" if args.bench else "results/zeroshot")
     if args.device == "auto":
@@ -701,13 +709,17 @@ def _run_convert(args):
         kept, policy_info, bank = _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts)
         stats = policy_info.pop("_stats", None)                 # GA-S2's teacher pass, reused below
         if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
+            t1 = time.time()
             student = _from_bank(teacher, kept, bank[0], args.conv_size)
             student.config.hybrid["init"] = args.init
             gdn_layers = [i for i in range(n) if i not in kept]
             ii = {k: ({i: v[i] for i in gdn_layers if i in v} if k in ("layers", "stats") else v)   # the bank's
                   for k, v in bank[1].items()}                                                  # converted layers
+            # What this hybrid's own init cost, as in --table: the teacher pass and the bank's times
+            # of its GDN layers, not GA-S2's probes nor the kept layers' bank entries.
+            init_seconds = bank[3] + sum(bank[2][i] for i in gdn_layers) + time.time() - t1
             info = {"init": args.init, "kept_layers": kept, "gdn_layers": gdn_layers,
-                    "init_seconds": time.time() - t0, "init_info": ii}
+                    "init_seconds": init_seconds, "init_info": ii}
         else:
             student, info = convert(teacher, kept, args.init, calib, args.conv_size, args.seed,
                                     {**init_opts, "_stats": stats})
@@ -794,11 +806,14 @@ def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
 
         def compute():
             from taylor_stats import collect_stats
+            t0 = time.time()
             stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])
             info["_stats"] = stats
-            bank_, _, _, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
-                                         {**init_opts, "_stats": stats})
-            built["bank"] = (bank_, ii)
+            shared = time.time() - t0
+            bank_, per_layer, _, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
+                                                 {**init_opts, "_stats": stats})
+            shared = shared if (ii or {}).get("stats") else 0.0
+            built["bank"] = (bank_, ii, per_layer, shared)
             return _ga_scores(teacher, probe, bank_, args.conv_size, args.batch_size)
         scores, key = _policy_scores("ga-s2", teacher, source, probe, cache, key_extra, compute)
         if probe_init == args.init and "bank" in built:

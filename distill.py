@@ -229,7 +229,7 @@ def write_atomic(path, text):
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
-        usual_mode(tmp)
+        seal(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -237,19 +237,37 @@ def write_atomic(path, text):
         raise
 
 
-def usual_mode(path):
-    """The permissions a plain open() / mkdir would have given, on path and everything under it:
-    tempfile (and safetensors' writer) make files and folders private to their owner, and a published
-    result should be readable like any other."""
+def seal(path):
+    """Ready path (a file, or a folder and everything under it) to be renamed into place: give it the
+    permissions a plain open() / mkdir would have (tempfile and safetensors' writer make files and
+    folders private to their owner, and a published result should be readable like any other), and
+    fsync it, so that after a power loss the renamed name never points at empty or partial files
+    (a rename is atomic for a killed process without this, not for a crashed machine)."""
     mask = os.umask(0)
     os.umask(mask)
-    for root, _, files in os.walk(path):
-        os.chmod(root, 0o777 & ~mask)
+    for root, _, files in os.walk(path, topdown=False):                 # files before their folder
         for f in files:
             os.chmod(os.path.join(root, f), 0o666 & ~mask)
+            _fsync(os.path.join(root, f), os.O_RDONLY)
+        os.chmod(root, 0o777 & ~mask)
+        _fsync(root, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     if os.path.isfile(path):
         os.chmod(path, 0o666 & ~mask)
+        _fsync(path, os.O_RDONLY)
     return path
+
+
+def _fsync(path, flags):
+    try:
+        fd = os.open(path, flags)
+    except OSError:                     # a folder cannot be opened on some systems (Windows): skip it
+        return
+    try:
+        os.fsync(fd)
+    except OSError:                     # nor fsynced on some file systems
+        pass
+    finally:
+        os.close(fd)
 
 
 def check_apart(out, written=None, **inputs):
@@ -616,7 +634,7 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
               os.path.join(tmp, "train_state", "rng.safetensors"))
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     write_json(os.path.join(tmp, "train_state", "state.json"), {**state, "param_groups": groups})
-    usual_mode(tmp)
+    seal(tmp)
     final = os.path.join(root, name)
     if os.path.exists(final):
         shutil.rmtree(final)
@@ -1084,7 +1102,7 @@ def _save_student(student, tokenizer, a, extra_files):
     save_hybrid(student, tokenizer, tmp)
     for name, src in extra_files.items():
         shutil.copyfile(src, os.path.join(tmp, name))
-    usual_mode(tmp)
+    seal(tmp)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
     os.rmdir(tmp)

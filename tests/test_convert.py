@@ -196,6 +196,19 @@ def test_existing_out_needs_overwrite(teacher_dir, eval_text, tmp_path, capsys):
     assert code == 0 and not (out / "keep.txt").exists() and (out / "conversion.json").exists()
 
 
+def test_overwrite_needs_a_writable_parent(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """--overwrite builds the hybrid beside --out: a parent that takes no new entries is refused up
+    front, the old --out untouched (os.access is faked: as root a read-only folder is still writable)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.path.abspath(p) != str(tmp_path))
+    code, io = run(["--teacher", teacher_dir, "--out", str(out), "--overwrite", "--eval-data", eval_text], capsys)
+    assert code == 2 and "is not one this process can write in" in io.err and str(tmp_path) in io.err
+    assert (out / "keep.txt").read_text() == "precious" and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
 @pytest.mark.parametrize("flag, value", [("--window", "0"), ("--max-windows", "-1"), ("--batch-size", "-1"),
                                          ("--calib-seqs", "0"), ("--conv-size", "-1")])
 def test_bad_numbers(flag, value, teacher_dir, tmp_path, capsys):

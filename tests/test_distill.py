@@ -413,6 +413,25 @@ def test_write_atomic_leaves_no_temp_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["d"]
 
 
+def test_published_files_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """seal fsyncs every file and folder it publishes before the rename that makes them visible: a
+    crash after the rename then never leaves a checkpoint or result with empty files."""
+    synced, order = set(), []
+    fsync = os.fsync
+    monkeypatch.setattr(distill.os, "fsync", lambda fd: (synced.add(os.path.realpath(f"/proc/self/fd/{fd}")), fsync(fd)))
+    replace = os.replace
+    monkeypatch.setattr(distill.os, "replace", lambda a, b: (order.append(set(synced)), replace(a, b)))
+    tmp_path = type(tmp_path)(os.path.realpath(tmp_path))
+    distill.write_atomic(str(tmp_path / "f.txt"), "text")
+    assert order and any(p.startswith(str(tmp_path / ".tmp-")) for p in order[0])
+    folder = tmp_path / "run"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "w.bin").write_bytes(b"123")
+    synced.clear()
+    distill.seal(str(folder))
+    assert {str(folder / "sub" / "w.bin"), str(folder / "sub"), str(folder)} <= synced
+
+
 # ----------------------------------------------------------------------------------------------
 # One command: teacher -> init -> Stage 1 -> Stage 2 -> evaluation
 # ----------------------------------------------------------------------------------------------

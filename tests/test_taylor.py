@@ -1,6 +1,8 @@
 """Tests of taylor_stats.py, calibrate.py and the layer policies: tiny random models, CPU, fast."""
 import copy
+import json
 import math
+import time
 import warnings
 
 import pytest
@@ -335,6 +337,22 @@ def test_policy_bad_input():
         convert.choose_layers(6, ("list", list(range(7))), "uniform")
     with pytest.raises(ValueError, match="needs one score per layer"):
         convert.choose_layers(6, ("fraction", 0.5), "ar", None)
+
+
+def test_ga_s2_init_seconds_leave_out_the_probes(teacher_dir, tmp_path, monkeypatch):
+    """A GA-S2 hybrid assembled from the probes' layer bank records what its own init cost (as a
+    --table cell does), not the probes: here they are made to take 3 s."""
+    text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    held.write_text("A slow red hen walks under the busy cat. " * 400)
+    probes = convert._ga_scores
+    monkeypatch.setattr(convert, "_ga_scores", lambda *a, **k: (time.sleep(3), probes(*a, **k))[1])
+    t0 = time.time()
+    assert convert.main(["--teacher", teacher_dir, "--keep", "1/2", "--calib-data", str(text), "--eval-data", str(held),
+                         "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "1", "--no-sample",
+                         "--policy", "ga-s2", "--init", "taylor-phase1", "--out", str(tmp_path / "o")]) == 0
+    rec = json.loads((tmp_path / "o" / "conversion.json").read_text())
+    assert time.time() - t0 > 3 and 0 < rec["init_seconds"] < 2.5
 
 
 def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
