@@ -576,7 +576,7 @@ def _parse_args(argv):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-sample", action="store_true", help="skip the greedy sample")
     p.add_argument("--table", action="store_true", help="measurement mode: zero-shot perplexity of every (keep, policy, init) cell")
-    p.add_argument("--keeps", default="1/4,1/2,3/4", help="--table: keep fractions")
+    p.add_argument("--keeps", default="1/4,1/2,3/4", help="--table: keep fractions; --bench: one hybrid each")
     p.add_argument("--policies", default="uniform", help="--table: policies (uniform,ar,ga-s2)")
     p.add_argument("--inits", default="naive,zero-gate", help="--table: inits")
     p.add_argument("--append", action="store_true", help="--table: merge the new cells into an existing --results JSON "
@@ -593,7 +593,7 @@ def _parse_args(argv):
                    help="--bench: also record the CUDA kernels of one uncaptured decoding step per cell, and "
                         "each kernel's share of one replay of the captured step (its critical path)")
     p.add_argument("--decode-attention", default="flash", choices=["flash", "grouped", "sdpa"],
-                   help="--bench: attention of every softmax layer when decoding (flash: one Triton kernel on CUDA, "
+                   help="--bench: attention of every softmax layer when decoding (flash: Triton flash-decoding on CUDA, "
                         "grouped in PyTorch elsewhere; grouped: PyTorch, reads the KV cache once; sdpa: HF's)")
     d = p.add_argument_group("distillation after conversion (distill.py), optional")
     d.add_argument("--distill-tokens", help="token budgets 'STAGE1,STAGE2' (e.g. 10M,30M; 0 skips a stage): runs "
@@ -1186,8 +1186,9 @@ def _grouped_query_attention(module, query, key, value, attention_mask, dropout=
 SPLIT = 256     # _grouped_query_attention: cache positions per block of the split P V product
 
 
-# Flash-decoding: the same single-query attention as _grouped_query_attention, as one Triton kernel
-# that reads every cached key and value once and never writes the scores. The PyTorch form makes
+# Flash-decoding: the same single-query attention as _grouped_query_attention, as a Triton kernel
+# that reads every cached key and value once and never writes the scores (and a second, below, that
+# merges its splits). The PyTorch form makes
 # five passes over a [B, H, L] score tensor besides its two products (mask, max, sum, softmax, the
 # split sum): at 32k context and batch 8 they cost a quarter of a layer's step (measured on an H100
 # with --profile). Here each program takes one (batch, KV head) and one split of the cache, keeps
@@ -1763,14 +1764,18 @@ def _use_decode_qkv(model):
     for layer in decoder_layers(model):
         attn = getattr(layer, "self_attn", None)
         lins = [getattr(attn, n, None) for n in ("q_proj", "k_proj", "v_proj")]
-        if attn is None or isinstance(attn, GatedDeltaNet) or None in lins or hasattr(attn, "qkv_weight"):
+        if attn is None or isinstance(attn, GatedDeltaNet) or None in lins:
             continue
+        if hasattr(attn, "qkv_weight"):                    # called again: restack only what a move undid
+            if _qkv_current(attn):
+                continue
+        else:
+            attn.cache_arg = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"
+            attn.hf_forward = attn.forward
+            attn.forward = types.MethodType(_stacked_qkv_forward, attn)
         w, b = stack_as_views(lins)
         attn.register_buffer("qkv_weight", w, persistent=False)          # buffers: .to() takes them along
         attn.register_buffer("qkv_bias", b, persistent=False)
-        attn.cache_arg = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"
-        attn.hf_forward = attn.forward
-        attn.forward = types.MethodType(_stacked_qkv_forward, attn)
     return model
 
 
@@ -1828,6 +1833,8 @@ def _use_decode_layers(model):
                 or mlp.down_proj.bias is not None or attn.o_proj.bias is not None
                 or (not isinstance(attn, GatedDeltaNet) and getattr(attn, "qkv_weight", None) is None)):
             continue
+        if hasattr(layer, "hf_forward"):                   # called again: it has the step already
+            continue
         layer.cache_arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
         layer.hf_forward = layer.forward
         layer.forward = types.MethodType(_decode_layer_forward, layer)
@@ -1841,7 +1848,8 @@ def use_decode_kernels(model, attention="flash"):
     ("flash": flash-decoding; "grouped"; "sdpa": HF's), and on a GPU every other product with its
     weights loaded before the wait and Llama-layout layers as five kernels. Nothing is copied;
     prompts, training and autograd keep PyTorch's paths, and so does everything after the weights
-    are moved again (to another device or dtype): call it after the last move."""
+    are moved again (to another device or dtype) until it is called again: call it after the last
+    move."""
     if attention not in ("flash", "grouped", "sdpa"):       # before anything of the model changes
         raise ValueError(f"decoding attention '{attention}': choose flash, grouped or sdpa")
     stack_projections(model)                    # GDN layers: one input matrix product, no copy
@@ -1851,7 +1859,8 @@ def use_decode_kernels(model, attention="flash"):
         _use_decode_attention(model, attention)
     if next(model.parameters()).is_cuda:        # every other product: weights loaded before the wait
         _use_decode_linear(model)               # (its point is PDL: on a CPU, PyTorch's product)
-        _use_decode_layers(model)               # Llama-layout layers: five kernels a layer
+        _use_decode_layers(model)               # Llama-layout layers: five kernels of ours a layer
+                                                # (PyTorch's glue adds launches unless compiled)
     return model
 
 
@@ -2285,7 +2294,8 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(100, model.config.vocab_size, (B, ctx), generator=gen).to(device)
+    V = model.config.vocab_size                                 # (ids past the first 100: no special tokens)
+    ids = torch.randint(min(100, V - 1), V, (B, ctx), generator=gen).to(device)
     model(ids, use_cache=False, logits_to_keep=1)              # warm-up at full size: kernel compilation
     sync()                                                      # and autotuning stay out of the timing
     t0 = time.perf_counter()
@@ -2304,7 +2314,8 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
                                 compile_step, profile)
     kv = _cache_bytes(model, cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
-    # K and V at the mean live length over the timed steps; GDN states read and written
+    # K and V at the mean live length over the timed steps (give or take the few warm-up steps
+    # before them); GDN states read and written (conv states not counted: --bench builds no conv)
     read = _weight_bytes(model, B) + _kv_read_bytes(cache, ctx + steps / 2) + 2 * states
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
@@ -2362,8 +2373,8 @@ def _run_bench(args):
                         raise                               # (the CPU allocator's error is a RuntimeError)
                     largest = fits.get((name, B))
                     where = "GPU memory" if args.device == "cuda" else "memory"
-                    msg = (f"{name}, batch {B}: context {ctx} does not fit in {where}; the largest that fits "
-                           f"is {largest}" if largest else f"{name}, batch {B}: context {ctx} does not fit in "
+                    msg = (f"{name}, batch {B}: context {ctx} does not fit in {where}; the largest measured "
+                           f"that fit is {largest}" if largest else f"{name}, batch {B}: context {ctx} does not fit in "
                            f"{where}, the smallest asked for: ask for smaller contexts or a smaller batch")
                     print(msg)
                     rows.append({"model": name, "batch": B, "context": ctx, "error": msg})

@@ -488,8 +488,9 @@ STAGE_DEFAULTS = {
 
 def _lr_factor(step, total, schedule, warmup=0, min_ratio=0.0):
     """Multiplier of the base learning rate at step `step` (0-based) of `total`: linear warm-up,
-    then constant or cosine from 1 down to min_ratio. A pure function of the step, so resuming needs
-    nothing but the step count."""
+    then constant or cosine from 1 towards min_ratio (reached at step `total`, one past the last, so
+    the last step trains a little above it). A pure function of the step, so resuming needs nothing
+    but the step count."""
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "constant":

@@ -415,6 +415,31 @@ def test_decode_qkv_equals_hf_attention(family):
         assert calls
 
 
+def test_decode_switches_called_again_after_a_move():
+    """use_decode_kernels is to be called again after the weights move: its switches then stack the
+    moved q/k/v afresh (the stacked forward runs again, not HF's) and keep HF's own forward to hand
+    over to (called twice, the layer's fallback was once the switched forward itself: endless
+    recursion on the first prompt)."""
+    from convert import _use_decode_layers, _use_decode_mlp, _use_decode_qkv
+    from gdn import decoder_layers
+    model = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 14))
+    ref = static_decode(model, ids, 12)
+    switches = (_use_decode_mlp, _use_decode_qkv, _use_decode_layers)
+    for switch in switches:
+        switch(model)
+    model.double()
+    for switch in switches:
+        switch(model)
+    attn = decoder_layers(model)[0].self_attn
+    assert attn.qkv_weight.dtype == torch.float64 and attn.q_proj.weight.data_ptr() == attn.qkv_weight.data_ptr()
+    calls = []
+    real = attn.hf_forward
+    attn.hf_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
+    torch.testing.assert_close(static_decode(model, ids, 12).float(), ref, rtol=1e-5, atol=1e-5)
+    assert not calls
+
+
 def test_decode_qkv_sees_a_bias_given_new_storage():
     """A q/k/v bias given storage of its own after stacking (an edit, a load) is no longer what the
     stacked bias holds: the stacked forward and the five-kernel layer both hand over to HF's, which
@@ -610,7 +635,7 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "128,64,96", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)      # measured in ascending order
     assert code == 0, io.err
-    assert "context 96 does not fit in memory; the largest that fits is 64" in io.out
+    assert "context 96 does not fit in memory; the largest measured that fit is 64" in io.out
     assert "Traceback" not in io.out + io.err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert [(r["context"], "error" in r) for r in rows] == [(64, False), (96, True)] * 2

@@ -4,6 +4,7 @@ exact kill-and-resume, the NaN stop, bad inputs, and convert.py's --distill-toke
 The models here are tiny Llamas over a small BPE vocabulary trained on the spot (a few hundred
 tokens), so a training step costs milliseconds and the whole file runs in about a minute on CPU."""
 import json
+import math
 import os
 import shutil
 
@@ -88,18 +89,24 @@ def test_losses_are_the_formulas():
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
 def test_taps_record_teacher_forced_attention_io(family):
     """Stage 1's hooks: x_l is layer l's normalised input in the teacher's own forward, y_l what its
-    attention module returned for it; and a GDN layer fed x_l by the stack gives what it gives alone.
-    Outside their `with` block the hooks are gone: no other forward is held."""
+    attention module returned for it (the same pair taylor_stats.collect_stats records, whose y it
+    checks against softmax(QK^T)V W_o recomputed from the weights); and a GDN layer fed x_l by the
+    stack gives what it gives alone. Outside their `with` block the hooks are gone: no other forward
+    is held."""
     from gdn import decoder_layers, hybridize
+    from taylor_stats import collect_stats
     teacher = tiny_model(family)
     ids = torch.randint(0, 128, (2, 12))
     with torch.no_grad(), distill.TeacherTaps(teacher, [1, 3]) as io:
         h = teacher.model(input_ids=ids, output_hidden_states=True).hidden_states
     assert sorted(io) == [1, 3]
+    stats = collect_stats(teacher, ids, layers=[1, 3], progress=False)
     for l in (1, 3):
         x, y = io[l]
         assert torch.allclose(x, decoder_layers(teacher)[l].input_layernorm(h[l]), atol=1e-6)
-        assert y.shape == x.shape and not torch.equal(x, y)
+        assert stats[l]["check"] < 1e-5
+        assert (x - stats[l]["x"]).abs().max() < 1e-5
+        assert (y - stats[l]["y"]).abs().max() < 1e-5
     held = dict(io)
     with torch.no_grad():
         teacher.model(input_ids=ids[:1, :5])
@@ -138,6 +145,62 @@ def test_parse_tokens_and_schedule():
         distill.parse_tokens("abc", "--eval-every")
     assert distill._lr_factor(0, 10, "cosine") == 1.0 and distill._lr_factor(5, 10, "cosine") == pytest.approx(0.5)
     assert distill._lr_factor(9, 10, "constant") == 1.0 and distill._lr_factor(0, 10, "cosine", warmup=4) == 0.25
+
+
+def test_lr_schedule_warmup_cosine_and_floor():
+    """_lr_factor's formula at a few steps of 14 with 4 warm-up steps and a floor of 0.1: (s + 1) / 4
+    while warming up, then 0.1 + 0.9 * (1 + cos(pi * (s - 4) / 10)) / 2; constant ignores the floor."""
+    f = lambda s, sched="cosine": distill._lr_factor(s, 14, sched, warmup=4, min_ratio=0.1)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0 and f(9) == pytest.approx(0.55, abs=1e-12) and f(14) == pytest.approx(0.1, abs=1e-12)
+    assert f(13) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.9 * math.pi)), abs=1e-12)
+    assert f(6) == pytest.approx(0.1 + 0.45 * (1 + math.cos(0.2 * math.pi)), abs=1e-12)
+    assert distill._lr_factor(9, 10, "cosine", min_ratio=0.3) == pytest.approx(0.3 + 0.35 * (1 + math.cos(0.9 * math.pi)))
+    assert [f(s, "constant") for s in (1, 4, 13)] == [0.5, 1.0, 1.0]
+
+
+def test_param_groups_put_attention_at_lr_and_the_rest_at_lr_rest():
+    """Stage 1 trains the GDN parameters alone, at --lr. Stage 2 trains everything: every attention
+    module's parameters (softmax layers 0, 2 and GDN layers 1, 3) at --lr, all others at --lr-rest.
+    Membership is judged by module, not by the parameter names the builder reads."""
+    from gdn import GatedDeltaNet, decoder_layers, hybridize
+    student = hybridize(tiny_model("llama"), [1, 3])
+    attn = [decoder_layers(student)[i].self_attn for i in range(4)]
+    assert [isinstance(m, GatedDeltaNet) for m in attn] == [False, True, False, True]
+    ids = lambda ps: {id(p) for p in ps}
+    every = ids(student.parameters())
+    gdn = ids(p for m in attn[1::2] for p in m.parameters())
+    softmax = ids(p for m in attn[0::2] for p in m.parameters())
+    (g,) = distill._param_groups(student, 1, 1e-3, 7e-6)
+    assert g["lr"] == 1e-3 and ids(g["params"]) == gdn and len(g["params"]) == len(gdn)
+    assert {id(p) for p in student.parameters() if p.requires_grad} == gdn
+    groups = distill._param_groups(student, 2, 1e-4, 7e-6)
+    by_lr = {g["lr"]: g["params"] for g in groups}
+    assert len(groups) == 2 and set(by_lr) == {1e-4, 7e-6}
+    assert ids(by_lr[1e-4]) == gdn | softmax and len(by_lr[1e-4]) == len(gdn | softmax)
+    assert ids(by_lr[7e-6]) == every - gdn - softmax and len(by_lr[7e-6]) == len(every - gdn - softmax)
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_perplexity_is_exp_mean_nll_of_w_minus_1_predictions_per_window():
+    """3 full windows of 8 tokens and a tail of 5, in batches of 2 (the last one short): the tail is
+    dropped, each window is scored on its own from an empty context, W - 1 = 7 predictions each, and
+    ppl = exp(mean cross-entropy), as computed here window by window from the model's logits."""
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    ids = torch.randint(0, 128, (3 * 8 + 5,))
+    with torch.no_grad():
+        nll = [F.cross_entropy(model(ids[None, i:i + 8]).logits[0, :-1], ids[i + 1:i + 8], reduction="none")
+               for i in (0, 8, 16)]
+    nll = torch.cat(nll)
+    assert nll.numel() == 21
+    r = distill.perplexity(model, ids, window=8, batch_size=2)
+    assert (r["window"], r["windows"], r["tokens"], r["predicted_tokens"]) == (8, 3, 24, 21)
+    assert r["nll"] == pytest.approx(nll.mean().item(), rel=1e-5)
+    assert r["ppl"] == pytest.approx(nll.mean().exp().item(), rel=1e-5)
+    two = distill.perplexity(model, ids, window=8, max_windows=2)
+    assert (two["windows"], two["predicted_tokens"]) == (2, 14)
+    assert two["ppl"] == pytest.approx(nll[:14].mean().exp().item(), rel=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -616,3 +679,22 @@ def test_flops_count_softmax_and_gdn_layers_apart():
     stack = distill.GDNStack(student)
     n_t, n_gdn = distill._matmul_params(teacher, skip=("lm_head",)), distill._matmul_params(stack)
     assert distill._flops_per_token(1, student, teacher, 100, stack) == 2 * n_t + 4 * soft + 3 * (2 * n_gdn + 2 * gdn)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_softmax_mixing_flops_are_half_what_torch_counts(family):
+    """The softmax term against torch's own FLOP counter: eager attention computes QK^T and PV over
+    the whole T x T square (masked, not skipped), 2 x 2 T^2 H D per sequence and layer, the
+    aten.bmm FLOPs inside the attention modules; _mixing_flops counts the causal half (T / 2 keys a
+    token). Gemma3's head_dim (32) is not hidden / heads (16)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    teacher = tiny_model(family)
+    teacher.config._attn_implementation = "eager"
+    B, T = 2, 12
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        teacher(torch.randint(0, 128, (B, T)), use_cache=False)
+    counts = counter.get_flop_counts()
+    attn = [k for k in counts if k.endswith(".self_attn")]
+    assert len(attn) == 4
+    measured = sum(counts[k].get(torch.ops.aten.bmm, 0) for k in attn)
+    assert measured > 0 and measured == 2 * distill._mixing_flops(teacher, T) * B * T
