@@ -444,7 +444,8 @@ class TeacherTaps:
     def _hook(self, i):
         def hook(module, args, kwargs, output):
             x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.io[i] = (x.detach(), output[0].detach())
+            y = output[0] if isinstance(output, tuple) else output     # (HF's: (output, weights))
+            self.io[i] = (x.detach(), y.detach())
         return hook
 
 
