@@ -234,6 +234,9 @@ def resolve(opts, preset=None):
             raise ValueError(f"init option {name} must be >= 0 (got {o[name]})")
     if min(_grid(o, "gamma_grid")) <= 0:
         raise ValueError(f"init option gamma_grid: time steps must be > 0, got {o['gamma_grid']}")
+    if o["gate_search"] and o["gates_from"] == "naive":
+        raise ValueError("init options gate_search=1 and gates_from=naive: the search chooses the gates that "
+                         "gates_from=naive leaves random; use one or the other")
     return o
 
 
@@ -412,10 +415,9 @@ def _gate_search(gdn, x, T, o):
             G, _ = chunk_gated_delta_rule(q, k, v, g.to(q.dtype) if q.dtype == torch.float64 else g, beta.to(q.dtype))
             score[a, b] = F.cosine_similarity(G.float(), T, dim=-1, eps=1e-6).mean((0, 1)).cpu()
     best = score.view(-1, H).argmax(0)
-    ga = torch.tensor(gammas)[best // len(betas)].to(x.device)
+    ga = torch.tensor(gammas)[best // len(betas)].clamp(o["gamma_min"], o["gamma_max"]).to(x.device)
     be = torch.tensor(betas)[best % len(betas)].to(x.device)
-    return ga.clamp(o["gamma_min"], o["gamma_max"]), be, {"gamma": ga.tolist(), "beta": be.tolist(),
-                                                          "cosine": score.view(-1, H).max(0).values.tolist()}
+    return ga, be, {"gamma": ga.tolist(), "beta": be.tolist(), "cosine": score.view(-1, H).max(0).values.tolist()}
 
 
 @torch.no_grad()

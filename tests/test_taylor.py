@@ -7,8 +7,9 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, tiny_config, tiny_model
 
 import calibrate
 import convert
@@ -18,6 +19,31 @@ from gdn import gdn_modules, hybridize
 
 def calib(vocab=128, n=2, length=48, seed=1):
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def sharp_llama(scales=(1.0, 10.0, 30.0, 100.0), layer=1):
+    """A tiny Llama whose query heads of `layer` are scaled by `scales`: a random tiny model attends
+    almost uniformly everywhere, these heads range from that (1) to sharp (100)."""
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[layer].self_attn.q_proj.weight.view(4, 16, 64).mul_(torch.tensor(scales)[:, None, None])
+    return model
+
+
+def gdn_readout(x, Wq, Wk, Wv, g, beta, D):
+    """The GDN recurrence one token at a time, as gdn.py's docstring writes it: q, k = L2norm(SiLU(W x))
+    per head, v = SiLU(W_v x), S_t = exp(g_t) (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T,
+    o_t = S_t^T q_t / sqrt(D). x [N, L, d]; g, beta [N, L, H]; returns o [N, L, H, D] in float64."""
+    N, L, _ = x.shape
+    q, k, v = (F.silu(x.double() @ W.double().T).view(N, L, -1, D) for W in (Wq, Wk, Wv))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    S = torch.zeros(N, q.shape[2], D, D, dtype=torch.float64)
+    out = []
+    for t in range(L):
+        kt, a, b = k[:, t, :, :, None], g[:, t, :, None, None].double().exp(), beta[:, t, :, None, None].double()
+        S = a * (S - b * kt * (kt.transpose(-1, -2) @ S)) + b * kt * v[:, t, :, None, :]
+        out.append((S.transpose(-1, -2) @ q[:, t, :, :, None])[..., 0] / math.sqrt(D))
+    return torch.stack(out, 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +94,23 @@ def test_collect_stats_matches_eager_attention(family):
         assert torch.allclose(stats[i]["h"], hidden[i].float(), atol=1e-5)
         assert torch.allclose(stats[i]["x"], model.model.layers[i].input_layernorm(hidden[i]).float(), atol=1e-5)
         assert stats[i]["ctx"].shape[:3] == (2, 24, 4)
+
+
+@pytest.mark.parametrize("wrong", ["v 5% off", "q one token late"])
+def test_collect_stats_refuses_attention_it_does_not_reproduce(wrong, monkeypatch):
+    """collect_stats' promise: a recomputation of the attention whose concat(ctx) W_o misses the
+    module's own output is an error, not wrong statistics. Here its v is 5% too large, or its q is
+    the previous token's (on sharpened queries, so that attention depends on q)."""
+    model = sharp_llama((10.0,) * 4)
+    ids = calib()
+    assert taylor_stats.collect_stats(model, ids, layers=[1], progress=False)[1]["check"] < 1e-4
+    real = taylor_stats._attention_pieces
+    def off(*args):
+        q, k, v = real(*args)
+        return (q, k, v * 1.05) if wrong.startswith("v") else (q.roll(1, dims=2), k, v)
+    monkeypatch.setattr(taylor_stats, "_attention_pieces", off)
+    with pytest.raises(ValueError, match="layer 1: recomputed attention output differs from the module's by"):
+        taylor_stats.collect_stats(model, ids, layers=[1], progress=False)
 
 
 def test_undefined_statistics_fall_back_with_a_warning():
@@ -132,13 +175,47 @@ def test_phase2_loss_decreases(init):
 
 
 def test_gate_search_and_heldout_keep_best_run():
-    """Two of our options that taylor-plus does not use by default, kept reachable and working."""
+    """Two of our options that taylor-plus does not use by default, kept reachable and working.
+    gate_search: each head's (gamma, beta) is the grid point whose readout (constant gates, the
+    recurrence written out here, the naive W_q, W_k, W_v) has the highest mean cosine with the
+    teacher context, and the layer then runs those gates: A_log = 0 and a_proj=zero make the time step
+    softplus(dt_bias) exactly gamma, write_gate=fit centres beta on the chosen one."""
     teacher = tiny_model("llama")
     ids = calib(n=3)
-    _, info = convert.convert(teacher, [0], "taylor", ids, init_opts=calibrate.parse_opts(
-        ["steps=10", "gate_search=1", "val_rows=1", "write_gate=fit", "a_proj=zero", "out_gate=fit"]))
+    gammas, betas = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0], [0.1, 0.3, 0.5, 0.7, 0.9]
+    search = ["gate_search=1", "write_gate=fit", "a_proj=zero", "out_gate=fit",
+              "gamma_grid=" + ",".join(map(str, gammas)), "beta_grid=" + ",".join(map(str, betas))]
+    _, info = convert.convert(teacher, [0], "taylor", ids, init_opts=calibrate.parse_opts(["steps=10", "val_rows=1"] + search))
     rec = info["init_info"]["layers"][1]
     assert len(rec["phase1"]["gate_search"]["gamma"]) == 4 and rec["phase2"]["val_rows"] == 1
+    student, info = convert.convert(teacher, [0], "taylor-phase1", ids, init_opts=calibrate.parse_opts(search))
+    found = info["init_info"]["layers"][1]["phase1"]["gate_search"]
+    gdn = gdn_modules(student)[1]
+    naive = gdn_modules(hybridize(copy.deepcopy(teacher), [1]))[1]
+    st = taylor_stats.collect_stats(teacher, ids, layers=[1], progress=False)[1]
+    x, T = st["x"], st["ctx"].double()
+    ones = torch.ones(*x.shape[:2], 4)
+    with torch.no_grad():
+        score = torch.stack([torch.stack([F.cosine_similarity(gdn_readout(
+            x, naive.q_proj.weight, naive.k_proj.weight, naive.v_proj.weight, -gm * ones, bt * ones, 16), T, dim=-1)
+            .mean((0, 1)) for bt in betas]) for gm in gammas])                                   # [gamma, beta, head]
+        step = F.softplus(gdn.dt_bias)
+        beta_seen = torch.sigmoid(x @ gdn.b_proj.weight.T).mean((0, 1))
+    assert torch.all(gdn.A_log == 0) and torch.all(gdn.a_proj.weight == 0)
+    for h in range(4):
+        a, b = (min(range(len(grid)), key=lambda j: abs(grid[j] - v)) for grid, v in
+                ((gammas, found["gamma"][h]), (betas, found["beta"][h])))
+        assert found["gamma"][h] == pytest.approx(gammas[a], rel=1e-6) and found["beta"][h] == pytest.approx(betas[b]), h
+        assert step[h].item() == pytest.approx(gammas[a], rel=1e-4), h
+        assert abs(beta_seen[h].item() - betas[b]) < 0.05, h
+        assert score[a, b, h] >= score[..., h].max() - 1e-5, (h, score[a, b, h], score[..., h].max())
+        assert score[..., h].max() - score[..., h].min() > 0.01                              # the choice matters
+    # a grid point above gamma_max: the layer runs gamma_max, and so says the record
+    cap = min(found["gamma"]) / 2
+    student, info = convert.convert(teacher, [0], "taylor-phase1", ids,
+                                    init_opts=calibrate.parse_opts(search + [f"gamma_max={cap}", "gamma_min=1e-3"]))
+    capped = info["init_info"]["layers"][1]["phase1"]["gate_search"]["gamma"]
+    assert capped == pytest.approx([cap] * 4) and F.softplus(gdn_modules(student)[1].dt_bias).tolist() == pytest.approx(capped, rel=1e-4)
 
 
 def test_phase2_result_is_in_the_student():
@@ -190,35 +267,51 @@ def test_align_plus_trains_the_output_projection_and_align_only_does_not():
 
 
 def test_phase1_sets_what_the_statistics_say():
-    """Timescale: half-life = distance (A_log = 0); write_gate=fit really centres beta on its target,
-    the reference's rescaling does not have to."""
-    teacher = tiny_model("llama")
+    """Each Phase-1 setting against calibrate.py's formula, computed here from collect_stats' distance,
+    entropy, x and ctx, on a layer whose heads range from diffuse to sharp: A_log = 0 and
+    softplus(dt_bias) = clip(ln2/d_h, 1e-3, 5) (half-life = distance); beta_h = 0.3 + 0.4 c_h with c_h
+    from the entropies (the sharpest head writes with 0.7, the most diffuse 0.3), W_b's rows rescaled
+    to logit(beta_h)/sqrt(d) * W_b[h]/mean|W_b[h]|; W_v's head rows times sigma_h = <T_h, G_h>/||G_h||^2
+    clipped to [0.1, 10], G the readout of these gates with the unscaled W_v (the recurrence written
+    out here); W_g = kappa W_v, kappa = 0.01 RMS(T)/RMS(SiLU(W_v x)). What Phase 1 reports is what it
+    set. write_gate=fit really centres beta on its target, the reference's rescaling does not have to."""
+    teacher = sharp_llama()
     ids = calib(length=64)
     stats = taylor_stats.collect_stats(teacher, ids, progress=False)
-    student = hybridize(tiny_model("llama"), [1])
-    info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "write_gate": "fit"})
+    st = stats[1]
+    student = hybridize(copy.deepcopy(teacher), [1])
+    p1 = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})["layers"][1]["phase1"]
     gdn = gdn_modules(student)[1]
-    gamma = torch.tensor(info["layers"][1]["phase1"]["gamma"])
-    expect = (math.log(2) / stats[1]["distance"]).clamp(1e-3, 5)
-    assert torch.allclose(gamma, expect)
-    assert torch.all(gdn.A_log == 0)
-    p1 = info["layers"][1]["phase1"]
-    assert max(abs(a - b) for a, b in zip(p1["beta_mean"], p1["beta_target"])) < 0.05
-    # what is reported is what the weights hold: the time step, sigma on W_v's head rows, W_g = kappa W_v
-    assert torch.allclose(torch.nn.functional.softplus(gdn.dt_bias), gamma, rtol=1e-4)
-    before = gdn_modules(hybridize(tiny_model("llama"), [1]))[1].v_proj.weight.view(4, 16, 64)
-    ratio = (gdn.v_proj.weight.view(4, 16, 64) / before).flatten(1)
-    assert torch.allclose(ratio, torch.tensor(p1["sigma"])[:, None].expand_as(ratio), rtol=1e-4)
-    assert torch.allclose(gdn.g_proj.weight, p1["kappa"] * gdn.v_proj.weight, rtol=1e-4, atol=1e-9)
-    # the reference's rescaling: row h of W_b becomes logit(beta_h) / sqrt(d) * W_b[h] / mean|W_b[h]|
-    student = hybridize(tiny_model("llama"), [1])
-    info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})
-    fresh = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
+    naive = gdn_modules(hybridize(copy.deepcopy(teacher), [1]))[1]
     with torch.no_grad():
-        calibrate._standard_gates(fresh, calibrate.resolve({}))
-    Wb, beta = fresh.b_proj.weight, torch.tensor(info["layers"][1]["phase1"]["beta_target"])
-    expect = calibrate._logit(beta)[:, None] / math.sqrt(64) * Wb / Wb.abs().mean(1, keepdim=True)
-    assert torch.allclose(gdn_modules(student)[1].b_proj.weight, expect, rtol=1e-4, atol=1e-7)
+        calibrate._standard_gates(naive, calibrate.resolve({}))
+    gamma = (math.log(2) / st["distance"]).clamp(1e-3, 5)
+    ent = st["entropy"]
+    beta = 0.3 + 0.4 * (1 - (ent - ent.min()) / max(float(ent.max() - ent.min()), 1e-3))
+    assert beta[ent.argmin()] == pytest.approx(0.7) and beta[ent.argmax()] == pytest.approx(0.3)
+    assert torch.all(gdn.A_log == 0)
+    assert torch.allclose(F.softplus(gdn.dt_bias), gamma, rtol=1e-4)
+    Wb = naive.b_proj.weight
+    Wb = torch.logit(beta)[:, None] / math.sqrt(64) * Wb / Wb.abs().mean(1, keepdim=True)
+    assert torch.allclose(gdn.b_proj.weight, Wb, rtol=1e-4, atol=1e-7)
+    x, T = st["x"], st["ctx"].double()
+    with torch.no_grad():
+        g = -F.softplus(x @ naive.a_proj.weight.T + torch.log(torch.expm1(gamma)))
+        G = gdn_readout(x, naive.q_proj.weight, naive.k_proj.weight, naive.v_proj.weight, g, torch.sigmoid(x @ Wb.T), 16)
+        sigma = ((T * G).sum((0, 1, 3)) / G.pow(2).sum((0, 1, 3))).clamp(0.1, 10).float()
+        Wv = (naive.v_proj.weight.view(4, 16, 64) * sigma[:, None, None]).view(64, 64)
+        kappa = 0.01 * T.pow(2).mean().sqrt() / F.silu(x.double() @ Wv.double().T).pow(2).mean().sqrt()
+    assert sigma.min() == pytest.approx(0.1) and 0.2 < sigma.max() < 9.9         # clipped and free heads alike
+    assert torch.allclose(gdn.v_proj.weight, Wv, rtol=1e-3, atol=1e-8)
+    assert torch.allclose(gdn.g_proj.weight, kappa.float() * Wv, rtol=1e-3, atol=1e-9)
+    assert torch.allclose(torch.tensor(p1["gamma"]), gamma) and torch.allclose(torch.tensor(p1["beta_target"]), beta)
+    assert torch.allclose(torch.tensor(p1["sigma"]), sigma, rtol=1e-3) and p1["kappa"] == pytest.approx(kappa.item(), rel=1e-3)
+    # write_gate=fit: W_b x sits at logit(beta_h) on the calibration tokens
+    student = hybridize(copy.deepcopy(teacher), [1])
+    calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "write_gate": "fit"})
+    with torch.no_grad():
+        seen = torch.sigmoid(x @ gdn_modules(student)[1].b_proj.weight.T).mean((0, 1))
+    assert (seen - beta).abs().max() < 0.05
 
 
 def test_write_gate_bias_centres_beta_and_keeps_its_tokens(tmp_path):
@@ -269,7 +362,8 @@ def test_init_options_are_checked():
                          (["dt_floor=-1"], "dt_floor must be > 0"), (["lr_qkv=-1"], "lr_qkv must be >= 0"),
                          (["gamma_grid=nan,1"], "finite"), (["conc_eps=0"], "conc_eps must be > 0"),
                          (["clip=-1"], "clip must be > 0"), (["gate_std=-1"], "gate_std must be >= 0"),
-                         (["ridge=-1"], "ridge must be >= 0")):
+                         (["ridge=-1"], "ridge must be >= 0"),
+                         (["gate_search=1", "gates_from=naive"], "use one or the other")):
         with pytest.raises(ValueError, match=message):
             calibrate.parse_opts(bad)
 
@@ -307,15 +401,68 @@ def test_student_input_alignment_refuses_sandwich_norms():
                     init_opts=calibrate.parse_opts(["phase2_input=student", "steps=2"]))
 
 
+@pytest.mark.parametrize("o_bias", [False, True])
+def test_zero_gate_is_the_teacher_without_those_attention_layers(o_bias):
+    """zero-gate (calibrate.py): W_g = 0 closes every output gate, so the hybrid computes what the
+    teacher computes with the converted layers' attention output replaced by 0 -- or by W_o's bias,
+    where o_proj has one (a Llama with attention_bias and random biases, so that they show). The
+    teacher side is run with forward hooks on its attention modules that do just that."""
+    from transformers import AutoModelForCausalLM
+    config = tiny_config("llama")
+    config.attention_bias = o_bias
+    torch.manual_seed(0)
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    if o_bias:
+        with torch.no_grad():
+            for layer in teacher.model.layers:
+                layer.self_attn.o_proj.bias.normal_(0, 0.5)
+    ids = calib()
+    student, _ = convert.convert(teacher, [0, 2], "zero-gate")
+    naive, _ = convert.convert(teacher, [0, 2], "naive")
+    with torch.no_grad():
+        got, full, other = student(ids).logits, teacher(ids).logits, naive(ids).logits
+    def removed(module, args, out):
+        bias = module.o_proj.bias
+        return (torch.zeros_like(out[0]) + (0 if bias is None else bias),) + tuple(out[1:])
+    hooks = [teacher.model.layers[i].self_attn.register_forward_hook(removed) for i in (1, 3)]
+    try:
+        with torch.no_grad():
+            want = teacher(ids).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(want, full, atol=1e-3) and not torch.allclose(want, other, atol=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------
 # Policies
 # ---------------------------------------------------------------------------------------------
 
+def probe_ppl(model, probe):
+    """exp(mean next-token NLL) over the probe rows, each row one window."""
+    with torch.no_grad():
+        logits = model(probe).logits[:, :-1].double()
+    return math.exp(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), probe[:, 1:].reshape(-1)).item())
+
+
 def test_policies_on_a_tiny_model():
+    """AR's score of layer i is the probe perplexity of the teacher without layer i's attention (here:
+    its W_o zeroed, so the attention adds nothing to the residual stream) minus the teacher's; AR keeps
+    the largest. GA-S2 keeps the lowest student perplexities, and its bank builds the same student as
+    the init run directly."""
     teacher = tiny_model("llama", layers=6)
     ids, probe = calib(), calib(seed=2)
     ar = convert._ar_scores(teacher, probe)
     assert len(ar["scores"]) == 6
+    base = probe_ppl(teacher, probe)
+    assert ar["base_ppl"] == pytest.approx(base, rel=1e-5)
+    for i in range(6):
+        cut = copy.deepcopy(teacher)
+        with torch.no_grad():
+            cut.model.layers[i].self_attn.o_proj.weight.zero_()
+        assert ar["scores"][i] == pytest.approx(probe_ppl(cut, probe) - base, abs=1e-3), i
+    assert min(abs(s) for s in ar["scores"]) > 0.1                        # every layer matters: the test bites
     kept = convert.choose_layers(6, ("fraction", 1 / 3), "ar", ar["scores"])
     assert len(kept) == 2 and set(kept) == set(sorted(range(6), key=lambda i: -ar["scores"][i])[:2])
     bank, per_layer, _, _ = convert._layer_bank(teacher, "taylor-phase1", ids)
