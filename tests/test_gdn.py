@@ -68,6 +68,73 @@ def test_bad_shapes_are_named():
         chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=s0[:, :1])
 
 
+def test_layer_by_hand():
+    """The layer's forward (full, and a cached prefill then one step) against METHOD section 1 written out
+    for one sequence: a causal 2-tap conv then SiLU on q, k, v; q, k L2-normalised per head;
+    g = -exp(A_log) softplus(W_a x + dt_bias); beta = sigmoid(W_b x + b_b); the state update as matrices
+    with scale head_dim^-0.5; per-head RMSNorm * w_norm * SiLU(W_g x); W_o. The other layer tests compare
+    its paths with each other or with gdn_layer_step, written from the same lines: a shared mistake passes."""
+    from transformers import DynamicCache, LlamaConfig
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    H, D, d, T, eps = 2, 4, 6, 4, 1e-3
+    layer = GatedDeltaNet(d, H, D, 0, conv_size=2, norm_eps=eps, beta_bias=True).eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(std=0.5)
+    x = torch.randn(1, T, d)
+    W = {n: lin.weight.detach() for n, lin in layer.inputs().items()}
+    xs, cw = x[0], layer.conv.weight.detach()[:, 0]
+    pre = xs @ torch.cat([W["q"], W["k"], W["v"]]).T
+    prev = torch.cat([torch.zeros(1, 3 * H * D), pre[:-1]])
+    act = F.silu(cw[:, 0] * prev + cw[:, 1] * pre).view(T, 3, H, D)
+    q, k, v = F.normalize(act[:, 0], dim=-1), F.normalize(act[:, 1], dim=-1), act[:, 2]
+    g = -layer.A_log.detach().exp() * F.softplus(xs @ W["a"].T + layer.dt_bias.detach())
+    beta = torch.sigmoid(xs @ W["b"].T + layer.b_proj.bias.detach())
+    gate = F.silu(xs @ W["g"].T).view(T, H, D)
+    S, want = torch.zeros(H, D, D), []
+    for t in range(T):
+        o = []
+        for h in range(H):
+            kt = k[t, h][:, None]
+            S[h] = g[t, h].exp() * (torch.eye(D) - beta[t, h] * kt @ kt.T) @ S[h] + beta[t, h] * kt @ v[t, h][None, :]
+            o.append(S[h].T @ q[t, h] / D ** 0.5)
+        o = torch.stack(o)
+        o = o / torch.sqrt(o.pow(2).mean(-1, keepdim=True) + eps) * layer.o_norm.detach()
+        want.append(layer.o_proj.weight.detach() @ (o * gate[t]).reshape(-1))
+    want = torch.stack(want)[None]
+    cache = DynamicCache(config=LlamaConfig(num_hidden_layers=1, hidden_size=d, num_attention_heads=2,
+                                            num_key_value_heads=2))
+    with torch.no_grad():
+        full = layer(x)[0]
+        cached = torch.cat([layer(x[:, :T - 1], past_key_values=cache)[0],
+                            layer(x[:, T - 1:], past_key_values=cache)[0]], 1)
+    torch.testing.assert_close(full, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cached, want, rtol=1e-5, atol=1e-5)
+
+
+def test_identity_conv_is_no_conv():
+    """reset_conv's identity filters (weight on the current token only) make a layer with a short conv
+    compute what the same layer without one computes: adding the conv changes nothing at the start."""
+    torch.manual_seed(0)
+    with_conv, without = GatedDeltaNet(40, 3, 16, 0, conv_size=4).eval(), GatedDeltaNet(40, 3, 16, 0).eval()
+    without.load_state_dict({k: v for k, v in with_conv.state_dict().items() if not k.startswith("conv.")})
+    x = torch.randn(2, 9, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(with_conv(x)[0], without(x)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_standard_random_init_ranges():
+    """reset_parameters draws METHOD section 2's gates: A ~ U(0, 16) with A_log = log A, and
+    softplus(dt_bias) = dt log-uniform on [1e-3, 0.1]. With 4096 heads the draws fill both ranges and a
+    log-uniform dt has its median near sqrt(1e-3 * 0.1) = 1e-2."""
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(8, 4096, 1, 0)
+    A, dt = layer.A_log.detach().exp(), torch.nn.functional.softplus(layer.dt_bias.detach())
+    assert 0 < A.min() < 0.05 and 15.9 < A.max() <= 16 and 7 < A.median() < 9
+    assert 0.999e-3 <= dt.min() < 1.01e-3 and 0.099 < dt.max() <= 0.1001 and 0.008 < dt.median() < 0.0125
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_convert_keeps_the_kept_layers_bitwise_and_converts_exactly_the_others(family):
     """convert(teacher, kept): exactly the layers not kept become GatedDeltaNet; a kept layer (its
@@ -112,10 +179,24 @@ def test_save_load_identical_logits(family, tmp_path):
         assert torch.equal(again(ids).logits, student(ids).logits)
 
 
+def test_save_load_keeps_every_hybrid_option(tmp_path):
+    """load_hybrid rebuilds the GDN layers from the saved config.hybrid: every option comes back, a
+    non-default norm_eps included, which strict weight loading and equal logits would not notice."""
+    model = hybridize(tiny_model("llama"), [0, 2], conv_size=3, norm_eps=1e-2, beta_bias=True)
+    save_hybrid(model, None, tmp_path / "h")
+    again = load_hybrid(tmp_path / "h")
+    assert again.config.hybrid == model.config.hybrid == {"gdn_layers": [0, 2], "conv_size": 3, "norm_eps": 1e-2,
+                                                          "beta_bias": True}
+    for i, m in gdn_modules(again).items():
+        assert (m.conv_size, m.norm_eps, m.b_proj.bias is not None) == (3, 1e-2, True), i
+
+
 @torch.no_grad()
 def decode_paths(model, ids, prompt, new_tokens):
     """(logits decoded through the cache after a `prompt`-token prefill, logits of one full forward,
-    greedy generate() from the first `prompt // 2` tokens, the same greedy by full recomputation)."""
+    greedy generate() from the first `prompt // 2` tokens, the same greedy by full recomputation). No
+    end-of-sequence token: generate() would stop at one and pad, where the recomputation runs on."""
+    model.generation_config.eos_token_id = None
     full = model(ids, use_cache=False).logits
     out = model(ids[:, :prompt], use_cache=True)
     steps, cache = [out.logits], out.past_key_values
@@ -186,7 +267,6 @@ def test_stacked_projections_share_the_weights(beta_bias, tmp_path):
         other.model.layers[2].self_attn.b_proj.weight.mul_(0.5)
         torch.testing.assert_close(other(ids).logits, hybridize_reference(other, ids), rtol=1e-5, atol=1e-5)
         assert other.model.layers[2].self_attn.stacked is None
-        model.generation_config.eos_token_id = None                   # greedy runs all 6 tokens
         inc, full, gen, seq = decode_paths(model, ids, prompt=12, new_tokens=6)
         torch.testing.assert_close(inc, full, rtol=1e-4, atol=1e-4)
         assert torch.equal(gen, seq)
@@ -218,6 +298,21 @@ def test_gqa_heads_are_repeated_in_order():
     vv, gv = attn.v_proj.weight.view(2, 16, 64), gdn.v_proj.weight.view(4, 16, 64)
     assert all(torch.equal(gv[h], vv[h // 2]) for h in range(4))
     assert torch.equal(gdn.q_proj.weight, attn.q_proj.weight) and torch.equal(gdn.o_proj.weight, attn.o_proj.weight)
+
+
+def test_naive_copy_takes_the_output_bias():
+    """A teacher whose W_o has a bias (Llama with attention_bias) passes it to the GDN layer with W_o:
+    random values, since HF initialises biases to zero and a zero bias left behind would look copied."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    config = tiny_config("llama")
+    config.attention_bias = True
+    teacher = AutoModelForCausalLM.from_config(config).eval()
+    attn = teacher.model.layers[1].self_attn
+    with torch.no_grad():
+        attn.o_proj.bias.normal_()
+    gdn = hybridize(copy.deepcopy(teacher), [1]).model.layers[1].self_attn
+    assert torch.equal(gdn.o_proj.bias, attn.o_proj.bias)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])

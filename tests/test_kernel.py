@@ -171,6 +171,34 @@ def test_torch_chunk_matches_recurrence_fp64(C, T):
     assert_close_all(all_outputs(f, xs), all_outputs(gk.recurrent_gated_delta_rule, xs), TOL_FP64)
 
 
+def test_recurrence_by_hand():
+    """The PyTorch forms against equation (1) written out as matrices, S_t = alpha_t (I - beta_t k_t k_t^T)
+    S_{t-1} + beta_t k_t v_t^T and o_t = S_t^T q_t / sqrt(Dk), for three tokens with the default scale.
+    Every other test compares the forms with each other, and would not see a mistake they share."""
+    B, T, H, DK, DV = 2, 3, 2, 4, 3
+    q, k, v, g, beta, h0 = inputs(B, T, H, DK, DV, dtype=torch.float64, device="cpu", seed=12)
+    want_o, want_S = torch.zeros(B, T, H, DV, dtype=torch.float64), h0.clone()
+    for b in range(B):
+        for h in range(H):
+            S = h0[b, h]
+            for t in range(T):
+                kt, a, bt = k[b, t, h][:, None], g[b, t, h].exp(), beta[b, t, h]
+                S = a * (torch.eye(DK, dtype=torch.float64) - bt * kt @ kt.T) @ S + bt * kt @ v[b, t, h][None, :]
+                want_o[b, t, h] = S.T @ q[b, t, h] / DK ** 0.5
+            want_S[b, h] = S
+    got = [gk.recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=h0, output_final_state=True),
+           gk.chunk_gated_delta_rule_torch(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                           chunk_size=2)]
+    S, outs = h0.clone(), []
+    for t in range(T):
+        o, S = gk.gated_delta_rule_step_torch(q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], S)
+        outs.append(o)
+    got.append((torch.stack(outs, 1), S))
+    for o, S in got:
+        torch.testing.assert_close(o, want_o, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(S, want_S, rtol=1e-12, atol=1e-12)
+
+
 def test_torch_chunk_gradcheck():
     xs = [x.requires_grad_() for x in inputs(1, 7, 1, 4, 3, dtype=torch.float64, device="cpu", seed=1)]
     f = lambda q, k, v, g, b, h0: gk.chunk_gated_delta_rule_torch(q, k, v, g, b, initial_state=h0,
