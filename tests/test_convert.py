@@ -35,6 +35,15 @@ def test_uniform_policy_matches_the_reference():
     assert choose_layers(30, ("list", [8, 0]), "uniform") == [0, 8]
 
 
+def test_uniform_rule_rounds_the_step_and_spreads_the_rest():
+    """s = round(1/fraction), METHOD section 4: 0.3 (1/0.3 = 3.33) and 0.35 (2.86) keep every third
+    layer, neither a ceiling nor a truncation. Above 1/2 the GDN layers sit at the centres of n - K
+    equal blocks, so layer 0 stays softmax as under the step rule: 3/4 of 8 turns layers 2 and 6."""
+    assert _uniform_layers(30, 0.3) == _uniform_layers(30, 0.35) == list(range(0, 30, 3))
+    assert _uniform_layers(28, 1 / 4) == list(range(0, 28, 4))
+    assert _uniform_layers(8, 3 / 4) == [0, 1, 3, 4, 5, 7]
+
+
 def test_convert_save_load_generate(teacher_dir, eval_text, tmp_path, capsys):
     out = tmp_path / "hybrid"
     code, io = run(["--teacher", teacher_dir, "--keep", "1/2", "--out", str(out), "--eval-data", eval_text,
@@ -53,6 +62,30 @@ def test_convert_save_load_generate(teacher_dir, eval_text, tmp_path, capsys):
     os.umask(mask)                                      # readable as if written by open(), not private
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~mask
     assert all(os.stat(out / f).st_mode & 0o777 == 0o666 & ~mask for f in os.listdir(out))
+
+
+def test_publish_replaces_the_old_folder_and_puts_it_back_on_failure(tmp_path, monkeypatch):
+    """_publish swaps the finished folder in for --out: afterwards the old one is gone (no copy of it
+    left beside --out); if the final rename fails, the old --out is back in place."""
+    from convert import _publish
+
+    def folder(name, text):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f.txt").write_text(text)
+        return str(tmp_path / name)
+    out = folder("o", "old")
+    _publish(folder(".o.tmp-1", "new"), out)
+    assert (tmp_path / "o" / "f.txt").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["o"]
+    tmp, real = folder(".o.tmp-2", "newer"), os.replace
+
+    def replace(src, dst):
+        if src == tmp:
+            raise OSError("disk full")
+        real(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        _publish(tmp, out)
+    assert (tmp_path / "o" / "f.txt").read_text() == "new"
 
 
 def no_output(tmp_path, out):
@@ -129,6 +162,26 @@ def test_table_keeps_an_existing_results_file(teacher_dir, eval_text, tmp_path, 
     assert code == 2 and "not a scores JSON" in io.err and other.read_text() == '{"teacher": "x", "layers": 4}'
     code, io = run(base + ["--overwrite"], capsys)
     assert code == 0 and json.loads((tmp_path / "t.json").read_text())["cells"]
+
+
+def test_append_replaces_only_the_cells_measured_again(tmp_path):
+    """--append merges tables by (keep, policy, init): a cell measured again replaces its old value,
+    once; the old cells of other inits and policies, in the same column or not, stay."""
+    from types import SimpleNamespace
+    from convert import _write_table
+
+    def cell(policy, init, ppl):
+        return {"keep": 0.5, "policy": policy, "init": init, "kept_layers": [0, 2], "probe_init": None,
+                "init_seconds": 1.0, "ppl": {"ppl": ppl}, "init_info": {}, "device": "cpu"}
+    same = {"teacher": "t", "eval_data": "e", "calib_data": "c", "eval_format": "plain", "calib": [2, 32],
+            "dtype": "float32", "seed": 0, "window": 64, "max_windows": 1, "init_opts": {}}
+    old = {**same, "cells": [cell("uniform", "naive", 100.0), cell("uniform", "taylor", 50.0), cell("ar", "naive", 90.0)]}
+    teacher_ppl = {"ppl": 10.0, "windows": 1, "window": 64, "tokens": 64}
+    rec = _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0), old, same, 4, teacher_ppl, {}, 0.0, {},
+                       [cell("uniform", "naive", 80.0)])
+    got = sorted((c["policy"], c["init"], c["ppl"]["ppl"]) for c in rec["cells"])
+    assert got == [("ar", "naive", 90.0), ("uniform", "naive", 80.0), ("uniform", "taylor", 50.0)]
+    assert json.loads((tmp_path / "zs.json").read_text())["cells"] == rec["cells"]
 
 
 def test_unsupported_architecture(tmp_path, capsys):

@@ -96,6 +96,26 @@ def test_collect_stats_matches_eager_attention(family):
         assert stats[i]["ctx"].shape[:3] == (2, 24, 4)
 
 
+def test_distance_floor_reaches_both_distances():
+    """collect_stats(floor=F) counts max(i - j, F) in the distance and in the distance without the sink,
+    and records F (calibrate trusts that record when handed the statistics). Against HF's eager
+    attention with F = 3, which raises every row's last three keys above the default floor's weight."""
+    model = tiny_model("llama")
+    model.config._attn_implementation = "eager"
+    ids = calib(length=24)
+    st = taylor_stats.collect_stats(model, ids, layers=[1], progress=False, floor=3.0)[1]
+    with torch.no_grad():
+        a = model(ids, output_attentions=True).attentions[1].double()      # [N, H, T, T]
+    T = a.shape[-1]
+    lag = (torch.arange(T)[:, None] - torch.arange(T)[None, :]).double().clamp(min=3.0)
+    rest = a[..., 1:].sum(-1)
+    nosink = torch.where(rest > 1e-6, (a[..., 1:] * lag[:, 1:]).sum(-1) / rest.clamp_min(1e-12),
+                         torch.full_like(rest, 3.0))
+    assert st["floor"] == 3.0
+    assert torch.allclose(st["distance"].double(), (a * lag).sum(-1).mean((0, 2)), rtol=1e-4)
+    assert torch.allclose(st["distance_nosink"].double(), nosink.mean((0, 2)), rtol=1e-4)
+
+
 @pytest.mark.parametrize("wrong", ["v 5% off", "q one token late"])
 def test_collect_stats_refuses_attention_it_does_not_reproduce(wrong, monkeypatch):
     """collect_stats' promise: a recomputation of the attention whose concat(ctx) W_o misses the
@@ -486,6 +506,47 @@ def test_policy_bad_input():
         convert.choose_layers(6, ("fraction", 0.5), "ar", None)
 
 
+def test_policies_keep_the_uniform_count_and_never_prefer_nan():
+    """A fraction keeps as many layers under AR and GA-S2 as the uniform rule does, so that policies
+    compare at equal K (1/4 of 10: layers 0, 4, 8, so 3, where round(10/4) would be 2); a NaN or
+    missing score (a probe that diverged) is chosen by neither policy."""
+    scores = [5.0, 1.0, 9.0, 3.0, 7.0, 2.0, 8.0, 4.0, 6.0, 0.5]
+    assert convert.choose_layers(10, ("fraction", 0.25), "ar", scores) == [2, 4, 6]
+    assert convert.choose_layers(10, ("fraction", 0.25), "ga-s2", scores) == [1, 5, 9]
+    odd = [float("nan"), 1.0, 2.0, None]
+    assert convert.choose_layers(4, ("fraction", 0.5), "ar", odd) == [1, 2]
+    assert convert.choose_layers(4, ("fraction", 0.5), "ga-s2", odd) == [1, 2]
+
+
+def test_scores_cache_key_names_what_the_scores_depend_on():
+    """Cached policy scores are reused only for the same probe tokens (another text of the same shape
+    is scored afresh) and, for GA-S2, the same probe init options and seed (_ga_key)."""
+    teacher, calls, cache = tiny_model("llama"), [], {}
+
+    def compute():
+        calls.append(1)
+        return {"scores": [float(len(calls))] * 4}
+    a, b = calib(seed=2), calib(seed=3)
+    ga = convert._ga_key
+    for probe, extra in ((a, ""), (a, ""), (b, ""), (a, ga("taylor", {}, 0)), (a, ga("taylor", {}, 1)),
+                         (a, ga("taylor", {"steps": 5}, 0)), (a, ga("taylor", {}, 0))):
+        convert._policy_scores("ga-s2", teacher, "t", probe, cache, extra, compute)
+    assert len(calls) == len(cache) == 5
+
+
+def test_policy_probe_is_the_block_after_the_calibration_tokens(tokenizer, tmp_path):
+    """calib_ids: the calibration tokens are the text's first calib_seqs x calib_len tokens, and the
+    policies' probe (part=1) the same number right after them, never the tokens an init is fitted on."""
+    from types import SimpleNamespace
+    import distill
+    path = tmp_path / "c.txt"
+    path.write_text(" ".join(f"word{i}" for i in range(200)))
+    args = SimpleNamespace(calib_data=str(path), calib_seqs=2, calib_len=16)
+    ids = tokenizer(distill.read_text(str(path), "auto"), add_special_tokens=False)["input_ids"]
+    assert convert.calib_ids(args, tokenizer).tolist() == [ids[:16], ids[16:32]]
+    assert convert.calib_ids(args, tokenizer, part=1).tolist() == [ids[32:48], ids[48:64]]
+
+
 def test_ga_s2_init_seconds_leave_out_the_probes(teacher_dir, tmp_path, monkeypatch):
     """A GA-S2 hybrid assembled from the probes' layer bank records what its own init cost (as a
     --table cell does), not the probes: here they are made to take 3 s."""
@@ -520,6 +581,9 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     assert "stats" in rec["init_info"] and "layers" in rec["init_info"]
     gdn_layers = [str(i) for i in rec["gdn_layers"]]                # the bank's record, of these layers only
     assert sorted(rec["init_info"]["layers"]) == sorted(rec["init_info"]["stats"]) == gdn_layers
+    hybrid = json.loads((tmp_path / "ga-s2" / "config.json").read_text())["hybrid"]
+    assert len(rec["kept_layers"]) == 2 and sorted(rec["kept_layers"] + rec["gdn_layers"]) == [0, 1, 2, 3]
+    assert hybrid["kept_layers"] == rec["kept_layers"] and hybrid["gdn_layers"] == rec["gdn_layers"]
     assert convert.main(base + ["--policy", "ar", "--init", "naive", "--out", str(tmp_path / "again")]) == 0
     assert json.loads(scores.read_text()) == cached       # reused, nothing new computed
 
