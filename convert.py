@@ -710,14 +710,14 @@ def _run_convert(args):
         stats = policy_info.pop("_stats", None)                 # GA-S2's teacher pass, reused below
         if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
             t1 = time.time()
-            student = _from_bank(teacher, kept, bank[0], args.conv_size)
+            student = _from_bank(teacher, kept, bank["layers"], args.conv_size)
             student.config.hybrid["init"] = args.init
             gdn_layers = [i for i in range(n) if i not in kept]
             ii = {k: ({i: v[i] for i in gdn_layers if i in v} if k in ("layers", "stats") else v)   # the bank's
-                  for k, v in bank[1].items()}                                                  # converted layers
+                  for k, v in bank["info"].items()}                                             # converted layers
             # What this hybrid's own init cost, as in --table: the teacher pass and the bank's times
             # of its GDN layers, not GA-S2's probes nor the kept layers' bank entries.
-            init_seconds = bank[3] + sum(bank[2][i] for i in gdn_layers) + time.time() - t1
+            init_seconds = bank["shared"] + sum(bank["seconds"][i] for i in gdn_layers) + time.time() - t1
             info = {"init": args.init, "kept_layers": kept, "gdn_layers": gdn_layers,
                     "init_seconds": init_seconds, "init_info": ii}
         else:
@@ -787,7 +787,8 @@ def _ga_probe_init(args, init_opts):
 
 
 def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
-    """--policy for one conversion: (kept layers, what the policy measured, bank or None). Scores are
+    """--policy for one conversion: (kept layers, what the policy measured, bank or None: GA-S2's
+    layer bank when it probed with --init, {layers, info, seconds a layer, shared seconds}). Scores are
     read from / written to --scores. GA-S2 probes use --probe-init ('same': the chosen init)."""
     n = teacher.config.num_hidden_layers
     info = {"name": args.policy}
@@ -813,7 +814,7 @@ def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
             bank_, per_layer, _, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
                                                  {**init_opts, "_stats": stats})
             shared = shared if (ii or {}).get("stats") else 0.0
-            built["bank"] = (bank_, ii, per_layer, shared)
+            built["bank"] = {"layers": bank_, "info": ii, "seconds": per_layer, "shared": shared}
             return _ga_scores(teacher, probe, bank_, args.conv_size, args.batch_size)
         scores, key = _policy_scores("ga-s2", teacher, source, probe, cache, key_extra, compute)
         if probe_init == args.init and "bank" in built:
@@ -1188,10 +1189,9 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 
 # Flash-decoding: the same single-query attention as _grouped_query_attention, as a Triton kernel
 # that reads every cached key and value once and never writes the scores (and a second, below, that
-# merges its splits). The PyTorch form makes
-# five passes over a [B, H, L] score tensor besides its two products (mask, max, sum, softmax, the
-# split sum): at 32k context and batch 8 they cost a quarter of a layer's step (measured on an H100
-# with --profile). Here each program takes one (batch, KV head) and one split of the cache, keeps
+# merges its splits). The PyTorch form makes five passes over a [B, H, L] score tensor besides its
+# two products (mask, max, sum, softmax, the split sum): at 32k context and batch 8 they cost a
+# quarter of a layer's step (measured on an H100 with --profile). Here each program takes one (batch, KV head) and one split of the cache, keeps
 # the rep query heads of that KV head as the rows of one small matrix, and runs the online softmax
 # over its split, block by block:
 #
