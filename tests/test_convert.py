@@ -322,6 +322,18 @@ def test_real_teacher_perplexity_is_sane_and_naive_is_worse():
     assert s["ppl"] > 5 * t["ppl"], (t, s)
 
 
+def test_default_teacher_holds_every_gguf_weight():
+    """load_teacher('default') copies the GGUF's dequantised weights into a plain model: every tensor
+    transformers reads from the file, bit for bit (a tensor left at its random init barely moves the
+    perplexity check above)."""
+    from transformers import AutoModelForCausalLM
+    from convert import _default_teacher_path
+    folder, name = os.path.split(_default_teacher_path())
+    ref = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).state_dict()
+    got = load_teacher("default")[0].state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+
+
 def static_decode(model, ids, prompt):
     """Logits of a prompt of `prompt` tokens, then of each further token of ids decoded one at a time,
     through a static cache (what --bench decodes with)."""
