@@ -35,6 +35,7 @@ check_writable, check_results). The rest is this command line's own.
 
 import argparse
 import copy
+import hashlib
 import os
 import shutil
 import sys
@@ -286,8 +287,8 @@ def _parse_keep(text):
 def _uniform_layers(n_layers, fraction):
     """Layers 0, s, 2s, ... with s = round(1/fraction), the reference's convention (1/4 of 30 layers
     keeps 0, 4, ..., 28: 8 layers). Above 1/2 that rule degenerates (3/4 would give s = 1, every
-    layer), so there K = round(fraction * n) layers are kept and the n - K GDN layers are spread
-    evenly instead."""
+    layer), so there K = round(fraction * n) layers are kept, a half rounded to even as Python's round
+    does (3/4 of 30 = 22.5 keeps 22), and the n - K GDN layers are spread evenly instead."""
     if fraction <= 0.5:
         return list(range(0, n_layers, max(1, round(1 / fraction))))
     n_gdn = n_layers - round(fraction * n_layers)
@@ -436,7 +437,8 @@ def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=
     too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as the identity and
     no init trains it."""
     dtype = next(teacher.parameters()).dtype
-    key = f"{policy}|{source}|{dtype}|probe {tuple(probe.shape)} sum {int(probe.sum())}{key_extra}"
+    digest = hashlib.sha1(probe.cpu().numpy().tobytes()).hexdigest()[:16]
+    key = f"{policy}|{source}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}{key_extra}"
     if key not in cache:
         t0 = time.time()
         cache[key] = {**compute(), "policy": policy, "seconds": time.time() - t0}
@@ -528,20 +530,21 @@ def _prepare_out(path, overwrite):
 
 
 def _publish(tmp, path):
-    """Rename the finished temporary folder to `path`, replacing an old one only at the very end."""
+    """Rename the finished temporary folder to `path`, replacing an old one only at the very end; if
+    that fails, the old one is put back, and nothing is left beside it."""
     distill.seal(tmp)
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
-        os.replace(path, os.path.join(old, "x"))
+    old, done = None, False
     try:
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
+            os.replace(path, os.path.join(old, "x"))
         os.replace(tmp, path)
-    except BaseException:                       # put the old folder back rather than leave none
+        done = True
+    finally:
         if old:
-            os.replace(os.path.join(old, "x"), path)
-        raise
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+            if not done and os.path.exists(os.path.join(old, "x")):
+                os.replace(os.path.join(old, "x"), path)    # (if this fails, the old folder stays in `old`)
+            shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1023,10 +1026,14 @@ def _table_markdown(r):
         lines.append(f"| {init} | " + " | ".join(row) + " |")
     lines += [""] + _table_checks(r["cells"], cols)
     lines += ([""] + [f"Note: {n}" for n in r["notes"]]) if r.get("notes") else []
-    lines += ["", "Kept layers per column: " + "; ".join(
-        f"{_fmt_keep(k)} {p}: " + ",".join(map(str, next(c["kept_layers"] for c in r["cells"] if (c["keep"], c["policy"]) == (k, p) and c["init"] == init)))
-        + (f" ({init})" if p == "ga-s2" else "")
-        for k, p in cols for init in (inits if p == "ga-s2" else inits[:1]) if (k, p, init) in by)]
+    # A column's kept layers are the same for every init, except GA-S2's (scored under each init).
+    kept = []
+    for k, p in cols:
+        present = [i for i in inits if (k, p, i) in by]
+        for init in present if p == "ga-s2" else present[:1]:
+            kept.append(f"{_fmt_keep(k)} {p}: " + ",".join(map(str, by[k, p, init]["kept_layers"]))
+                        + (f" ({init})" if p == "ga-s2" else ""))
+    lines += ["", "Kept layers per column: " + "; ".join(kept)]
     return "\n".join(lines) + "\n"
 
 
@@ -1752,13 +1759,21 @@ def _qkv_attention(attn, z, position_embeddings, attention_mask, cache, **kwargs
     return out.reshape(B, T, -1).contiguous(), weights
 
 
+def _cache_arg(module):
+    """The name under which `module`'s forward (a model, a layer, an attention; or a compiled model's
+    own) takes the KV cache: transformers renamed past_key_values to cache after 5.17 (the device's
+    version) and warns on the old name."""
+    import inspect
+    forward = type(getattr(module, "_orig_mod", module)).forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
 def _use_decode_qkv(model):
     """Give every softmax attention of `model` (teacher or hybrid; --bench, inference only) one
     stored [W_q; W_k; W_v] matrix (and bias) whose row blocks are its three input weights, and a
     forward that runs it as one product (_stacked_qkv_forward). No copy, no extra memory; training
     mode, or whatever gives the weights new storage (.to() another device or dtype), brings back HF's
     own forward. Call it after moving the model, like stack_projections."""
-    import inspect
     import types
     from gdn import GatedDeltaNet, decoder_layers
     for layer in decoder_layers(model):
@@ -1770,7 +1785,7 @@ def _use_decode_qkv(model):
             if _qkv_current(attn):
                 continue
         else:
-            attn.cache_arg = "cache" if "cache" in inspect.signature(type(attn).forward).parameters else "past_key_values"
+            attn.cache_arg = _cache_arg(attn)
             attn.hf_forward = attn.forward
             attn.forward = types.MethodType(_stacked_qkv_forward, attn)
         w, b = stack_as_views(lins)
@@ -1822,7 +1837,6 @@ def _stacks_current(layer):
 def _use_decode_layers(model):
     """Give every decoder layer of `model` of Llama's layout the five-kernel decoding step above
     (after stack_projections, _use_decode_mlp and _use_decode_qkv, which it builds on)."""
-    import inspect
     import types
     from gdn import GatedDeltaNet, decoder_layers
     for layer in decoder_layers(model):
@@ -1835,7 +1849,7 @@ def _use_decode_layers(model):
             continue
         if hasattr(layer, "hf_forward"):                   # called again: it has the step already
             continue
-        layer.cache_arg = "cache" if "cache" in inspect.signature(type(layer).forward).parameters else "past_key_values"
+        layer.cache_arg = _cache_arg(layer)
         layer.hf_forward = layer.forward
         layer.forward = types.MethodType(_decode_layer_forward, layer)
     return model
@@ -2250,7 +2264,7 @@ def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False,
 def _timed_steps(model, cache, next_ids, pos, steps, graphs, profile):
     """_time_decode's measurement, of `model` as given (compiled or not)."""
     B = next_ids.shape[0]
-    kw = lambda: dict(past_key_values=cache, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
+    kw = lambda: dict({_cache_arg(model): cache}, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
     cuda = next_ids.is_cuda
     if cuda and graphs:
@@ -2307,7 +2321,7 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
     cache = StaticCache(config=model.config, max_cache_len=L)
     for i in range(0, ctx, fill_chunk):
         chunk = ids[:, i: i + fill_chunk]
-        out = model(chunk, past_key_values=cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
+        out = model(chunk, **{_cache_arg(model): cache}, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
     step, kernels = _time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,

@@ -431,7 +431,10 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
 
 def _share_padding_mask(stack, args, kwargs):
     """Pre-hook on the decoder stack: hand each GDN layer the padding mask of the tokens about to be
-    processed (the last T columns of the 2-D attention mask), or None when there is none."""
+    processed (the last T columns of the 2-D attention mask), or None when there is none. The mask
+    stays set after the forward, as gradient checkpointing recomputes a layer in the backward pass,
+    after the stack has returned; so a GDN layer called on its own, outside the stack, after a padded
+    batch of the same shape would still see it (the next stack forward resets it)."""
     mask = kwargs.get("attention_mask")
     ids = kwargs.get("input_ids", args[0] if args else None)
     x = ids if ids is not None else kwargs.get("inputs_embeds")

@@ -66,7 +66,8 @@ def test_convert_save_load_generate(teacher_dir, eval_text, tmp_path, capsys):
 
 def test_publish_replaces_the_old_folder_and_puts_it_back_on_failure(tmp_path, monkeypatch):
     """_publish swaps the finished folder in for --out: afterwards the old one is gone (no copy of it
-    left beside --out); if the final rename fails, the old --out is back in place."""
+    left beside --out); if the final rename fails, the old --out is back in place and nothing of the
+    swap is left beside it."""
     from convert import _publish
 
     def folder(name, text):
@@ -86,6 +87,7 @@ def test_publish_replaces_the_old_folder_and_puts_it_back_on_failure(tmp_path, m
     with pytest.raises(OSError, match="disk full"):
         _publish(tmp, out)
     assert (tmp_path / "o" / "f.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".o.tmp-2", "o"]
 
 
 def no_output(tmp_path, out):
@@ -182,6 +184,26 @@ def test_append_replaces_only_the_cells_measured_again(tmp_path):
     got = sorted((c["policy"], c["init"], c["ppl"]["ppl"]) for c in rec["cells"])
     assert got == [("ar", "naive", 90.0), ("uniform", "naive", 80.0), ("uniform", "taylor", 50.0)]
     assert json.loads((tmp_path / "zs.json").read_text())["cells"] == rec["cells"]
+
+
+def test_table_markdown_names_every_columns_kept_layers(tmp_path):
+    """The table's last line gives each column's kept layers, also for a column that lacks the first
+    init (an --append run measured only some inits there), and GA-S2's for each init."""
+    from types import SimpleNamespace
+    from convert import _write_table
+
+    def cell(policy, init, kept):
+        return {"keep": 0.5, "policy": policy, "init": init, "kept_layers": kept, "probe_init": None,
+                "init_seconds": 1.0, "ppl": {"ppl": 50.0}, "init_info": {}, "device": "cpu"}
+    same = {"teacher": "t", "eval_data": "e", "calib_data": "c", "eval_format": "plain", "calib": [2, 32],
+            "dtype": "float32", "seed": 0, "window": 64, "max_windows": 1, "init_opts": {}}
+    cells = [cell("uniform", "naive", [0, 2]), cell("uniform", "taylor", [0, 2]), cell("ar", "taylor", [1, 3]),
+             cell("ga-s2", "naive", [0, 3]), cell("ga-s2", "taylor", [2, 3])]
+    _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0), None, same, 4,
+                 {"ppl": 10.0, "windows": 1, "window": 64, "tokens": 64}, {}, 0.0, {}, cells)
+    last = (tmp_path / "zs.md").read_text().strip().splitlines()[-1]
+    assert last == ("Kept layers per column: 1/2 uniform: 0,2; 1/2 ar: 1,3; "
+                    "1/2 ga-s2: 0,3 (naive); 1/2 ga-s2: 2,3 (taylor)")
 
 
 def test_unsupported_architecture(tmp_path, capsys):

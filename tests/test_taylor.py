@@ -519,19 +519,21 @@ def test_policies_keep_the_uniform_count_and_never_prefer_nan():
 
 
 def test_scores_cache_key_names_what_the_scores_depend_on():
-    """Cached policy scores are reused only for the same probe tokens (another text of the same shape
-    is scored afresh) and, for GA-S2, the same probe init options and seed (_ga_key)."""
+    """Cached policy scores are reused only for the same probe tokens (another text of the same shape,
+    even the same tokens in another order, is scored afresh) and, for GA-S2, the same probe init
+    options and seed (_ga_key)."""
     teacher, calls, cache = tiny_model("llama"), [], {}
 
     def compute():
         calls.append(1)
         return {"scores": [float(len(calls))] * 4}
     a, b = calib(seed=2), calib(seed=3)
+    shuffled = a.flatten()[torch.randperm(a.numel(), generator=torch.Generator().manual_seed(0))].view_as(a)
     ga = convert._ga_key
-    for probe, extra in ((a, ""), (a, ""), (b, ""), (a, ga("taylor", {}, 0)), (a, ga("taylor", {}, 1)),
+    for probe, extra in ((a, ""), (a, ""), (b, ""), (shuffled, ""), (a, ga("taylor", {}, 0)), (a, ga("taylor", {}, 1)),
                          (a, ga("taylor", {"steps": 5}, 0)), (a, ga("taylor", {}, 0))):
         convert._policy_scores("ga-s2", teacher, "t", probe, cache, extra, compute)
-    assert len(calls) == len(cache) == 5
+    assert len(calls) == len(cache) == 6
 
 
 def test_policy_probe_is_the_block_after_the_calibration_tokens(tokenizer, tmp_path):
