@@ -626,10 +626,14 @@ def test_flash_decode_matches_plain_attention(B, H, Hkv, L, D):
 
 
 def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
-    """--bench end to end on a tiny teacher: rows for teacher and hybrid, the hybrid's cache smaller."""
+    """--bench end to end on a tiny teacher: rows for teacher and hybrid, the hybrid's cache smaller;
+    the cache passed under the name the installed transformers takes (no deprecation warning)."""
+    import warnings
     stem = tmp_path / "bench"
-    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96", "--batches", "1,2",
-                    "--decode-steps", "2", "--results", str(stem)], capsys)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*past_key_values.* is deprecated", category=FutureWarning)
+        code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96", "--batches", "1,2",
+                        "--decode-steps", "2", "--results", str(stem)], capsys)
     assert code == 0, io.err
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert len(rows) == 2 * 2 * 2 and all(r["decode_step_s"] > 0 and r["prefill_s"] > 0 for r in rows)
