@@ -2264,7 +2264,8 @@ def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False,
 def _timed_steps(model, cache, next_ids, pos, steps, graphs, profile):
     """_time_decode's measurement, of `model` as given (compiled or not)."""
     B = next_ids.shape[0]
-    kw = lambda: dict({_cache_arg(model): cache}, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
+    name = _cache_arg(model)
+    kw = lambda: dict({name: cache}, cache_position=pos, position_ids=pos.view(1, 1).expand(B, 1),
                       use_cache=True)
     cuda = next_ids.is_cuda
     if cuda and graphs:
