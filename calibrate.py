@@ -15,8 +15,8 @@ teacher) and sets its GDN layers in place. The names (`--init` in convert.py):
                  values the statistics ask for and an output gate fitted instead of damped, then
                  the same Phase 2 (see "Our own init" at the end of this docstring).
   align-plus     ours, what the measurements led to: no Phase 1 (the standard random gates), and a
-                 Phase 2 that aligns the whole layer -- W_o and the readout norm train too. Best
-                 with more calibration tokens (convert.py --calib-seqs 16).
+                 Phase 2 that aligns the whole layer -- W_o and the readout norm train too. Per
+                 layer it still helps with more calibration tokens (16 x 256, see below).
 
 Everything here works on one GDN layer at a time and needs, per layer, the teacher statistics of
 taylor_stats.collect_stats: distance d_h, concentration c_h, the teacher-forced input x [N, L, d],
@@ -25,14 +25,18 @@ the teacher attention output y [N, L, d] (after W_o) and the per-head context T 
 Phase 1, for a layer with heads h (closed form, no gradient):
 
   1. Memory timescale. A head that attends on average d_h tokens back should remember about that
-     long. With A_log = 0 the decay is alpha = exp(-softplus(W_a x + dt_bias)); at W_a x ~ 0 the
-     state halves every ln2 / softplus(dt_bias) tokens, so
+     long; METHOD matches the memory's half-life to d_h (an exponential memory's mean lag is then
+     d_h / ln2 ~ 1.44 d_h). With A_log = 0 the decay is alpha = exp(-softplus(W_a x + dt_bias)); at
+     W_a x ~ 0 the state halves every ln2 / softplus(dt_bias) tokens (exactly so with a_proj=zero;
+     under the reference's random W_a only on average, and the delta rule's erasure comes on top), so
 
          gamma_h = clip(ln2 / d_h, gamma_min, gamma_max),   dt_bias_h = softplus^-1(gamma_h),  A_log = 0.
 
   2. Write gate. Sharp heads (low entropy) overwrite their memory harder:
          beta_h = beta_min + beta_span * c_h            (0.3 .. 0.7)
-     The reference's b_proj has no bias; it rescales each row to mean |W_b[h]| = |logit(beta_h)|/sqrt(d):
+     The reference's b_proj has no bias; it rescales each row to mean |W_b[h]| = |logit(beta_h)|/sqrt(d)
+     (d the model width; meant to make W_b x ~ logit(beta_h), which it would if x's entries were +-1
+     with W_b's signs):
          W_b[h] <- logit(beta_h) / sqrt(d) * W_b[h] / mean|W_b[h]|                 (write_gate=rescale)
      This sets the *spread* of W_b x, not its centre: for random-sign W_b[h] the mean of W_b x over
      tokens stays near 0, so beta stays near 0.5 whatever beta_h says. write_gate=fit (ours) instead
@@ -46,12 +50,17 @@ Phase 1, for a layer with heads h (closed form, no gradient):
   3. Value scale. Run the exact GDN recurrence with these gates: per-head readout G_h [N, L, D]
      (o = S^T q / sqrt(D), before the norm). The least-squares scale against the teacher context,
          sigma_h = <T_h, G_h> / ||G_h||^2   clipped to [sigma_min, sigma_max],
-     multiplies the rows of W_v for head h. (The readout's RMSNorm divides any common scale of o
-     back out, so sigma acts mainly through the SiLU on v and through step 4.)
+     multiplies the rows of W_v for head h (a head whose G is all zero keeps sigma = 1). The readout's
+     RMSNorm divides any common scale of o back out, and sigma is fitted to the readout without its
+     SiLU but applied inside it, so the new readout is not sigma G: sigma acts mainly through the
+     SiLU on v and through step 4. It often sits at its clip (41% of heads at sigma_max, the median
+     8.0, over every Phase 1 of results/zeroshot.json): G, with q scaled by 1/sqrt(D), is much
+     smaller than T.
 
-  4. Output gate. W_g <- kappa * W_v,   kappa = damping * RMS(T) / RMS(SiLU(W_v x)),   damping 0.01.
-     SiLU(u) ~ u/2 for small u, so each head's gate starts at ~ kappa/2 * (W_v x): proportional to its
-     values and small. (This damping is why Phase 1 alone barely moves zero-shot perplexity: the GDN
+  4. Output gate. W_g <- kappa * W_v,   kappa = damping * RMS(T) / RMS(SiLU(W_v x)),   damping 0.01,
+     with W_v as step 3 left it. SiLU(u) ~ u/2 for small u, so each head's gate starts at
+     ~ kappa/2 * (W_v x): proportional to its values (a head opens where it has something to write)
+     and small. (This damping is why Phase 1 alone barely moves zero-shot perplexity: the GDN
      branches start nearly silent.)
 
 Phase 2, for each converted layer independently (teacher forcing: input x, target y, both fixed):
@@ -60,6 +69,7 @@ Phase 2, for each converted layer independently (teacher forcing: input x, targe
                              (lr_gates = 1e-3); W_o, the norm weight, the conv and all else frozen.
      AdamW (weight_decay 0.01), `steps` = 300 full-batch steps, gradient-norm clip 1.0, and the
      parameters with the lowest loss seen are kept (keep_best). The loss before and after is recorded.
+     The calibration tokens (METHOD: 4 x 256) are convert.py's --calib-seqs and --calib-len.
 
 Our own init, and what the measurements said (SmolLM2-135M; results/zeroshot.md on the H100,
 results/zeroshot_plus_layers.md per layer on the CPU):
@@ -68,11 +78,12 @@ results/zeroshot_plus_layers.md per layer on the CPU):
   keeps the branches silent. taylor-plus fixes what it can in closed form: write_gate=fit (beta
   really centred on beta_h), a_proj=zero (the time step really is gamma_h), out_gate=fit (the gate's
   scale by least squares, not 0.01), dt_from=distance_nosink (the sink's mass no longer stretches
-  the memory). Zero-shot at keep 1/4 uniform this is 334.3 vs taylor's 334.5: Phase 2 erases the
-  difference. Two findings explain why, and why align-only (naive gates + Phase 2: 137.7) beats
-  taylor in every cell of our table, unlike in the paper:
-    * Phase 2 over-fits: on 4 x 256 tokens a layer's fit MSE falls ~10x below its MSE on the next
-      256 x 4 tokens of the same text. What matters is the held-out error, and there the random,
+  the memory). Zero-shot after Phase 2 it is no better: 334.3 vs taylor's 334.5 at keep 1/4 uniform,
+  better in 5 of 9 cells, worse in 4 (keep 1/4 ga-s2: 199.4 vs 163.3). What we found, and why
+  align-only (naive gates + Phase 2: 137.7) beats taylor in every cell of our table, unlike in the
+  paper:
+    * Phase 2 over-fits: on 4 x 256 tokens a layer's fit MSE falls 6-9x below its MSE on the next
+      4 x 256 tokens of the same text (~9x for align-only). What matters is the held-out error, and there the random,
       token-dependent, short-memory naive gates do better than any statistics-derived start we
       tried (mean-distance timescales are long: the diffuse and sink mass dominate d_h).
     * Options tried beyond the preset, each kept as an option: gate_search (per-head gamma, beta on
@@ -88,7 +99,7 @@ results/zeroshot_plus_layers.md per layer on the CPU):
       the cheapest improvement we found (zero-shot: below).
     * METHOD's two write gates side by side (results/write_gate_layers.md, zero-shot
       results/zeroshot_write_gate_{rescale,bias}.md): after Phase 1 the bias leaves beta 0.01-0.02 off
-      its target and token-dependent (std 0.02), rescaling 0.13-0.15 off; after Phase 2 taylor is
+      its target and token-dependent (std 0.02-0.03), rescaling 0.13-0.15 off; after Phase 2 taylor is
       325.0 with the bias vs 334.5 rescaled at keep 1/4 uniform, and within a few percent either way
       in the other five cells -- another start that Phase 2 mostly erases.
 
@@ -101,7 +112,7 @@ results/zeroshot_plus_layers.md per layer on the CPU):
   (results/zeroshot.md, the same 4 x 256 tokens as every other row): 121.0 at keep 1/4 uniform, 0.36x taylor's 334.5 and below
   align-only's 137.7; it beats taylor in 9 of 9 cells and align-only in 8 of 9 (not keep 3/4 ga-s2).
   Most of the gain over taylor is dropping Phase 1 (align-only alone is 0.41x taylor); training W_o
-  adds ~12% at keep 1/4. More calibration tokens are the next lever: with 16 x 256 align-only alone
+  takes 12% off at keep 1/4 uniform (7-12% across keep 1/4's policies). More calibration tokens are the next lever: with 16 x 256 align-only alone
   falls to 63.4 (results/zeroshot_calib16.md), so convert.py --calib-seqs 16 is worth its 2x time.
 
 Every constant is a named option in OPTIONS (override with convert.py --init-opt NAME=VALUE).
@@ -121,7 +132,8 @@ from gdn_kernel import chunk_gated_delta_rule
 
 LN2 = math.log(2.0)
 
-# name: (default, what it is). Every number of METHOD sections 2-3 lives here.
+# name: (default, what it is). Every number of METHOD sections 2-3 lives here, but the calibration
+# size (convert.py --calib-seqs, --calib-len).
 OPTIONS = {
     "seed": (0, "seeds the standard random gates, per layer (so a layer's init does not depend on which others are converted)"),
     # the standard random init every init starts from (METHOD section 2)
@@ -132,7 +144,7 @@ OPTIONS = {
     "dt_floor": (1e-4, "dt clamped to at least this"),
     # the statistics
     "dist_floor": (0.5, "attention distance max(i - j, dist_floor): the diagonal counts as half a token (taylor_stats)"),
-    "conc_eps": (1e-3, "entropy spread below which a layer's heads count as equally concentrated"),
+    "conc_eps": (1e-3, "floor of the entropy spread that concentration divides by: a layer whose heads' entropies spread less keeps them in order, squeezed towards c = 1"),
     # Phase 1, step 1
     "gamma_min": (1e-3, "smallest time step: half-life at most ln2/1e-3 ~ 693 tokens"),
     "gamma_max": (5.0, "largest time step: half-life at least ln2/5 ~ 0.14 tokens"),
@@ -158,7 +170,7 @@ OPTIONS = {
     "steps": (300, "Phase 2 full-batch AdamW steps per layer (0: skip)"),
     "lr_qkv": (1e-4, "Phase 2 learning rate of W_q, W_k, W_v"),
     "lr_gates": (1e-3, "Phase 2 learning rate of W_a, W_b, W_g, A_log, dt_bias"),
-    "weight_decay": (0.01, "Phase 2 AdamW weight decay"),
+    "weight_decay": (0.01, "Phase 2 AdamW weight decay, on every parameter it trains (A_log and dt_bias too; with train_out=1 the readout norm weight as well)"),
     "clip": (1.0, "Phase 2 gradient-norm clip"),
     "train_out": (0, "ours: 1 = Phase 2 also trains W_o and the readout norm weight (lr_qkv): the whole layer's output is aligned, not only what feeds the frozen W_o"),
     "keep_best": (1, "Phase 2 keeps the lowest-loss parameters seen (1) or the last (0)"),
@@ -237,6 +249,10 @@ def resolve(opts, preset=None):
     if o["gate_search"] and o["gates_from"] == "naive":
         raise ValueError("init options gate_search=1 and gates_from=naive: the search chooses the gates that "
                          "gates_from=naive leaves random; use one or the other")
+    if o["gates_from"] == "naive" and (o["a_proj"] != "keep" or o["write_gate"] != "rescale"):
+        raise ValueError(f"init options gates_from=naive with a_proj={o['a_proj']}, write_gate={o['write_gate']}: "
+                         f"gates_from=naive keeps the standard random gates, which a_proj=zero would change and a "
+                         f"write gate other than the default would not reach (taylor-plus sets both)")
     return o
 
 
@@ -593,9 +609,10 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
     t0 = time.time()
     stats = _teacher_stats(student, teacher, calib_ids, opts, o, name) if (do_phase1 or do_phase2) else None
     info = {"options": {k: o[k] for k in OPTIONS}, "stats_seconds": time.time() - t0, "layers": {}}
-    if stats is not None:
-        from taylor_stats import summary
-        info["stats"] = summary({i: stats[i] for i in layers})
+    if stats is not None:           # recorded with the concentration Phase 1 uses (this init's conc_eps)
+        from taylor_stats import concentration, summary
+        info["stats"] = summary({i: {**stats[i], "concentration": concentration(stats[i]["entropy"], o["conc_eps"])}
+                                 for i in layers})
     for i, gdn in layers.items():
         t_layer = time.time()
         _standard_gates(gdn, o)
@@ -704,11 +721,12 @@ def main(argv=None):
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--variants", nargs="+", default=["taylor-phase1", "align-only", "taylor", "taylor-plus"])
     p.add_argument("--out", default="results/zeroshot_plus_layers", help="output stem (.json, .md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (.json, .md)")
     args = p.parse_args(argv)
     if args.calib_seqs < 1 or args.calib_len < 2:
         p.error(f"--calib-seqs must be >= 1 and --calib-len >= 2 (got {args.calib_seqs}, {args.calib_len})")
     try:
-        convert.check_results(args.out, "--out")
+        convert.check_results(args.out, "--out", args.overwrite)
         try:
             layers = [int(i) for i in args.layers.split(",")]
         except ValueError:

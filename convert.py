@@ -496,9 +496,12 @@ def calib_ids(args, tokenizer, part=0):
     return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
 
-def check_writable(path, what):
+def check_writable(path, what, overwrite=True):
     """Fail before any work where `path` could not be written at the end: the nearest existing folder
-    above it must be a writable folder (not a file), and `path` itself no folder."""
+    above it must be a writable folder (not a file), and `path` itself no folder (nor, with
+    overwrite=False, an existing file)."""
+    if not overwrite and os.path.isfile(path):
+        raise ValueError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
     probe = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
@@ -508,10 +511,10 @@ def check_writable(path, what):
         raise ValueError(f"{what} '{path}' is a folder; a file is written there")
 
 
-def check_results(stem, what="--results"):
+def check_results(stem, what="--results", overwrite=True):
     """check_writable for a measurement's stem.json and stem.md."""
     for ext in (".json", ".md"):
-        check_writable(stem + ext, what)
+        check_writable(stem + ext, what, overwrite)
 
 
 def _prepare_out(path, overwrite):

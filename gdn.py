@@ -119,7 +119,9 @@ class GatedDeltaNet(nn.Module):
     def inputs(self):
         """The six input projections, in the order project() stacks them: q, k, v first, so they come
         out as one block (SiLU and the short conv take them together); the output gate before the two
-        per-head gates keeps every block of the stacked output 16-byte aligned."""
+        per-head gates keeps the four wide blocks (q, k, v, g: inner columns each) and a 16-byte
+        aligned (b starts H columns after a). "g" here is the output gate, W_g x; the g of gates()
+        is the log decay."""
         return {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "g": self.g_proj, "a": self.a_proj,
                 "b": self.b_proj}
 
@@ -131,7 +133,7 @@ class GatedDeltaNet(nn.Module):
         copy of the weights per call, unless stack_projections() made the six weights views into one
         stored matrix (and nothing has since given them new storage). With autograd on, it always
         stacks per call: gradients reach the six weights only through the stacking. The product is
-        self.linear where one is set (convert.use_decode_linear: a decoding kernel), else F.linear."""
+        self.linear where one is set (convert._use_decode_linear: a decoding kernel), else F.linear."""
         w, b = getattr(self, "stacked", None), getattr(self, "stacked_bias", None)
         if w is not None and not torch.compiler.is_compiling() and not self.stack_current():
             w = self.stacked = self.stacked_bias = None     # .to(), a deep copy, ...: the views are gone
@@ -156,7 +158,8 @@ class GatedDeltaNet(nn.Module):
             b is None or (getattr(self, "stacked_bias", None) is not None and views_of(self.stacked_bias, [b])))
 
     def gates(self, z):
-        """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H], from project()'s z."""
+        """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H], from project()'s z (from its
+        "a" and "b" blocks; its "g" block is the output gate's pre-activation, another g)."""
         g = -self.A_log.float().exp() * F.softplus(z["a"].float() + self.dt_bias.float())
         return g, torch.sigmoid(z["b"].float())
 
@@ -204,7 +207,8 @@ class GatedDeltaNet(nn.Module):
         state = self.step_state(x, cache)
         if state is not None:
             return self.o_proj(self.step(self.project(x)["all"], state, cache, x)[:, None]), None
-        # A pad's input is zeroed before the projections: k = v = 0 (it writes nothing) and a zero gate.
+        # A pad's input is zeroed before the projections: k = v = 0 (it writes nothing) and a zero
+        # output gate; its decay is set to none (g = 0) below, so the state passes through unchanged.
         z = self.project(x if pad is None else x.masked_fill(pad[..., None], 0))
         q, k, v, conv_state = self.qkv(z, conv0)
         g, beta = self.gates(z)
@@ -217,7 +221,8 @@ class GatedDeltaNet(nn.Module):
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if pad is not None:
             g = g.masked_fill(pad[..., None], 0.0)
-        if T == 1 and S0 is not None:                   # decoding: one step, the state updated in place
+        if T == 1 and S0 is not None:   # decoding where step_state declined (CPU, autograd, a pad, head dim
+                                        # over 128): one step of (1), the state updated in place
             o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0, inplace=True)
             o = o[:, None]
         else:

@@ -7,6 +7,8 @@ For every token t it forgets a little, erases what its key k_t currently recalls
     S_t = alpha_t * (I - beta_t k_t k_t^T) S_{t-1}  +  beta_t k_t v_t^T          (1)
     o_t = scale * S_t^T q_t
 
+(S is [Dk, Dv] here, so o = S^T q; METHOD.md and the GDN paper write its transpose, [Dv, Dk], with
+S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T and o_t = S_t q_t: the same rule.)
 alpha_t = exp(g_t) in (0, 1] is the decay (g_t <= 0 is the *log* decay, kept in fp32), beta_t in
 [0, 1] the write strength. (1) is one step of gradient descent on the online regression loss
 0.5 * ||S^T k_t - v_t||^2 with step size beta_t, after decaying the memory: the "delta rule".
@@ -92,8 +94,8 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
 
 def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None, inplace=False):
     """One token of (1) for decoding: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state
-    [B, H, Dk, Dv] (fp32, or fp64 after an fp64 prompt). Returns (o [B, H, Dv] in the state's
-    dtype, new state). Memory and time per token are constant: that is the whole point of replacing
+    [B, H, Dk, Dv] (fp32, or fp64 after an fp64 prompt). Returns (o [B, H, Dv] in fp32, fp64 for
+    an fp64 state; new state). Memory and time per token are constant: that is the whole point of replacing
     the KV cache. inplace=True writes the new state into `state` and returns it (a captured CUDA
     graph keeps replaying against the same address)."""
     _check_step(q, k, v, g, beta, state)
@@ -148,6 +150,8 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None, inplace=False):
 #     (I + L) U = diag(beta) V - diag(beta exp(gamma)) K S_0
 #     U = Tm (beta V) - Tm (beta exp(gamma) K) S_0 =: U0 - W S_0,    Tm = (I + L)^{-1}        (3)
 #
+# L is strictly lower (m < j) while D below includes its diagonal (j <= i): u_j is the error of what
+# the memory recalls *before* token j writes, o_i reads the memory *after* token i has written.
 # W and U0 depend only on the chunk's own k, v, g, beta. With U in hand, (2) gives the outputs and
 # the next state as plain matrix products:
 #
@@ -204,8 +208,8 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
         o.append(scale * (gam.exp()[..., None] * (q[:, :, n] @ S) + QK[:, :, n] @ U))
         decay_to_end = (gam[..., -1:] - gam).exp()[..., None]                # exp(gamma_C - gamma_j)
         S = gam[..., -1, None, None].exp() * S + (decay_to_end * k[:, :, n]).transpose(-1, -2) @ U
-    o = torch.stack(o, dim=2).reshape(B, H, N * C, Dv)[:, :, :T].transpose(1, 2)
-    return o, (S if output_final_state else None)
+    o = torch.stack(o, dim=2).reshape(B, H, N * C, Dv)[:, :, :T] if N else v.new_zeros(B, H, 0, Dv, dtype=dt)
+    return o.transpose(1, 2), (S if output_final_state else None)
 
 
 # ==============================================================================================
@@ -241,8 +245,9 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 # inverse Tm, whose products take fp32 operands: TF32 tensor cores for bf16/fp16 inputs (10 mantissa
 # bits: as many as the fp16, more than the bf16 that Tm is rounded to before it is used), exact fp32
 # for fp32 inputs.
-# Kept in fp32 throughout: g, gamma and every exp() of it, beta, Tm, the carried states S and dS,
-# every accumulator, and the output o (returned in fp32, like the PyTorch form).
+# Kept in fp32 throughout: g, gamma and every exp() of it, beta, the carried states S and dS, every
+# accumulator, and the output o (returned in fp32, like the PyTorch form). Tm is computed and stored
+# in fp32 and rounded to the inputs' dtype only where it is a tensor-core operand.
 # ==============================================================================================
 
 import os
@@ -326,7 +331,9 @@ if triton is not None:
         # log2(C) = 6 doublings of two [C, C] products each: tensor-core work (TF32 for bf16/fp16
         # inputs, exact fp32 for fp32 inputs), where a row-by-row forward substitution would be
         # C - 1 dependent steps, each a reduction across the whole tile (measured on an H100 at
-        # T = 32k: 2/3 of the forward's time at D = 64, half at D = 128).  The inverse itself (not
+        # T = 32k, results/kernel_profile_substitution_h100.md: 3/4 of the forward's time at D = 64,
+        # 2/3 at D = 128, the scan counted once though the profile's _state_kernel includes the
+        # backward's re-run).  The inverse itself (not
         # just a solve) is kept because the backward needs Tm^T too.
         Tm = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
         for s in tl.static_range(LOG2_C):
@@ -423,7 +430,8 @@ if triton is not None:
 
     # ------------------------------------------------------------------------------------------
     # Backward.  Per chunk, with S the state entering it, S' the state leaving it, and dS' the
-    # gradient arriving at S' (from the next chunk, or from the caller for the final state):
+    # gradient arriving at S' (from the next chunk, or from the caller for the final state);
+    # gamma_C is the chunk's last real token's (in a short last chunk, not position C's):
     #
     #   dU  = scale (Q K^T * D)^T dO  +  Kdec dS'                      Kdec = e^{gamma_C - gamma} K
     #   dS  = e^{gamma_C} dS'  +  scale (e^gamma Q)^T dO  -  W^T dU     (U = U0 - W S feeds back)
@@ -431,14 +439,17 @@ if triton is not None:
     # That is again a sequential scan, now from the last chunk to the first (_bwd_state_kernel);
     # it stores dS' for every chunk (dh) and dU.  The rest is local to a chunk (_bwd_chunk_kernel):
     #
-    #   output:     dA = scale (dO U^T) * D (lower),   dQ = dA K + scale e^gamma (dO S^T),
+    #   output:     dA = scale (dO U^T) * D (lower), the gradient w.r.t. Q K^T (before the decay mask),
+    #               dQ = dA K + scale e^gamma (dO S^T),
     #               dK = dA^T Q,     dgamma_i += sum_j G_ij - sum_j G_ji with G = dA * (Q K^T),
     #               dgamma_i += scale e^gamma_i q_i . (S dO_i)
     #   state out:  dK += e^{gamma_C-gamma} (U dS'^T),  dgamma_C += e^{gamma_C} <S, dS'> + sum_j r_j,
     #               dgamma_j -= r_j,  r_j = e^{gamma_C-gamma_j} k_j . (dS' u_j)
     #   U = U0-W S: dU0 = dU,  dW = -dU S^T
     #   WY factors: with Kb = diag(beta e^gamma) K, Vb = diag(beta) V:  dKb = Tm^T dW, dVb = Tm^T dU0,
-    #               and d(I+L)^{-1} gives dL = -(dKb W^T + dVb U0^T), kept strictly lower;
+    #               and d(M^{-1}) = -M^{-1} dM M^{-1} (M = I + L, Tm = M^{-1}; W = Tm Kb, U0 = Tm Vb)
+    #               gives dL = -(dKb W^T + dVb U0^T), kept strictly lower (only those entries of
+    #               L are free);
     #               then dK += diag(beta e^gamma) dKb,  dV = diag(beta) dVb,
     #               dbeta_i += e^gamma_i k_i . dKb_i + v_i . dVb_i,  dgamma_i += beta_i e^gamma_i k_i . dKb_i.
     #   L = diag(beta) (Ds * K K^T), Ds the strictly lower part of D:
@@ -536,7 +547,7 @@ if triton is not None:
         # Output, intra-chunk part.
         D = _decay(gamma, i, False)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        dA = scale * tl.dot(do, tl.trans(u), input_precision=PREC) * D      # d(QK^T) = dP * D
+        dA = scale * tl.dot(do, tl.trans(u), input_precision=PREC) * D      # d/d(QK^T), D applied
         G = dA * qk
         dgamma = tl.sum(G, 1) - tl.sum(G, 0)
         dq = tl.dot(dA.to(DT), k, input_precision=PREC)
@@ -821,7 +832,9 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
 # times SiLU of the output gate. In a decoding step each of those is a launch of its own; even
 # compiled, with inductor fusing what it can, that was 3 kernels besides the step, each a launch for
 # a few KB of work. As one kernel the whole of it costs 3.9 us a layer on an H100 at batch 8
-# (results/inference_h100_barrier.md: 0.086 ms for keep 1/4's 22 GDN layers, its PDL wait included);
+# (results/inference_h100_barrier.md: 0.086 ms for the 22 GDN layers of SmolLM2 converted with 1/4
+# of its layers kept, convert.py --keep 1/4; its wait for the kernel before it included, see
+# pdl_launch);
 # at batch 1, with all but z loaded before its wait, its share of the captured step's critical path
 # is 2.8 us a layer (results/inference_h100_path.md: 0.062 ms for the 22).
 # Every one of them is per (batch, head), like the step, so it all fits in one program per (batch, head):
@@ -909,7 +922,10 @@ if triton is not None:
         q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), 1e-12)
         k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=0)), 1e-12)
         a = tl.load(z + 4 * HD + h).to(tl.float32) + dt_bias
-        softplus = tl.where(a > 20.0, a, tl.log(1.0 + tl.exp(tl.minimum(a, 20.0))))
+        # softplus(a) = max(a, 0) + log(1 + e^-|a|), the log by its series where e^-|a| is small: in
+        # fp32, 1 + x loses x's digits (at a = -17 it is 1, a head that should decay would not)
+        x = tl.exp(-tl.abs(a))
+        softplus = tl.maximum(a, 0.0) + tl.where(x < 1e-2, x * (1.0 - x * (0.5 - x / 3.0)), tl.log(1.0 + x))
         g = decay * softplus
         beta = tl.sigmoid(tl.load(z + 4 * HD + H + h).to(tl.float32))
         S, o = _delta_rule(S, q, k, v, g, beta, scale)
@@ -968,8 +984,9 @@ def pdl_launch(x):
     decoding kernel. With PDL the next kernel is launched as soon as every program of this one has
     called gdc_launch_dependents, and its gdc_wait blocks until this one has finished and its writes
     are visible: what it loads before the wait (a product's weights, a state only it writes) streams
-    while this one still runs. Every decoding kernel here calls gdc_launch_dependents first and
-    gdc_wait before it reads anything that another kernel of the step wrote."""
+    while this one still runs. The layer step here (_layer_step_kernel) and convert.py's decoding
+    kernels call gdc_launch_dependents first and gdc_wait before they read anything that another
+    kernel of the step wrote; _step_kernel, the bare step of (1) that gdn.py falls back to, does not."""
     return x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
 
 
@@ -1248,7 +1265,7 @@ def _markdown(results):
     lines = [f"# Gated delta rule kernels: {results['device']}", "",
              f"command: `{results['command']}`; git {results['git_commit']}; torch {results['torch']}, "
              f"triton {results['triton']}, fla {results['fla']}; seed {results['seed']}; "
-             f"scan value block {results.get('scan_bv', 64)}", ""]
+             f"scan value block {results.get('scan_bv', 64)}", ""]     # (64: files written before the key)
     if results["checks"]:
         lines += ["## Checks (relative Frobenius error vs reference)", "",
                   "| path | B,T,H,Dk,Dv | " + " | ".join(_NAMES) + " | ok |",

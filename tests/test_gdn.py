@@ -385,16 +385,21 @@ needs_interpreter = pytest.mark.skipif(
 
 
 @needs_interpreter
-@pytest.mark.parametrize("conv_size", [0, 1, 4])
-@pytest.mark.parametrize("head_dim", [16, 24])
-def test_fused_layer_step_equals_the_layer(conv_size, head_dim, monkeypatch):
+@pytest.mark.parametrize("conv_size, head_dim, far", [(c, d, False) for c in (0, 1, 4) for d in (16, 24)]
+                         + [(0, 16, True)])
+def test_fused_layer_step_equals_the_layer(conv_size, head_dim, far, monkeypatch):
     """gdn_layer_step (one kernel from the stacked projection to the output projection's input) must
     give what the layer's own decoding lines give: output, state and conv state, step after step.
-    Random gates and conv filters (not the identity), head dims that are and are not powers of two."""
+    Random gates and conv filters (not the identity), head dims that are and are not powers of two;
+    far: time steps far out in softplus's tail (dt_bias -20 and -12, a fast rate exp(A_log)), where
+    log(1 + e^a) in fp32 would give 0."""
     torch.manual_seed(0)
     layer = GatedDeltaNet(40, 3, head_dim, 0, conv_size=conv_size).eval()
     with torch.no_grad():
         layer.A_log.normal_(); layer.dt_bias.normal_(); layer.o_norm.uniform_(0.5, 1.5)
+        if far:
+            layer.dt_bias.copy_(torch.tensor([-20.0, -12.0, 25.0]))
+            layer.A_log.copy_(torch.tensor([18.0, 9.0, 0.0]))         # exp(18) softplus(-20) ~ 0.13
         if conv_size:
             torch.nn.init.normal_(layer.conv.weight, std=0.5)
     from transformers import DynamicCache, LlamaConfig

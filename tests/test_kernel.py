@@ -171,6 +171,15 @@ def test_torch_chunk_matches_recurrence_fp64(C, T):
     assert_close_all(all_outputs(f, xs), all_outputs(gk.recurrent_gated_delta_rule, xs), TOL_FP64)
 
 
+@pytest.mark.parametrize("fn", [gk.recurrent_gated_delta_rule, gk.chunk_gated_delta_rule_torch,
+                                gk.chunk_gated_delta_rule])
+def test_empty_sequence_returns_the_initial_state(fn):
+    """T = 0 (an empty chunk of a prompt): no output rows, and the final state is the initial one."""
+    q, k, v, g, beta, h0 = inputs(2, 0, 3, 8, 4, device="cpu")
+    o, S = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+    assert o.shape == (2, 0, 3, 4) and torch.equal(S, h0.to(S.dtype))
+
+
 def test_recurrence_by_hand():
     """The PyTorch forms against equation (1) written out as matrices, S_t = alpha_t (I - beta_t k_t k_t^T)
     S_{t-1} + beta_t k_t v_t^T and o_t = S_t^T q_t / sqrt(Dk), for three tokens with the default scale.
