@@ -382,9 +382,13 @@ def test_static_cache_chunked_prefill_and_decode_equal_full_forward():
 needs_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET", "0") != "1" or gdn_kernel.triton is None,
     reason="runs gdn_kernel.gdn_layer_step on the CPU: needs triton and TRITON_INTERPRET=1 (the README's test command)")
+STEP_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_step_kernel = pytest.mark.skipif(
+    gdn_kernel.triton is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"),
+    reason="runs gdn_kernel.gdn_layer_step: needs triton and CUDA, or TRITON_INTERPRET=1 on the CPU")
 
 
-@needs_interpreter
+@needs_step_kernel
 @pytest.mark.parametrize("conv_size, head_dim, far", [(c, d, False) for c in (0, 1, 4) for d in (16, 24)]
                          + [(0, 16, True)])
 def test_fused_layer_step_equals_the_layer(conv_size, head_dim, far, monkeypatch):
@@ -405,6 +409,7 @@ def test_fused_layer_step_equals_the_layer(conv_size, head_dim, far, monkeypatch
     from transformers import DynamicCache, LlamaConfig
     cfg = LlamaConfig(num_hidden_layers=1, hidden_size=40, num_attention_heads=2, num_key_value_heads=2)
     x = torch.randn(2, 9, 40)
+    layer, x = layer.to(STEP_DEVICE), x.to(STEP_DEVICE)
     outs, caches = {}, {}
     for fused in (False, True):
         monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda z, s: fused)
