@@ -72,7 +72,11 @@ Phase 2, for each converted layer independently (teacher forcing: input x, targe
      The calibration tokens (METHOD: 4 x 256) are convert.py's --calib-seqs and --calib-len.
 
 Our own init, and what the measurements said (SmolLM2-135M; results/zeroshot.md on the H100,
-results/zeroshot_plus_layers.md per layer on the CPU):
+results/zeroshot_plus_layers.md per layer on the CPU). The zero-shot table's cells are one hybrid
+each, its WikiText-2 perplexity before any distillation; its columns are the share of layers kept as
+softmax and the policy that picked them (uniform, ar, ga-s2: convert.py --keep, --policy; METHOD
+section 4). Per layer, "held-out MSE / start" is a layer's teacher-forced error on text the init
+did not see, after the init over before it:
 
   The reference's Phase 1 leaves beta near 0.5 whatever its targets (see step 2) and its damping
   keeps the branches silent. taylor-plus fixes what it can in closed form: write_gate=fit (beta
@@ -83,9 +87,10 @@ results/zeroshot_plus_layers.md per layer on the CPU):
   align-only (naive gates + Phase 2: 137.7) beats taylor in every cell of our table, unlike in the
   paper:
     * Phase 2 over-fits: on 4 x 256 tokens a layer's fit MSE falls 6-9x below its MSE on the next
-      4 x 256 tokens of the same text (~9x for align-only). What matters is the held-out error, and there the random,
-      token-dependent, short-memory naive gates do better than any statistics-derived start we
-      tried (mean-distance timescales are long: the diffuse and sink mass dominate d_h).
+      4 x 256 tokens of the same text (~9x for align-only). What matters is the held-out error, and
+      there the random, token-dependent, short-memory naive gates do better than any
+      statistics-derived start we tried (mean-distance timescales are long: the diffuse and sink
+      mass dominate d_h).
     * Options tried beyond the preset, each kept as an option: gate_search (per-head gamma, beta on
       a grid by readout/context cosine), gates_from=naive (keep the random gates, fit only the
       output gate), val_rows (keep-best on held-out rows = early stopping), phase2_input=student

@@ -214,9 +214,10 @@ class GatedDeltaNet(nn.Module):
         g, beta = self.gates(z)
         if q.is_cuda and torch.is_autocast_enabled("cuda"):
             # Autocast runs F.normalize in fp32, so q and k would reach the kernel as fp32 next to a
-            # bf16 v, and the kernel would take its fp32 path without tensor cores: 92% of Stage 1's
-            # GPU time on the H100 (results/distill_h100/stage1_profile_before_fix.txt). The kernel
-            # keeps its own fp32 accumulation and state anyway.
+            # bf16 v, and the kernel would take its fp32 path without tensor cores: 92% of the GPU
+            # time of distillation's Stage 1 on the H100 (distill.py;
+            # results/distill_h100/stage1_profile_before_fix.txt). The kernel keeps its own fp32
+            # accumulation and state anyway.
             dt = torch.get_autocast_dtype("cuda")
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if pad is not None:
@@ -408,7 +409,7 @@ def _dropped_weights(attn):
     return dropped + [f"{n}.bias" for n in ("q_proj", "k_proj", "v_proj") if getattr(attn, n).bias is not None]
 
 
-_said = set()       # hybridize's warnings, once per process (GA-S2 builds one hybrid per layer)
+_said = set()       # hybridize's warnings, once per process (convert.py's GA-S2 policy builds one hybrid per layer)
 
 
 def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, warn=True):
