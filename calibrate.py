@@ -117,8 +117,9 @@ did not see, after the init over before it:
   (results/zeroshot.md, the same 4 x 256 tokens as every other row): 121.0 at keep 1/4 uniform, 0.36x taylor's 334.5 and below
   align-only's 137.7; it beats taylor in 9 of 9 cells and align-only in 8 of 9 (not keep 3/4 ga-s2).
   Most of the gain over taylor is dropping Phase 1 (align-only alone is 0.41x taylor); training W_o
-  takes 12% off at keep 1/4 uniform (7-12% across keep 1/4's policies). More calibration tokens are the next lever: with 16 x 256 align-only alone
-  falls to 63.4 (results/zeroshot_calib16.md), so convert.py --calib-seqs 16 is worth its 2x time.
+  takes 12% off at keep 1/4 uniform (7-12% across keep 1/4's policies). More calibration tokens
+  are the next lever: with 16 x 256 align-only alone falls to 63.4 (results/zeroshot_calib16.md),
+  so convert.py --calib-seqs 16 is worth its 2x time.
 
 Every constant is a named option in OPTIONS (override with convert.py --init-opt NAME=VALUE).
 Signature of every INITS entry: fn(student, teacher, calib_ids, opts) -> dict of what it measured

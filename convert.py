@@ -1201,9 +1201,9 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 # that reads every cached key and value once and never writes the scores (and a second, below, that
 # merges its splits). The PyTorch form makes five passes over a [B, H, L] score tensor besides its
 # two products (mask, max, sum, softmax, the split sum): at 32k context and batch 8 they cost a
-# quarter of a layer's step (measured on an H100 with --profile). Here each program takes one (batch, KV head) and one split of the cache, keeps
-# the rep query heads of that KV head as the rows of one small matrix, and runs the online softmax
-# over its split, block by block:
+# quarter of a layer's step (measured on an H100 with --profile). Here each program takes one
+# (batch, KV head) and one split of the cache, keeps the rep query heads of that KV head as the rows
+# of one small matrix, and runs the online softmax over its split, block by block:
 #
 #     s = q K_blk^T * scale            (masked positions: excluded)
 #     m' = max(m, max_j s_j);  p = exp(s - m');  l = l e^(m - m') + sum_j p_j;  acc = acc e^(m - m') + p V_blk
@@ -2323,9 +2323,10 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
     L = ctx + steps + 8
     L = L if L < 16 * SPLIT else -(-L // SPLIT) * SPLIT        # long caches: whole blocks for the split
     cache = StaticCache(config=model.config, max_cache_len=L)
+    with_cache = {_cache_arg(model): cache}
     for i in range(0, ctx, fill_chunk):
         chunk = ids[:, i: i + fill_chunk]
-        out = model(chunk, **{_cache_arg(model): cache}, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
+        out = model(chunk, **with_cache, cache_position=torch.arange(i, i + chunk.shape[1], device=device),
                     use_cache=True, logits_to_keep=1)
     next_ids = out.logits[:, -1:].argmax(-1)
     step, kernels = _time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,

@@ -119,7 +119,7 @@ class GatedDeltaNet(nn.Module):
     def inputs(self):
         """The six input projections, in the order project() stacks them: q, k, v first, so they come
         out as one block (SiLU and the short conv take them together); the output gate before the two
-        per-head gates keeps the four wide blocks (q, k, v, g: inner columns each) and a 16-byte
+        per-head gates keeps the blocks q, k, v, g (inner columns each) and the block a 16-byte
         aligned (b starts H columns after a). "g" here is the output gate, W_g x; the g of gates()
         is the log decay."""
         return {"q": self.q_proj, "k": self.k_proj, "v": self.v_proj, "g": self.g_proj, "a": self.a_proj,

@@ -95,8 +95,8 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
 def gated_delta_rule_step_torch(q, k, v, g, beta, state, scale=None, inplace=False):
     """One token of (1) for decoding: q, k [B, H, Dk], v [B, H, Dv], g, beta [B, H], state
     [B, H, Dk, Dv] (fp32, or fp64 after an fp64 prompt). Returns (o [B, H, Dv] in fp32, fp64 for
-    an fp64 state; new state). Memory and time per token are constant: that is the whole point of replacing
-    the KV cache. inplace=True writes the new state into `state` and returns it (a captured CUDA
+    an fp64 state; new state). Memory and time per token are constant: that is the whole point of
+    replacing the KV cache. inplace=True writes the new state into `state` and returns it (a captured CUDA
     graph keeps replaying against the same address)."""
     _check_step(q, k, v, g, beta, state)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -333,8 +333,8 @@ if triton is not None:
         # C - 1 dependent steps, each a reduction across the whole tile (measured on an H100 at
         # T = 32k, results/kernel_profile_substitution_h100.md: 3/4 of the forward's time at D = 64,
         # 2/3 at D = 128, the scan counted once though the profile's _state_kernel includes the
-        # backward's re-run).  The inverse itself (not
-        # just a solve) is kept because the backward needs Tm^T too.
+        # backward's re-run).  The inverse itself (not just a solve) is kept because the backward
+        # needs Tm^T too.
         Tm = tl.where(i[:, None] == i[None, :], 1.0, 0.0)
         for s in tl.static_range(LOG2_C):
             rb = i[:, None] // (1 << s)                       # row and column block of size 2^s
