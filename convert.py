@@ -373,6 +373,12 @@ def _layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
     and each GA-S2 probe is assembled from this bank instead of recomputed. Returns (bank
     {layer: state_dict}, seconds {layer: init time of that layer}, shared seconds, init info)."""
     from gdn import gdn_modules
+    # Triton compiles its kernels on first use, all of it charged to the first layer's time (on the
+    # H100, 52.6 s against ~2 s for the others: taylor's GA-S2 cells of results/zeroshot.json, before
+    # this): one untimed conversion of layer 0 alone, Phase 2 cut to one step, pays it first.
+    steps = resolve(init_opts, PRESETS.get(init))["steps"]
+    convert(teacher, list(range(1, teacher.config.num_hidden_layers)), init, calib, conv_size, seed,
+            {**(init_opts or {}), "steps": min(steps, 1)})
     student, info = convert(teacher, [], init, calib, conv_size, seed, init_opts)
     bank = {i: {k: v.detach().clone() for k, v in g.state_dict().items()} for i, g in gdn_modules(student).items()}
     ii = info["init_info"] or {}
@@ -412,7 +418,10 @@ def _ga_scores(teacher, probe, bank, conv_size=0, batch_size=8):
 
 def _load_scores(path):
     """The scores file (--scores): {key: {...scores...}}; {} when it does not exist yet."""
-    if not path or not os.path.exists(path):
+    if not path:
+        return {}
+    check_writable(path, "--scores")                   # (new scores are written into it, after long work)
+    if not os.path.exists(path):
         return {}
     try:
         cache = distill.read_json(path)
@@ -521,6 +530,9 @@ def _prepare_out(path, overwrite):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder."""
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
+    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
+        raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json): "
+                         f"--overwrite replaces only such a folder; choose another --out")
     check_writable(os.path.join(path, "config.json"), "--out")
     parent = os.path.dirname(os.path.abspath(path))
     # The hybrid is built in a sibling folder and renamed over --out at the end, so the parent must
@@ -689,10 +701,9 @@ def _run_convert(args):
     if args.policy not in POLICIES:
         raise ValueError(f"unknown --policy '{args.policy}'; valid: {', '.join(POLICIES)}")
     init_opts = parse_opts(args.init_opt)
-    _check_init_opts(args, [args.init], init_opts)
-    if args.policy == "ga-s2":
-        _ga_probe_init(args, init_opts)
-    elif args.probe_init != "same":
+    _check_init_opts(args, [args.init] + ([_ga_probe_init(args, init_opts)] if args.policy == "ga-s2" else []),
+                     init_opts)
+    if args.policy != "ga-s2" and args.probe_init != "same":
         raise ValueError(f"--probe-init is GA-S2's (--policy ga-s2), not --policy {args.policy}'s")
     if args.scores and args.policy == "uniform":
         raise ValueError("--scores holds the ar and ga-s2 policies' scores; --policy uniform measures none")
@@ -874,6 +885,12 @@ def _run_table(args):
             raise ValueError(f"--append: '{args.results}.json' is not a table written by convert.py ({e})") from None
         if not isinstance(old.get("cells"), list):
             raise ValueError(f"--append: '{args.results}.json' is not a table written by convert.py (no 'cells' list)")
+    scores_path = args.scores or args.results + "_scores.json"
+    cache = _load_scores(scores_path)
+    n = _teacher_layers(args.teacher)
+    if n:
+        for k in keeps:
+            _keep_count(n, k)                                   # an impossible --keeps: said now
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     for k in keeps:
@@ -881,7 +898,8 @@ def _run_table(args):
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
             "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts)}
+            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),
+            "conv_size": args.conv_size}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
     if differ:
         raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
@@ -891,8 +909,6 @@ def _run_table(args):
     probe = calib_ids(args, tokenizer, part=1) if need_probe else None
     ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)
     teacher_ppl = distill.perplexity(teacher, ids, desc="teacher ppl", **ev)
-    scores_path = args.scores or args.results + "_scores.json"
-    cache = _load_scores(scores_path)
     t0 = time.time()
     stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])   # one pass serves every cell
     stats_seconds = time.time() - t0
@@ -958,6 +974,8 @@ def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, c
         fresh = {(c["keep"], c["policy"], c["init"]) for c in cells}
         record["cells"] = [c for c in old["cells"] if (c["keep"], c["policy"], c["init"]) not in fresh] + list(cells)
         record["earlier_runs"] = old.get("earlier_runs", []) + [{k: old.get(k) for k in ("commit", "device", "command")}]
+        if old.get("notes"):
+            record["notes"] = old["notes"]
         record["policy_scores"] = {**old.get("policy_scores", {}), **record["policy_scores"]}
     distill.write_json(args.results + ".json", record)
     distill.write_atomic(args.results + ".md", _table_markdown(record))
@@ -1009,13 +1027,17 @@ def _table_markdown(r):
     by = {(c["keep"], c["policy"], c["init"]): c for c in r["cells"]}
     tp = r["teacher_ppl"]
     devices = sorted({c.get("device", r["device"]) for c in r["cells"]})
+    earlier = [str(e["commit"])[:10] for e in r.get("earlier_runs", []) if e.get("commit")]
     lines = [f"Zero-shot perplexity, teacher {r['teacher']}, eval {r['eval_data']} "
              f"({tp['windows']} windows x {tp['window']} tokens = {tp['tokens']} tokens), {r['dtype']}, "
-             f"device {', '.join(devices)}, commit {str(r['commit'])[:10]}, seed {r['seed']}; calibration "
+             f"device {', '.join(devices)}, commit {str(r['commit'])[:10]}"
+             + (f" (and cells kept from earlier runs at {', '.join(earlier)})" if earlier else "")
+             + f", seed {r['seed']}; calibration "
              f"{r.get('calib_data', '?')} ({' x '.join(map(str, r.get('calib', [])))} tokens), policy probes on the "
              f"next block of the same text."
              + (f" Init options (--init-opt) in every cell: {', '.join(f'{k}={v}' for k, v in r['init_opts'].items())}."
-                if r.get("init_opts") else ""),
+                if r.get("init_opts") else "")
+             + (f" Every GDN layer with a short conv of size {r['conv_size']}." if r.get("conv_size") else ""),
              "Cells: perplexity (init wall time, s). Layer-wise inits: time = shared teacher pass + this cell's "
              "layers' share of a per-layer bank computed once.", "",
              "| init | " + " | ".join(f"keep {_fmt_keep(k)} {p}" for k, p in cols) + " |",

@@ -147,6 +147,31 @@ def test_outputs_that_cannot_be_written_fail_first(teacher_dir, eval_text, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "eval.txt", "file.txt"]
 
 
+def test_refused_before_the_teacher_loads(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """What would fail after long work fails first, with the teacher never loaded: --overwrite over a
+    folder that holds no hybrid (it would be deleted), a --table scores path that is a folder, a
+    --keeps the teacher cannot keep, and the GA-S2 probe init's options (val_rows needs more
+    calibration sequences than the 2 given)."""
+    import convert
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded")
+    monkeypatch.setattr(convert, "load_teacher", no_load)
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("years of work")
+    (tmp_path / "t_scores.json").mkdir()
+    table = ["--table", "--keeps", "1/2", "--inits", "naive", "--results", str(tmp_path / "t")]
+    for argv, message in ((["--out", str(thesis), "--overwrite"], "holds no hybrid written by convert.py"),
+                          (table, "is a folder"),
+                          (table[:2] + ["1/1"] + table[3:6] + [str(tmp_path / "u")], "nothing to convert"),
+                          (["--out", str(tmp_path / "o"), "--policy", "ga-s2", "--init", "naive", "--probe-init",
+                            "align-only", "--init-opt", "val_rows=2", "--calib-seqs", "2"], "val_rows=2 must leave")):
+        code, io = run(["--teacher", teacher_dir, "--eval-data", eval_text] + argv, capsys)
+        assert code == 2 and message in io.err, (argv, io.err)
+    assert (thesis / "thesis.tex").read_text() == "years of work" and not (tmp_path / "o").exists()
+
+
 def test_table_keeps_an_existing_results_file(teacher_dir, eval_text, tmp_path, capsys):
     """--table rewrites its --results after every init: an existing one is refused unless --append
     or --overwrite says what to do with it; a --scores file that is not a scores cache is refused
@@ -184,6 +209,13 @@ def test_append_replaces_only_the_cells_measured_again(tmp_path):
     got = sorted((c["policy"], c["init"], c["ppl"]["ppl"]) for c in rec["cells"])
     assert got == [("ar", "naive", 90.0), ("uniform", "naive", 80.0), ("uniform", "taylor", 50.0)]
     assert json.loads((tmp_path / "zs.json").read_text())["cells"] == rec["cells"]
+    # The old table's notes stay, and the markdown names the commits its kept cells were measured at.
+    old = {**rec, "notes": ["a note written by hand"], "commit": "0123456789abcdef"}
+    rec = _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0), old, same, 4, teacher_ppl, {}, 0.0, {},
+                       [cell("uniform", "naive", 70.0)])
+    md = (tmp_path / "zs.md").read_text()
+    assert rec["notes"] == ["a note written by hand"] and "Note: a note written by hand" in md
+    assert "cells kept from earlier runs at 0123456789" in md
 
 
 def test_table_markdown_names_every_columns_kept_layers(tmp_path):

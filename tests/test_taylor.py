@@ -679,6 +679,9 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     assert convert.main(base + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias",
                                 "--append"]) == 2
     assert "another init_opts" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+    # Nor cells of GDN layers with a short conv.
+    assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--conv-size", "4", "--append"]) == 2
+    assert "another conv_size" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
     # An option spelled out at its default changes nothing, so it may join.
     assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--init-opt", "write_gate=rescale",
                                 "--append"]) == 0
