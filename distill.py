@@ -17,6 +17,7 @@ Distillation (METHOD section 5), run after the init, the same for every init:
 
     python distill.py --student HYBRID --stage 1 --tokens 10M --data ../shared/data/corpus --out S1
     python distill.py --student S1     --stage 2 --tokens 30M --data ../shared/data/corpus --out S2
+    (budgets cut down for a 135M model; METHOD's reference: 100M and 600M tokens)
     torchrun --standalone --nproc_per_node 8 distill.py ...    (several GPUs of one node: DDP)
 
 On CUDA: fp32 master weights under bf16 autocast (the teacher itself in bf16), the Triton GDN
@@ -26,17 +27,20 @@ teacher, student and optimiser state, which fits the paper's 1.5B-3B teachers on
 (for larger ones) is not implemented.
 
 Stage 1, per-layer alignment. Teacher forcing: one teacher forward (no grad) records, for every
-converted layer l, the input x_l of its attention module and that module's output y_T,l (after W_o).
+converted layer l, the input x_l of its attention module (the normalised hidden state, after the
+layer's input RMSNorm) and that module's output y_T,l (after W_o).
 The student's GDN layer l gets the *same* x_l, and
 
     L1 = (1/|G|) sum_{l in G} mean_{b,t} ||y_T,l(b,t) - GDN_l(x_l)(b,t)||_2 / sqrt(d)
 
 where G are the converted layers and d the hidden size. Only GDN parameters train. The student's
 own forward is never run in Stage 1: with teacher forcing, layer l's input does not depend on the
-student's other layers, so the GDN layers are independent problems, solved side by side, and the
-cost is one teacher forward plus the GDN layers (no student MLPs, no LM head, no logits).
+student's other layers, so the GDN layers are independent problems (coupled only through the one
+gradient-norm clip of their shared step), solved side by side, and the cost is one teacher forward
+plus the GDN layers (no student MLPs, no LM head, no logits).
 
-Stage 2, end-to-end: the student runs on its own outputs, and at every position t
+Stage 2, end-to-end: the student runs on the same tokens, each layer on the student's own hidden
+states (no teacher forcing), and at every position t
 
     L2 = mean_{b,t} KL(p_T(.|x_<=t) || p_S(.|x_<=t)) = mean_{b,t} sum_v p_T,v (log p_T,v - log p_S,v)
 
@@ -46,7 +50,7 @@ rest (MLPs, norms, embeddings, LM head) at a much smaller one.
 Token budgets count real tokens: the corpus is packed into full sequences (documents joined by
 EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budget of N tokens
 gives floor(N / (batch * seq)) steps. The run folder (--out) holds metrics.jsonl (one line per
-step and per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
+step, with this stage's tokens, and per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
 --ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
 and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
 distill.json, written last, which marks the run complete. The teacher's validation perplexity on
@@ -174,7 +178,8 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
         nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
                                reduction="sum").item()
         count += batch[:, 1:].numel()
-    return {"ppl": float(torch.tensor(nll / count).exp()), "nll": nll / count, "window": window,
+    # (in fp64: an fp32 exp is inf past a mean NLL of 88.7, a wrecked student's range)
+    return {"ppl": math.exp(nll / count) if nll / count < 709 else float("inf"), "nll": nll / count, "window": window,
             "windows": len(x), "tokens": len(x) * window, "predicted_tokens": count}
 
 
@@ -645,9 +650,10 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
     old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    for d in os.listdir(root):                                          # leftovers of a killed write
+    for d in os.listdir(root):                     # leftovers of a killed write (folders, or `latest`'s files)
         if d.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+            p = os.path.join(root, d)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
     return final
 
 
@@ -696,13 +702,29 @@ class Metrics:
             lines = []
             if os.path.exists(path):
                 with open(path) as f:
-                    lines = [l for l in f if l.strip() and json.loads(l)["step"] <= keep_until_step]
-            write_atomic(path, "".join(lines))
+                    lines = [l for l in f if l.strip()]
+            kept = []
+            for n, line in enumerate(lines):
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    if n < len(lines) - 1:
+                        raise ValueError(f"{path}: line {n + 1} is not JSON; the run's log is damaged") from None
+                    print(f"warning: {path}: its last line was cut off (a killed write); dropped", file=sys.stderr)
+                    continue
+                if rec["step"] <= keep_until_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            write_atomic(path, "".join(kept))
 
     def log(self, record):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def sync(self):
+        """On disk before a checkpoint is: a resume then finds every line up to its step."""
+        if self.enabled and os.path.exists(self.path):
+            seal(self.path)
 
 
 class Diverged(RuntimeError):
@@ -715,7 +737,7 @@ class Diverged(RuntimeError):
 
 def _train(run, student, data, model, step_fn, groups):
     """Optimise `model` (the student, or Stage 1's GDN stack; DDP-wrapped under torchrun) with
-    step_fn(model, ids) -> loss. Global batch = run.batch sequences, split over processes, then
+    step_fn(model, ids) -> loss. Global batch = run.args.batch sequences, split over processes, then
     into micro-batches whose gradients accumulate. Evaluates, checkpoints, stops on a non-finite
     loss. Returns the list of per-step records this process ran."""
     a, dist = run.args, run.dist
@@ -769,8 +791,9 @@ def _train(run, student, data, model, step_fn, groups):
             where = (f"the last good checkpoint is {last_ckpt} (kept as it was; a folder gdn.load_hybrid reads)"
                      if last_ckpt else "no checkpoint was written yet")
             raise Diverged(f"stage {a.stage}: loss {loss} / gradient norm {grad_norm} at step {step + 1} "
-                           f"({tokens} tokens): stopping without saving; {where}. The run is deterministic, so "
-                           f"--resume would meet the same step again: start a new run with other settings "
+                           f"({tokens} tokens): stopping without saving; {where}. The run is (nearly: "
+                           f"some CUDA backward kernels are not) deterministic, so --resume would most likely meet the "
+                           f"same step again: start a new run with other settings "
                            f"(e.g. a lower --lr)")
         f = _lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
         for g, b in zip(opt.param_groups, base):
@@ -791,6 +814,7 @@ def _train(run, student, data, model, step_fn, groups):
         if a.ckpt_every and (step + 1) % a.ckpt_every == 0 and step + 1 < run.steps:
             rngs = dist.gather(_rng_state())
             if dist.main:
+                metrics.sync()
                 last_ckpt = _save_checkpoint(a.out, step + 1, student, opt, rngs, {
                     "step": step + 1, "tokens": tokens, "data_epoch": data.epoch, "data_index": data.index,
                     "world": dist.world, "config": run.config}, keep=a.keep_checkpoints)
@@ -1015,6 +1039,9 @@ def _read_student(path):
         raise ValueError(f"--student '{path}' has no GDN layers (every layer was kept): nothing to distil")
     if not any(f.endswith(".safetensors") for f in os.listdir(path)):
         raise ValueError(f"--student '{path}' holds no weights (no .safetensors file)")
+    if os.path.isfile(os.path.join(path, "run.json")) and not os.path.isfile(os.path.join(path, "distill.json")):
+        raise ValueError(f"--student '{path}' is a distillation run that did not finish (run.json but no distill.json): "
+                         f"finish it with --resume, or start from the hybrid it began with")
     conversion = read_json(record)
     prior = {}
     if os.path.isfile(os.path.join(path, "distill.json")):

@@ -203,6 +203,23 @@ def test_perplexity_is_exp_mean_nll_of_w_minus_1_predictions_per_window():
     assert two["ppl"] == pytest.approx(nll[:14].mean().exp().item(), rel=1e-5)
 
 
+def test_perplexity_of_a_wrecked_model_is_finite():
+    """A mean NLL of 200 (past fp32's exp range, 88.7) is still a number: e^200, not inf."""
+    from types import SimpleNamespace
+
+    class Sure(torch.nn.Module):                 # all its mass on token 0, which never comes
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, ids, use_cache=False):
+            logits = torch.zeros(*ids.shape, 8)
+            logits[..., 0] = 200.0
+            return SimpleNamespace(logits=logits)
+    r = distill.perplexity(Sure(), torch.randint(1, 8, (16,)), window=8)
+    assert r["nll"] == pytest.approx(200.0, rel=1e-6) and r["ppl"] == pytest.approx(math.exp(200.0), rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Both stages train
 # ----------------------------------------------------------------------------------------------
@@ -298,7 +315,12 @@ def test_resume_continues_exactly(setup, tmp_path, stage):
     assert distill.main(args(s, cut, stage, extra=["--stop-after-steps", "3"])) == 0
     assert not (cut / "distill.json").exists() and len(lines(cut, "train")) == 3
     assert open(cut / "checkpoints" / "latest").read().strip() == "step_00000002"
+    # What a killed process leaves: the log's last line cut off, a temporary file of `latest`.
+    with open(cut / "metrics.jsonl", "a") as f:
+        f.write('{"type": "tr')
+    (cut / "checkpoints" / ".tmp-abc").write_text("step_0000")
     assert distill.main(args(s, cut, stage, extra=["--resume"])) == 0
+    assert not (cut / "checkpoints" / ".tmp-abc").exists()
     a, b = lines(full, "train"), lines(cut, "train")
     key = lambda rs: [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rs]
     assert key(a) == key(b) and len(a) == 6
@@ -341,6 +363,12 @@ def test_student_that_is_not_a_hybrid(setup, tmp_path, capsys):
     a = args(setup, tmp_path / "o")
     a[a.index("--student") + 1] = setup["teacher"]
     assert distill.main(a) == 2 and "not a hybrid" in capsys.readouterr().err and untouched(tmp_path / "o")
+    # A run folder killed between moving its student in and writing distill.json is no student.
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(setup["hybrid"], unfinished)
+    (unfinished / "run.json").write_text("{}")
+    a[a.index("--student") + 1] = str(unfinished)
+    assert distill.main(a) == 2 and "did not finish" in capsys.readouterr().err and untouched(tmp_path / "o")
 
 
 def test_teacher_with_another_tokenizer(setup, tmp_path, capsys):
