@@ -1324,13 +1324,22 @@ def _recovery(folders, results):
         if label in runs:
             raise ValueError(f"two runs of init '{label}' ({runs[label]['folder']} and {folder}): one per init")
         same = {k: record["config"].get(k) for k in ("teacher", "eval_data", "eval_window", "eval_max_windows")}
+        # ... and only the init may differ in how the runs were trained: Stage 2's settings (all but
+        # its student and how often it evaluated) and the tokens of the stages before it.
+        trained = {**{k: v for k, v in record["config"].items() if k not in same and k not in ("student", "eval_every")},
+                   "earlier stages' tokens": {k: v for k, v in (record.get("tokens_by_stage") or {}).items() if k != "2"}}
+        for other in runs.values():
+            differ = sorted(k for k in {**trained, **other["trained_as"]} if trained.get(k) != other["trained_as"].get(k))
+            if differ:
+                raise ValueError(f"{folder} and {other['folder']} were not trained alike (they differ in "
+                                 f"{', '.join(differ)}): the report credits the init with every difference")
         for other in runs.values():             # thresholds and speed-ups compare curves on one yardstick
             if other["evaluated_as"] != same or abs(other["teacher_ppl"] - teacher) > 1e-6 * teacher:
                 raise ValueError(f"{folder} and {other['folder']} were not evaluated alike (teacher, validation "
                                  f"text and windows: {same} vs {other['evaluated_as']}; teacher ppl {teacher} vs "
                                  f"{other['teacher_ppl']}): the report compares runs on the same windows")
         runs[label] = {"folder": folder, "teacher_ppl": teacher, "curve": curve, "test_ppl": test,
-                       "evaluated_as": same,
+                       "evaluated_as": same, "trained_as": trained,
                        "final_val_ppl": curve[-1][1] if curve else None, "commit": record.get("commit"),
                        "device": record.get("device"), "tokens_by_stage": record.get("tokens_by_stage")}
     if "naive" not in runs:

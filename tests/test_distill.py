@@ -619,15 +619,16 @@ def test_tokens_to_reach_interpolates_in_log_ppl():
     assert distill._tokens_to_reach(curve, 4.9) is None
 
 
-def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0):
+def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0, lr=1e-4, stage1_tokens=1000):
     folder.mkdir()
     (folder / "conversion.json").write_text(json.dumps({"init": init}))
     rows = [{"type": "teacher_eval", "stage": 2, "step": 0, "ppl": teacher}]
     rows += [{"type": "eval", "stage": 2, "step": i, "tokens": t, "ppl": p} for i, (t, p) in enumerate(curve)]
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    config = {"teacher": "t", "eval_data": "valid.txt", "eval_window": 2048, "eval_max_windows": eval_windows}
+    config = {"teacher": "t", "eval_data": "valid.txt", "eval_window": 2048, "eval_max_windows": eval_windows,
+              "student": str(folder) + "-stage1", "lr": lr, "eval_every": 1000}
     (folder / "distill.json").write_text(json.dumps({"stage": 2, "test": {"ppl": test} if test else None,
-                                                     "config": config}))
+                                                     "config": config, "tokens_by_stage": {"1": stage1_tokens}}))
     return str(folder)
 
 
@@ -660,6 +661,12 @@ def test_recovery_report(tmp_path, capsys):
     for run in (fewer, other):
         assert distill.main(["--recovery", naive, run, "--results", stem]) == 2
         assert "not evaluated alike" in capsys.readouterr().err
+    # nor runs trained otherwise than by their init: another Stage-2 setting, a shorter Stage 1
+    hotter = fake_stage2_run(tmp_path / "h", "taylor-plus", [(0, 300.0), (1e6, 12.0)], lr=1e-3)
+    shorter = fake_stage2_run(tmp_path / "s", "align-only", [(0, 300.0), (1e6, 12.0)], stage1_tokens=10)
+    for run, what in ((hotter, "differ in lr"), (shorter, "differ in earlier stages' tokens")):
+        assert distill.main(["--recovery", naive, run, "--results", stem]) == 2
+        assert what in capsys.readouterr().err
     # a broken record is named
     for name in ("distill.json", "conversion.json"):
         broken = fake_stage2_run(tmp_path / f"broken-{name}", "broken", [(0, 300.0)])
