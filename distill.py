@@ -221,7 +221,16 @@ def _machine(seed):
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return {"device": device, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "seed": seed,
-            "command": " ".join([os.path.basename(sys.executable)] + sys.argv)}
+            "command": " ".join(_launcher() + sys.argv)}
+
+
+def _launcher():
+    """How the command was started: python, or torchrun with its process count (sys.argv holds
+    neither)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and os.environ.get("TORCHELASTIC_RUN_ID"):
+        return ["torchrun", f"--nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', world)}"]
+    return [os.path.basename(sys.executable)]
 
 
 def write_atomic(path, text):
@@ -866,12 +875,13 @@ def _evaluate(run, student, step, metrics, teacher=None):
         metrics.log({"type": "teacher_eval", "stage": a.stage, "step": 0, "data": a.eval_data, "ppl": ppl["ppl"],
                      "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"]})
     if run.eval_ids is not None and run.dist.main:
-        was = student.training
-        student.eval()
+        modes = {m: m.training for m in student.modules()}      # each module's own: Stage 1 trains a
+        student.eval()                                          # stack of GDN layers in an eval-mode model
         with run.autocast():
             ppl = perplexity(student, run.eval_ids, a.eval_window, a.eval_max_windows or None,
                              a.eval_batch_size, desc="eval ppl")
-        student.train(was)
+        for m, training in modes.items():
+            m.train(training)
         tokens = step * a.batch * a.seq
         rec = {"type": "eval", "stage": a.stage, "step": step, "tokens": tokens,
                "tokens_by_stage": {**run.prior_tokens, str(a.stage): tokens}, "data": a.eval_data,
@@ -1176,11 +1186,11 @@ def _distill(a):
     steps = check_shapes(a, dist.world)
     spec = _teacher_spec(a, conversion)
     config = _run_config(a, spec)
+    resume_from = _check_run_folder(a, config)             # (a finished run's configuration checked too)
     if a.resume and os.path.isfile(os.path.join(a.out, "distill.json")):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
-    resume_from = _check_run_folder(a, config)
     torch.manual_seed(a.seed)
     s_tok = AutoTokenizer.from_pretrained(a.student)
     data = Batches(_corpus_ids(s_tok, a.data), a.seq, a.batch, a.seed)

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -426,6 +427,42 @@ def test_existing_out_and_resume_with_another_configuration(setup, tmp_path, cap
     assert "another configuration" in err and "lr: 0.003 there, 0.005 now" in err
     after = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
     assert before == after
+    # A finished run: --resume has nothing to do, but a configuration other than its own is still named.
+    assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume"])) == 0
+    assert (out / "distill.json").exists()
+    capsys.readouterr()
+    assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume", "--lr", "5e-3"])) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+def test_evaluation_leaves_each_module_in_its_mode():
+    """Stage 1 trains its GDN layers inside a student loaded in eval mode: an evaluation must hand
+    every module back in the mode it had (the whole model's mode would put the trained layers in
+    eval mode from the first evaluation on)."""
+    import contextlib
+    from types import SimpleNamespace
+    model = tiny_model("llama").eval()
+    model.model.layers[1].train()
+    run = SimpleNamespace(args=SimpleNamespace(eval_window=8, eval_max_windows=1, eval_batch_size=1, batch=1, seq=8,
+                                               stage=1, eval_data="v"),
+                          eval_ids=torch.randint(0, 128, (16,)), dist=SimpleNamespace(main=True, barrier=lambda: None),
+                          autocast=contextlib.nullcontext, prior_tokens={})
+    logged = []
+    distill._evaluate(run, model, 1, SimpleNamespace(log=logged.append))
+    assert len(logged) == 1 and not model.training and model.model.layers[1].training
+    assert all(m.training for m in model.model.layers[1].modules()) and not model.model.layers[0].training
+
+
+def test_record_names_torchrun(monkeypatch):
+    """Under torchrun sys.argv holds only the script: the record says how it was launched."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    monkeypatch.setattr(sys, "argv", ["distill.py", "--stage", "2"])
+    assert distill.run_info()["command"] == "torchrun --nproc_per_node 2 distill.py --stage 2"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distill.run_info()["command"].endswith(" distill.py --stage 2")
 
 
 @pytest.mark.parametrize("change", [["--lr", "-1"], ["--lr", "nan"], ["--beta1", "2"], ["--weight-decay", "-1"],
