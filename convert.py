@@ -11,9 +11,10 @@ convert.py -- teacher in, hybrid out: the command line that chains the other fil
 3. copy the teacher, swap every other attention module for a GDN layer (gdn.py) and initialise it
    (--init naive|zero-gate|taylor-phase1|align-only|taylor|taylor-plus|align-plus, --init-opt NAME=VALUE;
    calibrate.py);
-4. save the hybrid (safetensors + config + tokenizer + conversion.json) atomically: everything is
-   written into a temporary folder that is renamed to --out only when complete;
-5. measure teacher and student perplexity on --eval-data and print a greedy sample;
+4. save the hybrid (safetensors + config + tokenizer) into a temporary folder;
+5. measure teacher and student perplexity on --eval-data and print a greedy sample; record it all
+   in conversion.json, and only then rename the folder to --out (a run stopped before that leaves
+   no --out, and an old one as it was);
 6. with --distill-tokens 10M,30M: distill.py's Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2,
    each evaluated as it goes and at the end (see distill.py).
 
@@ -23,7 +24,7 @@ into an earlier table, so a table can be computed in parts). Layer-wise inits ar
 layer (_layer_bank) and every cell and GA-S2 probe is assembled from that bank. The full table:
 
     python convert.py --table --teacher default --eval-data wiki.test.raw --calib-data wiki.valid.raw \
-        --policies uniform,ar,ga-s2 --inits naive,zero-gate,taylor-phase1,align-only,taylor,taylor-plus
+        --policies uniform,ar,ga-s2 --inits naive,zero-gate,taylor-phase1,align-only,taylor,taylor-plus,align-plus
 
 `--bench` is the other: prefill, decoding step, cache and peak memory of the teacher and hybrids
 side by side, with the decoding kernels of the second half of this file (use_decode_kernels).
@@ -353,7 +354,9 @@ def _probe_ppl(model, probe, batch_size=8):
 @torch.no_grad()
 def _ar_scores(teacher, probe, batch_size=8):
     """AR: for each layer i, the teacher's perplexity rise on the probe tokens when layer i's attention
-    is bypassed (its output replaced by 0: the residual stream passes through). Teacher only."""
+    is bypassed (its output replaced by 0: the residual stream passes through). Teacher only. The
+    probe's windows are --calib-len tokens (256), not the evaluation's 2048: a cheap yardstick, used
+    only to rank layers (GA-S2's too)."""
     from tqdm import tqdm
     from gdn import decoder_layers
     base = _probe_ppl(teacher, probe, batch_size)
@@ -435,7 +438,8 @@ def _load_scores(path):
 def _ga_key(init, init_opts, seed):
     """What GA-S2's cached scores depend on besides the probe tokens: the probe init with every option
     it runs with (defaults, preset, the user's: so scores of an earlier version of a preset or of a
-    default are never reused), and the seed."""
+    default are never reused), and the seed. Not the code: scores cached before a change to the
+    init's code are reused; delete the --scores file after one."""
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
@@ -580,7 +584,8 @@ def _parse_args(argv):
     p.add_argument("--scores", help="policy scores JSON: reused where it holds the scores asked for, written with new ones")
     p.add_argument("--conv-size", type=int, default=0, help="short causal conv width on q, k, v (0: none; identity-initialised)")
     p.add_argument("--out", help="output folder for the hybrid (required unless --table)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out (with --table: --results)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out, a hybrid (and with "
+                   "--distill-tokens its stage folders; with --table: --results)")
     p.add_argument("--eval-data", help="text file for perplexity (default: built-in stdlib docstrings, not WikiText)")
     p.add_argument("--eval-format", default="auto", choices=["auto", "wikitext", "plain"])
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
