@@ -292,15 +292,18 @@ def test_undecodable_text(teacher_dir, tmp_path, capsys):
 
 
 def test_existing_out_needs_overwrite(teacher_dir, eval_text, tmp_path, capsys):
+    """An earlier hybrid at --out is replaced only with --overwrite (a folder holding no hybrid is
+    never: test_refused_before_the_teacher_loads)."""
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / "conversion.json").write_text('{"old": true}')
     args = ["--teacher", teacher_dir, "--out", str(out), "--eval-data", eval_text, "--window", "64",
             "--max-windows", "1", "--no-sample"]
     code, io = run(args, capsys)
     assert code == 2 and "--overwrite" in io.err and (out / "keep.txt").read_text() == "precious"
     code, io = run(args + ["--overwrite"], capsys)
-    assert code == 0 and not (out / "keep.txt").exists() and (out / "conversion.json").exists()
+    assert code == 0 and not (out / "keep.txt").exists() and "old" not in json.loads((out / "conversion.json").read_text())
 
 
 def test_overwrite_needs_a_writable_parent(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
@@ -309,6 +312,7 @@ def test_overwrite_needs_a_writable_parent(teacher_dir, eval_text, tmp_path, cap
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / "conversion.json").write_text('{"old": true}')                  # an earlier hybrid
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: real(p, mode) and os.path.abspath(p) != str(tmp_path))
     code, io = run(["--teacher", teacher_dir, "--out", str(out), "--overwrite", "--eval-data", eval_text], capsys)
