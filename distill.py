@@ -50,8 +50,8 @@ rest (MLPs, norms, embeddings, LM head) at a much smaller one.
 Token budgets count real tokens: the corpus is packed into full sequences (documents joined by
 EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budget of N tokens
 gives floor(N / (batch * seq)) steps. The run folder (--out) holds metrics.jsonl (one line per
-step, with this stage's tokens, and per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
---ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
+step, with this stage's tokens, and per evaluation, with the tokens seen in every stage so far),
+checkpoints/ (atomic, every --ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
 and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
 distill.json, written last, which marks the run complete. The teacher's validation perplexity on
 the same windows is logged once at the start of a run: the yardstick for what follows.
@@ -179,7 +179,8 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
                                reduction="sum").item()
         count += batch[:, 1:].numel()
     # (in fp64: an fp32 exp is inf past a mean NLL of 88.7, a wrecked student's range)
-    return {"ppl": math.exp(nll / count) if nll / count < 709 else float("inf"), "nll": nll / count, "window": window,
+    ppl = math.exp(nll / count) if nll / count < 709 else float("inf")
+    return {"ppl": ppl, "nll": nll / count, "window": window,
             "windows": len(x), "tokens": len(x) * window, "predicted_tokens": count}
 
 
@@ -662,7 +663,11 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
     for d in os.listdir(root):                     # leftovers of a killed write (folders, or `latest`'s files)
         if d.startswith(".tmp-"):
             p = os.path.join(root, d)
-            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else os.remove(p)
+            if os.path.isdir(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(p)
     return final
 
 
@@ -800,8 +805,8 @@ def _train(run, student, data, model, step_fn, groups):
             where = (f"the last good checkpoint is {last_ckpt} (kept as it was; a folder gdn.load_hybrid reads)"
                      if last_ckpt else "no checkpoint was written yet")
             raise Diverged(f"stage {a.stage}: loss {loss} / gradient norm {grad_norm} at step {step + 1} "
-                           f"({tokens} tokens): stopping without saving; {where}. The run is (nearly: "
-                           f"some CUDA backward kernels are not) deterministic, so --resume would most likely meet the "
+                           f"({tokens} tokens): stopping without saving; {where}. The run is "
+                           f"deterministic (up to some CUDA backward kernels), so --resume would most likely meet the "
                            f"same step again: start a new run with other settings "
                            f"(e.g. a lower --lr)")
         f = _lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
