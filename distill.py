@@ -51,9 +51,9 @@ Token budgets count real tokens: the corpus is packed into full sequences (docum
 EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budget of N tokens
 gives floor(N / (batch * seq)) steps. The run folder (--out) holds metrics.jsonl (one line per
 step, with this stage's tokens, and per evaluation, with the tokens seen in every stage so far),
-checkpoints/ (atomic, every --ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
-and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
-distill.json, written last, which marks the run complete. The teacher's validation perplexity on
+checkpoints/ (atomic, every --ckpt-every steps: weights and optimiser state as safetensors, RNG
+states, data position, step), and at the end the student itself (loadable by gdn.load_hybrid, and
+a --student for Stage 2) and distill.json, written last, which marks the run complete. The teacher's validation perplexity on
 the same windows is logged once at the start of a run: the yardstick for what follows.
 
 The recovery report (METHOD section 6's claim: a good init needs several times fewer Stage-2 tokens)
@@ -1341,10 +1341,12 @@ def _recovery(folders, results):
         same = {k: record["config"].get(k) for k in ("teacher", "eval_data", "eval_window", "eval_max_windows")}
         # ... and only the init may differ in how the runs were trained: Stage 2's settings (all but
         # its student and how often it evaluated) and the tokens of the stages before it.
-        trained = {**{k: v for k, v in record["config"].items() if k not in same and k not in ("student", "eval_every")},
-                   "earlier stages' tokens": {k: v for k, v in (record.get("tokens_by_stage") or {}).items() if k != "2"}}
+        skip = set(same) | {"student", "eval_every"}
+        earlier = {k: v for k, v in (record.get("tokens_by_stage") or {}).items() if k != "2"}
+        trained = {**{k: v for k, v in record["config"].items() if k not in skip}, "earlier stages' tokens": earlier}
         for other in runs.values():
-            differ = sorted(k for k in {**trained, **other["trained_as"]} if trained.get(k) != other["trained_as"].get(k))
+            theirs = other["trained_as"]
+            differ = sorted(k for k in set(trained) | set(theirs) if trained.get(k) != theirs.get(k))
             if differ:
                 raise ValueError(f"{folder} and {other['folder']} were not trained alike (they differ in "
                                  f"{', '.join(differ)}): the report credits the init with every difference")
