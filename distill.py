@@ -1354,8 +1354,11 @@ def _recovery(folders, results):
             if differ:
                 raise ValueError(f"{folder} and {other['folder']} were not trained alike (they differ in "
                                  f"{', '.join(differ)}): the report credits the init with every difference")
-        for other in runs.values():             # thresholds and speed-ups compare curves on one yardstick
-            if other["evaluated_as"] != same or abs(other["teacher_ppl"] - teacher) > 1e-6 * teacher:
+        # Thresholds and speed-ups compare curves on one yardstick: the same windows, so the same
+        # teacher perplexity, up to 0.1% (a bf16 teacher's moves in its 4th digit on another GPU or
+        # kernel mix; 0.1% of the teacher moves each threshold by 0.1%).
+        for other in runs.values():
+            if other["evaluated_as"] != same or abs(other["teacher_ppl"] - teacher) > 1e-3 * teacher:
                 raise ValueError(f"{folder} and {other['folder']} were not evaluated alike (teacher, validation "
                                  f"text and windows: {same} vs {other['evaluated_as']}; teacher ppl {teacher} vs "
                                  f"{other['teacher_ppl']}): the report compares runs on the same windows")
