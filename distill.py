@@ -965,7 +965,7 @@ def parse_args(argv):
                                                  "(default: 0 in stage 1, 1 in stage 2)")
     p.add_argument("--seed", type=int, default=0, help="data order and everything random")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
-    p.add_argument("--amp", type=int, choices=[0, 1], help="bf16 autocast (default: on for CUDA, off on CPU)")
+    p.add_argument("--amp", type=int, choices=[0, 1], help="bf16 autocast, CUDA only (default: 1 on CUDA, 0 on CPU)")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-data", default=os.path.join(WIKI, "wiki.valid.raw"),
                    help="validation text (default: WikiText-2 raw validation); 'none' to skip")
@@ -995,6 +995,8 @@ def parse_args(argv):
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.amp is None:
         a.amp = int(a.device == "cuda")
+    if a.amp and a.device != "cuda":
+        raise ValueError("--amp 1 is bf16 autocast on CUDA; on a CPU it would do nothing (and be recorded as done)")
     a.eval_batch_size = a.eval_batch_size or (8 if a.device == "cuda" else 1)
     for name in ("eval_data", "test_data"):
         v = getattr(a, name)

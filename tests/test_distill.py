@@ -488,7 +488,8 @@ def test_record_names_torchrun(monkeypatch):
 @pytest.mark.parametrize("change", [["--lr", "-1"], ["--lr", "nan"], ["--beta1", "2"], ["--weight-decay", "-1"],
                                     ["--min-lr-ratio", "5"], ["--warmup-steps", "-5"], ["--grad-ckpt", "-1"],
                                     ["--ckpt-every", "-1"], ["--profile-steps", "-1"], ["--keep-checkpoints", "0"],
-                                    ["--tokens", "inf"], ["--tokens", "1e999"], ["--eval-every", "abc"]])
+                                    ["--tokens", "inf"], ["--tokens", "1e999"], ["--eval-every", "abc"],
+                                    ["--amp", "1", "--device", "cpu"]])
 def test_bad_value_creates_nothing_and_overwrites_nothing(setup, tmp_path, capsys, change):
     """A bad value is named before --out is created, or, under --overwrite, deleted."""
     old = tmp_path / "old"
