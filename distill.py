@@ -174,14 +174,16 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
     nll, count = 0.0, 0
     for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False):
         batch = x[i: i + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits[:, :-1]
-        logits, targets = logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1)
-        # The NLL in fp32 a block of rows at a time, as the Stage-2 loss is (_KL): the whole batch's
-        # logits in fp32, and cross_entropy's log-softmax of them, would be 8 more bytes a logit than
-        # the bf16 logits' 2, about 20 GB at 8 windows of 2048 and Qwen2.5's 152k vocabulary.
-        nll += sum(F.cross_entropy(logits[j:j + KL_ROWS].float(), targets[j:j + KL_ROWS], reduction="sum").item()
-                   for j in range(0, len(targets), KL_ROWS))
-        count += len(targets)
+        logits = model(batch, use_cache=False).logits
+        # The NLL in fp32 a block of a window's positions at a time, as the Stage-2 loss is (_KL):
+        # the whole batch's logits in fp32, and cross_entropy's log-softmax of them, would be 8 more
+        # bytes a logit than the bf16 logits' 2, about 20 GB at 8 windows of 2048 and Qwen2.5's 152k
+        # vocabulary. (Slices of one window, not of the batch flattened: that would copy the logits.)
+        for b in range(len(batch)):
+            for j in range(0, window - 1, KL_ROWS):
+                rows = logits[b, j:min(j + KL_ROWS, window - 1)]
+                nll += F.cross_entropy(rows.float(), batch[b, j + 1:j + 1 + len(rows)], reduction="sum").item()
+        count += batch[:, 1:].numel()
     # (in fp64: an fp32 exp is inf past a mean NLL of 88.7, a wrecked student's range)
     ppl = math.exp(nll / count) if nll / count < 709 else float("inf")
     return {"ppl": ppl, "nll": nll / count, "window": window,

@@ -205,8 +205,9 @@ def test_perplexity_is_exp_mean_nll_of_w_minus_1_predictions_per_window():
 
 
 def test_perplexity_scores_a_block_of_rows_at_a_time(monkeypatch):
-    """The NLL is taken KL_ROWS positions at a time, each block alone in fp32 (not the batch's whole
-    [B * (W - 1), V] logits, 20 GB in fp32 at 8 x 2048 and a 152k vocabulary), and sums to the same."""
+    """The NLL is taken KL_ROWS positions of a window at a time, each block alone in fp32 (not the
+    batch's whole [B, W - 1, V] logits, 20 GB in fp32 at 8 x 2048 and a 152k vocabulary), and sums
+    to the same."""
     model = tiny_model("llama")
     torch.manual_seed(2)
     ids = torch.randint(0, 128, (4 * 8,))
@@ -219,9 +220,34 @@ def test_perplexity_scores_a_block_of_rows_at_a_time(monkeypatch):
     monkeypatch.setattr(distill, "KL_ROWS", 5)
     monkeypatch.setattr(distill.F, "cross_entropy", spy)
     r = distill.perplexity(model, ids, window=8, batch_size=2)
-    assert rows == [(5, torch.float32), (5, torch.float32), (4, torch.float32)] * 2   # 2 x 7 rows a batch
+    assert rows == [(5, torch.float32), (2, torch.float32)] * 4       # 4 windows, 7 predictions each
     assert r["predicted_tokens"] == plain["predicted_tokens"] == 28
     assert r["nll"] == pytest.approx(plain["nll"], rel=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures CUDA memory")
+def test_perplexity_needs_little_memory_beyond_the_logits():
+    """On CUDA, scoring 4 windows of 2048 with a 32k vocabulary (bf16 logits: 0.5 GiB) takes at most
+    a few fp32 blocks more at the peak; the batch's logits in fp32, and their log-softmax, would
+    take 2 GiB more."""
+    from types import SimpleNamespace
+    B, W, V = 4, 2048, 32768
+
+    class Logits(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1, device="cuda"))
+
+        def forward(self, ids, use_cache=False):
+            return SimpleNamespace(logits=torch.randn(*ids.shape, V, device="cuda", dtype=torch.bfloat16))
+    ids = torch.randint(0, V, (B * W,))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    r = distill.perplexity(Logits(), ids, window=W, batch_size=B)
+    extra = torch.cuda.max_memory_allocated() - base - B * W * V * 2
+    assert r["predicted_tokens"] == B * (W - 1) and math.isfinite(r["ppl"])
+    assert extra <= 4 * distill.KL_ROWS * V * 4, f"{extra / 2 ** 20:.0f} MiB beyond the logits"
 
 
 def test_perplexity_of_a_wrecked_model_is_finite():
