@@ -71,6 +71,7 @@ table of where N steps' time went.
 
 import argparse
 import contextlib
+import datetime
 import decimal
 import json
 import math
@@ -590,6 +591,9 @@ def _flops_per_token(stage, student, teacher, seq, stack=None):
 # Several GPUs of one node (torchrun sets the environment; DDP from torch itself)
 # ----------------------------------------------------------------------------------------------
 
+DIST_TIMEOUT = datetime.timedelta(hours=1)
+
+
 class Dist:
     """rank, world size and device of this process; a single process when not under torchrun."""
 
@@ -603,7 +607,9 @@ class Dist:
         else:
             self.device = torch.device("cpu")
         if self.world > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo")
+            # Rank 0 alone evaluates, tests and writes checkpoints while the others wait at a barrier:
+            # an hour for that, not the default 10 minutes, past which NCCL would end the run.
+            torch.distributed.init_process_group("nccl" if device == "cuda" else "gloo", timeout=DIST_TIMEOUT)
         self.main = self.rank == 0
 
     def mean(self, x):

@@ -499,6 +499,17 @@ def test_evaluation_leaves_each_module_in_its_mode():
     assert all(m.training for m in model.model.layers[1].modules()) and not model.model.layers[0].training
 
 
+def test_processes_wait_an_hour_for_rank_0(monkeypatch):
+    """Under torchrun the process group waits an hour at a barrier (rank 0 evaluating or writing a
+    checkpoint), not the default 10 minutes."""
+    seen = {}
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    distill.Dist("cpu")
+    assert seen["backend"] == "gloo" and seen["timeout"].total_seconds() >= 3600
+
+
 def test_record_names_torchrun(monkeypatch):
     """Under torchrun sys.argv holds only the script: the record says how it was launched."""
     monkeypatch.setenv("WORLD_SIZE", "2")
