@@ -570,6 +570,22 @@ def _publish(tmp, path):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+# What each mode reads besides --teacher, --device, --dtype and --seed (from _run_convert with
+# _run_distill_chain, _run_table, _run_bench and what they call). A flag a mode does not read would be
+# silently ignored, the run measuring something other than the command says: _parse_args refuses it.
+_PPL = ["init_opt", "conv_size", "scores", "overwrite", "calib_data", "calib_seqs", "calib_len", "eval_data",
+        "eval_format", "window", "max_windows", "batch_size"]           # both build hybrids and measure perplexity
+MODE_FLAGS = {
+    "a conversion": _PPL + ["keep", "policy", "init", "probe_init", "out", "no_sample",
+                            "distill_tokens", "distill_data", "distill_args"],
+    # Not --probe-init: each cell's GA-S2 probes use that cell's own init.
+    "--table": _PPL + ["keeps", "policies", "inits", "append", "results"],
+    # Not --overwrite: --bench rewrites its --results after every row anyway.
+    "--bench": ["keeps", "results", "contexts", "batches", "decode_steps", "no_graphs", "compile", "profile",
+                "decode_attention"],
+}
+
+
 def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", default="default", help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
@@ -583,7 +599,7 @@ def _parse_args(argv):
                         "section 4 has it; or any layer-wise init, e.g. taylor-phase1, cheaper)")
     p.add_argument("--scores", help="policy scores JSON: reused where it holds the scores asked for, written with new ones")
     p.add_argument("--conv-size", type=int, default=0, help="short causal conv width on q, k, v (0: none; identity-initialised)")
-    p.add_argument("--out", help="output folder for the hybrid (required unless --table)")
+    p.add_argument("--out", help="output folder for the hybrid (a conversion's; --table and --bench write --results)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out, a hybrid (and with "
                    "--distill-tokens its stage folders; with --table: --results)")
     p.add_argument("--eval-data", help="text file for perplexity (default: built-in stdlib docstrings, not WikiText)")
@@ -629,6 +645,20 @@ def _parse_args(argv):
                                                       "(WikiText-2 valid / test), not on this --eval-data: set "
                                                       "them here to change that")
     args = p.parse_args(argv)
+    if args.table and args.bench:
+        p.error("--table and --bench are two modes: give one")
+    mode = "--table" if args.table else "--bench" if args.bench else "a conversion"
+    # Given: off its default (one spelled at its default changes nothing), compared before the
+    # defaults below are filled in.
+    shared = {"teacher", "device", "dtype", "seed", "table", "bench"}
+    given = {k for k, v in vars(args).items() if v != p.get_default(k) and k not in shared}
+    stray = sorted(given - set(MODE_FLAGS[mode]))
+    if stray:
+        whose = {k: " and ".join(f"{m}'s" for m in MODE_FLAGS if k in MODE_FLAGS[m]) for k in stray}
+        p.error(f"{mode} does not read " + ", ".join(f"--{k.replace('_', '-')} ({whose[k]})" for k in stray))
+    if given & {"distill_data", "distill_args"} and not args.distill_tokens:
+        p.error("--distill-data and --distill-args are for the distillation chain: without --distill-tokens "
+                "no chain runs")
     args.results = args.results or ("results/inference" if args.bench else "results/zeroshot")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -638,7 +668,7 @@ def _parse_args(argv):
                         ("conv_size", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least} (got {getattr(args, name)})")
-    if (args.calib_data and args.eval_data and not args.bench and os.path.exists(args.calib_data)
+    if (args.calib_data and args.eval_data and os.path.exists(args.calib_data)
             and os.path.exists(args.eval_data) and os.path.samefile(args.calib_data, args.eval_data)):
         p.error(f"--calib-data and --eval-data are the same file ('{args.eval_data}'): the init would be fitted "
                 f"to the text its perplexity is measured on (METHOD section 3); give another split")
@@ -647,8 +677,8 @@ def _parse_args(argv):
     args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
     if args.distill_tokens:
         budgets = [distill.parse_tokens(t) for t in args.distill_tokens.split(",")]
-        if len(budgets) != 2 or args.table:
-            p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M), and no --table")
+        if len(budgets) != 2:
+            p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M)")
         if not any(budgets):
             p.error("--distill-tokens 0,0 runs no stage: give a budget to at least one")
         args.distill_tokens = budgets
@@ -871,8 +901,6 @@ def _run_table(args):
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
     _check_init_opts(args, inits, init_opts)
-    if args.probe_init != "same":
-        raise ValueError("--table's GA-S2 probes use each cell's own init; --probe-init is for one conversion")
     _read_inputs(args)
     if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
         raise ValueError("--policies ga-s2 probes each layer with the cell's own init, which must be layer-wise; "

@@ -139,10 +139,10 @@ def test_outputs_that_cannot_be_written_fail_first(teacher_dir, eval_text, tmp_p
     loads, nothing written (no temporary file or folder left)."""
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir.json").mkdir()
-    for argv in (["--out", str(tmp_path / "file.txt" / "sub")],
-                 ["--table", "--results", str(tmp_path / "file.txt" / "t")],
+    for argv in (["--out", str(tmp_path / "file.txt" / "sub"), "--eval-data", eval_text],
+                 ["--table", "--results", str(tmp_path / "file.txt" / "t"), "--eval-data", eval_text],
                  ["--bench", "--results", str(tmp_path / "dir"), "--contexts", "32", "--batches", "1"]):
-        code, io = run(["--teacher", teacher_dir, "--eval-data", eval_text] + argv, capsys)
+        code, io = run(["--teacher", teacher_dir] + argv, capsys)
         assert code == 2 and ("not a folder this process can write in" in io.err or "is a folder" in io.err), io.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "eval.txt", "file.txt"]
 
@@ -354,6 +354,68 @@ def test_each_mode_has_its_own_results_stem():
     assert _parse_args(["--bench"]).results == "results/inference"
     assert _parse_args(["--table"]).results == "results/zeroshot"
     assert _parse_args(["--bench", "--results", "x/y"]).results == "x/y"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--bench", "--distill-tokens", "1M,1M"], "--bench does not read --distill-tokens (a conversion's)"),
+    (["--bench", "--policy", "ar"], "--bench does not read --policy (a conversion's)"),
+    (["--bench", "--overwrite"], "--bench does not read --overwrite (a conversion's and --table's)"),
+    (["--bench", "--eval-data", "EVAL", "--window", "64", "--init", "naive"],      # all named at once
+     "--bench does not read --eval-data (a conversion's and --table's), --init (a conversion's), "
+     "--window (a conversion's and --table's)"),
+    (["--table", "--keep", "1/2"], "--table does not read --keep (a conversion's)"),
+    (["--table", "--out", "OUT", "--no-sample"], "--table does not read --no-sample (a conversion's), --out"),
+    (["--table", "--probe-init", "naive"], "--table does not read --probe-init"),
+    (["--table", "--contexts", "4k", "--compile"], "--table does not read --compile (--bench's), --contexts (--bench's)"),
+    (["--out", "OUT", "--contexts", "4k"], "a conversion does not read --contexts (--bench's)"),
+    (["--out", "OUT", "--append"], "a conversion does not read --append (--table's)"),
+    (["--out", "OUT", "--keeps", "1/2", "--results", "R"],
+     "a conversion does not read --keeps (--table's and --bench's), --results (--table's and --bench's)"),
+    (["--table", "--bench"], "--table and --bench are two modes"),
+    (["--out", "OUT", "--distill-data", "EVAL"], "without --distill-tokens no chain runs"),
+])
+def test_a_flag_of_another_mode_is_refused(argv, message, eval_text, tmp_path, capsys, monkeypatch):
+    """A flag the chosen mode does not read would be silently ignored: refused while parsing, naming
+    it and the modes that read it, before anything loads or is written."""
+    import convert
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded")
+    monkeypatch.setattr(convert, "load_teacher", no_load)
+    out, results = tmp_path / "o", tmp_path / "r"
+    argv = [{"EVAL": eval_text, "OUT": str(out), "R": str(results)}.get(a, a) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(["--teacher", "random:llama-3.2-1b"] + argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["eval.txt"]
+
+
+def test_every_flag_of_a_mode_is_taken_there(tmp_path):
+    """Each mode parses with every flag it reads set off its default (the repo's commands use
+    subsets of these), and a flag of another mode spelled at its default changes nothing, so passes."""
+    from convert import _parse_args
+    eval_text, calib, corpus = tmp_path / "eval.txt", tmp_path / "calib.txt", tmp_path / "corpus.txt"
+    for f in (eval_text, calib, corpus):
+        f.write_text(f"Some words of {f.name} for the test. " * 40)
+    shared = ["--teacher", "random:llama-3.2-1b", "--device", "cpu", "--dtype", "float32", "--seed", "1"]
+    ppl = ["--init-opt", "steps=5", "--conv-size", "4", "--scores", str(tmp_path / "s.json"), "--overwrite",
+           "--calib-data", str(calib), "--calib-seqs", "2", "--calib-len", "32", "--eval-data", str(eval_text),
+           "--eval-format", "plain", "--window", "64", "--max-windows", "1", "--batch-size", "2"]
+    conversion = ["--keep", "1/2", "--policy", "ga-s2", "--init", "naive", "--probe-init", "taylor-phase1",
+                  "--out", str(tmp_path / "h"), "--no-sample", "--distill-tokens", "64,32", "--distill-data",
+                  str(corpus), "--distill-args", "--seq 16 --batch 2 --eval-data none --test-data none"]
+    table = ["--table", "--keeps", "1/2", "--policies", "uniform,ar", "--inits", "naive", "--append",
+             "--results", str(tmp_path / "t")]
+    bench = ["--bench", "--keeps", "1/2", "--results", str(tmp_path / "b"), "--contexts", "32", "--batches", "1",
+             "--decode-steps", "1", "--no-graphs", "--compile", "--profile", "--decode-attention", "grouped"]
+    a = _parse_args(shared + ppl + conversion)
+    assert a.probe_init == "taylor-phase1" and a.distill_tokens == [64, 32] and a.seed == 1
+    a = _parse_args(shared + ppl + table)
+    assert a.inits == "naive" and a.append and a.conv_size == 4
+    a = _parse_args(shared + bench)
+    assert a.decode_attention == "grouped" and a.compile and a.contexts == "32"
+    assert _parse_args(["--bench", "--window", "2048", "--probe-init", "same"]).bench
+    assert _parse_args(["--out", str(tmp_path / "h"), "--keeps", "1/4,1/2,3/4", "--contexts", "1k,4k,16k,32k,64k"]).out
 
 
 def test_unknown_init(teacher_dir, tmp_path, capsys):

@@ -631,7 +631,7 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
     (["--calib-data", "EVAL"], "are the same file"),
     (["--probe-init", "naive"], "--probe-init is GA-S2's"),
-    (["--table", "--probe-init", "naive"], "--probe-init is for one conversion"),
+    (["--table", "--probe-init", "naive"], "--table does not read --probe-init"),
     (["--scores", "s.json"], "--policy uniform measures none"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
@@ -640,10 +640,11 @@ def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     calib.write_text("Other words to fit the init. " * 300)
     out = tmp_path / "out"
     argv = [str(text) if a == "EVAL" else a for a in argv]
+    mode = (["--results", str(tmp_path / "table")] if "--table" in argv else
+            ["--no-sample", "--out", str(out)])                  # each mode's own flags only
     try:
         code = convert.main(["--teacher", teacher_dir, "--eval-data", str(text), "--calib-data", str(calib),
-                             "--window", "64", "--no-sample", "--out", str(out),
-                             "--results", str(tmp_path / "table")] + argv)
+                             "--window", "64"] + mode + argv)
     except SystemExit as e:                                         # refused while parsing the arguments
         code = e.code
     assert code == 2 and message in capsys.readouterr().err
