@@ -760,6 +760,7 @@ def _run_convert(args):
         t0 = time.time()
         kept, policy_info, bank = _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts)
         stats = policy_info.pop("_stats", None)                 # GA-S2's teacher pass, reused below
+        stats_seconds = policy_info.pop("_stats_seconds", 0.0)
         if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
             t1 = time.time()
             student = _from_bank(teacher, kept, bank["layers"], args.conv_size)
@@ -775,6 +776,8 @@ def _run_convert(args):
         else:
             student, info = convert(teacher, kept, args.init, calib, args.conv_size, args.seed,
                                     {**init_opts, "_stats": stats})
+            if "stats" in info["init_info"]:    # the init used them: their pass is its time too
+                info["init_seconds"] += stats_seconds
         info["policy"] = policy_info
         from gdn import save_hybrid
         save_hybrid(student, tokenizer, tmp)
@@ -861,8 +864,8 @@ def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
             from taylor_stats import collect_stats
             t0 = time.time()
             stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])
-            info["_stats"] = stats
             shared = time.time() - t0
+            info["_stats"], info["_stats_seconds"] = stats, shared
             bank_, per_layer, _, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
                                                  {**init_opts, "_stats": stats})
             shared = shared if (ii or {}).get("stats") else 0.0
@@ -974,7 +977,8 @@ def _run_table(args):
                 init_info = {"from_bank": True, "layers": layers}
             else:
                 student, info = convert(teacher, kept, init, calib, args.conv_size, args.seed, opts)
-                init_seconds = info["init_seconds"] + stats_seconds
+                # the shared teacher pass counts where the init uses it (not naive's, zero-gate's)
+                init_seconds = info["init_seconds"] + (stats_seconds if "stats" in info["init_info"] else 0.0)
                 init_info = {k: v for k, v in info["init_info"].items() if k != "stats"}
             ppl = distill.perplexity(student, ids, desc=f"{init} ppl", **ev)
             cells.append({"keep": value, "policy": policy, "init": init, "kept_layers": kept,

@@ -594,6 +594,39 @@ def test_ga_s2_init_seconds_leave_out_the_probes(teacher_dir, tmp_path, monkeypa
     assert jump[0] == 3600.0 and rec["total_seconds"] > 3600 and 0 < rec["init_seconds"] < 3600
 
 
+def test_init_seconds_count_the_statistics_pass_where_the_init_uses_it(teacher_dir, tmp_path, monkeypatch):
+    """One teacher statistics pass serves GA-S2's probes and the init, or every --table cell: it is
+    counted in an init's time where that init reads the statistics (taylor's, align-only's), not
+    where it does not (naive's). The pass is made to take an hour on convert.py's clock."""
+    import types
+    import taylor_stats
+    text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
+    held.write_text("A slow red hen walks under the busy cat. " * 400)
+    jump = [0.0]
+    monkeypatch.setattr(convert, "time", types.SimpleNamespace(time=lambda: time.time() + jump[0],
+                                                               perf_counter=time.perf_counter))
+    collect = taylor_stats.collect_stats
+
+    def slow_stats(*a, **k):
+        jump[0] += 3600.0
+        return collect(*a, **k)
+    monkeypatch.setattr(taylor_stats, "collect_stats", slow_stats)
+    common = ["--teacher", teacher_dir, "--calib-data", str(text), "--eval-data", str(held), "--calib-seqs", "2",
+              "--calib-len", "32", "--window", "64", "--max-windows", "1", "--init-opt", "steps=2"]
+    for init, uses in (("align-only", True), ("naive", False)):      # GA-S2 probes with another init
+        out = tmp_path / init
+        assert convert.main([*common, "--keep", "1/2", "--no-sample", "--policy", "ga-s2", "--init", init,
+                             "--probe-init", "taylor-phase1", "--out", str(out)]) == 0
+        rec = json.loads((out / "conversion.json").read_text())
+        assert (rec["init_seconds"] > 3600) == uses, (init, rec["init_seconds"])
+    stem = str(tmp_path / "table")
+    assert convert.main([*common, "--table", "--keeps", "1/2", "--policies", "uniform", "--inits",
+                         "naive,taylor-phase1", "--results", stem]) == 0
+    cells = {c["init"]: c["init_seconds"] for c in json.loads(open(stem + ".json").read())["cells"]}
+    assert cells["taylor-phase1"] > 3600 and cells["naive"] < 3600, cells
+
+
 def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
