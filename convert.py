@@ -1260,7 +1260,7 @@ SPLIT = 256     # _grouped_query_attention: cache positions per block of the spl
 # that reads every cached key and value once and never writes the scores (and a second, below, that
 # merges its splits). The PyTorch form makes five passes over a [B, H, L] score tensor besides its
 # two products (mask, max, sum, softmax, the split sum): at 32k context and batch 8 they cost a
-# quarter of a layer's step (measured on an H100 with --profile). Here each program takes one
+# quarter of a layer's step (an H100 --profile run, not kept in results/). Here each program takes one
 # (batch, KV head) and one split of the cache, keeps the rep query heads of that KV head as the rows
 # of one small matrix, and runs the online softmax over its split, block by block:
 #
@@ -1429,7 +1429,7 @@ def _use_decode_attention(model, name):
 # That pays for small products, where a launch's latency is most of the time. But x's 16 padded
 # rows are held too, and past K = 1024 (bf16) the two tiles spill to local memory. When every
 # product was held while its tiles fit (or else went to cuBLAS), Llama-3.2-1B's shape decoded at
-# 7-11x its bound on an H100 (q/k/v, W_o and the head held at K = 2048, spilling; W_down and the
+# 7-11x its bound at batch 1 on an H100 (q/k/v, W_o and the head held at K = 2048, spilling; W_down and the
 # gate/up pair in cuBLAS; results/inference_h100_llama1b_shape_before.md), and Qwen2.5-1.5B's at up
 # to 3x (K = 1536 held; results/inference_h100_qwen15b_shape_before.md). So in bf16 a product is
 # held only for K <= 1024, or K <= 1536 with W at most LINEAR_HELD_MAX, and otherwise loops over K
@@ -2308,7 +2308,7 @@ def _time_decode(model, cache, next_ids, pos, steps, graphs, compile_step=False,
     compile_step: torch.compile the step first, which fuses HF's many small elementwise kernels
     (norms, rotary, gates), so fewer launches stand between the step and its bandwidth bound; with
     inductor's combo kernels, independent small kernels (a GDN layer's q, k, v, gates; the caches'
-    counters) are launched as one (measured on an H100 at 32k, batch 8: 568 -> 427 kernels a step).
+    counters) are launched as one (counted on an H100 at 32k, batch 8, in a device script: 568 -> 427 kernels a step).
     profile: also return _kernel_profile of one uncaptured step, with CUDA graphs also _graph_path of
     one replay (else None)."""
     if compile_step:

@@ -299,7 +299,7 @@ def stack_projections(model):
     but the zero rows that pad the stack (under 64)."""
     for m in gdn_modules(model).values():
         # Zero rows up to a multiple of 64. Rows 16-byte aligned (a multiple of 8) is what cuBLAS's
-        # fast kernels need (measured on an H100: 2322 rows took a generic kernel, 2x slower); a
+        # fast kernels need (on an H100, in a device script: 2322 rows took a generic kernel, 2x slower); a
         # multiple of 64 (128 bytes) is also the row stride torch.compile gives a wide bf16 product's
         # output, so the output it makes is already what gdn_layer_step was traced with. At 2328
         # rows it padded the stride to 2368 and then copied the output back to 2328 before the step
