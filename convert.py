@@ -1164,7 +1164,8 @@ def _parse_sizes(text, name):
 
 
 def _cache_bytes(model, cache):
-    """Bytes held by the cache: KV tensors of softmax layers and states of GDN layers."""
+    """Bytes held by the cache: the KV tensors of its layers (a GDN layer's slot holds only a
+    [B, 1, L, 1] placeholder: 22 MiB of keep 1/4's 1595 at 32k, batch 8) and the GDN layers' states."""
     total = 0
     for layer in getattr(cache, "layers", []):
         for name in ("keys", "values"):
@@ -2401,6 +2402,23 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
             **({"decode_kernels": kernels} if kernels else {})}
 
 
+def _check_bench_cache(config, source, args):
+    """HF's static cache keeps a sliding-window layer's write position in a Python int (Mistral,
+    Gemma 3's local layers, Qwen2 with use_sliding_window): a CUDA graph replays it as captured (a
+    stale mask, then writes past the window) and torch.compile recompiles the step for each value.
+    Such a teacher is timed only as a plain loop."""
+    from transformers import StaticCache
+    graphs = args.device == "cuda" and not args.no_graphs
+    if not (graphs or args.compile):
+        return
+    sliding = [i for i, layer in enumerate(StaticCache(config=config, max_cache_len=16).layers)
+               if "Sliding" in type(layer).__name__]
+    if sliding:
+        raise ValueError(f"--bench: {source} has sliding-window layers ({', '.join(map(str, sliding))}), whose "
+                         f"cache position CUDA graphs and --compile cannot follow: time it with --no-graphs "
+                         f"and without --compile")
+
+
 def _run_bench(args):
     """--bench: teacher and hybrids side by side; JSON + markdown under results/."""
     from tqdm import tqdm
@@ -2409,18 +2427,24 @@ def _run_bench(args):
     keeps = [_parse_keep(k) for k in args.keeps.split(",")]                  # crossover reads in order
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
+    for flag, values in (("--keeps", [v for _, v in keeps]), ("--batches", batches)):
+        if len(set(values)) < len(values):          # one model or batch measured twice, under one name
+            raise ValueError(f"{flag} '{getattr(args, flag[2:])}' names one value twice")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
     check_results(args.results)
     if args.profile and args.device != "cuda":
         print("--profile records CUDA kernels: nothing to record on the CPU")
-    teacher, _, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype), tokenizer=False)
+    # Every model is built on the CPU and goes to the device only for its own measurements: its peak
+    # memory is its own, and a teacher that fits once need not fit 1 + len(keeps) times.
+    teacher, _, source = load_teacher(args.teacher, "cpu", getattr(torch, args.dtype), tokenizer=False)
+    _check_bench_cache(teacher.config, source, args)
     n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
     for keep in keeps:
         student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
         models.append((f"hybrid keep {_fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
-    bw = _copy_bandwidth(args.device)
+    bw = _copy_bandwidth(args.device)                          # (before any model is on the device)
     floors = args.device == "cuda" and triton is not None
     stage, launch = (_stage_floor(args.device), _launch_floor(args.device)) if floors else (None, None)
     rows, fits = [], {}
@@ -2434,10 +2458,21 @@ def _run_bench(args):
         distill.write_json(args.results + ".json", record)
         distill.write_atomic(args.results + ".md", _bench_markdown(record))
         return record
-    for _, model in models:               # one model on the device at a time: its peak memory is its own
-        model.to("cpu")
+    def out_of_memory(e):                      # (the CPU allocator's and cuBLAS's are RuntimeErrors)
+        return isinstance(e, torch.cuda.OutOfMemoryError) or "alloc" in str(e).lower()
     for name, model in models:
-        use_decode_kernels(model.to(args.device), args.decode_attention)
+        try:
+            use_decode_kernels(model.to(args.device), args.decode_attention)
+        except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+            if not out_of_memory(e):
+                raise
+            msg = f"{name} does not fit in {'GPU ' if args.device == 'cuda' else ''}memory: its weights alone"
+            print(msg)
+            rows.extend({"model": name, "batch": B, "context": contexts[0], "error": msg} for B in batches)
+            save(False)
+            model.to("cpu")
+            torch.cuda.empty_cache()
+            continue
         for B in batches:
             floor = _chain_floor(model, B) if args.device == "cuda" else None    # the same at every context
             fused = stage * _decode_stages(model) if stage and floor else None    # a single-kernel step's floor
@@ -2447,8 +2482,8 @@ def _run_bench(args):
                     r = _bench_one(model, B, ctx, args.decode_steps, not args.no_graphs, args.device,
                                   compile_step=args.compile, profile=args.profile)
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
-                    if not isinstance(e, torch.cuda.OutOfMemoryError) and "alloc" not in str(e):
-                        raise                               # (the CPU allocator's error is a RuntimeError)
+                    if not out_of_memory(e):
+                        raise
                     largest = fits.get((name, B))
                     where = "GPU memory" if args.device == "cuda" else "memory"
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in {where}; the largest measured "

@@ -837,6 +837,47 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)
     assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
+    # cuBLAS's way of saying so (upper case)
+
+    def cublas_oom(model, B, ctx, *a, **kw):
+        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+    monkeypatch.setattr(convert, "_bench_one", cublas_oom)
+    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
+                    "--decode-steps", "1", "--results", str(stem)], capsys)
+    assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
+
+
+def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
+    """A sliding-window teacher (HF keeps that cache's position in a Python int, which a CUDA graph
+    replays as captured and --compile recompiles on) is refused under --compile, and timed as a
+    plain loop without it; one hybrid or batch named twice is refused; a model whose weights alone
+    do not fit gets its rows saying so, and the next model is still measured."""
+    import convert
+    from conftest import tiny_config
+    folder = tmp_path / "mistral"
+    tiny_config("mistral").save_pretrained(folder)
+    bench = ["--bench", "--teacher", f"random:{folder}", "--keeps", "1/2", "--contexts", "32", "--batches", "1",
+             "--decode-steps", "1", "--results", str(tmp_path / "bench"), "--device", "cpu"]
+    code, io = run([*bench, "--compile"], capsys)
+    assert code == 2 and "sliding-window layers (0, 1, 2, 3)" in io.err and not (tmp_path / "bench.json").exists()
+    code, io = run(bench, capsys)
+    assert code == 0, io.err
+    for flag, value in (("--keeps", "1/4,0.25"), ("--batches", "1,1")):
+        code, io = run([*bench, flag, value], capsys)
+        assert code == 2 and f"{flag} '{value}' names one value twice" in io.err
+    real = convert.use_decode_kernels
+
+    def teacher_too_big(model, *a, **kw):
+        if not hasattr(model.config, "hybrid"):
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
+        return real(model, *a, **kw)
+    monkeypatch.setattr(convert, "use_decode_kernels", teacher_too_big)
+    code, io = run([*bench, "--batches", "1,2"], capsys)
+    assert code == 0, io.err
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    assert [(r["model"], r["batch"], "error" in r) for r in rows] == [
+        ("teacher", 1, True), ("teacher", 2, True), ("hybrid keep 1/2", 1, False), ("hybrid keep 1/2", 2, False)]
+    assert "teacher does not fit in memory: its weights alone" in io.out
 
 
 def test_bench_keeps_what_it_measured_when_stopped(teacher_dir, tmp_path, capsys, monkeypatch):
