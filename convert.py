@@ -2402,6 +2402,29 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
             **({"decode_kernels": kernels} if kernels else {})}
 
 
+def _memory_budget(device):
+    """Bytes the allocator could hold now: what it holds plus what the GPU has free (None on a CPU,
+    where peak memory is not measured)."""
+    return torch.cuda.memory_allocated() + torch.cuda.mem_get_info()[0] if device == "cuda" else None
+
+
+def _fit_estimate(measured, budget):
+    """The largest context whose peak memory stays within `budget` bytes, on the line through the two
+    largest measured (context, peak) points: weights, then a cache and prefill activations that grow
+    linearly with the context. Rounded down to 5 significant bits (51200, not 52391: an estimate).
+    None without two points or a budget."""
+    points = sorted((r["context"], r["peak_memory_bytes"]) for r in measured if r.get("peak_memory_bytes"))
+    if budget is None or len(points) < 2:
+        return None
+    (c1, p1), (c2, p2) = points[-2:]
+    slope = (p2 - p1) / (c2 - c1)
+    if slope <= 0:
+        return None
+    est = int(c2 + (budget - p2) / slope)
+    step = 1 << max(0, est.bit_length() - 5)
+    return est // step * step
+
+
 def _check_bench_cache(config, source, args):
     """HF's static cache keeps a sliding-window layer's write position in a Python int (Mistral,
     Gemma 3's local layers, Qwen2 with use_sliding_window): a CUDA graph replays it as captured (a
@@ -2486,8 +2509,13 @@ def _run_bench(args):
                         raise
                     largest = fits.get((name, B))
                     where = "GPU memory" if args.device == "cuda" else "memory"
+                    torch.cuda.empty_cache()
+                    about = _fit_estimate([x for x in rows if (x["model"], x["batch"]) == (name, B) and "error" not in x],
+                                          _memory_budget(args.device))
                     msg = (f"{name}, batch {B}: context {ctx} does not fit in {where}; the largest measured "
-                           f"that fit is {largest}" if largest else f"{name}, batch {B}: context {ctx} does not fit in "
+                           f"that fit is {largest}" + (f" (about {about} would fit, by the growth of its peak memory)"
+                                                       if about and largest < about < ctx else "")
+                           if largest else f"{name}, batch {B}: context {ctx} does not fit in "
                            f"{where}, the smallest asked for: ask for smaller contexts or a smaller batch")
                     print(msg)
                     rows.append({"model": name, "batch": B, "context": ctx, "error": msg})
