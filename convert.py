@@ -2399,21 +2399,24 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
     return {"batch": B, "context": ctx, "prefill_s": prefill, "decode_step_s": step, "decode_tok_s": B / step,
             "cache_bytes": kv, "bytes_per_step": read,
             "peak_memory_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+            "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,    # (what the GPU gave)
             **({"decode_kernels": kernels} if kernels else {})}
 
 
 def _memory_budget(device):
-    """Bytes the allocator could hold now: what it holds plus what the GPU has free (None on a CPU,
-    where peak memory is not measured)."""
-    return torch.cuda.memory_allocated() + torch.cuda.mem_get_info()[0] if device == "cuda" else None
+    """Bytes PyTorch's allocator could reserve now: what it has reserved (cached blocks and CUDA
+    graphs' pools included) plus what the GPU has free. None on a CPU, where peaks are not measured."""
+    return torch.cuda.memory_reserved() + torch.cuda.mem_get_info()[0] if device == "cuda" else None
 
 
 def _fit_estimate(measured, budget):
-    """The largest context whose peak memory stays within `budget` bytes, on the line through the two
-    largest measured (context, peak) points: weights, then a cache and prefill activations that grow
-    linearly with the context. Rounded down to 5 significant bits (51200, not 52391: an estimate).
-    None without two points or a budget."""
-    points = sorted((r["context"], r["peak_memory_bytes"]) for r in measured if r.get("peak_memory_bytes"))
+    """The largest context whose peak reserved memory stays within `budget` bytes, on the line through
+    the two largest measured (context, peak) points: weights, then a cache and prefill activations
+    that grow linearly with the context. Reserved, not allocated: the allocator asks the GPU for
+    whole blocks, and a run fails when those do not fit (on an H200 with 10 GiB left, peaks of
+    allocated memory put the largest that fits at 43008, which did not fit). Rounded down to 5
+    significant bits (51200, not 52391: an estimate). None without two points or a budget."""
+    points = sorted((r["context"], r["peak_reserved_bytes"]) for r in measured if r.get("peak_reserved_bytes"))
     if budget is None or len(points) < 2:
         return None
     (c1, p1), (c2, p2) = points[-2:]

@@ -834,15 +834,15 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
 
     def bench_gpu(model, B, ctx, *a, **kw):
         r = bench_one(model, B, ctx, *a, **kw)
-        return {**r, "peak_memory_bytes": 1_000_000 + 1000 * ctx}
+        return {**r, "peak_reserved_bytes": 1_000_000 + 1000 * ctx}
     monkeypatch.setattr(convert, "_bench_one", bench_gpu)
     monkeypatch.setattr(convert, "_memory_budget", lambda device: 1_100_000)
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "32,64,128", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)
     assert code == 0 and "the largest measured that fit is 64 (about 100 would fit, by the growth of its peak memory)" \
         in io.out, io.out
-    assert convert._fit_estimate([{"context": 64, "peak_memory_bytes": 5}], 10) is None       # one point: no line
-    big = [{"context": c, "peak_memory_bytes": 2 ** 30 + 2 ** 15 * c} for c in (16384, 32768)]
+    assert convert._fit_estimate([{"context": 64, "peak_reserved_bytes": 5}], 10) is None       # one point: no line
+    big = [{"context": c, "peak_reserved_bytes": 2 ** 30 + 2 ** 15 * c} for c in (16384, 32768)]
     assert convert._fit_estimate(big, 2 ** 30 + 2 ** 15 * 52391) == 51200                    # 5 significant bits
     monkeypatch.setattr(convert, "_memory_budget", lambda device: None)                       # a CPU: no estimate
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "32,64,128", "--batches", "1",
