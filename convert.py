@@ -2486,6 +2486,7 @@ def _run_bench(args):
         distill.write_json(args.results + ".json", record)
         distill.write_atomic(args.results + ".md", _bench_markdown(record))
         return record
+
     def out_of_memory(e):                      # (the CPU allocator's and cuBLAS's are RuntimeErrors)
         return isinstance(e, torch.cuda.OutOfMemoryError) or "alloc" in str(e).lower()
     for name, model in models:
@@ -2512,20 +2513,21 @@ def _run_bench(args):
                 except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                     if not out_of_memory(e):
                         raise
-                    largest = fits.get((name, B))
-                    where = "GPU memory" if args.device == "cuda" else "memory"
                     torch.cuda.empty_cache()
-                    about = _fit_estimate([x for x in rows if (x["model"], x["batch"]) == (name, B) and "error" not in x],
-                                          _memory_budget(args.device))
-                    msg = (f"{name}, batch {B}: context {ctx} does not fit in {where}; the largest measured "
-                           f"that fit is {largest}" + (f" (about {about} would fit, by the growth of its peak memory)"
-                                                       if about and largest < about < ctx else "")
-                           if largest else f"{name}, batch {B}: context {ctx} does not fit in "
-                           f"{where}, the smallest asked for: ask for smaller contexts or a smaller batch")
+                    largest = fits.get((name, B))
+                    msg = (f"{name}, batch {B}: context {ctx} does not fit in "
+                           f"{'GPU memory' if args.device == 'cuda' else 'memory'}")
+                    if largest:
+                        msg += f"; the largest measured that fit is {largest}"
+                        about = _fit_estimate([x for x in rows if (x["model"], x["batch"]) == (name, B)
+                                               and "error" not in x], _memory_budget(args.device))
+                        if about and largest < about < ctx:
+                            msg += f" (about {about} would fit, by the growth of its peak memory)"
+                    else:
+                        msg += ", the smallest asked for: ask for smaller contexts or a smaller batch"
                     print(msg)
                     rows.append({"model": name, "batch": B, "context": ctx, "error": msg})
                     save(False)
-                    torch.cuda.empty_cache()
                     break
                 fits[(name, B)] = ctx
                 r["model"], r["floor_step_s"], r["fused_floor_step_s"] = name, floor, fused
