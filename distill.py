@@ -177,9 +177,9 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
         batch = x[i: i + batch_size].to(device)
         logits = model(batch, use_cache=False).logits
         # The NLL in fp32 a block of a window's positions at a time, as the Stage-2 loss is (_KL):
-        # the whole batch's logits in fp32, and cross_entropy's log-softmax of them, would be 8 more
-        # bytes a logit than the bf16 logits' 2, about 20 GB at 8 windows of 2048 and Qwen2.5's 152k
-        # vocabulary. (Slices of one window, not of the batch flattened: that would copy the logits.)
+        # the whole batch's logits in fp32 and cross_entropy's log-softmax of them take 8 bytes a
+        # logit where the bf16 logits take 2, 20 GB against 5 at 8 windows of 2048 and Qwen2.5's
+        # 152k vocabulary. (Slices of one window, not of the batch flattened: that copies the logits.)
         for b in range(len(batch)):
             for j in range(0, window - 1, KL_ROWS):
                 rows = logits[b, j:min(j + KL_ROWS, window - 1)]
