@@ -1,4 +1,5 @@
 """convert.py end to end on a tiny teacher, every bad input, and the real default teacher once."""
+import functools
 import json
 import os
 
@@ -848,22 +849,16 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "32,64,128", "--batches", "1",
                     "--decode-steps", "1", "--results", str(stem)], capsys)
     assert code == 0 and "the largest measured that fit is 64\n" in io.out
-    # the CPU allocator's error, and a first context that already does not fit
+    # the CPU allocator's error and cuBLAS's (upper case), at a first context that already does not fit
 
-    def cpu_oom(model, B, ctx, *a, **kw):
-        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
-    monkeypatch.setattr(convert, "_bench_one", cpu_oom)
-    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
-                    "--decode-steps", "1", "--results", str(stem)], capsys)
-    assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
-    # cuBLAS's way of saying so (upper case)
-
-    def cublas_oom(model, B, ctx, *a, **kw):
-        raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)")
-    monkeypatch.setattr(convert, "_bench_one", cublas_oom)
-    code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
-                    "--decode-steps", "1", "--results", str(stem)], capsys)
-    assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out
+    def oom(*a, error, **kw):
+        raise RuntimeError(error)
+    for error in ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB",
+                  "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"):
+        monkeypatch.setattr(convert, "_bench_one", functools.partial(oom, error=error))
+        code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
+                        "--decode-steps", "1", "--results", str(stem)], capsys)
+        assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out, error
 
 
 def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):

@@ -570,23 +570,34 @@ def test_policy_probe_is_the_block_after_the_calibration_tokens(tokenizer, tmp_p
     assert convert.calib_ids(args, tokenizer, part=1).tolist() == [ids[32:48], ids[48:64]]
 
 
-def test_ga_s2_init_seconds_leave_out_the_probes(teacher_dir, tmp_path, monkeypatch):
-    """A GA-S2 hybrid assembled from the probes' layer bank records what its own init cost (as a
-    --table cell does), not the probes: convert.py's clock is made to jump an hour while they run, so
-    the record tells the two apart however loaded the machine is."""
-    import types
+def texts(tmp_path):
+    """A calibration text and a held-out one, for the command-line tests."""
     text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
     held.write_text("A slow red hen walks under the busy cat. " * 400)
-    jump = [0.0]
+    return text, held
+
+
+def an_hour_long(monkeypatch, module, name):
+    """module.name made to take an hour on convert.py's clock, so a record tells the time it took
+    apart from the rest however loaded the machine is. Returns the clock's jump so far [seconds]."""
+    import types
+    jump, real = [0.0], getattr(module, name)
     monkeypatch.setattr(convert, "time", types.SimpleNamespace(time=lambda: time.time() + jump[0],
                                                                perf_counter=time.perf_counter))
-    probes = convert._ga_scores
 
-    def slow_probes(*a, **k):
+    def slow(*a, **k):
         jump[0] += 3600.0
-        return probes(*a, **k)
-    monkeypatch.setattr(convert, "_ga_scores", slow_probes)
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, slow)
+    return jump
+
+
+def test_ga_s2_init_seconds_leave_out_the_probes(teacher_dir, tmp_path, monkeypatch):
+    """A GA-S2 hybrid assembled from the probes' layer bank records what its own init cost (as a
+    --table cell does), not the probes, which are made to take an hour."""
+    text, held = texts(tmp_path)
+    jump = an_hour_long(monkeypatch, convert, "_ga_scores")
     assert convert.main(["--teacher", teacher_dir, "--keep", "1/2", "--calib-data", str(text), "--eval-data", str(held),
                          "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "1", "--no-sample",
                          "--policy", "ga-s2", "--init", "taylor-phase1", "--out", str(tmp_path / "o")]) == 0
@@ -597,21 +608,9 @@ def test_ga_s2_init_seconds_leave_out_the_probes(teacher_dir, tmp_path, monkeypa
 def test_init_seconds_count_the_statistics_pass_where_the_init_uses_it(teacher_dir, tmp_path, monkeypatch):
     """One teacher statistics pass serves GA-S2's probes and the init, or every --table cell: it is
     counted in an init's time where that init reads the statistics (taylor's, align-only's), not
-    where it does not (naive's). The pass is made to take an hour on convert.py's clock."""
-    import types
-    import taylor_stats
-    text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
-    held.write_text("A slow red hen walks under the busy cat. " * 400)
-    jump = [0.0]
-    monkeypatch.setattr(convert, "time", types.SimpleNamespace(time=lambda: time.time() + jump[0],
-                                                               perf_counter=time.perf_counter))
-    collect = taylor_stats.collect_stats
-
-    def slow_stats(*a, **k):
-        jump[0] += 3600.0
-        return collect(*a, **k)
-    monkeypatch.setattr(taylor_stats, "collect_stats", slow_stats)
+    where it does not (naive's). The pass is made to take an hour."""
+    text, held = texts(tmp_path)
+    an_hour_long(monkeypatch, taylor_stats, "collect_stats")
     common = ["--teacher", teacher_dir, "--calib-data", str(text), "--eval-data", str(held), "--calib-seqs", "2",
               "--calib-len", "32", "--window", "64", "--max-windows", "1", "--init-opt", "steps=2"]
     for init, uses in (("align-only", True), ("naive", False)):      # GA-S2 probes with another init
@@ -628,9 +627,7 @@ def test_init_seconds_count_the_statistics_pass_where_the_init_uses_it(teacher_d
 
 
 def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
-    text, held = tmp_path / "calib.txt", tmp_path / "eval.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. " * 400)
-    held.write_text("A slow red hen walks under the busy cat. " * 400)
+    text, held = texts(tmp_path)
     scores = tmp_path / "scores.json"
     base = ["--teacher", teacher_dir, "--keep", "1/2", "--calib-data", str(text), "--eval-data", str(held),
             "--calib-seqs", "2", "--calib-len", "32", "--window", "64", "--max-windows", "2", "--no-sample",
