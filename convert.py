@@ -706,6 +706,9 @@ def _parse_args(argv):
             out, argv = _chain_stage(args, stage, args.out, tokens or 1)
             if tokens and os.path.exists(out) and not args.overwrite:
                 p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
+            if tokens and distill.holds_other_files(out):
+                p.error(f"--distill-tokens: '{out}' is a folder that holds no distill.py run: --overwrite replaces "
+                        f"only such a folder; choose another --out")
             a = distill.parse_args(argv)
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
             # takes: --tok is --tokens).

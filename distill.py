@@ -1135,7 +1135,16 @@ def _check_run_folder(a, config):
     if os.path.exists(a.out) and not a.overwrite:
         raise ValueError(f"--out '{a.out}' already exists: pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another folder")
+    if holds_other_files(a.out):
+        raise ValueError(f"--out '{a.out}' is a folder that holds no distill.py run (no run.json): --overwrite "
+                         f"replaces only such a folder; choose another --out")
     return None
+
+
+def holds_other_files(path):
+    """Whether `path` is a folder --overwrite may not replace: one that is not empty and holds no run."""
+    return (os.path.isdir(path) and bool(os.listdir(path))
+            and not any(os.path.isfile(os.path.join(path, f)) for f in ("run.json", "distill.json")))
 
 
 def _start_run_folder(a, config, dist):

@@ -424,6 +424,16 @@ def test_teacher_with_another_tokenizer(setup, tmp_path, capsys):
     assert code == 2 and "tokenizer differs" in capsys.readouterr().err and untouched(tmp_path / "o")
 
 
+def test_overwrite_replaces_only_a_run(setup, tmp_path, capsys):
+    """--overwrite deletes --out before the run starts: only a folder holding a run (or an empty one),
+    never a folder of something else."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    assert distill.main(args(setup, mine, extra=["--overwrite"])) == 2
+    assert "holds no distill.py run" in capsys.readouterr().err and os.listdir(mine) == ["notes.txt"]
+
+
 def test_out_that_is_an_input_is_refused_even_with_overwrite(setup, tmp_path, capsys):
     """--overwrite deletes --out first: where --out is the student (or holds the data) that would
     delete the run's own input."""
@@ -656,9 +666,14 @@ def test_convert_chains_both_stages(setup, tmp_path):
                                           (["--distill-args", "--tok 999 --stud /etc --res"],
                                            "may not set --student, --tokens, --resume"),
                                           (["--distill-args", "--stop-after-steps 1"], "may not set --stop-after-steps"),
-                                          (["--distill-data", "BINARY"], "not UTF-8")])
+                                          (["--distill-data", "BINARY"], "not UTF-8"),
+                                          (["--overwrite"], "'STAGE1' is a folder that holds no distill.py run")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
+    if "--overwrite" in bad:                   # a stage's folder in the way, holding something else
+        (tmp_path / "h-stage1").mkdir()
+        (tmp_path / "h-stage1" / "notes.txt").write_text("not a run: --overwrite may not delete it")
+        message = message.replace("STAGE1", str(tmp_path / "h-stage1"))
     (tmp_path / "short.txt").write_text("short")
     (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
     bad = [str(tmp_path / "short.txt") if a == "SHORT" else str(tmp_path / "binary.txt") if a == "BINARY" else a
