@@ -719,14 +719,14 @@ def main(argv=None):
     import distill
     from taylor_stats import collect_stats
     from gdn import gdn_from_attention
-    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--teacher", default="default")
     p.add_argument("--layers", default="5,18")
     p.add_argument("--calib-data")
     p.add_argument("--calib-seqs", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
     p.add_argument("--variants", nargs="+", default=["taylor-phase1", "align-only", "taylor", "taylor-plus"])
-    p.add_argument("--out", default="results/zeroshot_plus_layers", help="output stem (.json, .md)")
+    p.add_argument("--out", default="results/calibrate_layers", help="output stem (.json, .md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out (.json, .md)")
     args = p.parse_args(argv)
     if args.calib_seqs < 1 or args.calib_len < 2:

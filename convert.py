@@ -258,6 +258,17 @@ def _check_family(config, spec):
 # Which layers stay softmax
 # ----------------------------------------------------------------------------------------------
 
+def _parse_keeps(text):
+    """--keeps (--table, --bench): _parse_keep of each comma-separated item, an error naming --keeps."""
+    out = []
+    for item in text.split(","):
+        try:
+            out.append(_parse_keep(item))
+        except ValueError:
+            raise ValueError(f"--keeps '{text}': '{item}' is not a fraction in (0, 1] (examples: 1/4,1/2)") from None
+    return out
+
+
 def _parse_keep(text):
     """'1/4' or '0.25' -> ('fraction', 0.25); '0,4,8' or '3' -> ('list', [0, 4, 8]).
     A fraction has a '/' or a '.'; anything else is a comma-separated list of layer indices."""
@@ -580,9 +591,8 @@ MODE_FLAGS = {
                             "distill_tokens", "distill_data", "distill_args"],
     # Not --probe-init: each cell's GA-S2 probes use that cell's own init.
     "--table": _PPL + ["keeps", "policies", "inits", "append", "results"],
-    # Not --overwrite: --bench rewrites its --results after every row anyway.
-    "--bench": ["keeps", "results", "contexts", "batches", "decode_steps", "no_graphs", "compile", "profile",
-                "decode_attention"],
+    "--bench": ["keeps", "results", "overwrite", "contexts", "batches", "decode_steps", "no_graphs", "compile",
+                "profile", "decode_attention"],
 }
 
 
@@ -601,7 +611,7 @@ def _parse_args(argv):
     p.add_argument("--conv-size", type=int, default=0, help="short causal conv width on q, k, v (0: none; identity-initialised)")
     p.add_argument("--out", help="output folder for the hybrid (a conversion's; --table and --bench write --results)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out, a hybrid (and with "
-                   "--distill-tokens its stage folders; with --table: --results)")
+                   "--distill-tokens its stage folders; with --table or --bench: --results)")
     p.add_argument("--eval-data", help="text file for perplexity (default: built-in stdlib docstrings, not WikiText)")
     p.add_argument("--eval-format", default="auto", choices=["auto", "wikitext", "plain"])
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
@@ -648,10 +658,12 @@ def _parse_args(argv):
     if args.table and args.bench:
         p.error("--table and --bench are two modes: give one")
     mode = "--table" if args.table else "--bench" if args.bench else "a conversion"
-    # Given: off its default (one spelled at its default changes nothing), compared before the
-    # defaults below are filled in.
+    # Given: typed on the command line, whatever its value (`--table --init taylor`, meant as
+    # --inits, is refused though taylor is --init's default): parsed once more into a namespace
+    # holding None everywhere, which argparse leaves in place of the defaults.
     shared = {"teacher", "device", "dtype", "seed", "table", "bench"}
-    given = {k for k, v in vars(args).items() if v != p.get_default(k) and k not in shared}
+    typed = p.parse_args(argv, namespace=argparse.Namespace(**{k: None for k in vars(args)}))
+    given = {k for k, v in vars(typed).items() if v is not None} - shared
     stray = sorted(given - set(MODE_FLAGS[mode]))
     if stray:
         whose = {k: " and ".join(f"{m}'s" for m in MODE_FLAGS if k in MODE_FLAGS[m]) for k in stray}
@@ -676,7 +688,7 @@ def _parse_args(argv):
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"
     args.batch_size = args.batch_size or (8 if args.device == "cuda" else 1)
     if args.distill_tokens:
-        budgets = [distill.parse_tokens(t) for t in args.distill_tokens.split(",")]
+        budgets = [distill.parse_tokens(t, "--distill-tokens") for t in args.distill_tokens.split(",")]
         if len(budgets) != 2:
             p.error("--distill-tokens takes two budgets, STAGE1,STAGE2 (e.g. 10M,30M)")
         if not any(budgets):
@@ -895,7 +907,7 @@ def _run_table(args):
     layer-wise. Scores go to --scores (default: --results + '_scores.json')."""
     from tqdm import tqdm
     from taylor_stats import collect_stats
-    keeps = [_parse_keep(k) for k in args.keeps.split(",")]
+    keeps = _parse_keeps(args.keeps)
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--keeps '{args.keeps}': the table takes fractions (1/4,1/2); a list of layers is for --keep")
     policies, inits = args.policies.split(","), args.inits.split(",")
@@ -2455,7 +2467,7 @@ def _run_bench(args):
     from tqdm import tqdm
     contexts, batches = _parse_sizes(args.contexts, "contexts"), _parse_sizes(args.batches, "batches")
     contexts = sorted(set(contexts))        # ascending: the first that does not fit ends the row, and the
-    keeps = [_parse_keep(k) for k in args.keeps.split(",")]                  # crossover reads in order
+    keeps = _parse_keeps(args.keeps)                  # crossover reads in order
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
     for flag, values in (("--keeps", [v for _, v in keeps]), ("--batches", batches)):
@@ -2463,7 +2475,7 @@ def _run_bench(args):
             raise ValueError(f"{flag} '{getattr(args, flag[2:])}' names one value twice")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
-    check_results(args.results)
+    check_results(args.results, overwrite=args.overwrite)
     if args.profile and args.device != "cuda":
         print("--profile records CUDA kernels: nothing to record on the CPU")
     # Every model is built on the CPU and goes to the device only for its own measurements: its peak

@@ -944,7 +944,9 @@ WIKI = os.path.join(HERE, "..", "shared", "data", "wikitext-2-raw")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Stage 1 / Stage 2 distillation of a hybrid from convert.py")
+    p = argparse.ArgumentParser(description="Stage 1 / Stage 2 distillation of a hybrid from convert.py",
+                                epilog="Also: distill.py --recovery RUN [RUN ...] [--results STEM] [--overwrite], the "
+                                       "report comparing finished Stage-2 runs of different inits (one of them naive)")
     p.add_argument("--student", required=True, help="hybrid folder written by convert.py (or by a previous stage)")
     p.add_argument("--stage", type=int, required=True, choices=[1, 2])
     p.add_argument("--tokens", required=True, help="token budget of this stage (30M, 500k, 123456)")
@@ -1421,7 +1423,16 @@ def _recovery_main(argv):
     p = argparse.ArgumentParser(prog="distill.py --recovery", description=_recovery.__doc__.split("\n")[0])
     p.add_argument("--recovery", nargs="+", required=True, metavar="RUN", help="finished Stage-2 run folders")
     p.add_argument("--results", default="results/recovery/recovery", help="output stem (.json, .md)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --results")
     a = p.parse_args(argv)
+    for path in (a.results + ".json", a.results + ".md"):       # said before any run is read
+        if os.path.exists(path) and not a.overwrite:
+            p.error(f"--results: '{path}' already exists: pass --overwrite to replace it, or another --results")
+        folder = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(folder):
+            folder = os.path.dirname(folder)
+        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
+            p.error(f"--results: '{path}' cannot be written ('{folder}' is not a folder this process can write in)")
     try:
         _recovery(a.recovery, a.results)
     except ValueError as e:

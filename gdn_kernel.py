@@ -1307,14 +1307,16 @@ def _markdown(results):
 
 
 def main(argv=None):
-    """Check every path against the reference; on a GPU, benchmark (or --profile, --sweep). --dims /
-    --lengths narrow the benchmark (e.g. --dims 128 --lengths 4096,32768 for a short run)."""
+    """Check the chunked forms against the sequential reference (PyTorch; on a GPU also the Triton
+    kernel, forward and gradients, in fp32 and bf16; tests/ checks every path); on a GPU, benchmark
+    (or --profile, --sweep). --dims / --lengths narrow the benchmark (e.g. --dims 128 --lengths
+    4096,32768 for a short run)."""
     import argparse
     import json
     import subprocess
     import sys
     import time
-    p = argparse.ArgumentParser(description=main.__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--dims", default="64,128", help="head dims to benchmark")
     p.add_argument("--lengths", default="1024,4096,16384,32768", help="sequence lengths to benchmark")
     p.add_argument("--profile", action="store_true",
@@ -1329,8 +1331,19 @@ def main(argv=None):
     unknown = set(a.methods.split(",")) - {"triton", "torch_chunk", "fla", "sdpa"}
     if unknown:
         p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from triton, torch_chunk, fla, sdpa)")
+    if a.profile and a.sweep:
+        p.error("--profile and --sweep each replace the benchmark: give one")
     globals()["SCAN_BV"] = a.scan_bv
-    dims, lengths = [int(x) for x in a.dims.split(",")], [int(x) for x in a.lengths.split(",")]
+
+    def sizes(text, flag):                     # '1k,4096' -> [1024, 4096]
+        try:
+            out = [int(t[:-1]) * 1024 if t.strip().lower().endswith("k") else int(t) for t in text.split(",")]
+        except ValueError:
+            out = []
+        if not out or min(out) <= 0:
+            p.error(f"{flag} '{text}': a list of positive sizes (examples: 64,128; 4k,32768)")
+        return out
+    dims, lengths = sizes(a.dims, "--dims"), sizes(a.lengths, "--lengths")
     seed = 0
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"

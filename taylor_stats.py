@@ -45,7 +45,7 @@ into an error first). Under a sliding window (Gemma 3's local layers, Mistral) a
 window cannot see token 0, so its sink mass is 0 by construction: sink statistics of windowed and
 global layers are not comparable.
 
-    python taylor_stats.py --teacher default            # prints the per-layer, per-head table
+    python taylor_stats.py --teacher default            # prints the per-layer, per-head table (and --out, results/taylor_stats.json)
 """
 
 import logging

@@ -360,7 +360,7 @@ def test_each_mode_has_its_own_results_stem():
 @pytest.mark.parametrize("argv, message", [
     (["--bench", "--distill-tokens", "1M,1M"], "--bench does not read --distill-tokens (a conversion's)"),
     (["--bench", "--policy", "ar"], "--bench does not read --policy (a conversion's)"),
-    (["--bench", "--overwrite"], "--bench does not read --overwrite (a conversion's and --table's)"),
+    (["--bench", "--no-sample"], "--bench does not read --no-sample (a conversion's)"),
     (["--bench", "--eval-data", "EVAL", "--window", "64", "--init", "naive"],      # all named at once
      "--bench does not read --eval-data (a conversion's and --table's), --init (a conversion's), "
      "--window (a conversion's and --table's)"),
@@ -373,6 +373,8 @@ def test_each_mode_has_its_own_results_stem():
     (["--out", "OUT", "--keeps", "1/2", "--results", "R"],
      "a conversion does not read --keeps (--table's and --bench's), --results (--table's and --bench's)"),
     (["--table", "--bench"], "--table and --bench are two modes"),
+    (["--table", "--init", "taylor"], "--table does not read --init (a conversion's)"),      # at its default
+    (["--bench", "--window", "2048"], "--bench does not read --window"),
     (["--out", "OUT", "--distill-data", "EVAL"], "without --distill-tokens no chain runs"),
 ])
 def test_a_flag_of_another_mode_is_refused(argv, message, eval_text, tmp_path, capsys, monkeypatch):
@@ -393,7 +395,7 @@ def test_a_flag_of_another_mode_is_refused(argv, message, eval_text, tmp_path, c
 
 def test_every_flag_of_a_mode_is_taken_there(tmp_path):
     """Each mode parses with every flag it reads set off its default (the repo's commands use
-    subsets of these), and a flag of another mode spelled at its default changes nothing, so passes."""
+    subsets of these)."""
     from convert import _parse_args
     eval_text, calib, corpus = tmp_path / "eval.txt", tmp_path / "calib.txt", tmp_path / "corpus.txt"
     for f in (eval_text, calib, corpus):
@@ -415,8 +417,6 @@ def test_every_flag_of_a_mode_is_taken_there(tmp_path):
     assert a.inits == "naive" and a.append and a.conv_size == 4
     a = _parse_args(shared + bench)
     assert a.decode_attention == "grouped" and a.compile and a.contexts == "32"
-    assert _parse_args(["--bench", "--window", "2048", "--probe-init", "same"]).bench
-    assert _parse_args(["--out", str(tmp_path / "h"), "--keeps", "1/4,1/2,3/4", "--contexts", "1k,4k,16k,32k,64k"]).out
 
 
 def test_unknown_init(teacher_dir, tmp_path, capsys):
@@ -839,7 +839,7 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     monkeypatch.setattr(convert, "_bench_one", bench_gpu)
     monkeypatch.setattr(convert, "_memory_budget", lambda device: 1_100_000)
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "32,64,128", "--batches", "1",
-                    "--decode-steps", "1", "--results", str(stem)], capsys)
+                    "--decode-steps", "1", "--results", str(stem), "--overwrite"], capsys)
     assert code == 0 and "the largest measured that fit is 64 (about 100 would fit, by the growth of its peak memory)" \
         in io.out, io.out
     assert convert._fit_estimate([{"context": 64, "peak_reserved_bytes": 5}], 10) is None       # one point: no line
@@ -847,7 +847,7 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     assert convert._fit_estimate(big, 2 ** 30 + 2 ** 15 * 52391) == 51200                    # 5 significant bits
     monkeypatch.setattr(convert, "_memory_budget", lambda device: None)                       # a CPU: no estimate
     code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "32,64,128", "--batches", "1",
-                    "--decode-steps", "1", "--results", str(stem)], capsys)
+                    "--decode-steps", "1", "--results", str(stem), "--overwrite"], capsys)
     assert code == 0 and "the largest measured that fit is 64\n" in io.out
     # the CPU allocator's error and cuBLAS's (upper case), at a first context that already does not fit
 
@@ -857,7 +857,7 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
                   "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"):
         monkeypatch.setattr(convert, "_bench_one", functools.partial(oom, error=error))
         code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
-                        "--decode-steps", "1", "--results", str(stem)], capsys)
+                        "--decode-steps", "1", "--results", str(stem), "--overwrite"], capsys)
         assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out, error
 
 
@@ -871,7 +871,7 @@ def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "mistral"
     tiny_config("mistral").save_pretrained(folder)
     bench = ["--bench", "--teacher", f"random:{folder}", "--keeps", "1/2", "--contexts", "32", "--batches", "1",
-             "--decode-steps", "1", "--results", str(tmp_path / "bench"), "--device", "cpu"]
+             "--decode-steps", "1", "--results", str(tmp_path / "bench"), "--device", "cpu", "--overwrite"]
     code, io = run([*bench, "--compile"], capsys)
     assert code == 2 and "sliding-window layers (0, 1, 2, 3)" in io.err and not (tmp_path / "bench.json").exists()
     code, io = run(bench, capsys)
@@ -915,7 +915,9 @@ def test_bench_keeps_what_it_measured_when_stopped(teacher_dir, tmp_path, capsys
     assert r["complete"] is False and [(x["model"], x["context"]) for x in r["rows"]] == [("teacher", 64), ("teacher", 96)]
     assert "Partial" in (tmp_path / "bench.md").read_text()
     monkeypatch.setattr(convert, "_bench_one", real)
-    code, io = run(args, capsys)
+    code, io = run(args, capsys)                 # the partial table is not replaced without --overwrite
+    assert code == 2 and "already exists: pass --overwrite" in io.err and "Partial" in (tmp_path / "bench.md").read_text()
+    code, io = run(args + ["--overwrite"], capsys)
     r = json.loads((tmp_path / "bench.json").read_text())
     assert code == 0 and r["complete"] is True and len(r["rows"]) == 4
     assert "Partial" not in (tmp_path / "bench.md").read_text()
@@ -937,7 +939,8 @@ def test_bench_comparison_and_crossover():
 
 
 @pytest.mark.parametrize("flag, value", [("--contexts", "1x,4k"), ("--batches", "0"), ("--contexts", ""),
-                                         ("--decode-steps", "0"), ("--keeps", "0,2")])
+                                         ("--decode-steps", "0"), ("--keeps", "0,2"),
+                                         ("--keeps", "1/4,5/4")])
 def test_bench_bad_sizes(flag, value, tmp_path, capsys):
     code, io = run(["--bench", f"{flag}={value}", "--results", str(tmp_path / "b")], capsys)
     assert code == 2 and flag in io.err and not (tmp_path / "b.json").exists()

@@ -747,6 +747,14 @@ def test_recovery_report(tmp_path, capsys):
     ours = fake_stage2_run(tmp_path / "t", "taylor", [(0, 300.0), (1e6, 12.0), (2e6, 11.0)])
     stem = str(tmp_path / "out" / "rec")
     assert distill.main(["--recovery", naive, ours, "--results", stem]) == 0
+    # an existing report is replaced only under --overwrite, and refused before any run is read
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--recovery", naive, ours, "--results", stem])
+    assert e.value.code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        distill.main(["--recovery", naive, ours, "--results", str(tmp_path / "file.txt" / "rec")])
+    assert e.value.code == 2 and "cannot be written" in capsys.readouterr().err
     r = json.load(open(stem + ".json"))["runs"]
     assert r["naive"]["tokens_to"]["1.20x teacher"] == pytest.approx(8e6)          # 12.0 = 1.2 x 10
     assert r["taylor"]["tokens_to"]["1.20x teacher"] == pytest.approx(1e6)
@@ -756,35 +764,35 @@ def test_recovery_report(tmp_path, capsys):
     assert "| taylor | 11.00 | - |" in open(stem + ".md").read()
     # an init already past naive's final perplexity when Stage 2 starts: 0 tokens, an unbounded speedup
     early = fake_stage2_run(tmp_path / "a", "align-plus", [(0, 11.5), (1e6, 11.0)])
-    assert distill.main(["--recovery", naive, ours, early, "--results", stem]) == 0
+    assert distill.main(["--recovery", naive, ours, early, "--results", stem, "--overwrite"]) == 0
     r = json.load(open(stem + ".json"))["runs"]["align-plus"]
     assert r["tokens_to"]["naive final"] == 0 and r["speedup_vs_naive"]["naive final"] is None
     row = next(l for l in open(stem + ".md") if l.startswith("| align-plus"))
     assert row.rstrip().endswith("| 1.00M | at start | at start | at start | at start | - | - | "
                                  "inf (at start) | inf (at start) | inf (at start) |"), row
     # without the naive run there is nothing to compare against
-    assert distill.main(["--recovery", ours, "--results", stem]) == 2
+    assert distill.main(["--recovery", ours, "--results", stem, "--overwrite"]) == 2
     assert "needs the naive run" in capsys.readouterr().err
     # runs evaluated on other windows (or against another teacher perplexity) are not compared
     fewer = fake_stage2_run(tmp_path / "f", "taylor-plus", [(0, 300.0), (1e6, 12.0)], eval_windows=8)
     other = fake_stage2_run(tmp_path / "o", "align-only", [(0, 300.0), (1e6, 12.0)], teacher=11.0)
     for run in (fewer, other):
-        assert distill.main(["--recovery", naive, run, "--results", stem]) == 2
+        assert distill.main(["--recovery", naive, run, "--results", stem, "--overwrite"]) == 2
         assert "not evaluated alike" in capsys.readouterr().err
     # ... though the same windows scored on another machine may move the teacher's in its 4th digit
     elsewhere = fake_stage2_run(tmp_path / "e", "align-only", [(0, 300.0), (1e6, 12.0)], teacher=10.005)
-    assert distill.main(["--recovery", naive, elsewhere, "--results", stem]) == 0
+    assert distill.main(["--recovery", naive, elsewhere, "--results", stem, "--overwrite"]) == 0
     # nor runs trained otherwise than by their init: another Stage-2 setting, a shorter Stage 1
     hotter = fake_stage2_run(tmp_path / "h", "taylor-plus", [(0, 300.0), (1e6, 12.0)], lr=1e-3)
     shorter = fake_stage2_run(tmp_path / "s", "align-only", [(0, 300.0), (1e6, 12.0)], stage1_tokens=10)
     for run, what in ((hotter, "differ in lr"), (shorter, "differ in earlier stages' tokens")):
-        assert distill.main(["--recovery", naive, run, "--results", stem]) == 2
+        assert distill.main(["--recovery", naive, run, "--results", stem, "--overwrite"]) == 2
         assert what in capsys.readouterr().err
     # a broken record is named
     for name in ("distill.json", "conversion.json"):
         broken = fake_stage2_run(tmp_path / f"broken-{name}", "broken", [(0, 300.0)])
         open(os.path.join(broken, name), "w").write("")
-        assert distill.main(["--recovery", naive, broken, "--results", stem]) == 2
+        assert distill.main(["--recovery", naive, broken, "--results", stem, "--overwrite"]) == 2
         assert os.path.join(broken, name) in capsys.readouterr().err
 
 

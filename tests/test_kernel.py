@@ -315,3 +315,13 @@ def test_triton_bad_shapes_are_named():
     q, k, v, g, beta, h0 = inputs(1, 5, 2, 8, 8, device="cpu")
     with pytest.raises(ValueError, match="v must be"):
         gk.chunk_gated_delta_rule_triton(q, k, v[:, :3], g, beta)
+
+
+@pytest.mark.parametrize("argv, message", [(["--lengths", "4k,32q"], "--lengths '4k,32q': a list of positive sizes"),
+                                           (["--dims", "0"], "--dims '0': a list of positive sizes"),
+                                           (["--profile", "--sweep"], "give one")])
+def test_command_line_bad_input(argv, message, capsys):
+    """A size list the benchmark cannot use, or two modes at once: one line naming it, before any work."""
+    with pytest.raises(SystemExit) as e:
+        gk.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
