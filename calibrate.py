@@ -732,7 +732,7 @@ def main(argv=None):
     if args.calib_seqs < 1 or args.calib_len < 2:
         p.error(f"--calib-seqs must be >= 1 and --calib-len >= 2 (got {args.calib_seqs}, {args.calib_len})")
     try:
-        convert.check_results(args.out, "--out", args.overwrite)
+        distill.check_results(args.out, "--out", args.overwrite)
         try:
             layers = [int(i) for i in args.layers.split(",")]
         except ValueError:

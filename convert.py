@@ -30,8 +30,8 @@ layer (_layer_bank) and every cell and GA-S2 probe is assembled from that bank. 
 side by side, with the decoding kernels of the second half of this file (use_decode_kernels).
 
 Public: load_teacher, choose_layers, convert (teacher + kept layers -> hybrid), use_decode_kernels,
-main, and four helpers the other scripts' command lines share (local_path, calib_ids,
-check_writable, check_results). The rest is this command line's own.
+main, and two helpers the other scripts' command lines share (local_path, calib_ids). The rest is
+this command line's own.
 """
 
 import argparse
@@ -434,7 +434,7 @@ def _load_scores(path):
     """The scores file (--scores): {key: {...scores...}}; {} when it does not exist yet."""
     if not path:
         return {}
-    check_writable(path, "--scores")                   # (new scores are written into it, after long work)
+    distill.check_writable(path, "--scores")                   # (new scores are written into it, after long work)
     if not os.path.exists(path):
         return {}
     try:
@@ -520,27 +520,6 @@ def calib_ids(args, tokenizer, part=0):
     return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
 
-def check_writable(path, what, overwrite=True):
-    """Fail before any work where `path` could not be written at the end: the nearest existing folder
-    above it must be a writable folder (not a file), and `path` itself no folder (nor, with
-    overwrite=False, an existing file)."""
-    if not overwrite and os.path.isfile(path):
-        raise ValueError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
-    probe = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} '{path}': '{probe}' is not a folder this process can write in")
-    if os.path.isdir(path):
-        raise ValueError(f"{what} '{path}' is a folder; a file is written there")
-
-
-def check_results(stem, what="--results", overwrite=True):
-    """check_writable for a measurement's stem.json and stem.md."""
-    for ext in (".json", ".md"):
-        check_writable(stem + ext, what, overwrite)
-
-
 def _prepare_out(path, overwrite):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder."""
     if os.path.exists(path) and not overwrite:
@@ -548,7 +527,7 @@ def _prepare_out(path, overwrite):
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
         raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json): "
                          f"--overwrite replaces only such a folder; choose another --out")
-    check_writable(os.path.join(path, "config.json"), "--out")
+    distill.check_writable(os.path.join(path, "config.json"), "--out")
     parent = os.path.dirname(os.path.abspath(path))
     # The hybrid is built in a sibling folder and renamed over --out at the end, so the parent must
     # take new entries even where --out itself (already there, --overwrite) is writable.
@@ -927,7 +906,7 @@ def _run_table(args):
     if os.path.exists(args.results + ".json") and not (args.append or args.overwrite):
         raise ValueError(f"--results '{args.results}.json' already exists (the table is rewritten after every "
                          f"init): pass --append to add cells to it, --overwrite to replace it, or another --results")
-    check_results(args.results)
+    distill.check_results(args.results)
     old = None
     if args.append and os.path.exists(args.results + ".json"):
         try:
@@ -2475,7 +2454,7 @@ def _run_bench(args):
             raise ValueError(f"{flag} '{getattr(args, flag[2:])}' names one value twice")
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
-    check_results(args.results, overwrite=args.overwrite)
+    distill.check_results(args.results, overwrite=args.overwrite)
     if args.profile and args.device != "cuda":
         print("--profile records CUDA kernels: nothing to record on the CPU")
     # Every model is built on the CPU and goes to the device only for its own measurements: its peak

@@ -306,6 +306,27 @@ def check_apart(out, written=None, **inputs):
                                  f"choose another --out")
 
 
+def check_writable(path, what, overwrite=True):
+    """Fail before any work where `path` could not be written at the end: the nearest existing folder
+    above it must be a writable folder (not a file), and `path` itself no folder (nor, with
+    overwrite=False, an existing file)."""
+    if not overwrite and os.path.isfile(path):
+        raise ValueError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
+    probe = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} '{path}': '{probe}' is not a folder this process can write in")
+    if os.path.isdir(path):
+        raise ValueError(f"{what} '{path}' is a folder; a file is written there")
+
+
+def check_results(stem, what="--results", overwrite=True):
+    """check_writable for a measurement's stem.json and stem.md."""
+    for ext in (".json", ".md"):
+        check_writable(stem + ext, what, overwrite)
+
+
 def write_json(path, obj):
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
@@ -1425,15 +1446,8 @@ def _recovery_main(argv):
     p.add_argument("--results", default="results/recovery/recovery", help="output stem (.json, .md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --results")
     a = p.parse_args(argv)
-    for path in (a.results + ".json", a.results + ".md"):       # said before any run is read
-        if os.path.exists(path) and not a.overwrite:
-            p.error(f"--results: '{path}' already exists: pass --overwrite to replace it, or another --results")
-        folder = os.path.dirname(os.path.abspath(path))
-        while not os.path.exists(folder):
-            folder = os.path.dirname(folder)
-        if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK | os.X_OK):
-            p.error(f"--results: '{path}' cannot be written ('{folder}' is not a folder this process can write in)")
     try:
+        check_results(a.results, "--results", a.overwrite)      # said before any run is read
         _recovery(a.recovery, a.results)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -748,13 +748,11 @@ def test_recovery_report(tmp_path, capsys):
     stem = str(tmp_path / "out" / "rec")
     assert distill.main(["--recovery", naive, ours, "--results", stem]) == 0
     # an existing report is replaced only under --overwrite, and refused before any run is read
-    with pytest.raises(SystemExit) as e:
-        distill.main(["--recovery", naive, ours, "--results", stem])
-    assert e.value.code == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
+    assert distill.main(["--recovery", naive, ours, "--results", stem]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(SystemExit) as e:
-        distill.main(["--recovery", naive, ours, "--results", str(tmp_path / "file.txt" / "rec")])
-    assert e.value.code == 2 and "cannot be written" in capsys.readouterr().err
+    assert distill.main(["--recovery", naive, ours, "--results", str(tmp_path / "file.txt" / "rec")]) == 2
+    assert "is not a folder this process can write in" in capsys.readouterr().err
     r = json.load(open(stem + ".json"))["runs"]
     assert r["naive"]["tokens_to"]["1.20x teacher"] == pytest.approx(8e6)          # 12.0 = 1.2 x 10
     assert r["taylor"]["tokens_to"]["1.20x teacher"] == pytest.approx(1e6)
