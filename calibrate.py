@@ -158,13 +158,15 @@ OPTIONS = {
     "beta_min": (0.3, "write strength of the layer's most diffuse head"),
     "beta_span": (0.4, "beta_h = beta_min + beta_span * c_h: the sharpest head writes with 0.7"),
     "write_gate": ("rescale", "rescale (reference: row rescaling of W_b), bias (METHOD's alternative: W_b random, a bias logit(beta_h)) or fit (ours: ridge fit so W_b x ~ logit(beta_h))"),
-    "ridge": (1e-2, "write_gate=fit / out_gate=fit: ridge strength, relative to the mean eigenvalue of X^T X"),
+    "ridge": (1e-2, "write_gate=fit: ridge strength, relative to the mean eigenvalue of X^T X"),
     # Phase 1, step 3
     "sigma_min": (0.1, "lower clip of the least-squares value scale"),
     "sigma_max": (10.0, "upper clip of the least-squares value scale"),
     # Phase 1, step 4
     "damping": (0.01, "kappa = damping * RMS(T) / RMS(SiLU(W_v x)): the output gate's start size"),
     "out_gate": ("damped", "damped (reference) or fit (ours: per-head least-squares gate scale, line-searched)"),
+    "gate_ridge": (1e-6, "out_gate=fit: ridge of its H x H least squares, relative to the mean of the diagonal (only keeps the solve defined)"),
+    "gate_shrinks": ("1,0.5,0.25,0.125,0.0625", "out_gate=fit: the line search's factors on the least-squares scales (comma-separated; the damped start is always a candidate)"),
     # our own Phase 1 choices
     "dt_from": ("distance", "statistic behind the time step: distance (reference) or distance_nosink (ours)"),
     "gates_from": ("stats", "stats (reference: steps 1-2 set decay and write gate from the statistics) or naive (ours: keep the standard random, token-dependent gates; steps 3-4 still run)"),
@@ -247,9 +249,11 @@ def resolve(opts, preset=None):
     for name in ("a_max", "dt_floor", "clip", "conc_eps"):            # a log, a clamp, a clip, a divisor: > 0
         if not o[name] > 0:
             raise ValueError(f"init option {name} must be > 0 (got {o[name]})")
-    for name in ("gate_std", "ridge", "weight_decay", "damping", "dist_floor", "lr_qkv", "lr_gates"):  # (lr 0: frozen)
+    for name in ("gate_std", "ridge", "gate_ridge", "weight_decay", "damping", "dist_floor", "lr_qkv", "lr_gates"):  # (lr 0: frozen)
         if not o[name] >= 0:
             raise ValueError(f"init option {name} must be >= 0 (got {o[name]})")
+    if min(_grid(o, "gate_shrinks")) < 0:
+        raise ValueError(f"init option gate_shrinks: factors must be >= 0, got {o['gate_shrinks']}")
     if min(_grid(o, "gamma_grid")) <= 0:
         raise ValueError(f"init option gamma_grid: time steps must be > 0, got {o['gamma_grid']}")
     if o["gate_search"] and o["gates_from"] == "naive":
@@ -391,8 +395,9 @@ def phase1(gdn, st, o):
 
     # 3. value scale: least squares of the readout G against the teacher context T, per head.
     G = _readout_raw(gdn, x)
-    sigma = (T * G).sum((0, 1, 3)) / G.pow(2).sum((0, 1, 3)).clamp_min(1e-12)
-    sigma = torch.nan_to_num(sigma, nan=1.0).clamp(o["sigma_min"], o["sigma_max"])
+    GG = G.pow(2).sum((0, 1, 3))
+    sigma = torch.where(GG > 0, (T * G).sum((0, 1, 3)) / GG.clamp_min(1e-30), 1.0)   # no readout: no scale to fit
+    sigma = sigma.clamp(o["sigma_min"], o["sigma_max"])
     Wv = gdn.v_proj.weight
     Wv.copy_((Wv.float().view(H, D, d) * sigma[:, None, None]).view(H * D, d))
 
@@ -406,7 +411,7 @@ def phase1(gdn, st, o):
     if search is not None:
         info["gate_search"] = search
     if o["out_gate"] == "fit":
-        info.update(_fit_out_gate(gdn, x, _at(st["y"], gdn), kappa))
+        info.update(_fit_out_gate(gdn, x, _at(st["y"], gdn), kappa, o))
     elif o["out_gate"] != "damped":
         raise ValueError(f"out_gate must be damped or fit, not '{o['out_gate']}'")
     for p in gdn.parameters():                                                  # never NaN weights
@@ -443,15 +448,15 @@ def _gate_search(gdn, x, T, o):
 
 
 @torch.no_grad()
-def _fit_out_gate(gdn, x, y, kappa):
+def _fit_out_gate(gdn, x, y, kappa, o):
     """Ours: the output gate's scale by least squares instead of a fixed damping.
 
     With W_g = kappa_h W_v (per head) and SiLU(u) ~ u/2 for small u, head h contributes
         W_o[:, h] ( n_h * kappa_h/2 * (W_v x)_h ),     n_h = RMSNorm(o_h) * w_norm,
     linear in kappa_h. So the kappa [H] minimising ||sum_h kappa_h/2 Z_h - y||^2, Z_h = W_o[:, h]
     (n_h * (W_v x)_h), is a least-squares problem with H unknowns. SiLU is not linear at larger u,
-    so the solution is then shrunk (1, 1/2, 1/4, ...) until the true layer MSE is the lowest seen,
-    never worse than the damped start."""
+    so the solution is then shrunk (gate_shrinks: 1, 1/2, 1/4, ...) and the factor with the lowest
+    true layer MSE kept, never worse than the damped start."""
     H, D = gdn.num_heads, gdn.head_dim
     N, L, d = x.shape
     n = _normed(gdn, _readout_raw(gdn, x))                                       # [N, L, H, D]
@@ -462,11 +467,11 @@ def _fit_out_gate(gdn, x, y, kappa):
     target = (y.float() - bias).reshape(-1, d)
     A = torch.einsum("thc,tkc->hk", Z.double(), Z.double())
     b = torch.einsum("thc,tc->h", Z.double(), target.double())
-    A += 1e-6 * A.diagonal().mean() * torch.eye(H, dtype=A.dtype, device=A.device)
+    A += o["gate_ridge"] * A.diagonal().mean() * torch.eye(H, dtype=A.dtype, device=A.device)
     k_ls = torch.linalg.solve(A, b).float()
     Wv = gdn.v_proj.weight.float().view(H, D, -1)
     best = (_layer_mse(gdn, x, y), kappa * torch.ones(H, device=k_ls.device), 0.0)
-    for shrink in (1.0, 0.5, 0.25, 0.125, 0.0625):
+    for shrink in _grid(o, "gate_shrinks"):
         kh = torch.nan_to_num(k_ls * shrink)
         gdn.g_proj.weight.copy_((Wv * kh[:, None, None]).view(H * D, -1))
         mse = _layer_mse(gdn, x, y)

@@ -156,6 +156,21 @@ def test_nan_statistics_never_give_nan_weights():
         assert torch.isfinite(p).all()
 
 
+def test_a_head_without_readout_keeps_value_scale_one():
+    """A head whose value rows are all zero reads out G = 0: there is no scale to fit, and sigma stays
+    1 (the docstring's promise), not 0/0 clipped to sigma_min."""
+    teacher = tiny_model("llama")
+    with torch.no_grad():                               # KV head 0 -> its query heads read nothing
+        attn = teacher.model.layers[1].self_attn
+        attn.v_proj.weight[:attn.head_dim].zero_()
+    ids = calib()
+    student = hybridize(copy.deepcopy(teacher), [1])
+    p1 = calibrate.INITS["taylor-phase1"](student, teacher, ids, {})["layers"][1]["phase1"]
+    groups = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
+    assert p1["sigma"][:groups] == [1.0] * groups
+    assert all(s != 1.0 for s in p1["sigma"][groups:])
+
+
 # ---------------------------------------------------------------------------------------------
 # Inits
 # ---------------------------------------------------------------------------------------------
@@ -195,6 +210,24 @@ def test_phase2_loss_decreases(init):
             assert p2["val_loss_best"] < p2["val_loss_before"], (init, i, p2)
         else:
             assert p2["loss_after"] < p2["loss_before"], (init, i, p2)
+
+
+def test_out_gate_fit_keeps_the_best_of_its_line_search():
+    """out_gate=fit tries the least-squares gate scales times each of gate_shrinks and keeps the one
+    with the lowest layer MSE, the damped start (reported as shrink 0) included: what it reports is
+    what the layer does, never worse than out_gate=damped."""
+    teacher = tiny_model("llama")
+    ids = calib()
+    st = taylor_stats.collect_stats(teacher, ids, layers=[1], progress=False)[1]
+    mse = {}
+    for opts in ({}, {"out_gate": "fit", "gate_shrinks": "0.5"}, {"out_gate": "fit", "gate_shrinks": "0.5,0.25"}):
+        student = hybridize(copy.deepcopy(teacher), [1])
+        rec = calibrate.INITS["taylor-phase1"](student, teacher, ids, dict(opts))["layers"][1]["phase1"]
+        mse[opts.get("gate_shrinks")] = got = calibrate._layer_mse(gdn_modules(student)[1], st["x"], st["y"])
+        if opts:
+            assert rec["kappa_shrink"] in [0.0] + [float(s) for s in opts["gate_shrinks"].split(",")]
+            assert rec["gate_fit_mse"] == pytest.approx(got, rel=1e-5)
+    assert mse["0.5"] <= mse[None] * (1 + 1e-6) and mse["0.5,0.25"] <= mse["0.5"] * (1 + 1e-6)
 
 
 def test_gate_search_and_heldout_keep_best_run():
@@ -398,7 +431,8 @@ def test_init_options_are_checked():
                          (["dt_floor=-1"], "dt_floor must be > 0"), (["lr_qkv=-1"], "lr_qkv must be >= 0"),
                          (["gamma_grid=nan,1"], "finite"), (["conc_eps=0"], "conc_eps must be > 0"),
                          (["clip=-1"], "clip must be > 0"), (["gate_std=-1"], "gate_std must be >= 0"),
-                         (["ridge=-1"], "ridge must be >= 0"),
+                         (["ridge=-1"], "ridge must be >= 0"), (["gate_ridge=-1"], "gate_ridge must be >= 0"),
+                         (["gate_shrinks=1,-0.5"], "factors must be >= 0"), (["gate_shrinks=1,x"], "comma-separated"),
                          (["gate_search=1", "gates_from=naive"], "use one or the other"),
                          (["gates_from=naive", "a_proj=zero"], "keeps the standard random gates"),
                          (["gates_from=naive", "write_gate=fit"], "keeps the standard random gates")):
