@@ -911,7 +911,8 @@ def _evaluate(run, student, step, metrics, teacher=None):
             ppl = perplexity(teacher, run.eval_ids, a.eval_window, a.eval_max_windows or None,
                              a.eval_batch_size, desc="teacher ppl")
         metrics.log({"type": "teacher_eval", "stage": a.stage, "step": 0, "data": a.eval_data, "ppl": ppl["ppl"],
-                     "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"]})
+                     "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"],
+                     "eval_tokens": ppl["tokens"]})
     if run.eval_ids is not None and run.dist.main:
         modes = {m: m.training for m in student.modules()}      # each module's own: Stage 1 trains a
         student.eval()                                          # stack of GDN layers in an eval-mode model
@@ -922,7 +923,7 @@ def _evaluate(run, student, step, metrics, teacher=None):
             m.train(training)
         tokens = step * a.batch * a.seq
         rec = {"type": "eval", "stage": a.stage, "step": step, "tokens": tokens,
-               "tokens_by_stage": {**run.prior_tokens, str(a.stage): tokens}, "data": a.eval_data,
+               "tokens_by_stage": tokens_by_stage(run.prior_tokens, a.stage, tokens), "data": a.eval_data,
                "ppl": ppl["ppl"], "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"],
                "eval_tokens": ppl["tokens"]}
         metrics.log(rec)
@@ -1024,6 +1025,8 @@ def parse_args(argv):
     a.eval_every = parse_tokens(a.eval_every, "--eval-every")
     if a.device == "auto":
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: this machine has no CUDA GPU (or this torch build has no CUDA)")
     if a.amp is None:
         a.amp = int(a.device == "cuda")
     if a.amp and a.device != "cuda":
@@ -1075,6 +1078,12 @@ def check_shapes(a, world):
         raise ValueError(f"--tokens {a.tokens} is smaller than one step (batch {a.batch} x seq {a.seq} = "
                          f"{step_tokens} tokens)")
     return a.tokens // step_tokens
+
+
+def tokens_by_stage(prior, stage, tokens):
+    """The tokens seen in each stage so far: the student's earlier runs (`prior`, from its
+    distill.json) plus this run's `tokens` of `stage` (a stage run again on its own output adds up)."""
+    return {**prior, str(stage): prior.get(str(stage), 0) + tokens}
 
 
 def _read_student(path):
@@ -1299,7 +1308,7 @@ def _distill(a):
         losses = [r["loss"] for r in logged if r["type"] == "train"]
         evals = [r for r in logged if r["type"] == "eval"]
         record = {"stage": a.stage, "student_in": a.student, "teacher_spec": spec, "steps": steps,
-                  "tokens": tokens, "tokens_by_stage": {**prior, str(a.stage): tokens},
+                  "tokens": tokens, "tokens_by_stage": tokens_by_stage(prior, a.stage, tokens),
                   "config": config, "micro_batch": a.micro_batch, "grad_ckpt": a.grad_ckpt,
                   "processes": dist.world, "first_loss": losses[0] if losses else None,
                   "last_loss": losses[-1] if losses else None, "evals": evals,
@@ -1388,7 +1397,9 @@ def _recovery(folders, results):
         # ... and only the init may differ in how the runs were trained: Stage 2's settings (all but
         # its student and how often it evaluated) and the tokens of the stages before it.
         skip = set(same) | {"student", "eval_every"}
-        earlier = {k: v for k, v in (record.get("tokens_by_stage") or {}).items() if k != "2"}
+        earlier = dict(record.get("tokens_by_stage") or {})          # what the student had seen before this run
+        earlier["2"] = earlier.get("2", 0) - record["tokens"]
+        earlier = {k: v for k, v in earlier.items() if v}
         trained = {**{k: v for k, v in record["config"].items() if k not in skip}, "earlier stages' tokens": earlier}
         for other in runs.values():
             theirs = other["trained_as"]

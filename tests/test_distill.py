@@ -536,7 +536,8 @@ def test_record_names_torchrun(monkeypatch):
                                     ["--min-lr-ratio", "5"], ["--warmup-steps", "-5"], ["--grad-ckpt", "-1"],
                                     ["--ckpt-every", "-1"], ["--profile-steps", "-1"], ["--keep-checkpoints", "0"],
                                     ["--tokens", "inf"], ["--tokens", "1e999"], ["--eval-every", "abc"],
-                                    ["--amp", "1", "--device", "cpu"]])
+                                    ["--amp", "1", "--device", "cpu"],
+                                    *([] if torch.cuda.is_available() else [["--device", "cuda"]])])
 def test_bad_value_creates_nothing_and_overwrites_nothing(setup, tmp_path, capsys, change):
     """A bad value is named before --out is created, or, under --overwrite, deleted."""
     old = tmp_path / "old"
@@ -729,7 +730,8 @@ def test_tokens_to_reach_interpolates_in_log_ppl():
     assert distill._tokens_to_reach(curve, 4.9) is None
 
 
-def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0, lr=1e-4, stage1_tokens=1000):
+def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0, lr=1e-4, stage1_tokens=1000,
+                    stage2_before=0):
     folder.mkdir()
     (folder / "conversion.json").write_text(json.dumps({"init": init}))
     rows = [{"type": "teacher_eval", "stage": 2, "step": 0, "ppl": teacher}]
@@ -738,7 +740,9 @@ def fake_stage2_run(folder, init, curve, teacher=10.0, test=None, eval_windows=0
     config = {"teacher": "t", "eval_data": "valid.txt", "eval_window": 2048, "eval_max_windows": eval_windows,
               "student": str(folder) + "-stage1", "lr": lr, "eval_every": 1000}
     (folder / "distill.json").write_text(json.dumps({"stage": 2, "test": {"ppl": test} if test else None,
-                                                     "config": config, "tokens_by_stage": {"1": stage1_tokens}}))
+                                                     "config": config, "tokens": int(curve[-1][0]),
+                                                     "tokens_by_stage": {"1": stage1_tokens,
+                                                                         "2": stage2_before + int(curve[-1][0])}}))
     return str(folder)
 
 
@@ -780,10 +784,13 @@ def test_recovery_report(tmp_path, capsys):
     # ... though the same windows scored on another machine may move the teacher's in its 4th digit
     elsewhere = fake_stage2_run(tmp_path / "e", "align-only", [(0, 300.0), (1e6, 12.0)], teacher=10.005)
     assert distill.main(["--recovery", naive, elsewhere, "--results", stem, "--overwrite"]) == 0
-    # nor runs trained otherwise than by their init: another Stage-2 setting, a shorter Stage 1
+    # nor runs trained otherwise than by their init: another Stage-2 setting, a shorter Stage 1, a
+    # student that had been through Stage 2 before (its curve starts at 0 again)
     hotter = fake_stage2_run(tmp_path / "h", "taylor-plus", [(0, 300.0), (1e6, 12.0)], lr=1e-3)
     shorter = fake_stage2_run(tmp_path / "s", "align-only", [(0, 300.0), (1e6, 12.0)], stage1_tokens=10)
-    for run, what in ((hotter, "differ in lr"), (shorter, "differ in earlier stages' tokens")):
+    again = fake_stage2_run(tmp_path / "again", "taylor-phase1", [(0, 300.0), (1e6, 12.0)], stage2_before=int(1e6))
+    for run, what in ((hotter, "differ in lr"), (shorter, "differ in earlier stages' tokens"),
+                      (again, "differ in earlier stages' tokens")):
         assert distill.main(["--recovery", naive, run, "--results", stem, "--overwrite"]) == 2
         assert what in capsys.readouterr().err
     # a broken record is named
@@ -795,10 +802,18 @@ def test_recovery_report(tmp_path, capsys):
 
 
 def test_stage2_logs_the_teacher_on_the_eval_windows(setup, tmp_path):
+    """... with the windows' token count, as every perplexity is reported; and a stage run again on
+    its own output adds its tokens to the earlier run's (tokens seen in each stage, METHOD 5)."""
     out = tmp_path / "s2"
     assert distill.main(args(setup, out, 2, tokens=2 * 64)) == 0
-    t = lines(out, "teacher_eval")
-    assert len(t) == 1 and t[0]["ppl"] > 1 and t[0]["windows"] == lines(out, "eval")[0]["windows"]
+    t, e = lines(out, "teacher_eval"), lines(out, "eval")
+    assert len(t) == 1 and t[0]["ppl"] > 1 and t[0]["windows"] == e[0]["windows"]
+    assert t[0]["eval_tokens"] == e[0]["eval_tokens"] > 0
+    again = tmp_path / "s2-again"
+    assert distill.main(args({**setup, "hybrid": str(out)}, again, 2, tokens=2 * 64)) == 0
+    record = json.load(open(again / "distill.json"))
+    assert record["tokens"] == 128 and record["tokens_by_stage"] == {"2": 256}
+    assert lines(again, "eval")[-1]["tokens_by_stage"] == {"2": 256}
 
 
 def test_random_teacher_for_throughput(setup, tmp_path):
