@@ -105,7 +105,11 @@ def read_text(path, fmt="auto"):
     except UnicodeDecodeError as e:
         raise ValueError(f"'{path}' is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8") from None
     if text_format(path, fmt) == "wikitext":
-        rows = ["" if not line.strip() else line for line in text.splitlines(keepends=True)]
+        # A line ends at "\n" alone, as iterating over the file gives them (str.splitlines would also
+        # cut at \f, \x1c, \u2028, ...); the last keeps no newline if the file ends without one.
+        lines = text.split("\n")
+        lines = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+        rows = ["" if not line.strip() else line for line in lines]
         text = "\n\n".join(rows)
     return text
 
@@ -1140,10 +1144,10 @@ def _check_teacher(teacher, t_tok, s_config, s_tok):
 
 
 def _run_config(a, spec):
-    """What fixes a run's trajectory: a resumed run must agree on every item."""
+    """What fixes a run's trajectory and what it measures: a resumed run must agree on every item."""
     keys = ("stage", "student", "data", "tokens", "seq", "batch", "lr", "lr_rest", "schedule", "warmup_steps",
             "min_lr_ratio", "beta1", "beta2", "weight_decay", "clip", "seed", "amp", "eval_data", "eval_every",
-            "eval_window", "eval_max_windows")
+            "eval_window", "eval_max_windows", "eval_batch_size", "test_data")
     return {"teacher": spec, **{k: getattr(a, k) for k in keys}}
 
 
@@ -1155,7 +1159,7 @@ def _check_run_folder(a, config):
     run_json = os.path.join(a.out, "run.json")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise ValueError(f"--out '{a.out}' is a file, not a run folder")
-    if a.resume and os.path.exists(a.out):
+    if a.resume and os.path.exists(a.out) and os.listdir(a.out):   # (an empty one: killed as it was made)
         if not os.path.isfile(run_json):
             raise ValueError(f"--resume: '{a.out}' is not a distill.py run folder (no run.json)")
         old = read_json(run_json)["config"]
@@ -1164,7 +1168,7 @@ def _check_run_folder(a, config):
             raise ValueError("--resume: the run in '" + a.out + "' has another configuration: " +
                              "; ".join(f"{k}: {o!r} there, {n!r} now" for k, (o, n) in sorted(diff.items())))
         return _latest_checkpoint(a.out)
-    if os.path.exists(a.out) and not a.overwrite:
+    if os.path.exists(a.out) and not (a.overwrite or a.resume):
         raise ValueError(f"--out '{a.out}' already exists: pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another folder")
     if holds_other_files(a.out):
@@ -1191,6 +1195,15 @@ def _start_run_folder(a, config, dist):
         os.makedirs(a.out)
         write_json(run_json, {"config": config, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
     dist.barrier()
+
+
+def _remove_leftovers(folder):
+    """What a killed run leaves beside its files: the temporary files and folders of write_atomic and
+    _save_student (checkpoints/ keeps its own in order)."""
+    for f in os.listdir(folder):
+        if f.startswith((".tmp-", ".final.tmp-")):
+            path = os.path.join(folder, f)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _save_student(student, tokenizer, a, extra_files):
@@ -1275,7 +1288,10 @@ def _distill(a):
     except (OSError, RuntimeError, KeyError) as e:
         raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    if not (a.resume and os.path.isdir(a.out)):
+    if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
+        if dist.main:
+            _remove_leftovers(a.out)
+    else:
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
         _start_run_folder(a, config, dist)                             # every check passed: now write
@@ -1395,8 +1411,8 @@ def _recovery(folders, results):
             raise ValueError(f"two runs of init '{label}' ({runs[label]['folder']} and {folder}): one per init")
         same = {k: record["config"].get(k) for k in ("teacher", "eval_data", "eval_window", "eval_max_windows")}
         # ... and only the init may differ in how the runs were trained: Stage 2's settings (all but
-        # its student and how often it evaluated) and the tokens of the stages before it.
-        skip = set(same) | {"student", "eval_every"}
+        # its student and how and on what it evaluated) and the tokens of the stages before it.
+        skip = set(same) | {"student", "eval_every", "eval_batch_size", "test_data"}
         earlier = dict(record.get("tokens_by_stage") or {})          # what the student had seen before this run
         earlier["2"] = earlier.get("2", 0) - record["tokens"]
         earlier = {k: v for k, v in earlier.items() if v}

@@ -183,6 +183,17 @@ def test_param_groups_put_attention_at_lr_and_the_rest_at_lr_rest():
     assert all(p.requires_grad for p in student.parameters())
 
 
+def test_wikitext_rows_are_its_lines_joined_by_blank_lines(tmp_path):
+    """METHOD 6's convention: each line a row keeping its newline, whitespace-only lines empty rows,
+    "\n\n".join(rows); a line ends at "\n" alone (not at a form feed inside it). Files not named
+    wiki.*.raw are read as they are."""
+    body = " = A = \n \n a\x0cb \nlast"
+    (tmp_path / "wiki.x.raw").write_text(body, encoding="utf-8")
+    (tmp_path / "x.txt").write_text(body, encoding="utf-8")
+    assert distill.read_text(str(tmp_path / "wiki.x.raw")) == "\n\n".join([" = A = \n", "", " a\x0cb \n", "last"])
+    assert distill.read_text(str(tmp_path / "x.txt")) == body
+
+
 def test_perplexity_is_exp_mean_nll_of_w_minus_1_predictions_per_window():
     """3 full windows of 8 tokens and a tail of 5, in batches of 2 (the last one short): the tail is
     dropped, each window is scored on its own from an empty context, W - 1 = 7 predictions each, and
@@ -366,8 +377,12 @@ def test_resume_continues_exactly(setup, tmp_path, stage):
     with open(cut / "metrics.jsonl", "a") as f:
         f.write('{"type": "tr')
     (cut / "checkpoints" / ".tmp-abc").write_text("step_0000")
+    (cut / ".final.tmp-x").mkdir()                                   # ... and of the student's and a log's save
+    (cut / ".final.tmp-x" / "model.safetensors").write_text("half")
+    (cut / ".tmp-y").write_text("{")
     assert distill.main(args(s, cut, stage, extra=["--resume"])) == 0
     assert not (cut / "checkpoints" / ".tmp-abc").exists()
+    assert not [f for f in os.listdir(cut) if f.startswith(".")]
     a, b = lines(full, "train"), lines(cut, "train")
     key = lambda rs: [(r["step"], r["loss"], r["grad_norm"], r["lr"]) for r in rs]
     assert key(a) == key(b) and len(a) == 6
@@ -481,6 +496,9 @@ def test_existing_out_and_resume_with_another_configuration(setup, tmp_path, cap
     assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume", "--lr", "5e-3"])) == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and "lr: 0.003 there, 0.005 now" in err
+    for change, name in ((["--eval-batch-size", "3"], "eval_batch_size"), (["--test-data", setup["train"]], "test_data")):
+        assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume", *change])) == 2
+        assert f"{name}: " in capsys.readouterr().err                      # what it measures, too
     after = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
     assert before == after
     # A finished run: --resume has nothing to do, but a configuration other than its own is still named.
@@ -595,6 +613,13 @@ def test_resume_where_nothing_ran_yet_starts_the_run(setup, tmp_path, capsys):
     out = tmp_path / "run"
     assert distill.main(args(setup, out, extra=["--resume"])) == 0
     assert "nothing to resume" in capsys.readouterr().out and (out / "distill.json").exists()
+    # killed after making --out, before writing run.json in it: an empty folder starts the run too,
+    # and without --resume is refused like any existing --out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert distill.main(args(setup, empty)) == 2 and "already exists" in capsys.readouterr().err
+    assert distill.main(args(setup, empty, extra=["--resume"])) == 0
+    assert "nothing to resume" in capsys.readouterr().out and (empty / "distill.json").exists()
 
 
 def test_write_atomic_leaves_no_temp_file(tmp_path, monkeypatch):
