@@ -2668,8 +2668,13 @@ if __name__ == "__main__":
         # A kill (SIGTERM: timeout, a job scheduler) unwinds like Ctrl-C, so the temporary --out is
         # removed. Raised while a finalizer (__del__) runs, the exit is only printed as "Exception
         # ignored" and the run goes on: so it is raised again every 2 s until the process ends (a
-        # killed conversion was once seen still running 60 s later, 1 test in about 15).
-        signal.signal(signal.SIGALRM, lambda *_: sys.exit(128 + signum))
+        # killed conversion was once seen still running 60 s later, 1 test in about 15) -- but not
+        # while the exit is unwinding (sys.exc_info() names it inside except and finally blocks):
+        # raised again there, it would cut the removal of the temporary folder short.
+        def again(*_):
+            if sys.exc_info()[0] is not SystemExit:
+                sys.exit(128 + signum)
+        signal.signal(signal.SIGALRM, again)
         signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
         sys.exit(128 + signum)
     signal.signal(signal.SIGTERM, terminate)
