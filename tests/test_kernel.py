@@ -6,6 +6,7 @@ kernels are defined, so run them as   TRITON_INTERPRET=1 python -m pytest -q tes
 """
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -149,6 +150,24 @@ def test_triton_bf16_forward_close():
     assert rel(o, o2) < 2e-2 and rel(S, S2) < 2e-2
 
 
+@pytest.mark.skipif(gk.triton is None or not torch.cuda.is_available(),
+                    reason="compiled Triton on CUDA only: the interpreter's bf16 tl.dot is wrong (see above)")
+@pytest.mark.parametrize("with_h0", [True, False], ids=["h0", "no_h0"])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float32, TOL_FP32)], ids=["bf16", "fp32"])
+def test_triton_cuda_backward_realistic(dtype, tol, with_h0):
+    """Forward and every gradient (q, k, v, g, beta, h0) of the compiled kernel at a model's shape,
+    against the fp64 recurrence on the same (rounded) inputs. Stage 1 distillation runs exactly this
+    bf16 backward (gdn.py casts q, k, v to bf16 under autocast), and no other test checks it; T = 300
+    is not a multiple of the chunk, so the last chunk is partial. Tolerances are on the relative error
+    of each whole tensor: 2e-2 for bf16 operands (8 mantissa bits; an H200 gave <= 4e-3), TOL_FP32 for fp32."""
+    xs = inputs(2, 300, 4, 64, 64, dtype=dtype, device="cuda", seed=21)
+    got = all_outputs(gk.chunk_gated_delta_rule_triton, xs, with_h0=with_h0, final=with_h0)
+    ref = all_outputs(gk.recurrent_gated_delta_rule, [x.double() for x in xs], with_h0=with_h0, final=with_h0)
+    n = 2 if with_h0 else 1                                   # grads of q, k, v, g, beta follow o (and S)
+    assert got[0].dtype == torch.float32 and [a.dtype for a in got[n:n + 5]] == [x.dtype for x in xs[:5]]
+    assert_close_all(got, ref, tol)
+
+
 @needs_triton
 @pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float64,) * 3,
                                     (torch.bfloat16, torch.float32, torch.bfloat16)])
@@ -281,6 +300,52 @@ def test_dispatcher_cpu_is_torch_form():
     o1, S1 = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
     o2, S2 = gk.chunk_gated_delta_rule_torch(*xs[:5], initial_state=xs[5], output_final_state=True)
     assert torch.equal(o1, o2) and torch.equal(S1, S2)
+
+
+@pytest.fixture
+def cuda_routing(monkeypatch):
+    """The dispatcher deciding as it does for CUDA tensors (its Triton predicate forced true), with
+    both paths spied on: returns the list of the paths it called, in order."""
+    calls = []
+    monkeypatch.setattr(gk, "_compiled_triton_for", lambda x: True)
+    for name, path in [("chunk_gated_delta_rule_triton", "triton"), ("chunk_gated_delta_rule_torch", "torch")]:
+        def spy(*a, _real=getattr(gk, name), _path=path, **kw):
+            calls.append(_path)
+            return _real(*a, **kw)
+        monkeypatch.setattr(gk, name, spy)
+    return calls
+
+
+@needs_triton
+def test_dispatcher_cuda_routing(cuda_routing):
+    """The routing gdn.py gets on a GPU, decided on the CPU: fp32 goes to Triton, silently; fp64 to the
+    PyTorch form and stays fp64 (Triton would compute it in fp32 and return fp32); head dims the kernel
+    does not hold (fp32 beyond MAX_HEAD_DIM_FP32, bf16 beyond MAX_HEAD_DIM) fall back with a warning.
+    test_dispatcher_cpu_is_torch_form sees none of this: on the CPU every input takes the PyTorch form."""
+    xs = inputs(1, 70, 2, 16, 16, device="cpu", seed=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, S = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
+    ref = gk.recurrent_gated_delta_rule(*[x.double() for x in xs[:5]], initial_state=xs[5].double(),
+                                        output_final_state=True)
+    assert cuda_routing == ["triton"] and rel(o, ref[0]) < TOL_FP32 and rel(S, ref[1]) < TOL_FP32
+
+    cuda_routing.clear()
+    x64 = [x.double() for x in xs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, S = gk.chunk_gated_delta_rule(*x64[:5], initial_state=x64[5], output_final_state=True)
+    assert cuda_routing == ["torch"] and o.dtype == S.dtype == torch.float64
+    assert rel(o, ref[0]) < TOL_FP64 and rel(S, ref[1]) < TOL_FP64
+
+    for dtype, dim in [(torch.float32, gk.MAX_HEAD_DIM_FP32 + 16), (torch.bfloat16, gk.MAX_HEAD_DIM + 16)]:
+        cuda_routing.clear()
+        xs = inputs(1, 5, 1, dim, 16, dtype=dtype, device="cpu", seed=6)
+        with pytest.warns(UserWarning, match="exceed what the Triton kernel holds"):
+            o, S = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
+        ref = gk.recurrent_gated_delta_rule(*[x.double() for x in xs[:5]], initial_state=xs[5].double(),
+                                            output_final_state=True)
+        assert cuda_routing == ["torch"] and rel(o, ref[0]) < TOL_FP32 and rel(S, ref[1]) < TOL_FP32, dtype
 
 
 # --- bad input -------------------------------------------------------------------------------
