@@ -45,7 +45,9 @@ def test_uniform_rule_rounds_the_step_and_spreads_the_rest():
     assert _uniform_layers(8, 3 / 4) == [0, 1, 3, 4, 5, 7]
 
 
-def test_convert_save_load_generate(teacher_dir, eval_text, tmp_path, capsys):
+def test_convert_save_load_generate(teacher_dir, tokenizer, eval_text, tmp_path, capsys):
+    """A conversion writes a hybrid that loads, and its record's student perplexity is that of the
+    hybrid it wrote (measured here again on the same windows), not the teacher's."""
     out = tmp_path / "hybrid"
     code, io = run(["--teacher", teacher_dir, "--keep", "1/2", "--out", str(out), "--eval-data", eval_text,
                     "--window", "64", "--max-windows", "2", "--conv-size", "4"], capsys)
@@ -57,6 +59,11 @@ def test_convert_save_load_generate(teacher_dir, eval_text, tmp_path, capsys):
     assert record["commit"] is not None and record["seed"] == 0
     model = load_hybrid(out)
     assert sorted(gdn_modules(model)) == [1, 3]
+    ids = distill.tokenize(tokenizer, distill.read_text(eval_text))            # (teacher_dir's tokenizer)
+    want = distill.perplexity(model, ids, window=64, max_windows=2)["ppl"]
+    assert record["student_ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
+    # a random tiny teacher and its hybrid both sit near the uniform perplexity: 0.1 % apart here
+    assert record["teacher_ppl"]["ppl"] != pytest.approx(want, rel=2e-4)
     assert "student sample" in io.out and "teacher" in io.out
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]       # no temporary folder left
     mask = os.umask(0)

@@ -285,7 +285,9 @@ def test_perplexity_of_a_wrecked_model_is_finite():
 @pytest.mark.parametrize("stage", [1, 2])
 def test_stage_reduces_its_loss(setup, tmp_path, stage):
     """With a data file of exactly one batch, every step sees the same 4 sequences, so the loss of
-    the stage must fall; Stage 1 may only move GDN parameters, Stage 2 moves everything."""
+    the stage must fall; Stage 1 may only move GDN parameters, Stage 2 moves everything. The first and
+    last evaluations are the perplexities of the student it started from and of the one it saved
+    (measured here again on the same windows), not the teacher's."""
     s = setup
     ids = distill.tokenize(s["tok"], TEXT * 6)
     one_batch = tmp_path / "one.txt"
@@ -298,7 +300,15 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     loss = [r["loss"] for r in lines(out, "train")]
     assert len(loss) == 10 and loss[-1] < 0.8 * loss[0], loss
     from gdn import load_hybrid
-    before, after = load_hybrid(s["hybrid"]).state_dict(), load_hybrid(out).state_dict()
+    from transformers import AutoModelForCausalLM
+    start, end = load_hybrid(s["hybrid"]), load_hybrid(out)
+    ids = distill.tokenize(s["tok"], distill.read_text(s["valid"]))
+    ppl = {name: distill.perplexity(m, ids, window=32, max_windows=2)["ppl"]
+           for name, m in (("start", start), ("end", end), ("teacher", AutoModelForCausalLM.from_pretrained(s["teacher"])))}
+    evals = lines(out, "eval")
+    assert evals[0]["ppl"] == pytest.approx(ppl["start"], rel=1e-5) and evals[-1]["ppl"] == pytest.approx(ppl["end"], rel=1e-5)
+    assert ppl["teacher"] != pytest.approx(ppl["start"], rel=1e-3) and ppl["teacher"] != pytest.approx(ppl["end"], rel=1e-3)
+    before, after = start.state_dict(), end.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     gdn = {k for k in before if ".self_attn." in k and int(k.split(".")[2]) in (1, 3)}
     if stage == 1:
@@ -310,7 +320,6 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     assert record["seed"] == 0 and record["commit"]
     if torch.cuda.is_available():                                # a GPU run also records its memory
         assert record["throughput"]["gpus"] == 1 and record["throughput"]["peak_memory_gib"] > 0
-    evals = lines(out, "eval")
     assert [e["tokens"] for e in evals] == [0, 128, 256, 384, 512, 640]      # every 128 tokens, start, end
 
 

@@ -13,6 +13,7 @@ from conftest import FAMILIES, tiny_config, tiny_model
 
 import calibrate
 import convert
+import distill
 import taylor_stats
 from gdn import gdn_modules, hybridize
 
@@ -524,8 +525,9 @@ def probe_ppl(model, probe):
 def test_policies_on_a_tiny_model():
     """AR's score of layer i is the probe perplexity of the teacher without layer i's attention (here:
     its W_o zeroed, so the attention adds nothing to the residual stream) minus the teacher's; AR keeps
-    the largest. GA-S2 keeps the lowest student perplexities, and its bank builds the same student as
-    the init run directly."""
+    the largest. GA-S2's score of layer i is the probe perplexity of the student keeping layer i alone
+    as softmax, that init run directly (the scores differ layer to layer, so a score of the wrong layer
+    shows); GA-S2 keeps the lowest, and its bank builds the same student as the init run directly."""
     teacher = tiny_model("llama", layers=6)
     ids, probe = calib(), calib(seed=2)
     ar = convert._ar_scores(teacher, probe)
@@ -543,6 +545,11 @@ def test_policies_on_a_tiny_model():
     bank, per_layer, _, _ = convert._layer_bank(teacher, "taylor-phase1", ids)
     ga = convert._ga_scores(teacher, probe, bank)
     assert len(ga["scores"]) == 6 and all(math.isfinite(s) for s in ga["scores"])
+    stats = taylor_stats.collect_stats(teacher, ids, progress=False)      # one teacher pass for the six
+    for i in range(6):
+        alone, _ = convert.convert(teacher, [i], "taylor-phase1", ids, init_opts={"_stats": stats})
+        assert ga["scores"][i] == pytest.approx(probe_ppl(alone, probe), rel=1e-5), i
+    assert min(abs(a - b) for j, a in enumerate(ga["scores"]) for b in ga["scores"][:j]) > 1e-3   # the test bites
     kept = convert.choose_layers(6, ("fraction", 1 / 3), "ga-s2", ga["scores"])
     assert kept == sorted(sorted(range(6), key=lambda i: ga["scores"][i])[:2])
     # a bank-built student equals the same init run directly (layer-wise inits)
@@ -716,6 +723,8 @@ def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
 
 
 def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
+    """--table's cells, and --append's rules for what may join a table. Each cell's perplexity is its
+    own hybrid's, not the teacher's: the naive cells' hybrids (seeded per layer) are rebuilt here."""
     text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
     text.write_text("Another sentence, for the table test. " * 400)
     calib.write_text("A different sentence, to fit the inits. " * 400)
@@ -731,6 +740,15 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
                                                                 ("ar", "naive"), ("ar", "taylor"), ("ga-s2", "taylor")}
     md = open(stem + ".md").read()
     assert "| taylor |" in md and "keep 1/2 ga-s2" in md
+    teacher, tok, _ = convert.load_teacher(teacher_dir)
+    ids = distill.tokenize(tok, distill.read_text(str(text)))
+    for c in rec["cells"]:
+        # a random tiny teacher and its hybrids all sit near the uniform perplexity: 0.1 % apart
+        assert c["ppl"]["ppl"] != pytest.approx(rec["teacher_ppl"]["ppl"], rel=2e-4), c
+        if c["init"] == "naive":
+            student, _ = convert.convert(teacher, c["kept_layers"], "naive")
+            want = distill.perplexity(student, ids, window=64, max_windows=1)["ppl"]
+            assert c["ppl"]["ppl"] == pytest.approx(want, rel=1e-5), c
     # Cells measured with another window would not compare: --append refuses, and the table stays.
     other = [a if a != "64" else "48" for a in base]
     assert convert.main(other + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
@@ -762,7 +780,10 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
 
 def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     """calibrate.py's per-layer ablation: a row per (variant, layer), each with the seed its variant
-    ran with, and the record's seed the set of them (not the option's default)."""
+    ran with, and the record's seed the set of them (not the option's default). Its held-out MSEs are
+    measured on the held-out block (the calibration block's next 32 tokens): here recomputed from the
+    same init run by convert.convert and the teacher's layer-1 attention hooked on those tokens (Phase 1
+    only, so start and end are the same layer), and they differ from the MSE on the fitted block."""
     import json
     text = tmp_path / "calib.txt"
     text.write_text("the cat sat on the mat and the dog sat on the log. " * 60)
@@ -775,6 +796,23 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     assert r["seed"] == [0, 3] and (tmp_path / "ablation.md").exists()
     assert all(row["beta_off"] >= 0 and row["beta_token_std"] > 0 for row in r["rows"])     # Phase 1's write gate
     assert "off target, token std" in (tmp_path / "ablation.md").read_text()
+    teacher, tok, _ = convert.load_teacher(teacher_dir)
+    blocks = distill.tokenize(tok, text.read_text())[:64].view(2, 1, 32)           # fitted on, held out
+    io = {}
+    hook = teacher.model.layers[1].self_attn.register_forward_hook(
+        lambda m, args, kwargs, out: io.update(x=kwargs["hidden_states"], y=out[0]), with_kwargs=True)
+    for row in r["rows"]:
+        student, _ = convert.convert(teacher, [0, 2, 3], "taylor-phase1", blocks[0],
+                                     init_opts=calibrate.parse_opts([f"seed={row['seed']}"]))
+        mse = []
+        for block in blocks:
+            with torch.no_grad():
+                teacher(block)
+                mse.append(F.mse_loss(gdn_modules(student)[1](io["x"])[0], io["y"]).item())
+        assert row["held_mse_start"] == pytest.approx(mse[1], rel=1e-4), (row, mse)
+        assert row["held_mse_end"] == pytest.approx(mse[1], rel=1e-4), (row, mse)
+        assert mse[0] != pytest.approx(mse[1], rel=1e-2)                                  # the test bites
+    hook.remove()
     # Fitting on the student's own inputs needs the layers before converted: not this ablation's.
     other = tmp_path / "other"
     assert calibrate.main(["--teacher", teacher_dir, "--layers", "1", "--calib-data", str(text), "--variants",
