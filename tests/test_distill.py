@@ -323,6 +323,35 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     assert [e["tokens"] for e in evals] == [0, 128, 256, 384, 512, 640]      # every 128 tokens, start, end
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_optimizer_steps_at_the_reference_learning_rates(setup, tmp_path, monkeypatch, stage):
+    """METHOD section 5 with the stage's defaults (no --lr, --lr-rest, --schedule): Stage 1 steps the
+    GDN parameters at 1e-3 on a cosine to 0, Stage 2 the attention and GDN parameters at 1e-4 and the
+    rest at 7e-6, constant. Read off the optimizer's param_groups at each of its steps: the logged lr
+    is computed apart, and _lr_factor alone is a pure function, so neither would show a schedule that
+    never reaches the optimizer. 6 steps: cosine factors (1 + cos(pi s / 6)) / 2."""
+    seen = []
+
+    class AdamW(torch.optim.AdamW):
+        def step(self, *a, **k):
+            seen.append({g["name"]: g["lr"] for g in self.param_groups})
+            return super().step(*a, **k)
+
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    a = args(setup, tmp_path / "run", stage, extra=["--eval-data", "none", "--test-data", "none", "--ckpt-every", "0"])
+    for flag in ("--lr", "--lr-rest"):
+        del a[a.index(flag): a.index(flag) + 2]
+    assert distill.main(a) == 0
+    if stage == 1:
+        want = [{"gdn": 1e-3 * (1 + math.cos(math.pi * k / 6)) / 2} for k in range(6)]
+    else:
+        want = [{"attention": 1e-4, "rest": 7e-6}] * 6
+    assert len(seen) == 6 and [g.keys() for g in seen] == [w.keys() for w in want]
+    for got, w in zip(seen, want):
+        assert got == pytest.approx(w, rel=1e-12, abs=0), (seen, want)
+    assert [r["lr"] for r in lines(tmp_path / "run", "train")] == pytest.approx([next(iter(w.values())) for w in want], rel=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stage2_loss_blocks_match_the_plain_form_and_keep_only_the_gradient(dtype):
     """2100 positions: two full blocks of KL_ROWS and a partial one. Loss and gradient equal the

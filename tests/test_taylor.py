@@ -323,6 +323,77 @@ def test_align_plus_trains_the_output_projection_and_align_only_does_not():
     assert not torch.equal(plus.model.layers[1].self_attn.o_norm, only.model.layers[1].self_attn.o_norm)
 
 
+@pytest.mark.parametrize("init", ["align-only", "taylor", "taylor-plus", "align-plus"])
+def test_phase2_trains_exactly_the_method_parameters_at_their_rates(init, monkeypatch):
+    """METHOD section 3 names what Phase 2 trains and how: AdamW, weight decay 0.01; W_q, W_k, W_v at
+    lr_qkv = 1e-4; W_a, W_b, W_g, A_log, dt_bias at lr_gates = 1e-3; W_o and the readout norm frozen
+    (align-plus, train_out=1: both at lr_qkv); every step clipped at grad norm 1.0. Read off the
+    optimizer Phase 2 really builds and the clip it really calls (the loss falling, which the other
+    tests check, holds with gates missing, rates swapped or the norm trained too), and the
+    parameters that changed in the student are exactly those the optimizer holds. keep_best=0, so
+    that the last parameters stay whatever step was best."""
+    runs = []
+    real_phase2, real_deepcopy, real_clip = calibrate.phase2, copy.deepcopy, torch.nn.utils.clip_grad_norm_
+
+    def phase2(gdn, x, y, o, desc="phase 2"):
+        runs.append({"clips": [], "before": {n: p.detach().clone() for n, p in gdn.named_parameters()}})
+        out = real_phase2(gdn, x, y, o, desc)
+        runs[-1]["after"] = {n: p.detach().clone() for n, p in gdn.named_parameters()}
+        return out
+
+    def deepcopy(x, *a):                                 # the float32 layer Phase 2 trains
+        runs[-1]["layer"] = y = real_deepcopy(x, *a)
+        return y
+
+    class AdamW(torch.optim.AdamW):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            runs[-1]["groups"] = self.param_groups
+
+    def clip(parameters, max_norm, *a, **k):
+        parameters = list(parameters)
+        runs[-1]["clips"].append(({id(p) for p in parameters}, max_norm))
+        return real_clip(parameters, max_norm, *a, **k)
+
+    monkeypatch.setattr(calibrate, "phase2", phase2)
+    monkeypatch.setattr(calibrate, "copy", type("copy", (), {"deepcopy": staticmethod(deepcopy)}))
+    monkeypatch.setattr(torch.optim, "AdamW", AdamW)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    convert.convert(tiny_model("llama"), [0], init, calib(), init_opts=calibrate.parse_opts(["steps=3", "keep_best=0"]))
+    qkv = {"q_proj.weight", "k_proj.weight", "v_proj.weight"}
+    qkv |= {"o_proj.weight", "o_norm"} if init == "align-plus" else set()
+    gates = {"a_proj.weight", "b_proj.weight", "g_proj.weight", "A_log", "dt_bias"}
+    want = {**{n: (1e-4, 0.01) for n in qkv}, **{n: (1e-3, 0.01) for n in gates}}
+    assert len(runs) == 3                                               # layers 1, 2, 3
+    for run in runs:
+        name = {id(p): n for n, p in run["layer"].named_parameters()}
+        got = [(name[id(p)], (g["lr"], g["weight_decay"])) for g in run["groups"] for p in g["params"]]
+        assert len(got) == len(dict(got)) and dict(got) == want, (init, sorted(got))
+        assert run["clips"] == [({id(p) for g in run["groups"] for p in g["params"]}, 1.0)] * 3
+        moved = {n for n in run["before"] if not torch.equal(run["before"][n], run["after"][n])}
+        assert moved == set(want), (init, sorted(moved ^ set(want)))
+
+
+def test_phase2_clips_the_gradient_norm():
+    """Each step's gradient is clipped to norm `clip` before AdamW sees it. Adam divides by the
+    gradient's own size, so a clip of 1e-12 shows only where the gradient falls below Adam's epsilon
+    (1e-8): the steps shrink ~1e4-fold. Weight decay 0, so that nothing else moves the weights. The
+    clip left out, both runs would be the same."""
+    teacher = tiny_model("llama")
+    stats = taylor_stats.collect_stats(teacher, calib(), layers=[1], progress=False)
+    x, y = stats[1]["x"], stats[1]["y"]
+    naive = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
+    moves = {}
+    for clip in (1.0, 1e-12):
+        layer = copy.deepcopy(naive)
+        calibrate.phase2(layer, x, y, calibrate.resolve({"steps": 3, "keep_best": 0, "weight_decay": 0.0, "clip": clip}))
+        moves[clip] = {n: (p - dict(naive.named_parameters())[n]).abs().max().item() for n, p in layer.named_parameters()}
+    trained = [n for n in moves[1.0] if moves[1.0][n] > 0]
+    assert len(trained) == 8                                    # W_q, W_k, W_v, W_a, W_b, W_g, A_log, dt_bias
+    for n in trained:
+        assert moves[1e-12][n] < 1e-2 * moves[1.0][n], (n, moves[1e-12][n], moves[1.0][n])
+
+
 def test_phase1_sets_what_the_statistics_say():
     """Each Phase-1 setting against calibrate.py's formula, computed here from collect_stats' distance,
     entropy, x and ctx, on a layer whose heads range from diffuse to sharp: A_log = 0 and
