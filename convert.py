@@ -2662,6 +2662,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    import atexit
     import signal
 
     def terminate(signum, frame):
@@ -2670,11 +2671,14 @@ if __name__ == "__main__":
         # ignored" and the run goes on: so it is raised again every 2 s until the process ends (a
         # killed conversion was once seen still running 60 s later, 1 test in about 15) -- but not
         # while the exit is unwinding (sys.exc_info() names it inside except and finally blocks):
-        # raised again there, it would cut the removal of the temporary folder short.
+        # raised again there, it would cut the removal of the temporary folder short. The timer is
+        # stopped once the interpreter shuts down: it puts back SIGALRM's default action, which
+        # would end a slow shutdown with "Alarm clock" (exit -14, seen under load).
         def again(*_):
             if sys.exc_info()[0] is not SystemExit:
                 sys.exit(128 + signum)
         signal.signal(signal.SIGALRM, again)
+        atexit.register(signal.setitimer, signal.ITIMER_REAL, 0)
         signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
         sys.exit(128 + signum)
     signal.signal(signal.SIGTERM, terminate)
