@@ -304,48 +304,51 @@ def test_dispatcher_cpu_is_torch_form():
 
 @pytest.fixture
 def cuda_routing(monkeypatch):
-    """The dispatcher deciding as it does for CUDA tensors (its Triton predicate forced true), with
-    both paths spied on: returns the list of the paths it called, in order."""
+    """The dispatcher deciding as it does for CUDA tensors (on a CPU, under the interpreter, its Triton
+    predicate forced true), with both paths spied on: returns (the device to use, the list of the
+    paths it called, in order)."""
     calls = []
-    monkeypatch.setattr(gk, "_compiled_triton_for", lambda x: True)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(gk, "_compiled_triton_for", lambda x: True)
     for name, path in [("chunk_gated_delta_rule_triton", "triton"), ("chunk_gated_delta_rule_torch", "torch")]:
         def spy(*a, _real=getattr(gk, name), _path=path, **kw):
             calls.append(_path)
             return _real(*a, **kw)
         monkeypatch.setattr(gk, name, spy)
-    return calls
+    return ("cuda" if torch.cuda.is_available() else "cpu"), calls
 
 
 @needs_triton
 def test_dispatcher_cuda_routing(cuda_routing):
-    """The routing gdn.py gets on a GPU, decided on the CPU: fp32 goes to Triton, silently; fp64 to the
+    """The routing gdn.py gets on a GPU (there, or decided on the CPU): fp32 goes to Triton, silently; fp64 to the
     PyTorch form and stays fp64 (Triton would compute it in fp32 and return fp32); head dims the kernel
     does not hold (fp32 beyond MAX_HEAD_DIM_FP32, bf16 beyond MAX_HEAD_DIM) fall back with a warning.
     test_dispatcher_cpu_is_torch_form sees none of this: on the CPU every input takes the PyTorch form."""
-    xs = inputs(1, 70, 2, 16, 16, device="cpu", seed=4)
+    device, calls = cuda_routing
+    xs = inputs(1, 70, 2, 16, 16, device=device, seed=4)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         o, S = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
     ref = gk.recurrent_gated_delta_rule(*[x.double() for x in xs[:5]], initial_state=xs[5].double(),
                                         output_final_state=True)
-    assert cuda_routing == ["triton"] and rel(o, ref[0]) < TOL_FP32 and rel(S, ref[1]) < TOL_FP32
+    assert calls == ["triton"] and rel(o, ref[0]) < TOL_FP32 and rel(S, ref[1]) < TOL_FP32
 
-    cuda_routing.clear()
+    calls.clear()
     x64 = [x.double() for x in xs]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         o, S = gk.chunk_gated_delta_rule(*x64[:5], initial_state=x64[5], output_final_state=True)
-    assert cuda_routing == ["torch"] and o.dtype == S.dtype == torch.float64
+    assert calls == ["torch"] and o.dtype == S.dtype == torch.float64
     assert rel(o, ref[0]) < TOL_FP64 and rel(S, ref[1]) < TOL_FP64
 
     for dtype, dim in [(torch.float32, gk.MAX_HEAD_DIM_FP32 + 16), (torch.bfloat16, gk.MAX_HEAD_DIM + 16)]:
-        cuda_routing.clear()
-        xs = inputs(1, 5, 1, dim, 16, dtype=dtype, device="cpu", seed=6)
+        calls.clear()
+        xs = inputs(1, 5, 1, dim, 16, dtype=dtype, device=device, seed=6)
         with pytest.warns(UserWarning, match="exceed what the Triton kernel holds"):
             o, S = gk.chunk_gated_delta_rule(*xs[:5], initial_state=xs[5], output_final_state=True)
         ref = gk.recurrent_gated_delta_rule(*[x.double() for x in xs[:5]], initial_state=xs[5].double(),
                                             output_final_state=True)
-        assert cuda_routing == ["torch"] and rel(o, ref[0]) < TOL_FP32 and rel(S, ref[1]) < TOL_FP32, dtype
+        assert calls == ["torch"] and rel(o, ref[0]) < TOL_FP32 and rel(S, ref[1]) < TOL_FP32, dtype
 
 
 # --- bad input -------------------------------------------------------------------------------
