@@ -330,8 +330,8 @@ def test_phase2_trains_exactly_the_method_parameters_at_their_rates(init, monkey
     (align-plus, train_out=1: both at lr_qkv); every step clipped at grad norm 1.0. Read off the
     optimizer Phase 2 really builds and the clip it really calls (the loss falling, which the other
     tests check, holds with gates missing, rates swapped or the norm trained too), and the
-    parameters that changed in the student are exactly those the optimizer holds. keep_best=0, so
-    that the last parameters stay whatever step was best."""
+    parameters that changed in the student are exactly those the optimizer holds (keep_best=0: the
+    student keeps the last step's parameters, whichever step had the lowest loss)."""
     runs = []
     real_phase2, real_deepcopy, real_clip = calibrate.phase2, copy.deepcopy, torch.nn.utils.clip_grad_norm_
 
