@@ -157,6 +157,32 @@ def test_nan_statistics_never_give_nan_weights():
         assert torch.isfinite(p).all()
 
 
+def test_phase1_clips_the_time_step_and_the_value_scale():
+    """Statistics past the clips: a mean distance of 0.12 tokens (ln2/d = 5.8) and of 1e5 tokens give
+    gamma_max = 5 and gamma_min = 1e-3, while 3 and 30 give ln2/d; a teacher context 10^4 times
+    larger puts sigma at sigma_max = 10 (in heads whose fit is positive). A real 64-token calibration
+    reaches none of these. And a head whose statistic is undefined takes the documented default
+    distance (taylor_stats.DEFAULTS)."""
+    teacher = tiny_model("llama")
+    ids = calib()
+    stats = taylor_stats.collect_stats(teacher, ids, layers=[1], progress=False)
+    st = stats[1]
+    st["distance"] = torch.tensor([0.12, 3.0, 30.0, 1e5], dtype=st["distance"].dtype)
+    st["ctx"] *= 1e4
+    student = hybridize(copy.deepcopy(teacher), [1])
+    p1 = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})["layers"][1]["phase1"]
+    gamma = [5.0, math.log(2) / 3, math.log(2) / 30, 1e-3]
+    assert p1["gamma"] == pytest.approx(gamma, rel=1e-5)
+    assert F.softplus(gdn_modules(student)[1].dt_bias).tolist() == pytest.approx(gamma, rel=1e-4)
+    assert max(p1["sigma"]) == pytest.approx(10.0)
+    st["distance"][1] = float("nan")
+    student = hybridize(copy.deepcopy(teacher), [1])
+    with pytest.warns(UserWarning, match="undefined"):
+        p1 = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats})["layers"][1]["phase1"]
+    default = taylor_stats.DEFAULTS["distance"]
+    assert p1["gamma"][1] == pytest.approx(min(max(math.log(2) / default, 1e-3), 5.0), rel=1e-5)
+
+
 def test_a_head_without_readout_keeps_value_scale_one():
     """A head whose value rows are all zero reads out G = 0: there is no scale to fit, and sigma stays
     1 (the docstring's promise), not 0/0 clipped to sigma_min."""
