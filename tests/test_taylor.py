@@ -917,6 +917,25 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     assert not (tmp_path / "other.json").exists()
 
 
+def test_statistics_script_writes_what_collect_stats_measures(teacher_dir, tmp_path, capsys):
+    """taylor_stats.py's JSON: every layer's per-head statistics as collect_stats gives them on the
+    same calibration tokens (the built-in text, its first calib_seqs x calib_len), with the run's
+    record; and a line per layer printed."""
+    from types import SimpleNamespace
+    out = tmp_path / "stats.json"
+    assert taylor_stats.main(["--teacher", teacher_dir, "--calib-seqs", "2", "--calib-len", "24", "--out", str(out)]) == 0
+    assert capsys.readouterr().out.count("distance") == 4
+    record = json.loads(out.read_text())
+    teacher, tok, _ = convert.load_teacher(teacher_dir)
+    ids = convert.calib_ids(SimpleNamespace(calib_data=None, calib_seqs=2, calib_len=24), tok)
+    want = taylor_stats.summary(taylor_stats.collect_stats(teacher, ids, keep_io=False, progress=False))
+    assert record["calib"] == [2, 24] and record["commit"] and sorted(record["stats"]) == ["0", "1", "2", "3"]
+    for i, layer in want.items():
+        for k, v in layer.items():
+            assert record["stats"][str(i)][k] == pytest.approx(v, rel=1e-4, abs=1e-5), (i, k)
+    assert len(set(record["stats"]["1"]["distance"])) == 4                  # heads measured apart
+
+
 def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path, capsys):
     """calibrate.py and taylor_stats.py: one line (or argparse's exit) for bad layers, variants, sizes
     and outputs; nothing written."""
