@@ -1154,8 +1154,8 @@ def _run_config(a, spec):
 def _check_run_folder(a, config):
     """A new run: --out must not exist (or --overwrite). --resume: --out's run.json must hold the same
     configuration; returns the checkpoint to continue from (None: start at step 0). --resume where
-    --out does not exist yet starts the run, so a job that may be killed and restarted can always
-    pass --resume. Only reads."""
+    --out does not exist yet (or is empty: killed as it was made) starts the run, so a job that may
+    be killed and restarted can always pass --resume. Only reads."""
     run_json = os.path.join(a.out, "run.json")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         raise ValueError(f"--out '{a.out}' is a file, not a run folder")
