@@ -701,8 +701,11 @@ PRESETS = {"taylor-plus": PLUS, "align-plus": ALIGN_PLUS}
 
 def layerwise(name, opts=None):
     """True when init `name` sets each layer independently from teacher-forced data: a layer's result
-    is then the same in every hybrid it appears in, and convert.py's table computes it once."""
-    return resolve(opts, PRESETS.get(name))["phase2_input"] == "teacher"
+    is then the same in every hybrid it appears in, and convert.py's table computes it once. Only a
+    Phase 2 on the student's own inputs (phase2_input=student) is not: the inits without Phase 2
+    (naive, zero-gate, taylor-phase1) are layer-wise whatever that option says."""
+    has_phase2 = INIT_PHASES.get(name, (False, False))[1]
+    return not has_phase2 or resolve(opts, PRESETS.get(name))["phase2_input"] == "teacher"
 
 
 # ----------------------------------------------------------------------------------------------

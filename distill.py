@@ -77,6 +77,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -233,7 +234,7 @@ def _machine(seed):
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     return {"device": device, "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "seed": seed,
-            "command": " ".join(_launcher() + sys.argv)}
+            "command": " ".join(_launcher() + [shlex.join(sys.argv)])}
 
 
 def _launcher():
@@ -365,16 +366,16 @@ def parse_tokens(text, option=None):
     return int(n)
 
 
-def text_files(path):
+def text_files(path, flag="--data"):
     """A text file, or every .txt file under a folder (sorted: the order is part of the run)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.endswith(".txt"))
         if not files:
-            raise ValueError(f"--data folder '{path}' holds no .txt files")
+            raise ValueError(f"{flag} folder '{path}' holds no .txt files")
         return files
     if os.path.isfile(path):
         return [path]
-    raise ValueError(f"--data '{path}' is neither a text file nor a folder of .txt files")
+    raise ValueError(f"{flag} '{path}' is neither a text file nor a folder of .txt files")
 
 
 def _corpus_ids(tokenizer, path):
@@ -1330,7 +1331,7 @@ def _distill(a):
                   "last_loss": losses[-1] if losses else None, "evals": evals,
                   "final_eval": evals[-1] if evals else None, "test": test, "test_data": a.test_data,
                   "throughput": _throughput(run, records), "resumed_from": resume_from,   # (this process's steps)
-                  "seconds": time.time() - t_start, **run_info(a.seed)}
+                  "seconds": time.time() - t_start, **run_info(a.seed), "arguments": a.arguments}
         write_json(os.path.join(a.out, "distill.json"), record)
         _summary(record, a)
     dist.barrier()
@@ -1488,6 +1489,7 @@ def main(argv=None):
         return _recovery_main(argv)
     try:
         a = parse_args(argv)
+        a.arguments = shlex.join(argv)          # recorded: the command line is convert.py's in its chain
         _distill(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

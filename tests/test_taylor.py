@@ -690,6 +690,21 @@ def test_scores_cache_key_names_what_the_scores_depend_on():
                          (a, ga("taylor", {"steps": 5}, 0)), (a, ga("taylor", {}, 0))):
         convert._policy_scores("ga-s2", teacher, "t", probe, cache, extra, compute)
     assert len(calls) == len(cache) == 6
+    # ... and the teacher's weights, not only its name: a folder's weights can change under its path
+    other = tiny_model("llama", seed=1)
+    convert._policy_scores("ga-s2", other, "t", a, cache, "", compute)
+    convert._policy_scores("ga-s2", other, "t", a, cache, "", compute)
+    assert len(calls) == len(cache) == 7
+    assert convert.weights_digest(tiny_model("llama")) == convert.weights_digest(teacher) != convert.weights_digest(other)
+
+
+def test_inits_without_phase2_are_layerwise_whatever_phase2_input_says():
+    """A layer-wise init sets each layer from teacher-forced data alone. phase2_input=student makes a
+    Phase 2 depend on the layers before it, but naive, zero-gate and taylor-phase1 run no Phase 2: they
+    stay layer-wise, so GA-S2 can probe with them (the cheap --probe-init the help suggests)."""
+    student_fed = {"phase2_input": "student"}
+    assert all(calibrate.layerwise(i) for i in calibrate.INITS)
+    assert [i for i in calibrate.INITS if calibrate.layerwise(i, student_fed)] == ["naive", "zero-gate", "taylor-phase1"]
 
 
 def test_policy_probe_is_the_block_after_the_calibration_tokens(tokenizer, tmp_path):
@@ -791,8 +806,10 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--keep", ",".join(map(str, range(5)))], "[4], out of range"),
     (["--init", "taylor", "--calib-len", "100000"], "calibration text has"),
     (["--init-opt", "nope=1"], "unknown init option"),
+    (["--init-opt", "seed=3"], "pass --seed instead"),
+    (["--table", "--init-opt", "seed=3"], "pass --seed instead"),
     (["--table", "--keeps", "1/4,2"], "the table takes fractions"),
-    (["--table", "--policies", "ga-s2", "--init-opt", "phase2_input=student"], "must be layer-wise"),
+    (["--table", "--policies", "ga-s2", "--inits", "taylor", "--init-opt", "phase2_input=student"], "must be layer-wise"),
     (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
     (["--calib-data", "EVAL"], "are the same file"),
     (["--probe-init", "naive"], "--probe-init is GA-S2's"),
@@ -859,6 +876,21 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     # Nor cells of GDN layers with a short conv.
     assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--conv-size", "4", "--append"]) == 2
     assert "another conv_size" in capsys.readouterr().err and json.loads(open(stem + ".json").read()) == rec
+    # Nor a teacher whose weights changed under the same path (its name is all the other checks see).
+    import shutil
+    from transformers import AutoModelForCausalLM
+    moved = tmp_path / "moved"
+    shutil.copytree(teacher_dir, moved)
+    cells = [str(moved) if a == teacher_dir else stem + "_moved" if a == stem else a for a in base]
+    cells += ["--policies", "uniform", "--inits", "naive"]
+    assert convert.main(cells) == 0
+    model = AutoModelForCausalLM.from_pretrained(moved)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(1.5)
+    model.save_pretrained(moved)
+    before = open(stem + "_moved.json").read()
+    assert convert.main(cells + ["--append"]) == 2
+    assert "another teacher_weights" in capsys.readouterr().err and open(stem + "_moved.json").read() == before
     # An option spelled out at its default changes nothing, so it may join.
     assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--init-opt", "write_gate=rescale",
                                 "--append"]) == 0
