@@ -457,7 +457,7 @@ def _ga_key(init, init_opts, seed):
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
-def weights_digest(model):
+def _weights_digest(model):
     """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
     --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
     weights can change under the same name. ~1 s for SmolLM2-135M in fp32."""
@@ -470,13 +470,14 @@ def weights_digest(model):
 
 def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
-    The key names what the scores depend on: policy, teacher (and its weights' digest), its dtype, the probe tokens (the block
-    of the calibration text right after the one a GA-S2 init is fitted on, so they stand for that
-    too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as the identity and
+    The key names what the scores depend on: policy, teacher (and its weights' digest), its dtype, the
+    probe tokens (the block of the calibration text right after the one a GA-S2 init is fitted on, so
+    they stand for that too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as the identity and
     no init trains it."""
     dtype = next(teacher.parameters()).dtype
     digest = hashlib.sha1(probe.cpu().numpy().tobytes()).hexdigest()[:16]
-    key = f"{policy}|{source} weights {weights_digest(teacher)}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}{key_extra}"
+    key = (f"{policy}|{source} weights {_weights_digest(teacher)}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}"
+           f"{key_extra}")
     if key not in cache:
         t0 = time.time()
         cache[key] = {**compute(), "policy": policy, "seconds": time.time() - t0}
@@ -1003,7 +1004,7 @@ def _run_table(args):
 def _settings(args, init_opts, teacher):
     """What a conversion's and a table's numbers depend on besides the teacher's name, the init and the
     kept layers: recorded with them, and what --append compares."""
-    return {"teacher_weights": weights_digest(teacher), "calib_data": args.calib_data or "builtin",
+    return {"teacher_weights": _weights_digest(teacher), "calib_data": args.calib_data or "builtin",
             "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
             "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),

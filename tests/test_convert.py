@@ -63,8 +63,8 @@ def test_convert_save_load_generate(teacher_dir, tokenizer, eval_text, tmp_path,
     want = distill.perplexity(model, ids, window=64, max_windows=2)["ppl"]
     assert record["student_ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
     # ... and the record holds what the numbers depend on
-    from convert import weights_digest
-    assert record["teacher_weights"] == weights_digest(load_teacher(teacher_dir)[0])
+    from convert import _weights_digest
+    assert record["teacher_weights"] == _weights_digest(load_teacher(teacher_dir)[0])
     assert (record["calib"], record["calib_data"], record["window"], record["conv_size"]) == ([4, 256], "builtin", 64, 4)
     assert record["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
     # a random tiny teacher and its hybrid both sit near the uniform perplexity: 0.1 % apart here
