@@ -460,7 +460,7 @@ def _ga_key(init, init_opts, seed):
 def _weights_digest(model):
     """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
     --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
-    weights can change under the same name. ~1 s for SmolLM2-135M in fp32."""
+    weights can change under the same name. 0.5 s for SmolLM2-135M in fp32 on this project's 2-core CPU."""
     h = hashlib.sha1()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
