@@ -421,6 +421,10 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
     bad = [i for i in gdn_layers if not 0 <= i < len(layers)]
     if bad:
         raise ValueError(f"layer indices {bad} out of range: the model has {len(layers)} layers (0..{len(layers) - 1})")
+    done = [i for i, layer in enumerate(layers) if isinstance(layer.self_attn, GatedDeltaNet)]
+    if done:                  # (config.hybrid would name only this call's layers; a GDN layer has no softmax to copy)
+        raise ValueError(f"hybridize: the model is a hybrid already (layers {done} are GDN): hybridize the teacher "
+                         f"once, with every layer to convert")
     dropped = sorted({n for i in gdn_layers for n in _dropped_weights(layers[i].self_attn)})
     msg = f"teacher {', '.join(dropped)} have no place in GDN: dropped in the converted layers"
     if warn and dropped and msg not in _said:
@@ -437,17 +441,26 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
 
 def _share_padding_mask(stack, args, kwargs):
     """Pre-hook on the decoder stack: hand each GDN layer the padding mask of the tokens about to be
-    processed (the last T columns of the 2-D attention mask), or None when there is none. The mask
-    stays set after the forward, as gradient checkpointing recomputes a layer in the backward pass,
-    after the stack has returned; so a GDN layer called on its own, outside the stack, after a padded
-    batch of the same shape would still see it (the next stack forward resets it)."""
+    processed, or None when there is none. From a 2-D attention mask, its last T columns. From a 4-D
+    one [B, 1, T, keys] (generate builds it for a static cache; Gemma 3 passes a dict of them, one per
+    attention type), the rows that attend to no key: a real token attends at least to itself. The
+    mask stays set after the forward, as gradient checkpointing recomputes a layer in the backward
+    pass, after the stack has returned; so a GDN layer called on its own, outside the stack, after a
+    padded batch of the same shape would still see it (the next stack forward resets it)."""
     mask = kwargs.get("attention_mask")
+    if isinstance(mask, dict):
+        mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
     ids = kwargs.get("input_ids", args[0] if args else None)
     x = ids if ids is not None else kwargs.get("inputs_embeds")
     pad = None
-    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and x is not None:
-        pad = mask[:, -x.shape[1]:] == 0
-        pad = pad if bool(pad.any()) else None       # one check per forward, not one per GDN layer
+    if isinstance(mask, torch.Tensor) and x is not None:
+        B, T = x.shape[:2]
+        if mask.dim() == 2:
+            pad = mask[:, -T:] == 0
+        elif mask.dim() == 4 and mask.shape[-2] == T:
+            attends = mask if mask.dtype == torch.bool else mask == 0           # (additive: 0 = attend)
+            pad = (~attends.any(-1)[:, 0]).expand(B, T)
+        pad = pad if pad is not None and bool(pad.any()) else None     # one check per forward, not per layer
     for layer in stack.layers:
         if isinstance(layer.self_attn, GatedDeltaNet):
             layer.self_attn.pad_mask = pad
@@ -478,7 +491,9 @@ def load_hybrid(path, device="cpu", dtype=None):
     hyb = getattr(config, "hybrid", None)
     if not hyb or "gdn_layers" not in hyb:
         raise ValueError(f"{path} is not a hybrid saved by convert.py (its config.json has no 'hybrid' entry)")
-    model = AutoModelForCausalLM.from_config(config)
+    # Built in `dtype` rather than cast to it afterwards: a cast would also round the kept softmax
+    # layers' rotary frequencies, which transformers keeps in fp32 in a bf16 model.
+    model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6), hyb.get("beta_bias", False),
               warn=False)
     state = {}
@@ -487,5 +502,4 @@ def load_hybrid(path, device="cpu", dtype=None):
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]          # saved once when tied
     model.load_state_dict(state, strict=True)
-    model = model.to(device=device, dtype=dtype) if dtype else model.to(device)
-    return model.eval()
+    return model.to(device).eval()

@@ -179,6 +179,30 @@ def test_save_load_identical_logits(family, tmp_path):
         assert torch.equal(again(ids).logits, student(ids).logits)
 
 
+def test_save_load_in_bfloat16_keeps_the_rotary_frequencies(tmp_path):
+    """load_hybrid(dtype=bf16) of a bf16 hybrid gives its logits exactly: the model is built in bf16,
+    as transformers builds one (rotary frequencies in fp32), not cast to it (which rounds them)."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    model = hybridize(AutoModelForCausalLM.from_config(tiny_config("llama"), dtype=torch.bfloat16).eval(), [0, 2])
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    save_hybrid(model, None, tmp_path / "h")
+    again = load_hybrid(tmp_path / "h", dtype=torch.bfloat16)
+    assert again.model.rotary_emb.inv_freq.dtype == torch.float32 and again.lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, 128, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_hybridize_refuses_a_hybrid():
+    """A second hybridize would record only its own layers in config.hybrid (a saved model would not
+    load) and rebuild a GDN layer from a GDN layer: refused, naming the layers already GDN."""
+    model = hybridize(tiny_model("llama"), [0])
+    with pytest.raises(ValueError, match=r"a hybrid already \(layers \[0\] are GDN\)"):
+        hybridize(model, [2])
+    assert model.config.hybrid["gdn_layers"] == [0] and sorted(gdn_modules(model)) == [0]
+
+
 def test_save_load_keeps_every_hybrid_option(tmp_path):
     """load_hybrid rebuilds the GDN layers from the saved config.hybrid: every option comes back, a
     non-default norm_eps included, which strict weight loading and equal logits would not notice."""
@@ -315,9 +339,11 @@ def test_naive_copy_takes_the_output_bias():
     assert torch.equal(gdn.o_proj.bias, attn.o_proj.bias)
 
 
+@pytest.mark.parametrize("cache", [None, "static"])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_left_padded_batch_generates_like_single_prompts(family):
-    """Batch 2 with left padding: each row's greedy continuation equals that prompt alone."""
+def test_left_padded_batch_generates_like_single_prompts(family, cache):
+    """Batch 2 with left padding: each row's greedy continuation equals that prompt alone. With a
+    static cache generate hands the stack a 4-D mask (Gemma 3: a dict of them), not the 2-D one."""
     torch.manual_seed(0)
     model = hybridize(tiny_model(family), [0, 1, 3], conv_size=4)
     for m in gdn_modules(model).values():
@@ -325,7 +351,7 @@ def test_left_padded_batch_generates_like_single_prompts(family):
     long, short = torch.randint(1, 128, (1, 11)), torch.randint(1, 128, (1, 6))
     batch = torch.cat([long, torch.cat([torch.full((1, 5), 7), short], 1)])     # pad id 7: not inert
     mask = torch.cat([torch.ones(1, 11), torch.cat([torch.zeros(1, 5), torch.ones(1, 6)], 1)]).long()
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation=cache)
     with torch.no_grad():
         last = model(batch, attention_mask=mask).logits[:, -1]
         torch.testing.assert_close(last[1], model(short).logits[0, -1], rtol=1e-4, atol=1e-4)
