@@ -42,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
+import weakref
 
 from typing import Optional
 
@@ -457,23 +458,29 @@ def _ga_key(init, init_opts, seed):
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
+_DIGESTS = weakref.WeakKeyDictionary()       # model -> digest: a teacher's weights never change
+
+
 def _weights_digest(model):
     """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
     --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
-    weights can change under the same name. 0.5 s for SmolLM2-135M in fp32 on this project's 2-core CPU."""
-    h = hashlib.sha1()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    weights can change under the same name. 0.5 s for SmolLM2-135M in fp32 on this project's 2-core
+    CPU, so computed once per teacher (a table asks for it once per policy and init)."""
+    if model not in _DIGESTS:
+        h = hashlib.sha1()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        _DIGESTS[model] = h.hexdigest()[:16]
+    return _DIGESTS[model]
 
 
 def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
     The key names what the scores depend on: policy, teacher (and its weights' digest), its dtype, the
     probe tokens (the block of the calibration text right after the one a GA-S2 init is fitted on, so
-    they stand for that too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as the identity and
-    no init trains it."""
+    they stand for that too), and for GA-S2 the init. --conv-size is not in it: a short conv starts as
+    the identity and no init trains it."""
     dtype = next(teacher.parameters()).dtype
     digest = hashlib.sha1(probe.cpu().numpy().tobytes()).hexdigest()[:16]
     key = (f"{policy}|{source} weights {_weights_digest(teacher)}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}"
@@ -800,7 +807,8 @@ def _run_convert(args):
         text = None if args.no_sample else _sample(student, tokenizer)
         record = {"teacher": source, "teacher_spec": _teacher_spec(args.teacher),
                   "family": teacher.config.model_type, "layers": n, **info,
-                  "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)", **_settings(args, init_opts, teacher), "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
+                  "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
+                  **_settings(args, init_opts, teacher), "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
                   "convert_seconds": convert_seconds, "total_seconds": time.time() - t_start,
                   **distill.run_info(args.seed)}
         distill.write_json(os.path.join(tmp, "conversion.json"), record)

@@ -698,15 +698,21 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
     old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
     for d in old[: max(0, len(old) - (keep - 1))]:
         shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    for d in os.listdir(root):                     # leftovers of a killed write (folders, or `latest`'s files)
-        if d.startswith(".tmp-"):
-            p = os.path.join(root, d)
-            if os.path.isdir(p):
-                shutil.rmtree(p, ignore_errors=True)
+    _remove_leftovers(root)                        # of a killed write (folders, or `latest`'s files)
+    return final
+
+
+def _remove_leftovers(folder, prefixes=(".tmp-",)):
+    """The temporary files and folders a killed write left in `folder` (write_atomic's, a checkpoint's,
+    _save_student's .final.tmp-*)."""
+    for f in os.listdir(folder):
+        if f.startswith(prefixes):
+            path = os.path.join(folder, f)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
             else:
                 with contextlib.suppress(OSError):
-                    os.remove(p)
-    return final
+                    os.remove(path)
 
 
 def _latest_checkpoint(folder):
@@ -928,7 +934,7 @@ def _evaluate(run, student, step, metrics, teacher=None):
             m.train(training)
         tokens = step * a.batch * a.seq
         rec = {"type": "eval", "stage": a.stage, "step": step, "tokens": tokens,
-               "tokens_by_stage": tokens_by_stage(run.prior_tokens, a.stage, tokens), "data": a.eval_data,
+               "tokens_by_stage": _tokens_by_stage(run.prior_tokens, a.stage, tokens), "data": a.eval_data,
                "ppl": ppl["ppl"], "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"],
                "eval_tokens": ppl["tokens"]}
         metrics.log(rec)
@@ -1085,7 +1091,7 @@ def check_shapes(a, world):
     return a.tokens // step_tokens
 
 
-def tokens_by_stage(prior, stage, tokens):
+def _tokens_by_stage(prior, stage, tokens):
     """The tokens seen in each stage so far: the student's earlier runs (`prior`, from its
     distill.json) plus this run's `tokens` of `stage` (a stage run again on its own output adds up)."""
     return {**prior, str(stage): prior.get(str(stage), 0) + tokens}
@@ -1198,15 +1204,6 @@ def _start_run_folder(a, config, dist):
     dist.barrier()
 
 
-def _remove_leftovers(folder):
-    """What a killed run leaves beside its files: the temporary files and folders of write_atomic and
-    _save_student (checkpoints/ keeps its own in order)."""
-    for f in os.listdir(folder):
-        if f.startswith((".tmp-", ".final.tmp-")):
-            path = os.path.join(folder, f)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
 def _save_student(student, tokenizer, a, extra_files):
     """The final student: gdn.save_hybrid into a temporary folder, then its files renamed into --out
     (distill.json, written after, marks the run complete)."""
@@ -1291,7 +1288,7 @@ def _distill(a):
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
         if dist.main:
-            _remove_leftovers(a.out)
+            _remove_leftovers(a.out, (".tmp-", ".final.tmp-"))      # (checkpoints/ keeps its own in order)
     else:
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
@@ -1325,7 +1322,7 @@ def _distill(a):
         losses = [r["loss"] for r in logged if r["type"] == "train"]
         evals = [r for r in logged if r["type"] == "eval"]
         record = {"stage": a.stage, "student_in": a.student, "teacher_spec": spec, "steps": steps,
-                  "tokens": tokens, "tokens_by_stage": tokens_by_stage(prior, a.stage, tokens),
+                  "tokens": tokens, "tokens_by_stage": _tokens_by_stage(prior, a.stage, tokens),
                   "config": config, "micro_batch": a.micro_batch, "grad_ckpt": a.grad_ckpt,
                   "processes": dist.world, "first_loss": losses[0] if losses else None,
                   "last_loss": losses[-1] if losses else None, "evals": evals,
