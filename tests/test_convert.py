@@ -61,7 +61,8 @@ def test_convert_save_load_generate(teacher_dir, tokenizer, eval_text, tmp_path,
     assert sorted(gdn_modules(model)) == [1, 3]
     ids = distill.tokenize(tokenizer, distill.read_text(eval_text))            # (teacher_dir's tokenizer)
     want = distill.perplexity(model, ids, window=64, max_windows=2)["ppl"]
-    assert record["student_ppl"]["ppl"] == pytest.approx(want, rel=1e-5)
+    tol = 2e-2 if torch.cuda.is_available() else 1e-5          # (on a GPU the run measured in bf16)
+    assert record["student_ppl"]["ppl"] == pytest.approx(want, rel=tol)
     # ... and the record holds what the numbers depend on
     from convert import _weights_digest
     assert record["teacher_weights"] == _weights_digest(load_teacher(teacher_dir)[0])

@@ -306,7 +306,8 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     ppl = {name: distill.perplexity(m, ids, window=32, max_windows=2)["ppl"]
            for name, m in (("start", start), ("end", end), ("teacher", AutoModelForCausalLM.from_pretrained(s["teacher"])))}
     evals = lines(out, "eval")
-    assert evals[0]["ppl"] == pytest.approx(ppl["start"], rel=1e-5) and evals[-1]["ppl"] == pytest.approx(ppl["end"], rel=1e-5)
+    tol = 2e-2 if torch.cuda.is_available() else 1e-5          # (on a GPU the run evaluated under bf16 autocast)
+    assert evals[0]["ppl"] == pytest.approx(ppl["start"], rel=tol) and evals[-1]["ppl"] == pytest.approx(ppl["end"], rel=tol)
     assert ppl["teacher"] != pytest.approx(ppl["start"], rel=1e-3) and ppl["teacher"] != pytest.approx(ppl["end"], rel=1e-3)
     before, after = start.state_dict(), end.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}

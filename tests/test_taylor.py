@@ -859,7 +859,8 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
         if c["init"] == "naive":
             student, _ = convert.convert(teacher, c["kept_layers"], "naive")
             want = distill.perplexity(student, ids, window=64, max_windows=1)["ppl"]
-            assert c["ppl"]["ppl"] == pytest.approx(want, rel=1e-5), c
+            tol = 2e-2 if torch.cuda.is_available() else 1e-5  # (on a GPU the table measured in bf16)
+            assert c["ppl"]["ppl"] == pytest.approx(want, rel=tol), c
     # Cells measured with another window would not compare: --append refuses, and the table stays.
     other = [a if a != "64" else "48" for a in base]
     assert convert.main(other + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
