@@ -699,6 +699,15 @@ INITS = {"naive": _init_naive, "zero-gate": _init_zero_gate, "taylor-phase1": _i
 PRESETS = {"taylor-plus": PLUS, "align-plus": ALIGN_PLUS}
 
 
+def check_val_rows(name, opts, calib_seqs):
+    """A Phase 2 that holds val_rows calibration sequences out must keep one to fit on: said before the
+    teacher pass rather than inside Phase 2, after it."""
+    o = resolve(opts, PRESETS.get(name))
+    if o["val_rows"] and o["val_rows"] >= calib_seqs and INIT_PHASES.get(name, (False, False))[1] and o["steps"]:
+        raise ValueError(f"init {name}: val_rows={o['val_rows']} must leave at least one of the --calib-seqs "
+                         f"{calib_seqs} calibration sequences to fit")
+
+
 def layerwise(name, opts=None):
     """True when init `name` sets each layer independently from teacher-forced data: a layer's result
     is then the same in every hybrid it appears in, and convert.py's table computes it once. Only a
@@ -756,6 +765,7 @@ def main(argv=None):
                 raise ValueError(f"variant '{v}': init must be one of {', '.join(INIT_PHASES)}")
             try:
                 variants.append((v, name, parse_opts(pairs)))
+                check_val_rows(name, variants[-1][2], args.calib_seqs)
             except ValueError as e:
                 raise ValueError(f"variant '{v}': {str(e).replace('--init-opt ', 'option ')}") from None
         student_fed = [v for v, name, opts in variants if resolve(opts, PRESETS.get(name))["phase2_input"] != "teacher"]

@@ -55,7 +55,7 @@ except ImportError:                      # CPU-only installs: decoding attention
     triton = None
 
 import distill
-from calibrate import INIT_PHASES, INITS, PRESETS, layerwise, parse_opts, resolve
+from calibrate import INITS, PRESETS, check_val_rows, layerwise, parse_opts, resolve
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 from gdn_kernel import pdl_launch
 
@@ -844,11 +844,7 @@ def _check_init_opts(args, inits, init_opts):
     if "seed" in init_opts:
         raise ValueError("--init-opt seed: the inits' random gates are seeded by --seed; pass --seed instead")
     for init in inits:
-        o = resolve(init_opts, PRESETS.get(init))
-        v = o["val_rows"]
-        if v and v >= args.calib_seqs and INIT_PHASES.get(init, (0, 0))[1] and o["steps"]:
-            raise ValueError(f"init {init}: val_rows={v} must leave at least one of the --calib-seqs "
-                             f"{args.calib_seqs} calibration sequences to fit")
+        check_val_rows(init, init_opts, args.calib_seqs)
 
 
 def _ga_probe_init(args, init_opts):

@@ -1021,8 +1021,8 @@ if triton is not None:
 # ==============================================================================================
 # `python gdn_kernel.py`: check every path against the recurrence, and on a GPU benchmark them.
 # Results go to results/kernel_bench.{json,md} (--profile: kernel_profile, --sweep: kernel_sweep;
-# the folder is $GDN_RESULTS_DIR if set),
-# rewritten atomically after every row so an interrupted run still leaves what it measured.
+# another folder with --results; an earlier result is replaced only with --overwrite), rewritten
+# atomically after every row so an interrupted run still leaves what it measured.
 # ==============================================================================================
 
 def _rel(a, b):
@@ -1088,10 +1088,15 @@ def _fla():
 
 
 def _write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    import tempfile
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.remove(tmp)
+        raise
 
 
 def _print_check(r):
@@ -1327,6 +1332,9 @@ def main(argv=None):
                    help="instead of the benchmark, time the forward under other launch settings of its scan")
     p.add_argument("--scan-bv", type=int, default=SCAN_BV, choices=[16, 32, 64],
                    help="value columns per scan program")
+    p.add_argument("--results", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"),
+                   help="folder of the GPU run's JSON and markdown (kernel_bench, kernel_profile or kernel_sweep)")
+    p.add_argument("--overwrite", action="store_true", help="replace that folder's earlier result of this mode")
     a = p.parse_args(argv)
     unknown = set(a.methods.split(",")) - {"triton", "torch_chunk", "fla", "sdpa"}
     if unknown:
@@ -1347,24 +1355,38 @@ def main(argv=None):
     seed = 0
     torch.manual_seed(seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    commit = os.environ.get("GIT_COMMIT")    # said explicitly (a GPU box's copy of the tree), as distill.run_info
+    # A GPU run writes results (on a CPU there is nothing to benchmark): where, checked before any work.
+    out_dir = a.results
+    stem = "kernel_profile" if a.profile else "kernel_sweep" if a.sweep else "kernel_bench"
+    if device == "cuda":
+        if os.path.exists(os.path.join(out_dir, stem + ".json")) and not a.overwrite:
+            p.error(f"{os.path.join(out_dir, stem)}.json already exists: pass --overwrite to replace it, or "
+                    f"another --results folder")
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+        except OSError as e:
+            p.error(f"--results '{out_dir}': {e.strerror}")
+        if not os.access(out_dir, os.W_OK):
+            p.error(f"--results '{out_dir}' is not a folder this process can write in")
+    here = os.path.dirname(os.path.abspath(__file__))
+    commit, dirty = os.environ.get("GIT_COMMIT"), None    # said explicitly (a GPU box's copy of the tree)
     if not commit:
         try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                    cwd=here).stdout.strip()
+            dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                        text=True, cwd=here).stdout.strip())
         except Exception:                     # noqa: BLE001  (no git, no .git)
             commit = "unknown"
-    results = dict(command="python " + " ".join(sys.argv), git_commit=commit, seed=seed,
+    import shlex
+    results = dict(command="python " + shlex.join(sys.argv), git_commit=commit, dirty=dirty, seed=seed,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    torch=torch.__version__, triton=getattr(triton, "__version__", None), fla=None,
                    scan_bv=SCAN_BV, checks=[], bench=[])
-    out_dir = os.environ.get("GDN_RESULTS_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
 
     def save():
         if device != "cuda":                  # numbers in results/ come from the GPU run only
             return
-        os.makedirs(out_dir, exist_ok=True)
-        stem = "kernel_profile" if a.profile else "kernel_sweep" if a.sweep else "kernel_bench"
         _write_atomic(os.path.join(out_dir, stem + ".json"), json.dumps(results, indent=1))
         _write_atomic(os.path.join(out_dir, stem + ".md"), _markdown(results))
 

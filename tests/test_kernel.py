@@ -393,3 +393,27 @@ def test_command_line_bad_input(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         gk.main(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_gpu_run_checks_its_results_folder_first(monkeypatch, tmp_path, capsys):
+    """On a GPU the run writes results/kernel_bench.* (or --results FOLDER): an earlier result is kept
+    unless --overwrite, and a folder that cannot be written is named, both before any work. (CUDA is
+    only claimed here: the checks come before the first use of the GPU.)"""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    (tmp_path / "kernel_bench.json").write_text("earlier")
+    (tmp_path / "file").write_text("x")
+    for argv, message in ((["--results", str(tmp_path)], "kernel_bench.json already exists: pass --overwrite"),
+                          (["--profile", "--results", str(tmp_path / "file" / "sub")], f"--results '{tmp_path}")):
+        with pytest.raises(SystemExit) as e:
+            gk.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err
+    assert (tmp_path / "kernel_bench.json").read_text() == "earlier" and sorted(os.listdir(tmp_path)) == ["file", "kernel_bench.json"]
+
+
+def test_write_atomic_leaves_no_temporary_file(monkeypatch, tmp_path):
+    def fail(src, dst):
+        raise OSError("the rename fails")
+    monkeypatch.setattr(gk.os, "replace", fail)
+    with pytest.raises(OSError, match="the rename fails"):
+        gk._write_atomic(str(tmp_path / "r.json"), "{}")
+    assert os.listdir(tmp_path) == []

@@ -972,7 +972,9 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
     base = ["--teacher", teacher_dir, "--out", str(tmp_path / "a")]
     for argv, message in ((["--layers", "9"], "out of range: the teacher has 4 layers"),
                           (["--layers", "abc"], "not a comma-separated list"), (["--layers", "1,1"], "twice"),
-                          (["--variants", "taylor:steps"], "variant 'taylor:steps': option 'steps' is not NAME=VALUE")):
+                          (["--variants", "taylor:steps"], "variant 'taylor:steps': option 'steps' is not NAME=VALUE"),
+                          (["--variants", "align-only:val_rows=4"], "val_rows=4 must leave at least one of the "
+                                                                    "--calib-seqs 4")):
         assert calibrate.main(base + argv) == 2
         assert message in capsys.readouterr().err
     (tmp_path / "dir").mkdir()
