@@ -1318,6 +1318,7 @@ def main(argv=None):
     4096,32768 for a short run)."""
     import argparse
     import json
+    import shlex
     import subprocess
     import sys
     import time
@@ -1378,7 +1379,6 @@ def main(argv=None):
                                         text=True, cwd=here).stdout.strip())
         except Exception:                     # noqa: BLE001  (no git, no .git)
             commit = "unknown"
-    import shlex
     results = dict(command="python " + shlex.join(sys.argv), git_commit=commit, dirty=dirty, seed=seed,
                    device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
                    torch=torch.__version__, triton=getattr(triton, "__version__", None), fla=None,
