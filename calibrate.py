@@ -15,11 +15,13 @@ teacher) and sets its GDN layers in place. The names (`--init` in convert.py):
                  values the statistics ask for and an output gate fitted instead of damped, then
                  the same Phase 2 (see "Our own init" at the end of this docstring).
   align-plus     ours, what the measurements led to: no Phase 1 (the standard random gates), and a
-                 Phase 2 that aligns the whole layer -- W_o and the readout norm train too. Per
+                 Phase 2 that aligns the whole layer -- W_o's weight and the readout norm train
+                 too (a bias of W_o, where the teacher has one, and the conv stay as they are). Per
                  layer it still helps with more calibration tokens (16 x 256, see below).
 
 Everything here works on one GDN layer at a time and needs, per layer, the teacher statistics of
-taylor_stats.collect_stats: distance d_h, concentration c_h, the teacher-forced input x [N, L, d],
+taylor_stats.collect_stats: distance d_h, entropy H_h (Phase 1 turns it into the concentration c_h
+with its own conc_eps option), the teacher-forced input x [N, L, d],
 the teacher attention output y [N, L, d] (after W_o) and the per-head context T [N, L, H, D].
 
 Phase 1, for a layer with heads h (closed form, no gradient):
@@ -50,12 +52,12 @@ Phase 1, for a layer with heads h (closed form, no gradient):
   3. Value scale. Run the exact GDN recurrence with these gates: per-head readout G_h [N, L, D]
      (o = S^T q / sqrt(D), before the norm). The least-squares scale against the teacher context,
          sigma_h = <T_h, G_h> / ||G_h||^2   clipped to [sigma_min, sigma_max],
-     multiplies the rows of W_v for head h (a head whose G is all zero keeps sigma = 1). The readout's
-     RMSNorm divides any common scale of o back out, and sigma is fitted to the readout without its
-     SiLU but applied inside it, so the new readout is not sigma G: sigma acts mainly through the
-     SiLU on v and through step 4. It often sits at its clip (41% of heads at sigma_max, the median
-     8.0, over every Phase 1 of results/zeroshot.json): G, with q scaled by 1/sqrt(D), is much
-     smaller than T.
+     multiplies the rows of W_v for head h (a head whose G is all zero gets sigma = 1, clamped like
+     the rest). The readout's RMSNorm divides any common scale of o back out, and sigma is fitted
+     to the readout without its SiLU but applied inside it, so the new readout is not sigma G: sigma
+     acts mainly through the SiLU on v and through step 4. It often sits at its clip (41% of heads
+     at sigma_max, the median 8.0, over every Phase 1 of results/zeroshot.json): G, with q scaled
+     by 1/sqrt(D), is much smaller than T.
 
   4. Output gate. W_g <- kappa * W_v,   kappa = damping * RMS(T) / RMS(SiLU(W_v x)),   damping 0.01,
      with W_v as step 3 left it. SiLU(u) ~ u/2 for small u, so each head's gate starts at

@@ -199,10 +199,12 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
         h    [N, L, d]    the residual stream entering the decoder layer               (keep_io)
         check             relative error of concat(ctx) W_o vs y (the recomputation check)
         floor             the distance floor used (calibrate's dist_floor option must match it)
-    Tensors are stored in float32 on `device_out`."""
+    x, y, ctx and h are float32 on `device_out`; the per-head statistics float32 on the CPU."""
     from tqdm import tqdm
-    from gdn import decoder_layers
-    dec = decoder_layers(model)
+    dec = getattr(getattr(model, "model", None), "layers", None)    # HF decoder-only LMs: model.model.layers
+    if dec is None:
+        raise ValueError(f"{type(model).__name__} has no decoder layers at model.model.layers: "
+                         f"not an HF decoder-only causal LM of the supported kind")
     layers = list(range(len(dec))) if layers is None else sorted(set(int(i) for i in layers))
     bad = [i for i in layers if not 0 <= i < len(dec)]
     if bad:

@@ -2,6 +2,7 @@
 import copy
 import json
 import math
+import os
 import time
 import warnings
 
@@ -196,6 +197,40 @@ def test_a_head_without_readout_keeps_value_scale_one():
     groups = teacher.config.num_attention_heads // teacher.config.num_key_value_heads
     assert p1["sigma"][:groups] == [1.0] * groups
     assert all(s != 1.0 for s in p1["sigma"][groups:])
+
+
+COPIED_ALONE = {
+    # the files copied, and what must run with only them: each file's library functions need only
+    # what sits below it (README, "Files"); only the scripts' command lines borrow from convert.py
+    "taylor_stats.py": "import taylor_stats; s = taylor_stats.collect_stats(m, ids, layers=[1], progress=False); "
+                       "assert s[1]['check'] < 1e-4 and s[1]['entropy'].shape == (4,)",
+    "gdn_kernel.py,gdn.py": "import gdn; h = gdn.hybridize(m, [1]); h(ids); assert len(gdn.gdn_modules(h)) == 1",
+    "gdn_kernel.py,gdn.py,taylor_stats.py,calibrate.py":
+        "import copy, gdn, calibrate; h = gdn.hybridize(copy.deepcopy(m), [1]); "
+        "r = calibrate.INITS['taylor'](h, m, ids, {'steps': 2}); assert len(gdn.gdn_modules(h)) == 1",
+    "gdn_kernel.py,gdn.py,distill.py": "import distill; r = distill.perplexity(m, ids.flatten(), window=8); "
+                                        "assert 1 < r['ppl'] < 1000, r",
+}
+
+
+@pytest.mark.parametrize("files", list(COPIED_ALONE))
+def test_a_file_copied_alone_works(files, tmp_path):
+    """Someone copying one file into their own project gets a working module: run in a fresh
+    interpreter from a folder holding only those files (the repository not on its path)."""
+    import shutil
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for f in files.split(","):
+        shutil.copy(os.path.join(here, f), tmp_path)
+    code = ("import torch; from transformers import LlamaConfig, AutoModelForCausalLM; torch.manual_seed(0); "
+            "m = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, "
+            "num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval(); "
+            "ids = torch.randint(0, 64, (2, 12)); " + COPIED_ALONE[files] + "; print('ok')")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
