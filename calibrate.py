@@ -834,7 +834,7 @@ def main(argv=None):
     seeds = sorted({r["seed"] for r in rows})          # each variant's own (an option like any other)
     distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
                                             "calib_data": args.calib_data,
-                                            **distill.run_info(seeds[0] if len(seeds) == 1 else seeds)})
+                                            **distill.run_info(seeds[0] if len(seeds) == 1 else seeds, "cpu")})
     distill.write_atomic(args.out + ".md", "\n".join(md) + "\n")
     print("\n".join(md))
     return 0

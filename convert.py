@@ -137,7 +137,8 @@ def _random_teacher(what, device, dtype, tokenizer=True):
 
 def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
     """(model, tokenizer, description). spec: 'default', a .gguf file, a local HF folder, a hub id, or
-    random:SHAPE_OR_FOLDER (random weights, for speed measurements; tokenizer=False loads none)."""
+    random:SHAPE_OR_FOLDER (random weights, for speed measurements). tokenizer=False loads none (None
+    in its place): --bench feeds random ids, so a folder without tokenizer files benches."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     if spec.startswith("random:"):
         return _random_teacher(spec[len("random:"):], device, dtype, tokenizer)
@@ -151,7 +152,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         folder, name = os.path.split(os.path.abspath(spec))
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name) if tokenizer else None
         except Exception as e:
             raise ValueError(f"could not read '{spec}' as a GGUF model ({type(e).__name__}: {e})") from None
         # A GGUF-loaded model is marked as quantized and refuses save_pretrained; its weights are
@@ -190,7 +191,7 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
             raise ValueError(f"could not load teacher '{spec}': {type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline)
+            tokenizer = AutoTokenizer.from_pretrained(spec, local_files_only=offline) if tokenizer else None
         except Exception as e:                          # no tokenizer files, a broken one
             raise ValueError(f"could not load the tokenizer of teacher '{spec}' ({type(e).__name__}): the folder "
                              f"needs the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...)") from None
@@ -315,21 +316,22 @@ def _uniform_layers(n_layers, fraction):
 POLICIES = ("uniform", "ar", "ga-s2")
 
 
-def _keep_count(n_layers, keep):
+def _keep_count(n_layers, keep, flag="--keep"):
     """K, the number of softmax layers a --keep asks for. A fraction keeps as many as the uniform
-    rule does (1/4 of 30 -> 8), whatever the policy, so that policies compare at equal K."""
+    rule does (1/4 of 30 -> 8), whatever the policy, so that policies compare at equal K. `flag`: the
+    option named in the errors."""
     kind, value = keep
     if kind == "list":
         bad = [i for i in value if not 0 <= i < n_layers]
         if bad:
-            raise ValueError(f"--keep names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
+            raise ValueError(f"{flag} names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
     k = len(value) if kind == "list" else len(_uniform_layers(n_layers, value))
     if k < 1:
-        raise ValueError(f"--keep keeps no layer of {n_layers}: keep at least one (example: 1/4)")
+        raise ValueError(f"{flag} keeps no layer of {n_layers}: keep at least one (example: 1/4)")
     if k > n_layers:
-        raise ValueError(f"--keep keeps {k} layers, but the teacher has only {n_layers}")
+        raise ValueError(f"{flag} keeps {k} layers, but the teacher has only {n_layers}")
     if k == n_layers:
-        raise ValueError(f"--keep keeps all {n_layers} layers: there is nothing to convert")
+        raise ValueError(f"{flag} keeps all {n_layers} layers: there is nothing to convert")
     return k
 
 
@@ -810,7 +812,7 @@ def _run_convert(args):
                   "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
                   **_settings(args, init_opts, teacher), "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
                   "convert_seconds": convert_seconds, "total_seconds": time.time() - t_start,
-                  **distill.run_info(args.seed)}
+                  **distill.run_info(args.seed, args.device)}
         distill.write_json(os.path.join(tmp, "conversion.json"), record)
         _publish(tmp, args.out)
     except BaseException:
@@ -943,11 +945,11 @@ def _run_table(args):
     n = _teacher_layers(args.teacher)
     if n:
         for k in keeps:
-            _keep_count(n, k)                                   # an impossible --keeps: said now
+            _keep_count(n, k, "--keeps")                        # an impossible --keeps: said now
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
     n = teacher.config.num_hidden_layers
     for k in keeps:
-        _keep_count(n, k)
+        _keep_count(n, k, "--keeps")
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher)}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
     if differ:
@@ -997,7 +999,7 @@ def _run_table(args):
             cells.append({"keep": value, "policy": policy, "init": init, "kept_layers": kept,
                           "probe_init": probe_init if policy == "ga-s2" else None,
                           "init_seconds": init_seconds, "ppl": ppl, "init_info": init_info,
-                          "device": distill.run_info()["device"]})
+                          "device": distill.run_info(device=args.device)["device"]})
             del student
         del bank
         _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells)   # after each init
@@ -1029,7 +1031,7 @@ def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, c
     from taylor_stats import summary
     record = {**same, "layers": n, "teacher_ppl": teacher_ppl, "stats": summary(stats), "stats_seconds": stats_seconds,
               "policy_scores": {k: v for k, v in cache.items() if same["teacher"] in k}, "cells": list(cells),
-              **distill.run_info(args.seed)}
+              **distill.run_info(args.seed, args.device)}
     if old:
         fresh = {(c["keep"], c["policy"], c["init"]) for c in cells}
         record["cells"] = [c for c in old["cells"] if (c["keep"], c["policy"], c["init"]) not in fresh] + list(cells)
@@ -2470,6 +2472,22 @@ def _check_bench_cache(config, source, args):
                          f"and without --compile")
 
 
+def _bench_hybrids(n, keeps, text):
+    """--bench's hybrids of an n-layer teacher: (name, kept layers) for each --keeps fraction. Two
+    that would share a name or kept layers are refused: 0.33 and 1/3 are both "1/3", and 1/4 and
+    0.26 of 4 layers both keep layer 0 alone."""
+    out = []
+    for keep in keeps:
+        _keep_count(n, keep, "--keeps")
+        name, kept = f"hybrid keep {_fmt_keep(keep[1])}", choose_layers(n, keep)
+        twin = [o for o, k in out if o == name or k == kept]
+        if twin:
+            raise ValueError(f"--keeps '{text}' asks for one hybrid twice: {name} and {twin[0]} (kept layers "
+                             f"{kept} of {n})")
+        out.append((name, kept))
+    return out
+
+
 def _run_bench(args):
     """--bench: teacher and hybrids side by side; JSON + markdown under results/."""
     from tqdm import tqdm
@@ -2486,15 +2504,17 @@ def _run_bench(args):
     distill.check_results(args.results, overwrite=args.overwrite)
     if args.profile and args.device != "cuda":
         print("--profile records CUDA kernels: nothing to record on the CPU")
+    n = _teacher_layers(args.teacher)
+    if n:
+        _bench_hybrids(n, keeps, args.keeps)                   # impossible or coinciding --keeps: said now
     # Every model is built on the CPU and goes to the device only for its own measurements: its peak
     # memory is its own, and a teacher that fits once need not fit 1 + len(keeps) times.
     teacher, _, source = load_teacher(args.teacher, "cpu", getattr(torch, args.dtype), tokenizer=False)
     _check_bench_cache(teacher.config, source, args)
-    n = teacher.config.num_hidden_layers
     models = [("teacher", teacher)]
-    for keep in keeps:
-        student, info = convert(teacher, choose_layers(n, keep), "naive", seed=args.seed)   # weights don't matter for speed
-        models.append((f"hybrid keep {_fmt_keep(keep[1]) if keep[0] == 'fraction' else keep[1]}", student))
+    for name, kept in _bench_hybrids(teacher.config.num_hidden_layers, keeps, args.keeps):
+        student, info = convert(teacher, kept, "naive", seed=args.seed)   # weights don't matter for speed
+        models.append((name, student))
     bw = _copy_bandwidth(args.device)                          # (before any model is on the device)
     floors = args.device == "cuda" and triton is not None
     stage, launch = (_stage_floor(args.device), _launch_floor(args.device)) if floors else (None, None)
@@ -2505,13 +2525,13 @@ def _run_bench(args):
                   "decode_attention": args.decode_attention, "compiled_step": args.compile,
                   "trained_window": getattr(teacher.config, "max_position_embeddings", None),
                   "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps,
-                  "complete": complete, "rows": rows, **distill.run_info(args.seed)}
+                  "complete": complete, "rows": rows, **distill.run_info(args.seed, args.device)}
         distill.write_json(args.results + ".json", record)
         distill.write_atomic(args.results + ".md", _bench_markdown(record))
         return record
 
-    def out_of_memory(e):                      # (the CPU allocator's and cuBLAS's are RuntimeErrors)
-        return isinstance(e, torch.cuda.OutOfMemoryError) or "alloc" in str(e).lower()
+    def out_of_memory(e):     # (the CPU allocator's, cuBLAS's, CUDA's and Triton's are RuntimeErrors)
+        return isinstance(e, torch.cuda.OutOfMemoryError) or any(w in str(e).lower() for w in ("alloc", "out of memory"))
     for name, model in models:
         try:
             use_decode_kernels(model.to(args.device), args.decode_attention)

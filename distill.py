@@ -218,17 +218,19 @@ def _git_state():
 _GIT_AT_START = _git_state()
 
 
-def run_info(seed=None):
-    """Commit, device, versions, seed and command: what anyone needs to reproduce a number."""
+def run_info(seed=None, device=None):
+    """Commit, device, versions, seed and command: what anyone needs to reproduce a number. `device`:
+    where the measured work ran ("cpu", "cuda" or a torch.device); by default the GPU where there is one."""
     if os.environ.get("GIT_COMMIT"):     # said explicitly: a copy of the tree (a GPU box) whose .git, if
-        return {**_machine(seed), "commit": os.environ["GIT_COMMIT"], "dirty": None}   # any, is stale
+        return {**_machine(seed, device), "commit": os.environ["GIT_COMMIT"], "dirty": None}   # any, is stale
     commit, dirty = _GIT_AT_START
-    return {**_machine(seed), "commit": commit, "dirty": dirty}
+    return {**_machine(seed, device), "commit": commit, "dirty": dirty}
 
 
-def _machine(seed):
+def _machine(seed, device=None):
     import transformers
-    if torch.cuda.is_available():
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if on_gpu:
         device = torch.cuda.get_device_name()
     else:
         device = f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
@@ -1263,7 +1265,11 @@ def _distill(a):
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
     torch.manual_seed(a.seed)
-    s_tok = AutoTokenizer.from_pretrained(a.student)
+    try:
+        s_tok = AutoTokenizer.from_pretrained(a.student)
+    except Exception as e:                          # no tokenizer files, a broken one
+        raise ValueError(f"could not load the tokenizer of --student '{a.student}' ({type(e).__name__}): a hybrid "
+                         f"folder from convert.py holds its teacher's tokenizer files (tokenizer.json, ...)") from None
     data = Batches(_corpus_ids(s_tok, a.data), a.seq, a.batch, a.seed)
     eval_ids = None
     if a.eval_data:
@@ -1283,7 +1289,7 @@ def _distill(a):
     # lr 7e-6 are below bf16's resolution and would leave most weights where they were.
     try:
         student = load_hybrid(resume_from or a.student, dist.device, torch.float32)
-    except (OSError, RuntimeError, KeyError) as e:
+    except Exception as e:                          # missing, truncated or corrupt weights (SafetensorError)
         raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
     if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
@@ -1328,7 +1334,7 @@ def _distill(a):
                   "last_loss": losses[-1] if losses else None, "evals": evals,
                   "final_eval": evals[-1] if evals else None, "test": test, "test_data": a.test_data,
                   "throughput": _throughput(run, records), "resumed_from": resume_from,   # (this process's steps)
-                  "seconds": time.time() - t_start, **run_info(a.seed), "arguments": a.arguments}
+                  "seconds": time.time() - t_start, **run_info(a.seed, a.device), "arguments": a.arguments}
         write_json(os.path.join(a.out, "distill.json"), record)
         _summary(record, a)
     dist.barrier()

@@ -303,7 +303,7 @@ def main(argv=None):
         print(f"layer {i:2d}  distance " + " ".join(f"{v:6.1f}" for v in s["distance"].tolist())
               + "   entropy " + " ".join(f"{v:4.2f}" for v in s["entropy"].tolist()))
     distill.write_json(args.out, {"teacher": source, "calib": [args.calib_seqs, args.calib_len],
-                                  "stats": summary(stats), **distill.run_info()})
+                                  "stats": summary(stats), **distill.run_info(device="cpu")})
     print(f"wrote {args.out}")
     return 0
 

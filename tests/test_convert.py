@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -754,6 +755,22 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
     assert (tmp_path / "bench.md").exists()
 
 
+def test_bench_teacher_folder_needs_no_tokenizer(teacher_dir, tmp_path, capsys, monkeypatch):
+    """--bench feeds random ids: a teacher folder without tokenizer files benches, and on a GPU
+    machine a run on the CPU is recorded as the CPU's."""
+    folder = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, folder)
+    for f in os.listdir(folder):
+        if f.startswith(("tokenizer", "special_tokens", "chat_template")):
+            os.remove(folder / f)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FAKE GPU")
+    code, io = run(["--bench", "--teacher", str(folder), "--keeps", "1/2", "--contexts", "32", "--batches", "1",
+                    "--decode-steps", "1", "--device", "cpu", "--results", str(tmp_path / "bench")], capsys)
+    assert code == 0, io.err
+    assert json.loads((tmp_path / "bench.json").read_text())["device"].startswith("CPU: ")
+
+
 def test_bench_random_folder_needs_no_tokenizer(tmp_path, capsys):
     """--bench feeds random ids: a random:FOLDER teacher with only a config.json benches (no tokenizer
     files, no GGUF package), while a conversion from it, which tokenizes text, says what is missing."""
@@ -871,7 +888,9 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
     def oom(*a, error, **kw):
         raise RuntimeError(error)
     for error in ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB",
-                  "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"):
+                  "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)",
+                  "CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported",
+                  "Triton Error [CUDA]: out of memory"):
         monkeypatch.setattr(convert, "_bench_one", functools.partial(oom, error=error))
         code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
                         "--decode-steps", "1", "--results", str(stem), "--overwrite"], capsys)
@@ -896,6 +915,13 @@ def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
     for flag, value in (("--keeps", "1/4,0.25"), ("--batches", "1,1")):
         code, io = run([*bench, flag, value], capsys)
         assert code == 2 and f"{flag} '{value}' names one value twice" in io.err
+    # two values, one hybrid: one name (0.33 and 1/3 are both "1/3"), or the same kept layers (of 4
+    # layers, 1/4 and 0.26 both keep layer 0); and an impossible one, named before the teacher loads
+    for value, msg in (("0.33,1/3", "hybrid keep 1/3 and hybrid keep 1/3"),
+                       ("1/4,0.26", "hybrid keep 4/15 and hybrid keep 1/4 (kept layers [0] of 4)"),
+                       ("1/4,0.99", "--keeps keeps all 4 layers")):
+        code, io = run([*bench, "--keeps", value], capsys)
+        assert code == 2 and msg in io.err and "Traceback" not in io.err, io.err
     real = convert.use_decode_kernels
 
     def teacher_too_big(model, *a, **kw):

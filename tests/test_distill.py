@@ -622,9 +622,33 @@ def test_student_whose_weights_do_not_load_leaves_the_old_run(setup, tmp_path, c
     a = args({**setup, "hybrid": str(student)}, old, extra=["--overwrite"])
     assert distill.main(a) == 2 and "could not load the student's weights" in capsys.readouterr().err
     assert os.listdir(old) == ["distill.json"]
+    weights.write_bytes(b"\x00" * 1000)               # a truncated copy: safetensors' own error type
+    assert distill.main(a) == 2 and "could not load the student's weights" in capsys.readouterr().err
+    assert os.listdir(old) == ["distill.json"]
     weights.unlink()
     assert distill.main(a) == 2 and "no .safetensors file" in capsys.readouterr().err
     assert os.listdir(old) == ["distill.json"]
+
+
+def test_student_without_its_tokenizer_is_named(setup, tmp_path, capsys):
+    student = tmp_path / "h"
+    shutil.copytree(setup["hybrid"], student)
+    for f in os.listdir(student):
+        if f.startswith(("tokenizer", "special_tokens", "vocab", "merges", "chat_template")):
+            os.remove(student / f)
+    assert distill.main(args({**setup, "hybrid": str(student)}, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert f"could not load the tokenizer of --student '{student}'" in err and "Traceback" not in err
+    assert untouched(tmp_path / "out")
+
+
+def test_run_info_names_the_device_the_work_ran_on(monkeypatch):
+    """On a GPU machine, a run on the CPU (--device cpu) is recorded as the CPU's, not the GPU's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FAKE GPU")
+    assert distill.run_info(0, "cpu")["device"].startswith("CPU: ")
+    assert distill.run_info(0, torch.device("cpu"))["device"].startswith("CPU: ")
+    assert distill.run_info(0, "cuda")["device"] == distill.run_info(0)["device"] == "FAKE GPU"
 
 
 @pytest.mark.parametrize("name", ["config.json", "conversion.json", "distill.json"])
