@@ -1183,8 +1183,8 @@ def _parse_sizes(text, name):
             out.append(int(t[:-1]) * 1024 if t.endswith("k") else int(t))
         except ValueError:
             raise ValueError(f"--{name} '{text}': '{t}' is not a size (examples: 1k,4k,32768)") from None
-        if out[-1] <= 0:
-            raise ValueError(f"--{name} '{text}': sizes must be positive")
+        if not 0 < out[-1] < 2 ** 31:
+            raise ValueError(f"--{name} '{text}': sizes must be positive and below 2^31")
     return out
 
 
@@ -2492,13 +2492,14 @@ def _run_bench(args):
     """--bench: teacher and hybrids side by side; JSON + markdown under results/."""
     from tqdm import tqdm
     contexts, batches = _parse_sizes(args.contexts, "contexts"), _parse_sizes(args.batches, "batches")
-    contexts = sorted(set(contexts))        # ascending: the first that does not fit ends the row, and the
-    keeps = _parse_keeps(args.keeps)                  # crossover reads in order
+    keeps = _parse_keeps(args.keeps)
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--bench --keeps takes fractions (1/4,1/2), one hybrid each; got '{args.keeps}'")
-    for flag, values in (("--keeps", [v for _, v in keeps]), ("--batches", batches)):
-        if len(set(values)) < len(values):          # one model or batch measured twice, under one name
+    for flag, values in (("--keeps", [v for _, v in keeps]), ("--batches", batches), ("--contexts", contexts)):
+        if len(set(values)) < len(values):          # one model, batch or context measured twice
             raise ValueError(f"{flag} '{getattr(args, flag[2:])}' names one value twice")
+    contexts = sorted(contexts)             # ascending: the first that does not fit ends the row, and the
+                                            # crossover reads in order
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
     distill.check_results(args.results, overwrite=args.overwrite)
@@ -2520,9 +2521,13 @@ def _run_bench(args):
     stage, launch = (_stage_floor(args.device), _launch_floor(args.device)) if floors else (None, None)
     rows, fits = [], {}
 
+    attention = args.decode_attention          # what ran: flash-decoding needs Triton where the models run
+    if attention == "flash" and not _triton_decodes(torch.empty(0, device=args.device)):
+        attention = "grouped (flash-decoding needs Triton on CUDA)"
+
     def save(complete):          # after every measurement: a run stopped midway keeps what it measured
         record = {"teacher": source, "dtype": args.dtype, "cuda_graphs": args.device == "cuda" and not args.no_graphs,
-                  "decode_attention": args.decode_attention, "compiled_step": args.compile,
+                  "decode_attention": attention, "compiled_step": args.compile,
                   "trained_window": getattr(teacher.config, "max_position_embeddings", None),
                   "bandwidth_bytes_s": bw, "stage_s": stage, "launch_s": launch, "decode_steps": args.decode_steps,
                   "complete": complete, "rows": rows, **distill.run_info(args.seed, args.device)}

@@ -2,6 +2,7 @@
 import functools
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -756,8 +757,9 @@ def test_bench_mode_on_cpu(teacher_dir, tmp_path, capsys):
 
 
 def test_bench_teacher_folder_needs_no_tokenizer(teacher_dir, tmp_path, capsys, monkeypatch):
-    """--bench feeds random ids: a teacher folder without tokenizer files benches, and on a GPU
-    machine a run on the CPU is recorded as the CPU's."""
+    """--bench feeds random ids: a teacher folder without tokenizer files benches; on a GPU machine a
+    run on the CPU is recorded as the CPU's, and without Triton there, as decoded by grouped attention
+    (the flash-decoding it asked for falls back to it)."""
     folder = tmp_path / "teacher"
     shutil.copytree(teacher_dir, folder)
     for f in os.listdir(folder):
@@ -765,10 +767,21 @@ def test_bench_teacher_folder_needs_no_tokenizer(teacher_dir, tmp_path, capsys, 
             os.remove(folder / f)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FAKE GPU")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
     code, io = run(["--bench", "--teacher", str(folder), "--keeps", "1/2", "--contexts", "32", "--batches", "1",
                     "--decode-steps", "1", "--device", "cpu", "--results", str(tmp_path / "bench")], capsys)
     assert code == 0, io.err
-    assert json.loads((tmp_path / "bench.json").read_text())["device"].startswith("CPU: ")
+    record = json.loads((tmp_path / "bench.json").read_text())
+    assert record["device"].startswith("CPU: ") and record["decode_attention"].startswith("grouped")
+
+
+@pytest.mark.parametrize("text, message", [("0", "sizes must be positive"), ("-1", "sizes must be positive"),
+                                           ("9999999999999999k", "below 2^31"), ("1.5k", "'1.5k' is not a size"),
+                                           ("32,,64", "'' is not a size"), ("", "'' is not a size")])
+def test_bad_sizes_are_named(text, message):
+    from convert import _parse_sizes
+    with pytest.raises(ValueError, match=re.escape(f"--contexts '{text}'") + ".*" + re.escape(message)):
+        _parse_sizes(text, "contexts")
 
 
 def test_bench_random_folder_needs_no_tokenizer(tmp_path, capsys):
@@ -912,7 +925,7 @@ def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
     assert code == 2 and "sliding-window layers (0, 1, 2, 3)" in io.err and not (tmp_path / "bench.json").exists()
     code, io = run(bench, capsys)
     assert code == 0, io.err
-    for flag, value in (("--keeps", "1/4,0.25"), ("--batches", "1,1")):
+    for flag, value in (("--keeps", "1/4,0.25"), ("--batches", "1,1"), ("--contexts", "32,32")):
         code, io = run([*bench, flag, value], capsys)
         assert code == 2 and f"{flag} '{value}' names one value twice" in io.err
     # two values, one hybrid: one name (0.33 and 1/3 are both "1/3"), or the same kept layers (of 4
