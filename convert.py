@@ -2472,6 +2472,11 @@ def _check_bench_cache(config, source, args):
                          f"and without --compile")
 
 
+# What the allocators' out-of-memory RuntimeErrors say (lower case): the CPU's ("can't allocate memory"),
+# cuBLAS's (CUBLAS_STATUS_ALLOC_FAILED), CUDA's and Triton's ("out of memory").
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "status_alloc_failed")
+
+
 def _bench_hybrids(n, keeps, text):
     """--bench's hybrids of an n-layer teacher: (name, kept layers) for each --keeps fraction. Two
     that would share a name or kept layers are refused: 0.33 and 1/3 are both "1/3", and 1/4 and
@@ -2480,10 +2485,14 @@ def _bench_hybrids(n, keeps, text):
     for keep in keeps:
         _keep_count(n, keep, "--keeps")
         name, kept = f"hybrid keep {_fmt_keep(keep[1])}", choose_layers(n, keep)
-        twin = [o for o, k in out if o == name or k == kept]
-        if twin:
-            raise ValueError(f"--keeps '{text}' asks for one hybrid twice: {name} and {twin[0]} (kept layers "
-                             f"{kept} of {n})")
+        for other, other_kept in out:
+            if other_kept == kept:
+                raise ValueError(f"--keeps '{text}' asks for one hybrid twice: {other} and {name} both keep "
+                                 f"layers {kept} of {n}")
+            if other == name:
+                raise ValueError(f"--keeps '{text}': two hybrids (kept layers {other_kept} and {kept} of {n}) "
+                                 f"would both be named '{name}' (the nearest fraction of at most 16ths): "
+                                 f"give fractions further apart")
         out.append((name, kept))
     return out
 
@@ -2535,8 +2544,9 @@ def _run_bench(args):
         distill.write_atomic(args.results + ".md", _bench_markdown(record))
         return record
 
-    def out_of_memory(e):     # (the CPU allocator's, cuBLAS's, CUDA's and Triton's are RuntimeErrors)
-        return isinstance(e, torch.cuda.OutOfMemoryError) or any(w in str(e).lower() for w in ("alloc", "out of memory"))
+    def out_of_memory(e):     # the CPU allocator's, cuBLAS's, CUDA's and Triton's are RuntimeErrors; any
+        msg = str(e).lower()  # other error (an allocator's assert, a compiler's) is a bug to show as it is
+        return isinstance(e, torch.cuda.OutOfMemoryError) or any(w in msg for w in OUT_OF_MEMORY)
     for name, model in models:
         try:
             use_decode_kernels(model.to(args.device), args.decode_attention)

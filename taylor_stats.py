@@ -63,6 +63,9 @@ DIST_FLOOR = 0.5          # max(i - j, DIST_FLOOR): the diagonal counts as half 
 CONC_EPS = 1e-3           # floor of the entropy spread concentration divides by (heads spread less stay
                           # in order, squeezed towards c = 1)
 QUERY_BLOCK = 256         # query rows per softmax block (bounds memory for long calibration sequences)
+# The families whose attention this file reproduces (gdn.SUPPORTED, repeated so that the file stands
+# alone); others are refused, not measured: their attention can differ in ways the check misses.
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 CHECK_TOL = 2e-2          # max relative error of the recomputed attention output vs the module's;
 CHECK_TOL_LOW = 5e-2      # ... for a bf16/fp16 teacher, whose own output is rounded (SmolLM2 in bf16:
                           # at most 0.003 in every run under results/)
@@ -201,10 +204,10 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
         floor             the distance floor used (calibrate's dist_floor option must match it)
     x, y, ctx and h are float32 on `device_out`; the per-head statistics float32 on the CPU."""
     from tqdm import tqdm
-    dec = getattr(getattr(model, "model", None), "layers", None)    # HF decoder-only LMs: model.model.layers
-    if dec is None:
-        raise ValueError(f"{type(model).__name__} has no decoder layers at model.model.layers: "
-                         f"not an HF decoder-only causal LM of the supported kind")
+    family = getattr(getattr(model, "config", None), "model_type", None)
+    if family not in FAMILIES:
+        raise ValueError(f"unsupported architecture '{family}': supported are {', '.join(FAMILIES)}")
+    dec = model.model.layers
     layers = list(range(len(dec))) if layers is None else sorted(set(int(i) for i in layers))
     bad = [i for i in layers if not 0 <= i < len(dec)]
     if bad:

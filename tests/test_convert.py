@@ -908,6 +908,12 @@ def test_bench_context_that_does_not_fit(teacher_dir, tmp_path, capsys, monkeypa
         code, io = run(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
                         "--decode-steps", "1", "--results", str(stem), "--overwrite"], capsys)
         assert code == 0 and "context 64 does not fit in memory, the smallest asked for" in io.out, error
+    # any other error is shown as it is, not taken for a lack of memory
+    for error in ("INTERNAL ASSERT FAILED at c10/cuda/CUDACachingAllocator.cpp", "inductor: bad alloc pattern"):
+        monkeypatch.setattr(convert, "_bench_one", functools.partial(oom, error=error))
+        with pytest.raises(RuntimeError, match=re.escape(error)):
+            main(["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64", "--batches", "1",
+                  "--decode-steps", "1", "--results", str(stem), "--overwrite"])
 
 
 def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
@@ -928,12 +934,16 @@ def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
     for flag, value in (("--keeps", "1/4,0.25"), ("--batches", "1,1"), ("--contexts", "32,32")):
         code, io = run([*bench, flag, value], capsys)
         assert code == 2 and f"{flag} '{value}' names one value twice" in io.err
-    # two values, one hybrid: one name (0.33 and 1/3 are both "1/3"), or the same kept layers (of 4
-    # layers, 1/4 and 0.26 both keep layer 0); and an impossible one, named before the teacher loads
-    for value, msg in (("0.33,1/3", "hybrid keep 1/3 and hybrid keep 1/3"),
-                       ("1/4,0.26", "hybrid keep 4/15 and hybrid keep 1/4 (kept layers [0] of 4)"),
+    # two values, one hybrid (of 4 layers, 1/4 and 0.26 both keep layer 0), or one name for two
+    # (0.28 and 0.286 keep [0] and [0, 3], both "2/7"); and an impossible one, named before the
+    # teacher loads
+    for value, msg in (("1/4,0.26", "hybrid keep 1/4 and hybrid keep 4/15 both keep layers [0] of 4"),
+                       ("0.28,0.286", "two hybrids (kept layers [0] and [0, 3] of 4) would both be named "
+                                      "'hybrid keep 2/7'"),
                        ("1/4,0.99", "--keeps keeps all 4 layers")):
-        code, io = run([*bench, "--keeps", value], capsys)
+        with monkeypatch.context() as m:
+            m.setattr(convert, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+            code, io = run([*bench, "--keeps", value], capsys)
         assert code == 2 and msg in io.err and "Traceback" not in io.err, io.err
     real = convert.use_decode_kernels
 

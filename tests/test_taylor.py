@@ -199,6 +199,17 @@ def test_a_head_without_readout_keeps_value_scale_one():
     assert all(s != 1.0 for s in p1["sigma"][groups:])
 
 
+def test_statistics_refuse_other_architectures():
+    """collect_stats measures only the families whose attention it reproduces, the same as gdn.py
+    converts; another is refused by name before any forward."""
+    import gdn
+    assert taylor_stats.FAMILIES == gdn.SUPPORTED
+    model = tiny_model("llama")
+    model.config.model_type = "phi3"
+    with pytest.raises(ValueError, match="unsupported architecture 'phi3'"):
+        taylor_stats.collect_stats(model, calib(), progress=False)
+
+
 COPIED_ALONE = {
     # the files copied, and what must run with only them: each file's library functions need only
     # what sits below it (README, "Files"); only the scripts' command lines borrow from convert.py
