@@ -220,14 +220,14 @@ def test_append_replaces_only_the_cells_measured_again(tmp_path):
             "dtype": "float32", "seed": 0, "window": 64, "max_windows": 1, "init_opts": {}}
     old = {**same, "cells": [cell("uniform", "naive", 100.0), cell("uniform", "taylor", 50.0), cell("ar", "naive", 90.0)]}
     teacher_ppl = {"ppl": 10.0, "windows": 1, "window": 64, "tokens": 64}
-    rec = _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0), old, same, 4, teacher_ppl, {}, 0.0, {},
+    rec = _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0, device="cpu"), old, same, 4, teacher_ppl, {}, 0.0, {},
                        [cell("uniform", "naive", 80.0)])
     got = sorted((c["policy"], c["init"], c["ppl"]["ppl"]) for c in rec["cells"])
     assert got == [("ar", "naive", 90.0), ("uniform", "naive", 80.0), ("uniform", "taylor", 50.0)]
     assert json.loads((tmp_path / "zs.json").read_text())["cells"] == rec["cells"]
     # The old table's notes stay, and the markdown names the commits its kept cells were measured at.
     old = {**rec, "notes": ["a note written by hand"], "commit": "0123456789abcdef"}
-    rec = _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0), old, same, 4, teacher_ppl, {}, 0.0, {},
+    rec = _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0, device="cpu"), old, same, 4, teacher_ppl, {}, 0.0, {},
                        [cell("uniform", "naive", 70.0)])
     md = (tmp_path / "zs.md").read_text()
     assert rec["notes"] == ["a note written by hand"] and "Note: a note written by hand" in md
@@ -247,7 +247,7 @@ def test_table_markdown_names_every_columns_kept_layers(tmp_path):
             "dtype": "float32", "seed": 0, "window": 64, "max_windows": 1, "init_opts": {}}
     cells = [cell("uniform", "naive", [0, 2]), cell("uniform", "taylor", [0, 2]), cell("ar", "taylor", [1, 3]),
              cell("ga-s2", "naive", [0, 3]), cell("ga-s2", "taylor", [2, 3])]
-    _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0), None, same, 4,
+    _write_table(SimpleNamespace(results=str(tmp_path / "zs"), seed=0, device="cpu"), None, same, 4,
                  {"ppl": 10.0, "windows": 1, "window": 64, "tokens": 64}, {}, 0.0, {}, cells)
     last = (tmp_path / "zs.md").read_text().strip().splitlines()[-1]
     assert last == ("Kept layers per column: 1/2 uniform: 0,2; 1/2 ar: 1,3; "
