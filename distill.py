@@ -1380,7 +1380,8 @@ def _tokens_to_reach(curve, target):
 
 
 def _read_stage2_run(folder):
-    """(label, teacher ppl, curve, test ppl, record) of a finished Stage-2 run folder."""
+    """(label, teacher ppl, curve, test ppl, record, conversion) of a finished Stage-2 run folder
+    (conversion: its conversion.json, or {})."""
     path = os.path.join(folder, "distill.json")
     if not os.path.isfile(path):
         raise ValueError(f"{folder} is not a finished distill.py run (no distill.json)")
@@ -1397,11 +1398,25 @@ def _read_stage2_run(folder):
     if not teacher:
         raise ValueError(f"{folder}: no teacher_eval line in metrics.jsonl (the run had no --eval-data?)")
     curve = sorted({l["tokens"]: l["ppl"] for l in lines if l["type"] == "eval" and l["stage"] == 2}.items())
+    if not curve or curve[-1][0] != record["tokens"]:       # every run evaluates after its last step
+        raise ValueError(f"{path} holds no Stage-2 evaluation at the run's end ({record['tokens']} tokens; its "
+                         f"last: {curve[-1][0] if curve else 'none'}): a truncated log, or a run without --eval-data")
     conv = os.path.join(folder, "conversion.json")
-    label = os.path.basename(os.path.normpath(folder))
-    if os.path.isfile(conv):
-        label = read_json(conv).get("init", label)
-    return label, teacher[0], curve, (record.get("test") or {}).get("ppl"), record
+    conversion = read_json(conv) if os.path.isfile(conv) else {}
+    label = conversion.get("init", os.path.basename(os.path.normpath(folder)))
+    return label, teacher[0], curve, (record.get("test") or {}).get("ppl"), record, conversion
+
+
+def _stage1_settings(student, skip):
+    """The settings of the Stage-1 run that wrote `student` (its distill.json), less what _recovery
+    skips and the student it started from (each init's own conversion); None where there is none."""
+    path = os.path.join(student, "distill.json") if student else None
+    if not (path and os.path.isfile(path)):
+        return None
+    record = read_json(path)
+    if record.get("stage") != 1:
+        return None
+    return {k: v for k, v in record["config"].items() if k not in skip}
 
 
 def _recovery(folders, results):
@@ -1410,7 +1425,7 @@ def _recovery(folders, results):
     perplexity; speedup = naive's tokens / the init's. JSON and a markdown table at `results`."""
     runs = {}
     for folder in folders:
-        label, teacher, curve, test, record = _read_stage2_run(folder)
+        label, teacher, curve, test, record, conversion = _read_stage2_run(folder)
         if label in runs:
             raise ValueError(f"two runs of init '{label}' ({runs[label]['folder']} and {folder}): one per init")
         same = {k: record["config"].get(k) for k in ("teacher", "eval_data", "eval_window", "eval_max_windows")}
@@ -1420,7 +1435,11 @@ def _recovery(folders, results):
         earlier = dict(record.get("tokens_by_stage") or {})          # what the student had seen before this run
         earlier["2"] = earlier.get("2", 0) - record["tokens"]
         earlier = {k: v for k, v in earlier.items() if v}
-        trained = {**{k: v for k, v in record["config"].items() if k not in skip}, "earlier stages' tokens": earlier}
+        # The hybrid's shape too (how many layers are GDN; which ones may differ: GA-S2 picks by init),
+        # and, where the Stage-1 run's record is at hand (the student Stage 2 started from), its settings.
+        trained = {**{k: v for k, v in record["config"].items() if k not in skip}, "earlier stages' tokens": earlier,
+                   "GDN layer count": len(conversion["gdn_layers"]) if "gdn_layers" in conversion else None,
+                   "Stage-1 settings": _stage1_settings(record["config"].get("student"), skip)}
         for other in runs.values():
             theirs = other["trained_as"]
             differ = sorted(k for k in set(trained) | set(theirs) if trained.get(k) != theirs.get(k))
@@ -1450,7 +1469,6 @@ def _recovery(folders, results):
         r["speedup_vs_naive"] = {k: (runs["naive"]["tokens_to"][k] / t if t and runs["naive"]["tokens_to"][k] else None)
                                  for k, t in r["tokens_to"].items()}
     out = {"teacher_val_ppl": teacher, "thresholds": list(THRESHOLDS), "runs": runs, **run_info()}
-    write_json(results + ".json", out)
     fmt = lambda t: "not reached" if t is None else ("at start" if t == 0 else f"{t / 1e6:.2f}M")
     keys = list(runs["naive"]["tokens_to"])
     md = [f"Stage-2 recovery: validation perplexity vs Stage-2 tokens; teacher {teacher:.2f} on the same windows. "
@@ -1466,6 +1484,7 @@ def _recovery(folders, results):
                   + " | " + " | ".join(fmt(r["tokens_to"][k]) for k in keys) + " | " + " | ".join(sp) + " |")
     md += ["", "Curves (Stage-2 tokens: validation ppl):"] + [
         f"- {label}: " + ", ".join(f"{t / 1e6:.2f}M: {p:.2f}" for t, p in r["curve"]) for label, r in runs.items()]
+    write_json(results + ".json", out)                # both written once both are made
     write_atomic(results + ".md", "\n".join(md) + "\n")
     print("\n".join(md))
     return out

@@ -886,6 +886,33 @@ def test_recovery_report(tmp_path, capsys):
                       (again, "differ in earlier stages' tokens")):
         assert distill.main(["--recovery", naive, run, "--results", stem, "--overwrite"]) == 2
         assert what in capsys.readouterr().err
+    # ... nor hybrids of another shape (as many GDN layers: which ones may differ), nor runs whose
+    # Stage 1, where its record is at hand, ran otherwise
+    wider = fake_stage2_run(tmp_path / "w", "taylor-plus", [(0, 300.0), (1e6, 12.0)])
+    (tmp_path / "w" / "conversion.json").write_text(json.dumps({"init": "taylor-plus", "gdn_layers": [1, 2, 3]}))
+    (tmp_path / "n" / "conversion.json").write_text(json.dumps({"init": "naive", "gdn_layers": [1, 3]}))
+    assert distill.main(["--recovery", naive, wider, "--results", stem, "--overwrite"]) == 2
+    assert "differ in GDN layer count" in capsys.readouterr().err
+    (tmp_path / "n" / "conversion.json").write_text(json.dumps({"init": "naive"}))
+    for run, lr in ((naive, 1e-4), (ours, 1e-3)):
+        os.makedirs(run + "-stage1")
+        with open(os.path.join(run + "-stage1", "distill.json"), "w") as f:
+            json.dump({"stage": 1, "config": {"student": run + "-conversion", "lr": lr, "seq": 64}}, f)
+    assert distill.main(["--recovery", naive, ours, "--results", stem, "--overwrite"]) == 2
+    assert "differ in Stage-1 settings" in capsys.readouterr().err
+    json.dump({"stage": 1, "config": {"student": "elsewhere", "lr": 1e-4, "seq": 64}},
+              open(os.path.join(ours + "-stage1", "distill.json"), "w"))      # only the student differs
+    assert distill.main(["--recovery", naive, ours, "--results", stem, "--overwrite"]) == 0
+    # a run whose log lacks its last evaluation (cut short), or has none, is refused before anything
+    # is written: the report would take an earlier point for its final perplexity
+    for curve in ([(0, 300.0), (1e6, 12.0), (2e6, 11.0)], [(0, 300.0)]):
+        cut = fake_stage2_run(tmp_path / f"cut{len(curve)}", "taylor-plus", curve)
+        log = (tmp_path / f"cut{len(curve)}" / "metrics.jsonl").read_text().splitlines(keepends=True)
+        (tmp_path / f"cut{len(curve)}" / "metrics.jsonl").write_text("".join(log[:-1]))
+        fresh = str(tmp_path / f"fresh{len(curve)}" / "rec")
+        assert distill.main(["--recovery", naive, cut, "--results", fresh]) == 2
+        assert "holds no Stage-2 evaluation at the run's end" in capsys.readouterr().err
+        assert not os.path.exists(fresh + ".json") and not os.path.exists(fresh + ".md")
     # a broken record is named
     for name in ("distill.json", "conversion.json"):
         broken = fake_stage2_run(tmp_path / f"broken-{name}", "broken", [(0, 300.0)])
