@@ -1456,7 +1456,7 @@ def _recovery(folders, results):
                                  f"{other['teacher_ppl']}): the report compares runs on the same windows")
         runs[label] = {"folder": folder, "teacher_ppl": teacher, "curve": curve, "test_ppl": test,
                        "evaluated_as": same, "trained_as": trained,
-                       "final_val_ppl": curve[-1][1] if curve else None, "commit": record.get("commit"),
+                       "final_val_ppl": curve[-1][1], "commit": record.get("commit"),
                        "device": record.get("device"), "tokens_by_stage": record.get("tokens_by_stage")}
     if "naive" not in runs:
         raise ValueError(f"the report needs the naive run among the folders (have: {', '.join(runs)})")
