@@ -289,7 +289,7 @@ def _standard_gates(gdn, o):
     dt_bias = softplus^-1(dt) -- drawn from a generator seeded by (seed, layer index). W_q, W_k, W_v,
     W_o keep the teacher copy. Every init starts here, so the same layer starts the same in every
     hybrid it appears in."""
-    gen = torch.Generator().manual_seed(int(o["seed"]) * 100003 + gdn.layer_idx)
+    gen = torch.Generator().manual_seed((int(o["seed"]) * 100003 + gdn.layer_idx) % 2**63)   # any seed fits
     def draw(shape, fn):
         return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
     for lin in (gdn.a_proj, gdn.b_proj, gdn.g_proj):
@@ -544,6 +544,10 @@ def phase2(gdn, x, y, o, desc="phase 2"):
         with torch.no_grad():
             for p, b in zip(trained, best_state):
                 p.copy_(b)
+    bad = [name for name, p in layer.named_parameters() if not torch.isfinite(p).all()]
+    if bad:                                        # never NaN weights (gdn is left as it came in)
+        raise ValueError(f"layer {gdn.layer_idx}: Phase 2 diverged to non-finite {', '.join(bad)}"
+                         f"{'' if o['keep_best'] else ' (keep_best=0 keeps the last step)'}: lower lr_qkv / lr_gates")
     with torch.no_grad():
         for name, p in gdn.named_parameters():
             p.copy_(dict(layer.named_parameters())[name].to(p.dtype))
@@ -727,6 +731,39 @@ INIT_PHASES = {"taylor-phase1": (True, False), "align-only": (False, True), "tay
                "taylor-plus": (True, True), "align-plus": (False, True)}
 
 
+def _write_ablation(args, source, layers, variants, rows):
+    """main()'s report of the variants in `rows`: json and md, each written atomically."""
+    import distill
+    md = [f"Per-layer teacher-forced MSE of one GDN layer vs its teacher attention layer (after W_o), teacher "
+          f"{source}, calibration {args.calib_data or 'builtin'} ({args.calib_seqs} x {args.calib_len} tokens); held-out = "
+          f"the next {args.calib_seqs} x {args.calib_len} tokens of the same text. 'zero' = MSE of a layer that outputs 0.",
+          "", "| variant | " + " | ".join(f"layer {i}: held-out start -> end (fit end)" for i in layers) + " |",
+          "|---|" + "---|" * len(layers)]
+    for label, _, _ in variants:
+        cells = []
+        for i in layers:
+            r = next(r for r in rows if r["variant"] == label and r["layer"] == i)
+            fe = f"{r['fit_mse_end']:.4f}" if r["fit_mse_end"] is not None else "-"
+            cells.append(f"{r['held_mse_start']:.4f} -> **{r['held_mse_end']:.4f}** ({fe})")
+        md.append(f"| {label} | " + " | ".join(cells) + " |")
+    md.append("| zero output | " + " | ".join(f"{next(r for r in rows if r['layer'] == i)['held_zero_output']:.4f}"
+                                            for i in layers) + " |")
+    if any(r["beta_off"] is not None for r in rows):
+        md += ["", "The write gate after Phase 1, on the calibration tokens (mean over heads): |mean beta - beta_h| "
+               "(does it sit at its target?) and the std of beta over tokens (does it still depend on the token?).", "",
+               "| variant | " + " | ".join(f"layer {i}: off target, token std" for i in layers) + " |",
+               "|---|" + "---|" * len(layers)]
+        for label, _, _ in variants:
+            rs = [next(r for r in rows if r["variant"] == label and r["layer"] == i) for i in layers]
+            if rs[0]["beta_off"] is not None:
+                md.append(f"| {label} | " + " | ".join(f"{r['beta_off']:.3f}, {r['beta_token_std']:.3f}" for r in rs) + " |")
+    seeds = sorted({r["seed"] for r in rows})          # each variant's own (an option like any other)
+    distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
+                                            "calib_data": args.calib_data,
+                                            **distill.run_info(seeds[0] if len(seeds) == 1 else seeds, "cpu")})
+    distill.write_atomic(args.out + ".md", "\n".join(md) + "\n")
+
+
 def main(argv=None):
     """Per-layer ablation: for each variant 'INIT[:NAME=VALUE...]' and each layer, the teacher-forced
     MSE of the GDN layer against its teacher layer, on the calibration tokens (what the init fitted)
@@ -786,57 +823,35 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    fit = collect_stats(teacher, fit_ids, layers=layers, floor=floor)
-    held = collect_stats(teacher, held_ids, layers=layers, floor=floor)
-    rows = []
-    for label, name, opts in variants:
-        o = resolve(opts, PRESETS.get(name))
-        do1, do2 = INIT_PHASES[name]
-        for i in layers:
-            gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i, beta_bias=o["write_gate"] == "bias")
-            _standard_gates(gdn, o)
-            p1 = phase1(gdn, fit[i], o) if do1 else None
-            start = _layer_mse(gdn, held[i]["x"], held[i]["y"])
-            r = phase2(gdn, fit[i]["x"], fit[i]["y"], o, desc=f"{label} layer {i}") if do2 and o["steps"] else {}
-            rows.append({"variant": label, "layer": i, "seed": o["seed"], "held_mse_start": start, "fit_mse_end": r.get("loss_after"),
-                         "held_mse_end": _layer_mse(gdn, held[i]["x"], held[i]["y"]),
-                         "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds"),
-                         # the write gate Phase 1 left: how far beta's mean is from its target, how much
-                         # it varies with the token (per head, averaged over heads)
-                         "beta_off": None if p1 is None else
-                         float((torch.tensor(p1["beta_mean"]) - torch.tensor(p1["beta_target"])).abs().mean()),
-                         "beta_token_std": None if p1 is None else float(torch.tensor(p1["beta_token_std"]).mean())})
-            print(f"{label:50s} layer {i:2d}  held-out MSE start {start:.4f} -> end {rows[-1]['held_mse_end']:.4f}"
-                  f"  (fit {r.get('loss_after', float('nan')):.4f})", flush=True)
-    md = [f"Per-layer teacher-forced MSE of one GDN layer vs its teacher attention layer (after W_o), teacher "
-          f"{source}, calibration {args.calib_data or 'builtin'} ({args.calib_seqs} x {args.calib_len} tokens); held-out = "
-          f"the next {args.calib_seqs} x {args.calib_len} tokens of the same text. 'zero' = MSE of a layer that outputs 0.",
-          "", "| variant | " + " | ".join(f"layer {i}: held-out start -> end (fit end)" for i in layers) + " |",
-          "|---|" + "---|" * len(layers)]
-    for label, _, _ in variants:
-        cells = []
-        for i in layers:
-            r = next(r for r in rows if r["variant"] == label and r["layer"] == i)
-            fe = f"{r['fit_mse_end']:.4f}" if r["fit_mse_end"] is not None else "-"
-            cells.append(f"{r['held_mse_start']:.4f} -> **{r['held_mse_end']:.4f}** ({fe})")
-        md.append(f"| {label} | " + " | ".join(cells) + " |")
-    md.append("| zero output | " + " | ".join(f"{next(r for r in rows if r['layer'] == i)['held_zero_output']:.4f}"
-                                            for i in layers) + " |")
-    if any(r["beta_off"] is not None for r in rows):
-        md += ["", "The write gate after Phase 1, on the calibration tokens (mean over heads): |mean beta - beta_h| "
-               "(does it sit at its target?) and the std of beta over tokens (does it still depend on the token?).", "",
-               "| variant | " + " | ".join(f"layer {i}: off target, token std" for i in layers) + " |",
-               "|---|" + "---|" * len(layers)]
-        for label, _, _ in variants:
-            rs = [next(r for r in rows if r["variant"] == label and r["layer"] == i) for i in layers]
-            if rs[0]["beta_off"] is not None:
-                md.append(f"| {label} | " + " | ".join(f"{r['beta_off']:.3f}, {r['beta_token_std']:.3f}" for r in rs) + " |")
-    seeds = sorted({r["seed"] for r in rows})          # each variant's own (an option like any other)
-    distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
-                                            "calib_data": args.calib_data,
-                                            **distill.run_info(seeds[0] if len(seeds) == 1 else seeds, "cpu")})
-    distill.write_atomic(args.out + ".md", "\n".join(md) + "\n")
-    print("\n".join(md))
+    rows, done = [], []
+    try:                              # the report is rewritten after each variant: an error or ^C keeps those done
+        fit = collect_stats(teacher, fit_ids, layers=layers, floor=floor)
+        held = collect_stats(teacher, held_ids, layers=layers, floor=floor)
+        for label, name, opts in variants:
+            o = resolve(opts, PRESETS.get(name))
+            do1, do2 = INIT_PHASES[name]
+            for i in layers:
+                gdn = gdn_from_attention(teacher.model.layers[i].self_attn, i, beta_bias=o["write_gate"] == "bias")
+                _standard_gates(gdn, o)
+                p1 = phase1(gdn, fit[i], o) if do1 else None
+                start = _layer_mse(gdn, held[i]["x"], held[i]["y"])
+                r = phase2(gdn, fit[i]["x"], fit[i]["y"], o, desc=f"{label} layer {i}") if do2 and o["steps"] else {}
+                rows.append({"variant": label, "layer": i, "seed": o["seed"], "held_mse_start": start, "fit_mse_end": r.get("loss_after"),
+                             "held_mse_end": _layer_mse(gdn, held[i]["x"], held[i]["y"]),
+                             "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds"),
+                             # the write gate Phase 1 left: how far beta's mean is from its target, how much
+                             # it varies with the token (per head, averaged over heads)
+                             "beta_off": None if p1 is None else
+                             float((torch.tensor(p1["beta_mean"]) - torch.tensor(p1["beta_target"])).abs().mean()),
+                             "beta_token_std": None if p1 is None else float(torch.tensor(p1["beta_token_std"]).mean())})
+                print(f"{label:50s} layer {i:2d}  held-out MSE start {start:.4f} -> end {rows[-1]['held_mse_end']:.4f}"
+                      f"  (fit {r.get('loss_after', float('nan')):.4f})", flush=True)
+            done = [v for v in variants if any(r["variant"] == v[0] for r in rows)]
+            _write_ablation(args, source, layers, done, rows)
+    except ValueError as e:
+        print(f"error: {e}" + (f" (the variants done are in {args.out}.json)" if done else ""), file=sys.stderr)
+        return 2
+    print(open(args.out + ".md").read(), end="")
     return 0
 
 

@@ -36,6 +36,7 @@ this command line's own.
 
 import argparse
 import copy
+import filecmp
 import hashlib
 import os
 import shutil
@@ -683,9 +684,9 @@ def _parse_args(argv):
                         ("conv_size", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least} (got {getattr(args, name)})")
-    if (args.calib_data and args.eval_data and os.path.exists(args.calib_data)
-            and os.path.exists(args.eval_data) and os.path.samefile(args.calib_data, args.eval_data)):
-        p.error(f"--calib-data and --eval-data are the same file ('{args.eval_data}'): the init would be fitted "
+    if (args.calib_data and args.eval_data and os.path.isfile(args.calib_data) and os.path.isfile(args.eval_data)
+            and filecmp.cmp(args.calib_data, args.eval_data, shallow=False)):
+        p.error(f"--calib-data and --eval-data hold the same text ('{args.eval_data}'): the init would be fitted "
                 f"to the text its perplexity is measured on (METHOD section 3); give another split")
     if args.dtype == "auto":
         args.dtype = "bfloat16" if args.device == "cuda" else "float32"

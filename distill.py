@@ -317,6 +317,8 @@ def check_writable(path, what, overwrite=True):
     """Fail before any work where `path` could not be written at the end: the nearest existing folder
     above it must be a writable folder (not a file), and `path` itself no folder (nor, with
     overwrite=False, an existing file)."""
+    if not path or path.endswith((os.sep, "/")):
+        raise ValueError(f"{what} '{path}' names no file: give a file's path")
     if not overwrite and os.path.isfile(path):
         raise ValueError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
     probe = os.path.dirname(os.path.abspath(path))

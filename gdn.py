@@ -52,11 +52,15 @@ recurrent layer needs. So `hybridize` puts a pre-hook on the decoder stack that 
 layer the current tokens' padding mask. A pad token's input is zeroed (so k = v = 0: it writes
 nothing, and the short conv sees the zeros it would see before the first token) and its decay is
 set to 1 (g = 0), so the state after the pads is exactly the empty state an unpadded prompt starts
-from.
+from. That holds for pads at the start of a prompt. Pads after cached tokens (a left-padded chunk
+appended to a cache) are refused where the layer has a short conv: its window would carry the cached
+inputs into the pads' k and v and the pads' zeros into the next real tokens' window. A mask the hook
+cannot read the padding from (flex_attention's BlockMask) is refused too, rather than ignored.
 """
 
 import logging
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -76,6 +80,8 @@ class GatedDeltaNet(nn.Module):
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, conv_size=0, norm_eps=1e-6,
                  o_bias=False, beta_bias=False):
         super().__init__()
+        if isinstance(conv_size, bool) or not isinstance(conv_size, numbers.Integral) or conv_size < 0:
+            raise ValueError(f"conv_size must be a whole number >= 0 (0: no short conv); got {conv_size!r}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx, self.conv_size, self.norm_eps = layer_idx, conv_size, norm_eps
         inner = num_heads * head_dim
@@ -204,6 +210,10 @@ class GatedDeltaNet(nn.Module):
             raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
                              "cannot be rewound, so decoding cannot continue from it (assisted or prompt-lookup "
                              "decoding does not work with a hybrid)")
+        if pad is not None and self.conv_size and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
+            raise ValueError("padding after cached tokens: a GDN layer's short conv would mix the cached inputs "
+                             "into the pads and the pads into the next tokens; pad prompts on the left, in the "
+                             "first forward only")
         state = self.step_state(x, cache)
         if state is not None:
             return self.o_proj(self.step(self.project(x)["all"], state, cache, x)[:, None]), None
@@ -417,6 +427,9 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
     place, and record the hybrid's shape in model.config.hybrid (saved with the config). warn: say
     which teacher weights are dropped (not when rebuilding a saved hybrid: no teacher there)."""
     layers = decoder_layers(model)
+    odd = [i for i in gdn_layers if isinstance(i, bool) or int(i) != i]
+    if odd:
+        raise ValueError(f"layer indices must be whole numbers; got {odd}")
     gdn_layers = sorted(set(int(i) for i in gdn_layers))
     bad = [i for i in gdn_layers if not 0 <= i < len(layers)]
     if bad:
@@ -449,7 +462,10 @@ def _share_padding_mask(stack, args, kwargs):
     padded batch of the same shape would still see it (the next stack forward resets it)."""
     mask = kwargs.get("attention_mask")
     if isinstance(mask, dict):
-        mask = next((m for m in mask.values() if isinstance(m, torch.Tensor)), None)
+        mask = next((m for m in mask.values() if m is not None), None)
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        raise ValueError(f"a hybrid reads its padding from a 2-D or 4-D tensor mask; got a {type(mask).__name__} "
+                         f"(flex_attention?): load the model with attn_implementation='sdpa' or 'eager'")
     ids = kwargs.get("input_ids", args[0] if args else None)
     x = ids if ids is not None else kwargs.get("inputs_embeds")
     pad = None

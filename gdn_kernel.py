@@ -38,6 +38,7 @@ Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta 
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
 """
 
+import numbers
 from typing import Optional
 
 import torch
@@ -172,6 +173,8 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     """Equations (3)-(4) in PyTorch, differentiable. Any T: the tail is padded with k = v = 0 and
     g = 0 (no write, no decay), which leaves the state and the real outputs unchanged."""
     _check(q, k, v, g, beta, initial_state)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a whole number >= 1; got {chunk_size!r}")
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     C = chunk_size

@@ -386,6 +386,58 @@ def test_pads_after_a_prompt_leave_the_state_alone():
         torch.testing.assert_close(S, gdn._gdn_states(other)[i][0], rtol=1e-5, atol=1e-5)
 
 
+def test_pads_after_cached_tokens_refused_with_a_conv():
+    """With a short conv, pads after cached tokens cannot be made inert (the conv window would carry
+    the cached inputs into the pads' k and v, and the pads' zeros into the next tokens' window): such
+    a forward is refused, naming the cause. After the cache's reset() the same padded batch is a
+    first forward again, accepted and equal to a fresh cache's."""
+    from transformers import DynamicCache
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 1, 2, 3], conv_size=4).eval()
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    prompt, chunk = torch.randint(0, 128, (2, 7)), torch.randint(0, 128, (2, 5))
+    padded = torch.cat([torch.full((2, 3), 7), chunk], 1)
+    mask = torch.cat([torch.ones(2, 7), torch.zeros(2, 3), torch.ones(2, 5)], 1).long()
+    with torch.no_grad():
+        cache = DynamicCache(config=model.config)
+        model(prompt, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="padding after cached tokens"):
+            model(padded, attention_mask=mask, past_key_values=cache, use_cache=True)
+        cache.reset()
+        first = torch.cat([torch.ones(2, 7), torch.zeros(2, 3)], 1).flip(1).long()      # pads on the left
+        got = model(torch.cat([prompt, padded[:, :3]], 1), attention_mask=first, past_key_values=cache).logits
+        want = model(torch.cat([prompt, padded[:, :3]], 1), attention_mask=first).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_without_readable_padding_is_refused():
+    """flex_attention hands the stack a BlockMask, from which the hook cannot read the padding: refused
+    with the way out, rather than ignored (every pad would then write into the states)."""
+    model = hybridize(tiny_model("llama"), [0, 1, 3]).eval()
+    ids = torch.randint(1, 128, (2, 6))
+
+    class BlockMask:                                      # stands in for torch's flex_attention mask
+        pass
+
+    with pytest.raises(ValueError, match="BlockMask.*attn_implementation='sdpa'"):
+        model.model(input_ids=ids, attention_mask=BlockMask())
+    with pytest.raises(ValueError, match="BlockMask"):
+        model.model(input_ids=ids, attention_mask={"full_attention": BlockMask()})
+
+
+def test_bad_hybrid_shapes_refused():
+    from gdn_kernel import chunk_gated_delta_rule_torch
+    with pytest.raises(ValueError, match="conv_size must be a whole number >= 0"):
+        hybridize(tiny_model("llama"), [1], conv_size=-1)
+    with pytest.raises(ValueError, match="whole numbers"):
+        hybridize(tiny_model("llama"), [1.7])
+    hybridize(tiny_model("llama"), [1.0, 2])                   # whole numbers as floats are fine
+    q = torch.randn(1, 5, 2, 4)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_gated_delta_rule_torch(q, q, q, torch.zeros(1, 5, 2), torch.ones(1, 5, 2), chunk_size=0)
+
+
 def test_static_cache_chunked_prefill_and_decode_equal_full_forward():
     """The path --bench decodes with: HF StaticCache for softmax layers, prompt fed in chunks,
     GDN states carried and updated in place."""

@@ -857,7 +857,8 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--table", "--keeps", "1/4,2"], "the table takes fractions"),
     (["--table", "--policies", "ga-s2", "--inits", "taylor", "--init-opt", "phase2_input=student"], "must be layer-wise"),
     (["--policy", "ga-s2", "--init-opt", "phase2_input=student"], "must be a layer-wise init"),
-    (["--calib-data", "EVAL"], "are the same file"),
+    (["--calib-data", "EVAL"], "hold the same text"),
+    (["--calib-data", "COPY"], "hold the same text"),             # a copy of the evaluation text
     (["--probe-init", "naive"], "--probe-init is GA-S2's"),
     (["--table", "--probe-init", "naive"], "--table does not read --probe-init"),
     (["--scores", "s.json"], "--policy uniform measures none"),
@@ -867,7 +868,8 @@ def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     text.write_text("Some text for the test. " * 300)
     calib.write_text("Other words to fit the init. " * 300)
     out = tmp_path / "out"
-    argv = [str(text) if a == "EVAL" else a for a in argv]
+    (tmp_path / "copy.txt").write_text(text.read_text())
+    argv = [str(text) if a == "EVAL" else str(tmp_path / "copy.txt") if a == "COPY" else a for a in argv]
     mode = (["--results", str(tmp_path / "table")] if "--table" in argv else
             ["--no-sample", "--out", str(out)])                  # each mode's own flags only
     try:
@@ -993,6 +995,23 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
     assert not (tmp_path / "other.json").exists()
 
 
+def test_ablation_keeps_the_variants_done_when_one_fails(teacher_dir, tmp_path, capsys):
+    """A variant that fails (here Phase 2 diverging to non-finite weights: refused, never kept) ends
+    calibrate.py with one line, and the report already holds every variant finished before it. A
+    seed past int64 once the per-layer offset is added still seeds."""
+    import json
+    text = tmp_path / "calib.txt"
+    text.write_text("the cat sat on the mat and the dog sat on the log. " * 60)
+    out = tmp_path / "ablation"
+    assert calibrate.main(["--teacher", teacher_dir, "--layers", "1", "--calib-data", str(text), "--calib-seqs", "2",
+                           "--calib-len", "32", "--variants", "taylor-phase1:seed=1000000000000000",
+                           "align-only:steps=20:lr_qkv=1000:lr_gates=1000:keep_best=0", "--out", str(out)]) == 2
+    assert "Phase 2 diverged to non-finite" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["taylor-phase1:seed=1000000000000000"]
+    assert "align-only" not in (tmp_path / "ablation.md").read_text()
+
+
 def test_statistics_script_writes_what_collect_stats_measures(teacher_dir, tmp_path, capsys):
     """taylor_stats.py's JSON: every layer's per-head statistics as collect_stats gives them on the
     same calibration tokens (the built-in text, its first calib_seqs x calib_len), with the run's
@@ -1026,6 +1045,9 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
     (tmp_path / "dir").mkdir()
     assert taylor_stats.main(["--teacher", teacher_dir, "--out", str(tmp_path / "dir")]) == 2
     assert "is a folder" in capsys.readouterr().err
+    for bad in ("", str(tmp_path / "newdir") + "/"):
+        assert taylor_stats.main(["--teacher", teacher_dir, "--out", bad]) == 2
+        assert "names no file" in capsys.readouterr().err
     for main in (calibrate.main, taylor_stats.main):
         with pytest.raises(SystemExit):
             main(base + ["--calib-seqs", "0"])
