@@ -133,7 +133,7 @@ def _random_teacher(what, device, dtype, tokenizer=True):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    return model.to(device=device, dtype=dtype).eval(), tok, f"random:{what} (random weights, seed 0)"
+    return _cast(model, device, dtype), tok, f"random:{what} (random weights, seed 0)"
 
 
 def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
@@ -196,7 +196,19 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
         except Exception as e:                          # no tokenizer files, a broken one
             raise ValueError(f"could not load the tokenizer of teacher '{spec}' ({type(e).__name__}): the folder "
                              f"needs the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...)") from None
-    return model.to(device=device, dtype=dtype).eval(), tokenizer, described
+    return _cast(model, device, dtype), tokenizer, described
+
+
+def _cast(model, device, dtype):
+    """The model on `device` in `dtype`, in eval mode, its rotary frequencies kept in float32: a plain
+    .to(dtype) rounds them (transformers keeps them in float32 in a model built in bf16, and so does
+    gdn.load_hybrid), and a hybrid saved from a teacher so cast would not reload to what was measured."""
+    rotary = {name: buf for name, buf in model.named_buffers() if name.rsplit(".", 1)[-1].endswith("inv_freq")}
+    model.to(device=device, dtype=dtype)
+    for name, buf in rotary.items():
+        owner, _, attr = name.rpartition(".")
+        model.get_submodule(owner)._buffers[attr] = buf.to(device)
+    return model.eval()
 
 
 def local_path(spec):
@@ -464,6 +476,11 @@ def _ga_key(init, init_opts, seed):
 _DIGESTS = weakref.WeakKeyDictionary()       # model -> digest: a teacher's weights never change
 
 
+def _ids_digest(ids):
+    """16 hex digits of a sha1 over token ids and their shape: a text as the model reads it."""
+    return hashlib.sha1(str(tuple(ids.shape)).encode() + ids.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
 def _weights_digest(model):
     """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
     --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
@@ -552,6 +569,9 @@ def _prepare_out(path, overwrite):
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
         raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json): "
                          f"--overwrite replaces only such a folder; choose another --out")
+    if any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "distill.json")):
+        raise ValueError(f"--out '{path}' holds a distill.py run (its hybrid carries the conversion.json it started "
+                         f"from): --overwrite replaces only a conversion; choose another --out")
     distill.check_writable(os.path.join(path, "config.json"), "--out")
     parent = os.path.dirname(os.path.abspath(path))
     # The hybrid is built in a sibling folder and renamed over --out at the end, so the parent must
@@ -592,7 +612,7 @@ _PPL = ["init_opt", "conv_size", "scores", "overwrite", "calib_data", "calib_seq
         "eval_format", "window", "max_windows", "batch_size"]           # both build hybrids and measure perplexity
 MODE_FLAGS = {
     "a conversion": _PPL + ["keep", "policy", "init", "probe_init", "out", "no_sample",
-                            "distill_tokens", "distill_data", "distill_args"],
+                            "distill_tokens", "distill_data", "distill_args", "resume"],
     # Not --probe-init: each cell's GA-S2 probes use that cell's own init.
     "--table": _PPL + ["keeps", "policies", "inits", "append", "results"],
     "--bench": ["keeps", "results", "overwrite", "contexts", "batches", "decode_steps", "no_graphs", "compile",
@@ -658,6 +678,9 @@ def _parse_args(argv):
                                                       "evaluate on distill.py's own --eval-data / --test-data "
                                                       "(WikiText-2 valid / test), not on this --eval-data: set "
                                                       "them here to change that")
+    d.add_argument("--resume", action="store_true", help="continue a chain that was stopped: a hybrid in --out "
+                                                        "converted with the same settings is kept, and each stage "
+                                                        "goes on from its last checkpoint (distill.py --resume)")
     args = p.parse_args(argv)
     if args.table and args.bench:
         p.error("--table and --bench are two modes: give one")
@@ -672,9 +695,11 @@ def _parse_args(argv):
     if stray:
         whose = {k: " and ".join(f"{m}'s" for m in MODE_FLAGS if k in MODE_FLAGS[m]) for k in stray}
         p.error(f"{mode} does not read " + ", ".join(f"--{k.replace('_', '-')} ({whose[k]})" for k in stray))
-    if given & {"distill_data", "distill_args"} and not args.distill_tokens:
-        p.error("--distill-data and --distill-args are for the distillation chain: without --distill-tokens "
-                "no chain runs")
+    if given & {"distill_data", "distill_args", "resume"} and not args.distill_tokens:
+        p.error("--distill-data, --distill-args and --resume are for the distillation chain: without "
+                "--distill-tokens no chain runs (a conversion alone is written whole at its end)")
+    if args.resume and args.overwrite:
+        p.error("--resume keeps what the chain has done, --overwrite replaces it: give one")
     args.results = args.results or ("results/inference" if args.bench else "results/zeroshot")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -720,14 +745,15 @@ def _parse_args(argv):
                 p.error(f"--distill-data: {e}")
         for stage, tokens in zip((1, 2), budgets):
             out, argv = _chain_stage(args, stage, args.out, tokens or 1)
-            if tokens and os.path.exists(out) and not args.overwrite:
-                p.error(f"--distill-tokens: '{out}' already exists: pass --overwrite or choose another --out")
+            if tokens and os.path.exists(out) and not (args.overwrite or args.resume):
+                p.error(f"--distill-tokens: '{out}' already exists: pass --resume to continue the chain, "
+                        f"--overwrite to replace it, or choose another --out")
             if tokens and distill.holds_other_files(out):
                 p.error(f"--distill-tokens: '{out}' is a folder that holds no distill.py run: --overwrite replaces "
                         f"only such a folder; choose another --out")
-            try:
-                a = distill.parse_args(argv)
-            except ValueError as e:                     # (its flags are distill.py's, not convert.py's)
+            try:                                        # (its flags are distill.py's, not convert.py's)
+                a = distill.parse_args(argv, prog="convert.py --distill-args (distill.py's options)")
+            except ValueError as e:
                 p.error(f"--distill-args (distill.py's options): {e}")
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
             # takes: --tok is --tokens).
@@ -748,6 +774,37 @@ def _parse_args(argv):
     return args
 
 
+def _request(args, init_opts):
+    """What a conversion was asked to make (the hybrid depends on these, not on the evaluation):
+    recorded in conversion.json, and what a chain's --resume compares before keeping --out."""
+    return {"teacher": _teacher_spec(args.teacher), "keep": args.keep, "policy": args.policy, "init": args.init,
+            "probe_init": args.probe_init, "init_opts": _given_opts(init_opts), "conv_size": args.conv_size,
+            "seed": args.seed, "dtype": args.dtype,
+            "calib_data": os.path.abspath(args.calib_data) if args.calib_data else "builtin",
+            "calib": [args.calib_seqs, args.calib_len], "scores": args.scores and os.path.abspath(args.scores)}
+
+
+def _converted_already(args, init_opts):
+    """--resume: whether --out holds the hybrid this command would convert (then it is kept). A hybrid
+    made otherwise, or before conversion.json recorded its request, is refused, naming what differs."""
+    path = os.path.join(args.out, "conversion.json")
+    if not (args.resume and os.path.isfile(path)):
+        return False
+    import json
+    with open(path) as f:
+        had = json.load(f).get("request")
+    want = _request(args, init_opts)
+    if had is None:
+        raise ValueError(f"--resume: '{args.out}' records no conversion request (written before --resume "
+                         f"existed): convert afresh (--overwrite), or resume each stage with distill.py --resume")
+    differ = [k for k in want if had.get(k) != want[k]]
+    if differ:
+        raise ValueError(f"--resume: the hybrid in '{args.out}' was converted with other " + ", ".join(
+            f"{k} ({had.get(k)!r}, not {want[k]!r})" for k in differ))
+    print(f"--resume: keeping the hybrid in {args.out} (converted with these settings)")
+    return True
+
+
 def _run_convert(args):
     t_start = time.time()
     if not args.out:
@@ -762,12 +819,17 @@ def _run_convert(args):
                      init_opts)
     if args.policy != "ga-s2" and args.probe_init != "same":
         raise ValueError(f"--probe-init is GA-S2's (--policy ga-s2), not --policy {args.policy}'s")
+    if keep[0] == "list" and args.policy != "uniform":
+        raise ValueError(f"--keep '{args.keep}' names the kept layers itself: --policy {args.policy} would choose "
+                         f"none of them (give a fraction for the policy to choose, or drop --policy)")
     if args.scores and args.policy == "uniform":
         raise ValueError("--scores holds the ar and ga-s2 policies' scores; --policy uniform measures none")
     _read_inputs(args)
     n = _teacher_layers(args.teacher)
     if n:
         choose_layers(n, keep)                                  # an impossible --keep: said now
+    if _converted_already(args, init_opts):
+        return
     spec = _teacher_spec(args.teacher)
     inputs = {"teacher": spec.split(":", 1)[1] if spec.startswith("random:") else spec, "eval data": args.eval_data,
               "calibration data": args.calib_data, "distillation data": args.distill_tokens and args.distill_data}
@@ -812,7 +874,8 @@ def _run_convert(args):
                   "family": teacher.config.model_type, "layers": n, **info,
                   "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
                   **_settings(args, init_opts, teacher), "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
-                  "convert_seconds": convert_seconds, "total_seconds": time.time() - t_start,
+                  "request": _request(args, init_opts), "convert_seconds": convert_seconds,
+                  "total_seconds": time.time() - t_start,
                   **distill.run_info(args.seed, args.device)}
         distill.write_json(os.path.join(tmp, "conversion.json"), record)
         _publish(tmp, args.out)
@@ -916,6 +979,12 @@ def _run_table(args):
     if any(kind != "fraction" for kind, _ in keeps):
         raise ValueError(f"--keeps '{args.keeps}': the table takes fractions (1/4,1/2); a list of layers is for --keep")
     policies, inits = args.policies.split(","), args.inits.split(",")
+    for flag, items in (("--keeps", [v for _, v in keeps]), ("--policies", policies), ("--inits", inits)):
+        twice = sorted({str(x) for i, x in enumerate(items) if x in items[:i]})
+        if twice:                                   # (1/2 and 0.5 are one keep)
+            raise ValueError(f"{flag} '{getattr(args, flag[2:])}' names {', '.join(twice)} twice: each cell is measured once")
+    if args.append and args.overwrite:
+        raise ValueError("--append keeps the table's cells, --overwrite replaces them: give one")
     init_opts = parse_opts(args.init_opt)
     for name in inits:
         if name not in INITS:
@@ -951,12 +1020,17 @@ def _run_table(args):
     n = teacher.config.num_hidden_layers
     for k in keeps:
         _keep_count(n, k, "--keeps")
-    same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher)}
-    differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v]
+    ids, calib = _eval_ids(args, tokenizer), calib_ids(args, tokenizer)
+    # The texts by their tokens, not only by the paths typed (another file under the same relative
+    # name, or the same file named from elsewhere): tables since the digests compare those instead.
+    tokens = {"eval_tokens": _ids_digest(ids), "calib_tokens": _ids_digest(calib)}
+    same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher), **tokens}
+    by_path = {"eval_data": "eval_tokens", "calib_data": "calib_tokens"}
+    differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v
+              and by_path.get(k) not in old]
     if differ:
         raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
                          f"would not compare with these: choose another --results")
-    ids, calib = _eval_ids(args, tokenizer), calib_ids(args, tokenizer)
     need_probe = any(p != "uniform" for p in policies)
     probe = calib_ids(args, tokenizer, part=1) if need_probe else None
     ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)
@@ -1131,7 +1205,8 @@ def _chain_stage(args, stage, student, tokens):
     out = f"{os.path.abspath(args.out)}-stage{stage}"
     argv = ["--student", student, "--stage", str(stage), "--tokens", str(tokens), "--data", args.distill_data,
             "--out", out, "--seed", str(args.seed), "--device", args.device]
-    return out, argv + (["--overwrite"] if args.overwrite else []) + shlex.split(args.distill_args)
+    return out, argv + (["--overwrite"] if args.overwrite else ["--resume"] if args.resume else []) \
+        + shlex.split(args.distill_args)
 
 
 def _run_distill_chain(args):

@@ -980,8 +980,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI = os.path.join(HERE, "..", "shared", "data", "wikitext-2-raw")
 
 
-def parse_args(argv):
-    p = argparse.ArgumentParser(description="Stage 1 / Stage 2 distillation of a hybrid from convert.py",
+def parse_args(argv, prog=None):
+    """distill.py's arguments; prog: the name its errors go under (convert.py's chain names itself)."""
+    p = argparse.ArgumentParser(prog=prog, description="Stage 1 / Stage 2 distillation of a hybrid from convert.py",
                                 epilog="Also: distill.py --recovery RUN [RUN ...] [--results STEM] [--overwrite], the "
                                        "report comparing finished Stage-2 runs of different inits (one of them naive)")
     p.add_argument("--student", required=True, help="hybrid folder written by convert.py (or by a previous stage)")

@@ -47,6 +47,22 @@ def test_uniform_rule_rounds_the_step_and_spreads_the_rest():
     assert _uniform_layers(8, 3 / 4) == [0, 1, 3, 4, 5, 7]
 
 
+def test_bf16_conversion_reloads_to_what_was_measured(teacher_dir, tokenizer, eval_text, tmp_path, capsys):
+    """In bfloat16 the recorded student perplexity is that of the hybrid load_hybrid gives back, to
+    the last digit: the teacher is cast with its rotary frequencies kept in float32, as load_hybrid
+    builds them (a plain .to(bf16) rounded them, and the reloaded hybrid scored 4e-5 apart)."""
+    assert load_teacher(teacher_dir, dtype=torch.bfloat16)[0].model.rotary_emb.inv_freq.dtype == torch.float32
+    out = tmp_path / "hybrid"
+    code, io = run(["--teacher", teacher_dir, "--keep", "1/2", "--init", "naive", "--out", str(out), "--eval-data",
+                    eval_text, "--window", "64", "--max-windows", "2", "--dtype", "bfloat16", "--device", "cpu",
+                    "--no-sample"], capsys)
+    assert code == 0, io.err
+    record = json.loads((out / "conversion.json").read_text())
+    ids = distill.tokenize(tokenizer, distill.read_text(eval_text))
+    again = distill.perplexity(load_hybrid(out, "cpu", torch.bfloat16), ids, window=64, max_windows=2)["ppl"]
+    assert record["student_ppl"]["ppl"] == pytest.approx(again, rel=1e-9)
+
+
 def test_convert_save_load_generate(teacher_dir, tokenizer, eval_text, tmp_path, capsys):
     """A conversion writes a hybrid that loads, and its record's student perplexity is that of the
     hybrid it wrote (measured here again on the same windows), not the teacher's."""

@@ -744,6 +744,45 @@ def test_convert_chains_both_stages(setup, tmp_path):
     assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
 
 
+def test_convert_chain_resumes(setup, tmp_path, capsys):
+    """A chain stopped before Stage 2 ran, run again with --resume: the hybrid and Stage 1 are kept
+    as they are, Stage 2 runs, and ends where an unbroken chain ends. Without --resume the stopped
+    chain's folders are refused; with other conversion settings, --resume is refused, naming them."""
+    import shutil
+    s = setup
+    out = tmp_path / "h"
+    more = (f"--seq 16 --batch 4 --eval-data none --test-data {s['test']} --eval-window 32 --eval-max-windows 1 "
+            f"--ckpt-every 0")
+    argv = ["--teacher", s["teacher"], "--keep", "1/2", "--out", str(out), "--eval-data", s["valid"], "--window", "32",
+            "--max-windows", "1", "--no-sample", "--calib-seqs", "1", "--calib-len", "16", "--calib-data", s["train"],
+            "--distill-tokens", "128,64", "--distill-data", s["train"], "--distill-args", more]
+    assert convert.main(argv) == 0
+    done = {f: open(f).read() for f in (out / "conversion.json", f"{out}-stage1/distill.json",
+                                        f"{out}-stage2/distill.json")}
+    shutil.rmtree(f"{out}-stage2")                                     # stopped before Stage 2
+    with pytest.raises(SystemExit):
+        convert.main(argv)
+    assert "pass --resume to continue the chain" in capsys.readouterr().err
+    assert convert.main(argv + ["--init", "naive", "--resume"]) == 2
+    assert "converted with other init ('taylor', not 'naive')" in capsys.readouterr().err
+    assert convert.main(argv + ["--resume"]) == 0
+    assert "keeping the hybrid" in capsys.readouterr().out
+    again = {f: open(f).read() for f in done}
+    for f in list(done)[:2]:
+        assert again[f] == done[f], f                                  # the hybrid and Stage 1 as they were
+    r2, r2_again = json.loads(done[f"{out}-stage2/distill.json"]), json.loads(again[f"{out}-stage2/distill.json"])
+    assert r2_again["test"]["ppl"] == pytest.approx(r2["test"]["ppl"], rel=1e-6)
+    assert convert.main(argv + ["--resume"]) == 0                     # a finished chain: nothing to do
+    with pytest.raises(SystemExit):
+        convert.main(argv + ["--resume", "--overwrite"])
+    assert "give one" in capsys.readouterr().err
+    # A stage's run folder holds a hybrid with its conversion.json, but no conversion may replace it.
+    assert convert.main(["--teacher", s["teacher"], "--keep", "1/2", "--init", "naive", "--no-sample", "--eval-data",
+                         s["valid"], "--window", "32", "--out", f"{out}-stage1", "--overwrite"]) == 2
+    assert "holds a distill.py run" in capsys.readouterr().err
+    assert open(f"{out}-stage1/distill.json").read() == done[f"{out}-stage1/distill.json"]
+
+
 @pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "--distill-data '/no/such/text' is neither a text file"),
                                           (["--distill-args", "--bogus 1"], "unrecognized arguments"),
                                           (["--distill-tokens", "100,64", "--distill-args", "--eval-data none --test-data none"],

@@ -862,6 +862,10 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--probe-init", "naive"], "--probe-init is GA-S2's"),
     (["--table", "--probe-init", "naive"], "--table does not read --probe-init"),
     (["--scores", "s.json"], "--policy uniform measures none"),
+    (["--keep", "0,2", "--policy", "ar"], "names the kept layers itself: --policy ar would choose none"),
+    (["--table", "--keeps", "1/2,0.5"], "names 0.5 twice"),
+    (["--table", "--inits", "naive,taylor,naive"], "names naive twice"),
+    (["--table", "--append", "--overwrite"], "give one"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
@@ -943,6 +947,17 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     # An option spelled out at its default changes nothing, so it may join.
     assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--init-opt", "write_gate=rescale",
                                 "--append"]) == 0
+    # The texts are matched by their tokens: the same text under another path joins; another text
+    # under the same path does not (the table would mix two texts' perplexities).
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(text, tmp_path / "elsewhere" / "t.txt")
+    shutil.copy(calib, tmp_path / "elsewhere" / "c.txt")
+    moved_text = [str(tmp_path / "elsewhere" / "t.txt") if a == str(text) else
+                  str(tmp_path / "elsewhere" / "c.txt") if a == str(calib) else a for a in base]
+    assert convert.main(moved_text + ["--policies", "uniform", "--inits", "naive", "--append"]) == 0
+    text.write_text("A third sentence, which no cell was measured on. " * 400)
+    assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
+    assert "another eval_tokens" in capsys.readouterr().err
     # In a table of their own they are fine, and say so (write_gate=bias: GDN layers with a bias on W_b).
     own = [a if a != stem else stem + "_bias" for a in base]
     assert convert.main(own + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias"]) == 0
