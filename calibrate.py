@@ -30,7 +30,8 @@ Phase 1, for a layer with heads h (closed form, no gradient):
      long; METHOD matches the memory's half-life to d_h (an exponential memory's mean lag is then
      d_h / ln2 ~ 1.44 d_h). With A_log = 0 the decay is alpha = exp(-softplus(W_a x + dt_bias)); at
      W_a x ~ 0 the state halves every ln2 / softplus(dt_bias) tokens (exactly so with a_proj=zero;
-     under the reference's random W_a only on average, and the delta rule's erasure comes on top), so
+     under the reference's random W_a only roughly: softplus is convex, so the mean step lies above
+     gamma_h and the memory is shorter than aimed at; the delta rule's erasure comes on top), so
 
          gamma_h = clip(ln2 / d_h, gamma_min, gamma_max),   dt_bias_h = softplus^-1(gamma_h),  A_log = 0.
 

@@ -1055,7 +1055,8 @@ def _run_table(args):
             key_extra = _ga_key(probe_init, init_opts, args.seed)
             ga, _ = _policy_scores("ga-s2", teacher, source, probe, cache, key_extra,
                                   lambda b=bank: _ga_scores(teacher, probe, b, args.conv_size, args.batch_size))
-        distill.write_json(scores_path, cache)
+        if cache:                                  # (a uniform-only table measures no scores)
+            distill.write_json(scores_path, cache)
         for (kind, value), policy in tqdm([(k, p) for k in keeps for p in policies], desc=f"table {init}"):
             kept = choose_layers(n, (kind, value), policy, {"ar": ar, "ga-s2": ga}.get(policy))
             gdn_layers = [i for i in range(n) if i not in kept]

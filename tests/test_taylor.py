@@ -962,6 +962,7 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     own = [a if a != stem else stem + "_bias" for a in base]
     assert convert.main(own + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias"]) == 0
     assert "Init options (--init-opt) in every cell: steps=5, write_gate=bias." in open(stem + "_bias.md").read()
+    assert not os.path.exists(stem + "_bias_scores.json")                  # uniform alone: no scores to keep
     # The table's one teacher pass measures distances with the cells' dist_floor (calibrate checks it).
     floor = [a if a != stem else stem + "_floor" for a in base]
     assert convert.main(floor + ["--policies", "uniform", "--inits", "taylor-phase1", "--init-opt", "dist_floor=2"]) == 0
