@@ -290,7 +290,7 @@ def _standard_gates(gdn, o):
     dt_bias = softplus^-1(dt) -- drawn from a generator seeded by (seed, layer index). W_q, W_k, W_v,
     W_o keep the teacher copy. Every init starts here, so the same layer starts the same in every
     hybrid it appears in."""
-    gen = torch.Generator().manual_seed((int(o["seed"]) * 100003 + gdn.layer_idx) % 2**63)   # any seed fits
+    gen = torch.Generator().manual_seed((int(o["seed"]) * 100003 + gdn.layer_idx) % 2**64)   # any seed fits
     def draw(shape, fn):
         return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
     for lin in (gdn.a_proj, gdn.b_proj, gdn.g_proj):

@@ -549,12 +549,16 @@ def _eval_ids(args, tokenizer):
     return ids
 
 
+def _calib_text_ids(args, tokenizer):
+    text = distill.read_text(args.calib_data, "auto") if args.calib_data else distill.builtin_text("calib")
+    return distill.tokenize(tokenizer, text)
+
+
 def calib_ids(args, tokenizer, part=0):
     """[calib_seqs, calib_len] held-out calibration tokens, or a clear error when the text is short.
     part=1 is the next block of the same text: the probe tokens the AR and GA-S2 policies score on,
     so a layer is never chosen on the very tokens its init was fitted to."""
-    text = distill.read_text(args.calib_data, "auto") if args.calib_data else distill.builtin_text("calib")
-    ids = distill.tokenize(tokenizer, text)
+    ids = _calib_text_ids(args, tokenizer)
     need = args.calib_seqs * args.calib_len
     if ids.numel() < (part + 1) * need:
         what = "--calib-seqs x --calib-len" if part == 0 else "2 x --calib-seqs x --calib-len (calibration + policy probe)"
@@ -777,8 +781,10 @@ def _parse_args(argv):
 def _request(args, init_opts):
     """What a conversion was asked to make (the hybrid depends on these, not on the evaluation):
     recorded in conversion.json, and what a chain's --resume compares before keeping --out."""
-    return {"teacher": _teacher_spec(args.teacher), "keep": args.keep, "policy": args.policy, "init": args.init,
-            "probe_init": args.probe_init, "init_opts": _given_opts(init_opts), "conv_size": args.conv_size,
+    kind, value = _parse_keep(args.keep)                # (1/4 and 0.25 are one keep)
+    probe = (args.init if args.probe_init == "same" else args.probe_init) if args.policy == "ga-s2" else None
+    return {"teacher": _teacher_spec(args.teacher), "keep": [kind, value], "policy": args.policy, "init": args.init,
+            "probe_init": probe, "init_opts": _given_opts(init_opts), "conv_size": args.conv_size,
             "seed": args.seed, "dtype": args.dtype,
             "calib_data": os.path.abspath(args.calib_data) if args.calib_data else "builtin",
             "calib": [args.calib_seqs, args.calib_len], "scores": args.scores and os.path.abspath(args.scores)}
@@ -788,7 +794,13 @@ def _converted_already(args, init_opts):
     """--resume: whether --out holds the hybrid this command would convert (then it is kept). A hybrid
     made otherwise, or before conversion.json recorded its request, is refused, naming what differs."""
     path = os.path.join(args.out, "conversion.json")
-    if not (args.resume and os.path.isfile(path)):
+    if not args.resume:
+        return False
+    if not os.path.isfile(path):
+        begun = [f"{args.out}-stage{i}" for i in (1, 2) if os.path.exists(f"{args.out}-stage{i}")]
+        if begun:            # (a new hybrid under them: their checkpoints would continue from another)
+            raise ValueError(f"--resume: '{args.out}' holds no hybrid, yet {' and '.join(begun)} began from one: "
+                             f"start the chain afresh (--overwrite)")
         return False
     import json
     with open(path) as f:
@@ -1023,14 +1035,17 @@ def _run_table(args):
     ids, calib = _eval_ids(args, tokenizer), calib_ids(args, tokenizer)
     # The texts by their tokens, not only by the paths typed (another file under the same relative
     # name, or the same file named from elsewhere): tables since the digests compare those instead.
-    tokens = {"eval_tokens": _ids_digest(ids), "calib_tokens": _ids_digest(calib)}
+    # (the whole calibration text: its next block is the policies' probe)
+    tokens = {"eval_tokens": _ids_digest(ids), "calib_tokens": _ids_digest(_calib_text_ids(args, tokenizer))}
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher), **tokens}
     by_path = {"eval_data": "eval_tokens", "calib_data": "calib_tokens"}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v
               and by_path.get(k) not in old]
     if differ:
-        raise ValueError(f"--append: {args.results}.json was measured with another {', '.join(differ)}; its cells "
-                         f"would not compare with these: choose another --results")
+        said = {"eval_tokens": "--eval-data text", "calib_tokens": "--calib-data text"}
+        raise ValueError(f"--append: {args.results}.json was measured with another "
+                         f"{', '.join(said.get(k, k) for k in differ)}; its cells would not compare with these: "
+                         f"choose another --results")
     need_probe = any(p != "uniform" for p in policies)
     probe = calib_ids(args, tokenizer, part=1) if need_probe else None
     ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)

@@ -73,6 +73,7 @@ import argparse
 import contextlib
 import datetime
 import decimal
+import filecmp
 import json
 import math
 import os
@@ -332,6 +333,8 @@ def check_writable(path, what, overwrite=True):
 
 def check_results(stem, what="--results", overwrite=True):
     """check_writable for a measurement's stem.json and stem.md."""
+    if not stem or stem.endswith((os.sep, "/")):
+        raise ValueError(f"{what} '{stem}' names no file stem: give a path like results/NAME (.json and .md are added)")
     for ext in (".json", ".md"):
         check_writable(stem + ext, what, overwrite)
 
@@ -408,7 +411,7 @@ class Batches:
 
     def order(self, epoch):
         if self._order[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**64)   # any seed fits
             self._order = (epoch, torch.randperm(len(self.seqs), generator=g))
         return self._order[1]
 
@@ -850,8 +853,13 @@ def _train(run, student, data, model, step_fn, groups):
         grad_norm = float(nn.utils.clip_grad_norm_(params, a.clip))
         tokens = (step + 1) * tokens_per_step
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            where = (f"the last good checkpoint is {last_ckpt} (kept as it was; a folder gdn.load_hybrid reads)"
-                     if last_ckpt else "no checkpoint was written yet")
+            # A checkpoint's weights are checked by the loss of the step after it: one written at the
+            # step before this one holds the very weights that gave this loss.
+            where = ("no checkpoint was written yet" if not last_ckpt else
+                     f"the last good checkpoint is {last_ckpt} (kept as it was; a folder gdn.load_hybrid reads)"
+                     if not last_ckpt.endswith(f"step_{step:08d}") else
+                     f"the last checkpoint, {last_ckpt}, holds the weights that gave this loss: start from an "
+                     f"earlier one, if --keep-checkpoints kept any, or from the student")
             raise Diverged(f"stage {a.stage}: loss {loss} / gradient norm {grad_norm} at step {step + 1} "
                            f"({tokens} tokens): stopping without saving; {where}. The run is "
                            f"deterministic (up to some CUDA backward kernels), so --resume would most likely meet the "
@@ -1055,6 +1063,15 @@ def parse_args(argv, prog=None):
             raise ValueError(f"--{name.replace('_', '-')} '{v}' does not exist or is not a file ('none' skips it)")
     a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
     check_apart(a.out, student=a.student, data=a.data, **{"eval data": a.eval_data, "test data": a.test_data})
+    if os.path.isdir(a.data) and os.path.realpath(a.out).startswith(os.path.realpath(a.data) + os.sep):
+        raise ValueError(f"--out '{a.out}' lies inside --data '{a.data}': the run's own .txt files would become "
+                         f"training text; choose another --out")
+    for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
+        same = [f for f in (text_files(a.data) if path and os.path.exists(a.data) else [])
+                if os.path.getsize(f) == os.path.getsize(path) and filecmp.cmp(f, path, shallow=False)]
+        if same:
+            raise ValueError(f"--data holds {flag}'s text ('{same[0]}'): the run would be measured on what it "
+                             f"trained on; give other texts")
     return a
 
 

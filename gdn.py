@@ -52,10 +52,12 @@ recurrent layer needs. So `hybridize` puts a pre-hook on the decoder stack that 
 layer the current tokens' padding mask. A pad token's input is zeroed (so k = v = 0: it writes
 nothing, and the short conv sees the zeros it would see before the first token) and its decay is
 set to 1 (g = 0), so the state after the pads is exactly the empty state an unpadded prompt starts
-from. That holds for pads at the start of a prompt. Pads after cached tokens (a left-padded chunk
-appended to a cache) are refused where the layer has a short conv: its window would carry the cached
-inputs into the pads' k and v and the pads' zeros into the next real tokens' window. A mask the hook
-cannot read the padding from (flex_attention's BlockMask) is refused too, rather than ignored.
+from. That holds for pads before a row's first real token (left padding, also when a chunked
+prefill feeds them over several forwards). Pads between real tokens (a left-padded chunk appended
+after cached tokens, or pads inside a row) are refused where the layer has a short conv: its window
+would carry the real inputs into the pads' k and v, and the pads' zeros into the next real tokens'
+window. Every mask form HF builds is read (2-D, 4-D, flex_attention's BlockMask); another is refused
+rather than ignored.
 """
 
 import logging
@@ -210,10 +212,11 @@ class GatedDeltaNet(nn.Module):
             raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
                              "cannot be rewound, so decoding cannot continue from it (assisted or prompt-lookup "
                              "decoding does not work with a hybrid)")
-        if pad is not None and self.conv_size and cache is not None and cache.get_seq_length(self.layer_idx) > 0:
-            raise ValueError("padding after cached tokens: a GDN layer's short conv would mix the cached inputs "
-                             "into the pads and the pads into the next tokens; pad prompts on the left, in the "
-                             "first forward only")
+        if pad is not None and self.conv_size and _pad_between_real(
+                pad, getattr(self, "real_keys", None), cache.get_seq_length(self.layer_idx) if cache is not None else 0):
+            raise ValueError("pads between real tokens of a row (after cached or earlier ones, before later ones): "
+                             "a GDN layer's short conv would mix the real inputs into the pads and the pads into "
+                             "the next tokens; pad prompts on the left only")
         state = self.step_state(x, cache)
         if state is not None:
             return self.o_proj(self.step(self.project(x)["all"], state, cache, x)[:, None]), None
@@ -427,7 +430,14 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
     place, and record the hybrid's shape in model.config.hybrid (saved with the config). warn: say
     which teacher weights are dropped (not when rebuilding a saved hybrid: no teacher there)."""
     layers = decoder_layers(model)
-    odd = [i for i in gdn_layers if isinstance(i, bool) or int(i) != i]
+    gdn_layers = list(gdn_layers)
+
+    def whole(i):
+        try:
+            return not isinstance(i, bool) and float(i).is_integer()
+        except (TypeError, ValueError):
+            return False
+    odd = [i for i in gdn_layers if not whole(i)]
     if odd:
         raise ValueError(f"layer indices must be whole numbers; got {odd}")
     gdn_layers = sorted(set(int(i) for i in gdn_layers))
@@ -453,33 +463,62 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
 
 
 def _share_padding_mask(stack, args, kwargs):
-    """Pre-hook on the decoder stack: hand each GDN layer the padding mask of the tokens about to be
-    processed, or None when there is none. From a 2-D attention mask, its last T columns. From a 4-D
-    one [B, 1, T, keys] (generate builds it for a static cache; Gemma 3 passes a dict of them, one per
-    attention type), the rows that attend to no key: a real token attends at least to itself. The
-    mask stays set after the forward, as gradient checkpointing recomputes a layer in the backward
-    pass, after the stack has returned; so a GDN layer called on its own, outside the stack, after a
-    padded batch of the same shape would still see it (the next stack forward resets it)."""
+    """Pre-hook on the decoder stack: hand each GDN layer the padding of the tokens about to be
+    processed (pad_mask [B, T], True at a pad; None when there is none) and which key positions of
+    the cache and the chunk hold real tokens (real_keys [B, keys]). The mask stays set after the
+    forward, as gradient checkpointing recomputes a layer in the backward pass, after the stack has
+    returned; so a GDN layer called on its own, outside the stack, after a padded batch of the same
+    shape would still see it (the next stack forward resets it)."""
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, dict):
+    if isinstance(mask, dict):                    # Gemma 3: one mask per attention type
         mask = next((m for m in mask.values() if m is not None), None)
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        raise ValueError(f"a hybrid reads its padding from a 2-D or 4-D tensor mask; got a {type(mask).__name__} "
-                         f"(flex_attention?): load the model with attn_implementation='sdpa' or 'eager'")
     ids = kwargs.get("input_ids", args[0] if args else None)
     x = ids if ids is not None else kwargs.get("inputs_embeds")
-    pad = None
-    if isinstance(mask, torch.Tensor) and x is not None:
-        B, T = x.shape[:2]
-        if mask.dim() == 2:
-            pad = mask[:, -T:] == 0
-        elif mask.dim() == 4 and mask.shape[-2] == T:
-            attends = mask if mask.dtype == torch.bool else mask == 0           # (additive: 0 = attend)
-            pad = (~attends.any(-1)[:, 0]).expand(B, T)
-        pad = pad if pad is not None and bool(pad.any()) else None     # one check per forward, not per layer
+    pad, keys = _padding(mask, *x.shape[:2]) if mask is not None and x is not None else (None, None)
+    pad = pad if pad is not None and bool(pad.any()) else None         # one check per forward, not per layer
     for layer in stack.layers:
         if isinstance(layer.self_attn, GatedDeltaNet):
-            layer.self_attn.pad_mask = pad
+            layer.self_attn.pad_mask, layer.self_attn.real_keys = pad, keys
+
+
+def _padding(mask, B, T, rows=256):
+    """(pad [B, T], real keys [B, keys]) from a mask of any form HF hands the decoder stack: 2-D
+    [B, keys] (1 = real token); 4-D [B or 1, 1, T, keys] (bool, True = attend; or additive, 0 =
+    attend), as generate builds for a static cache; or flex_attention's BlockMask, evaluated through
+    its mask_mod `rows` queries at a time (a dense [B, T, keys] could be gigabytes at a long prefill).
+    A real token attends at least to itself; a pad attends to nothing and nothing attends to it."""
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        real = mask != 0
+        return ~real[:, -T:], real
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] == T:
+        attends = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
+        return (~attends.any(-1)).expand(B, T), attends.any(-2).expand(B, -1)
+    if hasattr(mask, "mask_mod") and hasattr(mask, "seq_lengths") and mask.seq_lengths[0] == T:
+        K = mask.seq_lengths[1]
+        dev = mask.kv_num_blocks.device
+        b, h, kv = torch.arange(B, device=dev)[:, None, None], torch.zeros(1, 1, 1, dtype=torch.long, device=dev), \
+            torch.arange(K, device=dev)[None, None, :]
+        real_q, real_k = [], torch.zeros(B, K, dtype=torch.bool, device=dev)
+        for q0 in range(0, T, rows):
+            q = torch.arange(q0, min(q0 + rows, T), device=dev)[None, :, None]
+            attends = mask.mask_mod(b, h, q, kv).expand(B, q.shape[1], K)
+            real_q.append(attends.any(-1))
+            real_k |= attends.any(-2)
+        return ~torch.cat(real_q, 1), real_k
+    raise ValueError(f"a hybrid reads its padding from the attention mask; this one ({type(mask).__name__}"
+                     f"{', shape ' + str(tuple(mask.shape)) if hasattr(mask, 'shape') else ''}) it cannot read: "
+                     f"load the model with attn_implementation='sdpa' or 'eager'")
+
+
+def _pad_between_real(pad, real_keys, past):
+    """Whether a row holds a pad with a real token before it (cached, or earlier in this chunk) and
+    one after it in this chunk: where a short conv would mix pads and real tokens."""
+    real = ~pad
+    before = real.cumsum(1) > 0
+    if past:                                      # (keys unknown: the cache may hold real tokens)
+        before = before | (real_keys[:, :past].any(1, keepdim=True) if real_keys is not None else True)
+    after = real.flip(1).cumsum(1).flip(1) > 0
+    return bool((pad & before & after).any())
 
 
 def gdn_modules(model):

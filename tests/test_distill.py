@@ -438,11 +438,12 @@ def test_resume_continues_exactly(setup, tmp_path, stage):
 
 def test_nan_stops_and_keeps_the_last_checkpoint(setup, tmp_path, capsys):
     """lr 1e30: the first update throws the weights to ~1e30, the next loss overflows. The run must
-    stop with a clear message, write no student, and leave the step-1 checkpoint as it was."""
+    stop with a clear message, write no student, and leave the step-1 checkpoint as it was; the
+    message says that checkpoint holds the weights that overflowed (not a good one to go back to)."""
     out = tmp_path / "run"
     code = distill.main(args(setup, out, 1, extra=["--lr", "1e30", "--ckpt-every", "1"]))
     err = capsys.readouterr().err
-    assert code == 3 and "step 2" in err and "last good checkpoint" in err and "step_00000001" in err, err
+    assert code == 3 and "step 2" in err and "step_00000001, holds the weights that gave this loss" in err, err
     assert not (out / "distill.json").exists() and not (out / "model.safetensors").exists()
     assert os.listdir(out / "checkpoints") == ["latest", "step_00000001"] or \
         sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000001"]
@@ -450,6 +451,22 @@ def test_nan_stops_and_keeps_the_last_checkpoint(setup, tmp_path, capsys):
     model = load_hybrid(out / "checkpoints" / "step_00000001")
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert [r["step"] for r in lines(out, "train")] == [1]
+
+
+def test_nan_after_a_checked_checkpoint_names_it_good(setup, tmp_path, capsys, monkeypatch):
+    """A non-finite gradient at step 4, checkpoints every 2 steps: step 3's finite loss came from the
+    step-2 checkpoint's weights, so that one is named the last good checkpoint."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm):
+        calls.append(1)
+        norm = real(params, max_norm)
+        return torch.tensor(float("nan")) if len(calls) == 4 else norm
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    out = tmp_path / "run"
+    assert distill.main(args(setup, out, 1)) == 3
+    err = capsys.readouterr().err
+    assert "step 4" in err and "the last good checkpoint is" in err and err.count("step_00000002") == 1, err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -535,7 +552,9 @@ def test_existing_out_and_resume_with_another_configuration(setup, tmp_path, cap
     assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume", "--lr", "5e-3"])) == 2
     err = capsys.readouterr().err
     assert "another configuration" in err and "lr: 0.003 there, 0.005 now" in err
-    for change, name in ((["--eval-batch-size", "3"], "eval_batch_size"), (["--test-data", setup["train"]], "test_data")):
+    other = tmp_path / "other_test.txt"
+    other.write_text(open(setup["test"]).read() + "\nOne more line.\n")
+    for change, name in ((["--eval-batch-size", "3"], "eval_batch_size"), (["--test-data", str(other)], "test_data")):
         assert distill.main(args(setup, out, extra=["--eval-every", "0", "--resume", *change])) == 2
         assert f"{name}: " in capsys.readouterr().err                      # what it measures, too
     after = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
@@ -607,6 +626,25 @@ def test_bad_value_creates_nothing_and_overwrites_nothing(setup, tmp_path, capsy
     assert change[0] in capsys.readouterr().err and untouched(tmp_path / "new")
     assert distill.main(args(setup, old, extra=[*change, "--overwrite"])) == 2
     assert change[0] in capsys.readouterr().err and os.listdir(old) == ["distill.json"]
+
+
+def test_training_text_apart_from_what_is_measured(setup, tmp_path, capsys):
+    """--data holding the evaluation or test text (the same file, or a copy of it in a folder) is
+    refused, as is an --out inside the --data folder; nothing is written. A seed far past int64 still
+    orders the data (the per-epoch offset wraps)."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shutil.copy(setup["train"], corpus / "train.txt")
+    shutil.copy(setup["test"], corpus / "copy.txt")
+    for data, message in ((setup["valid"], "--data holds --eval-data's text"),
+                          (str(corpus), "copy.txt')")):             # (the fixture's test text is its eval text)
+        assert distill.main(args({**setup, "train": data}, tmp_path / "o")) == 2
+        assert message in capsys.readouterr().err and untouched(tmp_path / "o")
+    (corpus / "copy.txt").unlink()
+    assert distill.main(args({**setup, "train": str(corpus)}, corpus / "run")) == 2
+    assert "lies inside --data" in capsys.readouterr().err and untouched(corpus / "run")
+    order = distill.Batches(torch.arange(64 * 16), 16, 4, seed=10**15).order(0)
+    assert sorted(order.tolist()) == list(range(64))
 
 
 def test_student_whose_weights_do_not_load_leaves_the_old_run(setup, tmp_path, capsys):
@@ -773,6 +811,10 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
     r2, r2_again = json.loads(done[f"{out}-stage2/distill.json"]), json.loads(again[f"{out}-stage2/distill.json"])
     assert r2_again["test"]["ppl"] == pytest.approx(r2["test"]["ppl"], rel=1e-6)
     assert convert.main(argv + ["--resume"]) == 0                     # a finished chain: nothing to do
+    assert convert.main([a if a != "1/2" else "0.5" for a in argv] + ["--resume"]) == 0     # the same keep
+    shutil.rmtree(out)                                  # the hybrid gone, its stages there: not redone under them
+    assert convert.main(argv + ["--resume"]) == 2
+    assert "holds no hybrid, yet" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit):
         convert.main(argv + ["--resume", "--overwrite"])
     assert "give one" in capsys.readouterr().err

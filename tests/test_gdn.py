@@ -386,12 +386,13 @@ def test_pads_after_a_prompt_leave_the_state_alone():
         torch.testing.assert_close(S, gdn._gdn_states(other)[i][0], rtol=1e-5, atol=1e-5)
 
 
-def test_pads_after_cached_tokens_refused_with_a_conv():
-    """With a short conv, pads after cached tokens cannot be made inert (the conv window would carry
-    the cached inputs into the pads' k and v, and the pads' zeros into the next tokens' window): such
-    a forward is refused, naming the cause, with a growing cache and a static one. After the static
-    cache's reset() (how --bench reuses one) a padded batch is a first forward again, accepted and
-    equal to no cache. (Not DynamicCache.reset: before transformers 5.24 it kept the length.)"""
+def test_pads_between_real_tokens_refused_with_a_conv():
+    """With a short conv, pads between real tokens cannot be made inert (the conv window would carry
+    the real inputs into the pads' k and v, and the pads' zeros into the next tokens' window): a
+    padded chunk after cached tokens, and pads inside a row, are refused, naming the cause, with a
+    growing cache and a static one. After the static cache's reset() (how --bench reuses one) a
+    padded batch is a first forward again, accepted and equal to no cache. (Not DynamicCache.reset:
+    before transformers 5.24 it kept the length.)"""
     from transformers import DynamicCache, StaticCache
     torch.manual_seed(0)
     model = hybridize(tiny_model("llama"), [0, 1, 2, 3], conv_size=4).eval()
@@ -403,8 +404,10 @@ def test_pads_after_cached_tokens_refused_with_a_conv():
     with torch.no_grad():
         for cache in (DynamicCache(config=model.config), StaticCache(config=model.config, max_cache_len=32)):
             model(prompt, past_key_values=cache, use_cache=True)
-            with pytest.raises(ValueError, match="padding after cached tokens"):
+            with pytest.raises(ValueError, match="pads between real tokens"):
                 model(padded, attention_mask=mask, past_key_values=cache, use_cache=True)
+        with pytest.raises(ValueError, match="pads between real tokens"):
+            model(torch.cat([prompt, padded], 1), attention_mask=mask)                 # pads inside a row
         cache.reset()
         first = torch.cat([torch.ones(2, 7), torch.zeros(2, 3)], 1).flip(1).long()      # pads on the left
         got = model(torch.cat([prompt, padded[:, :3]], 1), attention_mask=first, past_key_values=cache).logits
@@ -412,28 +415,64 @@ def test_pads_after_cached_tokens_refused_with_a_conv():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_mask_without_readable_padding_is_refused():
-    """flex_attention hands the stack a BlockMask, from which the hook cannot read the padding: refused
-    with the way out, rather than ignored (every pad would then write into the states)."""
-    model = hybridize(tiny_model("llama"), [0, 1, 3]).eval()
-    ids = torch.randint(1, 128, (2, 6))
+def test_left_padding_over_a_chunked_prefill():
+    """generate's prefill_chunk_size feeds a prompt in chunks, so a row's left pads can fill whole
+    chunks and reach the next one after cached tokens that are pads too: accepted (the conv window has
+    seen only zeros), and the tokens equal an unchunked prefill's."""
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 1, 3], conv_size=4).eval()
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    ids = torch.randint(3, 128, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[0, :6] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False)
+    with torch.no_grad():
+        want = model.generate(ids, **kw)
+        for size in (4, 8):
+            assert torch.equal(model.generate(ids, prefill_chunk_size=size, **kw), want), size
 
-    class BlockMask:                                      # stands in for torch's flex_attention mask
-        pass
 
-    with pytest.raises(ValueError, match="BlockMask.*attn_implementation='sdpa'"):
-        model.model(input_ids=ids, attention_mask=BlockMask())
-    with pytest.raises(ValueError, match="BlockMask"):
-        model.model(input_ids=ids, attention_mask={"full_attention": BlockMask()})
+def test_flex_attention_masks_are_read():
+    """flex_attention with a static cache hands the stack a BlockMask: its padding is read through
+    the mask's mask_mod, so a left-padded batch generates like each prompt alone; a mask of a form
+    no backend builds is refused, naming it, rather than ignored (every pad would write into the
+    states)."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="flex_attention").eval()
+    hybridize(model, [0, 1, 3], conv_size=4)
+    for m in gdn_modules(model).values():
+        torch.nn.init.normal_(m.conv.weight, std=0.5)
+    long, short = torch.randint(3, 128, (1, 9)), torch.randint(3, 128, (1, 5))
+    batch = torch.cat([long, torch.cat([torch.full((1, 4), 7), short], 1)])
+    mask = torch.cat([torch.ones(1, 9), torch.cat([torch.zeros(1, 4), torch.ones(1, 5)], 1)]).long()
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        both = model.generate(batch, attention_mask=mask, **kw)[:, 9:]
+        alone = [model.generate(p, attention_mask=torch.ones_like(p), **kw)[:, p.shape[1]:] for p in (long, short)]
+    assert torch.equal(both[0], alone[0][0]) and torch.equal(both[1], alone[1][0])
+
+    class Unknown:                                         # a mask of no form HF builds
+        shape = (2, 6)
+
+    with pytest.raises(ValueError, match="Unknown, shape \\(2, 6\\)"):
+        model.model(input_ids=torch.randint(1, 128, (2, 6)), attention_mask=Unknown())
+    with pytest.raises(ValueError, match="Unknown"):
+        model.model(input_ids=torch.randint(1, 128, (2, 6)), attention_mask={"full_attention": Unknown()})
 
 
 def test_bad_hybrid_shapes_refused():
     from gdn_kernel import chunk_gated_delta_rule_torch
     with pytest.raises(ValueError, match="conv_size must be a whole number >= 0"):
         hybridize(tiny_model("llama"), [1], conv_size=-1)
-    with pytest.raises(ValueError, match="whole numbers"):
-        hybridize(tiny_model("llama"), [1.7])
+    for bad in ([1.7], [float("inf")], [True]):
+        with pytest.raises(ValueError, match="whole numbers"):
+            hybridize(tiny_model("llama"), bad)
     hybridize(tiny_model("llama"), [1.0, 2])                   # whole numbers as floats are fine
+    model = hybridize(tiny_model("llama"), (i for i in range(4) if i != 2))    # any iterable
+    assert sorted(gdn_modules(model)) == [0, 1, 3]
     q = torch.randn(1, 5, 2, 4)
     with pytest.raises(ValueError, match="chunk_size"):
         chunk_gated_delta_rule_torch(q, q, q, torch.zeros(1, 5, 2), torch.ones(1, 5, 2), chunk_size=0)

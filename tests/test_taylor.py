@@ -957,7 +957,7 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     assert convert.main(moved_text + ["--policies", "uniform", "--inits", "naive", "--append"]) == 0
     text.write_text("A third sentence, which no cell was measured on. " * 400)
     assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--append"]) == 2
-    assert "another eval_tokens" in capsys.readouterr().err
+    assert "another --eval-data text" in capsys.readouterr().err
     # In a table of their own they are fine, and say so (write_gate=bias: GDN layers with a bias on W_b).
     own = [a if a != stem else stem + "_bias" for a in base]
     assert convert.main(own + ["--policies", "uniform", "--inits", "taylor", "--init-opt", "write_gate=bias"]) == 0
@@ -1064,6 +1064,8 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
     for bad in ("", str(tmp_path / "newdir") + "/"):
         assert taylor_stats.main(["--teacher", teacher_dir, "--out", bad]) == 2
         assert "names no file" in capsys.readouterr().err
+        assert calibrate.main(["--teacher", teacher_dir, "--out", bad]) == 2                 # a stem: .json, .md
+        assert "names no file stem" in capsys.readouterr().err
     for main in (calibrate.main, taylor_stats.main):
         with pytest.raises(SystemExit):
             main(base + ["--calib-seqs", "0"])
