@@ -554,11 +554,12 @@ def _calib_text_ids(args, tokenizer):
     return distill.tokenize(tokenizer, text)
 
 
-def calib_ids(args, tokenizer, part=0):
+def calib_ids(args, tokenizer, part=0, ids=None):
     """[calib_seqs, calib_len] held-out calibration tokens, or a clear error when the text is short.
     part=1 is the next block of the same text: the probe tokens the AR and GA-S2 policies score on,
-    so a layer is never chosen on the very tokens its init was fitted to."""
-    ids = _calib_text_ids(args, tokenizer)
+    so a layer is never chosen on the very tokens its init was fitted to. ids: the text's tokens,
+    where the caller has them already."""
+    ids = _calib_text_ids(args, tokenizer) if ids is None else ids
     need = args.calib_seqs * args.calib_len
     if ids.numel() < (part + 1) * need:
         what = "--calib-seqs x --calib-len" if part == 0 else "2 x --calib-seqs x --calib-len (calibration + policy probe)"
@@ -1032,11 +1033,12 @@ def _run_table(args):
     n = teacher.config.num_hidden_layers
     for k in keeps:
         _keep_count(n, k, "--keeps")
-    ids, calib = _eval_ids(args, tokenizer), calib_ids(args, tokenizer)
-    # The texts by their tokens, not only by the paths typed (another file under the same relative
-    # name, or the same file named from elsewhere): tables since the digests compare those instead.
-    # (the whole calibration text: its next block is the policies' probe)
-    tokens = {"eval_tokens": _ids_digest(ids), "calib_tokens": _ids_digest(_calib_text_ids(args, tokenizer))}
+    ids, calib_text = _eval_ids(args, tokenizer), _calib_text_ids(args, tokenizer)
+    calib = calib_ids(args, tokenizer, ids=calib_text)
+    # --append matches the texts by their tokens (the whole calibration text: the policies' probe is
+    # its next block), not by the paths typed: another file can sit under the same relative name, and
+    # the same file be named from elsewhere. Tables written before the digests compare the paths.
+    tokens = {"eval_tokens": _ids_digest(ids), "calib_tokens": _ids_digest(calib_text)}
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher), **tokens}
     by_path = {"eval_data": "eval_tokens", "calib_data": "calib_tokens"}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v
@@ -1047,7 +1049,7 @@ def _run_table(args):
                          f"{', '.join(said.get(k, k) for k in differ)}; its cells would not compare with these: "
                          f"choose another --results")
     need_probe = any(p != "uniform" for p in policies)
-    probe = calib_ids(args, tokenizer, part=1) if need_probe else None
+    probe = calib_ids(args, tokenizer, part=1, ids=calib_text) if need_probe else None
     ev = dict(window=args.window, max_windows=args.max_windows or None, batch_size=args.batch_size)
     teacher_ppl = distill.perplexity(teacher, ids, desc="teacher ppl", **ev)
     t0 = time.time()
