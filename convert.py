@@ -794,11 +794,12 @@ def _request(args, init_opts):
 def _converted_already(args, init_opts):
     """--resume: whether --out holds the hybrid this command would convert (then it is kept). A hybrid
     made otherwise, or before conversion.json recorded its request, is refused, naming what differs."""
-    path = os.path.join(args.out, "conversion.json")
+    out = os.path.abspath(args.out)                     # (as the stages' folders are named: OUT-stage1)
+    path = os.path.join(out, "conversion.json")
     if not args.resume:
         return False
     if not os.path.isfile(path):
-        begun = [f"{args.out}-stage{i}" for i in (1, 2) if os.path.exists(f"{args.out}-stage{i}")]
+        begun = [f"{out}-stage{i}" for i in (1, 2) if os.path.exists(f"{out}-stage{i}")]
         if begun:            # (a new hybrid under them: their checkpoints would continue from another)
             raise ValueError(f"--resume: '{args.out}' holds no hybrid, yet {' and '.join(begun)} began from one: "
                              f"start the chain afresh (--overwrite)")

@@ -54,9 +54,9 @@ nothing, and the short conv sees the zeros it would see before the first token) 
 set to 1 (g = 0), so the state after the pads is exactly the empty state an unpadded prompt starts
 from. That holds for pads before a row's first real token (left padding, also when a chunked
 prefill feeds them over several forwards). Pads between real tokens (a left-padded chunk appended
-after cached tokens, or pads inside a row) are refused where the layer has a short conv: its window
-would carry the real inputs into the pads' k and v, and the pads' zeros into the next real tokens'
-window. Every mask form HF builds is read (2-D, 4-D, flex_attention's BlockMask); another is refused
+after cached tokens, pads inside a row, real tokens fed after a right-padded chunk) are refused where
+the layer has a short conv: its window would carry the real inputs into the pads' k and v, and the
+pads' zeros into the next real tokens' window. Every mask form HF builds is read (2-D, 4-D, flex_attention's BlockMask); another is refused
 rather than ignored.
 """
 
@@ -212,11 +212,8 @@ class GatedDeltaNet(nn.Module):
             raise ValueError("this cache was cut back to fewer tokens (crop); a GDN layer's recurrent state "
                              "cannot be rewound, so decoding cannot continue from it (assisted or prompt-lookup "
                              "decoding does not work with a hybrid)")
-        if pad is not None and self.conv_size and _pad_between_real(
-                pad, getattr(self, "real_keys", None), cache.get_seq_length(self.layer_idx) if cache is not None else 0):
-            raise ValueError("pads between real tokens of a row (after cached or earlier ones, before later ones): "
-                             "a GDN layer's short conv would mix the real inputs into the pads and the pads into "
-                             "the next tokens; pad prompts on the left only")
+        if self.conv_size and (pad is not None or getattr(cache, "gdn_pad_tail", 0)):
+            self._check_pads(pad, cache, T)
         state = self.step_state(x, cache)
         if state is not None:
             return self.o_proj(self.step(self.project(x)["all"], state, cache, x)[:, None]), None
@@ -250,6 +247,27 @@ class GatedDeltaNet(nn.Module):
             states[self.layer_idx] = (S, conv_state)
             self._placeholder(cache, x)
         return self.readout(o, z), None
+
+    def _check_pads(self, pad, cache, T):
+        """With a short conv, pads between a row's real tokens (cached or in this chunk) are refused:
+        the conv window would carry real inputs into the pads' k and v, and the pads' zeros into the
+        next real tokens' window. Pads after a row's last real token (right padding) change nothing
+        of this forward's real outputs; the cache is marked, and refused if real tokens follow."""
+        past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
+        keys = getattr(self, "real_keys", None)
+        if keys is not None and keys.shape[1] == past + T:             # every position of the row known
+            real = keys
+        else:                                     # only this chunk's; the cache may hold real tokens
+            real = torch.cat([torch.ones_like(pad[:, :1]) if past else pad[:, :0], ~pad], 1) if pad is not None \
+                else None
+        tail = getattr(cache, "gdn_pad_tail", 0)            # the cache length its right padding ends at
+        after_tail = 0 < tail <= past and (pad is None or bool((~pad).any()))
+        if after_tail or (real is not None and _pads_between_real(real)):
+            raise ValueError("pads between real tokens of a row (after cached or earlier ones, before later ones): "
+                             "a GDN layer's short conv would mix the real inputs into the pads and the pads into "
+                             "the next tokens; pad prompts on the left only")
+        if cache is not None and real is not None and bool((~real[:, -1] & real.any(1)).any()):
+            cache.gdn_pad_tail = past + T         # right padding: what follows it would be mixed in
 
     def step_state(self, x, cache):
         """(S, conv state) of this layer where decoding x [B, 1, d] takes the one-kernel step
@@ -368,7 +386,7 @@ def _gdn_cache_class(base):
         def reset(self):
             super().reset()
             each(self, torch.Tensor.zero_)
-            self.gdn_rewound = False
+            self.gdn_rewound, self.gdn_pad_tail = False, 0
 
         def crop(self, *args, **kwargs):
             before = self.get_seq_length()
@@ -464,36 +482,41 @@ def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, wa
 
 def _share_padding_mask(stack, args, kwargs):
     """Pre-hook on the decoder stack: hand each GDN layer the padding of the tokens about to be
-    processed (pad_mask [B, T], True at a pad; None when there is none) and which key positions of
-    the cache and the chunk hold real tokens (real_keys [B, keys]). The mask stays set after the
-    forward, as gradient checkpointing recomputes a layer in the backward pass, after the stack has
-    returned; so a GDN layer called on its own, outside the stack, after a padded batch of the same
-    shape would still see it (the next stack forward resets it)."""
+    processed (pad_mask [B, T], True at a pad; None when there is none) and which cache positions hold
+    real tokens (real_keys [B, positions], None where the mask does not show them). The mask stays
+    set after the forward, as gradient checkpointing recomputes a layer in the backward pass, after
+    the stack has returned; so a GDN layer called on its own, outside the stack, after a padded batch
+    of the same shape would still see it (the next stack forward resets it)."""
     mask = kwargs.get("attention_mask")
-    if isinstance(mask, dict):                    # Gemma 3: one mask per attention type
-        mask = next((m for m in mask.values() if m is not None), None)
+    if isinstance(mask, dict):                    # Gemma 3: one mask per attention type; the full one
+        mask = mask.get("full_attention", next((m for m in mask.values() if m is not None), None))  # sees all
     ids = kwargs.get("input_ids", args[0] if args else None)
     x = ids if ids is not None else kwargs.get("inputs_embeds")
-    pad, keys = _padding(mask, *x.shape[:2]) if mask is not None and x is not None else (None, None)
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if cache is not None else 0
+    pad, keys = _padding(mask, *x.shape[:2], past) if mask is not None and x is not None else (None, None)
     pad = pad if pad is not None and bool(pad.any()) else None         # one check per forward, not per layer
     for layer in stack.layers:
         if isinstance(layer.self_attn, GatedDeltaNet):
             layer.self_attn.pad_mask, layer.self_attn.real_keys = pad, keys
 
 
-def _padding(mask, B, T, rows=256):
-    """(pad [B, T], real keys [B, keys]) from a mask of any form HF hands the decoder stack: 2-D
-    [B, keys] (1 = real token); 4-D [B or 1, 1, T, keys] (bool, True = attend; or additive, 0 =
-    attend), as generate builds for a static cache; or flex_attention's BlockMask, evaluated through
-    its mask_mod `rows` queries at a time (a dense [B, T, keys] could be gigabytes at a long prefill).
-    A real token attends at least to itself; a pad attends to nothing and nothing attends to it."""
+def _padding(mask, B, T, past, rows=256):
+    """(pad [B, T], real keys [B, positions] or None) from a mask of any form HF hands the decoder
+    stack: 2-D [B, positions] (1 = real token); 4-D [B or 1, 1, T, keys] (bool, True = attend; or
+    additive, 0 = attend), as generate builds for a static cache; or flex_attention's BlockMask,
+    evaluated through its mask_mod `rows` queries at a time (a dense [B, T, keys] could be gigabytes
+    at a long prefill). In a mask over keys no pad is attended by any query and every real token at
+    least by itself, so where key k is position k (keys >= past + T), the current tokens' columns
+    say which are pads. Otherwise (a sliding window's keys) only rows that attend to nothing are
+    known to be pads: the left padding generate makes."""
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         real = mask != 0
         return ~real[:, -T:], real
     if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[-2] == T:
         attends = (mask if mask.dtype == torch.bool else mask == 0)[:, 0]
-        return (~attends.any(-1)).expand(B, T), attends.any(-2).expand(B, -1)
-    if hasattr(mask, "mask_mod") and hasattr(mask, "seq_lengths") and mask.seq_lengths[0] == T:
+        real_q, real_k = attends.any(-1).expand(B, T), attends.any(-2).expand(B, -1)
+    elif hasattr(mask, "mask_mod") and hasattr(mask, "seq_lengths") and mask.seq_lengths[0] == T:
         K = mask.seq_lengths[1]
         dev = mask.kv_num_blocks.device
         b, h, kv = torch.arange(B, device=dev)[:, None, None], torch.zeros(1, 1, 1, dtype=torch.long, device=dev), \
@@ -504,21 +527,22 @@ def _padding(mask, B, T, rows=256):
             attends = mask.mask_mod(b, h, q, kv).expand(B, q.shape[1], K)
             real_q.append(attends.any(-1))
             real_k |= attends.any(-2)
-        return ~torch.cat(real_q, 1), real_k
-    raise ValueError(f"a hybrid reads its padding from the attention mask; this one ({type(mask).__name__}"
-                     f"{', shape ' + str(tuple(mask.shape)) if hasattr(mask, 'shape') else ''}) it cannot read: "
-                     f"load the model with attn_implementation='sdpa' or 'eager'")
+        real_q = torch.cat(real_q, 1)
+    else:
+        raise ValueError(f"a hybrid reads its padding from the attention mask; this one ({type(mask).__name__}"
+                         f"{', shape ' + str(tuple(mask.shape)) if hasattr(mask, 'shape') else ''}) it cannot read: "
+                         f"load the model with attn_implementation='sdpa' or 'eager'")
+    if real_k.shape[1] >= past + T:
+        return ~real_k[:, past:past + T], real_k[:, :past + T]
+    return ~real_q, None
 
 
-def _pad_between_real(pad, real_keys, past):
-    """Whether a row holds a pad with a real token before it (cached, or earlier in this chunk) and
-    one after it in this chunk: where a short conv would mix pads and real tokens."""
-    real = ~pad
+def _pads_between_real(real):
+    """Per row [B, N] of real (True) and pad positions: whether a pad has a real token before it and
+    one after it, where a short conv would mix pads and real tokens."""
     before = real.cumsum(1) > 0
-    if past:                                      # (keys unknown: the cache may hold real tokens)
-        before = before | (real_keys[:, :past].any(1, keepdim=True) if real_keys is not None else True)
     after = real.flip(1).cumsum(1).flip(1) > 0
-    return bool((pad & before & after).any())
+    return bool((~real & before & after).any())
 
 
 def gdn_modules(model):

@@ -415,6 +415,40 @@ def test_pads_between_real_tokens_refused_with_a_conv():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_pads_read_from_a_4d_mask_as_from_the_2d_one():
+    """Pads inside a row (no conv: allowed) read from the 4-D mask generate builds for a static cache
+    give the logits the 2-D mask gives: a pad is the key column no query attends, not only a row that
+    attends to nothing (a pad after real tokens still attends to them)."""
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 1, 3]).eval()
+    ids = torch.cat([torch.randint(3, 128, (2, 7)), torch.full((2, 3), 7), torch.randint(3, 128, (2, 5))], 1)
+    mask = torch.cat([torch.ones(2, 7), torch.zeros(2, 3), torch.ones(2, 5)], 1).long()
+    four = torch.ones(15, 15).tril().bool()[None, None] & mask.bool()[:, None, None, :]      # True = attend
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        for m in (four, torch.zeros(four.shape).masked_fill(~four, torch.finfo(torch.float32).min)):  # bool, additive
+            torch.testing.assert_close(model(ids, attention_mask=m).logits[:, 10:], want[:, 10:])
+
+
+def test_right_padding_then_more_tokens_refused_with_a_conv():
+    """Pads after a row's last real token change none of that forward's real outputs, so a right-padded
+    batch is accepted; real tokens fed after it into the same cache are refused (the conv would mix
+    the pads in), and a reset cache starts clean."""
+    from transformers import StaticCache
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 1, 2, 3], conv_size=4).eval()
+    prompt, more = torch.randint(3, 128, (2, 7)), torch.randint(3, 128, (2, 2))
+    right = torch.cat([torch.ones(2, 7), torch.zeros(2, 3)], 1).long()
+    with torch.no_grad():
+        cache = StaticCache(config=model.config, max_cache_len=16)
+        got = model(torch.cat([prompt, torch.full((2, 3), 7)], 1), attention_mask=right, past_key_values=cache).logits
+        torch.testing.assert_close(got[:, :7], model(prompt).logits)
+        with pytest.raises(ValueError, match="pads between real tokens"):
+            model(more, attention_mask=torch.cat([right, torch.ones(2, 2, dtype=torch.long)], 1), past_key_values=cache)
+        cache.reset()
+        model(prompt, past_key_values=cache)
+
+
 def test_left_padding_over_a_chunked_prefill():
     """generate's prefill_chunk_size feeds a prompt in chunks, so a row's left pads can fill whole
     chunks and reach the next one after cached tokens that are pads too: accepted (the conv window has
