@@ -56,8 +56,8 @@ from. That holds for pads before a row's first real token (left padding, also wh
 prefill feeds them over several forwards). Pads between real tokens (a left-padded chunk appended
 after cached tokens, pads inside a row, real tokens fed after a right-padded chunk) are refused where
 the layer has a short conv: its window would carry the real inputs into the pads' k and v, and the
-pads' zeros into the next real tokens' window. Every mask form HF builds is read (2-D, 4-D, flex_attention's BlockMask); another is refused
-rather than ignored.
+pads' zeros into the next real tokens' window. Every mask form HF builds is read (2-D, 4-D,
+flex_attention's BlockMask); another is refused rather than ignored.
 """
 
 import logging
@@ -495,7 +495,8 @@ def _share_padding_mask(stack, args, kwargs):
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     past = cache.get_seq_length() if cache is not None else 0
     pad, keys = _padding(mask, *x.shape[:2], past) if mask is not None and x is not None else (None, None)
-    pad = pad if pad is not None and bool(pad.any()) else None         # one check per forward, not per layer
+    if pad is None or not bool(pad.any()):          # one check per forward, not per layer; the keys are
+        pad, keys = None, None                      # read only where there are pads (not at a decoding step)
     for layer in stack.layers:
         if isinstance(layer.self_attn, GatedDeltaNet):
             layer.self_attn.pad_mask, layer.self_attn.real_keys = pad, keys
