@@ -476,11 +476,6 @@ def _ga_key(init, init_opts, seed):
 _DIGESTS = weakref.WeakKeyDictionary()       # model -> digest: a teacher's weights never change
 
 
-def _ids_digest(ids):
-    """16 hex digits of a sha1 over token ids and their shape: a text as the model reads it."""
-    return hashlib.sha1(str(tuple(ids.shape)).encode() + ids.cpu().numpy().tobytes()).hexdigest()[:16]
-
-
 def _weights_digest(model):
     """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
     --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
@@ -1039,7 +1034,7 @@ def _run_table(args):
     # --append matches the texts by their tokens (the whole calibration text: the policies' probe is
     # its next block), not by the paths typed: another file can sit under the same relative name, and
     # the same file be named from elsewhere. Tables written before the digests compare the paths.
-    tokens = {"eval_tokens": _ids_digest(ids), "calib_tokens": _ids_digest(calib_text)}
+    tokens = {"eval_tokens": distill.ids_digest(ids), "calib_tokens": distill.ids_digest(calib_text)}
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher), **tokens}
     by_path = {"eval_data": "eval_tokens", "calib_data": "calib_tokens"}
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v

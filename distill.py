@@ -49,12 +49,15 @@ rest (MLPs, norms, embeddings, LM head) at a much smaller one.
 
 Token budgets count real tokens: the corpus is packed into full sequences (documents joined by
 EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budget of N tokens
-gives floor(N / (batch * seq)) steps. The run folder (--out) holds metrics.jsonl (one line per
-step, with this stage's tokens, and per evaluation, with the tokens seen in every stage so far),
-checkpoints/ (atomic, every --ckpt-every steps: weights and optimiser state as safetensors, RNG
-states, data position, step), and at the end the student itself (loadable by gdn.load_hybrid, and
-a --student for Stage 2) and distill.json, written last, which marks the run complete. The teacher's validation perplexity on
-the same windows is logged once at the start of a run: the yardstick for what follows.
+gives floor(N / (batch * seq)) steps. The run folder (--out) holds run.json (the configuration,
+and the texts as token digests), metrics.jsonl (one line per step, with this stage's tokens, and
+per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
+--ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
+and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
+distill.json, written last, which marks the run complete. --resume continues from the latest
+checkpoint, and refuses another configuration, or other text under the same paths. The teacher's
+validation perplexity on the same windows is logged once at the start of a run: the yardstick for
+what follows.
 
 The recovery report (METHOD section 6's claim: a good init needs several times fewer Stage-2 tokens)
 compares finished Stage-2 runs of different inits, one of them naive:
@@ -74,6 +77,7 @@ import contextlib
 import datetime
 import decimal
 import filecmp
+import hashlib
 import json
 import math
 import os
@@ -1212,7 +1216,7 @@ def holds_other_files(path):
             and not any(os.path.isfile(os.path.join(path, f)) for f in ("run.json", "distill.json")))
 
 
-def _start_run_folder(a, config, dist):
+def _start_run_folder(a, config, texts, dist):
     """A new run's folder, holding run.json; under --overwrite it replaces --out. Called last, once
     everything that can fail before training has been checked: nothing is deleted for a run that
     cannot start."""
@@ -1222,8 +1226,26 @@ def _start_run_folder(a, config, dist):
         if os.path.exists(a.out):
             shutil.rmtree(a.out)
         os.makedirs(a.out)
-        write_json(run_json, {"config": config, "created": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_json(run_json, {"config": config, "texts": texts, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "commit": run_info()["commit"]})
     dist.barrier()
+
+
+def ids_digest(ids):
+    """16 hex digits of a sha1 over token ids and their shape: a text as the model reads it."""
+    return hashlib.sha1(str(tuple(ids.shape)).encode() + ids.cpu().numpy().tobytes()).hexdigest()[:16]
+
+
+def _check_texts(a, texts):
+    """--resume: the texts must be the ones the run started on, not only the same paths (a corpus
+    edited in place would continue the data stream of another text). A run.json of a version
+    without these digests is not checked."""
+    old = read_json(os.path.join(a.out, "run.json")).get("texts")
+    diff = [k for k in texts if old is not None and old.get(k) != texts[k]]
+    if diff:
+        raise ValueError("--resume: the run in '" + a.out + "' started on other text: " + ", ".join(
+            f"{k} (tokens digest {old.get(k)} there, {texts[k]} now)" for k in diff) + "; restore the files, or "
+            "start a new run")
 
 
 def _save_student(student, tokenizer, a, extra_files):
@@ -1299,6 +1321,11 @@ def _distill(a):
     if a.test_data:
         test_ids = tokenize(s_tok, read_text(a.test_data))
         windows(test_ids, a.eval_window, option="--eval-window")
+    texts = {"data": ids_digest(data.seqs),
+             "eval_data": ids_digest(eval_ids) if eval_ids is not None else None,
+             "test_data": ids_digest(test_ids) if test_ids is not None else None}
+    if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
+        _check_texts(a, texts)                                         # before minutes of loading
     from convert import load_teacher                                  # lazy: convert imports distill
     dtype = torch.bfloat16 if (a.amp and a.device == "cuda") else torch.float32
     teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
@@ -1318,7 +1345,7 @@ def _distill(a):
     else:
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
-        _start_run_folder(a, config, dist)                             # every check passed: now write
+        _start_run_folder(a, config, texts, dist)                             # every check passed: now write
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "

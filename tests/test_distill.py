@@ -567,6 +567,28 @@ def test_existing_out_and_resume_with_another_configuration(setup, tmp_path, cap
     assert "another configuration" in capsys.readouterr().err
 
 
+def test_resume_refuses_other_text_under_the_same_paths(setup, tmp_path, capsys):
+    """The configuration names the files; run.json also holds their texts' token digests, so a
+    corpus or evaluation text edited in place is refused rather than continued as if unchanged."""
+    s = dict(setup, train=str(tmp_path / "train.txt"), valid=str(tmp_path / "valid.txt"))
+    shutil.copyfile(setup["train"], s["train"])
+    shutil.copyfile(setup["valid"], s["valid"])
+    out = tmp_path / "run"
+    assert distill.main(args(s, out, extra=["--stop-after-steps", "2", "--eval-every", "0"])) == 0
+    before = {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs}
+    for name in ("train", "valid"):
+        text = open(s[name]).read()
+        open(s[name], "w").write(text.replace(" the ", " a ", 1))
+        capsys.readouterr()
+        assert distill.main(args(s, out, extra=["--eval-every", "0", "--resume"])) == 2
+        err = capsys.readouterr().err
+        assert "started on other text" in err and ("data (" if name == "train" else "eval_data (") in err, err
+        assert {f: open(os.path.join(r, f), "rb").read() for r, _, fs in os.walk(out) for f in fs} == before
+        open(s[name], "w").write(text)
+    assert distill.main(args(s, out, extra=["--eval-every", "0", "--resume"])) == 0   # restored: it goes on
+    assert (out / "distill.json").exists()
+
+
 def test_evaluation_leaves_each_module_in_its_mode():
     """Stage 1 trains its GDN layers inside a student loaded in eval mode: an evaluation must hand
     every module back in the mode it had (the whole model's mode would put the trained layers in
