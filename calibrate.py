@@ -69,7 +69,8 @@ Phase 1, for a layer with heads h (closed form, no gradient):
 Phase 2, for each converted layer independently (teacher forcing: input x, target y, both fixed):
 
      min  MSE( GDN(x), y )   over W_q, W_k, W_v (lr_qkv = 1e-4) and W_a, W_b, W_g, A_log, dt_bias
-                             (lr_gates = 1e-3); W_o, the norm weight, the conv and all else frozen.
+                             (lr_gates = 1e-3; with write_gate=bias, W_b's bias too); W_o, the norm
+                             weight, the conv and all else frozen.
      AdamW (weight_decay 0.01), `steps` = 300 full-batch steps, gradient-norm clip 1.0, and the
      parameters with the lowest loss seen are kept (keep_best). The loss before and after is recorded.
      The calibration tokens (METHOD: 4 x 256) are convert.py's --calib-seqs and --calib-len.
@@ -249,10 +250,12 @@ def resolve(opts, preset=None):
             raise ValueError(f"init options: need 0 < {lo} <= {hi}, got {o[lo]} and {o[hi]}")
     if o["steps"] < 0 or o["val_rows"] < 0:
         raise ValueError(f"init options steps and val_rows must be >= 0 (got {o['steps']}, {o['val_rows']})")
-    for name in ("a_max", "dt_floor", "clip", "conc_eps"):            # a log, a clamp, a clip, a divisor: > 0
+    # > 0: a log, a clamp, a clip, a divisor, and the ridges (with fewer calibration tokens than the
+    # width, X^T X is singular without one).
+    for name in ("a_max", "dt_floor", "clip", "conc_eps", "ridge", "gate_ridge"):
         if not o[name] > 0:
             raise ValueError(f"init option {name} must be > 0 (got {o[name]})")
-    for name in ("gate_std", "ridge", "gate_ridge", "weight_decay", "damping", "dist_floor", "lr_qkv", "lr_gates"):  # (lr 0: frozen)
+    for name in ("gate_std", "weight_decay", "damping", "dist_floor", "lr_qkv", "lr_gates"):  # (lr 0: frozen)
         if not o[name] >= 0:
             raise ValueError(f"init option {name} must be >= 0 (got {o[name]})")
     if min(_grid(o, "gate_shrinks")) < 0:
@@ -297,7 +300,8 @@ def _standard_gates(gdn, o):
         lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, o["gate_std"], generator=g)))
     if gdn.b_proj.bias is not None:                          # (write_gate=bias's; none in the standard init)
         gdn.b_proj.bias.zero_()
-    gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).log())
+    # (U(0, a_max) includes 0, whose log would be -inf; the floor lies below every other float32 draw)
+    gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).clamp_min(1e-8).log())
     dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(o["dt_min"]), math.log(o["dt_max"]),
                                                         generator=g)).exp()
     gdn.dt_bias.copy_(_softplus_inv(dt.clamp(min=o["dt_floor"])))
@@ -350,7 +354,9 @@ def _at(t, gdn):
 
 @torch.no_grad()
 def phase1(gdn, st, o):
-    """Steps 1-4 of the module docstring on one GDN layer, in place. Returns what was set (lists)."""
+    """Steps 1-4 of the module docstring on one GDN layer, in place. Returns what was set (lists).
+    On failure (non-finite weights) the layer is left as it came in."""
+    saved = [p.detach().clone() for p in gdn.parameters()]
     H, D = gdn.num_heads, gdn.head_dim
     d = gdn.hidden_size
     x = _at(st["x"], gdn).to(gdn.q_proj.weight.dtype)
@@ -394,7 +400,8 @@ def phase1(gdn, st, o):
     else:
         raise ValueError(f"write_gate must be rescale, bias or fit, not '{o['write_gate']}'")
     beta_tokens = gdn.gates(gdn.project(x))[1]                                 # what beta really is
-    beta_seen, beta_std = beta_tokens.mean((0, 1)), beta_tokens.flatten(0, 1).std(0)
+    beta_seen = beta_tokens.mean((0, 1))
+    beta_std = beta_tokens.flatten(0, 1).std(0) if beta_tokens[..., 0].numel() > 1 else 0 * beta_seen  # (1 token)
 
     # 3. value scale: least squares of the readout G against the teacher context T, per head.
     G = _readout_raw(gdn, x)
@@ -408,7 +415,9 @@ def phase1(gdn, st, o):
     v = F.silu(F.linear(X, Wv.float()))
     kappa = o["damping"] * T.pow(2).mean().sqrt() / v.pow(2).mean().sqrt().clamp_min(1e-12)
     gdn.g_proj.weight.copy_(kappa * Wv.float())
-    info = {"gamma": gamma.tolist(), "beta_target": beta.tolist(), "beta_mean": beta_seen.tolist(),
+    stats = o["gates_from"] == "stats"                 # (naive: the gates applied are the random ones)
+    info = {"gamma": gamma.tolist() if stats else None, "beta_target": beta.tolist() if stats else None,
+            "beta_mean": beta_seen.tolist(),
             "beta_token_std": beta_std.tolist(),
             "sigma": sigma.tolist(), "kappa": float(kappa)}
     if search is not None:
@@ -417,9 +426,10 @@ def phase1(gdn, st, o):
         info.update(_fit_out_gate(gdn, x, _at(st["y"], gdn), kappa, o))
     elif o["out_gate"] != "damped":
         raise ValueError(f"out_gate must be damped or fit, not '{o['out_gate']}'")
-    for p in gdn.parameters():                                                  # never NaN weights
-        if not torch.isfinite(p).all():
-            raise ValueError(f"layer {gdn.layer_idx}: Phase 1 produced non-finite weights")
+    if not all(torch.isfinite(p).all() for p in gdn.parameters()):              # never NaN weights
+        for p, old in zip(gdn.parameters(), saved):
+            p.copy_(old)
+        raise ValueError(f"layer {gdn.layer_idx}: Phase 1 produced non-finite weights")
     return info
 
 
@@ -436,7 +446,9 @@ def _gate_search(gdn, x, T, o):
     all heads at once. Returns (gamma [H], beta [H], what was seen)."""
     q, k, v, _ = gdn.qkv(gdn.project(x))
     N, L, H, D = q.shape
-    gammas, betas = _grid(o, "gamma_grid"), _grid(o, "beta_grid")
+    # (a time step outside [gamma_min, gamma_max] is scored as it would be applied: clamped)
+    gammas = [min(max(gm, o["gamma_min"]), o["gamma_max"]) for gm in _grid(o, "gamma_grid")]
+    betas = _grid(o, "beta_grid")
     score = torch.empty(len(gammas), len(betas), H)
     for a, gm in enumerate(gammas):
         for b, bt in enumerate(betas):
@@ -445,7 +457,7 @@ def _gate_search(gdn, x, T, o):
             G, _ = chunk_gated_delta_rule(q, k, v, g.to(q.dtype) if q.dtype == torch.float64 else g, beta.to(q.dtype))
             score[a, b] = F.cosine_similarity(G.float(), T, dim=-1, eps=1e-6).mean((0, 1)).cpu()
     best = score.view(-1, H).argmax(0)
-    ga = torch.tensor(gammas)[best // len(betas)].clamp(o["gamma_min"], o["gamma_max"]).to(x.device)
+    ga = torch.tensor(gammas)[best // len(betas)].to(x.device)
     be = torch.tensor(betas)[best % len(betas)].to(x.device)
     return ga, be, {"gamma": ga.tolist(), "beta": be.tolist(), "cosine": score.view(-1, H).max(0).values.tolist()}
 
@@ -624,6 +636,10 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
             raise ValueError("phase2_input=student assumes a layer adds its attention output to the residual "
                              "stream as it is; this model normalises it first (Gemma-style post-attention "
                              "norm): use phase2_input=teacher")
+    if do_phase1 and o["gate_std"] == 0 and o["write_gate"] == "rescale" and o["gates_from"] == "stats":
+        raise ValueError(f"init {name}: gate_std=0 with write_gate=rescale: the rescale sets each head's beta by "
+                         f"scaling W_b's random rows, and gate_std=0 leaves none (beta would stay 0.5); give "
+                         f"gate_std > 0 or another write_gate")
     t0 = time.time()
     stats = _teacher_stats(student, teacher, calib_ids, opts, o, name) if (do_phase1 or do_phase2) else None
     info = {"options": {k: o[k] for k in OPTIONS}, "stats_seconds": time.time() - t0, "layers": {}}
@@ -842,7 +858,7 @@ def main(argv=None):
                              "held_zero_output": float(held[i]["y"].pow(2).mean()), "seconds": r.get("seconds"),
                              # the write gate Phase 1 left: how far beta's mean is from its target, how much
                              # it varies with the token (per head, averaged over heads)
-                             "beta_off": None if p1 is None else
+                             "beta_off": None if p1 is None or p1["beta_target"] is None else
                              float((torch.tensor(p1["beta_mean"]) - torch.tensor(p1["beta_target"])).abs().mean()),
                              "beta_token_std": None if p1 is None else float(torch.tensor(p1["beta_token_std"]).mean())})
                 print(f"{label:50s} layer {i:2d}  held-out MSE start {start:.4f} -> end {rows[-1]['held_mse_end']:.4f}"

@@ -110,7 +110,7 @@ class GatedDeltaNet(nn.Module):
             nn.init.normal_(lin.weight, std=std)
             if lin.bias is not None:
                 lin.bias.zero_()
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).log())
+        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).clamp_min(1e-8).log())   # (a draw of 0: -inf)
         dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp(min=1e-4)
         self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
         self.o_norm.fill_(1.0)

@@ -572,7 +572,7 @@ def test_init_options_are_checked():
                          (["dt_floor=-1"], "dt_floor must be > 0"), (["lr_qkv=-1"], "lr_qkv must be >= 0"),
                          (["gamma_grid=nan,1"], "finite"), (["conc_eps=0"], "conc_eps must be > 0"),
                          (["clip=-1"], "clip must be > 0"), (["gate_std=-1"], "gate_std must be >= 0"),
-                         (["ridge=-1"], "ridge must be >= 0"), (["gate_ridge=-1"], "gate_ridge must be >= 0"),
+                         (["ridge=0"], "ridge must be > 0"), (["gate_ridge=0"], "gate_ridge must be > 0"),
                          (["gate_shrinks=1,-0.5"], "factors must be >= 0"), (["gate_shrinks=1,x"], "comma-separated"),
                          (["gate_search=1", "gates_from=naive"], "use one or the other"),
                          (["gates_from=naive", "a_proj=zero"], "keeps the standard random gates"),
@@ -582,6 +582,36 @@ def test_init_options_are_checked():
     with pytest.raises(ValueError, match="taylor-plus sets both"):
         calibrate.resolve({"gates_from": "naive"}, calibrate.PLUS)
     calibrate.parse_opts(["gates_from=naive", "out_gate=fit", "val_rows=1"])       # (results/zeroshot_plus_layers)
+    with pytest.raises(ValueError, match="gate_std=0 with write_gate=rescale"):      # before the teacher pass
+        calibrate.INITS["taylor"](hybridize(tiny_model("llama"), [1]), None, None, {"gate_std": 0})
+
+
+def test_phase1_edge_cases(monkeypatch):
+    """A uniform draw of exactly 0 for A = exp(A_log) gives a finite A_log (not log 0 = -inf, which
+    Phase 2's finiteness check would then blame on its learning rates); with gates_from=naive the record
+    holds no targets (none was applied); one calibration token gives a zero spread of beta, not NaN;
+    a Phase 1 that fails leaves the layer as it came in."""
+    teacher = tiny_model("llama")
+    gdn = gdn_modules(hybridize(copy.deepcopy(teacher), [1]))[1]
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "uniform_", lambda self, *a, **k: self.zero_())
+        gdn.reset_parameters()
+        assert torch.isfinite(gdn.A_log).all()
+        with torch.no_grad():
+            calibrate._standard_gates(gdn, calibrate.resolve({}))
+        assert torch.isfinite(gdn.A_log).all()
+    ids = calib(n=1, length=1)
+    stats = taylor_stats.collect_stats(teacher, ids, layers=[1], progress=False)
+    student = hybridize(copy.deepcopy(teacher), [1])
+    info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "gates_from": "naive"})
+    p1 = info["layers"][1]["phase1"]
+    assert p1["gamma"] is None and p1["beta_target"] is None and p1["beta_token_std"] == [0.0] * 4
+    gdn = gdn_modules(student)[1]
+    before = {k: v.clone() for k, v in gdn.state_dict().items()}
+    monkeypatch.setattr(calibrate, "_softplus_inv", lambda y: y * float("nan"))
+    with pytest.raises(ValueError, match="Phase 1 produced non-finite"), torch.no_grad():
+        calibrate.phase1(gdn, stats[1], calibrate.resolve({}))
+    assert all(torch.equal(v, gdn.state_dict()[k]) for k, v in before.items())
 
 
 def test_every_constant_is_an_option():
