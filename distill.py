@@ -52,12 +52,12 @@ EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budge
 gives floor(N / (batch * seq)) steps. The run folder (--out) holds run.json (the configuration,
 and the texts as token digests), metrics.jsonl (one line per step, with this stage's tokens, and
 per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
---ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step),
-and at the end the student itself (loadable by gdn.load_hybrid, and a --student for Stage 2) and
-distill.json, written last, which marks the run complete. --resume continues from the latest
-checkpoint, and refuses another configuration, or other text under the same paths. The teacher's
-validation perplexity on the same windows is logged once at the start of a run: the yardstick for
-what follows.
+--ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step;
+each is a student folder too), and at the end the student itself (loadable by gdn.load_hybrid,
+and a --student for Stage 2) and distill.json, written last, which marks the run complete.
+--resume continues from the latest checkpoint, and refuses another configuration, or other text
+under the same paths. The teacher's validation perplexity on the same windows is logged once at
+the start of a run: the yardstick for what follows.
 
 The recovery report (METHOD section 6's claim: a good init needs several times fewer Stage-2 tokens)
 compares finished Stage-2 runs of different inits, one of them naive:
@@ -680,17 +680,35 @@ def _rng_state():
     return state
 
 
-def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
+def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, extra_files=()):
     """checkpoints/step_N, written into a temporary folder and renamed; then the `latest` pointer
-    is rewritten atomically, then older checkpoints go. A kill at any moment leaves `latest`
-    pointing at a complete checkpoint."""
-    from safetensors.torch import save_file
-    from gdn import save_hybrid
+    is rewritten atomically. A kill at any moment leaves `latest` pointing at a complete checkpoint;
+    a failed write (a full disk) leaves nothing behind. Older checkpoints stay until the next step
+    proves this one (_prune_checkpoints). A checkpoint is a student folder too (weights, tokenizer,
+    conversion.json): --student for a new run, e.g. after a divergence."""
     root = os.path.join(folder, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
-    save_hybrid(student, None, tmp)                                     # model.safetensors + config
+    try:
+        _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, extra_files)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    final = os.path.join(root, name)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    write_atomic(os.path.join(root, "latest"), name + "\n")
+    return final
+
+
+def _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, extra_files):
+    from safetensors.torch import save_file
+    from gdn import save_hybrid
+    save_hybrid(student, tokenizer, tmp)                                # model.safetensors + config
+    for name in extra_files:
+        shutil.copyfile(extra_files[name], os.path.join(tmp, name))
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
     # The training state sits in a subfolder: the checkpoint itself stays a folder load_hybrid reads.
@@ -701,16 +719,24 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, keep=1):
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in sd["param_groups"]]
     write_json(os.path.join(tmp, "train_state", "state.json"), {**state, "param_groups": groups})
     seal(tmp)
-    final = os.path.join(root, name)
-    if os.path.exists(final):
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_atomic(os.path.join(root, "latest"), name + "\n")
-    old = sorted(d for d in os.listdir(root) if d.startswith("step_") and d != name)
-    for d in old[: max(0, len(old) - (keep - 1))]:
-        shutil.rmtree(os.path.join(root, d), ignore_errors=True)
-    _remove_leftovers(root)                        # of a killed write (folders, or `latest`'s files)
-    return final
+
+
+def _checkpoints(folder):
+    """The run's checkpoint folders, oldest first."""
+    root = os.path.join(folder, "checkpoints")
+    names = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
+    return [os.path.join(root, d) for d in names]
+
+
+def _prune_checkpoints(folder, keep):
+    """All but the newest `keep` checkpoints go, and what a killed write left. Called once a step
+    after the newest has a finite loss: a checkpoint's weights are proven by the step after it, so
+    until then the one before it stays (a divergence right after a checkpoint still has one to
+    start from)."""
+    for path in _checkpoints(folder)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+    if os.path.isdir(os.path.join(folder, "checkpoints")):
+        _remove_leftovers(os.path.join(folder, "checkpoints"))      # (folders, or `latest`'s files)
 
 
 def _remove_leftovers(folder, prefixes=(".tmp-",)):
@@ -800,6 +826,15 @@ class Diverged(RuntimeError):
     pass
 
 
+def _restart_from(a, step):
+    """Where a diverged run can start again: its newest checkpoint whose weights are proven (a
+    checkpoint written at `step`, the step that diverged, holds the weights that gave the loss)."""
+    good = [c for c in _checkpoints(a.out) if not c.endswith(f"step_{step:08d}")]
+    if not good:
+        return f"no checkpoint before it was kept: start a new run from the student ({a.student})"
+    return f"start a new run from the last good checkpoint, --student {good[-1]} (a student folder)"
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop both stages share
 # ----------------------------------------------------------------------------------------------
@@ -821,7 +856,7 @@ def _train(run, student, data, model, step_fn, groups):
     metrics = Metrics(os.path.join(a.out, "metrics.jsonl"), dist.main, keep_until_step=start if start else -1)
     per_rank = a.batch // dist.world
     tokens_per_step = a.batch * a.seq
-    last_ckpt = run.resume_from
+    prune = dist.main                                  # (a resumed run's older checkpoints, too)
     records = []
     bar = tqdm(range(start, run.steps), desc=f"stage {a.stage}", initial=start, total=run.steps,
                disable=not dist.main)
@@ -857,18 +892,13 @@ def _train(run, student, data, model, step_fn, groups):
         grad_norm = float(nn.utils.clip_grad_norm_(params, a.clip))
         tokens = (step + 1) * tokens_per_step
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            # A checkpoint's weights are checked by the loss of the step after it: one written at the
-            # step before this one holds the very weights that gave this loss.
-            where = ("no checkpoint was written yet" if not last_ckpt else
-                     f"the last good checkpoint is {last_ckpt} (kept as it was; a folder gdn.load_hybrid reads)"
-                     if not last_ckpt.endswith(f"step_{step:08d}") else
-                     f"the last checkpoint, {last_ckpt}, holds the weights that gave this loss: start from an "
-                     f"earlier one, if --keep-checkpoints kept any, or from the student")
             raise Diverged(f"stage {a.stage}: loss {loss} / gradient norm {grad_norm} at step {step + 1} "
-                           f"({tokens} tokens): stopping without saving; {where}. The run is "
-                           f"deterministic (up to some CUDA backward kernels), so --resume would most likely meet the "
-                           f"same step again: start a new run with other settings "
-                           f"(e.g. a lower --lr)")
+                           f"({tokens} tokens): stopping without saving. The run is deterministic (up to some "
+                           f"CUDA backward kernels), so --resume would most likely meet the same step again: "
+                           f"{_restart_from(a, step)}, with other settings (e.g. a lower --lr)")
+        if prune:
+            _prune_checkpoints(a.out, a.keep_checkpoints)
+            prune = False
         f = _lr_factor(step, run.steps, a.schedule, a.warmup_steps, a.min_lr_ratio)
         for g, b in zip(opt.param_groups, base):
             g["lr"] = b * f
@@ -889,9 +919,12 @@ def _train(run, student, data, model, step_fn, groups):
             rngs = dist.gather(_rng_state())
             if dist.main:
                 metrics.sync()
-                last_ckpt = _save_checkpoint(a.out, step + 1, student, opt, rngs, {
+                _save_checkpoint(a.out, step + 1, student, opt, rngs, {
                     "step": step + 1, "tokens": tokens, "data_epoch": data.epoch, "data_index": data.index,
-                    "world": dist.world, "config": run.config}, keep=a.keep_checkpoints)
+                    "tokens_by_stage": _tokens_by_stage(run.prior_tokens, a.stage, tokens),
+                    "world": dist.world, "config": run.config}, run.tokenizer,
+                    {"conversion.json": os.path.join(a.student, "conversion.json")})
+                prune = True
             dist.barrier()
         if a.stop_after_steps and step + 1 - start >= a.stop_after_steps and step + 1 < run.steps:
             end_profile()
@@ -1049,6 +1082,8 @@ def parse_args(argv, prog=None):
     for k, v in STAGE_DEFAULTS[a.stage].items():
         if k != "micro_cap" and getattr(a, k) is None:
             setattr(a, k, v)
+    if a.resume and a.overwrite:
+        raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
     a.tokens = parse_tokens(a.tokens, "--tokens")
     a.eval_every = parse_tokens(a.eval_every, "--eval-every")
     if a.device == "auto":
@@ -1144,6 +1179,8 @@ def _read_student(path):
     prior = {}
     if os.path.isfile(os.path.join(path, "distill.json")):
         prior = read_json(os.path.join(path, "distill.json")).get("tokens_by_stage", {})
+    elif os.path.isfile(os.path.join(path, "train_state", "state.json")):      # a checkpoint of a run
+        prior = read_json(os.path.join(path, "train_state", "state.json")).get("tokens_by_stage", {})
     return conversion, prior
 
 
@@ -1224,7 +1261,11 @@ def _start_run_folder(a, config, texts, dist):
     dist.barrier()
     if dist.main:
         if os.path.exists(a.out):
-            shutil.rmtree(a.out)
+            # Moved aside, then deleted: a kill leaves the old run gone or whole (in a .trash- folder
+            # beside --out), never a run folder that has lost its run.json.
+            trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(a.out)), prefix=".trash-")
+            os.replace(a.out, os.path.join(trash, "run"))
+            shutil.rmtree(trash)
         os.makedirs(a.out)
         write_json(run_json, {"config": config, "texts": texts, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "commit": run_info()["commit"]})
@@ -1233,7 +1274,9 @@ def _start_run_folder(a, config, texts, dist):
 
 def ids_digest(ids):
     """16 hex digits of a sha1 over token ids and their shape: a text as the model reads it."""
-    return hashlib.sha1(str(tuple(ids.shape)).encode() + ids.cpu().numpy().tobytes()).hexdigest()[:16]
+    h = hashlib.sha1(str(tuple(ids.shape)).encode())
+    h.update(ids.cpu().contiguous().numpy())                 # (read in place: a corpus can be gigabytes)
+    return h.hexdigest()[:16]
 
 
 def _check_texts(a, texts):
@@ -1265,8 +1308,9 @@ def _save_student(student, tokenizer, a, extra_files):
 class Run:
     """What the loop needs besides models and data."""
 
-    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens, teacher):
+    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens, teacher, tokenizer):
         self.args, self.dist, self.steps, self.config, self.teacher = args, dist, steps, config, teacher
+        self.tokenizer = tokenizer
         self.resume_from, self.eval_ids, self.prior_tokens = resume_from, eval_ids, prior_tokens
         self.stopped, self.flops_per_token = False, None
 
@@ -1346,7 +1390,7 @@ def _distill(a):
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
         _start_run_folder(a, config, texts, dist)                             # every check passed: now write
-    run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher)
+    run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher, s_tok)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
               f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences; "

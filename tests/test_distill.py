@@ -439,11 +439,12 @@ def test_resume_continues_exactly(setup, tmp_path, stage):
 def test_nan_stops_and_keeps_the_last_checkpoint(setup, tmp_path, capsys):
     """lr 1e30: the first update throws the weights to ~1e30, the next loss overflows. The run must
     stop with a clear message, write no student, and leave the step-1 checkpoint as it was; the
-    message says that checkpoint holds the weights that overflowed (not a good one to go back to)."""
+    message does not offer that checkpoint (it holds the weights that overflowed) but the student."""
     out = tmp_path / "run"
     code = distill.main(args(setup, out, 1, extra=["--lr", "1e30", "--ckpt-every", "1"]))
     err = capsys.readouterr().err
-    assert code == 3 and "step 2" in err and "step_00000001, holds the weights that gave this loss" in err, err
+    assert code == 3 and "step 2" in err and "no checkpoint before it was kept" in err, err
+    assert "step_00000001" not in err and setup["hybrid"] in err
     assert not (out / "distill.json").exists() and not (out / "model.safetensors").exists()
     assert os.listdir(out / "checkpoints") == ["latest", "step_00000001"] or \
         sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000001"]
@@ -466,7 +467,57 @@ def test_nan_after_a_checked_checkpoint_names_it_good(setup, tmp_path, capsys, m
     out = tmp_path / "run"
     assert distill.main(args(setup, out, 1)) == 3
     err = capsys.readouterr().err
-    assert "step 4" in err and "the last good checkpoint is" in err and err.count("step_00000002") == 1, err
+    assert "step 4" in err and "from the last good checkpoint" in err and err.count("step_00000002") == 1, err
+
+
+def test_divergence_right_after_a_checkpoint_keeps_the_one_before(setup, tmp_path, capsys, monkeypatch):
+    """Checkpoints at steps 2 and 4 (--keep-checkpoints 1), a non-finite gradient at step 5: the
+    step-4 checkpoint holds the weights that gave it, so step 2's must still be there (a checkpoint
+    goes only once the step after a newer one has a finite loss), and the message names it. It is a
+    student folder: a new run starts from it, counting the tokens it had already seen."""
+    real, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip(params, max_norm):
+        calls.append(1)
+        norm = real(params, max_norm)
+        return torch.tensor(float("nan")) if len(calls) == 5 else norm
+    with monkeypatch.context() as m:
+        m.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+        out = tmp_path / "run"
+        assert distill.main(args(setup, out, 1)) == 3
+    err = capsys.readouterr().err
+    good = str(out / "checkpoints" / "step_00000002")
+    assert "step 5" in err and f"--student {good}" in err and "step_00000004" not in err, err
+    assert sorted(os.listdir(out / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
+    again = tmp_path / "again"
+    assert distill.main(args({**setup, "hybrid": good}, again, 1)) == 0
+    assert json.load(open(again / "distill.json"))["tokens_by_stage"] == {"1": 2 * 4 * 16 + 6 * 4 * 16}
+    # A run that goes on: once a step after the newest checkpoint is finite, the older one goes.
+    assert distill.main(args(setup, tmp_path / "on", 1, extra=["--stop-after-steps", "5"])) == 0
+    assert sorted(os.listdir(tmp_path / "on" / "checkpoints")) == ["latest", "step_00000004"]
+
+
+def test_a_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
+    """A full disk mid-write: the error goes up, and no half-written .tmp- folder stays behind."""
+    def fail(tmp, *rest):
+        open(os.path.join(tmp, "model.safetensors"), "w").write("half")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(distill, "_write_checkpoint", fail)
+    with pytest.raises(OSError, match="No space"):
+        distill._save_checkpoint(str(tmp_path), 2, None, None, [], {})
+    assert os.listdir(tmp_path / "checkpoints") == []
+
+
+def test_overwrite_moves_the_old_run_aside_first(setup, tmp_path, capsys):
+    """--overwrite renames the old run away before deleting it (a kill while deleting must not leave
+    a run folder without its run.json, which neither --resume nor --overwrite would take); nothing of
+    it stays beside --out. --resume with --overwrite is refused: one continues, the other replaces."""
+    out = tmp_path / "runs" / "run"
+    assert distill.main(args(setup, out, 1, extra=["--stop-after-steps", "2", "--eval-every", "0"])) == 0
+    assert distill.main(args(setup, out, 1, extra=["--resume", "--overwrite"])) == 2
+    assert "pass one of them" in capsys.readouterr().err and (out / "checkpoints").exists()
+    assert distill.main(args(setup, out, 1, extra=["--overwrite", "--stop-after-steps", "1", "--eval-every", "0"])) == 0
+    assert os.listdir(tmp_path / "runs") == ["run"] and not (out / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------------------------
