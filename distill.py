@@ -1070,7 +1070,9 @@ def parse_args(argv, prog=None):
                    help="final-number text, evaluated once at the end (default: WikiText-2 test); 'none' to skip")
     c = p.add_argument_group("checkpoints and measurement")
     c.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every this many steps (0: never)")
-    c.add_argument("--keep-checkpoints", type=int, default=1)
+    c.add_argument("--keep-checkpoints", type=int, default=1,
+                   help="how many of the newest checkpoints stay (the one before the newest also stays "
+                        "until a step after the newest has a finite loss)")
     c.add_argument("--stop-after-steps", type=int, default=0,
                    help="stop after this many steps of this process, as if killed: no checkpoint is "
                         "written, --resume goes on from the last --ckpt-every one (tests of resuming)")
