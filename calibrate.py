@@ -300,7 +300,8 @@ def _standard_gates(gdn, o):
         lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, o["gate_std"], generator=g)))
     if gdn.b_proj.bias is not None:                          # (write_gate=bias's; none in the standard init)
         gdn.b_proj.bias.zero_()
-    # (U(0, a_max) includes 0, whose log would be -inf; the floor lies below every other float32 draw)
+    # (U(0, a_max) includes 0, whose log would be -inf; at the default a_max the floor lies below
+    # every other float32 draw)
     gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).clamp_min(1e-8).log())
     dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(o["dt_min"]), math.log(o["dt_max"]),
                                                         generator=g)).exp()

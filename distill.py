@@ -680,7 +680,7 @@ def _rng_state():
     return state
 
 
-def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, extra_files=()):
+def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, records=()):
     """checkpoints/step_N, written into a temporary folder and renamed; then the `latest` pointer
     is rewritten atomically. A kill at any moment leaves `latest` pointing at a complete checkpoint;
     a failed write (a full disk) leaves nothing behind. Older checkpoints stay until the next step
@@ -691,7 +691,7 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, ex
     name = f"step_{step:08d}"
     tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-")
     try:
-        _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, extra_files)
+        _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, records)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -703,12 +703,12 @@ def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, ex
     return final
 
 
-def _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, extra_files):
+def _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, records):
     from safetensors.torch import save_file
     from gdn import save_hybrid
     save_hybrid(student, tokenizer, tmp)                                # model.safetensors + config
-    for name in extra_files:
-        shutil.copyfile(extra_files[name], os.path.join(tmp, name))
+    for name in records:                                                # (conversion.json)
+        write_json(os.path.join(tmp, name), records[name])
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
     # The training state sits in a subfolder: the checkpoint itself stays a folder load_hybrid reads.
@@ -721,22 +721,33 @@ def _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, extra_files):
     seal(tmp)
 
 
-def _checkpoints(folder):
-    """The run's checkpoint folders, oldest first."""
+def _checkpoints(folder, below=None):
+    """The run's checkpoint folders up to the one `latest` names, oldest first (one renamed into
+    place by a write killed before `latest` was updated is not one of them), or those of fewer than
+    `below` steps."""
     root = os.path.join(folder, "checkpoints")
-    names = sorted(d for d in os.listdir(root) if d.startswith("step_")) if os.path.isdir(root) else []
-    return [os.path.join(root, d) for d in names]
+    latest = _latest_checkpoint(folder)
+    if latest is None:
+        return []
+    last = int(os.path.basename(latest)[len("step_"):])
+    last = last if below is None else min(last, below - 1)
+    steps = sorted(int(d[len("step_"):]) for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
+    return [os.path.join(root, f"step_{n:08d}") for n in steps if n <= last]
 
 
 def _prune_checkpoints(folder, keep):
-    """All but the newest `keep` checkpoints go, and what a killed write left. Called once a step
-    after the newest has a finite loss: a checkpoint's weights are proven by the step after it, so
-    until then the one before it stays (a divergence right after a checkpoint still has one to
-    start from)."""
-    for path in _checkpoints(folder)[:-keep]:
-        shutil.rmtree(path, ignore_errors=True)
-    if os.path.isdir(os.path.join(folder, "checkpoints")):
-        _remove_leftovers(os.path.join(folder, "checkpoints"))      # (folders, or `latest`'s files)
+    """All but the newest `keep` checkpoints go, and what a killed write left (temporary files, a
+    checkpoint newer than `latest`). Called once a step after the newest has a finite loss: a
+    checkpoint's weights are proven by the step after it, so until then the one before it stays
+    (a divergence right after a checkpoint still has one to start from)."""
+    root = os.path.join(folder, "checkpoints")
+    if not os.path.isdir(root):
+        return
+    kept = set(_checkpoints(folder)[-keep:])
+    for d in os.listdir(root):
+        if d.startswith("step_") and os.path.join(root, d) not in kept:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    _remove_leftovers(root)                                     # (folders, or `latest`'s files)
 
 
 def _remove_leftovers(folder, prefixes=(".tmp-",)):
@@ -829,10 +840,14 @@ class Diverged(RuntimeError):
 def _restart_from(a, step):
     """Where a diverged run can start again: its newest checkpoint whose weights are proven (a
     checkpoint written at `step`, the step that diverged, holds the weights that gave the loss)."""
-    good = [c for c in _checkpoints(a.out) if not c.endswith(f"step_{step:08d}")]
+    good = _checkpoints(a.out, below=step)
     if not good:
         return f"no checkpoint before it was kept: start a new run from the student ({a.student})"
-    return f"start a new run from the last good checkpoint, --student {good[-1]} (a student folder)"
+    if not os.path.isfile(os.path.join(good[-1], "conversion.json")):    # (written by an earlier version)
+        return (f"the last good checkpoint is {good[-1]}; to start a new run from it, copy the student's "
+                f"conversion.json and tokenizer files into it (or a copy of it) and pass it as --student")
+    return (f"start a new run from the last good checkpoint, --student {good[-1]} (a student folder; copy "
+            f"it elsewhere first if this run will go on, which would delete it)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -923,7 +938,7 @@ def _train(run, student, data, model, step_fn, groups):
                     "step": step + 1, "tokens": tokens, "data_epoch": data.epoch, "data_index": data.index,
                     "tokens_by_stage": _tokens_by_stage(run.prior_tokens, a.stage, tokens),
                     "world": dist.world, "config": run.config}, run.tokenizer,
-                    {"conversion.json": os.path.join(a.student, "conversion.json")})
+                    {"conversion.json": run.conversion})
                 prune = True
             dist.barrier()
         if a.stop_after_steps and step + 1 - start >= a.stop_after_steps and step + 1 < run.steps:
@@ -1262,13 +1277,18 @@ def _start_run_folder(a, config, texts, dist):
     run_json = os.path.join(a.out, "run.json")
     dist.barrier()
     if dist.main:
-        if os.path.exists(a.out):
+        real = os.path.realpath(a.out)                  # (a link to a folder: the folder is the run)
+        if os.path.exists(real):
             # Moved aside, then deleted: a kill leaves the old run gone or whole (in a .trash- folder
-            # beside --out), never a run folder that has lost its run.json.
-            trash = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(a.out)), prefix=".trash-")
-            os.replace(a.out, os.path.join(trash, "run"))
+            # beside it), never a run folder that has lost its run.json.
+            trash = tempfile.mkdtemp(dir=os.path.dirname(real), prefix=".trash-")
+            try:
+                os.replace(real, os.path.join(trash, "run"))
+            except OSError:
+                os.rmdir(trash)
+                raise
             shutil.rmtree(trash)
-        os.makedirs(a.out)
+        os.makedirs(real)
         write_json(run_json, {"config": config, "texts": texts, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "commit": run_info()["commit"]})
     dist.barrier()
@@ -1293,14 +1313,15 @@ def _check_texts(a, texts):
             "start a new run")
 
 
-def _save_student(student, tokenizer, a, extra_files):
-    """The final student: gdn.save_hybrid into a temporary folder, then its files renamed into --out
-    (distill.json, written after, marks the run complete)."""
+def _save_student(student, tokenizer, a, records):
+    """The final student: gdn.save_hybrid into a temporary folder, with `records` (name -> what it
+    holds, as JSON; the conversion record as read at the start, as --student may be gone by now),
+    then its files renamed into --out (distill.json, written after, marks the run complete)."""
     from gdn import save_hybrid
     tmp = tempfile.mkdtemp(dir=a.out, prefix=".final.tmp-")
     save_hybrid(student, tokenizer, tmp)
-    for name, src in extra_files.items():
-        shutil.copyfile(src, os.path.join(tmp, name))
+    for name in records:
+        write_json(os.path.join(tmp, name), records[name])
     seal(tmp)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
@@ -1310,9 +1331,10 @@ def _save_student(student, tokenizer, a, extra_files):
 class Run:
     """What the loop needs besides models and data."""
 
-    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens, teacher, tokenizer):
+    def __init__(self, args, dist, steps, config, resume_from, eval_ids, prior_tokens, teacher, tokenizer,
+                 conversion):
         self.args, self.dist, self.steps, self.config, self.teacher = args, dist, steps, config, teacher
-        self.tokenizer = tokenizer
+        self.tokenizer, self.conversion = tokenizer, conversion              # (what a checkpoint holds besides)
         self.resume_from, self.eval_ids, self.prior_tokens = resume_from, eval_ids, prior_tokens
         self.stopped, self.flops_per_token = False, None
 
@@ -1392,7 +1414,7 @@ def _distill(a):
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
         _start_run_folder(a, config, texts, dist)                             # every check passed: now write
-    run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher, s_tok)
+    run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher, s_tok, conversion)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
               f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences; "
@@ -1412,7 +1434,7 @@ def _distill(a):
         if test_ids is not None:
             with run.autocast():
                 test = perplexity(student, test_ids, a.eval_window, None, a.eval_batch_size, desc="test ppl")
-        _save_student(student, s_tok, a, {"conversion.json": os.path.join(a.student, "conversion.json")})
+        _save_student(student, s_tok, a, {"conversion.json": conversion})
         tokens = steps * a.batch * a.seq
         # The whole run's log (metrics.jsonl, cut back to the checkpoint on a resume), not only what
         # this process ran: after a resume, records and evaluations start at the checkpoint.

@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -508,16 +509,48 @@ def test_a_failed_checkpoint_write_leaves_nothing(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "checkpoints") == []
 
 
-def test_overwrite_moves_the_old_run_aside_first(setup, tmp_path, capsys):
-    """--overwrite renames the old run away before deleting it (a kill while deleting must not leave
-    a run folder without its run.json, which neither --resume nor --overwrite would take); nothing of
-    it stays beside --out. --resume with --overwrite is refused: one continues, the other replaces."""
+def test_overwrite_moves_the_old_run_aside_first(setup, tmp_path, capsys, monkeypatch):
+    """--overwrite renames the old run away before deleting it: a kill while deleting (here: the
+    deletion fails) leaves --out gone and the old run whole beside it, never a run folder without
+    its run.json, which neither --resume nor --overwrite would take. Through a link, the folder it
+    points to is the run. --resume with --overwrite is refused: one continues, the other replaces."""
     out = tmp_path / "runs" / "run"
     assert distill.main(args(setup, out, 1, extra=["--stop-after-steps", "2", "--eval-every", "0"])) == 0
     assert distill.main(args(setup, out, 1, extra=["--resume", "--overwrite"])) == 2
     assert "pass one of them" in capsys.readouterr().err and (out / "checkpoints").exists()
-    assert distill.main(args(setup, out, 1, extra=["--overwrite", "--stop-after-steps", "1", "--eval-every", "0"])) == 0
-    assert os.listdir(tmp_path / "runs") == ["run"] and not (out / "checkpoints").exists()
+    dist = SimpleNamespace(main=True, barrier=lambda: None)
+    with monkeypatch.context() as m:
+        m.setattr(distill.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            distill._start_run_folder(SimpleNamespace(out=str(out)), {}, {}, dist)
+    assert not out.exists()
+    [trash] = os.listdir(tmp_path / "runs")
+    assert trash.startswith(".trash-") and (tmp_path / "runs" / trash / "run" / "run.json").exists()
+    shutil.move(str(tmp_path / "runs" / trash / "run"), str(out))
+    os.rmdir(tmp_path / "runs" / trash)
+    link = tmp_path / "link"
+    os.symlink(out, link)
+    assert distill.main(args(setup, link, 1, extra=["--overwrite", "--stop-after-steps", "1", "--eval-every", "0"])) == 0
+    assert link.is_symlink() and not (out / "checkpoints").exists() and (out / "run.json").exists()
+    assert os.listdir(tmp_path / "runs") == ["run"]
+
+
+def test_pruning_follows_latest(tmp_path):
+    """A checkpoint renamed into place by a write killed before `latest` moved is not one: a resumed
+    run goes on from the one `latest` names, so pruning keeps that one (and drops the other), and
+    a divergence never names a checkpoint of the step that diverged or after it."""
+    root = tmp_path / "checkpoints"
+    for n in (2, 4, 6):
+        (root / f"step_{n:08d}").mkdir(parents=True)
+    (root / "latest").write_text("step_00000004\n")
+    assert distill._checkpoints(str(tmp_path)) == [str(root / "step_00000002"), str(root / "step_00000004")]
+    a = SimpleNamespace(out=str(tmp_path), student="S")
+    assert "step_00000002" in distill._restart_from(a, 4)        # (step_4's weights gave the 5th loss)
+    assert "step_00000004" in distill._restart_from(a, 5) and "step_00000004" in distill._restart_from(a, 7)
+    assert "copy the student's conversion.json" in distill._restart_from(a, 5)  # (an earlier version's)
+    distill._prune_checkpoints(str(tmp_path), 1)
+    assert sorted(os.listdir(root)) == ["latest", "step_00000004"]
+    assert "from the student (S)" in distill._restart_from(a, 4)
 
 
 # ----------------------------------------------------------------------------------------------
