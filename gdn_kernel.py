@@ -9,7 +9,8 @@ For every token t it forgets a little, erases what its key k_t currently recalls
 
 (S is [Dk, Dv] here, so o = S^T q; METHOD.md and the GDN paper write its transpose, [Dv, Dk], with
 S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T and o_t = S_t q_t: the same rule.)
-alpha_t = exp(g_t) in (0, 1] is the decay (g_t <= 0 is the *log* decay, kept in fp32), beta_t in
+alpha_t = exp(g_t) in (0, 1] is the decay (g_t <= 0 is the *log* decay, kept in fp32, and finite:
+the chunked forms below take differences of its running sums, and -inf - -inf is NaN), beta_t in
 [0, 1] the write strength. (1) is one step of gradient descent on the online regression loss
 0.5 * ||S^T k_t - v_t||^2 with step size beta_t, after decaying the memory: the "delta rule".
 Expanding (1) gives the form every function below uses:
@@ -18,7 +19,8 @@ Expanding (1) gives the form every function below uses:
     u_t = beta_t (v_t - S'^T k_t)         (the error of what k_t recalls, scaled: the "delta")
     S_t = S' + k_t u_t^T                  (write the correction)
 
-This file holds several ways to compute (1) over a sequence, all with the same signature:
+This file holds several ways to compute (1): over a sequence (the first four, one signature), and
+one token at a time (the last two):
   * `recurrent_gated_delta_rule`: token by token, exactly as written above. Slow, obviously right:
     the reference everything else is tested against.
   * `chunk_gated_delta_rule_torch`: the chunked (WY) form in plain PyTorch. Exact (up to rounding),
@@ -73,15 +75,20 @@ def _check(q, k, v, g, beta, initial_state):
                          f"got {tuple(initial_state.shape)}")
 
 
+def _work_dtype(q, k, v):
+    """The PyTorch forms compute in fp32, or in fp64 where an operand is fp64 (the tests' reference)."""
+    return torch.float64 if torch.float64 in (q.dtype, k.dtype, v.dtype) else torch.float32
+
+
 def recurrent_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-    """The reference: equation (1) one token at a time, in fp32 (or fp64 if given fp64)."""
+    """The reference: equation (1) one token at a time, in fp32 (or fp64 if any of q, k, v is fp64)."""
     _check(q, k, v, g, beta, initial_state)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
     scale = Dk ** -0.5 if scale is None else scale
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = _work_dtype(q, k, v)
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
-    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dt)
+    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dt, copy=True)
     o = []
     for t in range(T):
         S = S * g[:, t, :, None, None].exp()                                       # forget
@@ -165,7 +172,9 @@ def gated_delta_rule_step(q, k, v, g, beta, state, scale=None, inplace=False):
 # Householder reflections). Only S is carried from chunk to chunk: T/C sequential steps of matrix
 # products instead of T rank-one updates. Every exp() is of a difference gamma_i - gamma_j with
 # j <= i (gamma_0 = 0 for exp(gamma_i)), so it is <= 1 and cannot overflow; the upper triangle is
-# masked *before* the exp for that reason.
+# masked *before* the exp for that reason. The price of differences of running sums: inside a chunk
+# an output's error is about the rounding of the largest |gamma| there (fp32: 1.7e-4 relative after
+# one token with g = -1e4, where the recurrence is exact), negligible for gates of GDN's size.
 # ----------------------------------------------------------------------------------------------
 
 def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
@@ -179,17 +188,17 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     Dv = v.shape[-1]
     C = chunk_size
     scale = Dk ** -0.5 if scale is None else scale
-    dt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dt = _work_dtype(q, k, v)
     pad = (-T) % C
+    N = (T + pad) // C
     # [B, T, H, D] -> [B, H, N, C, D]: heads outermost, chunks in order, tokens within a chunk.
     def chunks(x):
         x = x.to(dt)
         if pad:
             x = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))      # pad along T
         x = x.transpose(1, 2)
-        return x.reshape(B, H, -1, C, *x.shape[3:])
+        return x.reshape(B, H, N, C, *x.shape[3:])                   # (N, not -1: B or H may be 0)
     q, k, v, g, beta = (chunks(x) for x in (q, k, v, g, beta))
-    N = q.shape[2]
     gamma = g.cumsum(-1)                                                     # [B, H, N, C]
     lower = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     strict = lower.clone().fill_diagonal_(False)
@@ -203,7 +212,7 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
     W = torch.linalg.solve_triangular(eye + L, (beta * gamma.exp())[..., None] * k, upper=False,
                                       unitriangular=True)
     QK = (q @ k.transpose(-1, -2)) * D                                       # intra-chunk scores
-    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dt)
+    S = q.new_zeros(B, H, Dk, Dv) if initial_state is None else initial_state.to(dt, copy=True)
     o = []
     for n in range(N):                                                       # only S crosses chunks
         U = U0[:, :, n] - W[:, :, n] @ S                                     # (3)
@@ -713,7 +722,7 @@ def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale=None, initial_state=No
     if q.shape[1] == 0:                                  # nothing to scan
         o = q.new_zeros(*v.shape, dtype=torch.float32)
         B, _, H, DK = q.shape
-        S = (h0 if h0 is not None else q.new_zeros(B, H, DK, v.shape[-1], dtype=torch.float32)) + 0 * o.sum()
+        S = h0.clone() if h0 is not None else q.new_zeros(B, H, DK, v.shape[-1], dtype=torch.float32)
         return o, (S if output_final_state else None)
     return _ChunkGatedDeltaRule.apply(q, k, v, g, beta, scale, h0, bool(output_final_state))
 
@@ -811,6 +820,9 @@ def gated_delta_rule_step_triton(q, k, v, g, beta, state, scale=None, inplace=Fa
     if triton is None:
         raise RuntimeError("gated_delta_rule_step_triton needs triton; use gated_delta_rule_step")
     _check_step(q, k, v, g, beta, state)
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, beta, state)):
+        raise ValueError("gated_delta_rule_step_triton has no backward; under autograd use "
+                         "gated_delta_rule_step (it takes the PyTorch lines then)")
     B, H, DK = q.shape
     DV = v.shape[-1]
     if state.dtype != torch.float32 or not state.is_contiguous():

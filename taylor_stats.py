@@ -34,7 +34,7 @@ captured x and y are Phase 2's teacher-forced input and target. Beyond METHOD, f
 sink mass mean_i a_i0 (many heads park most of their attention on the first token, an "attention
 sink", and read little from it) and the distance with that token left out (distance_nosink).
 
-and the recomputation is checked against the module itself: concat_h(T_h) W_o^T (+ bias) must equal
+The recomputation is checked against the module itself: concat_h(T_h) W_o^T (+ bias) must equal
 the captured y, to a relative error of CHECK_TOL (CHECK_TOL_LOW for a bf16/fp16 teacher). A mismatch
 (an architecture whose attention this file does not reproduce) is an error, not a silent wrong
 statistic.
@@ -46,15 +46,15 @@ window cannot see token 0, so its sink mass is 0 by construction: sink statistic
 global layers are not comparable.
 
     python taylor_stats.py --teacher default            # prints the per-layer, per-head table (and --out, results/taylor_stats.json)
+
+(The library functions need torch and tqdm only; the command line loads its teacher and text with
+convert.py and distill.py, so it runs inside the project.)
 """
 
-import logging
 import sys
 import warnings
 
 import torch
-
-log = logging.getLogger("taylor_stats")
 
 # Fallbacks for a head whose statistics come out NaN or infinite (documented in the module docstring):
 # a mid-range memory (8 tokens) and a middling entropy; concentration then follows from the others.
@@ -71,15 +71,20 @@ CHECK_TOL_LOW = 5e-2      # ... for a bf16/fp16 teacher, whose own output is rou
                           # at most 0.003 in every run under results/)
 
 
+def _lag(p, q_pos, floor):
+    """lag[i, j] = max(i - j, floor) for p [H, Tq, Tk]'s query rows at positions q_pos (default:
+    the last Tq of the Tk positions); keys after the query get the floor too, but a_ij = 0 there."""
+    Tq, Tk = p.shape[-2:]
+    if q_pos is None:
+        q_pos = torch.arange(Tk - Tq, Tk, device=p.device)
+    return (q_pos[:, None] - torch.arange(Tk, device=p.device)[None, :]).to(p.dtype).clamp(min=floor)
+
+
 def _head_statistics(p, q_pos=None, floor=DIST_FLOOR):
     """Sums (not yet means) over query rows of distance and entropy for attention probabilities
     p [H, Tq, Tk] whose rows are queries at absolute positions q_pos [Tq] (default: the last Tq of
     the Tk positions). Returns (dist_sum [H], ent_sum [H]) in float64."""
-    H, Tq, Tk = p.shape
-    if q_pos is None:
-        q_pos = torch.arange(Tk - Tq, Tk, device=p.device)
-    # lag[i, j] = i - j for keys at or before the query; later keys have a_ij = 0 anyway.
-    lag = (q_pos[:, None] - torch.arange(Tk, device=p.device)[None, :]).to(p.dtype).clamp(min=floor)
+    lag = _lag(p, q_pos, floor)
     dist = (p * lag).sum(-1)                                   # [H, Tq]: sum_j a_ij max(i-j, floor)
     ent = -torch.special.xlogy(p, p).sum(-1)                   # [H, Tq]: 0 log 0 = 0
     return dist.double().sum(-1), ent.double().sum(-1)
@@ -90,11 +95,8 @@ def _sink_statistics(p, q_pos=None, floor=DIST_FLOOR):
     mass on the first token (an "attention sink") and read little from it; that mass inflates d_h
     (it sits i tokens back). Returns sums over query rows of the sink mass a_i0 [H] and of the
     distance with key 0 removed and the rest renormalised, sum_{0<j<=i} a_ij max(i-j, floor) /
-    sum_{0<j<=i} a_ij (rows whose whole mass is on key 0, e.g. i = 0, count the floor)."""
-    H, Tq, Tk = p.shape
-    if q_pos is None:
-        q_pos = torch.arange(Tk - Tq, Tk, device=p.device)
-    lag = (q_pos[:, None] - torch.arange(Tk, device=p.device)[None, :]).to(p.dtype).clamp(min=floor)
+    sum_{0<j<=i} a_ij (rows with less than 1e-6 of their mass past key 0, e.g. i = 0, count the floor)."""
+    lag = _lag(p, q_pos, floor)
     rest = p[..., 1:]
     mass = rest.sum(-1)
     dist = torch.where(mass > 1e-6, (rest * lag[:, 1:]).sum(-1) / mass.clamp_min(1e-6),

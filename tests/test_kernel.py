@@ -287,6 +287,38 @@ def test_step_kernel_bad_shapes():
         gk.gated_delta_rule_step_triton(q, k, v, g, beta, h0)
 
 
+@needs_triton
+def test_step_kernel_refuses_autograd():
+    """The step kernel has no backward: called directly under autograd it says so, rather than
+    returning outputs that silently carry no gradient."""
+    q, k, v, g, beta, h0 = inputs(2, 1, 3, 8, 4, device=DEVICE)
+    q, k, v, g, beta = (x[:, 0] for x in (q, k, v, g, beta))
+    with pytest.raises(ValueError, match="no backward"):
+        gk.gated_delta_rule_step_triton(q.requires_grad_(), k, v, g, beta, h0)
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 2), (2, 5, 0), (2, 0, 3)])
+def test_empty_batch_heads_or_sequence(shape):
+    """B = 0, H = 0 or T = 0: empty outputs and the initial state back, not a crash (a reshape
+    with -1 cannot infer a size from zero elements); the final state is the caller's values in a
+    tensor of its own."""
+    B, T, H = shape
+    q, k, v, g, beta, h0 = inputs(B, T, H, 8, 4, device="cpu")
+    for fn in (gk.recurrent_gated_delta_rule, gk.chunk_gated_delta_rule_torch):
+        o, S = fn(q, k, v, g, beta, initial_state=h0, output_final_state=True)
+        assert o.shape == (B, T, H, 4) and S.shape == h0.shape
+        if T == 0:
+            assert torch.equal(S, h0) and S.data_ptr() != h0.data_ptr()
+
+
+def test_any_fp64_operand_makes_the_torch_forms_fp64():
+    """The reference is computed in fp64 where any of q, k, v is fp64, not only where q is."""
+    q, k, v, g, beta, h0 = inputs(1, 9, 2, 8, 4, device="cpu")
+    for fn in (gk.recurrent_gated_delta_rule, gk.chunk_gated_delta_rule_torch):
+        o, S = fn(q, k, v.double(), g, beta, initial_state=h0, output_final_state=True)
+        assert o.dtype == S.dtype == torch.float64
+
+
 def test_step_torch_refuses_what_it_would_broadcast():
     q, k, v, g, beta, h0 = inputs(2, 1, 3, 8, 4, device="cpu")
     q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
