@@ -563,7 +563,8 @@ def calib_ids(args, tokenizer, part=0, ids=None):
 
 
 def _prepare_out(path, overwrite):
-    """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder."""
+    """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder
+    (beside the folder a link as --out points to: that folder is what gets replaced)."""
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
@@ -573,20 +574,21 @@ def _prepare_out(path, overwrite):
         raise ValueError(f"--out '{path}' holds a distill.py run (its hybrid carries the conversion.json it started "
                          f"from): --overwrite replaces only a conversion; choose another --out")
     distill.check_writable(os.path.join(path, "config.json"), "--out")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(os.path.realpath(path))
     # The hybrid is built in a sibling folder and renamed over --out at the end, so the parent must
     # take new entries even where --out itself (already there, --overwrite) is writable.
     if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out '{path}': its folder '{parent}' is not one this process can write in "
                          f"(the new hybrid is built beside --out, then renamed over it)")
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(path))}.tmp-")
+    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.realpath(path))}.tmp-")
 
 
 def _publish(tmp, path):
     """Rename the finished temporary folder to `path`, replacing an old one only at the very end; if
     that fails, the old one is put back, and nothing is left beside it."""
     distill.seal(tmp)
+    path = os.path.realpath(path)                       # (a link as --out: replace what it points to)
     old, done = None, False
     try:
         if os.path.exists(path):
@@ -777,10 +779,11 @@ def _parse_args(argv):
 def _request(args, init_opts):
     """What a conversion was asked to make (the hybrid depends on these, not on the evaluation):
     recorded in conversion.json, and what a chain's --resume compares before keeping --out."""
-    kind, value = _parse_keep(args.keep)                # (1/4 and 0.25 are one keep)
+    kind, value = _parse_keep(args.keep)                # (1/4 and 0.25 are one keep, 2,0 and 0,2 too)
+    value = sorted(value) if kind == "list" else value
     probe = (args.init if args.probe_init == "same" else args.probe_init) if args.policy == "ga-s2" else None
     return {"teacher": _teacher_spec(args.teacher), "keep": [kind, value], "policy": args.policy, "init": args.init,
-            "probe_init": probe, "init_opts": _given_opts(init_opts), "conv_size": args.conv_size,
+            "probe_init": probe, "init_opts": _given_opts(init_opts, _inits(args)), "conv_size": args.conv_size,
             "seed": args.seed, "dtype": args.dtype,
             "calib_data": os.path.abspath(args.calib_data) if args.calib_data else "builtin",
             "calib": [args.calib_seqs, args.calib_len], "scores": args.scores and os.path.abspath(args.scores)}
@@ -1102,15 +1105,27 @@ def _settings(args, init_opts, teacher):
     return {"teacher_weights": _weights_digest(teacher), "calib_data": args.calib_data or "builtin",
             "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),
+            "window": args.window, "max_windows": args.max_windows,
+            "init_opts": _given_opts(init_opts, _inits(args)),
             "conv_size": args.conv_size}
 
 
-def _given_opts(init_opts):
-    """The --init-opt options that change something (those equal to their default dropped): what a
-    table records, so tables compare whatever way the same options were spelled."""
-    from calibrate import OPTIONS
-    return {k: v for k, v in init_opts.items() if v != OPTIONS[k][0]}
+def _inits(args):
+    """The inits a run uses: --table's --inits (each cell's GA-S2 probes use its own), or --init
+    and, for GA-S2, the probes' --probe-init."""
+    if args.table:
+        return args.inits.split(",")
+    return [args.init] + ([args.probe_init] if args.policy == "ga-s2" and args.probe_init != "same" else [])
+
+
+def _given_opts(init_opts, inits):
+    """The --init-opt options that change something for one of `inits` (those equal to what every
+    one of them would use anyway dropped: its preset's value, else the default): what a conversion
+    and a table record, so they compare whatever way the same options were spelled, and an option
+    that undoes a preset (taylor-plus with write_gate=rescale) is kept."""
+    from calibrate import PRESETS, resolve
+    base = [resolve({}, PRESETS.get(i)) for i in inits]
+    return {k: v for k, v in init_opts.items() if any(v != b[k] for b in base)}
 
 
 def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells):

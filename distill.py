@@ -1270,7 +1270,27 @@ def holds_other_files(path):
             and not any(os.path.isfile(os.path.join(path, f)) for f in ("run.json", "distill.json")))
 
 
-def _start_run_folder(a, config, texts, dist):
+def _student_digest(conversion):
+    """16 hex digits naming the conversion a student came from (its conversion.json, which a new
+    conversion into the same folder rewrites): the path alone does not say which hybrid is there."""
+    return hashlib.sha1(json.dumps(conversion, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _check_student(a, student_id):
+    """--resume: the run must continue from the student it began from. A conversion redone into the
+    --student folder since (convert.py --overwrite) is another student: its checkpoints, and a
+    finished run's output, belong to the old one. (A run.json of an earlier version: not checked.)"""
+    run_json = os.path.join(a.out, "run.json")
+    if not (a.resume and os.path.isfile(run_json)):
+        return
+    old = read_json(run_json).get("student_conversion")
+    if old is not None and old != student_id:
+        raise ValueError(f"--resume: the run in '{a.out}' began from another student: '{a.student}' now holds "
+                         f"another conversion (conversion.json digest {old} then, {student_id} now); start the "
+                         f"run afresh (--overwrite)")
+
+
+def _start_run_folder(a, config, texts, student_id, dist):
     """A new run's folder, holding run.json; under --overwrite it replaces --out. Called last, once
     everything that can fail before training has been checked: nothing is deleted for a run that
     cannot start."""
@@ -1289,8 +1309,8 @@ def _start_run_folder(a, config, texts, dist):
                 raise
             shutil.rmtree(trash)
         os.makedirs(real)
-        write_json(run_json, {"config": config, "texts": texts, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-                              "commit": run_info()["commit"]})
+        write_json(run_json, {"config": config, "texts": texts, "student_conversion": student_id,
+                              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": run_info()["commit"]})
     dist.barrier()
 
 
@@ -1370,6 +1390,8 @@ def _distill(a):
     spec = _teacher_spec(a, conversion)
     config = _run_config(a, spec)
     resume_from = _check_run_folder(a, config)             # (a finished run's configuration checked too)
+    student_id = _student_digest(conversion)
+    _check_student(a, student_id)                          # (and its student)
     if a.resume and os.path.isfile(os.path.join(a.out, "distill.json")):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
@@ -1413,7 +1435,7 @@ def _distill(a):
     else:
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
-        _start_run_folder(a, config, texts, dist)                             # every check passed: now write
+        _start_run_folder(a, config, texts, student_id, dist)                             # every check passed: now write
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher, s_tok, conversion)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "

@@ -338,6 +338,38 @@ def test_existing_out_needs_overwrite(teacher_dir, eval_text, tmp_path, capsys):
     assert code == 0 and not (out / "keep.txt").exists() and "old" not in json.loads((out / "conversion.json").read_text())
 
 
+def test_overwrite_through_a_link_replaces_what_it_points_to(teacher_dir, eval_text, tmp_path, capsys):
+    """--out a link to a hybrid's folder: --overwrite replaces that folder (built beside it), the link
+    stays a link, and nothing is left beside either."""
+    real = tmp_path / "disk" / "h"
+    real.mkdir(parents=True)
+    (real / "conversion.json").write_text('{"old": true}')
+    link = tmp_path / "h"
+    os.symlink(real, link)
+    args = ["--teacher", teacher_dir, "--out", str(link), "--eval-data", eval_text, "--window", "64",
+            "--max-windows", "1", "--no-sample", "--init", "naive", "--overwrite"]
+    code, io = run(args, capsys)
+    assert code == 0, io.err
+    assert link.is_symlink() and "old" not in json.loads((real / "conversion.json").read_text())
+    assert os.listdir(tmp_path / "disk") == ["h"] and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
+def test_recorded_init_options_keep_what_undoes_a_preset():
+    """The request a chain's --resume compares (and a table's settings) drop an --init-opt only where
+    it is what the init would use anyway: taylor-plus with write_gate=rescale is not taylor-plus,
+    taylor-plus with write_gate=fit is; a list keep is recorded in order (2,0 is 0,2)."""
+    import argparse
+    import convert as c
+    base = dict(teacher="default", keep="1/4", policy="uniform", probe_init="same", conv_size=0, seed=0,
+                dtype="float32", calib_data=None, calib_seqs=4, calib_len=256, scores=None, table=False)
+    req = lambda init, opts, **kw: c._request(argparse.Namespace(**{**base, "init": init, **kw}), opts)
+    assert req("taylor-plus", {"write_gate": "rescale"})["init_opts"] == {"write_gate": "rescale"}
+    assert req("taylor-plus", {"write_gate": "fit"})["init_opts"] == {}
+    assert req("taylor", {"write_gate": "rescale", "steps": 300})["init_opts"] == {}
+    assert req("align-plus", {"train_out": 0})["init_opts"] == {"train_out": 0}
+    assert req("naive", {}, keep="2,0")["keep"] == req("naive", {}, keep="0,2")["keep"] == ["list", [0, 2]]
+
+
 def test_overwrite_needs_a_writable_parent(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
     """--overwrite builds the hybrid beside --out: a parent that takes no new entries is refused up
     front, the old --out untouched (os.access is faked: as root a read-only folder is still writable)."""

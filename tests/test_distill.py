@@ -522,7 +522,7 @@ def test_overwrite_moves_the_old_run_aside_first(setup, tmp_path, capsys, monkey
     with monkeypatch.context() as m:
         m.setattr(distill.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
-            distill._start_run_folder(SimpleNamespace(out=str(out)), {}, {}, dist)
+            distill._start_run_folder(SimpleNamespace(out=str(out)), {}, {}, None, dist)
     assert not out.exists()
     [trash] = os.listdir(tmp_path / "runs")
     assert trash.startswith(".trash-") and (tmp_path / "runs" / trash / "run" / "run.json").exists()
@@ -928,6 +928,12 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
     assert convert.main(["--teacher", s["teacher"], "--keep", "1/2", "--init", "naive", "--no-sample", "--eval-data",
                          s["valid"], "--window", "32", "--out", f"{out}-stage1", "--overwrite"]) == 2
     assert "holds a distill.py run" in capsys.readouterr().err
+    assert open(f"{out}-stage1/distill.json").read() == done[f"{out}-stage1/distill.json"]
+    # A conversion redone into --out on its own (no chain), then the chain resumed with its settings:
+    # the stages began from the old hybrid, finished or not, and are refused rather than kept.
+    assert convert.main(argv[:argv.index("--distill-tokens")] + ["--init", "naive"]) == 0
+    assert convert.main(argv + ["--init", "naive", "--resume"]) == 2
+    assert "began from another student" in capsys.readouterr().err
     assert open(f"{out}-stage1/distill.json").read() == done[f"{out}-stage1/distill.json"]
 
 
