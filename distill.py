@@ -680,7 +680,7 @@ def _rng_state():
     return state
 
 
-def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, records=()):
+def _save_checkpoint(folder, step, student, opt, rngs, state, tokenizer=None, records=None):
     """checkpoints/step_N, written into a temporary folder and renamed; then the `latest` pointer
     is rewritten atomically. A kill at any moment leaves `latest` pointing at a complete checkpoint;
     a failed write (a full disk) leaves nothing behind. Older checkpoints stay until the next step
@@ -707,8 +707,8 @@ def _write_checkpoint(tmp, student, opt, rngs, state, tokenizer, records):
     from safetensors.torch import save_file
     from gdn import save_hybrid
     save_hybrid(student, tokenizer, tmp)                                # model.safetensors + config
-    for name in records:                                                # (conversion.json)
-        write_json(os.path.join(tmp, name), records[name])
+    for name, obj in (records or {}).items():                           # (conversion.json)
+        write_json(os.path.join(tmp, name), obj)
     sd = opt.state_dict()
     tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, s in sd["state"].items() for k, v in s.items()}
     # The training state sits in a subfolder: the checkpoint itself stays a folder load_hybrid reads.
@@ -731,7 +731,8 @@ def _checkpoints(folder, below=None):
         return []
     last = int(os.path.basename(latest)[len("step_"):])
     last = last if below is None else min(last, below - 1)
-    steps = sorted(int(d[len("step_"):]) for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit())
+    steps = sorted(int(d[len("step_"):]) for d in os.listdir(root)
+                   if d.startswith("step_") and d[len("step_"):].isdigit())
     return [os.path.join(root, f"step_{n:08d}") for n in steps if n <= last]
 
 
@@ -1340,8 +1341,8 @@ def _save_student(student, tokenizer, a, records):
     from gdn import save_hybrid
     tmp = tempfile.mkdtemp(dir=a.out, prefix=".final.tmp-")
     save_hybrid(student, tokenizer, tmp)
-    for name in records:
-        write_json(os.path.join(tmp, name), records[name])
+    for name, obj in records.items():
+        write_json(os.path.join(tmp, name), obj)
     seal(tmp)
     for f in os.listdir(tmp):
         os.replace(os.path.join(tmp, f), os.path.join(a.out, f))
