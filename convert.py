@@ -565,6 +565,9 @@ def calib_ids(args, tokenizer, part=0, ids=None):
 def _prepare_out(path, overwrite):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder
     (beside the folder a link as --out points to: that folder is what gets replaced)."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise ValueError(f"--out '{path}' is a link to nothing ('{os.readlink(path)}'): remove it, or give "
+                         f"the folder it should name")
     if os.path.exists(path) and not overwrite:
         raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
@@ -783,7 +786,7 @@ def _request(args, init_opts):
     value = sorted(value) if kind == "list" else value
     probe = (args.init if args.probe_init == "same" else args.probe_init) if args.policy == "ga-s2" else None
     return {"teacher": _teacher_spec(args.teacher), "keep": [kind, value], "policy": args.policy, "init": args.init,
-            "probe_init": probe, "init_opts": _given_opts(init_opts, _inits(args)), "conv_size": args.conv_size,
+            "probe_init": probe, "init_opts": _given_opts(init_opts), "conv_size": args.conv_size,
             "seed": args.seed, "dtype": args.dtype,
             "calib_data": os.path.abspath(args.calib_data) if args.calib_data else "builtin",
             "calib": [args.calib_seqs, args.calib_len], "scores": args.scores and os.path.abspath(args.scores)}
@@ -806,10 +809,13 @@ def _converted_already(args, init_opts):
     with open(path) as f:
         had = json.load(f).get("request")
     want = _request(args, init_opts)
+    if had is not None and (had.get("keep") or [None])[0] == "list":   # (recorded unsorted before 2026-11-29)
+        had["keep"] = ["list", sorted(had["keep"][1])]
     if had is None:
         raise ValueError(f"--resume: '{args.out}' records no conversion request (written before --resume "
                          f"existed): convert afresh (--overwrite), or resume each stage with distill.py --resume")
-    differ = [k for k in want if had.get(k) != want[k]]
+    differ = [k for k in want if had.get(k) != want[k]
+              and not (k == "init_opts" and _same_effect(had[k] or {}, want[k], (want["init"], want["probe_init"])))]
     if differ:
         raise ValueError(f"--resume: the hybrid in '{args.out}' was converted with other " + ", ".join(
             f"{k} ({had.get(k)!r}, not {want[k]!r})" for k in differ))
@@ -1105,26 +1111,24 @@ def _settings(args, init_opts, teacher):
     return {"teacher_weights": _weights_digest(teacher), "calib_data": args.calib_data or "builtin",
             "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
-            "window": args.window, "max_windows": args.max_windows,
-            "init_opts": _given_opts(init_opts, _inits(args)),
+            "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),
             "conv_size": args.conv_size}
 
 
-def _inits(args):
-    """The inits a run uses: --table's --inits (each cell's GA-S2 probes use its own), or --init
-    and, for GA-S2, the probes' --probe-init."""
-    if args.table:
-        return args.inits.split(",")
-    return [args.init] + ([args.probe_init] if args.policy == "ga-s2" and args.probe_init != "same" else [])
-
-
-def _given_opts(init_opts, inits):
-    """The --init-opt options that change something for one of `inits` (those equal to what every
-    one of them would use anyway dropped: its preset's value, else the default): what a conversion
-    and a table record, so they compare whatever way the same options were spelled, and an option
-    that undoes a preset (taylor-plus with write_gate=rescale) is kept."""
+def _same_effect(a, b, inits):
+    """Whether init options a and b set the same for each of `inits` (None: no such init): records
+    of earlier versions dropped other options than _given_opts now does."""
     from calibrate import PRESETS, resolve
-    base = [resolve({}, PRESETS.get(i)) for i in inits]
+    return all(resolve(a, PRESETS.get(i)) == resolve(b, PRESETS.get(i)) for i in inits if i)
+
+
+def _given_opts(init_opts):
+    """The --init-opt options that can change something: those equal to what every init would use
+    anyway (its preset's value, else the default) dropped. What a conversion and a table record, so
+    they compare whatever way the same options were spelled, whichever inits a table lists; an
+    option that undoes a preset (taylor-plus with write_gate=rescale) is kept."""
+    from calibrate import INITS, PRESETS, resolve
+    base = [resolve({}, PRESETS.get(i)) for i in INITS]
     return {k: v for k, v in init_opts.items() if any(v != b[k] for b in base)}
 
 

@@ -1271,23 +1271,30 @@ def holds_other_files(path):
             and not any(os.path.isfile(os.path.join(path, f)) for f in ("run.json", "distill.json")))
 
 
-def _student_digest(conversion):
-    """16 hex digits naming the conversion a student came from (its conversion.json, which a new
-    conversion into the same folder rewrites): the path alone does not say which hybrid is there."""
-    return hashlib.sha1(json.dumps(conversion, sort_keys=True).encode()).hexdigest()[:16]
+def _student_digest(path, conversion):
+    """16 hex digits naming the student in folder `path`: the conversion it came from (which a new
+    conversion into the folder rewrites) and, for a distilled one, the run that made it (its
+    distill.json, or a checkpoint's state): the path alone does not say which student is there."""
+    h = hashlib.sha1(json.dumps(conversion, sort_keys=True).encode())
+    for f in ("distill.json", os.path.join("train_state", "state.json")):
+        if os.path.isfile(os.path.join(path, f)):
+            with open(os.path.join(path, f), "rb") as fh:
+                h.update(fh.read())
+    return h.hexdigest()[:16]
 
 
 def _check_student(a, student_id):
-    """--resume: the run must continue from the student it began from. A conversion redone into the
-    --student folder since (convert.py --overwrite) is another student: its checkpoints, and a
-    finished run's output, belong to the old one. (A run.json of an earlier version: not checked.)"""
+    """--resume: the run must continue from the student it began from. A conversion (or a Stage 1)
+    redone into the --student folder since (--overwrite) is another student: the run's checkpoints,
+    and a finished run's output, belong to the old one. (A run.json of an earlier version: not
+    checked.)"""
     run_json = os.path.join(a.out, "run.json")
     if not (a.resume and os.path.isfile(run_json)):
         return
-    old = read_json(run_json).get("student_conversion")
+    old = read_json(run_json).get("student_digest")
     if old is not None and old != student_id:
         raise ValueError(f"--resume: the run in '{a.out}' began from another student: '{a.student}' now holds "
-                         f"another conversion (conversion.json digest {old} then, {student_id} now); start the "
+                         f"another conversion or distillation (digest {old} then, {student_id} now); start the "
                          f"run afresh (--overwrite)")
 
 
@@ -1310,7 +1317,7 @@ def _start_run_folder(a, config, texts, student_id, dist):
                 raise
             shutil.rmtree(trash)
         os.makedirs(real)
-        write_json(run_json, {"config": config, "texts": texts, "student_conversion": student_id,
+        write_json(run_json, {"config": config, "texts": texts, "student_digest": student_id,
                               "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": run_info()["commit"]})
     dist.barrier()
 
@@ -1391,7 +1398,7 @@ def _distill(a):
     spec = _teacher_spec(a, conversion)
     config = _run_config(a, spec)
     resume_from = _check_run_folder(a, config)             # (a finished run's configuration checked too)
-    student_id = _student_digest(conversion)
+    student_id = _student_digest(a.student, conversion)
     _check_student(a, student_id)                          # (and its student)
     if a.resume and os.path.isfile(os.path.join(a.out, "distill.json")):
         if dist.main:

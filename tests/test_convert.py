@@ -352,22 +352,37 @@ def test_overwrite_through_a_link_replaces_what_it_points_to(teacher_dir, eval_t
     assert code == 0, io.err
     assert link.is_symlink() and "old" not in json.loads((real / "conversion.json").read_text())
     assert os.listdir(tmp_path / "disk") == ["h"] and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+    dangling = tmp_path / "nowhere"
+    os.symlink(tmp_path / "gone" / "h", dangling)
+    code, io = run(args[:3] + [str(dangling)] + args[4:], capsys)
+    assert code == 2 and "is a link to nothing" in io.err and not (tmp_path / "gone").exists()
 
 
-def test_recorded_init_options_keep_what_undoes_a_preset():
+def test_recorded_init_options_keep_what_undoes_a_preset(tmp_path):
     """The request a chain's --resume compares (and a table's settings) drop an --init-opt only where
-    it is what the init would use anyway: taylor-plus with write_gate=rescale is not taylor-plus,
-    taylor-plus with write_gate=fit is; a list keep is recorded in order (2,0 is 0,2)."""
+    every init would use it anyway: write_gate=rescale undoes taylor-plus's preset, so it is kept
+    (taylor-plus with it is not taylor-plus), whichever init is asked for (a table's --append may list
+    other inits); a list keep is recorded in order (2,0 is 0,2). A hybrid whose record an earlier
+    version wrote (options dropped by another rule, a list keep unsorted) is still kept by --resume
+    where the options have the same effect."""
     import argparse
     import convert as c
     base = dict(teacher="default", keep="1/4", policy="uniform", probe_init="same", conv_size=0, seed=0,
                 dtype="float32", calib_data=None, calib_seqs=4, calib_len=256, scores=None, table=False)
-    req = lambda init, opts, **kw: c._request(argparse.Namespace(**{**base, "init": init, **kw}), opts)
+    args = lambda init, **kw: argparse.Namespace(**{**base, "init": init, **kw})
+    req = lambda init, opts, **kw: c._request(args(init, **kw), opts)
     assert req("taylor-plus", {"write_gate": "rescale"})["init_opts"] == {"write_gate": "rescale"}
-    assert req("taylor-plus", {"write_gate": "fit"})["init_opts"] == {}
-    assert req("taylor", {"write_gate": "rescale", "steps": 300})["init_opts"] == {}
+    assert req("taylor", {"write_gate": "rescale", "steps": 300})["init_opts"] == {"write_gate": "rescale"}
     assert req("align-plus", {"train_out": 0})["init_opts"] == {"train_out": 0}
     assert req("naive", {}, keep="2,0")["keep"] == req("naive", {}, keep="0,2")["keep"] == ["list", [0, 2]]
+    out = tmp_path / "h"
+    out.mkdir()
+    a = args("taylor", keep="2,0", out=str(out), resume=True)
+    old = {**req("taylor", {"write_gate": "rescale"}, keep="2,0"), "keep": ["list", [2, 0]], "init_opts": {}}
+    (out / "conversion.json").write_text(json.dumps({"request": old}))
+    assert c._converted_already(a, {"write_gate": "rescale"})
+    with pytest.raises(ValueError, match="init_opts"):
+        c._converted_already(a, {"write_gate": "fit"})
 
 
 def test_overwrite_needs_a_writable_parent(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):

@@ -673,6 +673,21 @@ def test_resume_refuses_other_text_under_the_same_paths(setup, tmp_path, capsys)
     assert (out / "distill.json").exists()
 
 
+def test_resume_refuses_a_student_made_again(setup, tmp_path, capsys):
+    """Stage 2 stopped, its Stage 1 redone into the same folder (--overwrite): the student under the
+    same path is another one, and --resume refuses to continue the old run's checkpoints on it."""
+    s1, s2 = tmp_path / "s1", tmp_path / "s2"
+    assert distill.main(args(setup, s1, 1, extra=["--eval-every", "0"])) == 0
+    stage2 = args({**setup, "hybrid": str(s1)}, s2, 2, extra=["--eval-every", "0", "--seq", "32", "--batch", "2",
+                                                               "--micro-batch", "1"])
+    assert distill.main(stage2 + ["--stop-after-steps", "2"]) == 0
+    assert distill.main(stage2 + ["--resume", "--stop-after-steps", "1"]) == 0     # the same student: goes on
+    assert distill.main(args(setup, s1, 1, extra=["--eval-every", "0", "--overwrite"])) == 0
+    capsys.readouterr()
+    assert distill.main(stage2 + ["--resume"]) == 2
+    assert "began from another student" in capsys.readouterr().err and not (s2 / "distill.json").exists()
+
+
 def test_evaluation_leaves_each_module_in_its_mode():
     """Stage 1 trains its GDN layers inside a student loaded in eval mode: an evaluation must hand
     every module back in the mode it had (the whole model's mode would put the trained layers in
