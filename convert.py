@@ -1046,8 +1046,12 @@ def _run_table(args):
     tokens = {"eval_tokens": distill.ids_digest(ids), "calib_tokens": distill.ids_digest(calib_text)}
     same = {"teacher": source, "eval_data": args.eval_data or "builtin", **_settings(args, init_opts, teacher), **tokens}
     by_path = {"eval_data": "eval_tokens", "calib_data": "calib_tokens"}
+    # Init options by their effect on the inits of the table's cells and of this run's (an option
+    # spelled out where it changes none of them may join).
+    both = {c["init"] for c in (old or {}).get("cells", [])} | set(inits)
     differ = [k for k, v in same.items() if old and (k in old or k == "init_opts") and old.get(k, {}) != v
-              and by_path.get(k) not in old]
+              and by_path.get(k) not in old
+              and not (k == "init_opts" and _same_effect(old.get(k) or {}, v, both))]
     if differ:
         said = {"eval_tokens": "--eval-data text", "calib_tokens": "--calib-data text"}
         raise ValueError(f"--append: {args.results}.json was measured with another "

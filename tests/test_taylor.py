@@ -974,7 +974,13 @@ def test_table_mode_with_append(teacher_dir, tmp_path, capsys):
     before = open(stem + "_moved.json").read()
     assert convert.main(cells + ["--append"]) == 2
     assert "another teacher_weights" in capsys.readouterr().err and open(stem + "_moved.json").read() == before
-    # An option spelled out at its default changes nothing, so it may join.
+    # An option spelled out at its default changes nothing, so it may join; but not where it undoes a
+    # preset: taylor-plus with the reference's write gate would pass for taylor-plus. (Once joined, the
+    # table records the option: true of every cell, so taylor-plus cells under it may join then.)
+    before = open(stem + ".json").read()
+    assert convert.main(base + ["--policies", "uniform", "--inits", "naive,taylor-plus", "--init-opt",
+                                "write_gate=rescale", "--append"]) == 2
+    assert "another init_opts" in capsys.readouterr().err and open(stem + ".json").read() == before
     assert convert.main(base + ["--policies", "uniform", "--inits", "naive", "--init-opt", "write_gate=rescale",
                                 "--append"]) == 0
     # The texts are matched by their tokens: the same text under another path joins; another text
