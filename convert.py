@@ -577,14 +577,15 @@ def _prepare_out(path, overwrite):
         raise ValueError(f"--out '{path}' holds a distill.py run (its hybrid carries the conversion.json it started "
                          f"from): --overwrite replaces only a conversion; choose another --out")
     distill.check_writable(os.path.join(path, "config.json"), "--out")
-    parent = os.path.dirname(os.path.realpath(path))
+    real = os.path.realpath(path)
+    parent = os.path.dirname(real)
     # The hybrid is built in a sibling folder and renamed over --out at the end, so the parent must
     # take new entries even where --out itself (already there, --overwrite) is writable.
     if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out '{path}': its folder '{parent}' is not one this process can write in "
                          f"(the new hybrid is built beside --out, then renamed over it)")
     os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.realpath(path))}.tmp-")
+    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(real)}.tmp-")
 
 
 def _publish(tmp, path):
@@ -1131,9 +1132,8 @@ def _given_opts(init_opts):
     anyway (its preset's value, else the default) dropped. What a conversion and a table record, so
     they compare whatever way the same options were spelled, whichever inits a table lists; an
     option that undoes a preset (taylor-plus with write_gate=rescale) is kept."""
-    from calibrate import INITS, PRESETS, resolve
-    base = [resolve({}, PRESETS.get(i)) for i in INITS]
-    return {k: v for k, v in init_opts.items() if any(v != b[k] for b in base)}
+    from calibrate import INITS
+    return {k: v for k, v in init_opts.items() if not _same_effect({k: v}, {}, INITS)}
 
 
 def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, cells):

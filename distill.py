@@ -50,7 +50,7 @@ rest (MLPs, norms, embeddings, LM head) at a much smaller one.
 Token budgets count real tokens: the corpus is packed into full sequences (documents joined by
 EOS, no padding), a step consumes --batch sequences of --seq tokens, and a budget of N tokens
 gives floor(N / (batch * seq)) steps. The run folder (--out) holds run.json (the configuration,
-and the texts as token digests), metrics.jsonl (one line per step, with this stage's tokens, and
+and the student and texts as digests), metrics.jsonl (one line per step, with this stage's tokens, and
 per evaluation, with the tokens seen in every stage so far), checkpoints/ (atomic, every
 --ckpt-every steps: weights and optimiser state as safetensors, RNG states, data position, step;
 each is a student folder too), and at the end the student itself (loadable by gdn.load_hybrid,
@@ -1283,22 +1283,22 @@ def _student_digest(path, conversion):
     return h.hexdigest()[:16]
 
 
-def _check_student(a, student_id):
-    """--resume: the run must continue from the student it began from. A conversion (or a Stage 1)
-    redone into the --student folder since (--overwrite) is another student: the run's checkpoints,
-    and a finished run's output, belong to the old one. (A run.json of an earlier version: not
-    checked.)"""
+def _check_inputs(a, now, what, advice):
+    """--resume: the run's inputs (`now`: name -> digest) must be those run.json recorded when it
+    started, not only the same paths: a conversion (or a Stage 1) redone into the --student folder,
+    or a corpus edited in place, would continue the run on something else. Inputs an earlier version
+    did not record are not checked."""
     run_json = os.path.join(a.out, "run.json")
     if not (a.resume and os.path.isfile(run_json)):
         return
-    old = read_json(run_json).get("student_digest")
-    if old is not None and old != student_id:
-        raise ValueError(f"--resume: the run in '{a.out}' began from another student: '{a.student}' now holds "
-                         f"another conversion or distillation (digest {old} then, {student_id} now); start the "
-                         f"run afresh (--overwrite)")
+    old = read_json(run_json).get("inputs", {})
+    diff = [k for k in now if k in old and old[k] != now[k]]
+    if diff:
+        raise ValueError(f"--resume: the run in '{a.out}' {what}: " + ", ".join(
+            f"{k} (digest {old[k]} then, {now[k]} now)" for k in diff) + f"; {advice}")
 
 
-def _start_run_folder(a, config, texts, student_id, dist):
+def _start_run_folder(a, config, inputs, dist):
     """A new run's folder, holding run.json; under --overwrite it replaces --out. Called last, once
     everything that can fail before training has been checked: nothing is deleted for a run that
     cannot start."""
@@ -1317,8 +1317,8 @@ def _start_run_folder(a, config, texts, student_id, dist):
                 raise
             shutil.rmtree(trash)
         os.makedirs(real)
-        write_json(run_json, {"config": config, "texts": texts, "student_digest": student_id,
-                              "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": run_info()["commit"]})
+        write_json(run_json, {"config": config, "inputs": inputs, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                              "commit": run_info()["commit"]})
     dist.barrier()
 
 
@@ -1327,18 +1327,6 @@ def ids_digest(ids):
     h = hashlib.sha1(str(tuple(ids.shape)).encode())
     h.update(ids.cpu().contiguous().numpy())                 # (read in place: a corpus can be gigabytes)
     return h.hexdigest()[:16]
-
-
-def _check_texts(a, texts):
-    """--resume: the texts must be the ones the run started on, not only the same paths (a corpus
-    edited in place would continue the data stream of another text). A run.json of a version
-    without these digests is not checked."""
-    old = read_json(os.path.join(a.out, "run.json")).get("texts")
-    diff = [k for k in texts if old is not None and old.get(k) != texts[k]]
-    if diff:
-        raise ValueError("--resume: the run in '" + a.out + "' started on other text: " + ", ".join(
-            f"{k} (tokens digest {old.get(k)} there, {texts[k]} now)" for k in diff) + "; restore the files, or "
-            "start a new run")
 
 
 def _save_student(student, tokenizer, a, records):
@@ -1398,8 +1386,9 @@ def _distill(a):
     spec = _teacher_spec(a, conversion)
     config = _run_config(a, spec)
     resume_from = _check_run_folder(a, config)             # (a finished run's configuration checked too)
-    student_id = _student_digest(a.student, conversion)
-    _check_student(a, student_id)                          # (and its student)
+    inputs = {"student": _student_digest(a.student, conversion)}
+    _check_inputs(a, inputs, f"began from another student ('{a.student}' holds another conversion or "
+                  f"distillation since)", "start the run afresh (--overwrite)")  # (a finished run's, too)
     if a.resume and os.path.isfile(os.path.join(a.out, "distill.json")):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
@@ -1422,8 +1411,8 @@ def _distill(a):
     texts = {"data": ids_digest(data.seqs),
              "eval_data": ids_digest(eval_ids) if eval_ids is not None else None,
              "test_data": ids_digest(test_ids) if test_ids is not None else None}
-    if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
-        _check_texts(a, texts)                                         # before minutes of loading
+    _check_inputs(a, texts, "started on other text (token digests)", "restore the files, or start a new run")
+    inputs.update(texts)                                               # (checked before minutes of loading)
     from convert import load_teacher                                  # lazy: convert imports distill
     dtype = torch.bfloat16 if (a.amp and a.device == "cuda") else torch.float32
     teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
@@ -1443,7 +1432,7 @@ def _distill(a):
     else:
         if a.resume and dist.main:
             print(f"--resume: nothing to resume in {a.out} yet; starting the run")
-        _start_run_folder(a, config, texts, student_id, dist)                             # every check passed: now write
+        _start_run_folder(a, config, inputs, dist)                     # every check passed: now write
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher, s_tok, conversion)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "

@@ -522,7 +522,7 @@ def test_overwrite_moves_the_old_run_aside_first(setup, tmp_path, capsys, monkey
     with monkeypatch.context() as m:
         m.setattr(distill.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         with pytest.raises(KeyboardInterrupt):
-            distill._start_run_folder(SimpleNamespace(out=str(out)), {}, {}, None, dist)
+            distill._start_run_folder(SimpleNamespace(out=str(out)), {}, {}, dist)
     assert not out.exists()
     [trash] = os.listdir(tmp_path / "runs")
     assert trash.startswith(".trash-") and (tmp_path / "runs" / trash / "run" / "run.json").exists()
