@@ -680,7 +680,8 @@ def _parse_args(argv):
     d.add_argument("--distill-data", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared",
                                                           "data", "corpus"), help="training text (file or folder)")
     d.add_argument("--distill-args", default="", help="further distill.py options for both stages, one string "
-                                                      "(e.g. '--micro-batch 4 --eval-every 2M'). The stages "
+                                                      "(e.g. '--micro-batch 4 --eval-every 2M'; Stage 2's own, "
+                                                      "--lr-rest and --grad-ckpt, reach Stage 2 only). The stages "
                                                       "evaluate on distill.py's own --eval-data / --test-data "
                                                       "(WikiText-2 valid / test), not on this --eval-data: set "
                                                       "them here to change that")
@@ -758,7 +759,7 @@ def _parse_args(argv):
                 p.error(f"--distill-tokens: '{out}' is a folder that holds no distill.py run: --overwrite replaces "
                         f"only such a folder; choose another --out")
             try:                                        # (its flags are distill.py's, not convert.py's)
-                a = distill.parse_args(argv, prog="convert.py --distill-args (distill.py's options)")
+                a = distill.parse_args(argv, prog="convert.py --distill-args (distill.py's options)", chain=True)
             except ValueError as e:
                 p.error(f"--distill-args (distill.py's options): {e}")
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
@@ -766,7 +767,7 @@ def _parse_args(argv):
             # Nor stop a stage early: the next would start from an unfinished one.
             own = ("student", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume",
                    "stop_after_steps")
-            chain = distill.parse_args(argv[:len(argv) - len(extra)])
+            chain = distill.parse_args(argv[:len(argv) - len(extra)], chain=True)
             clash = ["--" + k.replace("_", "-") for k in own if getattr(a, k) != getattr(chain, k)]
             if clash:
                 p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --out, "
@@ -1254,7 +1255,7 @@ def _run_distill_chain(args):
         if not tokens:
             continue
         out, argv = _chain_stage(args, stage, student, tokens)
-        code = distill.main(argv)
+        code = distill.main(argv, chain=True)
         if code:
             return code
         student = out

@@ -541,9 +541,12 @@ def _stage2_step(student, teacher, ids):
 # ----------------------------------------------------------------------------------------------
 
 STAGE_DEFAULTS = {
-    1: dict(seq=512, batch=96, lr=1e-3, lr_rest=0.0, schedule="cosine", grad_ckpt=0, micro_cap=16),
+    1: dict(seq=512, batch=96, lr=1e-3, schedule="cosine", micro_cap=16),
     2: dict(seq=4096, batch=32, lr=1e-4, lr_rest=7e-6, schedule="constant", grad_ckpt=1, micro_cap=2),
 }
+# Stage 2's alone: Stage 1 trains only the GDN layers, each on the teacher's input to it, so it has no
+# "rest" to train and no decoder layers to checkpoint.
+STAGE2_ONLY = ("lr_rest", "grad_ckpt")
 
 
 def _lr_factor(step, total, schedule, warmup=0, min_ratio=0.0):
@@ -1041,8 +1044,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WIKI = os.path.join(HERE, "..", "shared", "data", "wikitext-2-raw")
 
 
-def parse_args(argv, prog=None):
-    """distill.py's arguments; prog: the name its errors go under (convert.py's chain names itself)."""
+def parse_args(argv, prog=None, chain=False):
+    """distill.py's arguments; prog: the name its errors go under (convert.py's chain names itself).
+    chain: one set of options for both stages (convert.py's chain), so Stage 1 drops Stage 2's own
+    options instead of refusing them."""
     p = argparse.ArgumentParser(prog=prog, description="Stage 1 / Stage 2 distillation of a hybrid from convert.py",
                                 epilog="Also: distill.py --recovery RUN [RUN ...] [--results STEM] [--overwrite], the "
                                        "report comparing finished Stage-2 runs of different inits (one of them naive)")
@@ -1061,7 +1066,7 @@ def parse_args(argv, prog=None):
     g.add_argument("--micro-batch", type=int, help="sequences per forward per GPU (default: the largest "
                                                    "divisor of batch/GPUs up to 16 (1) or 2 (2))")
     g.add_argument("--lr", type=float, help="learning rate (1: 1e-3 on GDN; 2: 1e-4 on attention and GDN)")
-    g.add_argument("--lr-rest", type=float, help="stage 2: learning rate of everything else (7e-6)")
+    g.add_argument("--lr-rest", type=float, help="stage 2 only: learning rate of everything else (7e-6)")
     g.add_argument("--schedule", choices=["cosine", "constant"], help="1: cosine, 2: constant")
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--min-lr-ratio", type=float, default=0.0, help="cosine floor as a fraction of --lr")
@@ -1070,8 +1075,8 @@ def parse_args(argv, prog=None):
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (torch's default; the "
                                                                     "reference does not state one)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
-    g.add_argument("--grad-ckpt", type=int, help="gradient checkpointing of every n-th decoder layer, 0: off "
-                                                 "(default: 0 in stage 1, 1 in stage 2)")
+    g.add_argument("--grad-ckpt", type=int, help="stage 2 only: gradient checkpointing of every n-th decoder "
+                                                 "layer, 0: off (default: 1)")
     p.add_argument("--seed", type=int, default=0, help="data order and everything random")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when there is one")
     p.add_argument("--amp", type=int, choices=[0, 1], help="bf16 autocast, CUDA only (default: 1 on CUDA, 0 on CPU)")
@@ -1097,6 +1102,13 @@ def parse_args(argv, prog=None):
     c.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM dense bf16: 989)")
     a = p.parse_args(argv)
+    given = ["--" + k.replace("_", "-") for k in STAGE2_ONLY if getattr(a, k) is not None]
+    if a.stage == 1 and given and not chain:
+        raise ValueError(f"{' and '.join(given)}: Stage 2's options; Stage 1 trains only the GDN layers, each "
+                         f"on its own, and would ignore them")
+    if a.stage == 1:
+        for k in STAGE2_ONLY:
+            setattr(a, k, None)
     for k, v in STAGE_DEFAULTS[a.stage].items():
         if k != "micro_cap" and getattr(a, k) is None:
             setattr(a, k, v)
@@ -1142,17 +1154,18 @@ def check_shapes(a, world):
     if not a.clip > 0 or not a.peak_tflops > 0:
         raise ValueError(f"--clip and --peak-tflops must be positive (got {a.clip}, {a.peak_tflops})")
     for option, value, ok, rule in (
-            ("--lr", a.lr, a.lr > 0, "> 0"), ("--lr-rest", a.lr_rest, a.lr_rest >= 0, ">= 0"),
+            ("--lr", a.lr, a.lr > 0, "> 0"),
             ("--beta1", a.beta1, 0 <= a.beta1 < 1, "in [0, 1)"), ("--beta2", a.beta2, 0 <= a.beta2 < 1, "in [0, 1)"),
             ("--weight-decay", a.weight_decay, a.weight_decay >= 0, ">= 0"),
             ("--min-lr-ratio", a.min_lr_ratio, 0 <= a.min_lr_ratio <= 1, "in [0, 1]"),
             ("--warmup-steps", a.warmup_steps, a.warmup_steps >= 0, ">= 0"),
-            ("--grad-ckpt", a.grad_ckpt, a.grad_ckpt >= 0, ">= 0"),
             ("--eval-max-windows", a.eval_max_windows, a.eval_max_windows >= 0, ">= 0"),
             ("--ckpt-every", a.ckpt_every, a.ckpt_every >= 0, ">= 0"),
             ("--keep-checkpoints", a.keep_checkpoints, a.keep_checkpoints >= 1, ">= 1"),
             ("--stop-after-steps", a.stop_after_steps, a.stop_after_steps >= 0, ">= 0"),
-            ("--profile-steps", a.profile_steps, a.profile_steps >= 0, ">= 0")):
+            ("--profile-steps", a.profile_steps, a.profile_steps >= 0, ">= 0"),
+            *([("--lr-rest", a.lr_rest, a.lr_rest >= 0, ">= 0"), ("--grad-ckpt", a.grad_ckpt, a.grad_ckpt >= 0, ">= 0")]
+              if a.stage == 2 else [])):
         if not (ok and math.isfinite(value)):                   # a NaN fails every comparison
             raise ValueError(f"{option} must be {rule} (got {value})")
     if a.batch % world:
@@ -1639,12 +1652,12 @@ def _recovery_main(argv):
     return 0
 
 
-def main(argv=None):
+def main(argv=None, chain=False):
     argv = sys.argv[1:] if argv is None else argv
     if "--recovery" in argv:
         return _recovery_main(argv)
     try:
-        a = parse_args(argv)
+        a = parse_args(argv, chain=chain)
         a.arguments = shlex.join(argv)          # recorded: the command line is convert.py's in its chain
         _distill(a)
     except ValueError as e:

@@ -64,8 +64,8 @@ def args(s, out, stage=1, tokens=6 * 4 * 16, extra=()):
     """A tiny run: seq 16, global batch 4 in micro-batches of 2 (gradient accumulation on)."""
     return ["--student", s["hybrid"], "--stage", str(stage), "--tokens", str(tokens), "--data", s["train"],
             "--out", str(out), "--seq", "16", "--batch", "4", "--micro-batch", "2", "--lr", "3e-3",
-            "--lr-rest", "3e-4", "--eval-data", s["valid"], "--eval-window", "32", "--eval-max-windows", "2",
-            "--eval-every", "128", "--test-data", s["test"], "--ckpt-every", "2", *extra]
+            *(["--lr-rest", "3e-4"] if stage == 2 else []), "--eval-data", s["valid"], "--eval-window", "32",
+            "--eval-max-windows", "2", "--eval-every", "128", "--test-data", s["test"], "--ckpt-every", "2", *extra]
 
 
 def lines(out, kind):
@@ -295,7 +295,7 @@ def test_stage_reduces_its_loss(setup, tmp_path, stage):
     one_batch.write_text(s["tok"].decode(ids[: 4 * 16 + 8]))
     assert distill.tokenize(s["tok"], one_batch.read_text()).numel() // 16 == 4
     out = tmp_path / "run"
-    a = args(s, out, stage, tokens=10 * 64, extra=["--lr", "1e-2", "--lr-rest", "1e-3"])
+    a = args(s, out, stage, tokens=10 * 64, extra=["--lr", "1e-2"] + (["--lr-rest", "1e-3"] if stage == 2 else []))
     a[a.index("--data") + 1] = str(one_batch)
     assert distill.main(a) == 0
     loss = [r["loss"] for r in lines(out, "train")]
@@ -341,7 +341,7 @@ def test_optimizer_steps_at_the_reference_learning_rates(setup, tmp_path, monkey
 
     monkeypatch.setattr(torch.optim, "AdamW", AdamW)
     a = args(setup, tmp_path / "run", stage, extra=["--eval-data", "none", "--test-data", "none", "--ckpt-every", "0"])
-    for flag in ("--lr", "--lr-rest"):
+    for flag in ("--lr", "--lr-rest")[:stage]:
         del a[a.index(flag): a.index(flag) + 2]
     assert distill.main(a) == 0
     if stage == 1:
@@ -389,7 +389,8 @@ def test_bf16_student_folder_trains_in_fp32(setup, tmp_path):
     assert {t.dtype for t in load_hybrid(bf16).state_dict().values()} == {torch.bfloat16}
     for stage in (1, 2):
         out = tmp_path / f"run{stage}"
-        a = args({**s, "hybrid": str(bf16)}, out, stage, tokens=2 * 64, extra=["--lr-rest", "1e-5"])
+        a = args({**s, "hybrid": str(bf16)}, out, stage, tokens=2 * 64,
+                 extra=["--lr-rest", "1e-5"] if stage == 2 else [])
         assert distill.main(a) == 0
         after = load_hybrid(out).state_dict()
         assert {t.dtype for t in after.values()} == {torch.float32}
@@ -733,13 +734,15 @@ def test_record_names_torchrun(monkeypatch):
 
 
 @pytest.mark.parametrize("change", [["--lr", "-1"], ["--lr", "nan"], ["--beta1", "2"], ["--weight-decay", "-1"],
-                                    ["--min-lr-ratio", "5"], ["--warmup-steps", "-5"], ["--grad-ckpt", "-1"],
+                                    ["--min-lr-ratio", "5"], ["--warmup-steps", "-5"],
+                                    ["--grad-ckpt", "-1", "--stage", "2"], ["--grad-ckpt", "0"], ["--lr-rest", "1e-4"],
                                     ["--ckpt-every", "-1"], ["--profile-steps", "-1"], ["--keep-checkpoints", "0"],
                                     ["--tokens", "inf"], ["--tokens", "1e999"], ["--eval-every", "abc"],
                                     ["--amp", "1", "--device", "cpu"],
                                     *([] if torch.cuda.is_available() else [["--device", "cuda"]])])
 def test_bad_value_creates_nothing_and_overwrites_nothing(setup, tmp_path, capsys, change):
-    """A bad value is named before --out is created, or, under --overwrite, deleted."""
+    """A bad value is named before --out is created, or, under --overwrite, deleted. Stage 2's own
+    options are refused in Stage 1 (it would ignore them), whatever their value."""
     old = tmp_path / "old"
     old.mkdir()
     (old / "distill.json").write_text("{}")
@@ -887,7 +890,7 @@ def test_convert_chains_both_stages(setup, tmp_path):
     s = setup
     out = tmp_path / "h"
     more = (f"--seq 16 --batch 4 --eval-data {s['valid']} --eval-window 32 --eval-max-windows 1 "
-            f"--test-data {s['test']} --ckpt-every 0")
+            f"--test-data {s['test']} --ckpt-every 0 --grad-ckpt 0 --lr-rest 2e-5")
     code = convert.main(["--teacher", s["teacher"], "--keep", "1/2", "--out", str(out), "--eval-data", s["valid"],
                          "--window", "32", "--max-windows", "1", "--no-sample", "--calib-seqs", "1",
                          "--calib-len", "16", "--calib-data", s["train"], "--distill-tokens", "128,64",
@@ -900,6 +903,9 @@ def test_convert_chains_both_stages(setup, tmp_path):
     # each stage records its own arguments beside the process's (convert.py's) command line
     assert "--stage 1 " in r1["arguments"] and "--stage 2 " in r2["arguments"] and "--seq 16" in r2["arguments"]
     assert r2["student_in"] == f"{out}-stage1" and r2["test"]["ppl"] > 0
+    # Stage 2's own options (one --distill-args for both stages) reach Stage 2 only
+    assert (r1["grad_ckpt"], r1["config"]["lr_rest"]) == (None, None)
+    assert (r2["grad_ckpt"], r2["config"]["lr_rest"]) == (0, 2e-5)
     assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
 
 
