@@ -272,10 +272,11 @@ class GatedDeltaNet(nn.Module):
     def step_state(self, x, cache):
         """(S, conv state) of this layer where decoding x [B, 1, d] takes the one-kernel step
         (gdn_kernel.gdn_layer_step: a GPU, no autograd, a state from the prompt, no padding), else None
-        (also for a cache cut back: forward then refuses it)."""
+        (also for a cache cut back, or right-padded under a short conv: forward then refuses it; the
+        decoding layers of convert.py call this without forward's checks)."""
         pad = getattr(self, "pad_mask", None)
         if (cache is None or x.shape[1] != 1 or (pad is not None and pad.shape == x.shape[:2])
-                or getattr(cache, "gdn_rewound", False)):
+                or getattr(cache, "gdn_rewound", False) or (self.conv_size and getattr(cache, "gdn_pad_tail", 0))):
             return None
         S0, conv0 = _gdn_states(cache).get(self.layer_idx, (None, None))
         if S0 is None or not gdn_layer_step_usable(x, S0) or (self.conv_size and conv0 is None):
@@ -292,8 +293,15 @@ class GatedDeltaNet(nn.Module):
         return y
 
     def _placeholder(self, cache, x):
-        """One number per token in the cache's key/value slots of this layer (see the module docstring)."""
+        """One number per token in the cache's key/value slots of this layer (see the module docstring).
+        A static cache sized before its first write (early_initialization; generate does it for a
+        chunked prefill) gave this layer K/V-shaped slots: they are dropped and sized for the stub."""
         stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
+        layers = getattr(cache, "layers", [])
+        layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
+        keys = getattr(layer, "keys", None)
+        if getattr(layer, "is_initialized", False) and keys is not None and (keys.shape[1], keys.shape[-1]) != (1, 1):
+            layer.is_initialized = False
         cache.update(stub, stub, self.layer_idx)
 
 

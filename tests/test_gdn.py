@@ -430,10 +430,12 @@ def test_pads_read_from_a_4d_mask_as_from_the_2d_one():
             torch.testing.assert_close(model(ids, attention_mask=m).logits[:, 10:], want[:, 10:])
 
 
-def test_right_padding_then_more_tokens_refused_with_a_conv():
+def test_right_padding_then_more_tokens_refused_with_a_conv(monkeypatch):
     """Pads after a row's last real token change none of that forward's real outputs, so a right-padded
     batch is accepted; real tokens fed after it into the same cache are refused (the conv would mix
-    the pads in), and a reset cache starts clean."""
+    the pads in), also where convert.py's decoding layers ask for the one-kernel step without going
+    through forward; a reset cache starts clean."""
+    import gdn
     from transformers import StaticCache
     torch.manual_seed(0)
     model = hybridize(tiny_model("llama"), [0, 1, 2, 3], conv_size=4).eval()
@@ -445,6 +447,9 @@ def test_right_padding_then_more_tokens_refused_with_a_conv():
         torch.testing.assert_close(got[:, :7], model(prompt).logits)
         with pytest.raises(ValueError, match="pads between real tokens"):
             model(more, attention_mask=torch.cat([right, torch.ones(2, 2, dtype=torch.long)], 1), past_key_values=cache)
+        monkeypatch.setattr(gdn, "gdn_layer_step_usable", lambda x, S: True)      # as on a GPU
+        x = torch.randn(2, 1, model.config.hidden_size)
+        assert [m.step_state(x, cache) for m in gdn_modules(model).values()] == [None] * 4
         cache.reset()
         model(prompt, past_key_values=cache)
 
@@ -452,7 +457,8 @@ def test_right_padding_then_more_tokens_refused_with_a_conv():
 def test_left_padding_over_a_chunked_prefill():
     """generate's prefill_chunk_size feeds a prompt in chunks, so a row's left pads can fill whole
     chunks and reach the next one after cached tokens that are pads too: accepted (the conv window has
-    seen only zeros), and the tokens equal an unchunked prefill's."""
+    seen only zeros), and the tokens equal an unchunked prefill's. With a static cache generate sizes
+    every layer's slots before the first chunk, K/V-shaped, for the GDN layers' placeholders too."""
     torch.manual_seed(0)
     model = hybridize(tiny_model("llama"), [0, 1, 3], conv_size=4).eval()
     for m in gdn_modules(model).values():
@@ -464,7 +470,9 @@ def test_left_padding_over_a_chunked_prefill():
     with torch.no_grad():
         want = model.generate(ids, **kw)
         for size in (4, 8):
-            assert torch.equal(model.generate(ids, prefill_chunk_size=size, **kw), want), size
+            for cache in (None, "static"):
+                got = model.generate(ids, prefill_chunk_size=size, cache_implementation=cache, **kw)
+                assert torch.equal(got, want), (size, cache)
 
 
 def test_flex_attention_masks_are_read():
