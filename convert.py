@@ -39,6 +39,7 @@ import copy
 import filecmp
 import hashlib
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -1293,17 +1294,18 @@ def _parse_sizes(text, name):
     out = []
     for t in text.split(","):
         t = t.strip().lower()
-        try:
-            out.append(int(t[:-1]) * 1024 if t.endswith("k") else int(t))
-        except ValueError:
-            raise ValueError(f"--{name} '{text}': '{t}' is not a size (examples: 1k,4k,32768)") from None
+        m = re.fullmatch(r"(-?[0-9]+)(k?)", t)          # (int() alone takes '1_024', '4 k', other digits)
+        if not m:
+            raise ValueError(f"--{name} '{text}': '{t}' is not a size (examples: 1k,4k,32768)")
+        out.append(int(m[1]) * (1024 if m[2] else 1))
         if not 0 < out[-1] < 2 ** 31:
             raise ValueError(f"--{name} '{text}': sizes must be positive and below 2^31")
     return out
 
 
-def _cache_bytes(model, cache):
-    """Bytes held by the cache: the KV tensors of its layers (a GDN layer's slot holds only a
+def _cache_bytes(cache):
+    """Bytes held by the cache as allocated (a static cache: every position it was sized for, not
+    only the context's): the KV tensors of its layers (a GDN layer's slot holds only a
     [B, 1, L, 1] placeholder: 22 MiB of keep 1/4's 1595 at 32k, batch 8) and the GDN layers' states."""
     total = 0
     for layer in getattr(cache, "layers", []):
@@ -2530,7 +2532,7 @@ def _bench_one(model, B, ctx, steps, graphs, device, fill_chunk=2048, compile_st
     next_ids = out.logits[:, -1:].argmax(-1)
     step, kernels = _time_decode(model, cache, next_ids, torch.tensor([ctx], device=device), steps, graphs,
                                 compile_step, profile)
-    kv = _cache_bytes(model, cache)
+    kv = _cache_bytes(cache)
     states = sum(S.numel() * S.element_size() for S, _ in getattr(cache, "gdn_state", {}).values())
     # K and V at the mean live length over the timed steps (give or take the few warm-up steps
     # before them); GDN states read and written (conv states not counted: --bench builds no conv)
@@ -2743,6 +2745,8 @@ def _bench_markdown(r):
         lines.append(f"| {x['model']} | {x['batch']} | {x['context']} | {x['prefill_s'] * 1e3:.1f} | "
                      f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
                      f"{x['bytes_per_step'] / 1e6:.0f} | {x['cache_bytes'] / 2**20:.1f} | {peak} |")
+    lines += ["", f"cache MiB: the static cache as allocated, context + decode steps + 8 positions (from {16 * SPLIT} on "
+              f"rounded up to a multiple of {SPLIT}), with the GDN states."]
     lines += _bench_comparison(r["rows"])
     floors = [x for x in r["rows"] if x.get("floor_step_s") and x.get("bound_step_s")]
     if floors:

@@ -840,7 +840,9 @@ def test_bench_teacher_folder_needs_no_tokenizer(teacher_dir, tmp_path, capsys, 
 
 @pytest.mark.parametrize("text, message", [("0", "sizes must be positive"), ("-1", "sizes must be positive"),
                                            ("9999999999999999k", "below 2^31"), ("1.5k", "'1.5k' is not a size"),
-                                           ("32,,64", "'' is not a size"), ("", "'' is not a size")])
+                                           ("32,,64", "'' is not a size"), ("", "'' is not a size"),
+                                           ("1_024", "'1_024' is not a size"), ("4 k", "'4 k' is not a size"),
+                                           ("\u0664k", "'\u0664k' is not a size")])        # (an Arabic-Indic 4)
 def test_bad_sizes_are_named(text, message):
     from convert import _parse_sizes
     with pytest.raises(ValueError, match=re.escape(f"--contexts '{text}'") + ".*" + re.escape(message)):
@@ -1103,7 +1105,7 @@ def test_cache_bytes_count_the_gdn_states_by_hand():
     placeholders = 3 * 2 * 2 * 20 * 4             # GDN layers x (K, V) x batch x positions x 4 B
     S = 3 * 2 * 4 * 16 * 16 * 4                   # GDN layers x batch x heads x Dk x Dv x 4 B
     conv = 3 * 2 * (3 * 4 * 16) * 3 * 4           # GDN layers x batch x q,k,v channels x (conv_size - 1) x 4 B
-    assert _cache_bytes(model, cache) == kv + placeholders + S + conv
+    assert _cache_bytes(cache) == kv + placeholders + S + conv
 
 
 def test_bench_bytes_per_step_by_hand():
