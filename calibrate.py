@@ -287,28 +287,12 @@ def _logit(p):
 
 @torch.no_grad()
 def _standard_gates(gdn, o):
-    """The standard GDN random init of the gates (METHOD section 2; the defaults of the options named
-    here) -- W_a, W_b, W_g ~ N(0, gate_std^2 = 0.02^2), A ~ U(0, a_max = 16), A_log = log A,
-    dt = exp(U(log dt_min, log dt_max)) = exp(U(log 1e-3, log 0.1)) >= dt_floor = 1e-4,
-    dt_bias = softplus^-1(dt) -- drawn from a generator seeded by (seed, layer index). W_q, W_k, W_v,
-    W_o keep the teacher copy. Every init starts here, so the same layer starts the same in every
-    hybrid it appears in."""
+    """The standard GDN random init of the gates (gdn.reset_gates, METHOD section 2, at the options
+    named here: gate_std, a_max, dt_min, dt_max, dt_floor), drawn from a generator seeded by (seed,
+    layer index). W_q, W_k, W_v, W_o keep the teacher copy. Every init starts here, so the same layer
+    starts the same in every hybrid it appears in."""
     gen = torch.Generator().manual_seed((int(o["seed"]) * 100003 + gdn.layer_idx) % 2**64)   # any seed fits
-    def draw(shape, fn):
-        return fn(torch.empty(shape), gen).to(device=gdn.A_log.device)
-    for lin in (gdn.a_proj, gdn.b_proj, gdn.g_proj):
-        lin.weight.copy_(draw(lin.weight.shape, lambda t, g: t.normal_(0, o["gate_std"], generator=g)))
-    if gdn.b_proj.bias is not None:                          # (write_gate=bias's; none in the standard init)
-        gdn.b_proj.bias.zero_()
-    # (U(0, a_max) includes 0, whose log would be -inf; at the default a_max the floor lies below
-    # every other float32 draw)
-    gdn.A_log.copy_(draw(gdn.A_log.shape, lambda t, g: t.uniform_(0, o["a_max"], generator=g)).clamp_min(1e-8).log())
-    dt = draw(gdn.dt_bias.shape, lambda t, g: t.uniform_(math.log(o["dt_min"]), math.log(o["dt_max"]),
-                                                        generator=g)).exp()
-    gdn.dt_bias.copy_(_softplus_inv(dt.clamp(min=o["dt_floor"])))
-    gdn.o_norm.fill_(1.0)
-    if gdn.conv_size > 0:
-        gdn.reset_conv()
+    gdn.reset_gates(o["gate_std"], o["a_max"], o["dt_min"], o["dt_max"], o["dt_floor"], generator=gen)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -104,15 +104,32 @@ class GatedDeltaNet(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, std=0.02):
-        """The standard GDN random init (METHOD section 2): projections N(0, std);
-        A ~ U(0, 16), A_log = log A; dt = exp(U(log 1e-3, log 0.1)) >= 1e-4, dt_bias = softplus^-1(dt)."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.g_proj, self.o_proj):
+        """The standard GDN random init (METHOD section 2): projections N(0, std^2), gates as reset_gates."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
             nn.init.normal_(lin.weight, std=std)
             if lin.bias is not None:
                 lin.bias.zero_()
-        self.A_log.copy_(torch.empty_like(self.A_log).uniform_(0, 16).clamp_min(1e-8).log())   # (a draw of 0: -inf)
-        dt = torch.empty_like(self.dt_bias).uniform_(math.log(1e-3), math.log(0.1)).exp().clamp(min=1e-4)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))          # softplus^-1(dt)
+        self.reset_gates(std)
+
+    @torch.no_grad()
+    def reset_gates(self, std=0.02, a_max=16.0, dt_min=1e-3, dt_max=0.1, dt_floor=1e-4, generator=None):
+        """The standard init of everything but W_q, W_k, W_v, W_o: W_a, W_b, W_g ~ N(0, std^2);
+        A ~ U(0, a_max), A_log = log A; dt = exp(U(log dt_min, log dt_max)) >= dt_floor,
+        dt_bias = softplus^-1(dt) = dt + log(1 - e^-dt); output-norm weights 1; identity conv filters.
+        Drawn on the CPU (from `generator` where given), so a seed gives the same layer on any device."""
+        def draw(p, fill):
+            return fill(torch.empty(p.shape)).to(p.device)
+        for lin in (self.a_proj, self.b_proj, self.g_proj):
+            lin.weight.copy_(draw(lin.weight, lambda t: t.normal_(0, std, generator=generator)))
+            if lin.bias is not None:
+                lin.bias.zero_()
+        # (U(0, a_max) includes 0, whose log would be -inf; at a_max = 16 the floor lies below every
+        # other float32 draw)
+        A = draw(self.A_log, lambda t: t.uniform_(0, a_max, generator=generator))
+        self.A_log.copy_(A.clamp_min(1e-8).log())
+        dt = draw(self.dt_bias, lambda t: t.uniform_(math.log(dt_min), math.log(dt_max), generator=generator))
+        dt = dt.exp().clamp(min=dt_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
         self.o_norm.fill_(1.0)
         if self.conv_size > 0:
             self.reset_conv()
