@@ -219,9 +219,7 @@ def parse_opts(pairs):
             if out[k] != int(out[k]):
                 raise ValueError(f"init option {k} wants a whole number, got '{v}'")
             out[k] = int(out[k])
-        if k in CHOICES and out[k] not in CHOICES[k]:
-            raise ValueError(f"init option {k}={v}: choose from {', '.join(map(str, CHOICES[k]))}")
-    resolve(out)                                  # the ranges, checked now rather than after the teacher pass
+    resolve(out)                        # the choices and ranges, checked now rather than after the teacher pass
     return out
 
 
@@ -236,11 +234,15 @@ def _grid(o, name):
 
 
 def resolve(opts, preset=None):
-    """Defaults, then the init's preset, then the user's options; the gates' ranges checked (a write
-    strength must stay inside (0, 1) for its logit, a time step and a value scale above 0)."""
+    """Defaults, then the init's preset, then the user's options; the word-valued ones checked against
+    CHOICES, the gates' ranges too (a write strength must stay inside (0, 1) for its logit, a time
+    step and a value scale above 0)."""
     o = {k: v for k, (v, _) in OPTIONS.items()}
     o.update(preset or {})
     o.update({k: v for k, v in (opts or {}).items() if not k.startswith("_")})
+    for k, allowed in CHOICES.items():
+        if o[k] not in allowed:
+            raise ValueError(f"init option {k}={o[k]}: choose from {', '.join(map(str, allowed))}")
     betas = [o["beta_min"], o["beta_min"] + o["beta_span"]] + _grid(o, "beta_grid")
     if o["beta_span"] < 0 or not all(0 < b < 1 for b in betas):
         raise ValueError(f"init options: write strengths must lie in (0, 1): beta_min={o['beta_min']}, "
@@ -339,8 +341,12 @@ def _at(t, gdn):
 
 @torch.no_grad()
 def phase1(gdn, st, o):
-    """Steps 1-4 of the module docstring on one GDN layer, in place. Returns what was set (lists).
-    On failure (non-finite weights) the layer is left as it came in."""
+    """Steps 1-4 of the module docstring on one GDN layer, in place, with options o from resolve().
+    Returns what was set (lists). On failure (a bias it lacks, non-finite weights) the layer is left
+    as it came in."""
+    if o["write_gate"] == "bias" and gdn.b_proj.bias is None:
+        raise ValueError("write_gate=bias needs GDN layers with a bias on W_b (gdn.hybridize(..., beta_bias=True); "
+                         "convert.convert builds them so when its options say write_gate=bias)")
     saved = [p.detach().clone() for p in gdn.parameters()]
     H, D = gdn.num_heads, gdn.head_dim
     d = gdn.hidden_size
@@ -363,8 +369,6 @@ def phase1(gdn, st, o):
     if o["gates_from"] == "stats":
         gdn.A_log.zero_()
         gdn.dt_bias.copy_(_softplus_inv(gamma))
-    elif o["gates_from"] != "naive":
-        raise ValueError(f"gates_from must be stats or naive, not '{o['gates_from']}'")
     if o["a_proj"] == "zero":
         gdn.a_proj.weight.zero_()
 
@@ -376,14 +380,9 @@ def phase1(gdn, st, o):
         scale = Wb.float().abs().mean(1, keepdim=True).clamp_min(1e-12)
         Wb.copy_(_logit(beta)[:, None] / math.sqrt(d) * Wb.float() / scale)
     elif o["write_gate"] == "bias":
-        if gdn.b_proj.bias is None:
-            raise ValueError("write_gate=bias needs GDN layers with a bias on W_b (gdn.hybridize(..., beta_bias=True); "
-                             "convert.convert builds them so when its options say write_gate=bias)")
         gdn.b_proj.bias.copy_(_logit(beta))
     elif o["write_gate"] == "fit":
         Wb.copy_(_ridge_fit(X, _logit(beta)[None, :].expand(X.shape[0], H), o["ridge"]))
-    else:
-        raise ValueError(f"write_gate must be rescale, bias or fit, not '{o['write_gate']}'")
     beta_tokens = gdn.gates(gdn.project(x))[1]                                 # what beta really is
     beta_seen = beta_tokens.mean((0, 1))
     beta_std = beta_tokens.flatten(0, 1).std(0) if beta_tokens[..., 0].numel() > 1 else 0 * beta_seen  # (1 token)
@@ -409,8 +408,6 @@ def phase1(gdn, st, o):
         info["gate_search"] = search
     if o["out_gate"] == "fit":
         info.update(_fit_out_gate(gdn, x, _at(st["y"], gdn), kappa, o))
-    elif o["out_gate"] != "damped":
-        raise ValueError(f"out_gate must be damped or fit, not '{o['out_gate']}'")
     if not all(torch.isfinite(p).all() for p in gdn.parameters()):              # never NaN weights
         for p, old in zip(gdn.parameters(), saved):
             p.copy_(old)
@@ -648,8 +645,6 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
                     raise ValueError("phase2_input=student needs the calibration tokens")
                 h_s, x = _residual_and_input(student, calib_ids, i)
                 y = y.to(h_s.device) + o["correction"] * (stats[i]["h"].to(h_s.device) - h_s)
-            elif o["phase2_input"] != "teacher":
-                raise ValueError(f"phase2_input must be teacher or student, not '{o['phase2_input']}'")
             rec["phase2"] = phase2(gdn, x, y, o, desc=f"{name} layer {i}")
         elif stats is not None:
             rec["mse"] = _layer_mse(gdn, _at(stats[i]["x"], gdn).to(gdn.q_proj.weight.dtype), _at(stats[i]["y"], gdn))

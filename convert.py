@@ -405,7 +405,8 @@ def _layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
     """Every layer of the teacher converted once with a layer-wise init (calibrate.layerwise): a
     layer's GDN weights are then the same in every hybrid it appears in, so each cell of the table
     and each GA-S2 probe is assembled from this bank instead of recomputed. Returns (bank
-    {layer: state_dict}, seconds {layer: init time of that layer}, shared seconds, init info)."""
+    {layer: state_dict}, seconds {layer: init time of that layer}, init info); the teacher pass for
+    statistics is timed by the caller, which gathers them once for everything it builds."""
     from gdn import gdn_modules
     # Triton compiles its kernels on first use, all of it charged to the first layer's time (on the
     # H100, 52.6 s against ~2 s for the others: taylor's GA-S2 cells of results/zeroshot.json, before
@@ -417,11 +418,10 @@ def _layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
     bank = {i: {k: v.detach().clone() for k, v in g.state_dict().items()} for i, g in gdn_modules(student).items()}
     ii = info["init_info"] or {}
     per_layer = {i: r.get("seconds", 0.0) for i, r in ii.get("layers", {}).items()}
-    shared = ii.get("stats_seconds", 0.0)
     if not per_layer:                          # naive, zero-gate: the whole (tiny) time, spread
         per_layer = {i: info["init_seconds"] / len(bank) for i in bank}
     del student
-    return bank, per_layer, shared, ii
+    return bank, per_layer, ii
 
 
 def _from_bank(teacher, kept, bank, conv_size=0):
@@ -970,7 +970,7 @@ def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
             stats = collect_stats(teacher, calib, floor=resolve(init_opts)["dist_floor"])
             shared = time.time() - t0
             info["_stats"], info["_stats_seconds"] = stats, shared
-            bank_, per_layer, _, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
+            bank_, per_layer, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
                                                  {**init_opts, "_stats": stats})
             shared = shared if (ii or {}).get("stats") else 0.0
             built["bank"] = {"layers": bank_, "info": ii, "seconds": per_layer, "shared": shared}
@@ -1077,7 +1077,7 @@ def _run_table(args):
         probe_init = init                       # GA-S2 probes with the chosen init (METHOD section 4)
         bank = None
         if layerwise(init, init_opts) or "ga-s2" in policies:
-            bank, per_layer, shared, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed, opts)
+            bank, per_layer, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed, opts)
             shared = stats_seconds if (ii or {}).get("stats") else 0.0
         ga = None
         if "ga-s2" in policies:

@@ -563,6 +563,8 @@ def test_init_options_are_checked():
                          ["train_out=2", "choose from 0, 1"], ["steps=0.9", "whole number"], ["steps=x", "a number"]):
         with pytest.raises(ValueError, match=message):
             calibrate.parse_opts([bad])
+    with pytest.raises(ValueError, match="write_gate=fits: choose from rescale, bias, fit"):   # (options built
+        calibrate.resolve({"write_gate": "fits"})                                              # by hand too)
     # ranges that would only fail inside Phase 1, after the teacher pass, fail here
     for bad, message in ((["beta_span=0.7"], "lie in \\(0, 1\\)"), (["beta_min=0"], "lie in"),
                          (["beta_grid=0.5,1"], "lie in"), (["beta_grid=0.5;x"], "comma-separated list"),
@@ -611,6 +613,10 @@ def test_phase1_edge_cases(monkeypatch):
     monkeypatch.setattr(calibrate, "_softplus_inv", lambda y: y * float("nan"))
     with pytest.raises(ValueError, match="Phase 1 produced non-finite"), torch.no_grad():
         calibrate.phase1(gdn, stats[1], calibrate.resolve({}))
+    assert all(torch.equal(v, gdn.state_dict()[k]) for k, v in before.items())
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="write_gate=bias needs GDN layers with a bias"), torch.no_grad():
+        calibrate.phase1(gdn, stats[1], calibrate.resolve({"write_gate": "bias"}))
     assert all(torch.equal(v, gdn.state_dict()[k]) for k, v in before.items())
 
 
@@ -712,7 +718,7 @@ def test_policies_on_a_tiny_model():
     assert min(abs(s) for s in ar["scores"]) > 0.1                        # every layer matters: the test bites
     kept = convert.choose_layers(6, ("fraction", 1 / 3), "ar", ar["scores"])
     assert len(kept) == 2 and set(kept) == set(sorted(range(6), key=lambda i: -ar["scores"][i])[:2])
-    bank, per_layer, _, _ = convert._layer_bank(teacher, "taylor-phase1", ids)
+    bank, per_layer, _ = convert._layer_bank(teacher, "taylor-phase1", ids)
     ga = convert._ga_scores(teacher, probe, bank)
     assert len(ga["scores"]) == 6 and all(math.isfinite(s) for s in ga["scores"])
     stats = taylor_stats.collect_stats(teacher, ids, progress=False)      # one teacher pass for the six
