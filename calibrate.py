@@ -668,38 +668,24 @@ def _init_zero_gate(student, teacher, calib_ids, opts):
     return {}
 
 
-def _init_taylor_phase1(student, teacher, calib_ids, opts):
-    return _run_init(student, teacher, calib_ids, opts, "taylor-phase1", {}, True, False)
-
-
-def _init_align_only(student, teacher, calib_ids, opts):
-    return _run_init(student, teacher, calib_ids, opts, "align-only", {}, False, True)
-
-
-def _init_taylor(student, teacher, calib_ids, opts):
-    return _run_init(student, teacher, calib_ids, opts, "taylor", {}, True, True)
-
-
 # Ours. Each choice is an option above, so each can be switched off alone to see what it is worth.
 PLUS = {"write_gate": "fit", "a_proj": "zero", "out_gate": "fit", "dt_from": "distance_nosink"}
 
-
-def _init_taylor_plus(student, teacher, calib_ids, opts):
-    return _run_init(student, teacher, calib_ids, opts, "taylor-plus", PLUS, True, True)
-
-
-ALIGN_PLUS = {"train_out": 1}
-
-
-def _init_align_plus(student, teacher, calib_ids, opts):
-    return _run_init(student, teacher, calib_ids, opts, "align-plus", ALIGN_PLUS, False, True)
+# The inits built on the statistics and the alignment: (Phase 1?, Phase 2?) and the preset their
+# options start from (over the defaults above; the user's --init-opt values go over both).
+INIT_PHASES = {"taylor-phase1": (True, False), "align-only": (False, True), "taylor": (True, True),
+               "taylor-plus": (True, True), "align-plus": (False, True)}
+PRESETS = {"taylor-plus": PLUS, "align-plus": {"train_out": 1}}
 
 
-INITS = {"naive": _init_naive, "zero-gate": _init_zero_gate, "taylor-phase1": _init_taylor_phase1,
-         "align-only": _init_align_only, "taylor": _init_taylor, "taylor-plus": _init_taylor_plus,
-         "align-plus": _init_align_plus}
+def _phased_init(name):
+    do1, do2 = INIT_PHASES[name]
+    def init(student, teacher, calib_ids, opts):
+        return _run_init(student, teacher, calib_ids, opts, name, PRESETS.get(name, {}), do1, do2)
+    return init
 
-PRESETS = {"taylor-plus": PLUS, "align-plus": ALIGN_PLUS}
+
+INITS = {"naive": _init_naive, "zero-gate": _init_zero_gate, **{name: _phased_init(name) for name in INIT_PHASES}}
 
 
 def check_val_rows(name, opts, calib_seqs):
@@ -723,10 +709,6 @@ def layerwise(name, opts=None):
 # ----------------------------------------------------------------------------------------------
 # `python calibrate.py`: what each init and option is worth, layer by layer, on held-out tokens.
 # ----------------------------------------------------------------------------------------------
-
-INIT_PHASES = {"taylor-phase1": (True, False), "align-only": (False, True), "taylor": (True, True),
-               "taylor-plus": (True, True), "align-plus": (False, True)}
-
 
 def _write_ablation(args, source, layers, variants, rows):
     """main()'s report of the variants in `rows`: json and md, each written atomically."""

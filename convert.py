@@ -1191,15 +1191,12 @@ def _table_checks(cells, cols):
     return (["Checks (computed from the cells):"] + out) if out else []
 
 
-INIT_ORDER = ["naive", "zero-gate", "taylor-phase1", "align-only", "taylor", "taylor-plus", "align-plus"]
-
-
 def _table_markdown(r):
     """Rows: teacher and each init; columns: keep x policy; cells: perplexity (init seconds)."""
     order = {p: i for i, p in enumerate(POLICIES)}
     cols = sorted({(c["keep"], c["policy"]) for c in r["cells"]}, key=lambda kp: (kp[0], order.get(kp[1], 9)))
     inits = sorted(dict.fromkeys(c["init"] for c in r["cells"]),
-                   key=lambda i: INIT_ORDER.index(i) if i in INIT_ORDER else 99)
+                   key=lambda i: list(INITS).index(i) if i in INITS else 99)
     by = {(c["keep"], c["policy"], c["init"]): c for c in r["cells"]}
     tp = r["teacher_ppl"]
     devices = sorted({c.get("device", r["device"]) for c in r["cells"]})
