@@ -310,11 +310,6 @@ def _readout_raw(gdn, x):
     return o.float()
 
 
-def _normed(gdn, o):
-    """RMSNorm(o) * w_norm per head, as gdn.readout applies it."""
-    return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + gdn.norm_eps) * gdn.o_norm.float()
-
-
 def _layer_mse(gdn, x, y):
     """MSE between the GDN layer's output (after W_o) and the target y, in fp32."""
     with torch.no_grad():
@@ -456,7 +451,7 @@ def _fit_out_gate(gdn, x, y, kappa, o):
     true layer MSE kept, never worse than the damped start."""
     H, D = gdn.num_heads, gdn.head_dim
     N, L, d = x.shape
-    n = _normed(gdn, _readout_raw(gdn, x))                                       # [N, L, H, D]
+    n = gdn.normed(_readout_raw(gdn, x))                                       # [N, L, H, D]
     u = gdn.v_proj(x).float().view(N, L, H, D)
     Wo = gdn.o_proj.weight.float().view(d, H, D)
     Z = torch.einsum("nlhe,che->nlhc", n * u / 2, Wo).reshape(-1, H, d)        # [NL, H, d]

@@ -1125,7 +1125,6 @@ def _settings(args, init_opts, teacher):
 def _same_effect(a, b, inits):
     """Whether init options a and b set the same for each of `inits` (None: no such init): records
     of earlier versions dropped other options than _given_opts now does."""
-    from calibrate import PRESETS, resolve
     return all(resolve(a, PRESETS.get(i)) == resolve(b, PRESETS.get(i)) for i in inits if i)
 
 
@@ -1134,7 +1133,6 @@ def _given_opts(init_opts):
     anyway (its preset's value, else the default) dropped. What a conversion and a table record, so
     they compare whatever way the same options were spelled, whichever inits a table lists; an
     option that undoes a preset (taylor-plus with write_gate=rescale) is kept."""
-    from calibrate import INITS
     return {k: v for k, v in init_opts.items() if not _same_effect({k: v}, {}, INITS)}
 
 
@@ -2636,7 +2634,7 @@ def _run_bench(args):
     _check_bench_cache(teacher.config, source, args)
     models = [("teacher", teacher)]
     for name, kept in _bench_hybrids(teacher.config.num_hidden_layers, keeps, args.keeps):
-        student, info = convert(teacher, kept, "naive", seed=args.seed)   # weights don't matter for speed
+        student, _ = convert(teacher, kept, "naive", seed=args.seed)      # weights don't matter for speed
         models.append((name, student))
     bw = _copy_bandwidth(args.device)                          # (before any model is on the device)
     floors = args.device == "cuda" and triton is not None
@@ -2711,8 +2709,8 @@ def _run_bench(args):
 
 
 def _window_line(r):
-    """The sentence on contexts past the teacher's trained window (records before 'trained_window'
-    was kept: without the number)."""
+    """The sentence on contexts past the teacher's trained window (a config that names none: without
+    the number)."""
     w = r.get("trained_window")
     if w is None:
         return "Contexts past the teacher's trained window are fine for speed, not for quality."
@@ -2727,7 +2725,7 @@ def _bench_markdown(r):
              f"CUDA graphs {r['cuda_graphs']}, decode attention {r.get('decode_attention')}, compiled step {r.get('compiled_step')}, commit {str(r['commit'])[:10]}."
              + (f" Measured copy bandwidth {bw / 1e12:.2f} TB/s." if bw else ""),
              _window_line(r)]
-    if r.get("complete") is False:                      # (records before "complete" was kept: whole runs)
+    if r.get("complete") is False:
         lines.append("Partial: the run stopped, or is still going, after the rows below.")
     lines += ["", "| model | batch | context | prefill ms | decode ms/step | decode tok/s | bound ms/step | step / bound "
               "| bytes/step MB | cache MiB | peak MiB |",

@@ -450,7 +450,7 @@ def _stage2_loss(teacher_logits, student_logits):
 
 
 class _KL(torch.autograd.Function):
-    """stage2_loss, a block of KL_ROWS positions at a time. Written plainly,
+    """_stage2_loss, a block of KL_ROWS positions at a time. Written plainly,
         log_t, log_s = log_softmax(t.float()), log_softmax(s.float());  (log_t.exp() * (log_t - log_s)).sum(-1).mean()
     autograd keeps two fp32 [N, V] tensors for the backward (p_T and log p_S) and the forward makes
     more on the way: 8 bytes kept per logit and about twice that at the peak, against 2 for the bf16
@@ -586,16 +586,17 @@ def _matmul_params(module, skip=()):
     return sum(m.weight.numel() for n, m in module.named_modules() if isinstance(m, nn.Linear) and n not in skip)
 
 
-def _mixing_flops(model, seq, chunk=64, only=None):
+def _mixing_flops(model, seq, only=None):
     """Forward FLOPs per token of the token-mixing products that are not weight matmuls, summed over
     the decoder layers (or the layer indices in `only`), for sequences of `seq` tokens:
       softmax layer, causal (a token sees seq/2 keys on average): QK^T and PV, each 2 FLOPs per
         multiply-add over H heads of dim D:           2 * 2 * (seq / 2) * H * D  =  2 * seq * H * D
-      GDN layer, chunked (C = 64), per head: inside the chunk Q K^T, K K^T, the W = A(beta K) and
+      GDN layer, chunked (C = gdn_kernel.CHUNK = 64), per head: inside the chunk Q K^T, K K^T, the W = A(beta K) and
         U = A(beta V) products and the masked (Q K^T) U readout:   2C (3 Dk + 2 Dv)
         and across chunks q S, W S and the state update K^T (U - W S):   6 Dk Dv.
     Everything counted as computed, the causal zeros inside a chunk included."""
     from gdn import GatedDeltaNet, decoder_layers
+    from gdn_kernel import CHUNK
     c = model.config
     total = 0
     for i, layer in enumerate(decoder_layers(model)):
@@ -603,7 +604,7 @@ def _mixing_flops(model, seq, chunk=64, only=None):
             continue
         m = layer.self_attn
         if isinstance(m, GatedDeltaNet):
-            total += m.num_heads * (2 * chunk * (3 * m.head_dim + 2 * m.head_dim) + 6 * m.head_dim * m.head_dim)
+            total += m.num_heads * (2 * CHUNK * (3 * m.head_dim + 2 * m.head_dim) + 6 * m.head_dim * m.head_dim)
         else:
             D = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
             total += 2 * seq * c.num_attention_heads * D

@@ -206,12 +206,16 @@ class GatedDeltaNet(nn.Module):
         qk = F.normalize(qkv[:, :, :2], dim=-1)                                   # q and k in one go
         return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2], conv_state
 
+    def normed(self, o):
+        """RMSNorm(o_h) * w_norm for each head of o [..., H, D], in fp32."""
+        o = o.float()
+        return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm.float()
+
     def readout(self, o, z):
         """W_o concat_h[RMSNorm(o_h) * w_norm * SiLU(z["g"])_h]: the per-head norm makes the output
         scale independent of how much the state has accumulated; the gate lets each head switch off."""
         B, T = o.shape[:2]
-        o = o.float()
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm.float()
+        o = self.normed(o)
         gate = F.silu(z["g"]).view(B, T, self.num_heads, self.head_dim)
         return self.o_proj((o.to(gate.dtype) * gate).reshape(B, T, -1))
 

@@ -193,7 +193,7 @@ def _hidden_from(args, kwargs):
 
 @torch.no_grad()
 def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK, floor=DIST_FLOOR,
-                  device_out="cpu", progress=True):
+                  progress=True):
     """One teacher forward over input_ids [N, L]; for each layer index in `layers` (default: all) a
     dict with
         distance, entropy, concentration  [H] float32 (NaN-free)
@@ -204,7 +204,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
         h    [N, L, d]    the residual stream entering the decoder layer               (keep_io)
         check             relative error of concat(ctx) W_o vs y (the recomputation check)
         floor             the distance floor used (calibrate's dist_floor option must match it)
-    x, y, ctx and h are float32 on `device_out`; the per-head statistics float32 on the CPU."""
+    Everything float32 on the CPU (x, y, ctx, h for every calibration token would crowd the GPU)."""
     from tqdm import tqdm
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in FAMILIES:
@@ -247,8 +247,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
             mean = {k: sanitize(k, i, (v / (N * L)).float(), DEFAULTS[k]) for k, v in sums.items()}
             rec = {**mean, "concentration": concentration(mean["entropy"]), "check": check, "floor": floor}
             if keep_io:
-                rec.update(x=x.float().to(device_out), y=y.float().to(device_out), ctx=ctx.to(device_out),
-                           h=h.float().to(device_out))
+                rec.update(x=x.float().cpu(), y=y.float().cpu(), ctx=ctx.cpu(), h=h.float().cpu())
             out[i] = rec
             bar.update(1)
         return hook
