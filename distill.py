@@ -1265,6 +1265,8 @@ def _check_run_folder(a, config):
         if not os.path.isfile(run_json):
             raise ValueError(f"--resume: '{a.out}' is not a distill.py run folder (no run.json)")
         old = read_json(run_json)["config"]
+        if config["stage"] == 1:              # (a Stage 1 before STAGE2_ONLY recorded its unused lr_rest)
+            old.pop("lr_rest", None)
         diff = {k: (old.get(k), config.get(k)) for k in set(old) | set(config) if old.get(k) != config.get(k)}
         if diff:
             raise ValueError("--resume: the run in '" + a.out + "' has another configuration: " +

@@ -421,6 +421,10 @@ def test_resume_continues_exactly(setup, tmp_path, stage):
     (cut / ".final.tmp-x").mkdir()                                   # ... and of the student's and a log's save
     (cut / ".final.tmp-x" / "model.safetensors").write_text("half")
     (cut / ".tmp-y").write_text("{")
+    if stage == 1:          # as a Stage 1 from before Stage 2's own options were dropped there recorded it
+        run = json.loads((cut / "run.json").read_text())
+        run["config"]["lr_rest"] = 0.0
+        (cut / "run.json").write_text(json.dumps(run))
     assert distill.main(args(s, cut, stage, extra=["--resume"])) == 0
     assert not (cut / "checkpoints" / ".tmp-abc").exists()
     assert not [f for f in os.listdir(cut) if f.startswith(".")]
