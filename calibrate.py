@@ -762,7 +762,8 @@ def main(argv=None):
     if args.calib_seqs < 1 or args.calib_len < 2:
         p.error(f"--calib-seqs must be >= 1 and --calib-len >= 2 (got {args.calib_seqs}, {args.calib_len})")
     try:
-        distill.check_results(args.out, "--out", args.overwrite)
+        distill.check_results(args.out, "--out", args.overwrite,
+                              {"teacher": args.teacher.removeprefix("random:"), "calibration text": args.calib_data})
         try:
             layers = [int(i) for i in args.layers.split(",")]
         except ValueError:

@@ -1022,7 +1022,8 @@ def _run_table(args):
     if os.path.exists(args.results + ".json") and not (args.append or args.overwrite):
         raise ValueError(f"--results '{args.results}.json' already exists (the table is rewritten after every "
                          f"init): pass --append to add cells to it, --overwrite to replace it, or another --results")
-    distill.check_results(args.results)
+    distill.check_results(args.results, inputs={"teacher": args.teacher.removeprefix("random:"), "eval data":
+                                                args.eval_data, "calibration data": args.calib_data})
     old = None
     if args.append and os.path.exists(args.results + ".json"):
         try:
@@ -2622,7 +2623,7 @@ def _run_bench(args):
                                             # crossover reads in order
     if args.decode_steps < 1:
         raise ValueError(f"--decode-steps must be >= 1 (got {args.decode_steps})")
-    distill.check_results(args.results, overwrite=args.overwrite)
+    distill.check_results(args.results, overwrite=args.overwrite, inputs={"teacher": args.teacher.removeprefix("random:")})
     if args.profile and args.device != "cuda":
         print("--profile records CUDA kernels: nothing to record on the CPU")
     n = _teacher_layers(args.teacher)

@@ -318,12 +318,20 @@ def check_apart(out, written=None, **inputs):
                                  f"choose another --out")
 
 
-def check_writable(path, what, overwrite=True):
+def check_writable(path, what, overwrite=True, inputs=None):
     """Fail before any work where `path` could not be written at the end: the nearest existing folder
     above it must be a writable folder (not a file), and `path` itself no folder (nor, with
-    overwrite=False, an existing file)."""
+    overwrite=False, an existing file), nor an input of the run or inside one (`inputs`: {name: path},
+    a file or a folder; absent ones and None skipped)."""
     if not path or path.endswith((os.sep, "/")):
         raise ValueError(f"{what} '{path}' names no file: give a file's path")
+    w = os.path.realpath(path)
+    for name, src in (inputs or {}).items():
+        if src and os.path.exists(src):
+            s = os.path.realpath(src)
+            if w == s or w.startswith(s + os.sep):
+                raise ValueError(f"{what} '{path}' is or lies inside the {name} '{src}', which the run reads: "
+                                 f"choose another path")
     if not overwrite and os.path.isfile(path):
         raise ValueError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
     probe = os.path.dirname(os.path.abspath(path))
@@ -335,12 +343,12 @@ def check_writable(path, what, overwrite=True):
         raise ValueError(f"{what} '{path}' is a folder; a file is written there")
 
 
-def check_results(stem, what="--results", overwrite=True):
+def check_results(stem, what="--results", overwrite=True, inputs=None):
     """check_writable for a measurement's stem.json and stem.md."""
     if not stem or stem.endswith((os.sep, "/")):
         raise ValueError(f"{what} '{stem}' names no file stem: give a path like results/NAME (.json and .md are added)")
     for ext in (".json", ".md"):
-        check_writable(stem + ext, what, overwrite)
+        check_writable(stem + ext, what, overwrite, inputs)
 
 
 def write_json(path, obj):
@@ -1647,7 +1655,8 @@ def _recovery_main(argv):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --results")
     a = p.parse_args(argv)
     try:
-        check_results(a.results, "--results", a.overwrite)      # said before any run is read
+        check_results(a.results, "--results", a.overwrite,      # said before any run is read
+                      {f"run {i + 1}": run for i, run in enumerate(a.recovery)})
         _recovery(a.recovery, a.results)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -294,7 +294,8 @@ def main(argv=None):
     if args.calib_seqs < 1 or args.calib_len < 2:
         p.error(f"--calib-seqs must be >= 1 and --calib-len >= 2 (got {args.calib_seqs}, {args.calib_len})")
     try:
-        distill.check_writable(args.out, "--out", args.overwrite)
+        distill.check_writable(args.out, "--out", args.overwrite,
+                               {"teacher": args.teacher.removeprefix("random:"), "calibration text": args.calib_data})
         if args.calib_data:
             distill.read_text(args.calib_data)
         teacher, tok, source = convert.load_teacher(args.teacher)

@@ -836,6 +836,13 @@ def test_bench_teacher_folder_needs_no_tokenizer(teacher_dir, tmp_path, capsys, 
     assert code == 0, io.err
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["device"].startswith("CPU: ") and record["decode_attention"].startswith("grouped")
+    config = (folder / "config.json").read_text()             # results over the teacher's own files: refused
+    for mode in (["--bench", "--contexts", "32", "--batches", "1", "--decode-steps", "1", "--device", "cpu"],
+                 ["--table", "--keeps", "1/2", "--inits", "naive"]):
+        for teacher in (str(folder), "random:" + str(folder)):
+            code, io = run([*mode, "--teacher", teacher, "--results", str(folder / "config"), "--overwrite"], capsys)
+            assert code == 2 and "lies inside the teacher" in io.err, io.err
+    assert (folder / "config.json").read_text() == config
 
 
 @pytest.mark.parametrize("text, message", [("0", "sizes must be positive"), ("-1", "sizes must be positive"),

@@ -1068,6 +1068,9 @@ def test_recovery_report(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
     assert distill.main(["--recovery", naive, ours, "--results", str(tmp_path / "file.txt" / "rec")]) == 2
     assert "is not a folder this process can write in" in capsys.readouterr().err
+    record = open(os.path.join(naive, "distill.json")).read()        # a run's own record, under --overwrite
+    assert distill.main(["--recovery", naive, ours, "--results", os.path.join(naive, "distill"), "--overwrite"]) == 2
+    assert "lies inside the run 1" in capsys.readouterr().err and open(os.path.join(naive, "distill.json")).read() == record
     r = json.load(open(stem + ".json"))["runs"]
     assert r["naive"]["tokens_to"]["1.20x teacher"] == pytest.approx(8e6)          # 12.0 = 1.2 x 10
     assert r["taylor"]["tokens_to"]["1.20x teacher"] == pytest.approx(1e6)

@@ -1112,7 +1112,19 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
         with pytest.raises(SystemExit):
             main(base + ["--calib-seqs", "0"])
         assert "--calib-seqs must be >= 1" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"] and not list((tmp_path / "dir").iterdir())
+    # an output over an input, even under --overwrite: the calibration text, the teacher's config
+    text = tmp_path / "dir" / "calib.md"                      # (calibrate.py writes a stem's .md and .json)
+    text.write_text("Calibration text. " * 50)
+    config = open(os.path.join(teacher_dir, "config.json")).read()
+    for main, out, name in ((taylor_stats.main, str(text), "calibration text"),
+                            (calibrate.main, str(text)[:-3], "calibration text"),
+                            (taylor_stats.main, os.path.join(teacher_dir, "config.json"), "teacher"),
+                            (calibrate.main, os.path.join(teacher_dir, "config"), "teacher")):
+        assert main(["--teacher", teacher_dir, "--out", out, "--overwrite", "--calib-data", str(text)]) == 2
+        assert f"lies inside the {name}" in capsys.readouterr().err
+    assert open(os.path.join(teacher_dir, "config.json")).read() == config
+    assert [p.read_text() for p in (tmp_path / "dir").iterdir()] == ["Calibration text. " * 50]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
     # An earlier result (the default --out is a committed one) is kept unless --overwrite says otherwise.
     for main, name in ((calibrate.main, "a.md"), (taylor_stats.main, "a")):
         (tmp_path / name).write_text("earlier")
