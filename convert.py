@@ -121,7 +121,11 @@ def _random_teacher(what, device, dtype, tokenizer=True):
             folder, name = os.path.split(_default_teacher_path())
             tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     elif os.path.isfile(os.path.join(what, "config.json")):
-        config = AutoConfig.from_pretrained(what)
+        try:
+            config = AutoConfig.from_pretrained(what)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"random teacher '{what}': its config.json does not read ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         try:
             tok = AutoTokenizer.from_pretrained(what) if tokenizer else None
         except (OSError, ValueError) as e:
@@ -585,8 +589,11 @@ def _prepare_out(path, overwrite):
     if os.path.isdir(parent) and not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"--out '{path}': its folder '{parent}' is not one this process can write in "
                          f"(the new hybrid is built beside --out, then renamed over it)")
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(real)}.tmp-")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(real)}.tmp-")
+    except OSError as e:            # (a folder the permission bits allow, a file system that does not)
+        raise ValueError(f"--out '{path}': no folder can be made beside it ({e.strerror})") from None
 
 
 def _publish(tmp, path):
@@ -2826,6 +2833,7 @@ def _bench_comparison(rows):
 
 
 def main(argv=None):
+    args = None
     try:
         args = _parse_args(argv)
         torch.manual_seed(args.seed)
@@ -2836,6 +2844,10 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:               # (a conversion's temporary --out is gone: its finally ran)
+        converting = args is not None and not (args.bench or args.table)
+        print("interrupted" + (": --out is as it was" if converting else ""), file=sys.stderr)
+        return 130
     return _run_distill_chain(args) if args.distill_tokens else 0
 
 

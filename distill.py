@@ -1678,6 +1678,9 @@ def main(argv=None, chain=False):
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except KeyboardInterrupt:
+        print("interrupted: the same command with --resume goes on from the last checkpoint", file=sys.stderr)
+        return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

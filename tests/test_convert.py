@@ -399,6 +399,33 @@ def test_overwrite_needs_a_writable_parent(teacher_dir, eval_text, tmp_path, cap
     assert (out / "keep.txt").read_text() == "precious" and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
+def test_failures_outside_the_checks_end_in_one_line(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """What passes the checks and fails anyway says so in a line, not a traceback: a folder the
+    permission bits allow and the file system refuses (as /sys does); a random teacher's config.json
+    that is not JSON; Ctrl-C, which leaves --out as it was."""
+    import tempfile
+    import convert as module
+    out = tmp_path / "o"
+    with monkeypatch.context() as m:
+        m.setattr(tempfile, "mkdtemp", lambda **k: (_ for _ in ()).throw(PermissionError(1, "Operation not permitted")))
+        code, io = run(["--teacher", teacher_dir, "--out", str(out), "--eval-data", eval_text], capsys)
+    assert code == 2 and "no folder can be made beside it (Operation not permitted)" in io.err
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text("{not json")
+    code, io = run(["--teacher", f"random:{bad}", "--out", str(out), "--eval-data", eval_text], capsys)
+    assert code == 2 and f"random teacher '{bad}': its config.json does not read" in io.err
+    old = tmp_path / "old"
+    assert run(["--teacher", teacher_dir, "--out", str(old), "--eval-data", eval_text, "--max-windows", "1",
+                "--window", "32", "--no-sample"], capsys)[0] == 0
+    before = (old / "conversion.json").read_text()
+    monkeypatch.setattr(module, "convert", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, io = run(["--teacher", teacher_dir, "--out", str(old), "--overwrite", "--eval-data", eval_text,
+                    "--window", "32"], capsys)
+    assert code == 130 and io.err.strip().endswith("interrupted: --out is as it was") and "Traceback" not in io.err, io.err
+    assert (old / "conversion.json").read_text() == before and not [f for f in os.listdir(tmp_path) if f.startswith(".")]
+
+
 @pytest.mark.parametrize("flag, value", [("--window", "0"), ("--max-windows", "-1"), ("--batch-size", "-1"),
                                          ("--calib-seqs", "0"), ("--conv-size", "-1")])
 def test_bad_numbers(flag, value, teacher_dir, tmp_path, capsys):

@@ -1208,3 +1208,12 @@ def test_softmax_mixing_flops_are_half_what_torch_counts(family):
     assert len(attn) == 4
     measured = sum(counts[k].get(torch.ops.aten.bmm, 0) for k in attn)
     assert measured > 0 and measured == 2 * distill._mixing_flops(teacher, T) * B * T
+
+
+def test_ctrl_c_says_how_to_go_on(setup, tmp_path, capsys, monkeypatch):
+    """Ctrl-C ends in a line naming --resume (checkpoints make it lose at most --ckpt-every steps),
+    not a traceback."""
+    monkeypatch.setattr(distill, "_distill", lambda a: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert distill.main(args(setup, tmp_path / "run")) == 130
+    err = capsys.readouterr().err
+    assert "with --resume goes on from the last checkpoint" in err and "Traceback" not in err
