@@ -44,7 +44,6 @@ import shutil
 import sys
 import tempfile
 import time
-import weakref
 
 from typing import Optional
 
@@ -478,23 +477,6 @@ def _ga_key(init, init_opts, seed):
     return f"|init {init} {sorted(resolve(init_opts, PRESETS.get(init)).items())} seed {seed}"
 
 
-_DIGESTS = weakref.WeakKeyDictionary()       # model -> digest: a teacher's weights never change
-
-
-def _weights_digest(model):
-    """16 hex digits of a sha1 over the model's weights (names and bytes): what cached scores and an
-    --append table are matched on besides the teacher's name, since a folder's (or a hub id's)
-    weights can change under the same name. 0.5 s for SmolLM2-135M in fp32 on this project's 2-core
-    CPU, so computed once per teacher (a table asks for it once per policy and init)."""
-    if model not in _DIGESTS:
-        h = hashlib.sha1()
-        for name, t in sorted(model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        _DIGESTS[model] = h.hexdigest()[:16]
-    return _DIGESTS[model]
-
-
 def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=None):
     """Scores of `policy` from the cache dict (filled from --scores) or computed now and added to it.
     The key names what the scores depend on: policy, teacher (and its weights' digest), its dtype, the
@@ -503,7 +485,7 @@ def _policy_scores(policy, teacher, source, probe, cache, key_extra="", compute=
     the identity and no init trains it."""
     dtype = next(teacher.parameters()).dtype
     digest = hashlib.sha1(probe.cpu().numpy().tobytes()).hexdigest()[:16]
-    key = (f"{policy}|{source} weights {_weights_digest(teacher)}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}"
+    key = (f"{policy}|{source} weights {distill.weights_digest(teacher)}|{dtype}|probe {tuple(probe.shape)} sha1 {digest}"
            f"{key_extra}")
     if key not in cache:
         t0 = time.time()
@@ -773,16 +755,21 @@ def _parse_args(argv):
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
             # takes: --tok is --tokens).
             # Nor stop a stage early: the next would start from an unfinished one.
-            own = ("student", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume",
+            own = ("student", "teacher", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume",
                    "stop_after_steps")
             chain = distill.parse_args(argv[:len(argv) - len(extra)], chain=True)
             clash = ["--" + k.replace("_", "-") for k in own if getattr(a, k) != getattr(chain, k)]
             if clash:
-                p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --out, "
-                        f"--distill-tokens, --distill-data, --seed, --device, --overwrite) and runs each "
+                p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --teacher, "
+                        f"--out, --distill-tokens, --distill-data, --seed, --device, --overwrite) and runs each "
                         f"stage to its end")
             if tokens:
                 distill.check_shapes(a, 1)
+                for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
+                    try:                                # (binary, empty: said before the conversion)
+                        path and distill.read_text(path)
+                    except ValueError as e:
+                        p.error(f"--distill-args {flag}: {e}")
                 if 2 * size + len(files) < a.seq * a.batch:
                     p.error(f"--distill-data '{args.distill_data}' holds {size} bytes, too few tokens for one "
                             f"Stage {stage} batch of {a.batch} x {a.seq}")
@@ -1123,7 +1110,7 @@ def _run_table(args):
 def _settings(args, init_opts, teacher):
     """What a conversion's and a table's numbers depend on besides the teacher's name, the init and the
     kept layers: recorded with them, and what --append compares."""
-    return {"teacher_weights": _weights_digest(teacher), "calib_data": args.calib_data or "builtin",
+    return {"teacher_weights": distill.weights_digest(teacher), "calib_data": args.calib_data or "builtin",
             "eval_format": distill.text_format(args.eval_data, args.eval_format) if args.eval_data else None,
             "calib": [args.calib_seqs, args.calib_len], "dtype": args.dtype, "seed": args.seed,
             "window": args.window, "max_windows": args.max_windows, "init_opts": _given_opts(init_opts),

@@ -88,6 +88,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 
 import torch
 import torch.nn as nn
@@ -1240,8 +1241,10 @@ def _teacher_spec(a, conversion):
     return spec
 
 
-def _check_teacher(teacher, t_tok, s_config, s_tok):
-    """The teacher must speak the student's vocabulary and have its shape (same layers, same width)."""
+def _check_teacher(teacher, t_tok, s_config, s_tok, conversion):
+    """The teacher must speak the student's vocabulary, have its shape (same layers, same width) and,
+    where the conversion recorded them in a dtype this teacher holds as precisely or more, its
+    weights (a teacher of the same shape and vocabulary with other weights would teach another model)."""
     if len(t_tok) != len(s_tok) or t_tok.get_vocab() != s_tok.get_vocab() \
             or teacher.config.vocab_size != s_config.vocab_size:
         raise ValueError(f"the teacher's tokenizer differs from the student's ({len(t_tok)} vs {len(s_tok)} "
@@ -1251,6 +1254,12 @@ def _check_teacher(teacher, t_tok, s_config, s_tok):
         if getattr(teacher.config, k) != getattr(s_config, k):
             raise ValueError(f"the teacher's {k} ({getattr(teacher.config, k)}) differs from the student's "
                              f"({getattr(s_config, k)}): not this student's teacher")
+    want, dtype = conversion.get("teacher_weights"), getattr(torch, str(conversion.get("dtype")), None)
+    if want and isinstance(dtype, torch.dtype) and next(teacher.parameters()).dtype.itemsize >= dtype.itemsize:
+        have = weights_digest(teacher, dtype)
+        if have != want:
+            raise ValueError(f"the teacher's weights (digest {have} in {dtype}) are not those the student was "
+                             f"converted from ({want}): pass the student's teacher")
 
 
 def _run_config(a, spec):
@@ -1344,6 +1353,26 @@ def _start_run_folder(a, config, inputs, dist):
         write_json(run_json, {"config": config, "inputs": inputs, "created": time.strftime("%Y-%m-%d %H:%M:%S"),
                               "commit": run_info()["commit"]})
     dist.barrier()
+
+
+_DIGESTS = weakref.WeakKeyDictionary()       # model -> {dtype: digest}: a teacher's weights never change
+
+
+def weights_digest(model, dtype=None):
+    """16 hex digits of a sha1 over the model's weights (names and bytes; floating ones cast to
+    `dtype` where given): what cached scores and an --append table are matched on besides the
+    teacher's name, since a folder's (or a hub id's) weights can change under the same name, and what
+    a run checks its teacher against (conversion.json's teacher_weights). 0.5 s for SmolLM2-135M in
+    fp32 on this project's 2-core CPU, so computed once per teacher and dtype."""
+    digests = _DIGESTS.setdefault(model, {})
+    if dtype not in digests:
+        h = hashlib.sha1()
+        for name, t in sorted(model.state_dict().items()):
+            t = t.detach().to(dtype) if dtype is not None and t.is_floating_point() else t.detach()
+            h.update(name.encode())
+            h.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests[dtype] = h.hexdigest()[:16]
+    return digests[dtype]
 
 
 def ids_digest(ids):
@@ -1442,7 +1471,7 @@ def _distill(a):
     teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    _check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok)
+    _check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok, conversion)
     # fp32 master weights whatever the folder holds (convert.py saves bf16 on a GPU): AdamW steps of
     # lr 7e-6 are below bf16's resolution and would leave most weights where they were.
     try:
@@ -1460,7 +1489,8 @@ def _distill(a):
     run = Run(a, dist, steps, config, resume_from, eval_ids, prior, teacher, s_tok, conversion)
     if dist.main:
         print(f"stage {a.stage}: {steps} steps x {a.batch} x {a.seq} = {steps * a.batch * a.seq:,} tokens "
-              f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences; "
+              f"(budget {a.tokens:,}); data {data.seqs.numel():,} tokens = {len(data.seqs)} sequences, read "
+              f"{steps * a.batch / len(data.seqs):.3g} times over; "
               f"{dist.world} process(es), micro-batch {a.micro_batch}, accumulation "
               f"{a.batch // dist.world // a.micro_batch}" + (f"; resuming {resume_from}" if resume_from else ""))
     records = (stage1 if a.stage == 1 else stage2)(run, student, teacher, data)

@@ -82,8 +82,7 @@ def test_convert_save_load_generate(teacher_dir, tokenizer, eval_text, tmp_path,
     tol = 2e-2 if torch.cuda.is_available() else 1e-5          # (on a GPU the run measured in bf16)
     assert record["student_ppl"]["ppl"] == pytest.approx(want, rel=tol)
     # ... and the record holds what the numbers depend on
-    from convert import _weights_digest
-    assert record["teacher_weights"] == _weights_digest(load_teacher(teacher_dir)[0])
+    assert record["teacher_weights"] == distill.weights_digest(load_teacher(teacher_dir)[0])
     assert (record["calib"], record["calib_data"], record["window"], record["conv_size"]) == ([4, 256], "builtin", 64, 4)
     assert record["dtype"] == ("bfloat16" if torch.cuda.is_available() else "float32")
     # a random tiny teacher and its hybrid both sit near the uniform perplexity: 0.1 % apart here

@@ -6,6 +6,7 @@ tokens), so a training step costs milliseconds and the whole file runs in about 
 import json
 import math
 import os
+import re
 import shutil
 import sys
 from types import SimpleNamespace
@@ -844,7 +845,11 @@ def test_resume_where_nothing_ran_yet_starts_the_run(setup, tmp_path, capsys):
     """A job that may be killed and restarted passes --resume every time: the first launch starts."""
     out = tmp_path / "run"
     assert distill.main(args(setup, out, extra=["--resume"])) == 0
-    assert "nothing to resume" in capsys.readouterr().out and (out / "distill.json").exists()
+    said = capsys.readouterr().out
+    assert "nothing to resume" in said and (out / "distill.json").exists()
+    # the start line says how often the budget (6 steps x 4 sequences) reads the data
+    n, times = re.search(r"= (\d+) sequences, read (\S+) times over", said).groups()
+    assert times == f"{6 * 4 / int(n):.3g}"
     # killed after making --out, before writing run.json in it: an empty folder starts the run too,
     # and without --resume is refused like any existing --out
     empty = tmp_path / "empty"
@@ -979,6 +984,8 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
                                            "may not set --student, --tokens, --resume"),
                                           (["--distill-args", "--stop-after-steps 1"], "may not set --stop-after-steps"),
                                           (["--distill-data", "BINARY"], "not UTF-8"),
+                                          (["--distill-args", "--seq 16 --batch 2 --eval-data BINARY"], "--distill-args --eval-data: "),
+                                          (["--distill-args", "--teacher random:nope"], "may not set --teacher"),
                                           (["--overwrite"], "'STAGE1' is a folder that holds no distill.py run")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
@@ -988,7 +995,7 @@ def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, caps
         message = message.replace("STAGE1", str(tmp_path / "h-stage1"))
     (tmp_path / "short.txt").write_text("short")
     (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
-    bad = [str(tmp_path / "short.txt") if a == "SHORT" else str(tmp_path / "binary.txt") if a == "BINARY" else a
+    bad = [str(tmp_path / "short.txt") if a == "SHORT" else a.replace("BINARY", str(tmp_path / "binary.txt"))
            for a in bad]
     argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
             "--distill-tokens", "128,64", "--distill-data", setup["train"]] + bad
@@ -1217,3 +1224,19 @@ def test_ctrl_c_says_how_to_go_on(setup, tmp_path, capsys, monkeypatch):
     assert distill.main(args(setup, tmp_path / "run")) == 130
     err = capsys.readouterr().err
     assert "with --resume goes on from the last checkpoint" in err and "Traceback" not in err
+
+
+def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys):
+    """A teacher of the student's shape and vocabulary but not the one it was converted from (its
+    weights' digest differs from conversion.json's) is refused before the run folder is made; the
+    student's own teacher passes the same check (every other test here runs with it)."""
+    from transformers import AutoModelForCausalLM
+    other = tmp_path / "other"
+    shutil.copytree(setup["teacher"], other)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():
+        model.model.norm.weight.add_(1e-3)
+    model.save_pretrained(other)
+    assert distill.main(args(setup, tmp_path / "run", extra=["--teacher", str(other)])) == 2
+    assert "are not those the student was converted from" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -777,7 +777,7 @@ def test_scores_cache_key_names_what_the_scores_depend_on():
     convert._policy_scores("ga-s2", other, "t", a, cache, "", compute)
     convert._policy_scores("ga-s2", other, "t", a, cache, "", compute)
     assert len(calls) == len(cache) == 7
-    assert convert._weights_digest(tiny_model("llama")) == convert._weights_digest(teacher) != convert._weights_digest(other)
+    assert distill.weights_digest(tiny_model("llama")) == distill.weights_digest(teacher) != distill.weights_digest(other)
 
 
 def test_inits_without_phase2_are_layerwise_whatever_phase2_input_says():
