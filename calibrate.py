@@ -772,6 +772,8 @@ def main(argv=None):
             raise ValueError(f"--layers '{args.layers}' names a layer twice")
         if args.calib_data:
             distill.read_text(args.calib_data)
+        if len(set(args.variants)) < len(args.variants):
+            raise ValueError(f"--variants names one variant twice: {' '.join(args.variants)}")
         variants = []
         for v in args.variants:
             name, *pairs = v.split(":")

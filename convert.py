@@ -544,7 +544,8 @@ def calib_ids(args, tokenizer, part=0, ids=None):
     ids = _calib_text_ids(args, tokenizer) if ids is None else ids
     need = args.calib_seqs * args.calib_len
     if ids.numel() < (part + 1) * need:
-        what = "--calib-seqs x --calib-len" if part == 0 else "2 x --calib-seqs x --calib-len (calibration + policy probe)"
+        what = "--calib-seqs x --calib-len" if part == 0 else \
+            "2 x --calib-seqs x --calib-len (calibration, then as many held-out tokens)"
         raise ValueError(f"calibration text has {ids.numel()} tokens, fewer than {what} = {(part + 1) * need}")
     return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
@@ -706,6 +707,8 @@ def _parse_args(argv):
                         ("conv_size", 0)):
         if getattr(args, name) < least:
             p.error(f"--{name.replace('_', '-')} must be >= {least} (got {getattr(args, name)})")
+    if not -2**63 <= args.seed < 2**64:                                 # (what torch.manual_seed takes)
+        p.error(f"--seed must fit in 64 bits (got {args.seed})")
     if (args.calib_data and args.eval_data and os.path.isfile(args.calib_data) and os.path.isfile(args.eval_data)
             and filecmp.cmp(args.calib_data, args.eval_data, shallow=False)):
         p.error(f"--calib-data and --eval-data hold the same text ('{args.eval_data}'): the init would be fitted "
@@ -932,7 +935,9 @@ def _ga_probe_init(args, init_opts):
     """The init GA-S2's single-layer probes use: --probe-init, 'same' being --init. It must be
     layer-wise (each layer's init independent of the others), so one bank of layers serves every probe."""
     probe_init = args.init if args.probe_init == "same" else args.probe_init
-    if probe_init not in INITS or not layerwise(probe_init, init_opts):
+    if probe_init not in INITS:
+        raise ValueError(f"unknown --probe-init '{probe_init}'; valid: same, {', '.join(INITS)}")
+    if not layerwise(probe_init, init_opts):
         valid = [i for i in INITS if layerwise(i, init_opts)]
         raise ValueError(f"--probe-init '{probe_init}' must be a layer-wise init (phase2_input=student makes a "
                          f"Phase 2 depend on the layers before it): {', '.join(valid)}")

@@ -1233,11 +1233,14 @@ def _teacher_spec(a, conversion):
         raise ValueError("the student's conversion.json does not say how to load its teacher: pass --teacher")
     # A local path that is not there: said now, not after the corpus is tokenised (hub ids and
     # random shapes are left to load_teacher).
-    from convert import local_path                                   # lazy: convert imports distill
+    from convert import RANDOM_SHAPES, local_path                    # lazy: convert imports distill
     path = spec[len("random:"):] if spec.startswith("random:") else spec
     if spec != "default" and local_path(path) and not os.path.exists(path):
         raise ValueError(f"teacher '{spec}' does not exist" +
                          ("" if a.teacher else " (recorded in the student's conversion.json; pass --teacher)"))
+    if spec.startswith("random:") and path not in RANDOM_SHAPES and not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"random teacher '{path}': not a shape ({', '.join(RANDOM_SHAPES)}) nor a folder with a "
+                         f"config.json")
     return spec
 
 

@@ -1226,7 +1226,7 @@ def test_ctrl_c_says_how_to_go_on(setup, tmp_path, capsys, monkeypatch):
     assert "with --resume goes on from the last checkpoint" in err and "Traceback" not in err
 
 
-def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys):
+def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys, monkeypatch):
     """A teacher of the student's shape and vocabulary but not the one it was converted from (its
     weights' digest differs from conversion.json's) is refused before the run folder is made; the
     student's own teacher passes the same check (every other test here runs with it)."""
@@ -1240,3 +1240,7 @@ def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys):
     assert distill.main(args(setup, tmp_path / "run", extra=["--teacher", str(other)])) == 2
     assert "are not those the student was converted from" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+    # a random shape that does not exist: said before the training text is read (a corpus: seconds)
+    monkeypatch.setattr(distill, "_corpus_ids", lambda *a: pytest.fail("the data was read first"))
+    assert distill.main(args(setup, tmp_path / "run", extra=["--teacher", "random:nope"])) == 2
+    assert "random teacher 'nope': not a shape" in capsys.readouterr().err

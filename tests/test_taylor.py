@@ -896,6 +896,8 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--calib-data", "EVAL"], "hold the same text"),
     (["--calib-data", "COPY"], "hold the same text"),             # a copy of the evaluation text
     (["--probe-init", "naive"], "--probe-init is GA-S2's"),
+    (["--policy", "ga-s2", "--probe-init", "nope"], "unknown --probe-init 'nope'; valid: same, naive"),
+    (["--seed", str(2**64)], "--seed must fit in 64 bits"),
     (["--table", "--probe-init", "naive"], "--table does not read --probe-init"),
     (["--scores", "s.json"], "--policy uniform measures none"),
     (["--keep", "0,2", "--policy", "ar"], "names the kept layers itself: --policy ar would choose none"),
@@ -1096,6 +1098,7 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
     for argv, message in ((["--layers", "9"], "out of range: the teacher has 4 layers"),
                           (["--layers", "abc"], "not a comma-separated list"), (["--layers", "1,1"], "twice"),
                           (["--variants", "taylor:steps"], "variant 'taylor:steps': option 'steps' is not NAME=VALUE"),
+                          (["--variants", "taylor", "align-only", "taylor"], "names one variant twice"),
                           (["--variants", "align-only:val_rows=4"], "val_rows=4 must leave at least one of the "
                                                                     "--calib-seqs 4")):
         assert calibrate.main(base + argv) == 2
