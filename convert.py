@@ -760,7 +760,8 @@ def _parse_args(argv):
             # Nor stop a stage early: the next would start from an unfinished one.
             own = ("student", "teacher", "stage", "tokens", "data", "out", "seed", "device", "overwrite", "resume",
                    "stop_after_steps")
-            chain = distill.parse_args(argv[:len(argv) - len(extra)], chain=True)
+            chain = distill.parse_args(argv[:len(argv) - len(extra)] + ["--eval-data", "none", "--test-data", "none"],
+                                       chain=True)                  # (its texts are --distill-args' to set)
             clash = ["--" + k.replace("_", "-") for k in own if getattr(a, k) != getattr(chain, k)]
             if clash:
                 p.error(f"--distill-args may not set {', '.join(clash)}: the chain sets them (from --teacher, "
@@ -770,7 +771,8 @@ def _parse_args(argv):
                 distill.check_shapes(a, 1)
                 for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
                     try:                                # (binary, empty: said before the conversion)
-                        path and distill.read_text(path)
+                        if path and not distill.read_text(path).strip():
+                            p.error(f"--distill-args {flag} '{path}' holds no text")
                     except ValueError as e:
                         p.error(f"--distill-args {flag}: {e}")
                 if 2 * size + len(files) < a.seq * a.batch:
@@ -1022,7 +1024,8 @@ def _run_table(args):
         raise ValueError(f"--results '{args.results}.json' already exists (the table is rewritten after every "
                          f"init): pass --append to add cells to it, --overwrite to replace it, or another --results")
     distill.check_results(args.results, inputs={"teacher": args.teacher.removeprefix("random:"), "eval data":
-                                                args.eval_data, "calibration data": args.calib_data})
+                                                args.eval_data, "calibration data": args.calib_data,
+                                                "scores": args.scores})
     old = None
     if args.append and os.path.exists(args.results + ".json"):
         try:
@@ -2741,7 +2744,7 @@ def _bench_markdown(r):
                      f"{x['decode_step_s'] * 1e3:.3f} | {x['decode_tok_s']:.0f} | {bound} | "
                      f"{x['bytes_per_step'] / 1e6:.0f} | {x['cache_bytes'] / 2**20:.1f} | {peak} |")
     lines += ["", f"cache MiB: the static cache as allocated, context + decode steps + 8 positions (from {16 * SPLIT} on "
-              f"rounded up to a multiple of {SPLIT}), with the GDN states."]
+              f"rounded up to a multiple of {SPLIT}; a sliding-window layer: its window), with the GDN states."]
     lines += _bench_comparison(r["rows"])
     floors = [x for x in r["rows"] if x.get("floor_step_s") and x.get("bound_step_s")]
     if floors:

@@ -322,17 +322,23 @@ def check_apart(out, written=None, **inputs):
 def check_writable(path, what, overwrite=True, inputs=None):
     """Fail before any work where `path` could not be written at the end: the nearest existing folder
     above it must be a writable folder (not a file), and `path` itself no folder (nor, with
-    overwrite=False, an existing file), nor an input of the run or inside one (`inputs`: {name: path},
-    a file or a folder; absent ones and None skipped)."""
+    overwrite=False, an existing file), nor an input of the run, nor a file already in an input folder
+    (`inputs`: {name: path}, a file or a folder; absent ones and None skipped)."""
     if not path or path.endswith((os.sep, "/")):
         raise ValueError(f"{what} '{path}' names no file: give a file's path")
-    w = os.path.realpath(path)
+    # The output's folder resolved, not the output itself: a link there is replaced, not followed.
+    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    w = os.path.join(parent, os.path.basename(path))
     for name, src in (inputs or {}).items():
-        if src and os.path.exists(src):
-            s = os.path.realpath(src)
-            if w == s or w.startswith(s + os.sep):
-                raise ValueError(f"{what} '{path}' is or lies inside the {name} '{src}', which the run reads: "
-                                 f"choose another path")
+        if not (src and os.path.exists(src)):
+            continue
+        s = os.path.realpath(src)
+        if os.path.isfile(src) and w in (s, os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(src))),
+                                                         os.path.basename(src))):
+            raise ValueError(f"{what} '{path}' is the {name} '{src}', which the run reads: choose another path")
+        if os.path.isdir(src) and parent == s and os.path.lexists(w):        # (a new file beside them: harmless)
+            raise ValueError(f"{what} '{path}' would replace a file of the {name} '{src}', which the run reads: "
+                             f"choose another path")
     if not overwrite and os.path.isfile(path):
         raise ValueError(f"{what} '{path}' already exists: pass --overwrite to replace it, or choose another path")
     probe = os.path.dirname(os.path.abspath(path))
@@ -1115,7 +1121,8 @@ def parse_args(argv, prog=None, chain=False):
     given = ["--" + k.replace("_", "-") for k in STAGE2_ONLY if getattr(a, k) is not None]
     if a.stage == 1 and given and not chain:
         raise ValueError(f"{' and '.join(given)}: Stage 2's options; Stage 1 trains only the GDN layers, each "
-                         f"on its own, and would ignore them")
+                         f"on its own, and would ignore them: drop them (convert.py's chain passes them to Stage 2 "
+                         f"only)")
     if a.stage == 1:
         for k in STAGE2_ONLY:
             setattr(a, k, None)
@@ -1712,7 +1719,8 @@ def main(argv=None, chain=False):
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted: the same command with --resume goes on from the last checkpoint", file=sys.stderr)
+        print("interrupted: the same command with --resume (in place of --overwrite) goes on from the last "
+              "checkpoint", file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -315,13 +315,14 @@ class GatedDeltaNet(nn.Module):
 
     def _placeholder(self, cache, x):
         """One number per token in the cache's key/value slots of this layer (see the module docstring).
-        A static cache sized before its first write (early_initialization; generate does it for a
-        chunked prefill) gave this layer K/V-shaped slots: they are dropped and sized for the stub."""
+        A cache sized before its first write (early_initialization; generate does it for a static
+        cache's chunked prefill) gave this layer K/V-shaped slots: they are dropped and sized for the stub."""
         stub = x.new_zeros(x.shape[0], 1, x.shape[1], 1)
         layers = getattr(cache, "layers", [])
         layer = layers[self.layer_idx] if self.layer_idx < len(layers) else None
         keys = getattr(layer, "keys", None)
-        if getattr(layer, "is_initialized", False) and keys is not None and (keys.shape[1], keys.shape[-1]) != (1, 1):
+        if (getattr(layer, "is_initialized", False) and keys is not None and keys.dim() == 4
+                and (keys.shape[1], keys.shape[-1]) != (1, 1)):         # (a growing cache's empty start: 1-D)
             layer.is_initialized = False
         cache.update(stub, stub, self.layer_idx)
 

@@ -867,8 +867,13 @@ def test_bench_teacher_folder_needs_no_tokenizer(teacher_dir, tmp_path, capsys, 
                  ["--table", "--keeps", "1/2", "--inits", "naive"]):
         for teacher in (str(folder), "random:" + str(folder)):
             code, io = run([*mode, "--teacher", teacher, "--results", str(folder / "config"), "--overwrite"], capsys)
-            assert code == 2 and "lies inside the teacher" in io.err, io.err
+            assert code == 2 and "would replace a file of the teacher" in io.err, io.err
     assert (folder / "config.json").read_text() == config
+    scores = tmp_path / "cache.json"                          # the table's scores cache as its own --results
+    scores.write_text("{}")
+    code, io = run(["--table", "--keeps", "1/2", "--inits", "naive", "--policies", "ar", "--teacher", str(folder),
+                    "--scores", str(scores), "--results", str(tmp_path / "cache"), "--overwrite"], capsys)
+    assert code == 2 and "is the scores" in io.err and scores.read_text() == "{}"
 
 
 @pytest.mark.parametrize("text, message", [("0", "sizes must be positive"), ("-1", "sizes must be positive"),

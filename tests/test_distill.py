@@ -985,6 +985,7 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
                                           (["--distill-args", "--stop-after-steps 1"], "may not set --stop-after-steps"),
                                           (["--distill-data", "BINARY"], "not UTF-8"),
                                           (["--distill-args", "--seq 16 --batch 2 --eval-data BINARY"], "--distill-args --eval-data: "),
+                                          (["--distill-args", "--seq 16 --batch 2 --test-data EMPTY"], "holds no text"),
                                           (["--distill-args", "--teacher random:nope"], "may not set --teacher"),
                                           (["--overwrite"], "'STAGE1' is a folder that holds no distill.py run")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
@@ -995,8 +996,9 @@ def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, caps
         message = message.replace("STAGE1", str(tmp_path / "h-stage1"))
     (tmp_path / "short.txt").write_text("short")
     (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
-    bad = [str(tmp_path / "short.txt") if a == "SHORT" else a.replace("BINARY", str(tmp_path / "binary.txt"))
-           for a in bad]
+    (tmp_path / "empty.txt").write_text(" \n")
+    bad = [str(tmp_path / "short.txt") if a == "SHORT" else
+           a.replace("BINARY", str(tmp_path / "binary.txt")).replace("EMPTY", str(tmp_path / "empty.txt")) for a in bad]
     argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
             "--distill-tokens", "128,64", "--distill-data", setup["train"]] + bad
     try:
@@ -1077,7 +1079,9 @@ def test_recovery_report(tmp_path, capsys):
     assert "is not a folder this process can write in" in capsys.readouterr().err
     record = open(os.path.join(naive, "distill.json")).read()        # a run's own record, under --overwrite
     assert distill.main(["--recovery", naive, ours, "--results", os.path.join(naive, "distill"), "--overwrite"]) == 2
-    assert "lies inside the run 1" in capsys.readouterr().err and open(os.path.join(naive, "distill.json")).read() == record
+    assert "would replace a file of the run 1" in capsys.readouterr().err
+    assert open(os.path.join(naive, "distill.json")).read() == record
+    assert distill.main(["--recovery", naive, ours, "--results", os.path.join(naive, "recovery")]) == 0   # a new file
     r = json.load(open(stem + ".json"))["runs"]
     assert r["naive"]["tokens_to"]["1.20x teacher"] == pytest.approx(8e6)          # 12.0 = 1.2 x 10
     assert r["taylor"]["tokens_to"]["1.20x teacher"] == pytest.approx(1e6)
@@ -1223,7 +1227,7 @@ def test_ctrl_c_says_how_to_go_on(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(distill, "_distill", lambda a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert distill.main(args(setup, tmp_path / "run")) == 130
     err = capsys.readouterr().err
-    assert "with --resume goes on from the last checkpoint" in err and "Traceback" not in err
+    assert "with --resume (in place of --overwrite) goes on from the last checkpoint" in err and "Traceback" not in err
 
 
 def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys, monkeypatch):
@@ -1244,3 +1248,13 @@ def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys, monkey
     monkeypatch.setattr(distill, "_corpus_ids", lambda *a: pytest.fail("the data was read first"))
     assert distill.main(args(setup, tmp_path / "run", extra=["--teacher", "random:nope"])) == 2
     assert "random teacher 'nope': not a shape" in capsys.readouterr().err
+
+
+def test_chain_reads_its_texts_from_distill_args_alone(setup, tmp_path, monkeypatch):
+    """Where distill.py's default evaluation texts are not there (a checkout without ../shared/data,
+    as on the GPU machine), a chain that names its own in --distill-args is not refused for them."""
+    monkeypatch.setattr(distill, "WIKI", str(tmp_path / "nowhere"))
+    more = f"--seq 16 --batch 4 --eval-data {setup['valid']} --test-data {setup['test']}"
+    args = convert._parse_args(["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(tmp_path / "h"),
+                                "--distill-tokens", "128,64", "--distill-data", setup["train"], "--distill-args", more])
+    assert args.distill_tokens == [128, 64]

@@ -475,6 +475,22 @@ def test_left_padding_over_a_chunked_prefill():
                 assert torch.equal(got, want), (size, cache)
 
 
+def test_caches_sized_before_the_first_write():
+    """A cache whose layers were sized before any write (early_initialization): a static one holds
+    K/V-shaped slots where a GDN layer puts its placeholders, a growing one empty 1-D tensors; both
+    give what no cache gives."""
+    from transformers import DynamicCache, StaticCache
+    torch.manual_seed(0)
+    model = hybridize(tiny_model("llama"), [0, 2]).eval()
+    ids = torch.randint(3, 128, (2, 9))
+    kv = dict(batch_size=2, num_heads=model.config.num_key_value_heads, head_dim=16, dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        want = model(ids).logits
+        for cache in (StaticCache(config=model.config, max_cache_len=16), DynamicCache(config=model.config)):
+            cache.early_initialization(**kv)
+            torch.testing.assert_close(model(ids, past_key_values=cache, use_cache=True).logits, want)
+
+
 def test_flex_attention_masks_are_read():
     """flex_attention with a static cache hands the stack a BlockMask: its padding is read through
     the mask's mask_mod, so a left-padded batch generates like each prompt alone; a mask of a form

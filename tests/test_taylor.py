@@ -1119,13 +1119,20 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
     text = tmp_path / "dir" / "calib.md"                      # (calibrate.py writes a stem's .md and .json)
     text.write_text("Calibration text. " * 50)
     config = open(os.path.join(teacher_dir, "config.json")).read()
-    for main, out, name in ((taylor_stats.main, str(text), "calibration text"),
-                            (calibrate.main, str(text)[:-3], "calibration text"),
-                            (taylor_stats.main, os.path.join(teacher_dir, "config.json"), "teacher"),
-                            (calibrate.main, os.path.join(teacher_dir, "config"), "teacher")):
-        assert main(["--teacher", teacher_dir, "--out", out, "--overwrite", "--calib-data", str(text)]) == 2
-        assert f"lies inside the {name}" in capsys.readouterr().err
-    assert open(os.path.join(teacher_dir, "config.json")).read() == config
+    link = tmp_path / "linked"                     # a hub-cache snapshot: its files are links to blobs
+    link.mkdir()
+    os.symlink(os.path.join(teacher_dir, "config.json"), link / "config.json")
+    for main, out, message in ((taylor_stats.main, str(text), "is the calibration text"),
+                               (calibrate.main, str(text)[:-3], "is the calibration text"),
+                               (taylor_stats.main, os.path.join(teacher_dir, "config.json"), "a file of the teacher"),
+                               (calibrate.main, os.path.join(teacher_dir, "config"), "a file of the teacher"),
+                               (taylor_stats.main, str(link / "config.json"), "a file of the teacher")):
+        teacher = str(link) if "linked" in out else teacher_dir
+        assert main(["--teacher", teacher, "--out", out, "--overwrite", "--calib-data", str(text)]) == 2
+        assert message in capsys.readouterr().err
+    assert open(os.path.join(teacher_dir, "config.json")).read() == config and (link / "config.json").is_symlink()
+    link.joinpath("config.json").unlink()
+    link.rmdir()
     assert [p.read_text() for p in (tmp_path / "dir").iterdir()] == ["Calibration text. " * 50]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]
     # An earlier result (the default --out is a committed one) is kept unless --overwrite says otherwise.
