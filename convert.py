@@ -895,6 +895,9 @@ def _run_convert(args):
                   "eval_data": args.eval_data or "builtin stdlib docstrings (not WikiText)",
                   **_settings(args, init_opts, teacher), "teacher_ppl": ppl_t, "student_ppl": ppl_s, "sample": text,
                   "request": _request(args, init_opts), "convert_seconds": convert_seconds,
+                  # (for distill.py's check of its teacher where it holds it in bfloat16, as on a GPU)
+                  "teacher_weights_bf16": distill.weights_digest(teacher, torch.bfloat16)
+                  if args.dtype == "float32" else None,
                   "total_seconds": time.time() - t_start,
                   **distill.run_info(args.seed, args.device)}
         distill.write_json(os.path.join(tmp, "conversion.json"), record)

@@ -1254,7 +1254,9 @@ def _teacher_spec(a, conversion):
 def _check_teacher(teacher, t_tok, s_config, s_tok, conversion):
     """The teacher must speak the student's vocabulary, have its shape (same layers, same width) and,
     where the conversion recorded them in a dtype this teacher holds as precisely or more, its
-    weights (a teacher of the same shape and vocabulary with other weights would teach another model)."""
+    weights (a teacher of the same shape and vocabulary with other weights would teach another model;
+    a teacher held in bfloat16 against a float32 conversion from before teacher_weights_bf16 was
+    recorded is not checked)."""
     if len(t_tok) != len(s_tok) or t_tok.get_vocab() != s_tok.get_vocab() \
             or teacher.config.vocab_size != s_config.vocab_size:
         raise ValueError(f"the teacher's tokenizer differs from the student's ({len(t_tok)} vs {len(s_tok)} "
@@ -1264,12 +1266,17 @@ def _check_teacher(teacher, t_tok, s_config, s_tok, conversion):
         if getattr(teacher.config, k) != getattr(s_config, k):
             raise ValueError(f"the teacher's {k} ({getattr(teacher.config, k)}) differs from the student's "
                              f"({getattr(s_config, k)}): not this student's teacher")
-    want, dtype = conversion.get("teacher_weights"), getattr(torch, str(conversion.get("dtype")), None)
-    if want and isinstance(dtype, torch.dtype) and next(teacher.parameters()).dtype.itemsize >= dtype.itemsize:
-        have = weights_digest(teacher, dtype)
-        if have != want:
-            raise ValueError(f"the teacher's weights (digest {have} in {dtype}) are not those the student was "
-                             f"converted from ({want}): pass the student's teacher")
+    # The conversion's dtype first; a float32 conversion also records bfloat16's (a run on a GPU).
+    recorded = [(conversion.get("dtype"), conversion.get("teacher_weights")),
+                ("bfloat16", conversion.get("teacher_weights_bf16"))]
+    held = next(teacher.parameters()).dtype
+    for dtype, want in ((getattr(torch, str(n), None), w) for n, w in recorded):
+        if want and isinstance(dtype, torch.dtype) and held.itemsize >= dtype.itemsize:
+            have = weights_digest(teacher, dtype)
+            if have != want:
+                raise ValueError(f"the teacher's weights (digest {have} in {dtype}) are not those the student was "
+                                 f"converted from ({want}): pass the student's teacher")
+            break
 
 
 def _run_config(a, spec):

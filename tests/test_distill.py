@@ -1258,3 +1258,22 @@ def test_chain_reads_its_texts_from_distill_args_alone(setup, tmp_path, monkeypa
     args = convert._parse_args(["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(tmp_path / "h"),
                                 "--distill-tokens", "128,64", "--distill-data", setup["train"], "--distill-args", more])
     assert args.distill_tokens == [128, 64]
+
+
+def test_teacher_held_in_bf16_is_checked_against_a_float32_conversion(setup, tmp_path):
+    """A float32 conversion (the CPU's) records its teacher's digest in bfloat16 too, so a run holding
+    the teacher in bfloat16 (a GPU's) checks it as well: the student's teacher passes, another is
+    refused."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    conversion = json.loads(open(os.path.join(setup["hybrid"], "conversion.json")).read())
+    if conversion["dtype"] != "float32":
+        pytest.skip("the fixture converted in bfloat16 (on a GPU): no second dtype is recorded")
+    assert conversion["teacher_weights_bf16"]
+    s_config = AutoConfig.from_pretrained(setup["hybrid"])
+    teacher, tok, _ = convert.load_teacher(setup["teacher"], dtype=torch.bfloat16)
+    distill._check_teacher(teacher, tok, s_config, tok, conversion)
+    other = AutoModelForCausalLM.from_pretrained(setup["teacher"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        other.model.norm.weight.mul_(2)
+    with pytest.raises(ValueError, match="are not those the student was converted from"):
+        distill._check_teacher(other, tok, s_config, tok, conversion)
