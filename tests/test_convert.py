@@ -1078,8 +1078,8 @@ def test_bench_keeps_what_it_measured_when_stopped(teacher_dir, tmp_path, capsys
     stem = tmp_path / "bench"
     args = ["--bench", "--teacher", teacher_dir, "--keeps", "1/4", "--contexts", "64,96", "--batches", "1",
             "--decode-steps", "1", "--results", str(stem)]
-    with pytest.raises(KeyboardInterrupt):
-        main(args)
+    code, io = run(args, capsys)
+    assert code == 130 and io.err.strip().endswith("interrupted") and "Traceback" not in io.err
     r = json.loads((tmp_path / "bench.json").read_text())
     assert r["complete"] is False and [(x["model"], x["context"]) for x in r["rows"]] == [("teacher", 64), ("teacher", 96)]
     assert "Partial" in (tmp_path / "bench.md").read_text()
