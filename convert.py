@@ -851,7 +851,7 @@ def _run_convert(args):
     if _converted_already(args, init_opts):
         return
     spec = _teacher_spec(args.teacher)
-    inputs = {"teacher": spec.split(":", 1)[1] if spec.startswith("random:") else spec, "eval data": args.eval_data,
+    inputs = {"teacher": spec.removeprefix("random:"), "eval data": args.eval_data,
               "calibration data": args.calib_data, "distillation data": args.distill_tokens and args.distill_data}
     distill.check_apart(args.out, written={"scores": args.scores}, **inputs)
     tmp = _prepare_out(args.out, args.overwrite)

@@ -326,15 +326,16 @@ def check_writable(path, what, overwrite=True, inputs=None):
     (`inputs`: {name: path}, a file or a folder; absent ones and None skipped)."""
     if not path or path.endswith((os.sep, "/")):
         raise ValueError(f"{what} '{path}' names no file: give a file's path")
-    # The output's folder resolved, not the output itself: a link there is replaced, not followed.
-    parent = os.path.realpath(os.path.dirname(os.path.abspath(path)))
-    w = os.path.join(parent, os.path.basename(path))
+    # A path with its folder resolved, not its last part: a link as the output is replaced, not followed.
+    def as_written(p):
+        return os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(p))), os.path.basename(p))
+    w = as_written(path)
+    parent = os.path.dirname(w)
     for name, src in (inputs or {}).items():
         if not (src and os.path.exists(src)):
             continue
         s = os.path.realpath(src)
-        if os.path.isfile(src) and w in (s, os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(src))),
-                                                         os.path.basename(src))):
+        if os.path.isfile(src) and w in (s, as_written(src)):
             raise ValueError(f"{what} '{path}' is the {name} '{src}', which the run reads: choose another path")
         if os.path.isdir(src) and parent == s and os.path.lexists(w):        # (a new file beside them: harmless)
             raise ValueError(f"{what} '{path}' would replace a file of the {name} '{src}', which the run reads: "
@@ -1118,12 +1119,12 @@ def parse_args(argv, prog=None, chain=False):
     c.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM dense bf16: 989)")
     a = p.parse_args(argv)
-    given = ["--" + k.replace("_", "-") for k in STAGE2_ONLY if getattr(a, k) is not None]
-    if a.stage == 1 and given and not chain:
-        raise ValueError(f"{' and '.join(given)}: Stage 2's options; Stage 1 trains only the GDN layers, each "
-                         f"on its own, and would ignore them: drop them (convert.py's chain passes them to Stage 2 "
-                         f"only)")
     if a.stage == 1:
+        given = ["--" + k.replace("_", "-") for k in STAGE2_ONLY if getattr(a, k) is not None]
+        if given and not chain:
+            raise ValueError(f"{' and '.join(given)}: Stage 2's options; Stage 1 trains only the GDN layers, each "
+                             f"on its own, and would ignore them: drop them (convert.py's chain passes them to "
+                             f"Stage 2 only)")
         for k in STAGE2_ONLY:
             setattr(a, k, None)
     for k, v in STAGE_DEFAULTS[a.stage].items():
@@ -1241,7 +1242,7 @@ def _teacher_spec(a, conversion):
     # A local path that is not there: said now, not after the corpus is tokenised (hub ids and
     # random shapes are left to load_teacher).
     from convert import RANDOM_SHAPES, local_path                    # lazy: convert imports distill
-    path = spec[len("random:"):] if spec.startswith("random:") else spec
+    path = spec.removeprefix("random:")
     if spec != "default" and local_path(path) and not os.path.exists(path):
         raise ValueError(f"teacher '{spec}' does not exist" +
                          ("" if a.teacher else " (recorded in the student's conversion.json; pass --teacher)"))
