@@ -624,7 +624,11 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
         from taylor_stats import concentration, summary
         info["stats"] = summary({i: {**stats[i], "concentration": concentration(stats[i]["entropy"], o["conc_eps"])}
                                  for i in layers})
+    progress = opts.get("_progress")        # (convert.py's: each layer saved once set, restored on a rerun)
     for i, gdn in layers.items():
+        if progress is not None and (rec := progress.restore(i, gdn)) is not None:
+            info["layers"][i] = rec
+            continue
         t_layer = time.time()
         _standard_gates(gdn, o)
         rec = {}
@@ -645,6 +649,8 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
             rec["mse"] = _layer_mse(gdn, _at(stats[i]["x"], gdn).to(gdn.q_proj.weight.dtype), _at(stats[i]["y"], gdn))
         rec["seconds"] = time.time() - t_layer
         info["layers"][i] = rec
+        if progress is not None:
+            progress.save(i, gdn, rec)
     return info
 
 

@@ -14,7 +14,8 @@ convert.py -- teacher in, hybrid out: the command line that chains the other fil
 4. save the hybrid (safetensors + config + tokenizer) into a temporary folder;
 5. measure teacher and student perplexity on --eval-data and print a greedy sample; record it all
    in conversion.json, and only then rename the folder to --out (a run stopped before that leaves
-   no --out, and an old one as it was);
+   no --out, and an old one as it was; the GDN layers it had set wait in .OUT.progress beside it,
+   and the same command goes on from them: _LayerProgress);
 6. with --distill-tokens 10M,30M: distill.py's Stage 1 into OUT-stage1, then Stage 2 into OUT-stage2,
    each evaluated as it goes and at the end (see distill.py).
 
@@ -35,9 +36,11 @@ this command line's own.
 """
 
 import argparse
+import contextlib
 import copy
 import filecmp
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -56,7 +59,7 @@ except ImportError:                      # CPU-only installs: decoding attention
     triton = None
 
 import distill
-from calibrate import INITS, PRESETS, check_val_rows, layerwise, parse_opts, resolve
+from calibrate import INIT_PHASES, INITS, PRESETS, check_val_rows, layerwise, parse_opts, resolve
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 from gdn_kernel import pdl_launch
 
@@ -254,7 +257,6 @@ def _teacher_layers(spec):
             fields = gguf.GGUFReader(path).fields
             arch = bytes(fields["general.architecture"].parts[-1]).decode()
             return int(fields[f"{arch}.block_count"].parts[-1][0])
-        import json
         with open(os.path.join(path, "config.json")) as f:
             config = json.load(f)
         return int(config.get("num_hidden_layers") or config["text_config"]["num_hidden_layers"])
@@ -416,7 +418,7 @@ def _layer_bank(teacher, init, calib, conv_size=0, seed=0, init_opts=None):
     # this): one untimed conversion of layer 0 alone, Phase 2 cut to one step, pays it first.
     steps = resolve(init_opts, PRESETS.get(init))["steps"]
     convert(teacher, list(range(1, teacher.config.num_hidden_layers)), init, calib, conv_size, seed,
-            {**(init_opts or {}), "steps": min(steps, 1)})
+            {**(init_opts or {}), "steps": min(steps, 1), "_progress": None})
     student, info = convert(teacher, [], init, calib, conv_size, seed, init_opts)
     bank = {i: {k: v.detach().clone() for k, v in g.state_dict().items()} for i, g in gdn_modules(student).items()}
     ii = info["init_info"] or {}
@@ -596,6 +598,82 @@ def _publish(tmp, path):
             if not done and os.path.exists(os.path.join(old, "x")):
                 os.replace(os.path.join(old, "x"), path)    # (if this fails, the old folder stays in `old`)
             shutil.rmtree(old, ignore_errors=True)
+
+
+class _LayerProgress:
+    """A conversion's GDN layers, each saved the moment its init has set it, in a folder beside --out
+    (.NAME.progress): a conversion stopped midway (Ctrl-C, a kill, a crash) and run again with the
+    same command restores them rather than computing them again (on this project's 2-core CPU, Phase
+    2 takes ~40 s a layer at SmolLM2's size: 15 minutes in all). A layer's init is deterministic given
+    what `key` holds, so the hybrid a resumed run writes is the one an uninterrupted run writes. A
+    folder made with anything else (teacher weights, init, options, seed, calibration tokens, dtype,
+    device, the code) is replaced. Calibrate.py calls restore() and save() (opts['_progress']);
+    the folder goes once --out is published."""
+
+    def __init__(self, out, key):
+        real = os.path.realpath(out)
+        self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.progress")
+        self.restored, self.saved = [], []
+        key_file, had = os.path.join(self.path, "key.json"), None
+        if os.path.isdir(self.path):
+            with contextlib.suppress(OSError, ValueError):          # (an unreadable key: replaced)
+                had = distill.read_json(key_file)
+            if had == key:
+                done = sorted(int(f[6:9]) for f in os.listdir(self.path) if re.fullmatch(r"layer_\d{3}\.safetensors", f))
+                if done:
+                    print(f"restoring GDN layers {done} from {self.path}: a run of this conversion stopped after them")
+                return
+            print(f"replacing {self.path}: the layers of a stopped conversion with other settings")
+            shutil.rmtree(self.path)
+        os.makedirs(self.path)
+        distill.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
+
+    def _file(self, i):
+        return os.path.join(self.path, f"layer_{i:03d}.safetensors")
+
+    def restore(self, i, gdn):
+        """Layer i's saved weights into `gdn` and its record, or None where none was saved."""
+        from safetensors import safe_open
+        if not os.path.isfile(self._file(i)):
+            return None
+        with safe_open(self._file(i), framework="pt", device=str(gdn.A_log.device)) as f:
+            gdn.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
+            record = json.loads(f.metadata()["record"])
+        self.restored.append(i)
+        return {**record, "restored": True}
+
+    def save(self, i, gdn, record):
+        from safetensors.torch import save_file
+        tmp = self._file(i) + ".tmp"                    # (renamed into place: a layer file is whole or absent)
+        save_file({k: v.detach().contiguous() for k, v in gdn.state_dict().items()}, tmp,
+                  metadata={"record": json.dumps(record)})
+        os.replace(tmp, self._file(i))
+        self.saved.append(i)
+
+    def close(self, published):
+        if published or not (self.saved or self.restored):
+            shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            print(f"the {len(set(self.saved + self.restored))} GDN layers converted so far are kept in {self.path}: "
+                  f"the same command goes on from them", file=sys.stderr)
+
+
+def _progress_key(args, teacher, calib, init, init_opts, kept=None):
+    """What a GDN layer's init depends on (_LayerProgress): the kept layers only for an init that is
+    not layer-wise (phase2_input=student aligns a layer to the stream the layers before it make)."""
+    import calibrate
+    import gdn
+    import gdn_kernel
+    import taylor_stats
+    code = hashlib.sha1()
+    for module in (gdn_kernel, gdn, taylor_stats, calibrate):
+        with open(module.__file__, "rb") as f:
+            code.update(f.read())
+    return {"teacher": _teacher_spec(args.teacher), "teacher_weights": distill.weights_digest(teacher),
+            "init": init, "options": resolve({"seed": args.seed, **init_opts}, PRESETS.get(init)),
+            "conv_size": args.conv_size, "calib": distill.ids_digest(calib), "dtype": args.dtype, "device": args.device,
+            "torch": torch.__version__, "code": code.hexdigest()[:16],
+            "kept": None if layerwise(init, init_opts) else sorted(kept)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -807,7 +885,6 @@ def _converted_already(args, init_opts):
             raise ValueError(f"--resume: '{args.out}' holds no hybrid, yet {' and '.join(begun)} began from one: "
                              f"start the chain afresh (--overwrite)")
         return False
-    import json
     with open(path) as f:
         had = json.load(f).get("request")
     want = _request(args, init_opts)
@@ -855,6 +932,7 @@ def _run_convert(args):
               "calibration data": args.calib_data, "distillation data": args.distill_tokens and args.distill_data}
     distill.check_apart(args.out, written={"scores": args.scores}, **inputs)
     tmp = _prepare_out(args.out, args.overwrite)
+    progress = None
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
         n = teacher.config.num_hidden_layers
@@ -862,7 +940,9 @@ def _run_convert(args):
         ids = _eval_ids(args, tokenizer)
         calib = calib_ids(args, tokenizer)
         t0 = time.time()
-        kept, policy_info, bank = _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts)
+        if args.init in INIT_PHASES and layerwise(args.init, init_opts):       # (else: once the kept layers are known)
+            progress = _LayerProgress(args.out, _progress_key(args, teacher, calib, args.init, init_opts))
+        kept, policy_info, bank = _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts, progress)
         stats = policy_info.pop("_stats", None)                 # GA-S2's teacher pass, reused below
         stats_seconds = policy_info.pop("_stats_seconds", 0.0)
         if bank is not None:                   # GA-S2 probed with this very init: its layers are ready
@@ -878,8 +958,10 @@ def _run_convert(args):
             info = {"init": args.init, "kept_layers": kept, "gdn_layers": gdn_layers,
                     "init_seconds": init_seconds, "init_info": ii}
         else:
+            if args.init in INIT_PHASES and progress is None:
+                progress = _LayerProgress(args.out, _progress_key(args, teacher, calib, args.init, init_opts, kept))
             student, info = convert(teacher, kept, args.init, calib, args.conv_size, args.seed,
-                                    {**init_opts, "_stats": stats})
+                                    {**init_opts, "_stats": stats, "_progress": progress})
             if "stats" in info["init_info"]:    # the init used them: their pass is its time too
                 info["init_seconds"] += stats_seconds
         info["policy"] = policy_info
@@ -904,7 +986,11 @@ def _run_convert(args):
         _publish(tmp, args.out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if progress is not None:
+            progress.close(published=False)
         raise
+    if progress is not None:
+        progress.close(published=True)
     print(f"\nconverted {source} ({n} layers): kept softmax {kept}, {len(info['gdn_layers'])} GDN layers, init {args.init}")
     print(f"perplexity on {ppl_t['windows']} windows x {args.window} tokens: teacher {ppl_t['ppl']:.3f}, "
           f"student {ppl_s['ppl']:.3f}")
@@ -949,10 +1035,12 @@ def _ga_probe_init(args, init_opts):
     return probe_init
 
 
-def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
+def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts, progress=None):
     """--policy for one conversion: (kept layers, what the policy measured, bank or None: GA-S2's
     layer bank when it probed with --init, {layers, info, seconds a layer, shared seconds}). Scores are
-    read from / written to --scores. GA-S2 probes use --probe-init ('same': the chosen init)."""
+    read from / written to --scores. GA-S2 probes use --probe-init ('same': the chosen init), whose
+    bank then saves its layers to the conversion's `progress` (a layer-wise init's layers are those of
+    any hybrid)."""
     n = teacher.config.num_hidden_layers
     info = {"name": args.policy}
     if args.policy == "uniform" or _parse_keep(args.keep)[0] == "list":
@@ -975,7 +1063,8 @@ def _select_layers(args, teacher, tokenizer, source, keep, calib, init_opts):
             shared = time.time() - t0
             info["_stats"], info["_stats_seconds"] = stats, shared
             bank_, per_layer, ii = _layer_bank(teacher, probe_init, calib, args.conv_size, args.seed,
-                                                 {**init_opts, "_stats": stats})
+                                                 {**init_opts, "_stats": stats,
+                                                  "_progress": progress if probe_init == args.init else None})
             shared = shared if (ii or {}).get("stats") else 0.0
             built["bank"] = {"layers": bank_, "info": ii, "seconds": per_layer, "shared": shared}
             return _ga_scores(teacher, probe, bank_, args.conv_size, args.batch_size)

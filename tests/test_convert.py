@@ -1520,3 +1520,91 @@ def test_hub_reachable_goes_through_the_proxy(monkeypatch):
         assert cv._hub_reachable(timeout=2)
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("phase2_input", ["teacher", "student"])
+def test_a_stopped_conversion_goes_on_from_the_layers_it_converted(phase2_input, teacher_dir, eval_text, tmp_path,
+                                                                   capsys, monkeypatch):
+    """Each GDN layer is saved beside --out once its init has set it: the same command run again after a
+    stop restores those layers and computes only the rest, and writes the hybrid an uninterrupted
+    run writes (phase2_input=student: the layers after the restored ones align to the stream those
+    make); other settings replace what was saved. The folder goes once --out is published."""
+    import calibrate
+    from safetensors.torch import load_file
+    phase2, calls = calibrate.phase2, []
+
+    def counted(gdn, *a, **k):
+        calls.append(gdn.layer_idx)
+        if stop_at and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return phase2(gdn, *a, **k)
+    monkeypatch.setattr(calibrate, "phase2", counted)
+    argv = ["--teacher", teacher_dir, "--keep", "1/4", "--init", "taylor", "--init-opt", "steps=3",
+            "--init-opt", f"phase2_input={phase2_input}", "--device", "cpu", "--eval-data", eval_text,
+            "--window", "64", "--max-windows", "1", "--no-sample"]
+    stop_at = None
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    assert calls == [1, 2, 3]
+
+    out, saved = tmp_path / "hybrid", tmp_path / ".hybrid.progress"
+    calls.clear()
+    stop_at = 3                                         # Ctrl-C in layer 3's Phase 2: layers 1 and 2 are done
+    code, io = run(argv + ["--out", str(out)], capsys)
+    assert code == 130 and not out.exists()
+    assert sorted(os.listdir(saved)) == ["key.json", "layer_001.safetensors", "layer_002.safetensors"]
+    assert f"kept in {saved}" in io.err
+
+    calls.clear()
+    stop_at = None
+    code, io = run(argv + ["--out", str(out)], capsys)
+    assert code == 0, io.err
+    assert calls == [3] and f"restoring GDN layers [1, 2] from {saved}" in io.out
+    assert not saved.exists()
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    layers = json.loads((out / "conversion.json").read_text())["init_info"]["layers"]
+    assert [layers[str(i)].get("restored", False) for i in (1, 2, 3)] == [True, True, False]
+    first = json.loads((tmp_path / "whole" / "conversion.json").read_text())["init_info"]["layers"]["1"]
+    assert layers["1"]["phase2"]["loss_after"] == first["phase2"]["loss_after"]       # (its record restored too)
+
+    # another seed: what was saved is not reused, but replaced
+    calls.clear()
+    stop_at = 2
+    assert main(argv + ["--out", str(out), "--overwrite"]) == 130
+    calls.clear()
+    stop_at = None
+    code, io = run(argv + ["--out", str(out), "--overwrite", "--seed", "1"], capsys)
+    assert code == 0, io.err
+    assert calls == [1, 2, 3] and f"replacing {saved}" in io.out and not saved.exists()
+
+
+def test_ga_s2_bank_goes_on_from_the_layers_it_converted(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """GA-S2 probing with --init itself converts every layer into its bank first: those layers are
+    saved as they are set too, and a rerun after a stop restores them (the untimed warm-up conversion
+    of layer 0 before the bank saves nothing)."""
+    import calibrate
+    from safetensors.torch import load_file
+    phase2, calls = calibrate.phase2, []
+
+    def counted(gdn, x, y, o, desc=""):
+        calls.append((gdn.layer_idx, o["steps"]))
+        if stop_at and len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return phase2(gdn, x, y, o, desc)
+    monkeypatch.setattr(calibrate, "phase2", counted)
+    argv = ["--teacher", teacher_dir, "--keep", "1/4", "--policy", "ga-s2", "--init", "taylor", "--init-opt", "steps=3",
+            "--device", "cpu", "--eval-data", eval_text, "--window", "64", "--max-windows", "1", "--no-sample"]
+    stop_at = None
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    assert calls == [(0, 1), (0, 3), (1, 3), (2, 3), (3, 3)]          # warm-up, then the bank
+    calls.clear()
+    stop_at = 4                                         # stopped in the bank's layer 2
+    assert main(argv + ["--out", str(tmp_path / "hybrid")]) == 130
+    calls.clear()
+    stop_at = None
+    code, io = run(argv + ["--out", str(tmp_path / "hybrid")], capsys)
+    assert code == 0, io.err
+    assert calls == [(0, 1), (2, 3), (3, 3)] and "restoring GDN layers [0, 1]" in io.out
+    whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "hybrid" / "model.safetensors")
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
