@@ -38,8 +38,8 @@ Phase 1, for a layer with heads h (closed form, no gradient):
   2. Write gate. Sharp heads (low entropy) overwrite their memory harder:
          beta_h = beta_min + beta_span * c_h            (0.3 .. 0.7)
      The reference's b_proj has no bias; it rescales each row to mean |W_b[h]| = |logit(beta_h)|/sqrt(d)
-     (d the model width; meant to make W_b x ~ logit(beta_h), which it would if x's entries were +-1
-     with W_b's signs):
+     (d the model width: with x's entries of size 1 and signs unrelated to W_b's, W_b x then spreads
+     over tokens by about |logit(beta_h)|, the size of the logit it is meant to reach):
          W_b[h] <- logit(beta_h) / sqrt(d) * W_b[h] / mean|W_b[h]|                 (write_gate=rescale)
      This sets the *spread* of W_b x, not its centre: for random-sign W_b[h] the mean of W_b x over
      tokens stays near 0, so beta stays near 0.5 whatever beta_h says. write_gate=fit (ours) instead
@@ -125,7 +125,8 @@ did not see, after the init over before it:
   are the next lever: with 16 x 256 align-only alone falls to 63.4 (results/zeroshot_calib16.md),
   so convert.py --calib-seqs 16 is worth its 2x time.
 
-Every constant is a named option in OPTIONS (override with convert.py --init-opt NAME=VALUE).
+Every constant is a named option in OPTIONS (override with convert.py --init-opt NAME=VALUE; the
+seed is --seed's, so that one seed fixes everything).
 Signature of every INITS entry: fn(student, teacher, calib_ids, opts) -> dict of what it measured
 (saved in the conversion JSON). calib_ids [N, L] are held-out calibration tokens.
 """

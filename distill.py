@@ -133,7 +133,9 @@ def builtin_text(part):
     """Text every Python installation carries, so the main job needs no download: the docstrings
     of a fixed list of standard-library modules and their public members (English technical prose,
     not WikiText; its perplexities are not comparable to published ones). part 'calib' and 'eval'
-    are disjoint halves of the module list, so calibration never sees the evaluation text."""
+    are disjoint halves of the module list, so calibration does not see the evaluation text (but
+    for one inherited docstring, email.message.Message's, which http.client.HTTPMessage repeats,
+    beyond what the default calibration and probe blocks read)."""
     import importlib
     import inspect
     names = ["argparse", "collections", "functools", "itertools", "json", "logging", "pathlib",

@@ -12,7 +12,8 @@ Per token t and head h, with x_t the decoder layer's normalised input:
                                                                          conv before each SiLU)
     q_t, k_t <- q_t / ||q_t||, k_t / ||k_t||                             (per head: keeps the delta
                                                                          rule's step I - beta k k^T
-                                                                         a contraction)
+                                                                         non-expanding: it shrinks
+                                                                         S along k by 1 - beta only)
     g_t    = -exp(A_log) * softplus(W_a x_t + dt_bias)                   (log decay, alpha = e^g)
     beta_t = sigmoid(W_b x_t [+ b_b])                                    (write strength; the bias
                                                                          only with beta_bias=True)
@@ -31,7 +32,7 @@ and are dropped (logged).
 
 Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN layer's cache is its
 state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: a fixed size, whatever
-the context length. Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
+the context length (but for the placeholder below, one number a token). Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
 carries them without knowing. HF's own cache operations know only their KV tensors, so `_gdn_states`
 gives the cache a subclass whose operations that reorder, select, repeat or clear batch rows (beam
 search, contrastive search, cache reuse) also do it to the states, and whose crop (assisted
