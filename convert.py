@@ -773,7 +773,10 @@ def _parse_args(argv):
         p.error(f"{mode} does not read " + ", ".join(f"--{k.replace('_', '-')} ({whose[k]})" for k in stray))
     if given & {"distill_data", "distill_args", "resume"} and not args.distill_tokens:
         p.error("--distill-data, --distill-args and --resume are for the distillation chain: without "
-                "--distill-tokens no chain runs (a conversion alone is written whole at its end)")
+                "--distill-tokens no chain runs (a conversion alone, run again after a stop, goes on from the "
+                "GDN layers it had set without being told)")
+    if "eval_format" in given and not args.eval_data:
+        p.error("--eval-format says how to read --eval-data: without --eval-data the built-in text is read as it is")
     if args.resume and args.overwrite:
         p.error("--resume keeps what the chain has done, --overwrite replaces it: give one")
     args.results = args.results or ("results/inference" if args.bench else "results/zeroshot")

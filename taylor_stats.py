@@ -288,7 +288,7 @@ def main(argv=None):
     p.add_argument("--calib-data", help="calibration text (default: built-in)")
     p.add_argument("--calib-seqs", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
-    p.add_argument("--out", default="results/taylor_stats.json")
+    p.add_argument("--out", default="results/taylor_stats.json", help="the JSON file written (whatever its name)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     args = p.parse_args(argv)
     if args.calib_seqs < 1 or args.calib_len < 2:

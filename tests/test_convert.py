@@ -480,6 +480,8 @@ def test_each_mode_has_its_own_results_stem():
     (["--table", "--init", "taylor"], "--table does not read --init (a conversion's)"),      # at its default
     (["--bench", "--window", "2048"], "--bench does not read --window"),
     (["--out", "OUT", "--distill-data", "EVAL"], "without --distill-tokens no chain runs"),
+    (["--out", "OUT", "--eval-format", "plain"], "--eval-format says how to read --eval-data"),
+    (["--table", "--eval-format", "wikitext"], "--eval-format says how to read --eval-data"),
 ])
 def test_a_flag_of_another_mode_is_refused(argv, message, eval_text, tmp_path, capsys, monkeypatch):
     """A flag the chosen mode does not read would be silently ignored: refused while parsing, naming
