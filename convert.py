@@ -607,55 +607,89 @@ class _LayerProgress:
     2 takes ~40 s a layer at SmolLM2's size: 15 minutes in all). A layer's init is deterministic given
     what `key` holds, so the hybrid a resumed run writes is the one an uninterrupted run writes. A
     folder made with anything else (teacher weights, init, options, seed, calibration tokens, dtype,
-    device, the code) is replaced. Calibrate.py calls restore() and save() (opts['_progress']);
-    the folder goes once --out is published."""
+    device, versions, the code) is replaced. Calibrate.py calls restore() and save() (opts['_progress']).
+    The folder goes once --out is published, and stays while it holds a layer. Saving is a help, not
+    the job: a layer that cannot be saved (a full disk, the folder gone) is said once, and the
+    conversion goes on without saving."""
 
     def __init__(self, out, key):
         real = os.path.realpath(out)
         self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.progress")
-        self.restored, self.saved = [], []
+        self.restored, self.saving = [], True
         key_file, had = os.path.join(self.path, "key.json"), None
-        if os.path.isdir(self.path):
-            with contextlib.suppress(OSError, ValueError):          # (an unreadable key: replaced)
-                had = distill.read_json(key_file)
-            if had == key:
-                done = sorted(int(f[6:9]) for f in os.listdir(self.path) if re.fullmatch(r"layer_\d{3}\.safetensors", f))
-                if done:
-                    print(f"restoring GDN layers {done} from {self.path}: a run of this conversion stopped after them")
-                return
-            print(f"replacing {self.path}: the layers of a stopped conversion with other settings")
-            shutil.rmtree(self.path)
-        os.makedirs(self.path)
-        distill.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
+        try:
+            if os.path.lexists(self.path) and not os.path.isdir(self.path):
+                raise ValueError(f"'{self.path}' is in the way of the folder where a conversion saves its layers as "
+                                 f"it goes: remove it")
+            if os.path.isdir(self.path):
+                with contextlib.suppress(OSError, ValueError):          # (an unreadable key: replaced)
+                    had = distill.read_json(key_file)
+                if had == key:
+                    if self.layers():
+                        print(f"found GDN layers {self.layers()} of a stopped run of this conversion in "
+                              f"{self.path}: restored where this run converts them")
+                    return
+                print(f"replacing {self.path}: the layers of a stopped conversion with other settings")
+                shutil.rmtree(self.path)
+            os.makedirs(self.path)
+            distill.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
+        except OSError as e:
+            raise ValueError(f"'{self.path}' (where a conversion saves its layers as it goes): {e.strerror}") from None
 
     def _file(self, i):
         return os.path.join(self.path, f"layer_{i:03d}.safetensors")
 
+    def layers(self):
+        """The layers saved in the folder."""
+        with contextlib.suppress(OSError):
+            return sorted(int(f[6:9]) for f in os.listdir(self.path) if re.fullmatch(r"layer_\d{3}\.safetensors", f))
+        return []
+
     def restore(self, i, gdn):
-        """Layer i's saved weights into `gdn` and its record, or None where none was saved."""
+        """Layer i's saved weights into `gdn` and its record, or None where none was saved (or the file
+        is not one this layer can take: it is converted again)."""
         from safetensors import safe_open
         if not os.path.isfile(self._file(i)):
             return None
-        with safe_open(self._file(i), framework="pt", device=str(gdn.A_log.device)) as f:
-            gdn.load_state_dict({k: f.get_tensor(k) for k in f.keys()})
-            record = json.loads(f.metadata()["record"])
+        want = gdn.state_dict()
+        try:                    # read and checked whole before anything is loaded into the layer
+            with safe_open(self._file(i), framework="pt", device=str(gdn.A_log.device)) as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+                record = json.loads(f.metadata()["record"])
+            if tensors.keys() != want.keys() or any(t.shape != want[k].shape or t.dtype != want[k].dtype
+                                                    for k, t in tensors.items()):
+                raise ValueError("not this layer's weights")
+        except Exception as e:                      # noqa: BLE001  (safetensors' own errors, a missing record)
+            print(f"{self._file(i)} is unreadable ({e}): converting layer {i} again")
+            return None
+        gdn.load_state_dict(tensors)
         self.restored.append(i)
-        return {**record, "restored": True}
+        # (seconds: this run's, as the conversion's times are; the run that converted it took the other)
+        return {**record, "restored": True, "seconds": 0.0, "seconds_converting": record.get("seconds")}
 
     def save(self, i, gdn, record):
         from safetensors.torch import save_file
-        tmp = self._file(i) + ".tmp"                    # (renamed into place: a layer file is whole or absent)
-        save_file({k: v.detach().contiguous() for k, v in gdn.state_dict().items()}, tmp,
-                  metadata={"record": json.dumps(record)})
-        os.replace(tmp, self._file(i))
-        self.saved.append(i)
+        if not self.saving:
+            return
+        tmp = f"{self._file(i)}.tmp-{os.getpid()}"         # (renamed into place: a layer file is whole or absent)
+        try:
+            save_file({k: v.detach().contiguous() for k, v in gdn.state_dict().items()}, tmp,
+                      metadata={"record": json.dumps(record)})
+            os.replace(distill.seal(tmp), self._file(i))
+        except Exception as e:                      # noqa: BLE001  (safetensors' own errors too)
+            self.saving = False
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            print(f"warning: layer {i} could not be saved to {self.path} ({e}); the conversion goes on without "
+                  f"saving its layers", file=sys.stderr)
 
     def close(self, published):
-        if published or not (self.saved or self.restored):
+        layers = [] if published else self.layers()
+        if not layers:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
-            print(f"the {len(set(self.saved + self.restored))} GDN layers converted so far are kept in {self.path}: "
-                  f"the same command goes on from them", file=sys.stderr)
+            print(f"GDN layers {layers} are saved in {self.path}: a run of the same command restores them",
+                  file=sys.stderr)
 
 
 def _progress_key(args, teacher, calib, init, init_opts, kept=None):
@@ -665,14 +699,16 @@ def _progress_key(args, teacher, calib, init, init_opts, kept=None):
     import gdn
     import gdn_kernel
     import taylor_stats
+    import transformers
     code = hashlib.sha1()
-    for module in (gdn_kernel, gdn, taylor_stats, calibrate):
-        with open(module.__file__, "rb") as f:
+    for path in [m.__file__ for m in (gdn_kernel, gdn, taylor_stats, calibrate)] + [__file__]:
+        with open(path, "rb") as f:
             code.update(f.read())
     return {"teacher": _teacher_spec(args.teacher), "teacher_weights": distill.weights_digest(teacher),
             "init": init, "options": resolve({"seed": args.seed, **init_opts}, PRESETS.get(init)),
             "conv_size": args.conv_size, "calib": distill.ids_digest(calib), "dtype": args.dtype, "device": args.device,
-            "torch": torch.__version__, "code": code.hexdigest()[:16],
+            "card": torch.cuda.get_device_name() if args.device == "cuda" else None,
+            "versions": [torch.__version__, transformers.__version__], "code": code.hexdigest()[:16],
             "kept": None if layerwise(init, init_opts) else sorted(kept)}
 
 
@@ -968,6 +1004,7 @@ def _run_convert(args):
             if "stats" in info["init_info"]:    # the init used them: their pass is its time too
                 info["init_seconds"] += stats_seconds
         info["policy"] = policy_info
+        info["restored_layers"] = [i for i in (progress.restored if progress else []) if i in info["gdn_layers"]]
         from gdn import save_hybrid
         save_hybrid(student, tokenizer, tmp)
         convert_seconds = time.time() - t0

@@ -1554,20 +1554,32 @@ def test_a_stopped_conversion_goes_on_from_the_layers_it_converted(phase2_input,
     code, io = run(argv + ["--out", str(out)], capsys)
     assert code == 130 and not out.exists()
     assert sorted(os.listdir(saved)) == ["key.json", "layer_001.safetensors", "layer_002.safetensors"]
-    assert f"kept in {saved}" in io.err
+    assert f"GDN layers [1, 2] are saved in {saved}" in io.err
+
+    # stopped again before any layer (the statistics pass): what was saved stays
+    import taylor_stats
+    collect = taylor_stats.collect_stats
+    monkeypatch.setattr(taylor_stats, "collect_stats", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, io = run(argv + ["--out", str(out)], capsys)
+    assert code == 130 and f"found GDN layers [1, 2] of a stopped run of this conversion in {saved}" in io.out
+    assert sorted(os.listdir(saved))[1:] == ["layer_001.safetensors", "layer_002.safetensors"]
+    monkeypatch.setattr(taylor_stats, "collect_stats", collect)
 
     calls.clear()
     stop_at = None
     code, io = run(argv + ["--out", str(out)], capsys)
     assert code == 0, io.err
-    assert calls == [3] and f"restoring GDN layers [1, 2] from {saved}" in io.out
+    assert calls == [3] and f"found GDN layers [1, 2] of a stopped run of this conversion in {saved}" in io.out
     assert not saved.exists()
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
-    layers = json.loads((out / "conversion.json").read_text())["init_info"]["layers"]
+    record = json.loads((out / "conversion.json").read_text())
+    layers = record["init_info"]["layers"]
+    assert record["restored_layers"] == [1, 2] and layers["1"]["seconds"] == 0.0 < layers["3"]["seconds"]
     assert [layers[str(i)].get("restored", False) for i in (1, 2, 3)] == [True, True, False]
     first = json.loads((tmp_path / "whole" / "conversion.json").read_text())["init_info"]["layers"]["1"]
     assert layers["1"]["phase2"]["loss_after"] == first["phase2"]["loss_after"]       # (its record restored too)
+    assert layers["1"]["seconds_converting"] > 0
 
     # another seed: what was saved is not reused, but replaced
     calls.clear()
@@ -1606,7 +1618,47 @@ def test_ga_s2_bank_goes_on_from_the_layers_it_converted(teacher_dir, eval_text,
     stop_at = None
     code, io = run(argv + ["--out", str(tmp_path / "hybrid")], capsys)
     assert code == 0, io.err
-    assert calls == [(0, 1), (2, 3), (3, 3)] and "restoring GDN layers [0, 1]" in io.out
+    assert calls == [(0, 1), (2, 3), (3, 3)] and "found GDN layers [0, 1]" in io.out
     whole, resumed = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "hybrid" / "model.safetensors")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+
+def test_saved_layers_that_cannot_be_read_or_written(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
+    """The layers a conversion saves as it goes are a help, not the job: a saved layer that cannot be
+    read is converted again (said), one that cannot be written is said once and the conversion goes
+    on; a file where their folder goes is refused, named, and left as it is."""
+    import calibrate
+    import safetensors.torch
+    from safetensors.torch import load_file
+    phase2 = calibrate.phase2
+
+    def stop_in_layer_3(gdn, *a, **k):
+        if gdn.layer_idx == 3:
+            raise KeyboardInterrupt
+        return phase2(gdn, *a, **k)
+    argv = ["--teacher", teacher_dir, "--keep", "1/4", "--init", "taylor", "--init-opt", "steps=3", "--device", "cpu",
+            "--eval-data", eval_text, "--window", "64", "--max-windows", "1", "--no-sample"]
+    assert main(argv + ["--out", str(tmp_path / "whole")]) == 0
+    out, saved = tmp_path / "hybrid", tmp_path / ".hybrid.progress"
+    monkeypatch.setattr(calibrate, "phase2", stop_in_layer_3)
+    assert main(argv + ["--out", str(out)]) == 130
+    monkeypatch.setattr(calibrate, "phase2", phase2)
+    (saved / "layer_002.safetensors").write_bytes(b"")                  # (a machine that crashed mid-write)
+    code, io = run(argv + ["--out", str(out)], capsys)
+    assert code == 0, io.err
+    assert f"{saved / 'layer_002.safetensors'} is unreadable" in io.out
+    assert json.loads((out / "conversion.json").read_text())["restored_layers"] == [1]
+    whole, again = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(whole[k], again[k]) for k in whole)
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    code, io = run(argv + ["--out", str(out), "--overwrite"], capsys)
+    assert code == 0 and io.err.count("could not be saved") == 1 and "No space left" in io.err
+    assert not saved.exists() and not [p for p in os.listdir(tmp_path) if p.startswith(".")]
+
+    saved.write_text("in the way")
+    code, io = run(argv + ["--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and f"'{saved}' is in the way" in io.err and saved.read_text() == "in the way"

@@ -168,15 +168,23 @@ def test_convert_keeps_the_kept_layers_bitwise_and_converts_exactly_the_others(f
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_save_load_identical_logits(family, tmp_path):
+    """Every GDN weight survives save and load: each is moved off its init first (an open output gate,
+    a conv that is not the identity), so a weight lost or left at its init would change the logits."""
     teacher = tiny_model(family)
-    student, _ = convert(teacher, kept=[1], init="zero-gate", conv_size=4)
+    student, _ = convert(teacher, kept=[1], init="naive", conv_size=4)
     assert sorted(gdn_modules(student)) == [0, 2, 3]
+    with torch.no_grad():
+        for g in gdn_modules(student).values():
+            for p in g.parameters():
+                p.add_(0.1 * torch.randn_like(p))
     save_hybrid(student, None, tmp_path / "h")
     again = load_hybrid(tmp_path / "h")
     assert sorted(gdn_modules(again)) == [0, 2, 3]
     ids = torch.randint(0, 128, (2, 24))
     with torch.no_grad():
         assert torch.equal(again(ids).logits, student(ids).logits)
+    for i, g in gdn_modules(again).items():
+        assert all(torch.equal(v, gdn_modules(student)[i].state_dict()[k]) for k, v in g.state_dict().items())
 
 
 def test_save_load_in_bfloat16_keeps_the_rotary_frequencies(tmp_path):
