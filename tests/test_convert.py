@@ -165,16 +165,24 @@ def test_teacher_that_is_a_hybrid_or_broken(teacher_dir, eval_text, tmp_path, ca
         assert code == 2 and message in io.err and "Traceback" not in io.err and not (tmp_path / "o").exists()
 
 
-def test_outputs_that_cannot_be_written_fail_first(teacher_dir, eval_text, tmp_path, capsys):
+def test_outputs_that_cannot_be_written_fail_first(teacher_dir, eval_text, tmp_path, capsys, monkeypatch):
     """--out or --results under a file, or --results naming a folder: refused before the teacher
     loads, nothing written (no temporary file or folder left)."""
+    import convert
+
+    def no_load(*a, **k):
+        raise AssertionError("the teacher was loaded")
+    monkeypatch.setattr(convert, "load_teacher", no_load)
     (tmp_path / "file.txt").write_text("x")
     (tmp_path / "dir.json").mkdir()
-    for argv in (["--out", str(tmp_path / "file.txt" / "sub"), "--eval-data", eval_text],
-                 ["--table", "--results", str(tmp_path / "file.txt" / "t"), "--eval-data", eval_text],
-                 ["--bench", "--results", str(tmp_path / "dir"), "--contexts", "32", "--batches", "1"]):
+    for argv, message in ((["--out", str(tmp_path / "file.txt" / "sub"), "--eval-data", eval_text],
+                           "not a folder this process can write in"),
+                          (["--table", "--results", str(tmp_path / "file.txt" / "t"), "--eval-data", eval_text],
+                           "not a folder this process can write in"),
+                          (["--bench", "--results", str(tmp_path / "dir"), "--contexts", "32", "--batches", "1"],
+                           "is a folder")):
         code, io = run(["--teacher", teacher_dir] + argv, capsys)
-        assert code == 2 and ("not a folder this process can write in" in io.err or "is a folder" in io.err), io.err
+        assert code == 2 and message in io.err, io.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.json", "eval.txt", "file.txt"]
 
 
@@ -664,9 +672,18 @@ def test_decode_layers_refuse_a_cropped_cache(monkeypatch):
             model(ids[:, 10:], past_key_values=c, use_cache=True)
 
 
+def spy_decode_attention(monkeypatch, name):
+    """A list that grows by one each time --bench's decoding attention `name` runs."""
+    import convert
+    calls, fn = [], {"grouped": "_grouped_query_attention", "flash": "_flash_decode_attention"}[name]
+    real = getattr(convert, fn)
+    monkeypatch.setattr(convert, fn, lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 @pytest.mark.parametrize("name", ["grouped", "flash"])
-def test_decode_attention_equals_sdpa(family, name):
+def test_decode_attention_equals_sdpa(family, name, monkeypatch):
     """--bench decodes the softmax layers with _grouped_query_attention or _flash_decode_attention (the
     Triton kernel on CUDA or under TRITON_INTERPRET=1, else grouped): same logits as HF's SDPA."""
     from convert import _use_decode_attention
@@ -674,12 +691,14 @@ def test_decode_attention_equals_sdpa(family, name):
     model = hybridize(tiny_model(family), [1, 3])
     ids = torch.randint(0, 128, (2, 23))
     ref = static_decode(model, ids, 20)
+    calls = spy_decode_attention(monkeypatch, name)
     _use_decode_attention(model, name)
     torch.testing.assert_close(static_decode(model, ids, 20), ref, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 * (1 + 3)               # both softmax layers: the prompt, then each of 3 steps
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma3_text"])
-def test_decode_qkv_equals_hf_attention(family):
+def test_decode_qkv_equals_hf_attention(family, monkeypatch):
     """use_decode_qkv (--bench): q, k, v as one stacked product (Qwen2's biases stacked too, Qwen3's
     and Gemma 3's q/k norms applied) give HF's logits, prompt and cached steps, teacher and hybrid;
     the Linears' weights become views (no copy); moved weights bring HF's own forward back."""
@@ -697,9 +716,10 @@ def test_decode_qkv_equals_hf_attention(family):
         real = attn.hf_forward
         attn.hf_forward = lambda *a, **k: calls.append(1) or real(*a, **k)
         torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
+        decoding = spy_decode_attention(monkeypatch, "grouped")
         _use_decode_attention(model, "grouped")            # with --bench's decoding attention too
         torch.testing.assert_close(decode(), ref, rtol=1e-5, atol=1e-5)
-        assert not calls
+        assert not calls and decoding
         for layer in decoder_layers(model):               # new storage: HF's forward again
             for lin in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                 lin.weight.data = lin.weight.data.clone()
@@ -732,7 +752,12 @@ def test_decode_switches_called_again_after_a_move():
     assert not calls
 
 
-def test_decode_qkv_sees_a_bias_given_new_storage():
+TRITON_DECODES = torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.parametrize("switches", ["qkv", pytest.param("layers", marks=pytest.mark.skipif(
+    not TRITON_DECODES, reason="the five-kernel layer runs on CUDA or under TRITON_INTERPRET=1 only"))])
+def test_decode_qkv_sees_a_bias_given_new_storage(switches):
     """A q/k/v bias given storage of its own after stacking (an edit, a load) is no longer what the
     stacked bias holds: the stacked forward and the five-kernel layer both hand over to HF's, which
     reads the Linears' own (new) bias."""
@@ -742,13 +767,12 @@ def test_decode_qkv_sees_a_bias_given_new_storage():
     model = tiny_model("qwen2")
     plain = copy.deepcopy(model)
     ids = torch.randint(0, 128, (2, 14))
-    for switches in ([_use_decode_qkv], [_use_decode_mlp, _use_decode_layers]):
-        for switch in switches:
-            switch(model)
-        for m in (model, plain):
-            q = decoder_layers(m)[0].self_attn.q_proj
-            q.bias.data = q.bias.data + 0.5
-        torch.testing.assert_close(static_decode(model, ids, 12), static_decode(plain, ids, 12), rtol=1e-5, atol=1e-5)
+    for switch in {"qkv": [_use_decode_qkv], "layers": [_use_decode_qkv, _use_decode_mlp, _use_decode_layers]}[switches]:
+        switch(model)
+    for m in (model, plain):
+        q = decoder_layers(m)[0].self_attn.q_proj
+        q.bias.data = q.bias.data + 0.5
+    torch.testing.assert_close(static_decode(model, ids, 12), static_decode(plain, ids, 12), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
@@ -1476,7 +1500,8 @@ def test_hub_id_offline_fails_at_once(monkeypatch):
 
 def test_a_killed_conversion_leaves_no_temporary_folder(teacher_dir, eval_text, tmp_path):
     """SIGTERM (a timeout, a scheduler) mid-conversion: the run unwinds as after Ctrl-C, so the
-    temporary --out folder is removed and nothing is left."""
+    temporary --out folder is removed and nothing is left (nor the folder of saved layers, which
+    holds none yet: the first layer's Phase 2 is a million steps)."""
     import signal
     import subprocess
     import sys
@@ -1487,9 +1512,10 @@ def test_a_killed_conversion_leaves_no_temporary_folder(teacher_dir, eval_text, 
                           "--init-opt", "steps=1000000", "--out", str(out), "--eval-data", eval_text, "--window", "64",
                           "--no-sample"], cwd=here, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not any(q.name.startswith(".o.tmp-") for q in tmp_path.iterdir()) and time.time() < deadline:
+    while not (tmp_path / ".o.progress").exists() and time.time() < deadline:
         time.sleep(0.2)
-    time.sleep(1.0)                                    # into the conversion, past the folder's creation
+    assert any(q.name.startswith(".o.tmp-") for q in tmp_path.iterdir()), "the conversion did not start in 120 s"
+    time.sleep(1.0)                                    # into the conversion, past the folders' creation
     p.send_signal(signal.SIGTERM)
     assert p.wait(60) == 128 + signal.SIGTERM
     assert sorted(q.name for q in tmp_path.iterdir()) == ["eval.txt"]

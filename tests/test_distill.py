@@ -605,8 +605,14 @@ def test_out_that_is_an_input_is_refused_even_with_overwrite(setup, tmp_path, ca
     a[a.index("--student") + 1] = str(student)
     assert distill.main(a) == 2 and "is or holds the student" in capsys.readouterr().err
     assert (student / "model.safetensors").exists()
-    code = distill.main(args(setup, os.path.dirname(setup["train"]), extra=["--overwrite"]))
-    assert code == 2 and "is or holds the student" in capsys.readouterr().err and os.path.exists(setup["train"])
+    for flag, name in (("--data", "data"), ("--eval-data", "eval data"), ("--test-data", "test data")):
+        folder = tmp_path / name.replace(" ", "_")             # (apart from the student's folder)
+        folder.mkdir()
+        shutil.copy(setup["train"], folder / "text.txt")
+        a = args(setup, folder, extra=["--overwrite"])
+        a[a.index(flag) + 1] = str(folder / "text.txt")
+        assert distill.main(a) == 2 and f"is or holds the {name} " in capsys.readouterr().err
+        assert (folder / "text.txt").exists()
 
 
 def test_student_without_gdn_layers_and_missing_eval_text(setup, tmp_path, capsys):
@@ -1203,7 +1209,10 @@ def test_flops_count_softmax_and_gdn_layers_apart():
     assert distill._mixing_flops(teacher, 100) == 4 * soft
     assert distill._mixing_flops(student, 100) == 2 * soft + 2 * gdn
     stack = distill.GDNStack(student)
-    n_t, n_gdn = distill._matmul_params(teacher, skip=("lm_head",)), distill._matmul_params(stack)
+    W, I, Hkv = c.hidden_size, c.intermediate_size, c.num_key_value_heads
+    n_t = 4 * (2 * W * H * D + 2 * W * Hkv * D + 3 * W * I)        # q, o; k, v; gate, up, down (no LM head)
+    n_gdn = 2 * (5 * W * H * D + 2 * W * H)                         # q, k, v, g, o; a, b (one number a head)
+    assert (n_t, n_gdn) == (147456, 41984)
     assert distill._flops_per_token(1, student, teacher, 100, stack) == 2 * n_t + 4 * soft + 3 * (2 * n_gdn + 2 * gdn)
 
 

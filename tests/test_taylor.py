@@ -301,8 +301,9 @@ def test_out_gate_fit_keeps_the_best_of_its_line_search():
 
 
 def test_gate_search_and_heldout_keep_best_run():
-    """Two of our options that taylor-plus does not use by default, kept reachable and working.
-    gate_search: each head's (gamma, beta) is the grid point whose readout (constant gates, the
+    """Two of our options that taylor-plus does not use by default, kept reachable: val_rows (held
+    out here, and recorded; what it keeps is checked by test_phase2_keep_best_puts_the_best_parameters_back)
+    and gate_search, checked here: each head's (gamma, beta) is the grid point whose readout (constant gates, the
     recurrence written out here, the naive W_q, W_k, W_v) has the highest mean cosine with the
     teacher context, and the layer then runs those gates: A_log = 0 and a_proj=zero make the time step
     softplus(dt_bias) exactly gamma, write_gate=fit centres beta on the chosen one."""
