@@ -1688,3 +1688,23 @@ def test_saved_layers_that_cannot_be_read_or_written(teacher_dir, eval_text, tmp
     saved.write_text("in the way")
     code, io = run(argv + ["--out", str(out), "--overwrite"], capsys)
     assert code == 2 and f"'{saved}' is in the way" in io.err and saved.read_text() == "in the way"
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_saved_layer_comes_back_on_its_device(device, tmp_path):
+    """A GDN layer saved and restored (_LayerProgress) is bitwise the layer saved, in bfloat16 too, on
+    the device the conversion runs on; a key that differs replaces the folder."""
+    from convert import _LayerProgress
+    from gdn import hybridize
+    model = hybridize(tiny_model("llama"), [1, 2], conv_size=4).to(device, torch.bfloat16)
+    a, b = gdn_modules(model)[1], gdn_modules(model)[2]
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_()
+    progress = _LayerProgress(str(tmp_path / "h"), {"k": 1})
+    progress.save(1, a, {"loss": 0.5})
+    again = _LayerProgress(str(tmp_path / "h"), {"k": 1})
+    assert again.restore(1, b) == {"loss": 0.5, "restored": True, "seconds": 0.0, "seconds_converting": None}
+    assert all(torch.equal(v, a.state_dict()[k]) and v.device == a.A_log.device for k, v in b.state_dict().items())
+    assert again.restore(3, b) is None and _LayerProgress(str(tmp_path / "h"), {"k": 2}).layers() == []
