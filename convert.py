@@ -615,10 +615,10 @@ class _LayerProgress:
     def __init__(self, out, key):
         real = os.path.realpath(out)
         self.path = os.path.join(os.path.dirname(real), f".{os.path.basename(real)}.progress")
-        self.restored, self.saving = [], True
+        self.restored, self.saving, self.seconds = [], True, 0.0
         key_file, had = os.path.join(self.path, "key.json"), None
         try:
-            if os.path.lexists(self.path) and not os.path.isdir(self.path):
+            if os.path.islink(self.path) or (os.path.lexists(self.path) and not os.path.isdir(self.path)):
                 raise ValueError(f"'{self.path}' is in the way of the folder where a conversion saves its layers as "
                                  f"it goes: remove it")
             if os.path.isdir(self.path):
@@ -629,12 +629,14 @@ class _LayerProgress:
                         print(f"found GDN layers {self.layers()} of a stopped run of this conversion in "
                               f"{self.path}: restored where this run converts them")
                     return
-                print(f"replacing {self.path}: the layers of a stopped conversion with other settings")
-                shutil.rmtree(self.path)
-            os.makedirs(self.path)
+                if had is not None or self.layers():    # (neither: one just made by a run started beside this one)
+                    print(f"replacing {self.path}: the layers of a stopped conversion with other settings")
+                    shutil.rmtree(self.path)
+            os.makedirs(self.path, exist_ok=True)
             distill.write_atomic(key_file, json.dumps(key, indent=1, sort_keys=True) + "\n")
         except OSError as e:
-            raise ValueError(f"'{self.path}' (where a conversion saves its layers as it goes): {e.strerror}") from None
+            raise ValueError(f"'{self.path}' (where a conversion saves its layers as it goes): "
+                             f"{e.strerror or e}") from None
 
     def _file(self, i):
         return os.path.join(self.path, f"layer_{i:03d}.safetensors")
@@ -648,10 +650,10 @@ class _LayerProgress:
     def restore(self, i, gdn):
         """Layer i's saved weights into `gdn` and its record, or None where none was saved (or the file
         is not one this layer can take: it is converted again)."""
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         if not os.path.isfile(self._file(i)):
             return None
-        want = gdn.state_dict()
+        t0, want = time.time(), gdn.state_dict()
         try:                    # read and checked whole before anything is loaded into the layer
             with safe_open(self._file(i), framework="pt", device=str(gdn.A_log.device)) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -659,11 +661,12 @@ class _LayerProgress:
             if tensors.keys() != want.keys() or any(t.shape != want[k].shape or t.dtype != want[k].dtype
                                                     for k, t in tensors.items()):
                 raise ValueError("not this layer's weights")
-        except Exception as e:                      # noqa: BLE001  (safetensors' own errors, a missing record)
+        except (SafetensorError, OSError, KeyError, ValueError) as e:          # (not the GPU's errors)
             print(f"{self._file(i)} is unreadable ({e}): converting layer {i} again")
             return None
         gdn.load_state_dict(tensors)
         self.restored.append(i)
+        self.seconds += time.time() - t0
         # (seconds: this run's, as the conversion's times are; the run that converted it took the other)
         return {**record, "restored": True, "seconds": 0.0, "seconds_converting": record.get("seconds")}
 
@@ -671,25 +674,28 @@ class _LayerProgress:
         from safetensors.torch import save_file
         if not self.saving:
             return
-        tmp = f"{self._file(i)}.tmp-{os.getpid()}"         # (renamed into place: a layer file is whole or absent)
+        t0, tmp = time.time(), f"{self._file(i)}.tmp-{os.getpid()}"    # (renamed into place: whole or absent)
         try:
             save_file({k: v.detach().contiguous() for k, v in gdn.state_dict().items()}, tmp,
                       metadata={"record": json.dumps(record)})
             os.replace(distill.seal(tmp), self._file(i))
-        except Exception as e:                      # noqa: BLE001  (safetensors' own errors too)
-            self.saving = False
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            if not isinstance(e, Exception):                            # (Ctrl-C, a kill)
+                raise
+            self.saving = False
             print(f"warning: layer {i} could not be saved to {self.path} ({e}); the conversion goes on without "
                   f"saving its layers", file=sys.stderr)
+        self.seconds += time.time() - t0
 
     def close(self, published):
         layers = [] if published else self.layers()
         if not layers:
             shutil.rmtree(self.path, ignore_errors=True)
         else:
-            print(f"GDN layers {layers} are saved in {self.path}: a run of the same command restores them",
-                  file=sys.stderr)
+            print(f"GDN layers {layers} are saved in {self.path}: a run of the same command restores them "
+                  f"(delete the folder to start afresh)", file=sys.stderr)
 
 
 def _progress_key(args, teacher, calib, init, init_opts, kept=None):
@@ -1005,6 +1011,7 @@ def _run_convert(args):
                 info["init_seconds"] += stats_seconds
         info["policy"] = policy_info
         info["restored_layers"] = [i for i in (progress.restored if progress else []) if i in info["gdn_layers"]]
+        info["layer_saving_seconds"] = progress.seconds if progress else 0.0    # (what saving and restoring layers took)
         from gdn import save_hybrid
         save_hybrid(student, tokenizer, tmp)
         convert_seconds = time.time() - t0

@@ -1688,6 +1688,11 @@ def test_saved_layers_that_cannot_be_read_or_written(teacher_dir, eval_text, tmp
     saved.write_text("in the way")
     code, io = run(argv + ["--out", str(out), "--overwrite"], capsys)
     assert code == 2 and f"'{saved}' is in the way" in io.err and saved.read_text() == "in the way"
+    saved.unlink()
+    (tmp_path / "elsewhere").mkdir()
+    saved.symlink_to(tmp_path / "elsewhere")                # (its removal would not follow the link)
+    code, io = run(argv + ["--out", str(out), "--overwrite"], capsys)
+    assert code == 2 and f"'{saved}' is in the way" in io.err and saved.is_symlink()
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
@@ -1708,3 +1713,20 @@ def test_saved_layer_comes_back_on_its_device(device, tmp_path):
     assert again.restore(1, b) == {"loss": 0.5, "restored": True, "seconds": 0.0, "seconds_converting": None}
     assert all(torch.equal(v, a.state_dict()[k]) and v.device == a.A_log.device for k, v in b.state_dict().items())
     assert again.restore(3, b) is None and _LayerProgress(str(tmp_path / "h"), {"k": 2}).layers() == []
+
+
+def test_a_layer_save_stopped_midway_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Ctrl-C (or a kill) while a layer is written: the stop goes through, and the half-written file
+    is removed, not left beside the saved layers."""
+    import distill
+    from convert import _LayerProgress
+    from gdn import hybridize
+    gdn = gdn_modules(hybridize(tiny_model("llama"), [1]))[1]
+    progress = _LayerProgress(str(tmp_path / "h"), {"k": 1})
+
+    def stopped(path):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(distill, "seal", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        progress.save(1, gdn, {})
+    assert os.listdir(progress.path) == ["key.json"]
