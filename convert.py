@@ -604,13 +604,13 @@ class _LayerProgress:
     """A conversion's GDN layers, each saved the moment its init has set it, in a folder beside --out
     (.NAME.progress): a conversion stopped midway (Ctrl-C, a kill, a crash) and run again with the
     same command restores them rather than computing them again (on this project's 2-core CPU, Phase
-    2 takes 20-45 s a layer at SmolLM2's size, 22 layers at keep 1/4: results/main_job_cpu*.json). A layer's init is deterministic given
-    what `key` holds, so the hybrid a resumed run writes is the one an uninterrupted run writes. A
-    folder made with anything else (teacher weights, init, options, seed, calibration tokens, dtype,
-    device, versions, the code) is replaced. Calibrate.py calls restore() and save() (opts['_progress']).
-    The folder goes once --out is published, and stays while it holds a layer. Saving is a help, not
-    the job: a layer that cannot be saved (a full disk, the folder gone) is said once, and the
-    conversion goes on without saving."""
+    2 takes 20-45 s a layer at SmolLM2's size, 22 layers at keep 1/4: results/main_job_cpu*.json).
+    A layer's init is deterministic given what `key` holds, so the hybrid a resumed run writes is the
+    one an uninterrupted run writes. A folder made with anything else (teacher weights, init, options,
+    seed, calibration tokens, dtype, device, versions, the code) is replaced. Calibrate.py calls
+    restore() and save() (opts['_progress']). The folder goes once --out is published, and stays
+    while it holds a layer. Saving is a help, not the job: a layer that cannot be saved (a full disk,
+    the folder gone) is said once, and the conversion goes on without saving."""
 
     def __init__(self, out, key):
         real = os.path.realpath(out)
@@ -625,9 +625,9 @@ class _LayerProgress:
                 with contextlib.suppress(OSError, ValueError):          # (an unreadable key: replaced)
                     had = distill.read_json(key_file)
                 if had == key:
-                    if self.layers():
-                        print(f"found GDN layers {self.layers()} of a stopped run of this conversion in "
-                              f"{self.path}: restored where this run converts them")
+                    if found := self.layers():
+                        print(f"found GDN layers {found} of a stopped run of this conversion in {self.path}: "
+                              f"restored where this run converts them")
                     return
                 if had is not None or self.layers():    # (neither: one just made by a run started beside this one)
                     print(f"replacing {self.path}: the layers of a stopped conversion with other settings")
