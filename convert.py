@@ -674,16 +674,11 @@ class _LayerProgress:
         from safetensors.torch import save_file
         if not self.saving:
             return
-        t0, tmp = time.time(), f"{self._file(i)}.tmp-{os.getpid()}"    # (renamed into place: whole or absent)
-        try:
-            save_file({k: v.detach().contiguous() for k, v in gdn.state_dict().items()}, tmp,
-                      metadata={"record": json.dumps(record)})
-            os.replace(distill.seal(tmp), self._file(i))
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            if not isinstance(e, Exception):                            # (Ctrl-C, a kill)
-                raise
+        t0, tensors = time.time(), {k: v.detach().contiguous() for k, v in gdn.state_dict().items()}
+        meta = {"record": json.dumps(record)}
+        try:                                            # (a layer file is whole or absent)
+            distill.replace_atomic(self._file(i), lambda tmp: save_file(tensors, tmp, metadata=meta))
+        except Exception as e:                          # noqa: BLE001  (safetensors' own errors too)
             self.saving = False
             print(f"warning: layer {i} could not be saved to {self.path} ({e}); the conversion goes on without "
                   f"saving its layers", file=sys.stderr)

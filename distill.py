@@ -257,15 +257,25 @@ def _launcher():
 
 
 def write_atomic(path, text):
-    """Write a file so that a reader never sees half of it: temp file in the same folder, then rename."""
+    """Write a text file so that a reader never sees half of it (replace_atomic)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    replace_atomic(path, write)
+
+
+def replace_atomic(path, write):
+    """write(tmp) fills a temporary file in path's folder, which is then sealed and renamed to path: a
+    reader never sees half a file, and a write that fails or is stopped (Ctrl-C, a kill) leaves no
+    temporary file behind."""
     if os.path.isdir(path):
         raise ValueError(f"cannot write '{path}': it is a folder")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        write(tmp)
         seal(tmp)
         os.replace(tmp, path)
     except BaseException:

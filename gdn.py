@@ -32,15 +32,15 @@ and are dropped (logged).
 
 Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN layer's cache is its
 state S [B, H, Dk, Dv] plus the last (conv_size - 1) inputs of each short conv: a fixed size, whatever
-the context length (but for the placeholder below, one number a token). Both live on the same Cache object (attribute `gdn_state`), so HF's generate()
-carries them without knowing. HF's own cache operations know only their KV tensors, so `_gdn_states`
-gives the cache a subclass whose operations that reorder, select, repeat or clear batch rows (beam
-search, contrastive search, cache reuse) also do it to the states, and whose crop (assisted
-decoding) marks them unusable: a recurrent state cannot be rewound, so continuing from it is an
-error rather than a silently wrong answer. HF reads the context length off the cache's per-layer key tensors, so
-each GDN layer also appends a one-number-per-token placeholder there (B x 1 x T x 1): position
-bookkeeping and masks then stay right even when layer 0 is a GDN layer, on every transformers version
-and for growing and static caches alike.
+the context length (but for the placeholder below, one number a token). Both live on the same Cache
+object (attribute `gdn_state`), so HF's generate() carries them without knowing. HF's own cache
+operations know only their KV tensors, so `_gdn_states` gives the cache a subclass whose operations
+that reorder, select, repeat or clear batch rows (beam search, contrastive search, cache reuse) also do
+it to the states, and whose crop (assisted decoding) marks them unusable: a recurrent state cannot be
+rewound, so continuing from it is an error rather than a silently wrong answer. HF reads the context
+length off the cache's per-layer key tensors, so each GDN layer also appends a one-number-per-token
+placeholder there (B x 1 x T x 1): position bookkeeping and masks then stay right even when layer 0 is
+a GDN layer, on every transformers version and for growing and static caches alike.
 Once a state exists it is updated in place, so its memory address never changes: a captured CUDA
 graph of a decoding step can replay against it. On CUDA everything a decoding step does between the
 layer's input and output projections (conv, SiLU, norms, gates, the recurrence) is one Triton kernel
