@@ -201,7 +201,8 @@ CHOICES = {"write_gate": ("rescale", "bias", "fit"), "out_gate": ("damped", "fit
 
 def parse_opts(pairs):
     """['steps=100', 'write_gate=fit'] -> {'steps': 100, 'write_gate': 'fit'}, typed like the defaults;
-    a clear error for an unknown name, a value outside CHOICES, or a fraction where a count is due."""
+    a clear error for an unknown name, one given twice, a value outside CHOICES, or a fraction where a
+    count is due."""
     out = {}
     for pair in pairs or []:
         if "=" not in pair:
@@ -209,6 +210,8 @@ def parse_opts(pairs):
         k, v = pair.split("=", 1)
         if k not in OPTIONS:
             raise ValueError(f"unknown init option '{k}'; valid: {', '.join(OPTIONS)}")
+        if k in out:
+            raise ValueError(f"--init-opt {k} is given twice: give it once")
         default = OPTIONS[k][0]
         try:
             out[k] = float(v) if isinstance(default, (int, float)) else v
@@ -699,6 +702,36 @@ def check_val_rows(name, opts, calib_seqs):
                          f"{calib_seqs} calibration sequences to fit")
 
 
+# What each init reads. Every init starts from the standard random gates; Phase 1 reads the
+# statistics' options and its four steps'; Phase 2 its own. write_gate is read by both phases: under
+# write_gate=bias the layer gets a bias on W_b, which Phase 2 trains even without Phase 1 to set it
+# (naive's and zero-gate's stays 0). An option that no init of a conversion reads is refused there
+# (convert.py), not recorded as if it had done something.
+STANDARD = ("seed", "gate_std", "a_max", "dt_min", "dt_max", "dt_floor")
+PHASE2 = ("steps", "lr_qkv", "lr_gates", "weight_decay", "clip", "train_out", "keep_best", "val_rows", "phase2_input",
+          "correction")
+
+
+def reads(name):
+    """The names of the OPTIONS that init `name` reads."""
+    do1, do2 = INIT_PHASES.get(name, (False, False))
+    phase1 = set(OPTIONS) - set(STANDARD) - set(PHASE2)
+    return set(STANDARD) | (phase1 if do1 else set()) | (set(PHASE2) if do2 else set()) | \
+        ({"write_gate"} if do1 or do2 else set())
+
+
+def check_read(inits, opts):
+    """A clear error for an option in `opts` that none of `inits` reads."""
+    unread = sorted(k for k in opts if not k.startswith("_") and not any(k in reads(i) for i in inits))
+    if unread:
+        group = lambda k: "Phase 2's" if k in PHASE2 else "Phase 1's" if k != "write_gate" else "both phases'"
+        by = lambda phase: ", ".join(n for n, do in INIT_PHASES.items() if do[phase])
+        raise ValueError(f"--init-opt {', '.join(f'{k} ({group(k)})' for k in unread)}: {' and '.join(inits)} "
+                         f"never read{'s' * (len(inits) == 1)} {'them' if len(unread) > 1 else 'it'}. naive and "
+                         f"zero-gate read only the standard gates' options ({', '.join(STANDARD[1:])}); Phase 1's "
+                         f"are read by {by(0)}; Phase 2's by {by(1)}")
+
+
 def layerwise(name, opts=None):
     """True when init `name` sets each layer independently from teacher-forced data: a layer's result
     is then the same in every hybrid it appears in, and convert.py's table computes it once. Only a
@@ -788,6 +821,7 @@ def main(argv=None):
                 raise ValueError(f"variant '{v}': init must be one of {', '.join(INIT_PHASES)}")
             try:
                 variants.append((v, name, parse_opts(pairs)))
+                check_read([name], variants[-1][2])
                 check_val_rows(name, variants[-1][2], args.calib_seqs)
             except ValueError as e:
                 raise ValueError(f"variant '{v}': {str(e).replace('--init-opt ', 'option ')}") from None

@@ -59,7 +59,7 @@ except ImportError:                      # CPU-only installs: decoding attention
     triton = None
 
 import distill
-from calibrate import INIT_PHASES, INITS, PRESETS, check_val_rows, layerwise, parse_opts, resolve
+from calibrate import INIT_PHASES, INITS, PRESETS, check_read, check_val_rows, layerwise, parse_opts, resolve
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 from gdn_kernel import pdl_launch
 
@@ -552,14 +552,16 @@ def calib_ids(args, tokenizer, part=0, ids=None):
     return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
 
-def _prepare_out(path, overwrite):
+def _prepare_out(path, overwrite, chain=False):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder
-    (beside the folder a link as --out points to: that folder is what gets replaced)."""
+    (beside the folder a link as --out points to: that folder is what gets replaced). chain: a
+    distillation chain follows, which --resume would run from the hybrid already there."""
     if os.path.islink(path) and not os.path.exists(path):
         raise ValueError(f"--out '{path}' is a link to nothing ('{os.readlink(path)}'): remove it, or give "
                          f"the folder it should name")
     if os.path.exists(path) and not overwrite:
-        raise ValueError(f"--out '{path}' already exists: pass --overwrite to replace it, or choose another folder")
+        keep = "pass --resume to run the chain from it (if converted with these settings), " if chain else "pass "
+        raise ValueError(f"--out '{path}' already exists: {keep}--overwrite to replace it, or choose another folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
         raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json): "
                          f"--overwrite replaces only such a folder; choose another --out")
@@ -952,8 +954,10 @@ def _run_convert(args):
     if args.policy not in POLICIES:
         raise ValueError(f"unknown --policy '{args.policy}'; valid: {', '.join(POLICIES)}")
     init_opts = parse_opts(args.init_opt)
-    _check_init_opts(args, [args.init] + ([_ga_probe_init(args, init_opts)] if args.policy == "ga-s2" else []),
-                     init_opts)
+    inits = [args.init] + ([_ga_probe_init(args, init_opts)] if args.policy == "ga-s2" else [])
+    _check_init_opts(args, inits, init_opts)
+    # (Not in --table: a table's options hold for all its cells, and --append adds naive's under them.)
+    check_read(inits, init_opts)
     if args.policy != "ga-s2" and args.probe_init != "same":
         raise ValueError(f"--probe-init is GA-S2's (--policy ga-s2), not --policy {args.policy}'s")
     if keep[0] == "list" and args.policy != "uniform":
@@ -971,13 +975,15 @@ def _run_convert(args):
     inputs = {"teacher": spec.removeprefix("random:"), "eval data": args.eval_data,
               "calibration data": args.calib_data, "distillation data": args.distill_tokens and args.distill_data}
     distill.check_apart(args.out, written={"scores": args.scores}, **inputs)
-    tmp = _prepare_out(args.out, args.overwrite)
+    tmp = _prepare_out(args.out, args.overwrite, chain=bool(args.distill_tokens))
     progress = None
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
         n = teacher.config.num_hidden_layers
         _keep_count(n, keep)
         ids = _eval_ids(args, tokenizer)
+        if args.distill_tokens:
+            _check_chain_texts(args, tokenizer)
         calib = calib_ids(args, tokenizer)
         t0 = time.time()
         if args.init in INIT_PHASES and layerwise(args.init, init_opts):       # (else: once the kept layers are known)
@@ -1148,6 +1154,8 @@ def _run_table(args):
     for name in policies:
         if name not in POLICIES:
             raise ValueError(f"unknown policy '{name}'; valid: {', '.join(POLICIES)}")
+    if args.scores and set(policies) == {"uniform"}:
+        raise ValueError("--scores holds the ar and ga-s2 policies' scores; --policies uniform measures none")
     _check_init_opts(args, inits, init_opts)
     _read_inputs(args)
     if "ga-s2" in policies and not all(layerwise(i, init_opts) for i in inits):
@@ -1378,6 +1386,21 @@ def _chain_stage(args, stage, student, tokens):
             "--out", out, "--seed", str(args.seed), "--device", args.device]
     return out, argv + (["--overwrite"] if args.overwrite else ["--resume"] if args.resume else []) \
         + shlex.split(args.distill_args)
+
+
+def _check_chain_texts(args, tokenizer):
+    """The chain's evaluation and test texts, tokenized as distill.py will tokenize them: one shorter
+    than its --eval-window is said now rather than after the conversion."""
+    for stage, tokens in zip((1, 2), args.distill_tokens):
+        if tokens:
+            a = distill.parse_args(_chain_stage(args, stage, args.out, tokens)[1], chain=True)
+            for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
+                if path:
+                    try:
+                        distill.windows(distill.tokenize(tokenizer, distill.read_text(path)), a.eval_window,
+                                        option="--eval-window")
+                    except ValueError as e:
+                        raise ValueError(f"--distill-args {flag} '{path}': {e}") from None
 
 
 def _run_distill_chain(args):

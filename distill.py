@@ -1139,11 +1139,18 @@ def parse_args(argv, prog=None, chain=False):
                              f"Stage 2 only)")
         for k in STAGE2_ONLY:
             setattr(a, k, None)
+    schedule_given = a.schedule is not None
     for k, v in STAGE_DEFAULTS[a.stage].items():
         if k != "micro_cap" and getattr(a, k) is None:
             setattr(a, k, v)
     if a.resume and a.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
+    # (convert.py's chain gives both stages one --distill-args: a floor meant for Stage 1's cosine is
+    # not refused in Stage 2's constant default, as Stage 2's options are not in Stage 1.)
+    if a.min_lr_ratio and a.schedule == "constant" and (schedule_given or not chain):
+        whose = "--schedule constant" if schedule_given else f"Stage {a.stage}'s constant schedule"
+        raise ValueError(f"--min-lr-ratio is the cosine schedule's floor; {whose} never reads it: drop it, or "
+                         f"pass --schedule cosine")
     a.tokens = parse_tokens(a.tokens, "--tokens")
     a.eval_every = parse_tokens(a.eval_every, "--eval-every")
     if a.device == "auto":
@@ -1160,6 +1167,8 @@ def parse_args(argv, prog=None, chain=False):
         setattr(a, name, None if v in (None, "", "none") else os.path.abspath(v))
         if getattr(a, name) and not os.path.isfile(getattr(a, name)):       # before the corpus is read
             raise ValueError(f"--{name.replace('_', '-')} '{v}' does not exist or is not a file ('none' skips it)")
+    if a.eval_every and not a.eval_data:
+        raise ValueError("--eval-every evaluates on --eval-data, which is 'none': give one or drop --eval-every")
     a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
     check_apart(a.out, student=a.student, data=a.data, **{"eval data": a.eval_data, "test data": a.test_data})
     if os.path.isdir(a.data) and os.path.realpath(a.out).startswith(os.path.realpath(a.data) + os.sep):
@@ -1210,7 +1219,14 @@ def check_shapes(a, world):
     if a.tokens < step_tokens:
         raise ValueError(f"--tokens {a.tokens} is smaller than one step (batch {a.batch} x seq {a.seq} = "
                          f"{step_tokens} tokens)")
-    return a.tokens // step_tokens
+    steps = a.tokens // step_tokens
+    if a.profile_steps and steps <= 2:
+        raise ValueError(f"--profile-steps profiles the steps after the first 2 (they compile and warm up); "
+                         f"this Stage {a.stage} run has {steps}")
+    if a.warmup_steps > steps:
+        raise ValueError(f"--warmup-steps {a.warmup_steps} is longer than this Stage {a.stage} run's {steps} steps "
+                         f"(--tokens {a.tokens} / {step_tokens} a step): the learning rate would never reach --lr")
+    return steps
 
 
 def _tokens_by_stage(prior, stage, tokens):

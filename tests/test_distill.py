@@ -45,7 +45,7 @@ def save_teacher(path, tokenizer, seed=0):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """A tiny teacher, its naive 1/2 hybrid written by convert.py, and text files."""
+    """A tiny teacher, its 1/2 hybrid written by convert.py (Taylor-Calibrate, the default init), and text files."""
     root = tmp_path_factory.mktemp("distill")
     tok = bpe_tokenizer(TEXT * 4, 300)
     teacher = save_teacher(root / "teacher", tok)
@@ -341,7 +341,8 @@ def test_optimizer_steps_at_the_reference_learning_rates(setup, tmp_path, monkey
             return super().step(*a, **k)
 
     monkeypatch.setattr(torch.optim, "AdamW", AdamW)
-    a = args(setup, tmp_path / "run", stage, extra=["--eval-data", "none", "--test-data", "none", "--ckpt-every", "0"])
+    a = args(setup, tmp_path / "run", stage, extra=["--eval-data", "none", "--eval-every", "0", "--test-data", "none",
+                                                      "--ckpt-every", "0"])
     for flag in ("--lr", "--lr-rest")[:stage]:
         del a[a.index(flag): a.index(flag) + 2]
     assert distill.main(a) == 0
@@ -749,11 +750,16 @@ def test_record_names_torchrun(monkeypatch):
                                     ["--grad-ckpt", "-1", "--stage", "2"], ["--grad-ckpt", "0"], ["--lr-rest", "1e-4"],
                                     ["--ckpt-every", "-1"], ["--profile-steps", "-1"], ["--keep-checkpoints", "0"],
                                     ["--tokens", "inf"], ["--tokens", "1e999"], ["--eval-every", "abc"],
-                                    ["--amp", "1", "--device", "cpu"],
+                                    ["--amp", "1", "--device", "cpu"], ["--warmup-steps", "7"],
+                                    ["--min-lr-ratio", "0.1", "--schedule", "constant"],
+                                    ["--min-lr-ratio", "0.1", "--stage", "2"], ["--eval-data", "none"],
+                                    ["--profile-steps", "1", "--tokens", "128"],
                                     *([] if torch.cuda.is_available() else [["--device", "cuda"]])])
 def test_bad_value_creates_nothing_and_overwrites_nothing(setup, tmp_path, capsys, change):
     """A bad value is named before --out is created, or, under --overwrite, deleted. Stage 2's own
-    options are refused in Stage 1 (it would ignore them), whatever their value."""
+    options are refused in Stage 1 (it would ignore them), whatever their value; so are a warm-up
+    longer than the run (6 steps), a cosine floor under a constant schedule, --eval-every (128 here)
+    with no evaluation text and a profile of a run too short to reach it (2 steps)."""
     old = tmp_path / "old"
     old.mkdir()
     (old / "distill.json").write_text("{}")
@@ -905,7 +911,7 @@ def test_convert_chains_both_stages(setup, tmp_path):
     s = setup
     out = tmp_path / "h"
     more = (f"--seq 16 --batch 4 --eval-data {s['valid']} --eval-window 32 --eval-max-windows 1 "
-            f"--test-data {s['test']} --ckpt-every 0 --grad-ckpt 0 --lr-rest 2e-5")
+            f"--test-data {s['test']} --ckpt-every 0 --grad-ckpt 0 --lr-rest 2e-5 --min-lr-ratio 0.1")
     code = convert.main(["--teacher", s["teacher"], "--keep", "1/2", "--out", str(out), "--eval-data", s["valid"],
                          "--window", "32", "--max-windows", "1", "--no-sample", "--calib-seqs", "1",
                          "--calib-len", "16", "--calib-data", s["train"], "--distill-tokens", "128,64",
@@ -921,7 +927,24 @@ def test_convert_chains_both_stages(setup, tmp_path):
     # Stage 2's own options (one --distill-args for both stages) reach Stage 2 only
     assert (r1["grad_ckpt"], r1["config"]["lr_rest"]) == (None, None)
     assert (r2["grad_ckpt"], r2["config"]["lr_rest"]) == (0, 2e-5)
+    # and the cosine floor is Stage 1's: Stage 2's constant schedule does not refuse it
+    assert (r1["config"]["schedule"], r1["config"]["min_lr_ratio"], r2["config"]["schedule"]) == ("cosine", 0.1, "constant")
     assert lines(f"{out}-stage2", "eval")[-1]["tokens_by_stage"] == {"1": 128, "2": 64}
+
+
+def test_convert_chain_names_resume_for_a_hybrid_already_there(setup, tmp_path, capsys):
+    """A hybrid in --out and no stage run yet: the chain's message names --resume (which runs the
+    chain from that hybrid) beside --overwrite (which would convert again)."""
+    s = setup
+    out = tmp_path / "h"
+    conversion = ["--teacher", s["teacher"], "--keep", "1/2", "--init", "naive", "--out", str(out), "--eval-data",
+                  s["valid"], "--window", "32", "--max-windows", "1", "--no-sample"]
+    assert convert.main(conversion) == 0
+    assert convert.main(conversion + ["--distill-tokens", "128,0", "--distill-data", s["train"], "--distill-args",
+                                      "--seq 16 --batch 4 --eval-data none --test-data none"]) == 2
+    assert "already exists: pass --resume to run the chain from it" in capsys.readouterr().err
+    assert convert.main(conversion + ["--overwrite"]) == 0
+    assert "--resume" not in capsys.readouterr().err
 
 
 def test_convert_chain_resumes(setup, tmp_path, capsys):
@@ -993,6 +1016,10 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
                                           (["--distill-args", "--seq 16 --batch 2 --eval-data BINARY"], "--distill-args --eval-data: "),
                                           (["--distill-args", "--seq 16 --batch 2 --test-data EMPTY"], "holds no text"),
                                           (["--distill-args", "--teacher random:nope"], "may not set --teacher"),
+                                          (["--distill-args", "--schedule constant --min-lr-ratio 0.1"],
+                                           "--schedule constant never reads it"),
+                                          (["--distill-args", "--seq 16 --batch 2 --eval-data SMALL --eval-window 4096"],
+                                           "--distill-args --eval-data"),      # (tokenized before converting)
                                           (["--overwrite"], "'STAGE1' is a folder that holds no distill.py run")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
@@ -1003,8 +1030,10 @@ def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, caps
     (tmp_path / "short.txt").write_text("short")
     (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
     (tmp_path / "empty.txt").write_text(" \n")
+    (tmp_path / "small.txt").write_text("Some words. " * 200)      # 2,400 bytes, fewer tokens than 4096
     bad = [str(tmp_path / "short.txt") if a == "SHORT" else
-           a.replace("BINARY", str(tmp_path / "binary.txt")).replace("EMPTY", str(tmp_path / "empty.txt")) for a in bad]
+           a.replace("BINARY", str(tmp_path / "binary.txt")).replace("EMPTY", str(tmp_path / "empty.txt"))
+           .replace("SMALL", str(tmp_path / "small.txt")) for a in bad]
     argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
             "--distill-tokens", "128,64", "--distill-data", setup["train"]] + bad
     try:
@@ -1193,7 +1222,8 @@ def test_random_teacher_for_throughput(setup, tmp_path):
                          "--eval-data", setup["valid"], "--window", "32", "--max-windows", "1"]) == 0
     s = {**setup, "hybrid": str(hybrid)}
     out = tmp_path / "run"
-    assert distill.main(args(s, out, 2, tokens=2 * 64, extra=["--eval-data", "none", "--test-data", "none"])) == 0
+    assert distill.main(args(s, out, 2, tokens=2 * 64, extra=["--eval-data", "none", "--eval-every", "0",
+                                                                     "--test-data", "none"])) == 0
     assert json.load(open(out / "distill.json"))["teacher_spec"] == f"random:{folder}"
     with pytest.raises(ValueError, match="nor a folder"):
         convert.load_teacher("random:nothing-here")

@@ -560,6 +560,8 @@ def test_init_options_are_checked():
         calibrate.parse_opts(["bogus=1"])
     assert calibrate.parse_opts(["steps=7", "damping=0.5", "write_gate=fit"]) == \
         {"steps": 7, "damping": 0.5, "write_gate": "fit"}
+    with pytest.raises(ValueError, match="--init-opt steps is given twice"):       # (the last would win)
+        calibrate.parse_opts(["steps=7", "damping=0.5", "steps=8"])
     for bad, message in (["dt_from=sink", "choose from distance, distance_nosink"], ["a_proj=zeros", "choose from"],
                          ["train_out=2", "choose from 0, 1"], ["steps=0.9", "whole number"], ["steps=x", "a number"]):
         with pytest.raises(ValueError, match=message):
@@ -587,6 +589,42 @@ def test_init_options_are_checked():
     calibrate.parse_opts(["gates_from=naive", "out_gate=fit", "val_rows=1"])       # (results/zeroshot_plus_layers)
     with pytest.raises(ValueError, match="gate_std=0 with write_gate=rescale"):      # before the teacher pass
         calibrate.INITS["taylor"](hybridize(tiny_model("llama"), [1]), None, None, {"gate_std": 0})
+
+
+# A value other than the default for every option, each valid alone (resolve checks it).
+OTHER_VALUE = {"seed": 5, "gate_std": 0.05, "a_max": 8.0, "dt_min": 2e-3, "dt_max": 0.05, "dt_floor": 0.01,
+               "dist_floor": 2.0, "conc_eps": 0.5, "gamma_min": 1e-2, "gamma_max": 2.0, "beta_min": 0.2,
+               "beta_span": 0.6, "write_gate": "bias", "ridge": 0.5, "sigma_min": 0.5, "sigma_max": 2.0,
+               "damping": 0.5, "out_gate": "fit", "gate_ridge": 1e-2, "gate_shrinks": "0.5", "dt_from": "distance_nosink",
+               "gates_from": "naive", "gate_search": 1, "gamma_grid": "0.1,1", "beta_grid": "0.2,0.8", "a_proj": "zero",
+               "steps": 2, "lr_qkv": 1e-2, "lr_gates": 1e-2, "weight_decay": 0.5, "clip": 0.01, "train_out": 1,
+               "keep_best": 0, "val_rows": 1, "phase2_input": "student", "correction": 0.5}
+
+
+@pytest.mark.parametrize("init", list(calibrate.INITS))
+def test_an_option_an_init_does_not_read_changes_nothing(init):
+    """calibrate.reads, which convert.py refuses options by: each option outside an init's set, set
+    to another value, leaves the hybrid bitwise as it was (a wrong set would refuse an option that
+    does something). Phase 2 runs 2 steps, so its options can show."""
+    assert set(OTHER_VALUE) == set(calibrate.OPTIONS)
+    teacher, ids = tiny_model("llama"), calib(n=3)
+    base = {"steps": 2} if "steps" in calibrate.reads(init) else {}
+    want = convert.convert(teacher, [0], init, ids, init_opts=base)[0].state_dict()
+    unread = [k for k in calibrate.OPTIONS if k not in calibrate.reads(init)]
+    assert bool(unread) == (calibrate.INIT_PHASES.get(init) != (True, True))       # (both phases read all)
+    assert set(calibrate.STANDARD) <= calibrate.reads(init)
+    for k in unread:
+        got = convert.convert(teacher, [0], init, ids, init_opts={**base, k: OTHER_VALUE[k]})[0].state_dict()
+        extra = {n: got.pop(n) for n in set(got) - set(want)}        # (write_gate=bias: a bias on W_b, at 0)
+        assert all(n.endswith("b_proj.bias") and not t.any() for n, t in extra.items()), (init, k)
+        assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), (init, k)
+        with pytest.raises(ValueError, match=f"--init-opt {k} "):
+            calibrate.check_read([init], {k: OTHER_VALUE[k]})
+    for k in calibrate.reads(init):
+        calibrate.check_read([init], {k: OTHER_VALUE[k]})
+        if init not in calibrate.INIT_PHASES:         # (the values above are ones that show)
+            got = convert.convert(teacher, [0], init, ids, init_opts={k: OTHER_VALUE[k]})[0].state_dict()
+            assert not all(torch.equal(got[n], want[n]) for n in want), (init, k)
 
 
 def test_phase1_edge_cases(monkeypatch):
@@ -845,10 +883,11 @@ def test_init_seconds_count_the_statistics_pass_where_the_init_uses_it(teacher_d
     text, held = texts(tmp_path)
     an_hour_long(monkeypatch, taylor_stats, "collect_stats")
     common = ["--teacher", teacher_dir, "--calib-data", str(text), "--eval-data", str(held), "--calib-seqs", "2",
-              "--calib-len", "32", "--window", "64", "--max-windows", "1", "--init-opt", "steps=2"]
+              "--calib-len", "32", "--window", "64", "--max-windows", "1"]
     for init, uses in (("align-only", True), ("naive", False)):      # GA-S2 probes with another init
         out = tmp_path / init
-        assert convert.main([*common, "--keep", "1/2", "--no-sample", "--policy", "ga-s2", "--init", init,
+        steps = ["--init-opt", "steps=2"] if uses else []              # (Phase 2's: naive refuses it)
+        assert convert.main([*common, *steps, "--keep", "1/2", "--no-sample", "--policy", "ga-s2", "--init", init,
                              "--probe-init", "taylor-phase1", "--out", str(out)]) == 0
         rec = json.loads((out / "conversion.json").read_text())
         assert (rec["init_seconds"] > 3600) == uses, (init, rec["init_seconds"])
@@ -905,6 +944,14 @@ def test_cli_policy_and_scores_reuse(teacher_dir, tmp_path, capsys):
     (["--table", "--keeps", "1/2,0.5"], "names 0.5 twice"),
     (["--table", "--inits", "naive,taylor,naive"], "names naive twice"),
     (["--table", "--append", "--overwrite"], "give one"),
+    (["--init", "naive", "--init-opt", "steps=3"], "--init-opt steps (Phase 2's): naive never reads it"),
+    (["--init", "zero-gate", "--init-opt", "damping=1", "--init-opt", "write_gate=fit"],
+     "--init-opt damping (Phase 1's), write_gate (both phases'): zero-gate never reads them"),
+    (["--init", "taylor-phase1", "--init-opt", "val_rows=1"], "taylor-phase1 never reads it"),
+    (["--init", "align-plus", "--init-opt", "out_gate=fit"], "out_gate (Phase 1's): align-plus never reads"),
+    (["--policy", "ga-s2", "--init", "naive", "--probe-init", "taylor-phase1", "--init-opt", "lr_qkv=1e-3"],
+     "naive and taylor-phase1 never read it"),
+    (["--table", "--policies", "uniform", "--scores", "s.json"], "--policies uniform measures none"),
 ])
 def test_cli_bad_input(argv, message, teacher_dir, tmp_path, capsys):
     text, calib = tmp_path / "t.txt", tmp_path / "c.txt"
@@ -1101,7 +1148,9 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
                           (["--variants", "taylor:steps"], "variant 'taylor:steps': option 'steps' is not NAME=VALUE"),
                           (["--variants", "taylor", "align-only", "taylor"], "names one variant twice"),
                           (["--variants", "align-only:val_rows=4"], "val_rows=4 must leave at least one of the "
-                                                                    "--calib-seqs 4")):
+                                                                    "--calib-seqs 4"),
+                          (["--variants", "taylor-phase1:steps=3"], "variant 'taylor-phase1:steps=3': option steps "
+                                                                    "(Phase 2's): taylor-phase1 never reads it")):
         assert calibrate.main(base + argv) == 2
         assert message in capsys.readouterr().err
     (tmp_path / "dir").mkdir()
