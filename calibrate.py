@@ -702,12 +702,14 @@ def check_val_rows(name, opts, calib_seqs):
                          f"{calib_seqs} calibration sequences to fit")
 
 
-# What each init reads. Every init starts from the standard random gates; Phase 1 reads the
-# statistics' options and its four steps'; Phase 2 its own. write_gate is read by both phases: under
-# write_gate=bias the layer gets a bias on W_b, which Phase 2 trains even without Phase 1 to set it
-# (naive's and zero-gate's stays 0). An option that no init of a conversion reads is refused there
-# (convert.py), not recorded as if it had done something.
-STANDARD = ("seed", "gate_std", "a_max", "dt_min", "dt_max", "dt_floor")
+# What each init reads. Every init starts from the standard random gates, and write_gate shapes
+# every layer (under write_gate=bias W_b gets a bias: set by Phase 1, trained by Phase 2 and by
+# distillation, 0 at first for naive). Every init with a phase gathers the statistics (dist_floor,
+# conc_eps: what conversion.json records of them, and Phase 1's time steps); Phase 1 reads the
+# options of its four steps, Phase 2 its own. An option that no init of a conversion reads is
+# refused there (convert.py), not recorded as if it had done something.
+STANDARD = ("seed", "gate_std", "a_max", "dt_min", "dt_max", "dt_floor", "write_gate")
+STATS = ("dist_floor", "conc_eps")
 PHASE2 = ("steps", "lr_qkv", "lr_gates", "weight_decay", "clip", "train_out", "keep_best", "val_rows", "phase2_input",
           "correction")
 
@@ -715,21 +717,21 @@ PHASE2 = ("steps", "lr_qkv", "lr_gates", "weight_decay", "clip", "train_out", "k
 def reads(name):
     """The names of the OPTIONS that init `name` reads."""
     do1, do2 = INIT_PHASES.get(name, (False, False))
-    phase1 = set(OPTIONS) - set(STANDARD) - set(PHASE2)
-    return set(STANDARD) | (phase1 if do1 else set()) | (set(PHASE2) if do2 else set()) | \
-        ({"write_gate"} if do1 or do2 else set())
+    phase1 = set(OPTIONS) - set(STANDARD) - set(STATS) - set(PHASE2)
+    return set(STANDARD) | (set(STATS) if do1 or do2 else set()) | (phase1 if do1 else set()) | \
+        (set(PHASE2) if do2 else set())
 
 
 def check_read(inits, opts):
     """A clear error for an option in `opts` that none of `inits` reads."""
     unread = sorted(k for k in opts if not k.startswith("_") and not any(k in reads(i) for i in inits))
     if unread:
-        group = lambda k: "Phase 2's" if k in PHASE2 else "Phase 1's" if k != "write_gate" else "both phases'"
+        group = lambda k: "Phase 2's" if k in PHASE2 else "the statistics'" if k in STATS else "Phase 1's"
         by = lambda phase: ", ".join(n for n, do in INIT_PHASES.items() if do[phase])
         raise ValueError(f"--init-opt {', '.join(f'{k} ({group(k)})' for k in unread)}: {' and '.join(inits)} "
                          f"never read{'s' * (len(inits) == 1)} {'them' if len(unread) > 1 else 'it'}. naive and "
-                         f"zero-gate read only the standard gates' options ({', '.join(STANDARD[1:])}); Phase 1's "
-                         f"are read by {by(0)}; Phase 2's by {by(1)}")
+                         f"zero-gate read only {', '.join(STANDARD[1:])}; Phase 1's options are read by {by(0)}; "
+                         f"Phase 2's by {by(1)}; the statistics' by all of those")
 
 
 def layerwise(name, opts=None):

@@ -59,7 +59,7 @@ except ImportError:                      # CPU-only installs: decoding attention
     triton = None
 
 import distill
-from calibrate import INIT_PHASES, INITS, PRESETS, check_read, check_val_rows, layerwise, parse_opts, resolve
+from calibrate import INIT_PHASES, INITS, PRESETS, check_read, check_val_rows, layerwise, parse_opts, reads, resolve
 from gdn import SUPPORTED, hybridize, stack_as_views, stack_projections, views_of
 from gdn_kernel import pdl_launch
 
@@ -560,7 +560,8 @@ def _prepare_out(path, overwrite, chain=False):
         raise ValueError(f"--out '{path}' is a link to nothing ('{os.readlink(path)}'): remove it, or give "
                          f"the folder it should name")
     if os.path.exists(path) and not overwrite:
-        keep = "pass --resume to run the chain from it (if converted with these settings), " if chain else "pass "
+        keep = ("pass --resume to run the chain from it (if converted with these settings), "
+                if chain and os.path.isfile(os.path.join(path, "conversion.json")) else "pass ")
         raise ValueError(f"--out '{path}' already exists: {keep}--overwrite to replace it, or choose another folder")
     if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
         raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json): "
@@ -956,8 +957,6 @@ def _run_convert(args):
     init_opts = parse_opts(args.init_opt)
     inits = [args.init] + ([_ga_probe_init(args, init_opts)] if args.policy == "ga-s2" else [])
     _check_init_opts(args, inits, init_opts)
-    # (Not in --table: a table's options hold for all its cells, and --append adds naive's under them.)
-    check_read(inits, init_opts)
     if args.policy != "ga-s2" and args.probe_init != "same":
         raise ValueError(f"--probe-init is GA-S2's (--policy ga-s2), not --policy {args.policy}'s")
     if keep[0] == "list" and args.policy != "uniform":
@@ -971,6 +970,9 @@ def _run_convert(args):
         choose_layers(n, keep)                                  # an impossible --keep: said now
     if _converted_already(args, init_opts):
         return
+    # (After the resume's match: a chain converted before this check may go on. Not in --table: a
+    # table's options hold for all its cells, and --append adds naive's under them.)
+    check_read(inits, init_opts)
     spec = _teacher_spec(args.teacher)
     inputs = {"teacher": spec.removeprefix("random:"), "eval data": args.eval_data,
               "calibration data": args.calib_data, "distillation data": args.distill_tokens and args.distill_data}
@@ -1268,9 +1270,13 @@ def _settings(args, init_opts, teacher):
 
 
 def _same_effect(a, b, inits):
-    """Whether init options a and b set the same for each of `inits` (None: no such init): records
-    of earlier versions dropped other options than _given_opts now does."""
-    return all(resolve(a, PRESETS.get(i)) == resolve(b, PRESETS.get(i)) for i in inits if i)
+    """Whether init options a and b set the same for each of `inits` (None: no such init), in the
+    options that init reads: records of earlier versions dropped other options than _given_opts now
+    does, and kept some no init of theirs read."""
+    def read(opts, i):
+        o = resolve(opts, PRESETS.get(i))
+        return {k: o[k] for k in reads(i)}
+    return all(read(a, i) == read(b, i) for i in inits if i)
 
 
 def _given_opts(init_opts):
@@ -1391,11 +1397,13 @@ def _chain_stage(args, stage, student, tokens):
 def _check_chain_texts(args, tokenizer):
     """The chain's evaluation and test texts, tokenized as distill.py will tokenize them: one shorter
     than its --eval-window is said now rather than after the conversion."""
+    seen = set()
     for stage, tokens in zip((1, 2), args.distill_tokens):
         if tokens:
             a = distill.parse_args(_chain_stage(args, stage, args.out, tokens)[1], chain=True)
             for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
-                if path:
+                if path and (path, a.eval_window) not in seen:
+                    seen.add((path, a.eval_window))
                     try:
                         distill.windows(distill.tokenize(tokenizer, distill.read_text(path)), a.eval_window,
                                         option="--eval-window")

@@ -1145,9 +1145,11 @@ def parse_args(argv, prog=None, chain=False):
             setattr(a, k, v)
     if a.resume and a.overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
-    # (convert.py's chain gives both stages one --distill-args: a floor meant for Stage 1's cosine is
-    # not refused in Stage 2's constant default, as Stage 2's options are not in Stage 1.)
-    if a.min_lr_ratio and a.schedule == "constant" and (schedule_given or not chain):
+    # Settings that would do nothing are refused here and in check_shapes, but not on --resume (a run
+    # begun before they were keeps its settings). convert.py's chain gives both stages one
+    # --distill-args: a floor meant for Stage 1's cosine is not refused in Stage 2's constant default,
+    # as Stage 2's options are not in Stage 1.
+    if a.min_lr_ratio and a.schedule == "constant" and (schedule_given or not chain) and not a.resume:
         whose = "--schedule constant" if schedule_given else f"Stage {a.stage}'s constant schedule"
         raise ValueError(f"--min-lr-ratio is the cosine schedule's floor; {whose} never reads it: drop it, or "
                          f"pass --schedule cosine")
@@ -1167,7 +1169,7 @@ def parse_args(argv, prog=None, chain=False):
         setattr(a, name, None if v in (None, "", "none") else os.path.abspath(v))
         if getattr(a, name) and not os.path.isfile(getattr(a, name)):       # before the corpus is read
             raise ValueError(f"--{name.replace('_', '-')} '{v}' does not exist or is not a file ('none' skips it)")
-    if a.eval_every and not a.eval_data:
+    if a.eval_every and not a.eval_data and not a.resume:
         raise ValueError("--eval-every evaluates on --eval-data, which is 'none': give one or drop --eval-every")
     a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
     check_apart(a.out, student=a.student, data=a.data, **{"eval data": a.eval_data, "test data": a.test_data})
@@ -1220,10 +1222,10 @@ def check_shapes(a, world):
         raise ValueError(f"--tokens {a.tokens} is smaller than one step (batch {a.batch} x seq {a.seq} = "
                          f"{step_tokens} tokens)")
     steps = a.tokens // step_tokens
-    if a.profile_steps and steps <= 2:
+    if a.profile_steps and steps <= 2 and not a.resume:
         raise ValueError(f"--profile-steps profiles the steps after the first 2 (they compile and warm up); "
                          f"this Stage {a.stage} run has {steps}")
-    if a.warmup_steps > steps:
+    if a.warmup_steps > steps and not a.resume:
         raise ValueError(f"--warmup-steps {a.warmup_steps} is longer than this Stage {a.stage} run's {steps} steps "
                          f"(--tokens {a.tokens} / {step_tokens} a step): the learning rate would never reach --lr")
     return steps

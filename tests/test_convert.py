@@ -381,6 +381,9 @@ def test_recorded_init_options_keep_what_undoes_a_preset(tmp_path):
     assert req("taylor-plus", {"write_gate": "rescale"})["init_opts"] == {"write_gate": "rescale"}
     assert req("taylor", {"write_gate": "rescale", "steps": 300})["init_opts"] == {"write_gate": "rescale"}
     assert req("align-plus", {"train_out": 0})["init_opts"] == {"train_out": 0}
+    # compared in what each init reads: a Phase 1 option is no difference to align-only, one to taylor
+    assert c._same_effect({"damping": 0.5}, {}, ("align-only", None))
+    assert not c._same_effect({"damping": 0.5}, {}, ("align-only", "taylor"))
     assert req("naive", {}, keep="2,0")["keep"] == req("naive", {}, keep="0,2")["keep"] == ["list", [0, 2]]
     out = tmp_path / "h"
     out.mkdir()

@@ -943,8 +943,46 @@ def test_convert_chain_names_resume_for_a_hybrid_already_there(setup, tmp_path, 
     assert convert.main(conversion + ["--distill-tokens", "128,0", "--distill-data", s["train"], "--distill-args",
                                       "--seq 16 --batch 4 --eval-data none --test-data none"]) == 2
     assert "already exists: pass --resume to run the chain from it" in capsys.readouterr().err
-    assert convert.main(conversion + ["--overwrite"]) == 0
-    assert "--resume" not in capsys.readouterr().err
+    other = tmp_path / "other"                          # a folder that holds no hybrid: --resume would not help
+    other.mkdir()
+    (other / "notes.txt").write_text("not a hybrid")
+    assert convert.main([a if a != str(out) else str(other) for a in conversion]
+                        + ["--distill-tokens", "128,0", "--distill-data", s["train"], "--distill-args",
+                           "--seq 16 --batch 4 --eval-data none --test-data none"]) == 2
+    err = capsys.readouterr().err
+    assert "already exists: pass --overwrite" in err and "--resume" not in err
+
+
+def test_chain_resumes_a_hybrid_recorded_with_an_option_its_init_never_read(setup, tmp_path, capsys):
+    """A hybrid converted before an --init-opt its init never reads was refused (its request records
+    one): the chain's --resume keeps it, with the option or without; a new conversion with the
+    option is refused."""
+    s = setup
+    out = tmp_path / "h"
+    conversion = ["--teacher", s["teacher"], "--keep", "1/2", "--init", "naive", "--out", str(out), "--eval-data",
+                  s["valid"], "--window", "32", "--max-windows", "1", "--no-sample"]
+    assert convert.main(conversion) == 0
+    record = json.load(open(out / "conversion.json"))
+    record["request"]["init_opts"] = {"steps": 5}
+    distill.write_json(str(out / "conversion.json"), record)
+    chain = ["--distill-tokens", "64,0", "--distill-data", s["train"], "--distill-args",
+             "--seq 16 --batch 4 --eval-data none --test-data none", "--resume"]
+    for opts in (["--init-opt", "steps=5"], []):
+        assert convert.main(conversion + opts + chain) == 0
+        assert "keeping the hybrid" in capsys.readouterr().out
+    assert convert.main(conversion + ["--init-opt", "steps=5", "--overwrite"]) == 2
+    assert "naive never reads it" in capsys.readouterr().err
+    assert json.load(open(out / "conversion.json")) == record
+
+
+def test_a_resumed_run_keeps_settings_now_refused_as_doing_nothing(setup, tmp_path):
+    """A run begun before these were refused goes on under --resume: the refusals are of new runs."""
+    for change in (["--eval-data", "none"], ["--min-lr-ratio", "0.1", "--stage", "2"], ["--warmup-steps", "7"],
+                   ["--profile-steps", "1", "--tokens", "128"]):
+        with pytest.raises(ValueError):
+            distill.check_shapes(distill.parse_args(args(setup, tmp_path / "r", extra=change)), 1)
+        a = distill.parse_args(args(setup, tmp_path / "r", extra=[*change, "--resume"]))
+        assert distill.check_shapes(a, 1) >= 1
 
 
 def test_convert_chain_resumes(setup, tmp_path, capsys):
