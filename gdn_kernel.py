@@ -1356,6 +1356,11 @@ def main(argv=None):
         p.error(f"--methods: unknown {', '.join(sorted(unknown))} (choose from triton, torch_chunk, fla, sdpa)")
     if a.profile and a.sweep:
         p.error("--profile and --sweep each replace the benchmark: give one")
+    if (a.profile or a.sweep) and a.methods != p.get_default("methods"):
+        p.error(f"--methods picks what the benchmark times; {'--profile' if a.profile else '--sweep'} replaces "
+                f"the benchmark and times our kernel alone")
+    if a.sweep and a.scan_bv != p.get_default("scan_bv"):
+        p.error("--sweep tries every --scan-bv itself: drop --scan-bv")
     globals()["SCAN_BV"] = a.scan_bv
 
     def sizes(text, flag):                     # '1k,4096' -> [1024, 4096]

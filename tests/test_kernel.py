@@ -449,3 +449,16 @@ def test_write_atomic_leaves_no_temporary_file(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="the rename fails"):
         gk._write_atomic(str(tmp_path / "r.json"), "{}")
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profile", "--methods", "fla"], "--profile replaces the benchmark"),
+    (["--sweep", "--methods", "triton"], "--sweep replaces the benchmark"),
+    (["--sweep", "--scan-bv", "16"], "--sweep tries every --scan-bv itself"),
+    (["--methods", "triton,cublas"], "--methods: unknown cublas"),
+])
+def test_command_line_refuses_what_it_would_ignore(argv, message, tmp_path, capsys):
+    """`python gdn_kernel.py`: a flag the chosen mode would not read is refused before any check runs."""
+    with pytest.raises(SystemExit) as e:
+        gk.main(argv + ["--results", str(tmp_path)])
+    assert e.value.code == 2 and message in capsys.readouterr().err
