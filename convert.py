@@ -1396,19 +1396,17 @@ def _chain_stage(args, stage, student, tokens):
 
 def _check_chain_texts(args, tokenizer):
     """The chain's evaluation and test texts, tokenized as distill.py will tokenize them: one shorter
-    than its --eval-window is said now rather than after the conversion."""
-    seen = set()
-    for stage, tokens in zip((1, 2), args.distill_tokens):
-        if tokens:
-            a = distill.parse_args(_chain_stage(args, stage, args.out, tokens)[1], chain=True)
-            for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
-                if path and (path, a.eval_window) not in seen:
-                    seen.add((path, a.eval_window))
-                    try:
-                        distill.windows(distill.tokenize(tokenizer, distill.read_text(path)), a.eval_window,
-                                        option="--eval-window")
-                    except ValueError as e:
-                        raise ValueError(f"--distill-args {flag} '{path}': {e}") from None
+    than its --eval-window is said now rather than after the conversion. (Both stages read the same
+    texts and window, from the one --distill-args.)"""
+    stage = 1 if args.distill_tokens[0] else 2
+    a = distill.parse_args(_chain_stage(args, stage, args.out, args.distill_tokens[stage - 1])[1], chain=True)
+    for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
+        if path:
+            try:
+                distill.windows(distill.tokenize(tokenizer, distill.read_text(path)), a.eval_window,
+                                option="--eval-window")
+            except ValueError as e:
+                raise ValueError(f"--distill-args {flag} '{path}': {e}") from None
 
 
 def _run_distill_chain(args):
