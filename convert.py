@@ -1614,19 +1614,22 @@ if triton is not None:
         tl.store(m_ptr + row, m, mask=live_r)
         tl.store(l_ptr + row, l, mask=live_r)
 
-    # The merge, one program per query head: every split's (acc, m, l) loaded at once (a loop over
-    # the splits would wait on L2 once per split), then o = sum_s w_s acc_s / sum_s w_s l_s with
-    # w_s = e^(m_s - M). One launch where the same few PyTorch lines compiled to two.
+    # The merge: o = sum_s w_s acc_s / sum_s w_s l_s with w_s = e^(m_s - M), every split's (acc, m, l)
+    # loaded at once (a loop over the splits waits on L2 once per round: in chunks of 64 splits it
+    # took 17.0 us a layer against 14.4 at SmolLM2's heads, batch 1, 32k on an H200). One program per
+    # query head and slice of BD of its D columns: a program holds BS x BD values, so with many
+    # splits the slice narrows instead of the program spilling (one program a head, 516 splits x 256
+    # columns, took 180 us a layer at Gemma 3 270M's heads where the sliced merge takes 17).
     @triton.jit
     def _decode_merge_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, NS, so_b, so_h, REP: tl.constexpr, HQ: tl.constexpr,
                              D: tl.constexpr, BS: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr):
         if PDL:                                   # programmatic dependent launch (gdn_kernel.pdl_launch)
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
-        bq = tl.program_id(0)                      # (batch, query head); query head = kv head * REP + r
+        bq, dc = tl.program_id(0), tl.program_id(1)   # (batch, query head), slice of D; head = kv head * REP + r
         b, h = bq // HQ, bq % HQ
         bh, r = b * (HQ // REP) + h // REP, h % REP
-        s, d = tl.arange(0, BS), tl.arange(0, BD)
+        s, d = tl.arange(0, BS), dc * BD + tl.arange(0, BD)
         live_s, live_d = s < NS, d < D
         row = (bh * NS + s) * REP + r
         m = tl.load(m_ptr + row, mask=live_s, other=-float("inf"))
@@ -1669,18 +1672,24 @@ if triton is not None:
         Hkv, L = key.shape[1], key.shape[2]
         rep = H // Hkv
         BL = 64
-        # Enough splits for ~4 programs per SM; each split a whole number of BL blocks. Two stages of
-        # software pipelining, not three: in a CUDA graph of 4 rounds over 3-8 caches of 32k positions
-        # (200 MB or more, beyond L2) on an H100 (a device script, not a result of the repo; medians of 5
-        # graphs), attention and merge took 15.5 / 78.3 us a call against 17.1 / 82.6 with three at
-        # SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6
-        # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8. Loading K
-        # and V before the mask instead (the mask then only deciding the scores, V zeroed where masked)
-        # was slower than three stages in 5 of those 6 (in the same graphs), and than two in all 6.
+        # Many small programs: about 16 a SM (at most 1024 splits, which the merge holds at once), each
+        # split a whole number of BL blocks; a program of 2 warps where that gives 8 or more a SM, else
+        # of 4. One program streams its split with little in flight, so a SM needs many of them to keep
+        # DRAM busy, and the more there are the fewer warps each needs. Chosen on an H200 from a sweep
+        # of programs a SM (2-16) and warps (2, 4) at the heads of SmolLM2, Llama-3.2-1B, Qwen2.5-1.5B
+        # and Gemma 3 270M, batch 1 and 8, 1k-64k (a device script, not a result of the repo: 30 layers'
+        # attention and merge in one CUDA graph). At 32k, us a layer against the ~4 programs a SM and 4
+        # warps before: SmolLM2 12.9 / 57.7 (batch 1 / 8) against 14.3 / 70.3, Llama-3.2-1B 24.6 / 134.3
+        # against 28.2 / 155.5, Qwen2.5-1.5B 17.4 / 81.1 against 18.2 / 100.4; the largest loss 5%
+        # (Gemma 3 at 16k, batch 8). Two stages of software pipelining, not three (an H100, with the
+        # launch before: 15.5 / 78.3 us a call against 17.1 / 82.6 at SmolLM2's heads, batch 1 / 8; 31.2
+        # / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's). Loading K and V before the mask instead (the
+        # mask then only deciding the scores, V zeroed where masked) was slower there too.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        ns = max(1, min(-(-4 * sms // (B * Hkv)), -(-L // BL)))
+        ns = max(1, min(-(-16 * sms // (B * Hkv)), -(-L // BL), 1024))
         per_split = -(-L // (ns * BL)) * BL
         ns = -(-L // per_split)
+        warps = 2 if B * Hkv * ns >= 8 * sms else 4
         acc = q.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
         m = q.new_empty(B, Hkv, ns, rep, dtype=torch.float32)
         l = torch.empty_like(m)
@@ -1690,12 +1699,13 @@ if triton is not None:
             q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
             value.stride(0), value.stride(1), value.stride(2), rep, max(16, triton.next_power_of_2(rep)), D,
             max(16, triton.next_power_of_2(D)), BL, keep is not None,
-            "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=4, num_stages=2, launch_pdl=pdl)
+            "ieee" if q.dtype == torch.float32 else "tf32", pdl, num_warps=warps, num_stages=2, launch_pdl=pdl)
         out = q.new_empty(B, 1, H, D)
         BS = triton.next_power_of_2(ns)
-        _decode_merge_kernel[(B * H,)](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H, D, BS,
-                                       triton.next_power_of_2(D), pdl, num_warps=4 if BS * D <= 8192 else 8,
-                                       launch_pdl=pdl)
+        BD = min(triton.next_power_of_2(D), max(16, 8192 // BS))
+        _decode_merge_kernel[(B * H, triton.cdiv(D, BD))](acc, m, l, out, ns, out.stride(0), out.stride(2), rep, H,
+                                                          D, BS, BD, pdl, num_warps=4 if BS * BD <= 8192 else 8,
+                                                          launch_pdl=pdl)
         return out
 
     @_flash_decode_op.register_fake
