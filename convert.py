@@ -1680,8 +1680,8 @@ if triton is not None:
         # and Gemma 3 270M, batch 1 and 8, 1k-64k (a device script, not a result of the repo: 30 layers'
         # attention and merge in one CUDA graph). At 32k, us a layer against the ~4 programs a SM and 4
         # warps before: SmolLM2 12.9 / 57.7 (batch 1 / 8) against 14.3 / 70.3, Llama-3.2-1B 24.6 / 134.3
-        # against 28.2 / 155.5, Qwen2.5-1.5B 17.4 / 81.1 against 18.2 / 100.4; the largest loss 5%
-        # (Gemma 3 at 16k, batch 8). Two stages of software pipelining, not three (an H100, with the
+        # against 28.2 / 155.5, Qwen2.5-1.5B 17.4 / 81.1 against 18.2 / 100.4; the largest losses about
+        # 5% (Gemma 3 at 16k, batch 8; SmolLM2 at 1k, batch 1). Two stages of software pipelining, not three (an H100, with the
         # launch before: 15.5 / 78.3 us a call against 17.1 / 82.6 at SmolLM2's heads, batch 1 / 8; 31.2
         # / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's). Loading K and V before the mask instead (the
         # mask then only deciding the scores, V zeroed where masked) was slower there too.
