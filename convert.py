@@ -1672,24 +1672,30 @@ if triton is not None:
         Hkv, L = key.shape[1], key.shape[2]
         rep = H // Hkv
         BL = 64
-        # Many small programs: about 16 a SM (at most 1024 splits, which the merge holds at once), each
-        # split a whole number of BL blocks; a program of 2 warps where that gives 8 or more a SM, else
-        # of 4. One program streams its split with little in flight, so a SM needs many of them to keep
-        # DRAM busy, and the more there are the fewer warps each needs. Chosen on an H200 from a sweep
-        # of programs a SM (2-16) and warps (2, 4) at the heads of SmolLM2, Llama-3.2-1B, Qwen2.5-1.5B
-        # and Gemma 3 270M, batch 1 and 8, 1k-64k (a device script, not a result of the repo: 30 layers'
-        # attention and merge in one CUDA graph). At 32k, us a layer against the ~4 programs a SM and 4
-        # warps before: SmolLM2 12.9 / 57.7 (batch 1 / 8) against 14.3 / 70.3, Llama-3.2-1B 24.6 / 134.3
-        # against 28.2 / 155.5, Qwen2.5-1.5B 17.4 / 81.1 against 18.2 / 100.4; the largest losses about
-        # 5% (Gemma 3 at 16k, batch 8; SmolLM2 at 1k, batch 1). Two stages of software pipelining, not three (an H100, with the
-        # launch before: 15.5 / 78.3 us a call against 17.1 / 82.6 at SmolLM2's heads, batch 1 / 8; 31.2
-        # / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's). Loading K and V before the mask instead (the
-        # mask then only deciding the scores, V zeroed where masked) was slower there too.
+        # Many small programs: about 16 a SM (at most 1024 splits), each split a whole number of BL
+        # blocks; 2 warps a program where that gives 8 or more a SM and D <= 128, else 4. A program
+        # streams its split with few loads in flight, so a SM needs many programs to keep DRAM busy;
+        # with many, 2 warps each do, but not at D = 256 (Gemma 3's heads: a block is 4x the work).
+        # Chosen on an H200 from a device-script sweep (not a result of the repo; each measurement a CUDA
+        # graph of as many layers' attention and merge as fill 800 MB, at most 30): 2-16 programs a SM
+        # and 2 or 4 warps at 16k-64k, 4-16 a SM at 1k-4k, at the heads of SmolLM2, Llama-3.2-1B,
+        # Qwen2.5-1.5B and Gemma 3 270M, batch 1 and 8. At 32k, us a layer against the ~4 programs a SM
+        # of 4 warps and the one-program-a-head merge before: SmolLM2 12.9 / 57.7 (batch 1 / 8) against
+        # 14.3 / 70.3, Llama-3.2-1B 24.6 / 134.3 against 28.2 / 155.5, Qwen2.5-1.5B 17.4 / 81.1 against
+        # 18.2 / 100.4 (at batch 1 the old launch with the sliced merge is faster still: 16.2), Gemma 3
+        # 16.9 / 81.3 against 183.2 / 89.2. The largest loss, 6%: SmolLM2 at 1k, batch 1 (4.0 against
+        # 3.8). Two stages of software pipelining, not three: on an H100 with the launch before (medians
+        # of 5 graphs), attention and merge took 15.5 / 78.3 us a call against 17.1 / 82.6 with three at
+        # SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6
+        # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8; with this
+        # launch at SmolLM2's heads, batch 1, 12.2 against 14.7 on the H200. Loading K and V before the
+        # mask instead (the mask then only deciding the scores, V zeroed where masked) was slower on the
+        # H100 than three stages in 5 of those 6 cases, and than two in all 6.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         ns = max(1, min(-(-16 * sms // (B * Hkv)), -(-L // BL), 1024))
         per_split = -(-L // (ns * BL)) * BL
         ns = -(-L // per_split)
-        warps = 2 if B * Hkv * ns >= 8 * sms else 4
+        warps = 2 if B * Hkv * ns >= 8 * sms and D <= 128 else 4
         acc = q.new_empty(B, Hkv, ns, rep, D, dtype=torch.float32)
         m = q.new_empty(B, Hkv, ns, rep, dtype=torch.float32)
         l = torch.empty_like(m)

@@ -832,11 +832,11 @@ def test_grouped_decode_split_matches_plain_attention(L):
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="the Triton kernel needs CUDA or TRITON_INTERPRET=1 (set before Python starts)")
 @pytest.mark.parametrize("B, H, Hkv, L, D", [(2, 6, 2, 300, 16), (1, 9, 3, 1000, 64), (3, 4, 4, 70, 24),
-                                              (1, 4, 1, 8200, 256)])
+                                              (1, 4, 1, 8200, 256), (1, 2, 1, 8200, 80)])
 def test_flash_decode_matches_plain_attention(B, H, Hkv, L, D):
     """The flash-decoding kernel: masked softmax(q K^T) V over several splits (and a split whose every
-    position is masked), with q, K, V strided as HF hands them. The last shape (Gemma 3's heads) has
-    enough splits that the merge takes each head's D columns in slices."""
+    position is masked), with q, K, V strided as HF hands them. The last two shapes have enough
+    splits that the merge takes each head's D columns in slices (at D = 80 the last slice is partial)."""
     from convert import _flash_decode_attention
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
