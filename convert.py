@@ -1687,10 +1687,10 @@ if triton is not None:
         # 3.8). Two stages of software pipelining, not three: on an H100 with the launch before (medians
         # of 5 graphs), attention and merge took 15.5 / 78.3 us a call against 17.1 / 82.6 with three at
         # SmolLM2's heads (batch 1 / 8), 31.2 / 196.6 against 32.7 / 202.0 at Llama-3.2-1B's, 20.6
-        # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8; with this
-        # launch at SmolLM2's heads, batch 1, 12.2 against 14.7 on the H200. Loading K and V before the
-        # mask instead (the mask then only deciding the scores, V zeroed where masked) was slower on the
-        # H100 than three stages in 5 of those 6 cases, and than two in all 6.
+        # against 21.4 at Qwen2.5-1.5B's at batch 1, but 114.0 against 108.9 there at batch 8; with 258
+        # splits of 4 warps at SmolLM2's heads, batch 1, 12.2 against 14.7 on the H200. Loading K and V
+        # before the mask instead (the mask then only deciding the scores, V zeroed where masked) was
+        # slower on the H100 than three stages in 5 of those 6 cases, and than two in all 6.
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
         ns = max(1, min(-(-16 * sms // (B * Hkv)), -(-L // BL), 1024))
         per_split = -(-L // (ns * BL)) * BL
