@@ -1615,8 +1615,8 @@ if triton is not None:
         tl.store(l_ptr + row, l, mask=live_r)
 
     # The merge: o = sum_s w_s acc_s / sum_s w_s l_s with w_s = e^(m_s - M), every split's (acc, m, l)
-    # loaded at once (a loop over the splits waits on L2 once per round: in chunks of 64 splits it
-    # took 17.0 us a layer against 14.4 at SmolLM2's heads, batch 1, 32k on an H200). One program per
+    # loaded at once (a loop over the splits waits on L2 once per round: two passes over chunks of 64
+    # splits took 17.0 us a layer against 14.4 at SmolLM2's heads, batch 1, 32k on an H200). One program per
     # query head and slice of BD of its D columns: a program holds BS x BD values, so with many
     # splits the slice narrows instead of the program spilling (one program a head, 516 splits x 256
     # columns, took 180 us a layer at Gemma 3 270M's heads where the sliced merge takes 17).
