@@ -607,6 +607,7 @@ def load_hybrid(path, device="cpu", dtype=None):
     model = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if dtype else {}))
     hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6), hyb.get("beta_bias", False),
               warn=False)
+    model.config.hybrid = {**hyb, **model.config.hybrid}    # what convert.py added (kept_layers, init) stays
     state = {}
     for f in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
         state.update(load_state_dict(os.path.join(path, f)))

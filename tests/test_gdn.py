@@ -213,12 +213,17 @@ def test_hybridize_refuses_a_hybrid():
 
 def test_save_load_keeps_every_hybrid_option(tmp_path):
     """load_hybrid rebuilds the GDN layers from the saved config.hybrid: every option comes back, a
-    non-default norm_eps included, which strict weight loading and equal logits would not notice."""
+    non-default norm_eps included, which strict weight loading and equal logits would not notice; so
+    do the entries convert.py adds (kept layers, init), which a loaded hybrid saved again (distill.py's
+    checkpoints) would otherwise lose."""
     model = hybridize(tiny_model("llama"), [0, 2], conv_size=3, norm_eps=1e-2, beta_bias=True)
+    model.config.hybrid.update({"kept_layers": [1, 3], "init": "taylor"})
     save_hybrid(model, None, tmp_path / "h")
     again = load_hybrid(tmp_path / "h")
     assert again.config.hybrid == model.config.hybrid == {"gdn_layers": [0, 2], "conv_size": 3, "norm_eps": 1e-2,
-                                                          "beta_bias": True}
+                                                          "beta_bias": True, "kept_layers": [1, 3], "init": "taylor"}
+    save_hybrid(again, None, tmp_path / "h2")
+    assert load_hybrid(tmp_path / "h2").config.hybrid == model.config.hybrid
     for i, m in gdn_modules(again).items():
         assert (m.conv_size, m.norm_eps, m.b_proj.bias is not None) == (3, 1e-2, True), i
 
