@@ -38,14 +38,16 @@ Phase 1, for a layer with heads h (closed form, no gradient):
   2. Write gate. Sharp heads (low entropy) overwrite their memory harder:
          beta_h = beta_min + beta_span * c_h            (0.3 .. 0.7)
      The reference's b_proj has no bias; it rescales each row to mean |W_b[h]| = |logit(beta_h)|/sqrt(d)
-     (d the model width: with x's entries of size 1 and signs unrelated to W_b's, W_b x then spreads
-     over tokens by about |logit(beta_h)|, the size of the logit it is meant to reach):
+     (d the model width: were x's entries of size 1, with signs unrelated to W_b's, W_b x would
+     spread over tokens by about |logit(beta_h)|, the size of the logit it is meant to reach):
          W_b[h] <- logit(beta_h) / sqrt(d) * W_b[h] / mean|W_b[h]|                 (write_gate=rescale)
-     This sets the *spread* of W_b x, not its centre: for random-sign W_b[h] the mean of W_b x over
-     tokens stays near 0, so beta stays near 0.5 whatever beta_h says. write_gate=fit (ours) instead
+     This sets the *size* of W_b x, not its sign or centre: W_b x scales with rms(x), which the
+     RMSNorm's weight sets (often well under 1), and the hidden states' large shared mean component
+     (below) adds to it an offset per head whose sign the random W_b[h] decides. Both stay small, so
+     beta stays near 0.5 whatever beta_h says. write_gate=fit (ours) instead
      solves a ridge least squares for a W_b[h] with W_b[h] x_t ~ logit(beta_h) on every calibration
-     token: the normalised hidden states have a large shared mean component, so a bias-free
-     projection can carry a constant -- and then carries little else (beta ~ beta_h on every token).
+     token: because of that shared mean component a bias-free projection can carry a constant -- and
+     then carries little else (beta ~ beta_h on every token).
      write_gate=bias is METHOD's "obvious alternative": W_b keeps its random init (token-dependent,
      small) and a bias b_b[h] = logit(beta_h) centres beta at beta_h. It is the one option that adds a
      parameter: the hybrid is built with a bias on W_b (gdn.hybridize(..., beta_bias=True)).
