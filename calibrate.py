@@ -795,7 +795,8 @@ def main(argv=None):
     from gdn import gdn_from_attention
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--teacher", default="default")
-    p.add_argument("--layers", default="5,18")
+    p.add_argument("--layers", default="5,18", help="comma-separated layer indices (default 5,18: two of "
+                   "SmolLM2's 30; another teacher may need others)")
     p.add_argument("--calib-data")
     p.add_argument("--calib-seqs", type=int, default=4)
     p.add_argument("--calib-len", type=int, default=256)
@@ -838,6 +839,7 @@ def main(argv=None):
             raise ValueError(f"the variants share one teacher pass, so one dist_floor (got {sorted(floors)})")
         floor = floors.pop()
         teacher, tok, source = convert.load_teacher(args.teacher)
+        distill.warn_past_trained(teacher.config, {"--calib-len": args.calib_len})
         bad = [i for i in layers if not 0 <= i < teacher.config.num_hidden_layers]
         if bad:
             raise ValueError(f"--layers {bad} out of range: the teacher has {teacher.config.num_hidden_layers} layers")

@@ -529,7 +529,8 @@ def _sample(model, tokenizer, prompt="The history of the printing press", new_to
 def _eval_ids(args, tokenizer):
     text = distill.read_text(args.eval_data, args.eval_format) if args.eval_data else distill.builtin_text("eval")
     ids = distill.tokenize(tokenizer, text)
-    distill.windows(ids, args.window)            # fails now, before any work, if shorter than a window
+    # Fails now, before any work, if shorter than a window:
+    distill.windows(ids, args.window, text="--eval-data's text" if args.eval_data else "the built-in text")
     return ids
 
 
@@ -559,16 +560,23 @@ def _prepare_out(path, overwrite, chain=False):
     if os.path.islink(path) and not os.path.exists(path):
         raise ValueError(f"--out '{path}' is a link to nothing ('{os.readlink(path)}'): remove it, or give "
                          f"the folder it should name")
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out '{path}' is a file; a hybrid is a folder: choose another --out")
+    # A folder that holds something other than a conversion is said as such, with or without
+    # --overwrite (which would not replace it either).
+    full = os.path.isdir(path) and bool(os.listdir(path))
+    ours = not full or os.path.exists(os.path.join(path, "conversion.json"))
+    run = full and any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "distill.json"))
+    if os.path.exists(path) and not overwrite and ours and not run:
         keep = ("pass --resume to run the chain from it (if converted with these settings), "
                 if chain and os.path.isfile(os.path.join(path, "conversion.json")) else "pass ")
         raise ValueError(f"--out '{path}' already exists: {keep}--overwrite to replace it, or choose another folder")
-    if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, "conversion.json")):
-        raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json): "
-                         f"--overwrite replaces only such a folder; choose another --out")
-    if any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "distill.json")):
+    if not ours:
+        raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json), "
+                         f"which --overwrite does not replace: choose another --out")
+    if run:
         raise ValueError(f"--out '{path}' holds a distill.py run (its hybrid carries the conversion.json it started "
-                         f"from): --overwrite replaces only a conversion; choose another --out")
+                         f"from), which --overwrite does not replace: choose another --out")
     distill.check_writable(os.path.join(path, "config.json"), "--out")
     real = os.path.realpath(path)
     parent = os.path.dirname(real)
@@ -737,7 +745,8 @@ MODE_FLAGS = {
 
 def _parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default="default", help="HF folder, .gguf file, hub id, or 'default' (SmolLM2-135M-Instruct)")
+    p.add_argument("--teacher", default="default", help="HF folder, .gguf file, hub id, 'default' (SmolLM2-135M-Instruct), or "
+                   "random:NAME|FOLDER (random weights in a shape of RANDOM_SHAPES or a folder's config.json: --bench)")
     p.add_argument("--keep", default="1/4", help="fraction of layers kept as softmax (1/4, 0.25) or a list of indices (0,4,8)")
     p.add_argument("--policy", default="uniform", help=f"how a fraction picks layers: {', '.join(POLICIES)}")
     p.add_argument("--init", default="taylor", help=f"GDN init: {', '.join(INITS)} (default: Taylor-Calibrate, Phase 1 + Phase 2)")
@@ -752,7 +761,9 @@ def _parse_args(argv):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out, a hybrid (and with "
                    "--distill-tokens its stage folders; with --table or --bench: --results)")
     p.add_argument("--eval-data", help="text file for perplexity (default: built-in stdlib docstrings, not WikiText)")
-    p.add_argument("--eval-format", default="auto", choices=["auto", "wikitext", "plain"])
+    p.add_argument("--eval-format", default="auto", choices=["auto", "wikitext", "plain"],
+                   help="how --eval-data is read: 'wikitext' joins its lines as rows (distill.read_text), "
+                        "'plain' as it is; 'auto': 'wikitext' for files named wiki.*.raw, else 'plain'")
     p.add_argument("--window", type=int, default=2048, help="perplexity window (tokens)")
     p.add_argument("--max-windows", type=int, default=0, help="evaluate at most this many windows (0: all)")
     p.add_argument("--batch-size", type=int, default=0, help="windows per forward (0: 1 on CPU, 8 on GPU)")
@@ -866,12 +877,12 @@ def _parse_args(argv):
                 p.error(f"--distill-data: {e}")
         for stage, tokens in zip((1, 2), budgets):
             out, argv = _chain_stage(args, stage, args.out, tokens or 1)
+            if tokens and distill.holds_other_files(out):
+                p.error(f"--distill-tokens: '{out}' is a folder that holds no distill.py run, which --overwrite "
+                        f"does not replace: choose another --out")
             if tokens and os.path.exists(out) and not (args.overwrite or args.resume):
                 p.error(f"--distill-tokens: '{out}' already exists: pass --resume to continue the chain, "
                         f"--overwrite to replace it, or choose another --out")
-            if tokens and distill.holds_other_files(out):
-                p.error(f"--distill-tokens: '{out}' is a folder that holds no distill.py run: --overwrite replaces "
-                        f"only such a folder; choose another --out")
             try:                                        # (its flags are distill.py's, not convert.py's)
                 a = distill.parse_args(argv, prog="convert.py --distill-args (distill.py's options)", chain=True)
             except ValueError as e:
@@ -889,7 +900,12 @@ def _parse_args(argv):
                         f"--out, --distill-tokens, --distill-data, --seed, --device, --overwrite) and runs each "
                         f"stage to its end")
             if tokens:
-                distill.check_shapes(a, 1)
+                try:
+                    distill.check_shapes(a, 1)
+                except ValueError as e:                 # (its --tokens is --distill-tokens' budget here)
+                    p.error(f"--distill-tokens: Stage {stage}'s budget of {tokens} tokens: "
+                            f"{str(e).replace(f'--tokens {tokens} is', 'it is')} (--distill-args sets --batch "
+                            f"and --seq; distill.py's Stage {stage} defaults otherwise)")
                 for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
                     try:                                # (binary, empty: said before the conversion)
                         if path and not distill.read_text(path).strip():
@@ -981,6 +997,7 @@ def _run_convert(args):
     progress = None
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
+        distill.warn_past_trained(teacher.config, {"--window": args.window, "--calib-len": args.calib_len})
         n = teacher.config.num_hidden_layers
         _keep_count(n, keep)
         ids = _eval_ids(args, tokenizer)
@@ -1182,12 +1199,11 @@ def _run_table(args):
     cache = _load_scores(scores_path)
     n = _teacher_layers(args.teacher)
     if n:
-        for k in keeps:
-            _keep_count(n, k, "--keeps")                        # an impossible --keeps: said now
+        _keep_hybrids(n, keeps, args.keeps)                    # impossible or coinciding --keeps: said now
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
+    distill.warn_past_trained(teacher.config, {"--window": args.window, "--calib-len": args.calib_len})
     n = teacher.config.num_hidden_layers
-    for k in keeps:
-        _keep_count(n, k, "--keeps")
+    _keep_hybrids(n, keeps, args.keeps)
     ids, calib_text = _eval_ids(args, tokenizer), _calib_text_ids(args, tokenizer)
     calib = calib_ids(args, tokenizer, ids=calib_text)
     # --append matches the texts by their tokens (the whole calibration text: the policies' probe is
@@ -1308,8 +1324,11 @@ def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, c
 
 
 def _fmt_keep(v):
+    """A --keep fraction as a label: as a fraction of at most 16ths where it is one (0.25: 1/4), else
+    as given (0.3, 0.01)."""
     from fractions import Fraction
-    return str(Fraction(v).limit_denominator(16))
+    f = Fraction(v).limit_denominator(16)
+    return str(f) if abs(float(f) - v) < 1e-12 else f"{v:g}"
 
 
 def _table_checks(cells, cols):
@@ -2770,10 +2789,11 @@ def _check_bench_cache(config, source, args):
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "status_alloc_failed")
 
 
-def _bench_hybrids(n, keeps, text):
-    """--bench's hybrids of an n-layer teacher: (name, kept layers) for each --keeps fraction. Two
-    that would share a name or kept layers are refused: 0.33 and 1/3 are both "1/3", and 1/4 and
-    0.26 of 4 layers both keep layer 0 alone."""
+def _keep_hybrids(n, keeps, text):
+    """The hybrids of an n-layer teacher that --bench and --table measure: (name, kept layers; for
+    --table, the uniform policy's) for each --keeps fraction. Two that would share kept layers are
+    refused (1/4 and 0.26 of 4 layers both keep layer 0 alone; every policy keeps as many layers as
+    the uniform one), as are two that would share a name."""
     out = []
     for keep in keeps:
         _keep_count(n, keep, "--keeps")
@@ -2784,8 +2804,7 @@ def _bench_hybrids(n, keeps, text):
                                  f"layers {kept} of {n}")
             if other == name:
                 raise ValueError(f"--keeps '{text}': two hybrids (kept layers {other_kept} and {kept} of {n}) "
-                                 f"would both be named '{name}' (the nearest fraction of at most 16ths): "
-                                 f"give fractions further apart")
+                                 f"would both be named '{name}': give fractions further apart")
         out.append((name, kept))
     return out
 
@@ -2809,13 +2828,13 @@ def _run_bench(args):
         print("--profile records CUDA kernels: nothing to record on the CPU")
     n = _teacher_layers(args.teacher)
     if n:
-        _bench_hybrids(n, keeps, args.keeps)                   # impossible or coinciding --keeps: said now
+        _keep_hybrids(n, keeps, args.keeps)                   # impossible or coinciding --keeps: said now
     # Every model is built on the CPU and goes to the device only for its own measurements: its peak
     # memory is its own, and a teacher that fits once need not fit 1 + len(keeps) times.
     teacher, _, source = load_teacher(args.teacher, "cpu", getattr(torch, args.dtype), tokenizer=False)
     _check_bench_cache(teacher.config, source, args)
     models = [("teacher", teacher)]
-    for name, kept in _bench_hybrids(teacher.config.num_hidden_layers, keeps, args.keeps):
+    for name, kept in _keep_hybrids(teacher.config.num_hidden_layers, keeps, args.keeps):
         student, _ = convert(teacher, kept, "naive", seed=args.seed)      # weights don't matter for speed
         models.append((name, student))
     bw = _copy_bandwidth(args.device)                          # (before any model is on the device)

@@ -163,12 +163,23 @@ def tokenize(tokenizer, text):
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
-def windows(ids, window, max_windows=None, option="--window"):
+def warn_past_trained(config, lengths):
+    """A warning for each {option: tokens} longer than the positions the model of `config` was
+    trained on (max_position_embeddings): allowed (rotary positions run on, and speed can be
+    measured there), but perplexity or statistics then measure extrapolation, rarely what was meant."""
+    n = getattr(config, "max_position_embeddings", None)
+    for option, length in lengths.items():
+        if n and length > n:
+            print(f"warning: {option} {length} is past the {n} positions the model was trained on: what is "
+                  f"measured at such lengths is its extrapolation", file=sys.stderr, flush=True)
+
+
+def windows(ids, window, max_windows=None, option="--window", text="the text"):
     """Non-overlapping windows [N, window] of a 1-D id tensor, the tail dropped. `option` names the
-    window's command-line option in the error."""
+    window's command-line option in the error, `text` the text (which option gave it)."""
     n = ids.numel() // window
     if n == 0:
-        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {window}: "
+        raise ValueError(f"{text} has {ids.numel()} tokens, fewer than one window of {window}: "
                          f"give a longer text or a smaller {option}")
     if max_windows:
         n = min(n, max_windows)
@@ -645,10 +656,10 @@ def _flops_per_token(stage, student, teacher, seq, stack=None):
       Stage 1:  teacher forward without its LM head  + 3 x (2 N_gdn + mixing of the GDN layers)
       Stage 2:  teacher forward (2 N_T + mixing_T)   + 3 x (2 N_S + mixing_S)
     Norms, activations and the softmax itself are left out (a few % at most), so Stage 2's MFU is a
-    slight underestimate. Stage 1's is an overestimate (by ~10% for SmolLM2 at keep 1/4): its GDN
-    inputs come from the teacher, detached, so the backward skips the input gradients of the GDN
-    layers' first projections, which the 3x counts. Recomputation under gradient checkpointing is
-    not counted: it is overhead."""
+    slight underestimate. Stage 1's is an overestimate: its GDN inputs come from the teacher,
+    detached, so the backward skips the input gradients of the GDN layers' first projections
+    (2 N_in), which the 3x counts (for SmolLM2 at keep 1/4 and seq 512, 12% of the count: MFU reads
+    ~14% high). Recomputation under gradient checkpointing is not counted: it is overhead."""
     t = _mixing_flops(teacher, seq)
     if stage == 1:
         gdn = [int(i) for i in stack.layers]
@@ -1113,8 +1124,9 @@ def parse_args(argv, prog=None, chain=False):
     e.add_argument("--eval-data", default=os.path.join(WIKI, "wiki.valid.raw"),
                    help="validation text (default: WikiText-2 raw validation); 'none' to skip")
     e.add_argument("--eval-every", default="0", help="evaluate every this many tokens (and at start and end)")
-    e.add_argument("--eval-window", type=int, default=2048)
-    e.add_argument("--eval-max-windows", type=int, default=0, help="0: all")
+    e.add_argument("--eval-window", type=int, default=2048, help="tokens a window, for both texts (default 2048)")
+    e.add_argument("--eval-max-windows", type=int, default=0, help="at most this many windows of --eval-data "
+                   "(0: all); --test-data is read whole")
     e.add_argument("--eval-batch-size", type=int, default=0, help="0: 1 on CPU, 8 on CUDA")
     e.add_argument("--test-data", default=os.path.join(WIKI, "wiki.test.raw"),
                    help="final-number text, evaluated once at the end (default: WikiText-2 test); 'none' to skip")
@@ -1124,13 +1136,15 @@ def parse_args(argv, prog=None, chain=False):
                    help="how many of the newest checkpoints stay (the one before the newest also stays "
                         "until a step after the newest has a finite loss)")
     c.add_argument("--stop-after-steps", type=int, default=0,
-                   help="stop after this many steps of this process, as if killed: no checkpoint is "
+                   help="stop after this many steps of this process, as if killed (but exit 0): no checkpoint is "
                         "written, --resume goes on from the last --ckpt-every one (tests of resuming)")
     c.add_argument("--profile-steps", type=int, default=0, help="profile this many steps (after 2 warm-up "
                    "steps) with torch.profiler: the top operators go to the screen and to OUT/profile.txt")
     c.add_argument("--peak-tflops", type=float, default=989.0,
                    help="per-GPU peak for MFU (H100 SXM dense bf16: 989)")
     a = p.parse_args(argv)
+    if not -2**63 <= a.seed < 2**64:                                  # (what torch.manual_seed takes)
+        raise ValueError(f"--seed must fit in 64 bits (got {a.seed})")
     if a.stage == 1:
         given = ["--" + k.replace("_", "-") for k in STAGE2_ONLY if getattr(a, k) is not None]
         if given and not chain:
@@ -1173,6 +1187,8 @@ def parse_args(argv, prog=None, chain=False):
         raise ValueError("--eval-every evaluates on --eval-data, which is 'none': give one or drop --eval-every")
     a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
     check_apart(a.out, student=a.student, data=a.data, **{"eval data": a.eval_data, "test data": a.test_data})
+    if not os.path.isfile(a.out):           # (made once the student and data have loaded: said now if it cannot be)
+        check_writable(os.path.join(a.out, "run.json"), "--out")
     if os.path.isdir(a.data) and os.path.realpath(a.out).startswith(os.path.realpath(a.data) + os.sep):
         raise ValueError(f"--out '{a.out}' lies inside --data '{a.data}': the run's own .txt files would become "
                          f"training text; choose another --out")
@@ -1337,12 +1353,12 @@ def _check_run_folder(a, config):
             raise ValueError("--resume: the run in '" + a.out + "' has another configuration: " +
                              "; ".join(f"{k}: {o!r} there, {n!r} now" for k, (o, n) in sorted(diff.items())))
         return _latest_checkpoint(a.out)
+    if holds_other_files(a.out):
+        raise ValueError(f"--out '{a.out}' is a folder that holds no distill.py run (no run.json), which "
+                         f"--overwrite does not replace: choose another --out")
     if os.path.exists(a.out) and not (a.overwrite or a.resume):
         raise ValueError(f"--out '{a.out}' already exists: pass --resume to continue it, --overwrite to replace "
                          f"it, or choose another folder")
-    if holds_other_files(a.out):
-        raise ValueError(f"--out '{a.out}' is a folder that holds no distill.py run (no run.json): --overwrite "
-                         f"replaces only such a folder; choose another --out")
     return None
 
 
@@ -1494,6 +1510,8 @@ def _distill(a):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
+    if dist.main:
+        warn_past_trained(AutoConfig.from_pretrained(a.student), {"--seq": a.seq, "--eval-window": a.eval_window})
     torch.manual_seed(a.seed)
     try:
         s_tok = AutoTokenizer.from_pretrained(a.student)
@@ -1504,11 +1522,11 @@ def _distill(a):
     eval_ids = None
     if a.eval_data:
         eval_ids = tokenize(s_tok, read_text(a.eval_data))
-        windows(eval_ids, a.eval_window, option="--eval-window")     # too short: fail now
+        windows(eval_ids, a.eval_window, option="--eval-window", text="--eval-data's text")    # too short: fail now
     test_ids = None
     if a.test_data:
         test_ids = tokenize(s_tok, read_text(a.test_data))
-        windows(test_ids, a.eval_window, option="--eval-window")
+        windows(test_ids, a.eval_window, option="--eval-window", text="--test-data's text")
     texts = {"data": ids_digest(data.seqs),
              "eval_data": ids_digest(eval_ids) if eval_ids is not None else None,
              "test_data": ids_digest(test_ids) if test_ids is not None else None}

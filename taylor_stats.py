@@ -299,6 +299,7 @@ def main(argv=None):
         if args.calib_data:
             distill.read_text(args.calib_data)
         teacher, tok, source = convert.load_teacher(args.teacher)
+        distill.warn_past_trained(teacher.config, {"--calib-len": args.calib_len})
         ids = convert.calib_ids(args, tok)
         stats = collect_stats(teacher, ids, keep_io=False)
     except ValueError as e:

@@ -201,7 +201,11 @@ def test_refused_before_the_teacher_loads(teacher_dir, eval_text, tmp_path, caps
     (thesis / "thesis.tex").write_text("years of work")
     (tmp_path / "t_scores.json").mkdir()
     table = ["--table", "--keeps", "1/2", "--inits", "naive", "--results", str(tmp_path / "t")]
+    (tmp_path / "notes.txt").write_text("a file")
     for argv, message in ((["--out", str(thesis), "--overwrite"], "holds no hybrid written by convert.py"),
+                          # (without --overwrite, not advice to pass it, which would then be refused)
+                          (["--out", str(thesis)], "(no conversion.json), which --overwrite does not"),
+                          (["--out", str(tmp_path / "notes.txt")], "is a file; a hybrid is a folder"),
                           (table, "is a folder"),
                           (table[:2] + ["1/1"] + table[3:6] + [str(tmp_path / "u")], "nothing to convert"),
                           (["--out", str(tmp_path / "o"), "--policy", "ga-s2", "--init", "naive", "--probe-init",
@@ -209,6 +213,7 @@ def test_refused_before_the_teacher_loads(teacher_dir, eval_text, tmp_path, caps
         code, io = run(["--teacher", teacher_dir, "--eval-data", eval_text] + argv, capsys)
         assert code == 2 and message in io.err, (argv, io.err)
     assert (thesis / "thesis.tex").read_text() == "years of work" and not (tmp_path / "o").exists()
+    assert (tmp_path / "notes.txt").read_text() == "a file"
 
 
 def test_table_keeps_an_existing_results_file(teacher_dir, eval_text, tmp_path, capsys):
@@ -1068,17 +1073,21 @@ def test_bench_refuses_what_it_would_mismeasure(tmp_path, capsys, monkeypatch):
     for flag, value in (("--keeps", "1/4,0.25"), ("--batches", "1,1"), ("--contexts", "32,32")):
         code, io = run([*bench, flag, value], capsys)
         assert code == 2 and f"{flag} '{value}' names one value twice" in io.err
-    # two values, one hybrid (of 4 layers, 1/4 and 0.26 both keep layer 0), or one name for two
-    # (0.28 and 0.286 keep [0] and [0, 3], both "2/7"); and an impossible one, named before the
-    # teacher loads
-    for value, msg in (("1/4,0.26", "hybrid keep 1/4 and hybrid keep 4/15 both keep layers [0] of 4"),
-                       ("0.28,0.286", "two hybrids (kept layers [0] and [0, 3] of 4) would both be named "
-                                      "'hybrid keep 2/7'"),
+    # two values, one hybrid (of 4 layers, 1/4 and 0.26 both keep layer 0), or one name for two (a
+    # fraction of 16ths or less is named as such, any other as given, to 6 digits: 0.2857142 and
+    # 0.2857144 keep [0] and [0, 3]); and an impossible one, named before the teacher loads; --table
+    # refuses the first two alike
+    table = ["--table", "--teacher", f"random:{folder}", "--inits", "naive", "--results", str(tmp_path / "t")]
+    for value, msg in (("1/4,0.26", "hybrid keep 1/4 and hybrid keep 0.26 both keep layers [0] of 4"),
+                       ("0.2857142,0.2857144", "two hybrids (kept layers [0] and [0, 3] of 4) would both be named "
+                                               "'hybrid keep 0.285714'"),
                        ("1/4,0.99", "--keeps keeps all 4 layers")):
-        with monkeypatch.context() as m:
-            m.setattr(convert, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
-            code, io = run([*bench, "--keeps", value], capsys)
-        assert code == 2 and msg in io.err and "Traceback" not in io.err, io.err
+        for mode in (bench, table):
+            with monkeypatch.context() as m:
+                m.setattr(convert, "load_teacher", lambda *a, **k: pytest.fail("the teacher was loaded"))
+                code, io = run([*mode, "--keeps", value], capsys)
+            assert code == 2 and msg in io.err and "Traceback" not in io.err, io.err
+    assert convert._fmt_keep(0.25) == "1/4" and convert._fmt_keep(0.01) == "0.01"      # (not "0": 0 of 16ths)
     real = convert.use_decode_kernels
 
     def teacher_too_big(model, *a, **kw):
@@ -1735,3 +1744,14 @@ def test_a_layer_save_stopped_midway_leaves_no_temporary_file(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         progress.save(1, gdn, {})
     assert os.listdir(progress.path) == ["key.json"]
+
+
+def test_lengths_past_the_trained_positions_are_warned_of(teacher_dir, tmp_path, capsys):
+    """A perplexity window or calibration sequence longer than the teacher's positions (4096 here) is
+    measured, since extrapolation may be the point, but said: it is rarely what was meant."""
+    from conftest import WIKITEXT_TEST
+    code, io = run(["--teacher", teacher_dir, "--keep", "1/2", "--init", "naive", "--out", str(tmp_path / "h"),
+                    "--eval-data", WIKITEXT_TEST, "--window", "4100", "--max-windows", "1", "--no-sample"], capsys)
+    assert code == 0, io.err
+    assert "warning: --window 4100 is past the 4096 positions the model was trained on" in io.err
+    assert "--calib-len" not in io.err                               # (256: within them)

@@ -851,6 +851,25 @@ def test_out_teacher_and_resume_are_checked_before_the_corpus_is_read(setup, tmp
     (tmp_path / "f").write_text("x")
     assert distill.main(args(setup, tmp_path / "f", extra=["--overwrite"])) == 2
     assert "is a file, not a run folder" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"
+    # a run folder that could not be made (here under a file) is said before the corpus is read,
+    # not as a traceback once the models have loaded; so is a seed torch would not take
+    assert distill.main(args(setup, tmp_path / "f" / "run")) == 2
+    assert "'" + str(tmp_path / "f") + "' is not a folder this process can write in" in capsys.readouterr().err
+    assert distill.main(args(setup, tmp_path / "o", extra=["--seed", str(2**64)])) == 2
+    assert "--seed must fit in 64 bits" in capsys.readouterr().err and untouched(tmp_path / "o")
+    # a folder that holds no run is said as such, not met with advice (--overwrite) that is then refused
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    assert distill.main(args(setup, tmp_path / "mine")) == 2
+    err = capsys.readouterr().err
+    assert "holds no distill.py run" in err and "pass --resume" not in err
+
+
+def test_a_text_shorter_than_a_window_is_named(setup, tmp_path, capsys):
+    (tmp_path / "short.txt").write_text("A few words.")
+    for flag in ("--eval-data", "--test-data"):
+        assert distill.main(args(setup, tmp_path / "o", extra=[flag, str(tmp_path / "short.txt")])) == 2
+        assert f"{flag}'s text has" in capsys.readouterr().err and untouched(tmp_path / "o")
 
 
 def test_resume_where_nothing_ran_yet_starts_the_run(setup, tmp_path, capsys):
@@ -950,7 +969,7 @@ def test_convert_chain_names_resume_for_a_hybrid_already_there(setup, tmp_path, 
                         + ["--distill-tokens", "128,0", "--distill-data", s["train"], "--distill-args",
                            "--seq 16 --batch 4 --eval-data none --test-data none"]) == 2
     err = capsys.readouterr().err
-    assert "already exists: pass --overwrite" in err and "--resume" not in err
+    assert "holds no hybrid written by convert.py" in err and "--resume" not in err and "pass --overwrite" not in err
 
 
 def test_chain_resumes_a_hybrid_recorded_with_an_option_its_init_never_read(setup, tmp_path, capsys):
@@ -1037,7 +1056,7 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
 @pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "--distill-data '/no/such/text' is neither a text file"),
                                           (["--distill-args", "--bogus 1"], "unrecognized arguments"),
                                           (["--distill-tokens", "100,64", "--distill-args", "--eval-data none --test-data none"],
-                                           "smaller than one step"),
+                                           "--distill-tokens: Stage 1's budget of 100 tokens: it is smaller than one step"),
                                           (["--distill-args", "--seq 1 --eval-data none --test-data none"], "--seq must be >= 2"),
                                           (["--distill-args", "--eval-data /no/such.txt"], "--distill-args (distill.py's options): --eval-data"),
                                           (["--out", ""], "--distill-tokens needs --out"),
