@@ -331,7 +331,7 @@ def _fsync(path, flags):
 def check_apart(out, written=None, **inputs):
     """--out is deleted or replaced by the run: refuse one that is, or holds, an input of the run, or
     one of `written` ({name: path}: what the run writes beside --out, like a scores cache, there yet
-    or not)."""
+    or not), or one that lies inside a hybrid's or a run's folder."""
     o = os.path.realpath(out)
     paths = {**{k: v for k, v in inputs.items() if v and os.path.exists(v)}, **(written or {})}
     for name, path in paths.items():
@@ -340,6 +340,15 @@ def check_apart(out, written=None, **inputs):
             if p == o or p.startswith(o + os.sep):
                 raise ValueError(f"--out '{out}' is or holds the {name} '{path}', which the run uses: "
                                  f"choose another --out")
+    # Nor inside a hybrid's or a run's folder: a conversion or run into that folder replaces it whole.
+    up = os.path.dirname(o)
+    while up != os.path.dirname(up):
+        mark = next((f for f in ("conversion.json", "run.json") if os.path.isfile(os.path.join(up, f))), None)
+        if mark:
+            raise ValueError(f"--out '{out}' lies inside '{up}', a {'hybrid' if mark == 'conversion.json' else 'run'} "
+                             f"folder ({mark}), which a conversion or run into it with --overwrite would delete, "
+                             f"this with it: choose an --out outside it")
+        up = os.path.dirname(up)
 
 
 def check_writable(path, what, overwrite=True, inputs=None):

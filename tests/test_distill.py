@@ -857,6 +857,15 @@ def test_out_teacher_and_resume_are_checked_before_the_corpus_is_read(setup, tmp
     assert "'" + str(tmp_path / "f") + "' is not a folder this process can write in" in capsys.readouterr().err
     assert distill.main(args(setup, tmp_path / "o", extra=["--seed", str(2**64)])) == 2
     assert "--seed must fit in 64 bits" in capsys.readouterr().err and untouched(tmp_path / "o")
+    # nor inside a hybrid's folder (here the student's), which a conversion with --overwrite replaces
+    # whole; nor a conversion inside a run's
+    assert distill.main(args(setup, os.path.join(setup["hybrid"], "run"))) == 2
+    assert "a hybrid folder (conversion.json)" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(setup["hybrid"], "run"))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "run.json").write_text("{}")
+    assert convert.main(["--teacher", setup["teacher"], "--out", str(tmp_path / "done" / "h")]) == 2
+    assert "a run folder (run.json)" in capsys.readouterr().err and os.listdir(tmp_path / "done") == ["run.json"]
     # a folder that holds no run is said as such, not met with advice (--overwrite) that is then refused
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
