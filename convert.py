@@ -887,6 +887,9 @@ def _parse_args(argv):
                 a = distill.parse_args(argv, prog="convert.py --distill-args (distill.py's options)", chain=True)
             except ValueError as e:
                 p.error(f"--distill-args (distill.py's options): {e}")
+            if stage == 1 and not budgets[1] and a.stage2_given:
+                p.error(f"--distill-args {' and '.join(a.stage2_given)}: Stage 2's options, and --distill-tokens "
+                        f"runs no Stage 2 (its second budget is 0): drop them")
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
             # takes: --tok is --tokens).
             # Nor stop a stage early: the next would start from an unfinished one.

@@ -1162,6 +1162,7 @@ def parse_args(argv, prog=None, chain=False):
                              f"Stage 2 only)")
         for k in STAGE2_ONLY:
             setattr(a, k, None)
+        a.stage2_given = given                      # (the chain refuses them where it runs no Stage 2)
     schedule_given = a.schedule is not None
     for k, v in STAGE_DEFAULTS[a.stage].items():
         if k != "micro_cap" and getattr(a, k) is None:

@@ -1078,6 +1078,8 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
                                           (["--distill-args", "--tok 999 --stud /etc --res"],
                                            "may not set --student, --tokens, --resume"),
                                           (["--distill-args", "--stop-after-steps 1"], "may not set --stop-after-steps"),
+                                          (["--distill-tokens", "128,0", "--distill-args", "--grad-ckpt 1"],
+                                           "--grad-ckpt: Stage 2's options, and --distill-tokens runs no Stage 2"),
                                           (["--distill-data", "BINARY"], "not UTF-8"),
                                           (["--distill-args", "--seq 16 --batch 2 --eval-data BINARY"], "--distill-args --eval-data: "),
                                           (["--distill-args", "--seq 16 --batch 2 --test-data EMPTY"], "holds no text"),
