@@ -567,6 +567,13 @@ def _prepare_out(path, overwrite, chain=False):
     full = os.path.isdir(path) and bool(os.listdir(path))
     ours = not full or os.path.exists(os.path.join(path, "conversion.json"))
     run = full and any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "distill.json"))
+    # A hybrid's folder has no subfolders of its own: one holding a hybrid or a run was put there
+    # (before such an --out was refused), and --overwrite would delete it.
+    inside = next((os.path.join(d, "") for d, _, _ in os.walk(path) if d != path and distill.project_folder(d)),
+                  None) if full else None
+    if inside:
+        raise ValueError(f"--out '{path}' holds another hybrid or run, in '{inside}', which --overwrite would "
+                         f"delete with it: move it out first, or choose another --out")
     if os.path.exists(path) and not overwrite and ours and not run:
         keep = ("pass --resume to run the chain from it (if converted with these settings), "
                 if chain and os.path.isfile(os.path.join(path, "conversion.json")) else "pass ")
@@ -887,7 +894,7 @@ def _parse_args(argv):
                 a = distill.parse_args(argv, prog="convert.py --distill-args (distill.py's options)", chain=True)
             except ValueError as e:
                 p.error(f"--distill-args (distill.py's options): {e}")
-            if stage == 1 and not budgets[1] and a.stage2_given:
+            if stage == 1 and not budgets[1] and a.stage2_given and not args.resume:
                 p.error(f"--distill-args {' and '.join(a.stage2_given)}: Stage 2's options, and --distill-tokens "
                         f"runs no Stage 2 (its second budget is 0): drop them")
             # What the chain sets itself, --distill-args may not change (under any spelling argparse
@@ -903,12 +910,14 @@ def _parse_args(argv):
                         f"--out, --distill-tokens, --distill-data, --seed, --device, --overwrite) and runs each "
                         f"stage to its end")
             if tokens:
+                if a.seq >= 2 and a.batch >= 1 and tokens < a.seq * a.batch:    # (distill.py's --tokens is this)
+                    p.error(f"--distill-tokens: Stage {stage}'s budget of {tokens} tokens is smaller than one step "
+                            f"(batch {a.batch} x seq {a.seq} = {a.batch * a.seq} tokens; --distill-args sets "
+                            f"--batch and --seq, distill.py's Stage {stage} defaults otherwise)")
                 try:
                     distill.check_shapes(a, 1)
-                except ValueError as e:                 # (its --tokens is --distill-tokens' budget here)
-                    p.error(f"--distill-tokens: Stage {stage}'s budget of {tokens} tokens: "
-                            f"{str(e).replace(f'--tokens {tokens} is', 'it is')} (--distill-args sets --batch "
-                            f"and --seq; distill.py's Stage {stage} defaults otherwise)")
+                except ValueError as e:
+                    p.error(f"--distill-args (distill.py's options): {e}")
                 for flag, path in (("--eval-data", a.eval_data), ("--test-data", a.test_data)):
                     try:                                # (binary, empty: said before the conversion)
                         if path and not distill.read_text(path).strip():
@@ -1000,7 +1009,9 @@ def _run_convert(args):
     progress = None
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
-        distill.warn_past_trained(teacher.config, {"--window": args.window, "--calib-len": args.calib_len})
+        calibrates = args.init in INIT_PHASES or args.policy in ("ar", "ga-s2")     # (AR, GA-S2: probe tokens)
+        distill.warn_past_trained(teacher.config, {"--window": args.window,
+                                                   **({"--calib-len": args.calib_len} if calibrates else {})})
         n = teacher.config.num_hidden_layers
         _keep_count(n, keep)
         ids = _eval_ids(args, tokenizer)
@@ -1204,7 +1215,9 @@ def _run_table(args):
     if n:
         _keep_hybrids(n, keeps, args.keeps)                    # impossible or coinciding --keeps: said now
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
-    distill.warn_past_trained(teacher.config, {"--window": args.window, "--calib-len": args.calib_len})
+    calibrates = any(i in INIT_PHASES for i in inits) or set(policies) - {"uniform"}
+    distill.warn_past_trained(teacher.config, {"--window": args.window,
+                                               **({"--calib-len": args.calib_len} if calibrates else {})})
     n = teacher.config.num_hidden_layers
     _keep_hybrids(n, keeps, args.keeps)
     ids, calib_text = _eval_ids(args, tokenizer), _calib_text_ids(args, tokenizer)
@@ -1327,8 +1340,8 @@ def _write_table(args, old, same, n, teacher_ppl, stats, stats_seconds, cache, c
 
 
 def _fmt_keep(v):
-    """A --keep fraction as a label: as a fraction of at most 16ths where it is one (0.25: 1/4), else
-    as given (0.3, 0.01)."""
+    """A --keep fraction as a label: as a fraction of at most 16ths where it is one (0.25: 1/4, 0.3:
+    3/10), else to 6 significant digits (0.01, 0.285714)."""
     from fractions import Fraction
     f = Fraction(v).limit_denominator(16)
     return str(f) if abs(float(f) - v) < 1e-12 else f"{v:g}"

@@ -343,12 +343,26 @@ def check_apart(out, written=None, **inputs):
     # Nor inside a hybrid's or a run's folder: a conversion or run into that folder replaces it whole.
     up = os.path.dirname(o)
     while up != os.path.dirname(up):
-        mark = next((f for f in ("conversion.json", "run.json") if os.path.isfile(os.path.join(up, f))), None)
+        mark = project_folder(up)
         if mark:
             raise ValueError(f"--out '{out}' lies inside '{up}', a {'hybrid' if mark == 'conversion.json' else 'run'} "
                              f"folder ({mark}), which a conversion or run into it with --overwrite would delete, "
                              f"this with it: choose an --out outside it")
         up = os.path.dirname(up)
+
+
+def project_folder(path):
+    """'conversion.json' where `path` is a hybrid's folder written by convert.py, 'run.json' where it
+    is a distill.py run's, else None (a file of that name written by something else does not count)."""
+    for name, key in (("conversion.json", "kept_layers"), ("run.json", "config")):
+        try:
+            with open(os.path.join(path, name)) as f:
+                record = json.load(f)
+        except (OSError, ValueError):                   # none there, not JSON
+            continue
+        if isinstance(record, dict) and key in record:
+            return name
+    return None
 
 
 def check_writable(path, what, overwrite=True, inputs=None):
@@ -1197,8 +1211,8 @@ def parse_args(argv, prog=None, chain=False):
         raise ValueError("--eval-every evaluates on --eval-data, which is 'none': give one or drop --eval-every")
     a.student, a.data, a.out = (os.path.abspath(x) for x in (a.student, a.data, a.out))
     check_apart(a.out, student=a.student, data=a.data, **{"eval data": a.eval_data, "test data": a.test_data})
-    if not os.path.isfile(a.out):           # (made once the student and data have loaded: said now if it cannot be)
-        check_writable(os.path.join(a.out, "run.json"), "--out")
+    if not (chain or os.path.isfile(a.out)):    # (made once the student and data have loaded: said now if it
+        check_writable(os.path.join(a.out, "run.json"), "--out")    # cannot be; the chain's, by convert.py)
     if os.path.isdir(a.data) and os.path.realpath(a.out).startswith(os.path.realpath(a.data) + os.sep):
         raise ValueError(f"--out '{a.out}' lies inside --data '{a.data}': the run's own .txt files would become "
                          f"training text; choose another --out")
@@ -1521,7 +1535,8 @@ def _distill(a):
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
     if dist.main:
-        warn_past_trained(AutoConfig.from_pretrained(a.student), {"--seq": a.seq, "--eval-window": a.eval_window})
+        warn_past_trained(AutoConfig.from_pretrained(a.student),
+                          {"--seq": a.seq, **({"--eval-window": a.eval_window} if a.eval_data or a.test_data else {})})
     torch.manual_seed(a.seed)
     try:
         s_tok = AutoTokenizer.from_pretrained(a.student)

@@ -1377,7 +1377,7 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":                         # only the PyTorch checks run here: what else is asked goes undone
         gpu_only = [f"--{k.replace('_', '-')}" for k in ("no_checks", "profile", "sweep", "methods", "dims", "lengths",
-                                                        "scan_bv", "results") if getattr(a, k) != p.get_default(k)]
+                                                        "scan_bv", "results", "overwrite") if getattr(a, k) != p.get_default(k)]
         if gpu_only:
             p.error(f"{', '.join(gpu_only)}: for the GPU run (benchmark, profile, sweep, results); this machine "
                     f"has no CUDA GPU, and here `python gdn_kernel.py` only runs the PyTorch checks")

@@ -863,9 +863,21 @@ def test_out_teacher_and_resume_are_checked_before_the_corpus_is_read(setup, tmp
     assert "a hybrid folder (conversion.json)" in capsys.readouterr().err
     assert not os.path.exists(os.path.join(setup["hybrid"], "run"))
     (tmp_path / "done").mkdir()
-    (tmp_path / "done" / "run.json").write_text("{}")
+    (tmp_path / "done" / "run.json").write_text('{"config": {"stage": 1}}')
     assert convert.main(["--teacher", setup["teacher"], "--out", str(tmp_path / "done" / "h")]) == 2
     assert "a run folder (run.json)" in capsys.readouterr().err and os.listdir(tmp_path / "done") == ["run.json"]
+    (tmp_path / "theirs").mkdir()                       # a run.json of another tool's does not count
+    (tmp_path / "theirs" / "run.json").write_text('{"experiment": "x"}')
+    distill.check_apart(str(tmp_path / "theirs" / "h"))
+    # and a hybrid folder that holds one already (made before this was refused) is not overwritten
+    shutil.copytree(setup["hybrid"], tmp_path / "h")
+    (tmp_path / "h" / "run").mkdir()
+    (tmp_path / "h" / "run" / "run.json").write_text('{"config": {"stage": 1}}')
+    for extra in ([], ["--overwrite"]):
+        assert convert.main(["--teacher", setup["teacher"], "--out", str(tmp_path / "h"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "holds another hybrid or run, in '" + str(tmp_path / "h" / "run") in err and "pass --" not in err
+    assert os.path.isfile(tmp_path / "h" / "run" / "run.json")
     # a folder that holds no run is said as such, not met with advice (--overwrite) that is then refused
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
@@ -1065,8 +1077,9 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
 @pytest.mark.parametrize("bad, message", [(["--distill-data", "/no/such/text"], "--distill-data '/no/such/text' is neither a text file"),
                                           (["--distill-args", "--bogus 1"], "unrecognized arguments"),
                                           (["--distill-tokens", "100,64", "--distill-args", "--eval-data none --test-data none"],
-                                           "--distill-tokens: Stage 1's budget of 100 tokens: it is smaller than one step"),
-                                          (["--distill-args", "--seq 1 --eval-data none --test-data none"], "--seq must be >= 2"),
+                                           "--distill-tokens: Stage 1's budget of 100 tokens is smaller than one step (batch 96 x seq 512"),
+                                          (["--distill-args", "--seq 1 --eval-data none --test-data none"],
+                                           "--distill-args (distill.py's options): --seq must be >= 2"),
                                           (["--distill-args", "--eval-data /no/such.txt"], "--distill-args (distill.py's options): --eval-data"),
                                           (["--out", ""], "--distill-tokens needs --out"),
                                           (["--distill-tokens", "0,0"], "runs no stage"),
@@ -1088,20 +1101,26 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
                                            "--schedule constant never reads it"),
                                           (["--distill-args", "--seq 16 --batch 2 --eval-data SMALL --eval-window 4096"],
                                            "--distill-args --eval-data"),      # (tokenized before converting)
-                                          (["--overwrite"], "'STAGE1' is a folder that holds no distill.py run")])
+                                          (["--overwrite"], "'STAGE1' is a folder that holds no distill.py run"),
+                                          (["--out", "AFILE/h", "--distill-args", "--seq 16 --batch 4 --eval-data none --test-data none"], "error: --out 'AFILE/h/config.json': 'AFILE' is not a "
+                                                                 "folder this process can write in")])
 def test_convert_chain_checks_its_inputs_before_converting(setup, tmp_path, capsys, bad, message):
     out = tmp_path / "h"
     if "--overwrite" in bad:                   # a stage's folder in the way, holding something else
         (tmp_path / "h-stage1").mkdir()
         (tmp_path / "h-stage1" / "notes.txt").write_text("not a run: --overwrite may not delete it")
         message = message.replace("STAGE1", str(tmp_path / "h-stage1"))
+    (tmp_path / "afile").write_text("a file, not a folder")
+    message = message.replace("AFILE", str(tmp_path / "afile"))
+    if "AFILE/h" in bad:
+        out = tmp_path / "afile" / "h"
     (tmp_path / "short.txt").write_text("short")
     (tmp_path / "binary.txt").write_bytes(bytes(range(128, 256)) * 8)
     (tmp_path / "empty.txt").write_text(" \n")
     (tmp_path / "small.txt").write_text("Some words. " * 200)      # 2,400 bytes, fewer tokens than 4096
     bad = [str(tmp_path / "short.txt") if a == "SHORT" else
            a.replace("BINARY", str(tmp_path / "binary.txt")).replace("EMPTY", str(tmp_path / "empty.txt"))
-           .replace("SMALL", str(tmp_path / "small.txt")) for a in bad]
+           .replace("SMALL", str(tmp_path / "small.txt")).replace("AFILE", str(tmp_path / "afile")) for a in bad]
     argv = ["--teacher", setup["teacher"], "--keep", "1/2", "--out", str(out), "--no-sample",
             "--distill-tokens", "128,64", "--distill-data", setup["train"]] + bad
     try:

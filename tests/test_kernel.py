@@ -442,7 +442,8 @@ def test_gpu_run_checks_its_results_folder_first(monkeypatch, tmp_path, capsys):
     assert (tmp_path / "kernel_bench.json").read_text() == "earlier" and sorted(os.listdir(tmp_path)) == ["file", "kernel_bench.json"]
 
 
-@pytest.mark.parametrize("argv", [["--no-checks"], ["--profile"], ["--sweep"], ["--dims", "128"], ["--methods", "triton"]])
+@pytest.mark.parametrize("argv", [["--no-checks"], ["--profile"], ["--sweep"], ["--dims", "128"], ["--methods", "triton"],
+                                  ["--overwrite"]])
 def test_cpu_run_refuses_what_only_a_gpu_run_does(argv, monkeypatch, capsys):
     """Without a GPU `python gdn_kernel.py` runs only the PyTorch checks: a flag for the GPU run is
     refused, not left undone with exit 0 (--no-checks ran nothing at all)."""
