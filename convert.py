@@ -553,6 +553,14 @@ def calib_ids(args, tokenizer, part=0, ids=None):
     return ids[part * need:(part + 1) * need].view(args.calib_seqs, args.calib_len)
 
 
+def _warn_lengths(args, teacher, inits, policies):
+    """distill.warn_past_trained for the perplexity window, and for the calibration sequences where
+    an init or a policy reads them (AR and GA-S2 score on the next block of the same text)."""
+    calibrates = any(i in INIT_PHASES for i in inits) or any(p != "uniform" for p in policies)
+    distill.warn_past_trained(teacher.config, {"--window": args.window,
+                                               **({"--calib-len": args.calib_len} if calibrates else {})})
+
+
 def _prepare_out(path, overwrite, chain=False):
     """Fail before any work if --out exists and may not be replaced; else a temporary sibling folder
     (beside the folder a link as --out points to: that folder is what gets replaced). chain: a
@@ -1009,9 +1017,7 @@ def _run_convert(args):
     progress = None
     try:
         teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
-        calibrates = args.init in INIT_PHASES or args.policy in ("ar", "ga-s2")     # (AR, GA-S2: probe tokens)
-        distill.warn_past_trained(teacher.config, {"--window": args.window,
-                                                   **({"--calib-len": args.calib_len} if calibrates else {})})
+        _warn_lengths(args, teacher, [args.init], [args.policy])
         n = teacher.config.num_hidden_layers
         _keep_count(n, keep)
         ids = _eval_ids(args, tokenizer)
@@ -1215,9 +1221,7 @@ def _run_table(args):
     if n:
         _keep_hybrids(n, keeps, args.keeps)                    # impossible or coinciding --keeps: said now
     teacher, tokenizer, source = load_teacher(args.teacher, args.device, getattr(torch, args.dtype))
-    calibrates = any(i in INIT_PHASES for i in inits) or set(policies) - {"uniform"}
-    distill.warn_past_trained(teacher.config, {"--window": args.window,
-                                               **({"--calib-len": args.calib_len} if calibrates else {})})
+    _warn_lengths(args, teacher, inits, policies)
     n = teacher.config.num_hidden_layers
     _keep_hybrids(n, keeps, args.keeps)
     ids, calib_text = _eval_ids(args, tokenizer), _calib_text_ids(args, tokenizer)
