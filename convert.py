@@ -575,23 +575,24 @@ def _prepare_out(path, overwrite, chain=False):
     full = os.path.isdir(path) and bool(os.listdir(path))
     ours = not full or os.path.exists(os.path.join(path, "conversion.json"))
     run = full and any(os.path.exists(os.path.join(path, f)) for f in ("run.json", "distill.json"))
-    # A hybrid's folder has no subfolders of its own: one holding a hybrid or a run was put there
-    # (before such an --out was refused), and --overwrite would delete it.
-    inside = next((os.path.join(d, "") for d, _, _ in os.walk(path) if d != path and distill.project_folder(d)),
-                  None) if full else None
-    if inside:
-        raise ValueError(f"--out '{path}' holds another hybrid or run, in '{inside}', which --overwrite would "
-                         f"delete with it: move it out first, or choose another --out")
-    if os.path.exists(path) and not overwrite and ours and not run:
-        keep = ("pass --resume to run the chain from it (if converted with these settings), "
-                if chain and os.path.isfile(os.path.join(path, "conversion.json")) else "pass ")
-        raise ValueError(f"--out '{path}' already exists: {keep}--overwrite to replace it, or choose another folder")
     if not ours:
         raise ValueError(f"--out '{path}' is a folder that holds no hybrid written by convert.py (no conversion.json), "
                          f"which --overwrite does not replace: choose another --out")
     if run:
         raise ValueError(f"--out '{path}' holds a distill.py run (its hybrid carries the conversion.json it started "
                          f"from), which --overwrite does not replace: choose another --out")
+    # A hybrid's folder has no subfolders of its own: one holding a hybrid or a run was put there
+    # (before such an --out was refused), and --overwrite would delete it. (Walked only once the
+    # folder is known to be a hybrid's: small.)
+    inside = next((os.path.join(d, "") for d, _, _ in os.walk(path) if d != path and distill.project_folder(d)),
+                  None) if full else None
+    if inside:
+        raise ValueError(f"--out '{path}' holds another hybrid or run, in '{inside}', which --overwrite would "
+                         f"delete with it: move it out first, or choose another --out")
+    if os.path.exists(path) and not overwrite:
+        keep = ("pass --resume to run the chain from it (if converted with these settings), "
+                if chain and os.path.isfile(os.path.join(path, "conversion.json")) else "pass ")
+        raise ValueError(f"--out '{path}' already exists: {keep}--overwrite to replace it, or choose another folder")
     distill.check_writable(os.path.join(path, "config.json"), "--out")
     real = os.path.realpath(path)
     parent = os.path.dirname(real)

@@ -1534,9 +1534,10 @@ def _distill(a):
         if dist.main:
             print(f"{a.out} is complete already (distill.json); nothing to do")
         return None
+    s_config = AutoConfig.from_pretrained(a.student)
     if dist.main:
-        warn_past_trained(AutoConfig.from_pretrained(a.student),
-                          {"--seq": a.seq, **({"--eval-window": a.eval_window} if a.eval_data or a.test_data else {})})
+        warn_past_trained(s_config, {"--seq": a.seq, **({"--eval-window": a.eval_window}
+                                                        if a.eval_data or a.test_data else {})})
     torch.manual_seed(a.seed)
     try:
         s_tok = AutoTokenizer.from_pretrained(a.student)
@@ -1562,7 +1563,7 @@ def _distill(a):
     teacher, t_tok, _ = load_teacher(spec, dist.device, dtype)
     for p in teacher.parameters():
         p.requires_grad_(False)
-    _check_teacher(teacher, t_tok, AutoConfig.from_pretrained(a.student), s_tok, conversion)
+    _check_teacher(teacher, t_tok, s_config, s_tok, conversion)
     # fp32 master weights whatever the folder holds (convert.py saves bf16 on a GPU): AdamW steps of
     # lr 7e-6 are below bf16's resolution and would leave most weights where they were.
     try:
