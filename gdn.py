@@ -58,7 +58,11 @@ prefill feeds them over several forwards). Pads between real tokens (a left-padd
 after cached tokens, pads inside a row, real tokens fed after a right-padded chunk) are refused where
 the layer has a short conv: its window would carry the real inputs into the pads' k and v, and the
 pads' zeros into the next real tokens' window. Every mask form HF builds is read (2-D, 4-D,
-flex_attention's BlockMask); another is refused rather than ignored.
+flex_attention's BlockMask); another is refused rather than ignored. One shows less: a sliding
+window's over a static cache (Mistral's, under a chunked prefill) holds only the window's keys, not
+every cached position, so there only a query that attends to nothing is known to be a pad (the
+pads before a row's first real token; others pass as tokens), and each layer's check leaves on the
+cache which rows have begun, for the next chunk.
 """
 
 import logging
@@ -277,19 +281,26 @@ class GatedDeltaNet(nn.Module):
         of this forward's real outputs; the cache is marked, and refused if real tokens follow."""
         past = cache.get_seq_length(self.layer_idx) if cache is not None else 0
         keys = getattr(self, "real_keys", None)
+        # The rows whose cached tokens were all pads, as this layer's last check left them at that cache
+        # length (a length since grown or cut: unknown, every row taken to have begun: refused, not mixed)
+        length, unstarted = getattr(cache, "gdn_unstarted", {}).get(self.layer_idx, (-1, None))
         if keys is not None and keys.shape[1] == past + T:             # every position of the row known
             real = keys
-        else:                                     # only this chunk's; the cache may hold real tokens
-            real = torch.cat([torch.ones_like(pad[:, :1]) if past else pad[:, :0], ~pad], 1) if pad is not None \
-                else None
+        elif pad is not None:                     # only this chunk's (a sliding window's mask shows no more)
+            begun = ~unstarted if length == past and unstarted.shape[0] == pad.shape[0] else torch.ones_like(pad[:, 0])
+            real = torch.cat([begun[:, None], ~pad], 1) if past else ~pad
+        else:
+            real = None
         tail = getattr(cache, "gdn_pad_tail", 0)            # the cache length its right padding ends at
         after_tail = 0 < tail <= past and (pad is None or bool((~pad).any()))
         if after_tail or (real is not None and _pads_between_real(real)):
             raise ValueError("pads between real tokens of a row (after cached or earlier ones, before later ones): "
                              "a GDN layer's short conv would mix the real inputs into the pads and the pads into "
                              "the next tokens; pad prompts on the left only")
-        if cache is not None and real is not None and bool((~real[:, -1] & real.any(1)).any()):
-            cache.gdn_pad_tail = past + T         # right padding: what follows it would be mixed in
+        if cache is not None and real is not None:
+            if bool((~real[:, -1] & real.any(1)).any()):
+                cache.gdn_pad_tail = past + T     # right padding: what follows it would be mixed in
+            cache.gdn_unstarted = {**getattr(cache, "gdn_unstarted", {}), self.layer_idx: (past + T, ~real.any(1))}
 
     def step_state(self, x, cache):
         """(S, conv state) of this layer where decoding x [B, 1, d] takes the one-kernel step
@@ -397,9 +408,11 @@ def _gdn_cache_class(base):
     if base in _GDN_CACHE_CLASSES:
         return _GDN_CACHE_CLASSES[base]
 
-    def each(cache, fn):                                     # fn(tensor) -> tensor, applied to S and conv
+    def each(cache, fn):                     # fn(tensor) -> tensor, applied to S and conv (and per row marks)
         for i, (S, conv) in list(cache.gdn_state.items()):
             cache.gdn_state[i] = (fn(S), None if conv is None else fn(conv))
+        for i, (length, rows) in list(getattr(cache, "gdn_unstarted", {}).items()):
+            cache.gdn_unstarted[i] = (length, fn(rows))
 
     class GDNCache(base):
         def reorder_cache(self, beam_idx):                   # in place: CUDA graphs stay valid
@@ -417,7 +430,7 @@ def _gdn_cache_class(base):
         def reset(self):
             super().reset()
             each(self, torch.Tensor.zero_)
-            self.gdn_rewound, self.gdn_pad_tail = False, 0
+            self.gdn_rewound, self.gdn_pad_tail, self.gdn_unstarted = False, 0, {}
 
         def crop(self, *args, **kwargs):
             before = self.get_seq_length()

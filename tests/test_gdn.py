@@ -467,18 +467,21 @@ def test_right_padding_then_more_tokens_refused_with_a_conv(monkeypatch):
         model(prompt, past_key_values=cache)
 
 
-def test_left_padding_over_a_chunked_prefill():
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma3_text"])
+def test_left_padding_over_a_chunked_prefill(family):
     """generate's prefill_chunk_size feeds a prompt in chunks, so a row's left pads can fill whole
     chunks and reach the next one after cached tokens that are pads too: accepted (the conv window has
     seen only zeros), and the tokens equal an unchunked prefill's. With a static cache generate sizes
-    every layer's slots before the first chunk, K/V-shaped, for the GDN layers' placeholders too."""
+    every layer's slots before the first chunk, K/V-shaped, for the GDN layers' placeholders too.
+    Mistral's only mask is its sliding window's (8 keys here, fewer than the 12 pads): it does not show
+    which cached positions are pads, which the cache then has to remember."""
     torch.manual_seed(0)
-    model = hybridize(tiny_model("llama"), [0, 1, 3], conv_size=4).eval()
+    model = hybridize(tiny_model(family), [0, 1, 3], conv_size=4).eval()
     for m in gdn_modules(model).values():
         torch.nn.init.normal_(m.conv.weight, std=0.5)
-    ids = torch.randint(3, 128, (2, 10))
-    mask = torch.ones(2, 10, dtype=torch.long)
-    mask[0, :6] = 0
+    ids = torch.randint(3, 128, (2, 18))
+    mask = torch.ones(2, 18, dtype=torch.long)
+    mask[0, :12] = 0
     kw = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False)
     with torch.no_grad():
         want = model.generate(ids, **kw)
