@@ -11,7 +11,10 @@ hook, the layer's attention probabilities are recomputed from the module's own w
                                                                        module's biases too: Qwen2's q,
                                                                        k, v have them, a GDN layer not)
     a_ij = softmax_j( s_ij + mask_ij ),  s_ij = scaling * q_i . k_j   (mask: causal, and for sliding-
-           (with a softcap: s_ij -> cap * tanh(s_ij / cap))            window layers j > i - window)
+                                                                       window layers j > i - window;
+                                                                       no score softcap: Gemma 3's
+                                                                       config has one, its attention
+                                                                       does not apply it)
 
 one block of query rows at a time, so memory is O(heads x block x L) per sequence, never the whole
 [N, H, L, L] map of every layer at once. Grouped-query teachers: k and v heads are repeated up to the
@@ -155,7 +158,6 @@ def _layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIS
     q, k, v = q.float(), k.float(), v.float()
     B, H, T, D = q.shape
     scaling = float(attn.scaling)
-    softcap = getattr(attn, "attn_logit_softcapping", None)
     window = getattr(attn, "sliding_window", None)
     config = getattr(attn, "config", None)
     if window is None and getattr(config, "model_type", None) == "mistral":
@@ -170,8 +172,6 @@ def _layer_statistics(attn, x, position_embeddings, block=QUERY_BLOCK, floor=DIS
         for i0 in range(0, T, block):
             i1 = min(T, i0 + block)
             s = (q[b, :, i0:i1] @ k[b, :, :i1].transpose(-1, -2)) * scaling      # [H, Tq, i1]
-            if softcap:                                                         # Gemma2-style cap
-                s = torch.tanh(s / softcap) * softcap
             qpos = keys[i0:i1]
             allowed = keys[None, :i1] <= qpos[:, None]                          # causal
             if window:
