@@ -712,8 +712,11 @@ def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale=None, initial_state=No
         raise ValueError(f"the Triton kernel holds head dims up to {MAX_HEAD_DIM} (bf16/fp16; "
                          f"{MAX_HEAD_DIM_FP32} for fp32); got Dk={q.shape[-1]}, "
                          f"Dv={v.shape[-1]} (chunk_gated_delta_rule falls back to the PyTorch form)")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dt = _operand_dtype(q, k, v)
+    if dt == torch.bfloat16 and not q.is_cuda:
+        raise ValueError("bf16 on a CPU: Triton's interpreter multiplies bf16 tiles wrongly (tl.dot, Triton 3.9); "
+                         "pass fp32 or fp16 there, or use chunk_gated_delta_rule_torch")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
     g, beta = g.contiguous(), beta.contiguous()
     h0 = None if initial_state is None else initial_state.contiguous()

@@ -1290,6 +1290,23 @@ def test_linear_decode_equals_linear():
         convert._linear_op = real
 
 
+def test_bf16_decoding_on_a_cpu_stays_off_the_interpreter():
+    """Triton's interpreter multiplies bf16 tiles wrongly (tl.dot: errors of 1e10 at two rows), so on
+    a CPU bf16 decoding takes PyTorch's product and attention even under TRITON_INTERPRET=1; fp32
+    takes the kernels there (the tests above)."""
+    import convert
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 64).bfloat16(), torch.randn(96, 64).bfloat16()
+    q, K, V = torch.randn(2, 4, 32).bfloat16(), torch.randn(2, 2, 10, 32).bfloat16(), torch.randn(2, 2, 10, 32).bfloat16()
+    with torch.no_grad():
+        torch.testing.assert_close(convert._linear_decode(x, w).float(), x.float() @ w.float().T, rtol=2e-2, atol=0.3)
+        o, _ = convert._flash_decode_attention(None, q[:, :, None], K, V, None, scaling=32 ** -0.5)
+        p = torch.softmax(torch.einsum("bhd,bhld->bhl", q.float(), K.float().repeat_interleave(2, 1)) * 32 ** -0.5, -1)
+        want = torch.einsum("bhl,bhld->bhd", p, V.float().repeat_interleave(2, 1))
+        torch.testing.assert_close(o.float().reshape(want.shape), want, rtol=2e-2, atol=2e-2)
+    assert convert._triton_decodes(x.float()) == (convert.triton is not None and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
                     reason="runs the Triton kernels: a GPU, or TRITON_INTERPRET=1 (the README's test command)")
 def test_decode_kernels_fold_rmsnorm_and_residual():

@@ -139,11 +139,19 @@ def test_triton_noncontiguous_inputs():
 
 
 @needs_triton
-@pytest.mark.skipif(INTERPRET, reason="the Triton interpreter (3.9) returns garbage for bf16 tl.dot; "
-                                      "bf16 is checked on the GPU by `python gdn_kernel.py`")
+def test_triton_bf16_on_a_cpu_is_refused():
+    """The Triton interpreter (3.9) returns garbage for a bf16 tl.dot: bf16 CPU tensors are refused,
+    not computed (bf16 is checked on the GPU, below and by `python gdn_kernel.py`)."""
+    xs = inputs(1, 8, 1, 16, 16, dtype=torch.bfloat16, device="cpu")
+    with pytest.raises(ValueError, match="bf16 on a CPU"):
+        gk.chunk_gated_delta_rule_triton(*xs[:5])
+
+
+@pytest.mark.skipif(gk.triton is None or not torch.cuda.is_available(),
+                    reason="compiled Triton on CUDA only: the interpreter's bf16 tl.dot is wrong (see above)")
 def test_triton_bf16_forward_close():
     """bf16 operands on the tensor cores: a loose check (the tight ones run on the GPU)."""
-    xs = inputs(1, 80, 2, 32, 32, dtype=torch.bfloat16, seed=11)
+    xs = inputs(1, 80, 2, 32, 32, dtype=torch.bfloat16, device="cuda", seed=11)
     o, S = gk.chunk_gated_delta_rule_triton(*xs[:5], initial_state=xs[5], output_final_state=True)
     o2, S2 = gk.recurrent_gated_delta_rule(*[x.double() for x in xs[:5]], initial_state=xs[5].double(),
                                             output_final_state=True)
