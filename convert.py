@@ -616,7 +616,7 @@ def _publish(tmp, path):
     old, done = None, False
     try:
         if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".old-")
+            old = tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.old-")
             os.replace(path, os.path.join(old, "x"))
         os.replace(tmp, path)
         done = True
@@ -625,6 +625,22 @@ def _publish(tmp, path):
             if not done and os.path.exists(os.path.join(old, "x")):
                 os.replace(os.path.join(old, "x"), path)    # (if this fails, the old folder stays in `old`)
             shutil.rmtree(old, ignore_errors=True)
+
+
+def _clear_beside(path):
+    """Holding --out's lock (so no live run's): a replacement of --out that a kill cut between its two
+    renames (_publish) left the old hybrid in .NAME.old-*/x and no --out, and it is put back; then
+    what killed runs left beside --out goes (unfinished hybrids, .NAME.tmp-*; replaced ones, .NAME.old-*)."""
+    real = os.path.realpath(path)
+    parent, name = os.path.split(real)
+    if not os.path.lexists(real) and os.path.isdir(parent):
+        olds = [os.path.join(parent, f, "x") for f in os.listdir(parent)
+                if re.fullmatch(re.escape(f".{name}.old-") + r"[A-Za-z0-9_]{8}", f)]
+        olds = sorted((o for o in olds if os.path.isdir(o)), key=os.path.getmtime)
+        if olds:
+            os.replace(olds[-1], real)
+            print(f"put back {path} from {os.path.dirname(olds[-1])}, where a run killed while replacing it left it")
+    distill.remove_left_beside(path, ("tmp", "old"))
 
 
 class _LayerProgress:
@@ -949,7 +965,13 @@ def _request(args, init_opts):
             "probe_init": probe, "init_opts": _given_opts(init_opts), "conv_size": args.conv_size,
             "seed": args.seed, "dtype": args.dtype,
             "calib_data": os.path.abspath(args.calib_data) if args.calib_data else "builtin",
+            "calib_text": _text_digest(args.calib_data) if args.calib_data else None,    # (edited in place)
             "calib": [args.calib_seqs, args.calib_len], "scores": args.scores and os.path.abspath(args.scores)}
+
+
+def _text_digest(path):
+    """16 hex digits of a sha1 over a text file's text (as distill.read_text reads it)."""
+    return hashlib.sha1(distill.read_text(path, "auto").encode()).hexdigest()[:16]
 
 
 def _converted_already(args, init_opts):
@@ -973,7 +995,7 @@ def _converted_already(args, init_opts):
     if had is None:
         raise ValueError(f"--resume: '{args.out}' records no conversion request (written before --resume "
                          f"existed): convert afresh (--overwrite), or resume each stage with distill.py --resume")
-    differ = [k for k in want if had.get(k) != want[k]
+    differ = [k for k in want if had.get(k) != want[k] and (k in had or k != "calib_text")   # (recorded since 2026-11-29)
               and not (k == "init_opts" and _same_effect(had[k] or {}, want[k], (want["init"], want["probe_init"])))]
     if differ:
         raise ValueError(f"--resume: the hybrid in '{args.out}' was converted with other " + ", ".join(
@@ -3050,21 +3072,25 @@ def _bench_comparison(rows):
 
 def main(argv=None):
     args = None
-    try:
-        args = _parse_args(argv)
-        torch.manual_seed(args.seed)
-        if args.bench:
-            _run_bench(args)
-            return 0
-        _run_table(args) if args.table else _run_convert(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:               # (a conversion's temporary --out is gone: its finally ran)
-        converting = args is not None and not (args.bench or args.table)
-        print("interrupted" + (": --out is as it was" if converting else ""), file=sys.stderr)
-        return 130
-    return _run_distill_chain(args) if args.distill_tokens else 0
+    with contextlib.ExitStack() as held:
+        try:
+            args = _parse_args(argv)
+            torch.manual_seed(args.seed)
+            if args.bench:
+                _run_bench(args)
+                return 0
+            if not args.table and args.out:         # (the chain's stages lock their own folders)
+                held.enter_context(distill.output_lock(args.out))
+                _clear_beside(args.out)
+            _run_table(args) if args.table else _run_convert(args)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:               # (a conversion's temporary --out is gone: its finally ran)
+            converting = args is not None and not (args.bench or args.table)
+            print("interrupted" + (": --out is as it was" if converting else ""), file=sys.stderr)
+            return 130
+        return _run_distill_chain(args) if args.distill_tokens else 0
 
 
 if __name__ == "__main__":

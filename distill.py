@@ -82,6 +82,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -326,6 +327,59 @@ def _fsync(path, flags):
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(path):
+    """Held while a run writes `path` (a hybrid's or a run's folder): another run of this project into
+    the same path meanwhile is refused, rather than the two deleting and interleaving each other's
+    files. An advisory lock (fcntl.flock) on a file named by the path's real location, kept in the
+    system's temporary folder (nothing is written beside `path` before the run's own checks); the
+    system drops it when the process ends, however it ends. Where there is no flock (Windows), or no
+    lock file can be made, nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    fd = None
+    if fcntl is not None:
+        folder = os.path.join(tempfile.gettempdir(), "taylor-calibrate-locks")
+        name = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:16] + ".lock"
+        try:
+            if not os.path.isdir(folder):
+                os.makedirs(folder, exist_ok=True)
+                os.chmod(folder, 0o1777)                # shared as /tmp is: any user's runs lock there
+            fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError:
+            fd = None
+    if fd is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ValueError(f"'{path}' is being written by another run, still going: wait for it to end, or "
+                             f"choose another output") from None
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def remove_left_beside(path, kinds):
+    """Folders a killed run into `path` left beside it, named .NAME.KIND-XXXXXXXX (tempfile's 8
+    characters; KIND from `kinds`), deleted, each said. Call it holding output_lock(path): then no live
+    run's folder is among them."""
+    real = os.path.realpath(path)
+    parent, name = os.path.split(real)
+    if not os.path.isdir(parent):
+        return
+    pattern = re.compile(re.escape(f".{name}.") + f"({'|'.join(map(re.escape, kinds))})-" + r"[A-Za-z0-9_]{8}")
+    for f in sorted(os.listdir(parent)):
+        full = os.path.join(parent, f)
+        if pattern.fullmatch(f) and os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full, ignore_errors=True)
+            print(f"removed {full}, left by a run into {path} that was killed")
 
 
 def check_apart(out, written=None, **inputs):
@@ -1430,7 +1484,7 @@ def _start_run_folder(a, config, inputs, dist):
         if os.path.exists(real):
             # Moved aside, then deleted: a kill leaves the old run gone or whole (in a .trash- folder
             # beside it), never a run folder that has lost its run.json.
-            trash = tempfile.mkdtemp(dir=os.path.dirname(real), prefix=".trash-")
+            trash = tempfile.mkdtemp(dir=os.path.dirname(real), prefix=f".{os.path.basename(real)}.trash-")
             try:
                 os.replace(real, os.path.join(trash, "run"))
             except OSError:
@@ -1571,6 +1625,8 @@ def _distill(a):
     except Exception as e:                          # missing, truncated or corrupt weights (SafetensorError)
         raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if dist.main:
+        remove_left_beside(a.out, ("trash",))
     if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
         if dist.main:
             _remove_leftovers(a.out, (".tmp-", ".final.tmp-"))      # (checkpoints/ keeps its own in order)
@@ -1793,7 +1849,8 @@ def main(argv=None, chain=False):
     try:
         a = parse_args(argv, chain=chain)
         a.arguments = shlex.join(argv)          # recorded: the command line is convert.py's in its chain
-        _distill(a)
+        with output_lock(a.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+            _distill(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

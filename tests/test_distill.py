@@ -532,9 +532,13 @@ def test_overwrite_moves_the_old_run_aside_first(setup, tmp_path, capsys, monkey
             distill._start_run_folder(SimpleNamespace(out=str(out)), {}, {}, dist)
     assert not out.exists()
     [trash] = os.listdir(tmp_path / "runs")
-    assert trash.startswith(".trash-") and (tmp_path / "runs" / trash / "run" / "run.json").exists()
-    shutil.move(str(tmp_path / "runs" / trash / "run"), str(out))
-    os.rmdir(tmp_path / "runs" / trash)
+    assert trash.startswith(".run.trash-") and (tmp_path / "runs" / trash / "run" / "run.json").exists()
+    shutil.copytree(str(tmp_path / "runs" / trash / "run"), str(out))
+    with distill.output_lock(str(out)):                  # another run into it, still going: refused
+        assert distill.main(args(setup, out, 1, extra=["--resume"])) == 2
+    assert "being written by another run" in capsys.readouterr().err and os.path.isdir(tmp_path / "runs" / trash)
+    assert distill.main(args(setup, out, 1, extra=["--resume", "--stop-after-steps", "3", "--eval-every", "0"])) == 0
+    assert "left by a run into" in capsys.readouterr().out          # (the killed run's trash goes)
     link = tmp_path / "link"
     os.symlink(out, link)
     assert distill.main(args(setup, link, 1, extra=["--overwrite", "--stop-after-steps", "1", "--eval-every", "0"])) == 0
@@ -1035,8 +1039,9 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
     more = (f"--seq 16 --batch 4 --eval-data none --test-data {s['test']} --eval-window 32 --eval-max-windows 1 "
             f"--ckpt-every 0")
     argv = ["--teacher", s["teacher"], "--keep", "1/2", "--out", str(out), "--eval-data", s["valid"], "--window", "32",
-            "--max-windows", "1", "--no-sample", "--calib-seqs", "1", "--calib-len", "16", "--calib-data", s["train"],
-            "--distill-tokens", "128,64", "--distill-data", s["train"], "--distill-args", more]
+            "--max-windows", "1", "--no-sample", "--calib-seqs", "1", "--calib-len", "16", "--calib-data",
+            str(tmp_path / "calib.txt"), "--distill-tokens", "128,64", "--distill-data", s["train"], "--distill-args", more]
+    shutil.copy(s["train"], tmp_path / "calib.txt")
     assert convert.main(argv) == 0
     done = {f: open(f).read() for f in (out / "conversion.json", f"{out}-stage1/distill.json",
                                         f"{out}-stage2/distill.json")}
@@ -1046,6 +1051,11 @@ def test_convert_chain_resumes(setup, tmp_path, capsys):
     assert "pass --resume to continue the chain" in capsys.readouterr().err
     assert convert.main(argv + ["--init", "naive", "--resume"]) == 2
     assert "converted with other init ('taylor', not 'naive')" in capsys.readouterr().err
+    text = (tmp_path / "calib.txt").read_text()
+    (tmp_path / "calib.txt").write_text(text.replace("the", "THE"))              # edited in place
+    assert convert.main(argv + ["--resume"]) == 2
+    assert "converted with other calib_text" in capsys.readouterr().err
+    (tmp_path / "calib.txt").write_text(text)
     assert convert.main(argv + ["--resume"]) == 0
     assert "keeping the hybrid" in capsys.readouterr().out
     again = {f: open(f).read() for f in done}
