@@ -749,10 +749,14 @@ def layerwise(name, opts=None):
 # `python calibrate.py`: what each init and option is worth, layer by layer, on held-out tokens.
 # ----------------------------------------------------------------------------------------------
 
-def _write_ablation(args, source, layers, variants, rows):
-    """main()'s report of the variants in `rows`: json and md, each written atomically."""
+def _write_ablation(args, source, layers, variants, rows, asked):
+    """main()'s report of the variants in `rows` (of the labels `asked`): json and md, each written
+    atomically, a partial one (a run stopped or failed midway) marked as such."""
     import distill
-    md = [f"Per-layer teacher-forced MSE of one GDN layer vs its teacher attention layer (after W_o), teacher "
+    complete = len(variants) == len(asked)
+    md = ([] if complete else [f"**Partial**: {len(variants)} of the {len(asked)} variants asked for (the run stopped "
+                               f"before {', '.join(a for a in asked if a not in [v[0] for v in variants])}).", ""]) + [
+          f"Per-layer teacher-forced MSE of one GDN layer vs its teacher attention layer (after W_o), teacher "
           f"{source}, calibration {args.calib_data or 'builtin'} ({args.calib_seqs} x {args.calib_len} tokens); held-out = "
           f"the next {args.calib_seqs} x {args.calib_len} tokens of the same text. 'zero' = MSE of a layer that outputs 0.",
           "", "| variant | " + " | ".join(f"layer {i}: held-out start -> end (fit end)" for i in layers) + " |",
@@ -776,8 +780,8 @@ def _write_ablation(args, source, layers, variants, rows):
             if rs[0]["beta_off"] is not None:
                 md.append(f"| {label} | " + " | ".join(f"{r['beta_off']:.3f}, {r['beta_token_std']:.3f}" for r in rs) + " |")
     seeds = sorted({r["seed"] for r in rows})          # each variant's own (an option like any other)
-    distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "rows": rows,
-                                            "calib_data": args.calib_data,
+    distill.write_json(args.out + ".json", {"teacher": source, "layers": layers, "variants": asked,
+                                            "complete": complete, "rows": rows, "calib_data": args.calib_data,
                                             **distill.run_info(seeds[0] if len(seeds) == 1 else seeds, "cpu")})
     distill.write_atomic(args.out + ".md", "\n".join(md) + "\n")
 
@@ -871,10 +875,11 @@ def main(argv=None):
                 print(f"{label:50s} layer {i:2d}  held-out MSE start {start:.4f} -> end {rows[-1]['held_mse_end']:.4f}"
                       f"  (fit {r.get('loss_after', float('nan')):.4f})", flush=True)
             done = [v for v in variants if any(r["variant"] == v[0] for r in rows)]
-            _write_ablation(args, source, layers, done, rows)
-    except ValueError as e:
-        print(f"error: {e}" + (f" (the variants done are in {args.out}.json)" if done else ""), file=sys.stderr)
-        return 2
+            _write_ablation(args, source, layers, done, rows, [v[0] for v in variants])
+    except (ValueError, KeyboardInterrupt) as e:
+        said = f" (the variants done are in {args.out}.json, marked partial)" if done else ""
+        print(f"error: {e}{said}" if isinstance(e, ValueError) else f"interrupted{said}", file=sys.stderr)
+        return 2 if isinstance(e, ValueError) else 130
     print(open(args.out + ".md").read(), end="")
     return 0
 

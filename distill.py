@@ -1176,7 +1176,8 @@ def parse_args(argv, prog=None, chain=False):
     p.add_argument("--teacher", help="teacher spec for convert.load_teacher (default: the one recorded in "
                                      "the student's conversion.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out and start afresh")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out's run as this one starts (not "
+                   "once it ends: stopped or failed, it leaves nothing of the old one) and start afresh")
     g = p.add_argument_group("hyperparameters (default: the reference's for the stage)")
     g.add_argument("--seq", type=int, help="sequence length (1: 512, 2: 4096)")
     g.add_argument("--batch", type=int, help="global batch in sequences (1: 96, 2: 32)")
@@ -1846,6 +1847,7 @@ def main(argv=None, chain=False):
     argv = sys.argv[1:] if argv is None else argv
     if "--recovery" in argv:
         return _recovery_main(argv)
+    a = None
     try:
         a = parse_args(argv, chain=chain)
         a.arguments = shlex.join(argv)          # recorded: the command line is convert.py's in its chain
@@ -1858,8 +1860,9 @@ def main(argv=None, chain=False):
         print(f"error: {e}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
-        print("interrupted: the same command with --resume (in place of --overwrite) goes on from the last "
-              "checkpoint", file=sys.stderr)
+        instead = " (in place of --overwrite)" if a is not None and a.overwrite else ""
+        print(f"interrupted: the same command with --resume{instead} goes on from the run's last checkpoint (or "
+              f"starts it, where it made none)", file=sys.stderr)
         return 130
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -1106,11 +1106,18 @@ def _fla():
 
 
 def _write_atomic(path, text):
+    """A reader never sees half of `path`: the text goes to a temporary file beside it, made readable
+    as a plain open() would make it (mkstemp's is private) and flushed to disk, then renamed over it."""
     import tempfile
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     except BaseException:
         os.remove(tmp)

@@ -305,6 +305,9 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} not written", file=sys.stderr)
+        return 130
     for i, s in stats.items():
         print(f"layer {i:2d}  distance " + " ".join(f"{v:6.1f}" for v in s["distance"].tolist())
               + "   entropy " + " ".join(f"{v:4.2f}" for v in s["entropy"].tolist()))

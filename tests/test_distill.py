@@ -1368,7 +1368,9 @@ def test_ctrl_c_says_how_to_go_on(setup, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(distill, "_distill", lambda a: (_ for _ in ()).throw(KeyboardInterrupt))
     assert distill.main(args(setup, tmp_path / "run")) == 130
     err = capsys.readouterr().err
-    assert "with --resume (in place of --overwrite) goes on from the last checkpoint" in err and "Traceback" not in err
+    assert "with --resume goes on from the run's last checkpoint" in err and "Traceback" not in err
+    assert distill.main(args(setup, tmp_path / "run", extra=["--overwrite"])) == 130   # (--overwrite named only if given)
+    assert "with --resume (in place of --overwrite) goes on" in capsys.readouterr().err
 
 
 def test_a_teacher_with_other_weights_is_refused(setup, tmp_path, capsys, monkeypatch):

@@ -462,6 +462,16 @@ def test_cpu_run_refuses_what_only_a_gpu_run_does(argv, monkeypatch, capsys):
 
 
 def test_write_atomic_leaves_no_temporary_file(monkeypatch, tmp_path):
+    """A result file is readable as a plain open() makes it (not mkstemp's owner-only mode); a write
+    that fails leaves nothing beside it."""
+    mask = os.umask(0o022)
+    try:
+        gk._write_atomic(str(tmp_path / "ok.json"), "{}")
+    finally:
+        os.umask(mask)
+    assert os.stat(tmp_path / "ok.json").st_mode & 0o777 == 0o644
+    os.remove(tmp_path / "ok.json")
+
     def fail(src, dst):
         raise OSError("the rename fails")
     monkeypatch.setattr(gk.os, "replace", fail)

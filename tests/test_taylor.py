@@ -1079,7 +1079,7 @@ def test_layer_ablation_records_each_variants_seed(teacher_dir, tmp_path):
                            "--out", str(out)]) == 0
     r = json.loads((tmp_path / "ablation.json").read_text())
     assert [(row["variant"], row["seed"]) for row in r["rows"]] == [("taylor-phase1", 0), ("taylor-phase1:seed=3", 3)]
-    assert r["seed"] == [0, 3] and (tmp_path / "ablation.md").exists()
+    assert r["seed"] == [0, 3] and r["complete"] is True and not (tmp_path / "ablation.md").read_text().startswith("**")
     assert all(row["beta_off"] >= 0 and row["beta_token_std"] > 0 for row in r["rows"])     # Phase 1's write gate
     assert "off target, token std" in (tmp_path / "ablation.md").read_text()
     teacher, tok, _ = convert.load_teacher(teacher_dir)
@@ -1118,9 +1118,11 @@ def test_ablation_keeps_the_variants_done_when_one_fails(teacher_dir, tmp_path, 
                            "--calib-len", "32", "--variants", "taylor-phase1:seed=1000000000000000",
                            "align-only:steps=20:lr_qkv=1000:lr_gates=1000:keep_best=0", "--out", str(out)]) == 2
     assert "Phase 2 diverged to non-finite" in capsys.readouterr().err
-    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["taylor-phase1:seed=1000000000000000"]
-    assert "align-only" not in (tmp_path / "ablation.md").read_text()
+    r = json.loads((tmp_path / "ablation.json").read_text())
+    assert [row["variant"] for row in r["rows"]] == ["taylor-phase1:seed=1000000000000000"]
+    assert r["complete"] is False and len(r["variants"]) == 2                   # marked partial, both names
+    md = (tmp_path / "ablation.md").read_text()
+    assert md.startswith("**Partial**: 1 of the 2") and "| align-only" not in md
 
 
 def test_statistics_script_writes_what_collect_stats_measures(teacher_dir, tmp_path, capsys):
