@@ -851,6 +851,9 @@ def main(argv=None):
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"interrupted: {args.out} not written", file=sys.stderr)
+        return 130
     rows, done = [], []
     try:                              # the report is rewritten after each variant: an error or ^C keeps those done
         fit = collect_stats(teacher, fit_ids, layers=layers, floor=floor)

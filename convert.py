@@ -624,23 +624,29 @@ def _publish(tmp, path):
         if old:
             if not done and os.path.exists(os.path.join(old, "x")):
                 os.replace(os.path.join(old, "x"), path)    # (if this fails, the old folder stays in `old`)
+            elif done:                       # renamed first: a kill while deleting leaves no half of it as x
+                with contextlib.suppress(OSError):
+                    os.replace(os.path.join(old, "x"), os.path.join(old, "deleted"))
             shutil.rmtree(old, ignore_errors=True)
 
 
 def _clear_beside(path):
     """Holding --out's lock (so no live run's): a replacement of --out that a kill cut between its two
-    renames (_publish) left the old hybrid in .NAME.old-*/x and no --out, and it is put back; then
-    what killed runs left beside --out goes (unfinished hybrids, .NAME.tmp-*; replaced ones, .NAME.old-*)."""
+    renames (_publish) left the old hybrid in .NAME.old-*/x and no --out, and it is put back (the
+    newest, if several); then what killed runs left beside --out goes (unfinished hybrids, .NAME.tmp-*;
+    replaced ones, .NAME.old-*)."""
     real = os.path.realpath(path)
     parent, name = os.path.split(real)
-    if not os.path.lexists(real) and os.path.isdir(parent):
-        olds = [os.path.join(parent, f, "x") for f in os.listdir(parent)
-                if re.fullmatch(re.escape(f".{name}.old-") + r"[A-Za-z0-9_]{8}", f)]
-        olds = sorted((o for o in olds if os.path.isdir(o)), key=os.path.getmtime)
-        if olds:
-            os.replace(olds[-1], real)
-            print(f"put back {path} from {os.path.dirname(olds[-1])}, where a run killed while replacing it left it")
-    distill.remove_left_beside(path, ("tmp", "old"))
+    with contextlib.suppress(OSError):                   # (no parent yet, or one that cannot be read)
+        olds = [] if os.path.lexists(real) else [
+            os.path.join(parent, f, "x") for f in os.listdir(parent)
+            if re.fullmatch(re.escape(f".{name}.old-") + r"[a-z0-9_]{8}", f)
+            and os.path.isdir(os.path.join(parent, f, "x")) and os.listdir(os.path.join(parent, f)) == ["x"]]
+        if olds:                                         # (x is whole: _publish renames it before deleting it)
+            old = max(olds, key=lambda o: os.path.getmtime(os.path.dirname(o)))
+            os.replace(old, real)
+            print(f"put back {path} from {os.path.dirname(old)}, where a run killed while replacing it left it")
+    distill.remove_left_beside(path, {"tmp": None, "old": ["x", "deleted"]})
 
 
 class _LayerProgress:
@@ -1704,10 +1710,10 @@ if triton is not None:
 
 def _triton_decodes(x):
     """Where --bench's decoding kernels take x: Triton on CUDA, or on the CPU under
-    TRITON_INTERPRET=1 (the tests), there not in bf16: the interpreter's tl.dot multiplies bf16 tiles
-    wrongly (errors of 1e10 at two rows; Triton 3.9)."""
-    return triton is not None and (x.is_cuda or (os.environ.get("TRITON_INTERPRET", "0") == "1"
-                                                 and x.dtype != torch.bfloat16))
+    TRITON_INTERPRET=1 (the tests); under the interpreter not in bf16, whose tl.dot multiplies bf16
+    tiles wrongly (errors of 1e10 at two rows; Triton 3.9)."""
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return triton is not None and (x.is_cuda or interpret) and not (interpret and x.dtype == torch.bfloat16)
 
 
 def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -3079,9 +3085,8 @@ def main(argv=None):
             if args.bench:
                 _run_bench(args)
                 return 0
-            if not args.table and args.out:         # (the chain's stages lock their own folders)
-                held.enter_context(distill.output_lock(args.out))
-                _clear_beside(args.out)
+            if not args.table and args.out and held.enter_context(distill.output_lock(args.out)):
+                _clear_beside(args.out)             # (the chain's stages lock their own folders)
             _run_table(args) if args.table else _run_convert(args)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

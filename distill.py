@@ -333,23 +333,24 @@ def _fsync(path, flags):
 def output_lock(path):
     """Held while a run writes `path` (a hybrid's or a run's folder): another run of this project into
     the same path meanwhile is refused, rather than the two deleting and interleaving each other's
-    files. An advisory lock (fcntl.flock) on a file named by the path's real location, kept in the
-    system's temporary folder (nothing is written beside `path` before the run's own checks); the
-    system drops it when the process ends, however it ends. Where there is no flock (Windows), or no
-    lock file can be made, nothing is locked."""
+    files. An advisory lock (fcntl.flock) on a file named by the path's real location, kept in /tmp
+    (not $TMPDIR, which a job scheduler may set per job: every run on the machine must find it;
+    nothing is written beside `path` before the run's own checks); the system drops it when the
+    process ends, however it ends. Yields whether it holds one: where there is no flock (Windows) or
+    no lock file can be opened, it does not, and runs on other machines are not seen either."""
     try:
         import fcntl
     except ImportError:
         fcntl = None
     fd = None
     if fcntl is not None:
-        folder = os.path.join(tempfile.gettempdir(), "taylor-calibrate-locks")
-        name = hashlib.sha1(os.path.realpath(path).encode()).hexdigest()[:16] + ".lock"
+        folder = os.path.join("/tmp" if os.path.isdir("/tmp") else tempfile.gettempdir(), "taylor-calibrate-locks")
+        name = hashlib.sha1(os.fsencode(os.path.realpath(path))).hexdigest()[:16] + ".lock"
         try:
             if not os.path.isdir(folder):
                 os.makedirs(folder, exist_ok=True)
                 os.chmod(folder, 0o1777)                # shared as /tmp is: any user's runs lock there
-            fd = os.open(os.path.join(folder, name), os.O_RDWR | os.O_CREAT, 0o666)
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_CREAT, 0o666)   # (another's: read-only)
         except OSError:
             fd = None
     if fd is not None:
@@ -360,26 +361,31 @@ def output_lock(path):
             raise ValueError(f"'{path}' is being written by another run, still going: wait for it to end, or "
                              f"choose another output") from None
     try:
-        yield
+        yield fd is not None
     finally:
         if fd is not None:
             os.close(fd)
 
 
 def remove_left_beside(path, kinds):
-    """Folders a killed run into `path` left beside it, named .NAME.KIND-XXXXXXXX (tempfile's 8
-    characters; KIND from `kinds`), deleted, each said. Call it holding output_lock(path): then no live
-    run's folder is among them."""
+    """Folders a killed run into `path` left beside it, deleted, each said: named .NAME.KIND-XXXXXXXX
+    (tempfile's 8 characters) for a KIND in `kinds` ({kind: the only entries such a folder holds, or
+    None: any}). Only holding output_lock(path), so that no live run's folder is among them."""
     real = os.path.realpath(path)
     parent, name = os.path.split(real)
-    if not os.path.isdir(parent):
+    try:
+        entries = sorted(os.listdir(parent))
+    except OSError:                                     # no parent yet, or one that cannot be read
         return
-    pattern = re.compile(re.escape(f".{name}.") + f"({'|'.join(map(re.escape, kinds))})-" + r"[A-Za-z0-9_]{8}")
-    for f in sorted(os.listdir(parent)):
-        full = os.path.join(parent, f)
-        if pattern.fullmatch(f) and os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full, ignore_errors=True)
-            print(f"removed {full}, left by a run into {path} that was killed")
+    pattern = re.compile(re.escape(f".{name}.") + f"({'|'.join(map(re.escape, kinds))})-" + r"[a-z0-9_]{8}")
+    for f in entries:
+        full, match = os.path.join(parent, f), pattern.fullmatch(f)
+        if match and os.path.isdir(full) and not os.path.islink(full):
+            holds = kinds[match.group(1)]
+            with contextlib.suppress(OSError):
+                if holds is None or set(os.listdir(full)) <= set(holds):
+                    shutil.rmtree(full)
+                    print(f"removed {full}, left by a run into {path} that was killed")
 
 
 def check_apart(out, written=None, **inputs):
@@ -1176,8 +1182,9 @@ def parse_args(argv, prog=None, chain=False):
     p.add_argument("--teacher", help="teacher spec for convert.load_teacher (default: the one recorded in "
                                      "the student's conversion.json)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="delete an existing --out's run as this one starts (not "
-                   "once it ends: stopped or failed, it leaves nothing of the old one) and start afresh")
+    p.add_argument("--overwrite", action="store_true", help="delete an existing --out's run once this one has passed its "
+                   "checks and loaded its models (not when it ends: stopped or failed after that, it leaves "
+                   "nothing of the old one) and start afresh")
     g = p.add_argument_group("hyperparameters (default: the reference's for the stage)")
     g.add_argument("--seq", type=int, help="sequence length (1: 512, 2: 4096)")
     g.add_argument("--batch", type=int, help="global batch in sequences (1: 96, 2: 32)")
@@ -1626,8 +1633,8 @@ def _distill(a):
     except Exception as e:                          # missing, truncated or corrupt weights (SafetensorError)
         raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    if dist.main:
-        remove_left_beside(a.out, ("trash",))
+    if dist.main and getattr(a, "locked", False):
+        remove_left_beside(a.out, {"trash": ["run"]})
     if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
         if dist.main:
             _remove_leftovers(a.out, (".tmp-", ".final.tmp-"))      # (checkpoints/ keeps its own in order)
@@ -1851,7 +1858,8 @@ def main(argv=None, chain=False):
     try:
         a = parse_args(argv, chain=chain)
         a.arguments = shlex.join(argv)          # recorded: the command line is convert.py's in its chain
-        with output_lock(a.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext():
+        with output_lock(a.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext() as held:
+            a.locked = bool(held)
             _distill(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

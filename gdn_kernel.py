@@ -713,9 +713,9 @@ def chunk_gated_delta_rule_triton(q, k, v, g, beta, scale=None, initial_state=No
                          f"{MAX_HEAD_DIM_FP32} for fp32); got Dk={q.shape[-1]}, "
                          f"Dv={v.shape[-1]} (chunk_gated_delta_rule falls back to the PyTorch form)")
     dt = _operand_dtype(q, k, v)
-    if dt == torch.bfloat16 and not q.is_cuda:
-        raise ValueError("bf16 on a CPU: Triton's interpreter multiplies bf16 tiles wrongly (tl.dot, Triton 3.9); "
-                         "pass fp32 or fp16 there, or use chunk_gated_delta_rule_torch")
+    if dt == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise ValueError("bf16 under TRITON_INTERPRET=1: Triton's interpreter multiplies bf16 tiles wrongly (tl.dot, "
+                         "Triton 3.9); pass fp32 or fp16 there, or use chunk_gated_delta_rule_torch")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v = (x.to(dt).contiguous() for x in (q, k, v))
     g, beta = g.contiguous(), beta.contiguous()

@@ -350,11 +350,13 @@ def test_existing_out_needs_overwrite(teacher_dir, eval_text, tmp_path, capsys):
     assert code == 0 and not (out / "keep.txt").exists() and "old" not in json.loads((out / "conversion.json").read_text())
 
 
-def test_one_run_at_a_time_into_an_out_and_what_killed_ones_left_goes(teacher_dir, eval_text, tmp_path, capsys):
+def test_one_run_at_a_time_into_an_out_and_what_killed_ones_left_goes(teacher_dir, eval_text, tmp_path, capsys,
+                                                                       monkeypatch):
     """While a run writes --out (its lock held) another into it is refused before any work. A run that
     takes the lock clears what killed runs into the same --out left beside it: an unfinished hybrid
     (.o.tmp-*) goes, and a replacement cut between its two renames (.o.old-*/x, no --out) is undone,
     the old hybrid put back (and then kept: no --overwrite). Others' folders stay."""
+    import contextlib
     import distill
     out = tmp_path / "o"
     args = ["--teacher", teacher_dir, "--out", str(out), "--eval-data", eval_text, "--window", "64",
@@ -362,13 +364,18 @@ def test_one_run_at_a_time_into_an_out_and_what_killed_ones_left_goes(teacher_di
     with distill.output_lock(str(out)):
         code, io = run(args, capsys)
     assert code == 2 and "being written by another run" in io.err and no_output(tmp_path, out)
-    for f in (".o.tmp-abcd_123", ".o.old-abcd_123/x", ".o.tmp-x", ".p.tmp-abcd_123"):
+    for f in (".o.tmp-abcd_123", ".o.old-abcd_123/x", ".o.tmp-x", ".p.tmp-abcd_123", ".o.old-20261129/x"):
         (tmp_path / f).mkdir(parents=True)
     (tmp_path / ".o.old-abcd_123" / "x" / "conversion.json").write_text('{"old": true}')
+    (tmp_path / ".o.old-20261129" / "mine.txt").write_text("a backup of the user's, not _publish's")
     code, io = run(args, capsys)
     assert code == 2 and "already exists" in io.err and "put back" in io.out
     assert json.loads((out / "conversion.json").read_text()) == {"old": True}
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".o.tmp-x", ".p.tmp-abcd_123"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [
+        ".o.old-20261129", ".o.tmp-x", ".p.tmp-abcd_123"]
+    (tmp_path / ".o.tmp-abcd_999").mkdir()              # no lock to be had (no flock; no lock file): not cleared
+    monkeypatch.setattr(distill, "output_lock", lambda path: contextlib.nullcontext(False))
+    assert run(args, capsys)[0] == 2 and (tmp_path / ".o.tmp-abcd_999").exists()
 
 
 def test_overwrite_through_a_link_replaces_what_it_points_to(teacher_dir, eval_text, tmp_path, capsys):

@@ -473,8 +473,9 @@ def test_left_padding_over_a_chunked_prefill(family):
     chunks and reach the next one after cached tokens that are pads too: accepted (the conv window has
     seen only zeros), and the tokens equal an unchunked prefill's. With a static cache generate sizes
     every layer's slots before the first chunk, K/V-shaped, for the GDN layers' placeholders too.
-    Mistral's only mask is its sliding window's (8 keys here, fewer than the 12 pads): it does not show
-    which cached positions are pads, which the cache then has to remember."""
+    Mistral's only mask is its sliding window's (8 keys here, fewer than the 12 pads; so is this tiny
+    Gemma 3's, whose 4 layers all slide): it does not show which cached positions are pads, which the
+    cache then has to remember."""
     torch.manual_seed(0)
     model = hybridize(tiny_model(family), [0, 1, 3], conv_size=4).eval()
     for m in gdn_modules(model).values():
