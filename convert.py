@@ -636,16 +636,12 @@ def _clear_beside(path):
     newest, if several); then what killed runs left beside --out goes (unfinished hybrids, .NAME.tmp-*;
     replaced ones, .NAME.old-*)."""
     real = os.path.realpath(path)
-    parent, name = os.path.split(real)
-    with contextlib.suppress(OSError):                   # (no parent yet, or one that cannot be read)
-        olds = [] if os.path.lexists(real) else [
-            os.path.join(parent, f, "x") for f in os.listdir(parent)
-            if re.fullmatch(re.escape(f".{name}.old-") + r"[a-z0-9_]{8}", f)
-            and os.path.isdir(os.path.join(parent, f, "x")) and os.listdir(os.path.join(parent, f)) == ["x"]]
-        if olds:                                         # (x is whole: _publish renames it before deleting it)
-            old = max(olds, key=lambda o: os.path.getmtime(os.path.dirname(o)))
-            os.replace(old, real)
-            print(f"put back {path} from {os.path.dirname(old)}, where a run killed while replacing it left it")
+    with contextlib.suppress(OSError):                   # (x is whole: _publish renames it before deleting it)
+        olds = [] if os.path.lexists(real) else [o for o in distill.left_beside(path, "old") if os.listdir(o) == ["x"]]
+        if olds:
+            old = max(olds, key=os.path.getmtime)
+            os.replace(os.path.join(old, "x"), real)
+            print(f"put back {path} from {old}, where a run killed while replacing it left it")
     distill.remove_left_beside(path, {"tmp": None, "old": ["x", "deleted"]})
 
 

@@ -367,25 +367,29 @@ def output_lock(path):
             os.close(fd)
 
 
-def remove_left_beside(path, kinds):
-    """Folders a killed run into `path` left beside it, deleted, each said: named .NAME.KIND-XXXXXXXX
-    (tempfile's 8 characters) for a KIND in `kinds` ({kind: the only entries such a folder holds, or
-    None: any}). Only holding output_lock(path), so that no live run's folder is among them."""
-    real = os.path.realpath(path)
-    parent, name = os.path.split(real)
+def left_beside(path, kind):
+    """The folders .NAME.KIND-XXXXXXXX (tempfile's 8 characters) beside `path`: what a run into it
+    keeps there while it goes, and leaves there when killed."""
+    parent, name = os.path.split(os.path.realpath(path))
     try:
         entries = sorted(os.listdir(parent))
     except OSError:                                     # no parent yet, or one that cannot be read
-        return
-    pattern = re.compile(re.escape(f".{name}.") + f"({'|'.join(map(re.escape, kinds))})-" + r"[a-z0-9_]{8}")
-    for f in entries:
-        full, match = os.path.join(parent, f), pattern.fullmatch(f)
-        if match and os.path.isdir(full) and not os.path.islink(full):
-            holds = kinds[match.group(1)]
+        return []
+    pattern = re.compile(re.escape(f".{name}.{kind}-") + r"[a-z0-9_]{8}")
+    return [os.path.join(parent, f) for f in entries if pattern.fullmatch(f)
+            and os.path.isdir(os.path.join(parent, f)) and not os.path.islink(os.path.join(parent, f))]
+
+
+def remove_left_beside(path, kinds):
+    """What killed runs into `path` left beside it (left_beside), deleted, each said: for each KIND in
+    `kinds` ({kind: the only entries such a folder holds, or None: any}). Only holding
+    output_lock(path), so that no live run's folder is among them."""
+    for kind, holds in kinds.items():
+        for folder in left_beside(path, kind):
             with contextlib.suppress(OSError):
-                if holds is None or set(os.listdir(full)) <= set(holds):
-                    shutil.rmtree(full)
-                    print(f"removed {full}, left by a run into {path} that was killed")
+                if holds is None or set(os.listdir(folder)) <= set(holds):
+                    shutil.rmtree(folder)
+                    print(f"removed {folder}, left by a run into {path} that was killed")
 
 
 def check_apart(out, written=None, **inputs):
@@ -1633,8 +1637,6 @@ def _distill(a):
     except Exception as e:                          # missing, truncated or corrupt weights (SafetensorError)
         raise ValueError(f"could not load the student's weights from '{resume_from or a.student}' "
                          f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
-    if dist.main and getattr(a, "locked", False):
-        remove_left_beside(a.out, {"trash": ["run"]})
     if a.resume and os.path.isfile(os.path.join(a.out, "run.json")):
         if dist.main:
             _remove_leftovers(a.out, (".tmp-", ".final.tmp-"))      # (checkpoints/ keeps its own in order)
@@ -1859,7 +1861,8 @@ def main(argv=None, chain=False):
         a = parse_args(argv, chain=chain)
         a.arguments = shlex.join(argv)          # recorded: the command line is convert.py's in its chain
         with output_lock(a.out) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext() as held:
-            a.locked = bool(held)
+            if held:
+                remove_left_beside(a.out, {"trash": ["run"]})
             _distill(a)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
