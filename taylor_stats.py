@@ -40,7 +40,8 @@ sink", and read little from it) and the distance with that token left out (dista
 The recomputation is checked against the module itself: concat_h(T_h) W_o^T (+ bias) must equal
 the captured y, to a relative error of CHECK_TOL (CHECK_TOL_LOW for a bf16/fp16 teacher). A mismatch
 (an architecture whose attention this file does not reproduce) is an error, not a silent wrong
-statistic.
+statistic; so is a teacher whose own attention input or output is not finite (an overflow in its
+dtype, float16's at Gemma's scales), said as such.
 
 A statistic that still comes out NaN or infinite is replaced by DEFAULTS with a warning, so nothing
 downstream ever sees NaN (overflowing scores make the context NaN too, which the check above turns
@@ -236,6 +237,9 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
                 raise ValueError(f"layer {i}: the attention module got no position_embeddings; "
                                  f"this transformers version/architecture is not supported")
             y = output[0] if isinstance(output, tuple) else output
+            if not (bool(x.isfinite().all()) and bool(y.isfinite().all())):       # (not a failure to reproduce it)
+                raise ValueError(f"layer {i}: the teacher's own attention input or output is not finite in "
+                                 f"{x.dtype} (overflow): load it in float32 or bfloat16")
             sums, ctx = _layer_statistics(module, x, pe, block, floor)
             # The check: our softmax(a) V, through the module's own W_o, must give its output.
             y_hat = module.o_proj(ctx.reshape(N, L, -1).to(module.o_proj.weight.dtype)).float()

@@ -143,6 +143,16 @@ def test_collect_stats_refuses_attention_it_does_not_reproduce(wrong, dtype, mon
         taylor_stats.collect_stats(model, ids, layers=[1], progress=False)
 
 
+def test_a_teacher_overflowing_in_its_dtype_is_said_as_such():
+    """A float16 teacher whose residual stream overflows (here layer 0's W_o made huge) gives layer 1
+    a non-finite input: that is said, not blamed on the recomputation of its attention."""
+    model = tiny_model("llama").to(torch.float16)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.fill_(6e4)
+    with pytest.raises(ValueError, match="layer 1: the teacher's own attention input or output is not finite"):
+        taylor_stats.collect_stats(model, calib(), layers=[1], progress=False)
+
+
 def test_undefined_statistics_fall_back_with_a_warning():
     with pytest.warns(UserWarning, match="undefined"):
         x = taylor_stats.sanitize("distance", 3, torch.tensor([2.0, float("nan"), float("inf")]), 8.0)
