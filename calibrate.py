@@ -31,7 +31,7 @@ Phase 1, for a layer with heads h (closed form, no gradient):
      d_h / ln2 ~ 1.44 d_h). With A_log = 0 the decay is alpha = exp(-softplus(W_a x + dt_bias)); at
      W_a x ~ 0 the state halves every ln2 / softplus(dt_bias) tokens (exactly so with a_proj=zero;
      under the reference's random W_a only roughly: softplus is convex, so the mean step lies above
-     gamma_h and the memory is shorter than aimed at; the delta rule's erasure comes on top), so
+     the gamma_h set below and the memory is shorter than aimed at; the delta rule's erasure comes on top), so
 
          gamma_h = clip(ln2 / d_h, gamma_min, gamma_max),   dt_bias_h = softplus^-1(gamma_h),  A_log = 0.
 
@@ -140,8 +140,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gdn import gdn_modules
+from gdn import decoder_layers, gdn_from_attention, gdn_modules
 from gdn_kernel import chunk_gated_delta_rule
+from taylor_stats import CONC_EPS, DEFAULTS, DIST_FLOOR, collect_stats, concentration, sanitize, summary
 
 LN2 = math.log(2.0)
 
@@ -156,8 +157,8 @@ OPTIONS = {
     "dt_max": (0.1, "see dt_min"),
     "dt_floor": (1e-4, "dt clamped to at least this"),
     # the statistics
-    "dist_floor": (0.5, "attention distance max(i - j, dist_floor): the diagonal counts as half a token (taylor_stats)"),
-    "conc_eps": (1e-3, "floor of the entropy spread that concentration divides by: a layer whose heads' entropies spread less keeps them in order, squeezed towards c = 1"),
+    "dist_floor": (DIST_FLOOR, "attention distance max(i - j, dist_floor): the diagonal counts as half a token (taylor_stats)"),
+    "conc_eps": (CONC_EPS, "floor of the entropy spread that concentration divides by: a layer whose heads' entropies spread less keeps them in order, squeezed towards c = 1"),
     # Phase 1, step 1
     "gamma_min": (1e-3, "smallest time step: half-life at most ln2/1e-3 ~ 693 tokens"),
     "gamma_max": (5.0, "largest time step: half-life at least ln2/5 ~ 0.14 tokens"),
@@ -246,6 +247,10 @@ def resolve(opts, preset=None):
     o = {k: v for k, (v, _) in OPTIONS.items()}
     o.update(preset or {})
     o.update({k: v for k, v in (opts or {}).items() if not k.startswith("_")})
+    unknown = sorted(k for k in o if k not in OPTIONS)   # (a typo would otherwise fall back to the default)
+    if unknown:
+        raise ValueError(f"unknown init option{'s' * (len(unknown) > 1)} {', '.join(unknown)}; the options are "
+                         f"{', '.join(OPTIONS)} (names starting with _ pass private data and are not options)")
     for k, allowed in CHOICES.items():
         if o[k] not in allowed:
             raise ValueError(f"init option {k}={o[k]}: choose from {', '.join(map(str, allowed))}")
@@ -343,8 +348,9 @@ def _at(t, gdn):
 @torch.no_grad()
 def phase1(gdn, st, o):
     """Steps 1-4 of the module docstring on one GDN layer, in place, with options o from resolve().
-    Returns what was set (lists). On failure (a bias it lacks, non-finite weights) the layer is left
-    as it came in."""
+    Returns what was set, and the write strengths it measured (beta_mean, beta_token_std), as lists.
+    On failure (a bias it lacks, non-finite weights) the layer is left as it came in."""
+    o = resolve(o)                            # (a partial dict: the defaults fill it in)
     if o["write_gate"] == "bias" and gdn.b_proj.bias is None:
         raise ValueError("write_gate=bias needs GDN layers with a bias on W_b (gdn.hybridize(..., beta_bias=True); "
                          "convert.convert builds them so when its options say write_gate=bias)")
@@ -356,7 +362,6 @@ def phase1(gdn, st, o):
     T = _at(st["ctx"], gdn)                                                     # [N, L, H, D]
 
     # Statistics that are undefined for some head fall back to taylor_stats.DEFAULTS, with a warning.
-    from taylor_stats import DEFAULTS, sanitize, concentration
     dist = sanitize(o["dt_from"], gdn.layer_idx, _at(st[o["dt_from"]], gdn), DEFAULTS[o["dt_from"]])
     conc = concentration(sanitize("entropy", gdn.layer_idx, _at(st["entropy"], gdn), DEFAULTS["entropy"]),
                          o["conc_eps"])
@@ -486,8 +491,13 @@ def _fit_out_gate(gdn, x, y, kappa, o):
 def phase2(gdn, x, y, o, desc="phase 2"):
     """min MSE(GDN(x), y) with AdamW in two learning-rate groups, gradient clipping and keep-best,
     on a float32 copy of the layer (bf16 weights would swallow 1e-4 updates); the result is copied
-    back into `gdn`. Returns {loss_before, loss_after, best_step, steps, seconds}."""
+    back into `gdn`. Returns {loss_before, loss_after, best_step, steps, seconds}.
+    x: the layer's inputs [N, L, d]; y: its teacher's outputs, the same shape."""
     from tqdm import tqdm
+    o = resolve(o)
+    if x.dim() != 3 or tuple(y.shape) != tuple(x.shape):
+        raise ValueError(f"phase2: x (inputs) and y (targets) must both be [N, L, d], the same shape; got "
+                         f"{list(x.shape)} and {list(y.shape)}")
     t0 = time.time()
     dev = gdn.A_log.device
     x, y = x.to(dev, torch.float32), y.to(dev, torch.float32)
@@ -566,7 +576,6 @@ class _Stop(Exception):
 def _residual_and_input(model, ids, layer):
     """(h, x) at decoder layer `layer` of `model` on ids: h the residual stream entering the layer,
     x the attention module's input (after the layer's input norm). The forward stops there."""
-    from gdn import decoder_layers
     dec = decoder_layers(model)[layer]
     got = {}
 
@@ -604,15 +613,15 @@ def _teacher_stats(student, teacher, calib_ids, opts, o, name):
         return opts["_stats"]
     if calib_ids is None:
         raise ValueError(f"init '{name}' needs calibration tokens (calib_ids)")
-    from taylor_stats import collect_stats
     return collect_stats(teacher, calib_ids, layers=sorted(gdn_modules(student)), floor=o["dist_floor"])
 
 
 def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_phase2):
+    opts = opts or {}
     o = resolve(opts, preset)
     layers = gdn_modules(student)
+    _check_pair(student, teacher)
     if do_phase2 and o["phase2_input"] == "student":
-        from gdn import decoder_layers
         if any(hasattr(decoder_layers(student)[i], "pre_feedforward_layernorm") for i in layers):
             # Gemma-style sandwich norms: the layer adds norm(attn(x)) to the stream, not attn(x), so
             # the stream's error is not an error of the layer's output and the target would be wrong.
@@ -627,7 +636,6 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
     stats = _teacher_stats(student, teacher, calib_ids, opts, o, name) if (do_phase1 or do_phase2) else None
     info = {"options": {k: o[k] for k in OPTIONS}, "stats_seconds": time.time() - t0, "layers": {}}
     if stats is not None:           # recorded with the concentration Phase 1 uses (this init's conc_eps)
-        from taylor_stats import concentration, summary
         info["stats"] = summary({i: {**stats[i], "concentration": concentration(stats[i]["entropy"], o["conc_eps"])}
                                  for i in layers})
     progress = opts.get("_progress")        # (convert.py's: each layer saved once set, restored on a rerun)
@@ -660,8 +668,18 @@ def _run_init(student, teacher, calib_ids, opts, name, preset, do_phase1, do_pha
     return info
 
 
+def _check_pair(student, teacher):
+    """An init sets a hybrid's GDN layers from its teacher: both must be what they say."""
+    if getattr(student.config, "hybrid", None) is None:      # (a hybrid of no GDN layer is one: all kept)
+        raise ValueError("the student is not a hybrid: gdn.hybridize a copy of the teacher first")
+    if teacher is not None and (teacher is student or gdn_modules(teacher)):
+        raise ValueError("the teacher has GDN layers (or is the student): gdn.hybridize converts the model it is "
+                         "given in place, so hybridize a copy (copy.deepcopy(teacher)) and keep the teacher")
+
+
 def _init_naive(student, teacher, calib_ids, opts):
     o = resolve(opts)
+    _check_pair(student, teacher)
     for gdn in gdn_modules(student).values():
         _standard_gates(gdn, o)
     return {}
@@ -710,29 +728,29 @@ def check_val_rows(name, opts, calib_seqs):
 # conc_eps: what conversion.json records of them, and Phase 1's time steps); Phase 1 reads the
 # options of its four steps, Phase 2 its own. An option that no init of a conversion reads is
 # refused there (convert.py), not recorded as if it had done something.
-STANDARD = ("seed", "gate_std", "a_max", "dt_min", "dt_max", "dt_floor", "write_gate")
-STATS = ("dist_floor", "conc_eps")
-PHASE2 = ("steps", "lr_qkv", "lr_gates", "weight_decay", "clip", "train_out", "keep_best", "val_rows", "phase2_input",
+STANDARD_OPTIONS = ("seed", "gate_std", "a_max", "dt_min", "dt_max", "dt_floor", "write_gate")
+STATS_OPTIONS = ("dist_floor", "conc_eps")
+PHASE2_OPTIONS = ("steps", "lr_qkv", "lr_gates", "weight_decay", "clip", "train_out", "keep_best", "val_rows", "phase2_input",
           "correction")
 
 
 def reads(name):
     """The names of the OPTIONS that init `name` reads."""
     do1, do2 = INIT_PHASES.get(name, (False, False))
-    phase1 = set(OPTIONS) - set(STANDARD) - set(STATS) - set(PHASE2)
-    return set(STANDARD) | (set(STATS) if do1 or do2 else set()) | (phase1 if do1 else set()) | \
-        (set(PHASE2) if do2 else set())
+    phase1 = set(OPTIONS) - set(STANDARD_OPTIONS) - set(STATS_OPTIONS) - set(PHASE2_OPTIONS)
+    return set(STANDARD_OPTIONS) | (set(STATS_OPTIONS) if do1 or do2 else set()) | (phase1 if do1 else set()) | \
+        (set(PHASE2_OPTIONS) if do2 else set())
 
 
 def check_read(inits, opts):
     """A clear error for an option in `opts` that none of `inits` reads."""
     unread = sorted(k for k in opts if not k.startswith("_") and not any(k in reads(i) for i in inits))
     if unread:
-        group = lambda k: "Phase 2's" if k in PHASE2 else "the statistics'" if k in STATS else "Phase 1's"
+        group = lambda k: "Phase 2's" if k in PHASE2_OPTIONS else "the statistics'" if k in STATS_OPTIONS else "Phase 1's"
         by = lambda phase: ", ".join(n for n, do in INIT_PHASES.items() if do[phase])
         raise ValueError(f"--init-opt {', '.join(f'{k} ({group(k)})' for k in unread)}: {' and '.join(inits)} "
                          f"never read{'s' * (len(inits) == 1)} {'them' if len(unread) > 1 else 'it'}. naive and "
-                         f"zero-gate read only {', '.join(STANDARD[1:])}; Phase 1's options are read by {by(0)}; "
+                         f"zero-gate read only {', '.join(STANDARD_OPTIONS)}; Phase 1's options are read by {by(0)}; "
                          f"Phase 2's by {by(1)}; the statistics' by all of those")
 
 
@@ -795,8 +813,7 @@ def main(argv=None):
     import sys
     import convert
     import distill
-    from taylor_stats import collect_stats
-    from gdn import gdn_from_attention
+    distill.code_version()                   # (the code this run started with, recorded at its end)
     p = argparse.ArgumentParser(description=main.__doc__)
     p.add_argument("--teacher", default="default")
     p.add_argument("--layers", default="5,18", help="comma-separated layer indices (default 5,18: two of "
@@ -883,7 +900,8 @@ def main(argv=None):
         said = f" (the variants done are in {args.out}.json, marked partial)" if done else ""
         print(f"error: {e}{said}" if isinstance(e, ValueError) else f"interrupted{said}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 130
-    print(open(args.out + ".md").read(), end="")
+    with open(args.out + ".md") as f:
+        print(f.read(), end="")
     return 0
 
 

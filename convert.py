@@ -41,6 +41,7 @@ import copy
 import filecmp
 import hashlib
 import json
+import numbers
 import os
 import re
 import shutil
@@ -148,6 +149,10 @@ def load_teacher(spec, device="cpu", dtype=torch.float32, tokenizer=True):
     random:SHAPE_OR_FOLDER (random weights, for speed measurements). tokenizer=False loads none (None
     in its place): --bench feeds random ids, so a folder without tokenizer files benches."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    spec = os.fspath(spec)                              # (a pathlib.Path too)
+    dtype = getattr(torch, dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"load_teacher: dtype must be a torch dtype (torch.bfloat16) or its name; got {dtype!r}")
     if spec.startswith("random:"):
         return _random_teacher(spec[len("random:"):], device, dtype, tokenizer)
     described = _teacher_spec(spec)                     # local paths absolute: keys and records name the file
@@ -335,15 +340,29 @@ def _uniform_layers(n_layers, fraction):
 POLICIES = ("uniform", "ar", "ga-s2")
 
 
+def _check_layers(n_layers, layers, flag):
+    """Layer indices: whole numbers, each once, each one of the teacher's."""
+    odd = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+    if odd:
+        raise ValueError(f"{flag} names layers by whole numbers; got {odd}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{flag} lists a layer more than once: {list(layers)}")
+    bad = [i for i in layers if not 0 <= i < n_layers]
+    if bad:
+        raise ValueError(f"{flag} names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
+
+
 def _keep_count(n_layers, keep, flag="--keep"):
     """K, the number of softmax layers a --keep asks for. A fraction keeps as many as the uniform
     rule does (1/4 of 30 -> 8), whatever the policy, so that policies compare at equal K. `flag`: the
     option named in the errors."""
+    if not (isinstance(keep, (tuple, list)) and len(keep) == 2 and keep[0] in ("fraction", "list")):
+        raise ValueError(f"{flag} must be ('fraction', f) or ('list', [layers]) (as _parse_keep gives); got {keep!r}")
     kind, value = keep
+    if kind == "fraction" and not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 < value <= 1):
+        raise ValueError(f"{flag}: a fraction must lie in (0, 1] (example: 1/4); got {value!r}")
     if kind == "list":
-        bad = [i for i in value if not 0 <= i < n_layers]
-        if bad:
-            raise ValueError(f"{flag} names layers {bad}, out of range: the teacher has {n_layers} layers (0..{n_layers - 1})")
+        _check_layers(n_layers, value, flag)
     k = len(value) if kind == "list" else len(_uniform_layers(n_layers, value))
     if k < 1:
         raise ValueError(f"{flag} keeps no layer of {n_layers}: keep at least one (example: 1/4)")
@@ -362,11 +381,14 @@ def choose_layers(n_layers, keep, policy="uniform", scores=None):
              attention in layer i is bypassed (_ar_scores)
     ga-s2    the K layers with the lowest scores: scores[i] = perplexity of a student that keeps only
              layer i as softmax, under the chosen init (_ga_scores)
-    An explicit list (--keep 0,4,8) is taken as it is, whatever the policy."""
+    An explicit list (--keep 0,4,8) is taken as it is, whatever the policy.
+    keep: as --keep is written ('1/4', '0.25', '0,4,8'), or parsed: ('fraction', f) / ('list', [...])."""
     if policy not in POLICIES:
         raise ValueError(f"unknown --policy '{policy}'; valid: {', '.join(POLICIES)}")
-    kind, value = keep
+    if isinstance(keep, str):
+        keep = _parse_keep(keep)
     K = _keep_count(n_layers, keep)                     # (a list's layers checked there too)
+    kind, value = keep
     if kind == "list":
         return sorted(value)
     if policy == "uniform":
@@ -506,6 +528,8 @@ def convert(teacher, kept, init="naive", calib_ids=None, conv_size=0, seed=0, in
     if init not in INITS:
         raise ValueError(f"unknown --init '{init}'; valid: {', '.join(INITS)}")
     n = teacher.config.num_hidden_layers
+    kept = list(kept)
+    _check_layers(n, kept, "kept")            # (none or all are fine here: GA-S2's bank converts every layer)
     gdn_layers = [i for i in range(n) if i not in set(kept)]
     torch.manual_seed(seed)
     t0 = time.time()
@@ -1726,11 +1750,11 @@ def _flash_decode_attention(module, query, key, value, attention_mask, dropout=0
     return _flash_decode_op(query[:, :, 0], key, value, keep, float(scaling)), None
 
 
-# torch.compile calls the decoding kernels through custom ops (see gdn_kernel.py, where OPS is made).
-OPS = "decode_" + __name__.replace(".", "_")
+# torch.compile calls the decoding kernels through custom ops (see gdn_kernel.py, where _OPS is made).
+_OPS = "decode_" + __name__.replace(".", "_")
 if triton is not None:
 
-    @torch.library.custom_op(f"{OPS}::flash_decode", mutates_args=())
+    @torch.library.custom_op(f"{_OPS}::flash_decode", mutates_args=())
     def _flash_decode_op(q: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: Optional[torch.Tensor],
                          scaling: float) -> torch.Tensor:
         """q [B, H, D] (one query a sequence) against the cache key, value [B, Hkv, L, D]: [B, 1, H, D]."""
@@ -2040,7 +2064,7 @@ if triton is not None:
             y = (y.to(tl.float32) + h).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + rn, y, mask=live_n)
 
-    @torch.library.custom_op(f"{OPS}::linear", mutates_args=())
+    @torch.library.custom_op(f"{_OPS}::linear", mutates_args=())
     def _linear_op(x: torch.Tensor, w: torch.Tensor, nw: Optional[torch.Tensor], eps: float,
                    res: Optional[torch.Tensor], b: Optional[torch.Tensor], act: int) -> torch.Tensor:
         M, K = x.shape
@@ -3073,6 +3097,8 @@ def _bench_comparison(rows):
 
 
 def main(argv=None):
+    """The command line (--help): convert (and optionally distil) a teacher, or --table, or --bench."""
+    distill.code_version()                   # (the code this run started with, recorded at its end)
     args = None
     with contextlib.ExitStack() as held:
         try:

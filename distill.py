@@ -77,9 +77,11 @@ import contextlib
 import datetime
 import decimal
 import filecmp
+import functools
 import hashlib
 import json
 import math
+import numbers
 import os
 import platform
 import re
@@ -133,7 +135,8 @@ def text_format(path, fmt="auto"):
 def builtin_text(part):
     """Text every Python installation carries, so the main job needs no download: the docstrings
     of a fixed list of standard-library modules and their public members (English technical prose,
-    not WikiText; its perplexities are not comparable to published ones). part 'calib' and 'eval'
+    not WikiText; its perplexities are not comparable to published ones, nor across Python versions,
+    whose docstrings differ). part 'calib' and 'eval'
     are disjoint halves of the module list, so calibration does not see the evaluation text (but
     for one inherited docstring, email.message.Message's, which http.client.HTTPMessage repeats,
     beyond what the default calibration and probe blocks read)."""
@@ -193,23 +196,38 @@ def windows(ids, window, max_windows=None, option="--window", text="the text"):
 
 @torch.no_grad()
 def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="perplexity"):
-    """exp(mean next-token NLL) over non-overlapping windows of `ids` (1-D). Returns a dict with the
-    perplexity and what it was measured on."""
+    """exp(mean next-token NLL) over non-overlapping windows of `ids` (1-D; a [1, L] batch of one is
+    taken as its row), the model in eval mode (each module's own mode put back after). Returns a dict
+    with the perplexity and what it was measured on."""
+    if torch.is_tensor(ids) and ids.dim() == 2 and ids.shape[0] == 1:
+        ids = ids[0]                                       # (a tokenizer's return_tensors="pt")
+    if not (torch.is_tensor(ids) and ids.dim() == 1 and not ids.is_floating_point()):
+        raise ValueError(f"perplexity: ids must be a 1-D tensor of token ids; got "
+                         f"{f'shape {list(ids.shape)}, {ids.dtype}' if torch.is_tensor(ids) else type(ids).__name__}")
+    for name, value, least in (("window", window, 2), ("batch_size", batch_size, 1), ("max_windows", max_windows or 1, 1)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"perplexity: {name} must be a whole number >= {least}; got {value!r}")
     x = windows(ids, window, max_windows)
     device = next(model.parameters()).device
-    nll, count = 0.0, 0
-    for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False):
-        batch = x[i: i + batch_size].to(device)
-        logits = model(batch, use_cache=False).logits
-        # The NLL in fp32 a block of a window's positions at a time, as the Stage-2 loss is (_KL):
-        # the whole batch's logits in fp32 and cross_entropy's log-softmax of them take 8 bytes a
-        # logit where the bf16 logits take 2, 20 GB against 5 at 8 windows of 2048 and Qwen2.5's
-        # 152k vocabulary. (Slices of one window, not of the batch flattened: that copies the logits.)
-        for b in range(len(batch)):
-            for j in range(0, window - 1, KL_ROWS):
-                rows = logits[b, j:min(j + KL_ROWS, window - 1)]
-                nll += F.cross_entropy(rows.float(), batch[b, j + 1:j + 1 + len(rows)], reduction="sum").item()
-        count += batch[:, 1:].numel()
+    nll = 0.0
+    modes = {m: m.training for m in model.modules()}      # (dropout off: the same number every time)
+    model.eval()
+    try:
+        for i in tqdm(range(0, len(x), batch_size), desc=desc, leave=False):
+            batch = x[i: i + batch_size].to(device)
+            logits = model(batch, use_cache=False).logits
+            # The NLL in fp32 a block of a window's positions at a time, as the Stage-2 loss is (_KL):
+            # the whole batch's logits in fp32 and cross_entropy's log-softmax of them take 8 bytes a
+            # logit where the bf16 logits take 2, 20 GB against 5 at 8 windows of 2048 and Qwen2.5's
+            # 152k vocabulary. (Slices of one window, not of the batch flattened: that copies the logits.)
+            for b in range(len(batch)):
+                for j in range(0, window - 1, KL_ROWS):
+                    rows = logits[b, j:min(j + KL_ROWS, window - 1)]
+                    nll += F.cross_entropy(rows.float(), batch[b, j + 1:j + 1 + len(rows)], reduction="sum").item()
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+    count = x[:, 1:].numel()
     # (in fp64: an fp32 exp is inf past a mean NLL of 88.7, a wrecked student's range)
     ppl = math.exp(nll / count) if nll / count < 709 else float("inf")
     return {"ppl": ppl, "nll": nll / count, "window": window,
@@ -220,8 +238,11 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
 # The record that goes with every measurement
 # ----------------------------------------------------------------------------------------------
 
-def _git_state():
-    """(commit, dirty) of the checkout this file is in, or (None, None) outside git."""
+@functools.cache
+def code_version():
+    """(commit, dirty) of the checkout this file is in, or (None, None) outside git; read once, at
+    the first call. Each script's main() calls it first, so that a run records the code it started
+    with even if the checkout moves on (a commit) before its results are written."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         r = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=here)
@@ -233,17 +254,12 @@ def _git_state():
     return commit, dirty
 
 
-# Read when the process starts: a run records the code it ran, even if the checkout moves on (a
-# commit) before its results are written.
-_GIT_AT_START = _git_state()
-
-
 def run_info(seed=None, device=None):
     """Commit, device, versions, seed and command: what anyone needs to reproduce a number. `device`:
     where the measured work ran ("cpu", "cuda" or a torch.device); by default the GPU where there is one."""
     if os.environ.get("GIT_COMMIT"):     # said explicitly: a copy of the tree (a GPU box) whose .git, if
         return {**_machine(seed, device), "commit": os.environ["GIT_COMMIT"], "dirty": None}   # any, is stale
-    commit, dirty = _GIT_AT_START
+    commit, dirty = code_version()
     return {**_machine(seed, device), "commit": commit, "dirty": dirty}
 
 
@@ -470,6 +486,7 @@ def check_results(stem, what="--results", overwrite=True, inputs=None):
 
 
 def write_json(path, obj):
+    """`obj` as indented JSON, written atomically (write_atomic)."""
     write_atomic(path, json.dumps(obj, indent=2) + "\n")
 
 
@@ -717,8 +734,8 @@ def _mixing_flops(model, seq, only=None):
     the decoder layers (or the layer indices in `only`), for sequences of `seq` tokens:
       softmax layer, causal (a token sees seq/2 keys on average): QK^T and PV, each 2 FLOPs per
         multiply-add over H heads of dim D:           2 * 2 * (seq / 2) * H * D  =  2 * seq * H * D
-      GDN layer, chunked (C = gdn_kernel.CHUNK = 64), per head: inside the chunk Q K^T, K K^T, the W = A(beta K) and
-        U = A(beta V) products and the masked (Q K^T) U readout:   2C (3 Dk + 2 Dv)
+      GDN layer, chunked (C = gdn_kernel.CHUNK = 64), per head: inside the chunk Q K^T, K K^T, the W = Tm(beta e^gamma K) and
+        U = Tm(beta V) products (gdn_kernel's names) and the masked (Q K^T) U readout:   2C (3 Dk + 2 Dv)
         and across chunks q S, W S and the state update K^T (U - W S):   6 Dk Dv.
     Everything counted as computed, the causal zeros inside a chunk included."""
     from gdn import GatedDeltaNet, decoder_layers
@@ -1120,13 +1137,11 @@ def _evaluate(run, student, step, metrics, teacher=None):
                      "nll": ppl["nll"], "window": ppl["window"], "windows": ppl["windows"],
                      "eval_tokens": ppl["tokens"]})
     if run.eval_ids is not None and run.dist.main:
-        modes = {m: m.training for m in student.modules()}      # each module's own: Stage 1 trains a
-        student.eval()                                          # stack of GDN layers in an eval-mode model
+        # (perplexity puts each module's own mode back: Stage 1 trains a stack of GDN layers in an
+        # eval-mode model)
         with run.autocast():
             ppl = perplexity(student, run.eval_ids, a.eval_window, a.eval_max_windows or None,
                              a.eval_batch_size, desc="eval ppl")
-        for m, training in modes.items():
-            m.train(training)
         tokens = step * a.batch * a.seq
         rec = {"type": "eval", "stage": a.stage, "step": step, "tokens": tokens,
                "tokens_by_stage": _tokens_by_stage(run.prior_tokens, a.stage, tokens), "data": a.eval_data,
@@ -1136,8 +1151,26 @@ def _evaluate(run, student, step, metrics, teacher=None):
     run.dist.barrier()
 
 
+def _check_pair(student, teacher):
+    """Distillation trains a hybrid against its teacher: both must be what they say."""
+    from gdn import gdn_modules
+    if not gdn_modules(student):
+        raise ValueError("the student has no GDN layers: convert a teacher first (convert.py, or gdn.hybridize)")
+    if teacher is student or gdn_modules(teacher):
+        raise ValueError("the teacher has GDN layers (or is the student): gdn.hybridize converts the model it is "
+                         "given in place, so hybridize a copy (copy.deepcopy(teacher)) and keep the teacher")
+
+
 def stage1(run, student, teacher, data):
-    """Stage 1: per-layer alignment of every GDN layer to its teacher attention layer, teacher-forced."""
+    """Stage 1: per-layer alignment of every GDN layer to its teacher attention layer, teacher-forced.
+
+    stage1 and stage2 are the training loops behind the command line: `run` carries its parsed
+    arguments. From Python, the least that drives one (it writes metrics.jsonl into --out):
+        a = parse_args(["--student", "S", "--stage", "1", "--data", "T", "--out", "O", "--tokens", "65536",
+                        "--eval-data", "none", "--test-data", "none", "--device", "cpu"])
+        run = Run(a, Dist(a.device), check_shapes(a, 1), {}, None, None, 0, teacher, None, {})
+        stage1(run, student, teacher, Batches(ids, a.seq, a.batch, a.seed))"""
+    _check_pair(student, teacher)
     groups = _param_groups(student, 1, run.args.lr, run.args.lr_rest)
     stack = GDNStack(student).train()
     layers = sorted(int(i) for i in stack.layers)
@@ -1147,7 +1180,8 @@ def stage1(run, student, teacher, data):
 
 
 def stage2(run, student, teacher, data):
-    """Stage 2: end-to-end KL distillation of the whole student."""
+    """Stage 2: end-to-end KL distillation of the whole student (driven as stage1's docstring shows)."""
+    _check_pair(student, teacher)
     groups = _param_groups(student, 2, run.args.lr, run.args.lr_rest)
     student.train()
     if run.args.grad_ckpt:
@@ -1292,7 +1326,8 @@ def parse_args(argv, prog=None, chain=False):
 
 
 def check_shapes(a, world):
-    """The batch arithmetic and the other numbers, checked before anything is loaded."""
+    """The batch arithmetic and the other numbers, checked before anything is loaded; returns the
+    number of optimiser steps, and sets a.micro_batch where it was left to choose (None)."""
     if a.seq < 2 or a.batch < 1:
         raise ValueError(f"--seq must be >= 2 and --batch >= 1 (got {a.seq}, {a.batch})")
     if a.eval_window < 2 or a.eval_batch_size < 0:
@@ -1853,6 +1888,8 @@ def _recovery_main(argv):
 
 
 def main(argv=None, chain=False):
+    """The command line (--help); with chain=True, a stage of convert.py's --distill-tokens chain."""
+    code_version()
     argv = sys.argv[1:] if argv is None else argv
     if "--recovery" in argv:
         return _recovery_main(argv)

@@ -27,7 +27,7 @@ when W_a x is small. calibrate.py sets these from what the teacher's heads actua
 
 Shapes follow the teacher: num_heads = its query heads, head_dim = its head_dim; its k and v heads
 (fewer, under grouped-query attention) are repeated up to the query heads. There is no RoPE: the
-decay is the position signal. Teacher q/k norms (Qwen3) and q/k/v biases (Qwen2) have no place here
+decay is the position signal. Teacher q/k norms (Qwen3, Gemma 3) and q/k/v biases (Qwen2) have no place here
 and are dropped (logged).
 
 Caching. Softmax layers keep their KV cache in HF's Cache object as usual. A GDN layer's cache is its
@@ -75,7 +75,7 @@ import torch.nn.functional as F
 
 from gdn_kernel import chunk_gated_delta_rule, gated_delta_rule_step, gdn_layer_step, gdn_layer_step_usable
 
-log = logging.getLogger("gdn")
+log = logging.getLogger(__name__)
 
 SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 
@@ -89,6 +89,8 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         if isinstance(conv_size, bool) or not isinstance(conv_size, numbers.Integral) or conv_size < 0:
             raise ValueError(f"conv_size must be a whole number >= 0 (0: no short conv); got {conv_size!r}")
+        if not norm_eps > 0:                  # (0 divides 0 by 0 at an all-zero head: a pad's)
+            raise ValueError(f"norm_eps must be > 0; got {norm_eps!r}")
         self.hidden_size, self.num_heads, self.head_dim = hidden_size, num_heads, head_dim
         self.layer_idx, self.conv_size, self.norm_eps = layer_idx, conv_size, norm_eps
         inner = num_heads * head_dim
@@ -226,6 +228,9 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
                 cache=None, **kwargs):
+        """hidden_states [B, T, hidden] -> (output [B, T, hidden], None), as an HF attention module
+        returns. With a cache, the layer's state and conv window are read from it and written back
+        (prefill or decode alike); padding comes from the decoder stack's pre-hook (hybridize)."""
         # transformers renamed the cache argument (past_key_values -> cache); accept either.
         cache = cache if cache is not None else past_key_values
         x = hidden_states
@@ -488,10 +493,15 @@ _said = set()       # hybridize's warnings, once per process (convert.py's GA-S2
 
 
 def hybridize(model, gdn_layers, conv_size=0, norm_eps=1e-6, beta_bias=False, warn=True):
-    """Replace the attention module of every layer in `gdn_layers` by a GDN layer copied from it, in
-    place, and record the hybrid's shape in model.config.hybrid (saved with the config). warn: say
-    which teacher weights are dropped (not when rebuilding a saved hybrid: no teacher there)."""
+    """Replace the attention module of every layer in `gdn_layers` (the layers to CONVERT, not those
+    kept) by a GDN layer copied from it, in place (the teacher itself becomes the hybrid: deep-copy it
+    first to keep it), and record the hybrid's shape in model.config.hybrid (saved with the config).
+    Also registers a forward pre-hook on the decoder stack (kept as model.model.gdn_pad_hook) that
+    hands the GDN layers the padding mask. warn: say which teacher weights are dropped (not when
+    rebuilding a saved hybrid: no teacher there)."""
     layers = decoder_layers(model)
+    if isinstance(gdn_layers, (str, bytes)):      # ("12" would iterate as layers 1 and 2)
+        raise ValueError(f"gdn_layers must be a list of layer indices; got the string {gdn_layers!r}")
     gdn_layers = list(gdn_layers)
 
     def whole(i):
@@ -597,9 +607,14 @@ def gdn_modules(model):
 
 def save_hybrid(model, tokenizer, path):
     """Weights (safetensors) and config through transformers, plus the tokenizer. `path` must be a
-    fresh folder (convert.py writes into a temporary one and renames it when all is written)."""
+    fresh folder: a new path or an empty folder (convert.py writes into a temporary one and renames it
+    when all is written). Anything there already is refused, not overwritten or mixed in."""
+    import os
     if not getattr(model.config, "hybrid", None):
         raise ValueError("save_hybrid: the model has no GDN layers (model.config.hybrid is unset); run hybridize first")
+    if os.path.lexists(path) and not (os.path.isdir(path) and not os.listdir(path)):
+        raise ValueError(f"save_hybrid: '{path}' exists and is not an empty folder: save into a new path (or "
+                         f"remove what is there first)")
     model.save_pretrained(path)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
@@ -611,6 +626,8 @@ def load_hybrid(path, device="cpu", dtype=None):
     import os
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_utils import load_state_dict
+    if not os.path.isdir(path):
+        raise ValueError(f"load_hybrid: '{path}' is not a folder (a hybrid is the folder save_hybrid wrote)")
     config = AutoConfig.from_pretrained(path)
     hyb = getattr(config, "hybrid", None)
     if not hyb or "gdn_layers" not in hyb:
@@ -621,8 +638,11 @@ def load_hybrid(path, device="cpu", dtype=None):
     hybridize(model, hyb["gdn_layers"], hyb.get("conv_size", 0), hyb.get("norm_eps", 1e-6), hyb.get("beta_bias", False),
               warn=False)
     model.config.hybrid = {**hyb, **model.config.hybrid}    # what convert.py added (kept_layers, init) stays
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"load_hybrid: '{path}' has a hybrid's config.json but no .safetensors weights")
     state = {}
-    for f in sorted(f for f in os.listdir(path) if f.endswith(".safetensors")):
+    for f in files:
         state.update(load_state_dict(os.path.join(path, f)))
     if getattr(config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]          # saved once when tied

@@ -23,7 +23,7 @@ This file holds several ways to compute (1): over a sequence (the first four, on
 one token at a time (the last two):
   * `recurrent_gated_delta_rule`: token by token, exactly as written above. Slow, obviously right:
     the reference everything else is tested against.
-  * `chunk_gated_delta_rule_torch`: the chunked (WY) form in plain PyTorch. Exact (up to rounding),
+  * `chunk_gated_delta_rule_torch`: the chunked (WY) form in plain PyTorch (derived above it). Exact (up to rounding),
     differentiable, and made of matrix products, so it is fast enough on a CPU.
   * `chunk_gated_delta_rule_triton`: the same chunked form as Triton kernels, forward and backward
     (a torch.autograd.Function), for CUDA tensors (or the CPU under TRITON_INTERPRET=1, for tests).
@@ -38,12 +38,24 @@ one token at a time (the last two):
 
 Shapes (the project's convention): q, k [B, T, H, Dk]; v [B, T, H, Dv]; g, beta [B, T, H];
 state [B, H, Dk, Dv]. Outputs o [B, T, H, Dv] and, on request, the final state.
+Values, which no function checks (a check would cost a device sync per call): g is the LOG of the
+decay alpha, finite and <= 0 (a hard reset as g = -inf gives NaN in the chunked forms: use a large
+finite value such as -80); beta lies in [0, 1]; each k_t has unit L2 norm (gdn.py normalises it).
+Outside these the delta rule is no longer a bounded overwrite and the state can grow without limit.
 """
 
 import numbers
+import os
+import warnings
 from typing import Optional
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:                      # CPU-only installs: the PyTorch form serves everything
+    triton = None
 
 
 def _same_kind(**tensors):
@@ -261,15 +273,6 @@ def chunk_gated_delta_rule_torch(q, k, v, g, beta, scale=None, initial_state=Non
 # accumulator, and the output o (returned in fp32, like the PyTorch form). Tm is computed and stored
 # in fp32 and rounded to the inputs' dtype only where it is a tensor-core operand.
 # ==============================================================================================
-
-import os
-import warnings
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:                      # CPU-only installs: the PyTorch form serves everything
-    triton = None
 
 CHUNK = 64          # tokens per chunk: the tensor-core tile size along time (M, N, K all >= 16);
                     # a power of two, which the chunk inverse's doubling needs
@@ -1012,10 +1015,10 @@ def pdl_launch(x):
 # instructions (inline assembly) defeat the analysis of which arguments it writes, and the compiled
 # step would then copy every argument. The namespace carries the module's name: a script run as
 # __main__ and imported as a module registers twice.
-OPS = "gdn_" + __name__.replace(".", "_")
+_OPS = "gdn_" + __name__.replace(".", "_")
 if triton is not None:
 
-    @torch.library.custom_op(f"{OPS}::layer_step", mutates_args=("state", "conv_state"))
+    @torch.library.custom_op(f"{_OPS}::layer_step", mutates_args=("state", "conv_state"))
     def _layer_step_op(z: torch.Tensor, state: torch.Tensor, conv_state: Optional[torch.Tensor],
                        conv_weight: Optional[torch.Tensor], A_log: torch.Tensor, dt_bias: torch.Tensor,
                        o_norm: torch.Tensor, eps: float, scale: float) -> torch.Tensor:

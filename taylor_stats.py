@@ -55,6 +55,7 @@ global layers are not comparable.
 convert.py and distill.py, so it runs inside the project.)
 """
 
+import numbers
 import sys
 import warnings
 
@@ -205,16 +206,34 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
         h    [N, L, d]    the residual stream entering the decoder layer               (keep_io)
         check             relative error of concat(ctx) W_o vs y (the recomputation check)
         floor             the distance floor used (calibrate's dist_floor option must match it)
-    Everything float32 on the CPU (x, y, ctx, h for every calibration token would crowd the GPU)."""
+    Everything float32 on the CPU (x, y, ctx, h for every calibration token would crowd the GPU).
+    block: query rows per attention block (the maps are recomputed a block at a time, never whole);
+    progress: show a tqdm bar over the layers."""
     from tqdm import tqdm
     family = getattr(getattr(model, "config", None), "model_type", None)
     if family not in FAMILIES:
         raise ValueError(f"unsupported architecture '{family}': supported are {', '.join(FAMILIES)}")
     dec = model.model.layers
-    layers = list(range(len(dec))) if layers is None else sorted(set(int(i) for i in layers))
+    layers = list(range(len(dec))) if layers is None else list(layers)
+    odd = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Real) or int(i) != i]
+    if odd:
+        raise ValueError(f"layers must be whole layer indices; got {odd}")
+    layers = sorted(set(int(i) for i in layers))
     bad = [i for i in layers if not 0 <= i < len(dec)]
     if bad:
         raise ValueError(f"layers {bad} out of range: the model has {len(dec)} layers")
+    gdn = sorted(set(layers) & set((getattr(model.config, "hybrid", None) or {}).get("gdn_layers", ())))
+    if gdn:                                    # (gdn.hybridize converts in place: the teacher may be gone)
+        raise ValueError(f"layers {gdn} of this model are GDN layers, not softmax attention: collect_stats "
+                         f"reads a teacher (gdn.hybridize converts the model it is given in place: hybridize a copy)")
+    if not (torch.is_tensor(input_ids) and input_ids.dim() == 2 and not input_ids.is_floating_point()
+            and not input_ids.is_complex() and input_ids.shape[0] >= 1 and input_ids.shape[1] >= 2):
+        what = (f"shape {list(input_ids.shape)}, {input_ids.dtype}" if torch.is_tensor(input_ids)
+                else type(input_ids).__name__)
+        raise ValueError(f"input_ids must be integer token ids [N, L] with N >= 1 sequences of L >= 2 tokens (a "
+                         f"distance or entropy needs at least two positions); got {what}")
+    if not (isinstance(block, int) and block >= 1):
+        raise ValueError(f"block (query rows per attention block) must be a whole number >= 1; got {block!r}")
     N, L = input_ids.shape
     out, captured, handles = {}, {}, []
     bar = tqdm(total=len(layers), desc="teacher stats", leave=False, disable=not progress)
@@ -284,9 +303,11 @@ def summary(stats):
 
 
 def main(argv=None):
+    """The command line (--help): a teacher's statistics, layer by layer, as JSON and a table."""
     import argparse
     import convert
     import distill
+    distill.code_version()                   # (the code this run started with, recorded at its end)
     p = argparse.ArgumentParser(description="Per-layer, per-head attention statistics of a teacher.")
     p.add_argument("--teacher", default="default")
     p.add_argument("--calib-data", help="calibration text (default: built-in)")

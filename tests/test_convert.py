@@ -47,6 +47,32 @@ def test_uniform_rule_rounds_the_step_and_spreads_the_rest():
     assert _uniform_layers(8, 3 / 4) == [0, 1, 3, 4, 5, 7]
 
 
+def test_choose_layers_and_convert_check_keep_as_the_command_line_does():
+    """From Python, choose_layers takes --keep as written, and it and convert() refuse what _parse_keep
+    would: a fraction outside (0, 1], an unknown kind, a repeated or fractional layer. convert() would
+    otherwise read kept=[-1] as "keep nothing" and convert every layer without a word (an empty
+    list is fine: it converts every layer, as GA-S2's bank asks)."""
+    assert choose_layers(8, "1/4") == [0, 4] and choose_layers(8, "0,5") == [0, 5]
+    for keep, said in ((("fraction", 0), r"must lie in \(0, 1\]"), (("fraction", 1.25), r"must lie in \(0, 1\]"),
+                       (("fraction", -0.25), r"must lie in \(0, 1\]"), ([2, 0.25], "must be .'fraction', f."),
+                       (("list", [0, 0, 4]), "more than once"), (("list", [1.5]), r"whole numbers; got \[1.5\]")):
+        with pytest.raises(ValueError, match=said):
+            choose_layers(8, keep)
+    teacher = tiny_model("llama")
+    for kept, said in (([-1], r"out of range"), ([4], "out of range"), ([1.5], "whole numbers"),
+                       ([1, 1], "more than once")):
+        with pytest.raises(ValueError, match=f"kept .*{said}"):
+            convert(teacher, kept, "naive")
+
+
+def test_load_teacher_takes_a_path_object_and_a_dtype_name(teacher_dir):
+    import pathlib
+    model = load_teacher(pathlib.Path(teacher_dir), dtype="bfloat16", tokenizer=False)[0]
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be a torch dtype .* got 'bf16'"):
+        load_teacher(teacher_dir, dtype="bf16")
+
+
 def test_bf16_conversion_reloads_to_what_was_measured(teacher_dir, tokenizer, eval_text, tmp_path, capsys):
     """In bfloat16 the recorded student perplexity is that of the hybrid load_hybrid gives back, to
     the last digit: the teacher is cast with its rotary frequencies kept in float32, as load_hybrid
@@ -1642,13 +1668,12 @@ def test_a_stopped_conversion_goes_on_from_the_layers_it_converted(phase2_input,
     assert f"GDN layers [1, 2] are saved in {saved}" in io.err
 
     # stopped again before any layer (the statistics pass): what was saved stays
-    import taylor_stats
-    collect = taylor_stats.collect_stats
-    monkeypatch.setattr(taylor_stats, "collect_stats", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    collect = calibrate.collect_stats
+    monkeypatch.setattr(calibrate, "collect_stats", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     code, io = run(argv + ["--out", str(out)], capsys)
     assert code == 130 and f"found GDN layers [1, 2] of a stopped run of this conversion in {saved}" in io.out
     assert sorted(os.listdir(saved))[1:] == ["layer_001.safetensors", "layer_002.safetensors"]
-    monkeypatch.setattr(taylor_stats, "collect_stats", collect)
+    monkeypatch.setattr(calibrate, "collect_stats", collect)
 
     calls.clear()
     stop_at = None

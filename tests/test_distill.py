@@ -217,6 +217,63 @@ def test_perplexity_is_exp_mean_nll_of_w_minus_1_predictions_per_window():
     assert two["ppl"] == pytest.approx(nll[:14].mean().exp().item(), rel=1e-5)
 
 
+def test_perplexity_takes_a_batch_of_one_refuses_the_rest_and_switches_dropout_off():
+    """A tokenizer's [1, L] is one text; other shapes, a window of 1 (no prediction), a batch of 0 and
+    a negative window count are refused by name. A model left in train mode is measured in eval mode
+    (dropout would change the number from call to call) and handed back in its own modes."""
+    from transformers import AutoModelForCausalLM
+    from conftest import tiny_config
+    config = tiny_config("llama")
+    config.attention_dropout = 0.5
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.randint(0, 128, (33,))
+    ref = distill.perplexity(model, ids, window=8)["ppl"]
+    assert distill.perplexity(model, ids[None], window=8)["ppl"] == ref
+    model.train()
+    model.model.layers[0].eval()                       # a mixed state, as Stage 1 leaves it
+    assert distill.perplexity(model, ids, window=8)["ppl"] == ref
+    assert model.training and not model.model.layers[0].training and model.model.layers[1].training
+    for kw, said in ((dict(ids=ids.view(3, 11)), r"1-D tensor of token ids; got shape \[3, 11\]"),
+                     (dict(ids=ids.float()), "1-D tensor of token ids"), (dict(window=1), "window must be .* >= 2"),
+                     (dict(batch_size=0), "batch_size must be .* >= 1"), (dict(max_windows=-1), "max_windows")):
+        with pytest.raises(ValueError, match=said):
+            distill.perplexity(model, **{"ids": ids, "window": 8, **kw})
+
+
+def test_stage1_from_python_as_its_docstring_shows_and_the_in_place_trap(tmp_path):
+    """stage1's docstring drives a run from Python; a teacher that hybridize turned into the student
+    (it converts in place) would train the student against itself at loss 0: refused, as is a student
+    with no GDN layer."""
+    import copy
+    from gdn import hybridize
+    teacher = tiny_model("llama")
+    student = hybridize(copy.deepcopy(teacher), [1, 2])
+    a = distill.parse_args(["--student", "S", "--stage", "1", "--data", "T", "--out", str(tmp_path), "--tokens",
+                            "64", "--eval-data", "none", "--test-data", "none", "--device", "cpu", "--seq", "8",
+                            "--batch", "2", "--ckpt-every", "0"])
+    run = distill.Run(a, distill.Dist(a.device), distill.check_shapes(a, 1), {}, None, None, 0, teacher, None, {})
+    data = distill.Batches(torch.randint(0, 128, (400,)), a.seq, a.batch, a.seed)
+    losses = [r["loss"] for r in distill.stage1(run, student, teacher, data)]
+    assert len(losses) == 4 and min(losses) > 0
+    for s, t in ((hybridize(teacher, [1]), None), (tiny_model("llama"), tiny_model("llama"))):
+        for stage in (distill.stage1, distill.stage2):
+            with pytest.raises(ValueError, match="the teacher has GDN layers|the student has no GDN layers"):
+                stage(run, s, s if t is None else t, data)
+
+
+def test_importing_a_file_starts_no_process():
+    """No work at import time: reading the commit (git) waits for a main() or a record."""
+    import subprocess
+    import sys
+    code = ("import subprocess; calls = []; run = subprocess.run\n"
+            "subprocess.run = lambda *a, **k: calls.append(a) or run(*a, **k)\n"
+            "import convert, calibrate, taylor_stats, distill, gdn, gdn_kernel\nprint(len(calls))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.split()[-1] == "0"
+
+
 def test_perplexity_scores_a_block_of_rows_at_a_time(monkeypatch):
     """The NLL is taken KL_ROWS positions of a window at a time, each block alone in fp32 (not the
     batch's whole [B, W - 1, V] logits, 20 GB in fp32 at 8 x 2048 and a 152k vocabulary), and sums

@@ -211,6 +211,42 @@ def test_hybridize_refuses_a_hybrid():
     assert model.config.hybrid["gdn_layers"] == [0] and sorted(gdn_modules(model)) == [0]
 
 
+def test_hybridize_refuses_a_string_of_layers_and_a_norm_eps_of_zero():
+    """hybridize(m, "12") would convert layers 1 and 2; norm_eps 0 divides 0 by 0 at an all-zero head."""
+    with pytest.raises(ValueError, match="must be a list of layer indices; got the string '12'"):
+        hybridize(tiny_model("llama"), "12")
+    with pytest.raises(ValueError, match="norm_eps must be > 0; got 0"):
+        hybridize(tiny_model("llama"), [1], norm_eps=0)
+
+
+def test_save_hybrid_writes_only_into_a_new_or_empty_folder(tmp_path):
+    """Saving over a folder would replace a teacher's weights (or leave an older hybrid's
+    conversion.json describing the new weights); over a file transformers only logs and writes
+    nothing. Both refused, the folder left as it was; an empty folder is fine."""
+    model = hybridize(tiny_model("llama"), [1])
+    teacher = tmp_path / "teacher"
+    tiny_model("llama").save_pretrained(teacher)
+    before = {p.name: p.read_bytes() for p in teacher.iterdir()}
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        save_hybrid(model, None, str(teacher))
+    assert {p.name: p.read_bytes() for p in teacher.iterdir()} == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="exists and is not an empty folder"):
+        save_hybrid(model, None, str(tmp_path / "file"))
+    (tmp_path / "empty").mkdir()
+    save_hybrid(model, None, str(tmp_path / "empty"))
+    assert load_hybrid(str(tmp_path / "empty")).config.hybrid["gdn_layers"] == [1]
+
+
+def test_load_hybrid_says_what_is_missing(tmp_path):
+    with pytest.raises(ValueError, match="is not a folder"):
+        load_hybrid(str(tmp_path / "nowhere"))
+    model = hybridize(tiny_model("llama"), [1])
+    model.config.save_pretrained(tmp_path / "h")                 # the config alone, no weights
+    with pytest.raises(ValueError, match="no .safetensors weights"):
+        load_hybrid(str(tmp_path / "h"))
+
+
 def test_save_load_keeps_every_hybrid_option(tmp_path):
     """load_hybrid rebuilds the GDN layers from the saved config.hybrid: every option comes back, a
     non-default norm_eps included, which strict weight loading and equal logits would not notice; so

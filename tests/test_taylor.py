@@ -627,7 +627,7 @@ def test_an_option_an_init_does_not_read_changes_nothing(init):
     want = convert.convert(teacher, [0], init, ids, init_opts=base)[0].state_dict()
     unread = [k for k in calibrate.OPTIONS if k not in calibrate.reads(init)]
     assert bool(unread) == (calibrate.INIT_PHASES.get(init) != (True, True))       # (both phases read all)
-    assert set(calibrate.STANDARD) <= calibrate.reads(init)
+    assert set(calibrate.STANDARD_OPTIONS) <= calibrate.reads(init)
     for k in unread:
         got = convert.convert(teacher, [0], init, ids, init_opts={**base, k: OTHER_VALUE[k]})[0].state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[n], want[n]) for n in want), (init, k)
@@ -654,8 +654,9 @@ def test_phase1_edge_cases(monkeypatch):
         with torch.no_grad():
             calibrate._standard_gates(gdn, calibrate.resolve({}))
         assert torch.isfinite(gdn.A_log).all()
-    ids = calib(n=1, length=1)
+    ids = calib(n=1, length=2)          # (collect_stats needs two positions: its statistics cut to one)
     stats = taylor_stats.collect_stats(teacher, ids, layers=[1], progress=False)
+    stats[1] = {k: v[:, :1] if k in ("x", "y", "ctx", "h") else v for k, v in stats[1].items()}
     student = hybridize(copy.deepcopy(teacher), [1])
     info = calibrate.INITS["taylor-phase1"](student, teacher, ids, {"_stats": stats, "gates_from": "naive"})
     p1 = info["layers"][1]["phase1"]
@@ -1206,3 +1207,43 @@ def test_ablation_and_statistics_scripts_refuse_bad_input(teacher_dir, tmp_path,
         assert main(base) == 2 and "already exists: pass --overwrite" in capsys.readouterr().err
         assert (tmp_path / name).read_text() == "earlier"
         (tmp_path / name).unlink()
+
+
+def test_the_library_refuses_what_the_command_line_never_passes():
+    """Called from Python, the inits, the phases and collect_stats say what is wrong rather than
+    running on: an option's typo (which would fall back to its default), a student with no GDN layer
+    (nothing would change), a teacher that hybridize turned into the student (it converts in place),
+    sequences of one token (every distance 0.5), fractional layer indices, a target of another shape.
+    (A hybrid with every layer kept is a hybrid: its init does nothing, rightly.)"""
+    teacher, ids = tiny_model("llama"), calib()
+    with pytest.raises(ValueError, match="unknown init option step; the options are seed, "):
+        calibrate.INITS["align-only"](hybridize(copy.deepcopy(teacher), [1]), teacher, ids, {"step": 2})
+    with pytest.raises(ValueError, match="unknown init options lr, step"):
+        calibrate.resolve({"step": 2, "lr": 1.0, "_stats": None})
+    with pytest.raises(ValueError, match="the student is not a hybrid"):
+        calibrate.INITS["taylor"](copy.deepcopy(teacher), teacher, ids, {"steps": 2})
+    with pytest.raises(ValueError, match="the student is not a hybrid"):
+        calibrate.INITS["naive"](copy.deepcopy(teacher), teacher, ids, {})
+    same = hybridize(teacher, [1])                    # the trap: teacher and student are one model now
+    for name in ("naive", "taylor"):
+        with pytest.raises(ValueError, match="the teacher has GDN layers"):
+            calibrate.INITS[name](same, same, ids, {"steps": 2})
+    with pytest.raises(ValueError, match=r"layers \[1\] of this model are GDN layers"):
+        taylor_stats.collect_stats(same, ids, layers=[0, 1], progress=False)
+
+    teacher = tiny_model("llama")
+    for bad, said in ((ids[0][:, None], r"shape \[48, 1\]"), (ids[0], r"shape \[48\]"), (ids.float(), "shape .*float32"),
+                      (ids[:0], r"shape \[0, 48\]"), (ids.tolist(), "list")):
+        with pytest.raises(ValueError, match=f"input_ids must be integer token ids .*; got {said}"):
+            taylor_stats.collect_stats(teacher, bad, layers=[0], progress=False)
+    with pytest.raises(ValueError, match=r"whole layer indices; got \[1.5\]"):
+        taylor_stats.collect_stats(teacher, ids, layers=[1.5], progress=False)
+    with pytest.raises(ValueError, match="block .* got 0"):
+        taylor_stats.collect_stats(teacher, ids, layers=[0], block=0, progress=False)
+
+    st = taylor_stats.collect_stats(teacher, ids, layers=[1], progress=False)[1]
+    g1 = gdn_modules(hybridize(copy.deepcopy(teacher), [1]))[1]
+    with pytest.raises(ValueError, match=r"the same shape; got \[2, 48, 64\] and \[48, 64\]"):
+        calibrate.phase2(g1, st["x"], st["y"][0], calibrate.resolve({"steps": 2}))
+    assert calibrate.phase2(g1, st["x"], st["y"], {"steps": 2})["steps"] == 2       # a partial dict: the defaults
+    assert "gamma" in calibrate.phase1(g1, st, {})
