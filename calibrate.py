@@ -750,7 +750,7 @@ def check_read(inits, opts):
         by = lambda phase: ", ".join(n for n, do in INIT_PHASES.items() if do[phase])
         raise ValueError(f"--init-opt {', '.join(f'{k} ({group(k)})' for k in unread)}: {' and '.join(inits)} "
                          f"never read{'s' * (len(inits) == 1)} {'them' if len(unread) > 1 else 'it'}. naive and "
-                         f"zero-gate read only {', '.join(STANDARD_OPTIONS)}; Phase 1's options are read by {by(0)}; "
+                         f"zero-gate read only {', '.join(STANDARD_OPTIONS[1:])}; Phase 1's options are read by {by(0)}; "
                          f"Phase 2's by {by(1)}; the statistics' by all of those")
 
 

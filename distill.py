@@ -204,9 +204,10 @@ def perplexity(model, ids, window=2048, max_windows=None, batch_size=1, desc="pe
     if not (torch.is_tensor(ids) and ids.dim() == 1 and not ids.is_floating_point()):
         raise ValueError(f"perplexity: ids must be a 1-D tensor of token ids; got "
                          f"{f'shape {list(ids.shape)}, {ids.dtype}' if torch.is_tensor(ids) else type(ids).__name__}")
-    for name, value, least in (("window", window, 2), ("batch_size", batch_size, 1), ("max_windows", max_windows or 1, 1)):
+    for name, value, least in (("window", window, 2), ("batch_size", batch_size, 1), ("max_windows", max_windows or 0, 0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-            raise ValueError(f"perplexity: {name} must be a whole number >= {least}; got {value!r}")
+            raise ValueError(f"perplexity: {name} must be a whole number >= {least}"
+                             f"{' (0 or None: every window)' * (name == 'max_windows')}; got {value!r}")
     x = windows(ids, window, max_windows)
     device = next(model.parameters()).device
     nll = 0.0
@@ -735,7 +736,7 @@ def _mixing_flops(model, seq, only=None):
       softmax layer, causal (a token sees seq/2 keys on average): QK^T and PV, each 2 FLOPs per
         multiply-add over H heads of dim D:           2 * 2 * (seq / 2) * H * D  =  2 * seq * H * D
       GDN layer, chunked (C = gdn_kernel.CHUNK = 64), per head: inside the chunk Q K^T, K K^T, the W = Tm(beta e^gamma K) and
-        U = Tm(beta V) products (gdn_kernel's names) and the masked (Q K^T) U readout:   2C (3 Dk + 2 Dv)
+        U0 = Tm(beta V) products (gdn_kernel's names) and the masked (Q K^T) U readout:   2C (3 Dk + 2 Dv)
         and across chunks q S, W S and the state update K^T (U - W S):   6 Dk Dv.
     Everything counted as computed, the causal zeros inside a chunk included."""
     from gdn import GatedDeltaNet, decoder_layers

@@ -232,7 +232,7 @@ def collect_stats(model, input_ids, layers=None, keep_io=True, block=QUERY_BLOCK
                 else type(input_ids).__name__)
         raise ValueError(f"input_ids must be integer token ids [N, L] with N >= 1 sequences of L >= 2 tokens (a "
                          f"distance or entropy needs at least two positions); got {what}")
-    if not (isinstance(block, int) and block >= 1):
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1:
         raise ValueError(f"block (query rows per attention block) must be a whole number >= 1; got {block!r}")
     N, L = input_ids.shape
     out, captured, handles = {}, {}, []

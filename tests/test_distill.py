@@ -230,13 +230,15 @@ def test_perplexity_takes_a_batch_of_one_refuses_the_rest_and_switches_dropout_o
     ids = torch.randint(0, 128, (33,))
     ref = distill.perplexity(model, ids, window=8)["ppl"]
     assert distill.perplexity(model, ids[None], window=8)["ppl"] == ref
+    assert distill.perplexity(model, ids, window=8, max_windows=0)["windows"] == 4          # (0: every window)
     model.train()
     model.model.layers[0].eval()                       # a mixed state, as Stage 1 leaves it
     assert distill.perplexity(model, ids, window=8)["ppl"] == ref
     assert model.training and not model.model.layers[0].training and model.model.layers[1].training
     for kw, said in ((dict(ids=ids.view(3, 11)), r"1-D tensor of token ids; got shape \[3, 11\]"),
                      (dict(ids=ids.float()), "1-D tensor of token ids"), (dict(window=1), "window must be .* >= 2"),
-                     (dict(batch_size=0), "batch_size must be .* >= 1"), (dict(max_windows=-1), "max_windows")):
+                     (dict(batch_size=0), "batch_size must be .* >= 1"),
+                     (dict(max_windows=-1), r"max_windows must be a whole number >= 0 \(0 or None: every window\)")):
         with pytest.raises(ValueError, match=said):
             distill.perplexity(model, **{"ids": ids, "window": 8, **kw})
 
