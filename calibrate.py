@@ -140,7 +140,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gdn import decoder_layers, gdn_from_attention, gdn_modules
+from gdn import check_teacher, decoder_layers, gdn_from_attention, gdn_modules
 from gdn_kernel import chunk_gated_delta_rule
 from taylor_stats import CONC_EPS, DEFAULTS, DIST_FLOOR, collect_stats, concentration, sanitize, summary
 
@@ -672,9 +672,8 @@ def _check_pair(student, teacher):
     """An init sets a hybrid's GDN layers from its teacher: both must be what they say."""
     if getattr(student.config, "hybrid", None) is None:      # (a hybrid of no GDN layer is one: all kept)
         raise ValueError("the student is not a hybrid: gdn.hybridize a copy of the teacher first")
-    if teacher is not None and (teacher is student or gdn_modules(teacher)):
-        raise ValueError("the teacher has GDN layers (or is the student): gdn.hybridize converts the model it is "
-                         "given in place, so hybridize a copy (copy.deepcopy(teacher)) and keep the teacher")
+    if teacher is not None:
+        check_teacher(teacher, student)
 
 
 def _init_naive(student, teacher, calib_ids, opts):

@@ -1154,12 +1154,10 @@ def _evaluate(run, student, step, metrics, teacher=None):
 
 def _check_pair(student, teacher):
     """Distillation trains a hybrid against its teacher: both must be what they say."""
-    from gdn import gdn_modules
+    from gdn import check_teacher, gdn_modules
     if not gdn_modules(student):
         raise ValueError("the student has no GDN layers: convert a teacher first (convert.py, or gdn.hybridize)")
-    if teacher is student or gdn_modules(teacher):
-        raise ValueError("the teacher has GDN layers (or is the student): gdn.hybridize converts the model it is "
-                         "given in place, so hybridize a copy (copy.deepcopy(teacher)) and keep the teacher")
+    check_teacher(teacher, student)
 
 
 def stage1(run, student, teacher, data):

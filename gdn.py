@@ -605,6 +605,15 @@ def gdn_modules(model):
     return {i: l.self_attn for i, l in enumerate(decoder_layers(model)) if isinstance(l.self_attn, GatedDeltaNet)}
 
 
+def check_teacher(teacher, student):
+    """A teacher is a plain model, not the student: hybridize converts the model it is given in place,
+    so `student = hybridize(teacher, ...)` leaves no teacher (an init or a distillation against it
+    would match the student to itself)."""
+    if teacher is student or gdn_modules(teacher):
+        raise ValueError("the teacher has GDN layers (or is the student): gdn.hybridize converts the model it is "
+                         "given in place, so hybridize a copy (copy.deepcopy(teacher)) and keep the teacher")
+
+
 def save_hybrid(model, tokenizer, path):
     """Weights (safetensors) and config through transformers, plus the tokenizer. `path` must be a
     fresh folder: a new path or an empty folder (convert.py writes into a temporary one and renames it
