@@ -1826,3 +1826,17 @@ def test_lengths_past_the_trained_positions_are_warned_of(teacher_dir, tmp_path,
     assert code == 0, io.err
     assert "warning: --window 4100 is past the 4096 positions the model was trained on" in io.err
     assert "--calib-len" not in io.err              # (past them too, but the naive init calibrates nothing)
+
+
+def test_the_readme_python_runs(teacher_dir, tmp_path, monkeypatch):
+    """README's "From Python" block, as written but for the teacher (a tiny random one: the real one
+    takes minutes to calibrate) and the window (the tiny teacher's builtin eval text is short)."""
+    readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
+    block = re.search(r"## From Python.*?```python\n(.*?)```", readme, re.S).group(1)
+    assert 'load_teacher("default")' in block and "window=2048" in block
+    code = block.replace('load_teacher("default")', f"load_teacher({teacher_dir!r})").replace("window=2048", "window=64")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["kept"] == [0] and sorted(gdn_modules(scope["student"])) == [1, 2, 3]
+    assert (tmp_path / "my_hybrid" / "model.safetensors").exists()
