@@ -511,7 +511,7 @@ def test_left_padding_over_a_chunked_prefill(family):
     every layer's slots before the first chunk, K/V-shaped, for the GDN layers' placeholders too.
     Mistral's only mask is its sliding window's (8 keys here, fewer than the 12 pads; so is this tiny
     Gemma 3's, whose 4 layers all slide): it does not show which cached positions are pads, which the
-    cache then has to remember."""
+    cache then has to remember. The same under beam search."""
     torch.manual_seed(0)
     model = hybridize(tiny_model(family), [0, 1, 3], conv_size=4).eval()
     for m in gdn_modules(model).values():
@@ -519,13 +519,14 @@ def test_left_padding_over_a_chunked_prefill(family):
     ids = torch.randint(3, 128, (2, 18))
     mask = torch.ones(2, 18, dtype=torch.long)
     mask[0, :12] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False)
     with torch.no_grad():
-        want = model.generate(ids, **kw)
-        for size in (4, 8):
-            for cache in (None, "static"):
-                got = model.generate(ids, prefill_chunk_size=size, cache_implementation=cache, **kw)
-                assert torch.equal(got, want), (size, cache)
+        for beams in (1, 2):                # (beam search reorders the states between steps)
+            kw = dict(attention_mask=mask, max_new_tokens=4, pad_token_id=0, do_sample=False, num_beams=beams)
+            want = model.generate(ids, **kw)
+            for size in (4, 8):
+                for cache in (None, "static"):
+                    got = model.generate(ids, prefill_chunk_size=size, cache_implementation=cache, **kw)
+                    assert torch.equal(got, want), (beams, size, cache)
 
 
 def test_caches_sized_before_the_first_write():
