@@ -82,7 +82,8 @@ SUPPORTED = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text")
 
 class GatedDeltaNet(nn.Module):
     """One GDN attention layer. Drop-in for an HF attention module: forward(hidden_states, ...)
-    returns (output, None)."""
+    returns (output, None). layer_idx names its slot on an HF Cache: unique among the layers that
+    share one cache (two GDN layers of one index would read and write one state)."""
 
     def __init__(self, hidden_size, num_heads, head_dim, layer_idx, conv_size=0, norm_eps=1e-6,
                  o_bias=False, beta_bias=False):
@@ -192,8 +193,9 @@ class GatedDeltaNet(nn.Module):
     def gates(self, z):
         """Log decay g [B, T, H] (fp32) and write strength beta [B, T, H], from project()'s z (from its
         "a" and "b" blocks; its "g" block is the output gate's pre-activation, another g)."""
-        g = -self.A_log.float().exp() * F.softplus(z["a"].float() + self.dt_bias.float())
-        return g, torch.sigmoid(z["b"].float())
+        f = torch.promote_types(z["a"].dtype, torch.float32)       # (fp64 stays fp64: a gradcheck's)
+        g = -self.A_log.to(f).exp() * F.softplus(z["a"].to(f) + self.dt_bias.to(f))
+        return g, torch.sigmoid(z["b"].to(f))
 
     def qkv(self, z, conv_state=None):
         """SiLU(conv(.)) of project()'s z["qkv"], with q and k L2-normalised per head. conv_state
@@ -214,9 +216,9 @@ class GatedDeltaNet(nn.Module):
         return qk[:, :, 0], qk[:, :, 1], qkv[:, :, 2], conv_state
 
     def normed(self, o):
-        """RMSNorm(o_h) * w_norm for each head of o [..., H, D], in fp32."""
-        o = o.float()
-        return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm.float()
+        """RMSNorm(o_h) * w_norm for each head of o [..., H, D], in fp32 (fp64 for fp64)."""
+        o = o.to(torch.promote_types(o.dtype, torch.float32))
+        return o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.o_norm.to(o.dtype)
 
     def readout(self, o, z):
         """W_o concat_h[RMSNorm(o_h) * w_norm * SiLU(z["g"])_h]: the per-head norm makes the output
@@ -229,14 +231,24 @@ class GatedDeltaNet(nn.Module):
     def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_values=None,
                 cache=None, **kwargs):
         """hidden_states [B, T, hidden] -> (output [B, T, hidden], None), as an HF attention module
-        returns. With a cache, the layer's state and conv window are read from it and written back
-        (prefill or decode alike); padding comes from the decoder stack's pre-hook (hybridize)."""
+        returns. With a cache (an HF Cache; its class becomes a subclass, see _gdn_states, and this
+        layer's slot layer_idx gets the placeholder of the module docstring), the layer's state and
+        conv window are read from it and written back (prefill or decode alike). attention_mask and
+        position_ids are not read: padding comes from self.pad_mask ([B, T] bool, True at a pad), which
+        hybridize's pre-hook on the decoder stack sets for each forward; used alone, set it yourself
+        (it stays until changed). Packed sequences are not separated."""
         # transformers renamed the cache argument (past_key_values -> cache); accept either.
         cache = cache if cache is not None else past_key_values
         x = hidden_states
         B, T, _ = x.shape
+        if T == 0:
+            return x.new_zeros(B, 0, self.hidden_size), None
         pad = getattr(self, "pad_mask", None)                                  # [B, T] bool, True = pad
         pad = pad if pad is not None and pad.shape == (B, T) else None
+        if (pad is None and torch.is_tensor(attention_mask) and attention_mask.shape == (B, T)
+                and not bool(attention_mask.bool().all())):      # (a padding mask given to the layer alone)
+            raise ValueError("GatedDeltaNet does not read attention_mask: a padding mask goes in layer.pad_mask "
+                             "([B, T] bool, True at a pad), which gdn.hybridize's pre-hook sets in an HF model")
         states = _gdn_states(cache) if cache is not None else {}
         S0, conv0 = states.get(self.layer_idx, (None, None))
         if S0 is not None and getattr(cache, "gdn_rewound", False):
@@ -263,14 +275,17 @@ class GatedDeltaNet(nn.Module):
             q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if pad is not None:
             g = g.masked_fill(pad[..., None], 0.0)
+        # The state is updated in place (its address kept for a captured CUDA graph), but not under
+        # autograd: a backward through the step needs the state it started from.
+        in_place = not torch.is_grad_enabled()
         if T == 1 and S0 is not None:   # decoding where step_state declined (CPU, autograd, a pad, head dim
-                                        # over 128): one step of (1), the state updated in place
-            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0, inplace=True)
+                                        # over 128): one step of (1)
+            o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], S0, inplace=in_place)
             o = o[:, None]
         else:
             o, S = chunk_gated_delta_rule(q, k, v, g, beta, initial_state=S0, output_final_state=cache is not None)
         if cache is not None:
-            if S0 is not None:                                                 # in place: graph-safe
+            if S0 is not None and in_place:                                    # in place: graph-safe
                 S = S0.copy_(S) if S is not S0 else S0
                 if conv0 is not None:
                     conv0.copy_(conv_state)
@@ -399,6 +414,9 @@ def _gdn_states(cache):
     (see the module docstring); a subclass rather than per-object wrappers, so a deep copy of the
     cache (prompt reuse) keeps operations that act on its own states."""
     if not hasattr(cache, "gdn_state"):
+        if not hasattr(cache, "get_seq_length"):
+            raise TypeError(f"a GDN layer keeps its state on an HF Cache (transformers' DynamicCache, StaticCache, "
+                            f"...); got {type(cache).__name__}")
         cache.gdn_state = {}
         cache.__class__ = _gdn_cache_class(type(cache))
     return cache.gdn_state

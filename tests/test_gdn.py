@@ -783,3 +783,42 @@ def test_dropped_teacher_weights_said_once(caplog, tmp_path):
     said = [r.getMessage() for r in caplog.records]
     assert said == ["teacher k_proj.bias, q_proj.bias, v_proj.bias have no place in GDN: dropped in the converted layers",
                     "teacher k_norm, q_norm have no place in GDN: dropped in the converted layers"]
+
+
+def test_the_layer_alone_in_a_model_of_ones_own():
+    """GatedDeltaNet used outside hybridize: a [B, T] padding mask handed to the layer is refused
+    (it reads padding from layer.pad_mask, set by hybridize's pre-hook; before, the mask was dropped and
+    the pads written into the state), pad_mask set by hand works; T = 0 gives T = 0; a cache that is
+    not HF's is named; fp64 stays fp64 (gradcheck passes); and a backward runs through a cached
+    prefill and decoding steps, with the gradients of one full forward (the state was updated in
+    place under autograd, which the backward needs as it was)."""
+    from transformers import DynamicCache
+    torch.manual_seed(0)
+    layer = GatedDeltaNet(32, 4, 8, 0, conv_size=4)
+    x = torch.randn(2, 6, 32)
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="does not read attention_mask: a padding mask goes in layer.pad_mask"):
+        layer(x, attention_mask=mask)
+    layer(x, attention_mask=torch.ones(2, 6))                          # no pads: nothing to lose
+    with torch.no_grad():
+        alone = layer(x[1:, 2:])[0][0]                                 # row 1 without its two pads
+        layer.pad_mask = ~mask.bool()
+        torch.testing.assert_close(layer(x)[0][1, 2:], alone)
+    del layer.pad_mask
+    assert layer(x[:, :0])[0].shape == (2, 0, 32)
+    with pytest.raises(TypeError, match="keeps its state on an HF Cache .* got dict"):
+        layer(x, past_key_values={})
+
+    tiny = GatedDeltaNet(8, 2, 4, 0, conv_size=2).double()
+    xs = torch.randn(1, 3, 8, dtype=torch.float64, requires_grad=True)
+    assert tiny(xs)[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda t: tiny(t)[0], (xs,))
+
+    full = layer(x)[0]
+    grads = torch.autograd.grad(full.square().sum(), list(layer.parameters()))
+    cache = DynamicCache()
+    parts = [layer(x[:, :3], past_key_values=cache)[0]]
+    parts += [layer(x[:, t:t + 1], past_key_values=cache)[0] for t in range(3, 6)]
+    torch.testing.assert_close(torch.cat(parts, 1), full)
+    for got, want in zip(torch.autograd.grad(torch.cat(parts, 1).square().sum(), list(layer.parameters())), grads):
+        torch.testing.assert_close(got, want)
