@@ -41,8 +41,9 @@ rewound, so continuing from it is an error rather than a silently wrong answer. 
 length off the cache's per-layer key tensors, so each GDN layer also appends a one-number-per-token
 placeholder there (B x 1 x T x 1): position bookkeeping and masks then stay right even when layer 0 is
 a GDN layer, on every transformers version and for growing and static caches alike.
-Once a state exists it is updated in place, so its memory address never changes: a captured CUDA
-graph of a decoding step can replay against it. On CUDA everything a decoding step does between the
+Once a state exists it is updated in place (without autograd; under it, replaced, as a backward
+needs it), so its memory address never changes: a captured CUDA graph of a decoding step can replay
+against it. On CUDA everything a decoding step does between the
 layer's input and output projections (conv, SiLU, norms, gates, the recurrence) is one Triton kernel
 (gdn_kernel.gdn_layer_step), and `stack_projections` lets the six input projections run as one
 matrix product: at one token per step, launches cost more than arithmetic.
